@@ -1,0 +1,325 @@
+"""Typed experiment configs: one dataclass per component, loaded from YAML with dotted overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["train.steps=200", "data.shards=data/{00000..00003}.tar"])
+
+Every value is checked against its annotation and each section's ``__post_init__`` before any work
+starts; an unknown key or a bad value raises ``ConfigError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key and the fix."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "dit-tiny"  # a name in dit.models.presets.PRESETS
+    hidden_size: int | None = None  # overrides of the preset; None keeps the preset's value
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: list[int] | None = None  # [pt, ph, pw]
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    drop_path: float = 0.0
+    attention: str = "auto"  # auto | sdpa | xformers
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        from dit.models.presets import PRESETS
+
+        _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        _check(self.attention in ("auto", "sdpa", "xformers"), "model.attention", "must be auto, sdpa or xformers")
+        if self.patch_size is not None:
+            _check(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size),
+                   "model.patch_size", "must be three positive integers [pt, ph, pw]")
+        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
+
+
+@dataclass
+class VAEConfig:
+    checkpoint: str | None = None  # a directory written by `dit train-vae` (vae.safetensors + vae.json)
+    latent_channels: int = 4
+    base_channels: int = 32
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 3 downsamples: /8 in space
+    num_res_blocks: int = 1
+    kl_weight: float = 1e-6
+    decode_chunk: int = 0  # latent frames per decode chunk (0: all at once)
+
+    def __post_init__(self) -> None:
+        _check(self.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
+        _check(len(self.channel_mults) == 4, "vae.channel_mults",
+               "needs exactly 4 entries (three 2x spatial downsamples give the fixed 8x factor)")
+        _check(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"  # minilm (packaged, offline) | hf (a local folder) | none
+    path: str | None = None  # local Hugging Face folder for encoder=hf
+    max_length: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.encoder in ("minilm", "hf", "none"), "text.encoder", "must be minilm, hf or none")
+        _check(self.encoder != "hf" or bool(self.path), "text.path",
+               "text.encoder=hf needs text.path=/local/folder/of/a/huggingface/encoder")
+        _check(self.max_length >= 1, "text.max_length", "must be >= 1")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine | scaled_linear
+    num_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    zero_terminal_snr: bool = False
+    prediction: str = "eps"  # eps | v
+    prompt_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
+
+    def __post_init__(self) -> None:
+        _check(self.schedule in ("linear", "cosine", "scaled_linear"), "diffusion.schedule",
+               "must be linear, cosine or scaled_linear")
+        _check(self.prediction in ("eps", "v"), "diffusion.prediction", "must be eps or v")
+        _check(self.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
+        _check(0.0 <= self.prompt_dropout <= 1.0, "diffusion.prompt_dropout", "must be in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # brace pattern, directory, or comma-separated list of .tar files
+    frames: int = 17  # 4k + 1; 1 for images
+    height: int = 64
+    width: int = 64
+    frame_stride: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 64
+    max_bad_fraction: float = 0.5  # stop when more than this fraction of samples fails to decode
+
+    def __post_init__(self) -> None:
+        _check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "data.frames",
+               f"must be 4k+1 (the VAE's frame rule); nearest valid: {nearest_frames(self.frames)}")
+        _check(self.height > 0 and self.height % 8 == 0, "data.height", "must be a positive multiple of 8")
+        _check(self.width > 0 and self.width % 8 == 0, "data.width", "must be a positive multiple of 8")
+        _check(self.frame_stride >= 1, "data.frame_stride", "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(0.0 < self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | no
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    sample_every: int = 0  # steps between sample clips in TensorBoard (0: only at the end)
+    sample_prompts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+        _check(self.mixed_precision in ("auto", "bf16", "fp16", "no"), "train.mixed_precision",
+               "must be auto, bf16, fp16 or no")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # ddim | ddpm | dpm_solver
+    steps: int = 50
+    cfg: float = 5.0
+    eta: float = 0.0
+    fps: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in ("ddim", "ddpm", "dpm_solver"), "sample.sampler", "must be ddim, ddpm or dpm_solver")
+        _check(self.steps >= 1, "sample.steps", "must be >= 1")
+        _check(self.cfg >= 0, "sample.cfg", "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        pt, ph, pw = self.patch_size()
+        _check(latent_frames(self.data.frames) % pt == 0, "data.frames",
+               f"latent frames {latent_frames(self.data.frames)} must be divisible by the temporal patch {pt}")
+        for key, size, p in (("data.height", self.data.height, ph), ("data.width", self.data.width, pw)):
+            _check(size % (8 * p) == 0, key, f"must be a multiple of {8 * p} (8 x patch size {p}); "
+                   f"nearest valid: {nearest_multiple(size, 8 * p)}")
+
+    def patch_size(self) -> tuple[int, int, int]:
+        from dit.models.presets import PRESETS
+
+        p = self.model.patch_size or PRESETS[self.model.preset]["patch_size"]
+        return int(p[0]), int(p[1]), int(p[2])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- frame / size rules
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of the causal VAE: the first frame alone, then 4 frames per latent frame."""
+    return 1 + (frames - 1) // 4
+
+
+def nearest_frames(frames: int) -> list[int]:
+    """The valid frame counts (4k+1) nearest to ``frames``."""
+    lo = max(1, (frames - 1) // 4 * 4 + 1)
+    return sorted({lo, lo + 4} if lo != frames else {frames})
+
+
+def nearest_multiple(size: int, m: int) -> list[int]:
+    lo = max(m, size // m * m)
+    return sorted({lo, lo + m} if lo != size else {size})
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (simple types only), converting int -> float."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _check(isinstance(value, dict), full, "expected a mapping")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        _check(isinstance(node, dict), dotted, f"{p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=200", "data.shards=a/{0..3}.tar"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=200)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict,)) or (value is not None and not isinstance(value, (int, float, bool, str, list))):
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/tiny.yaml or another YAML file")
+        data = yaml.safe_load(p.read_text()) or {}
+        _check(isinstance(data, dict), str(p), "a config file must be a YAML mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
