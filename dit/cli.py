@@ -1,0 +1,159 @@
+"""The `dit` command: train, train-vae, sample, demo, make-synthetic.
+
+    dit train --config configs/tiny.yaml train.steps=200 data.shards='data/{00000..00003}.tar'
+    dit sample --checkpoint runs/tiny --prompt "a red circle moving left" --out clip.mp4
+    dit demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _config(args: argparse.Namespace):  # -> Config, imported lazily so `dit --help` is fast
+    from dit.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from dit.training.train import main
+
+    print(f"checkpoint: {main(_config(args))}")
+
+
+def cmd_train_vae(args: argparse.Namespace) -> None:
+    from dit.training.train_vae import main
+
+    print(f"vae: {main(_config(args))}")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise SystemExit(f"error: --prompts file {str(p)!r} does not exist")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
+    return prompts
+
+
+def output_paths(out: str, n: int, frames: int) -> list[Path]:
+    from dit.sample import default_suffix
+
+    path = Path(out)
+    if n == 1 and path.suffix:
+        return [path]
+    suffix = path.suffix or default_suffix(frames)
+    folder = path.with_suffix("") if path.suffix else path
+    return [folder / f"{i:04d}{suffix}" for i in range(n)]
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from dit.sample import check_size, generate, load_pipeline, to_uint8, write_media
+
+    prompts = read_prompts(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(args.checkpoint, device=device)
+    try:
+        check_size(args.frames, args.height, args.width, pipe.model.patch)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    paths = output_paths(args.out, len(prompts), args.frames)
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        video = generate(pipe, chunk, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                         sampler=args.sampler, cfg=args.cfg, eta=args.eta, seed=args.seed + start,
+                         decode_chunk=args.decode_chunk)
+        for clip, path, prompt in zip(to_uint8(video), paths[start:], chunk):
+            write_media(clip, path, fps=args.fps)
+            print(f"{path}\t{prompt}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from dit.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> None:
+    from data_pipelines.synthetic import make_synthetic
+
+    shards = make_synthetic(args.out, num_clips=args.num_clips, frames=args.frames, height=args.height,
+                            width=args.width, clips_per_shard=args.clips_per_shard, seed=args.seed)
+    print(f"wrote {len(shards)} shards to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit", description="Train and sample latent video diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, fn, help_ in (("train", cmd_train, "train a DiT"), ("train-vae", cmd_train_vae, "train the causal VAE")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", default=None, help="YAML experiment config (configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 data.frames=17")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("sample", help="generate clips from prompts")
+    p.add_argument("--checkpoint", required=True, help="training output dir (newest checkpoint) or a checkpoint dir")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm_solver"])
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--decode-chunk", type=int, default=0, help="latent frames per VAE decode chunk (0: all)")
+    p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("demo", help="synthetic data -> VAE -> DiT -> clips -> prompt-following score")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; low score expected)")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("make-synthetic", help="write shards of captioned moving-shape clips")
+    p.add_argument("out")
+    p.add_argument("--num-clips", type=int, default=256)
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--clips-per-shard", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_synthetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    from dit.config import ConfigError
+
+    try:
+        args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The Diffusion Transformer: 3D patchify -> tokens with 3D RoPE -> adaLN-Zero blocks (self-attention,
+cross-attention to text, MLP) -> final layer -> unpatchify. Parallelism is applied from outside
+(dit/distributed/parallelize.py); this file never mentions it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from timm.layers import DropPath, Mlp, RmsNorm
+from torch import nn
+
+from dit.models.attention import attention, resolve_backend
+from dit.models.embeddings import TextEmbedder, TimestepEmbedder, apply_rope, rope_3d
+from dit.models.presets import PRESETS
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, N, C*pt*ph*pw] with tokens in (t h w) order."""
+    pt, ph, pw = patch
+    return rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """[B, N, C*pt*ph*pw] -> [B, C, T, H, W]; the inverse of patchify for a (t, h, w) token grid."""
+    (t, h, w), (pt, ph, pw) = grid, patch
+    return rearrange(tokens, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=ph, pw=pw)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm; self-attention (with RoPE) or cross-attention (with a key mask)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.q_norm = RmsNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RmsNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.backend = "sdpa"
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, H, N, d]
+        k, v = rearrange(self.kv(ctx), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)  # [B, H, M, d]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, mask=mask, backend=self.backend)  # [B, H, N, d]
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: modulated self-attention, cross-attention to text, modulated MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = Attention(dim, num_heads, qk_norm)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x [B, D]
+        x = x + self.drop_path(g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope=rope))  # [B, N, D]
+        x = x + self.drop_path(self.cross(self.norm2(x), context=text, mask=text_mask))  # [B, N, D]
+        x = x + self.drop_path(g2[:, None] * self.mlp(modulate(self.norm3(x), sh2, sc2)))  # [B, N, D]
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c).chunk(2, dim=-1)  # [B, D] each
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, out_dim]
+
+
+class DiT(nn.Module):
+    """Latent video DiT. forward(x [B, C, t, h, w], t [B], text [B, L, D_text], text_mask [B, L]) -> [B, C, t, h, w].
+
+    Any latent grid that the patch size divides works: RoPE positions are computed for the actual grid."""
+
+    def __init__(self, in_channels: int = 4, text_dim: int = 384, hidden_size: int = 128, depth: int = 4,
+                 num_heads: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0,
+                 qk_norm: bool = True, drop_path: float = 0.0, attention: str = "auto") -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        self.config: dict[str, Any] = dict(in_channels=in_channels, text_dim=text_dim, hidden_size=hidden_size,
+                                           depth=depth, num_heads=num_heads, patch_size=list(patch_size),
+                                           mlp_ratio=mlp_ratio, qk_norm=qk_norm, drop_path=drop_path,
+                                           attention=attention)
+        self.in_channels, self.patch = in_channels, tuple(patch_size)
+        self.head_dim = hidden_size // num_heads
+        patch_dim = in_channels * self.patch[0] * self.patch[1] * self.patch[2]
+        self.x_embed = nn.Linear(patch_dim, hidden_size)
+        self.t_embed = TimestepEmbedder(hidden_size)
+        self.text_embed = TextEmbedder(text_dim, hidden_size)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, drop_path * i / max(depth - 1, 1))
+                                     for i in range(depth)])
+        self.final = FinalLayer(hidden_size, patch_dim)
+        self.attention_backend, self._backend_in_use = attention, "sdpa"
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_basic)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+            nn.init.zeros_(block.cross.proj.weight)
+            nn.init.zeros_(block.cross.proj.bias)
+        nn.init.zeros_(self.final.adaLN[-1].weight)
+        nn.init.zeros_(self.final.adaLN[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        _, _, t, h, w = x.shape
+        pt, ph, pw = self.patch
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent grid {(t, h, w)} is not divisible by the patch size {self.patch}")
+        return t // pt, h // ph, w // pw
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        grid = self.grid(x)
+        backend = resolve_backend(self.attention_backend, x.device)
+        if backend != self._backend_in_use:
+            for m in self.modules():
+                if isinstance(m, Attention):
+                    m.backend = backend
+            self._backend_in_use = backend
+        rope = rope_3d(grid, self.head_dim, device=x.device)  # cos, sin [N, d/2]
+        tokens = self.x_embed(patchify(x, self.patch))  # [B, N, D]
+        text_tokens, pooled = self.text_embed(text, text_mask)  # [B, L, D], [B, D]
+        c = self.t_embed(t) + pooled  # [B, D]
+        for block in self.blocks:
+            tokens = block(tokens, c, text_tokens, text_mask, rope)  # [B, N, D]
+        out = self.final(tokens, c)  # [B, N, C*pt*ph*pw]
+        return unpatchify(out, grid, self.patch)  # [B, C, t, h, w]
+
+
+def build_dit(model_cfg: Any, in_channels: int, text_dim: int) -> DiT:
+    """A DiT from a ModelConfig: the preset's sizes with any explicit overrides."""
+    p = dict(PRESETS[model_cfg.preset])
+    for key in ("hidden_size", "depth", "num_heads", "patch_size"):
+        if getattr(model_cfg, key) is not None:
+            p[key] = getattr(model_cfg, key)
+    return DiT(in_channels=in_channels, text_dim=text_dim, hidden_size=p["hidden_size"], depth=p["depth"],
+               num_heads=p["num_heads"], patch_size=tuple(p["patch_size"]), mlp_ratio=model_cfg.mlp_ratio,
+               qk_norm=model_cfg.qk_norm, drop_path=model_cfg.drop_path, attention=model_cfg.attention)
+
+
+def flops_per_token(model: DiT, num_tokens: int, text_len: int) -> float:
+    """Forward matmul FLOPs per image token (2 * MACs), for throughput/MFU reporting."""
+    d, cfg = model.config["hidden_size"], model.config
+    mlp = 2 * d * int(d * cfg["mlp_ratio"])
+    per_block = 2 * (4 * d * d + mlp + 2 * d * d + 2 * d * d * text_len / max(num_tokens, 1))
+    per_block += 2 * 2 * num_tokens * d + 2 * 2 * text_len * d  # attention scores and weighted sums
+    return cfg["depth"] * per_block

