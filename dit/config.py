@@ -44,7 +44,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from dit.models.presets import PRESETS
 
-        _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        _check(self.preset in PRESETS, "model.preset",
+               f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         _check(self.attention in ("auto", "sdpa", "xformers"), "model.attention", "must be auto, sdpa or xformers")
         if self.patch_size is not None:
             _check(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size),
@@ -243,7 +244,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"expected a number, got {value!r}")
         return float(value)
     if tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
@@ -252,7 +254,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if tp is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string, got {value!r}")
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+               f"expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
 
@@ -319,7 +322,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config configs/tiny.yaml or another YAML file")
+            raise ConfigError(f"config file {str(p)!r} does not exist; "
+                              "pass --config configs/tiny.yaml or another YAML file")
         data = yaml.safe_load(p.read_text()) or {}
         _check(isinstance(data, dict), str(p), "a config file must be a YAML mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))

@@ -66,7 +66,8 @@ def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int]
                         f"temporal patch {patch[0]}")
     for name, size, p in (("height", height, patch[1]), ("width", width, patch[2])):
         if size < 1 or size % (8 * p):
-            problems.append(f"{name}={size} must be a multiple of {8 * p} (nearest valid: {nearest_multiple(size, 8 * p)})")
+            problems.append(f"{name}={size} must be a multiple of {8 * p} "
+                            f"(nearest valid: {nearest_multiple(size, 8 * p)})")
     if problems:
         raise ValueError("invalid sample size: " + "; ".join(problems))
 

@@ -114,7 +114,8 @@ class DiT(nn.Module):
         self.x_embed = nn.Linear(patch_dim, hidden_size)
         self.t_embed = TimestepEmbedder(hidden_size)
         self.text_embed = TextEmbedder(text_dim, hidden_size)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, drop_path * i / max(depth - 1, 1))
+        drop_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, drop_rates[i])
                                      for i in range(depth)])
         self.final = FinalLayer(hidden_size, patch_dim)
         self.attention_backend, self._backend_in_use = attention, "sdpa"

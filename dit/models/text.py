@@ -40,7 +40,8 @@ class NoText(TextEncoder):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self._device_probe.device
-        return torch.zeros(len(prompts), 1, self.dim, device=dev), torch.ones(len(prompts), 1, dtype=torch.bool, device=dev)
+        n = len(prompts)
+        return torch.zeros(n, 1, self.dim, device=dev), torch.ones(n, 1, dtype=torch.bool, device=dev)
 
 
 class HFTextEncoder(TextEncoder):

@@ -1,0 +1,124 @@
+"""Samplers as pure functions of (denoise_fn, noise, schedule): DDIM, ancestral DDPM and DPM-Solver++(2M).
+
+`denoise_fn(x, t)` takes the current sample and integer timesteps t (LongTensor [B]) and returns the model's
+prediction of kind `prediction` (eps | v | x0). `callback(i, x)` is called after step i with the updated sample.
+Each sampler returns the final sample (x0). Step formulas and timestep lists follow diffusers' DDIMScheduler,
+DDPMScheduler and DPMSolverMultistepScheduler (tests/diffusion/test_samplers.py checks every step against them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dit.diffusion.schedules import ZERO_SNR_ALPHA_CUMPROD, Schedule, convert_prediction, spaced_timesteps
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, Tensor], None] | None
+
+
+def _timesteps_like(x: Tensor, t: int) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)  # [B]
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Drawn on the generator's device, then moved (as diffusers' randn_tensor), so seeded runs match it."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+@torch.no_grad()
+def ddim(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, steps: int, eta: float = 0.0,
+         prediction: str = "eps", timestep_spacing: str = "leading", generator: torch.Generator | None = None,
+         clip_x0: float | None = None, callback: Callback = None) -> Tensor:
+    """DDIM (Song et al. 2021); eta=0 deterministic, eta=1 has DDPM's posterior variance.
+
+    Steps from each timestep to the next one in the list (the last goes to abar = 1, diffusers' set_alpha_to_one).
+    diffusers' DDIMScheduler instead steps to t - T // steps, which is the same for "leading" spacing (and
+    "trailing" when steps divides T) but not for "linspace" (diffusers issue #12633). With clip_x0 the predicted x0
+    is clamped and eps re-derived from it (diffusers' use_clipped_model_output=True). When eta > 0 a fresh
+    normal tensor is drawn from `generator` at every step, as diffusers does.
+    """
+    ts = spaced_timesteps(schedule.num_timesteps, steps, timestep_spacing)
+    abar = schedule.alphas_cumprod.tolist()
+    x = noise
+    for i, t in enumerate(ts):
+        a_t, a_prev = abar[t], abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        tt = _timesteps_like(x, t)
+        x0, eps = schedule.pred_to_x0_eps(denoise_fn(x, tt), x, tt, prediction)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = schedule.x0_to_eps(x0, x, tt)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if eta > 0:
+            x = x + sigma * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def ddpm(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, steps: int | None = None,
+         prediction: str = "eps", generator: torch.Generator | None = None, clip_x0: float | None = None,
+         callback: Callback = None) -> Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0_hat) with the "fixed_small" variance.
+
+    steps=None uses all T timesteps; fewer use diffusers' "leading" spacing (jumping between the listed timesteps).
+    Noise is drawn from `generator` at every step with t > 0, as diffusers' DDPMScheduler does.
+    """
+    ts = spaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps, "leading")
+    abar = schedule.alphas_cumprod.tolist()
+    x = noise
+    for i, t in enumerate(ts):
+        a_t, a_prev = abar[t], abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # of this (possibly multi-timestep) jump
+        tt = _timesteps_like(x, t)
+        x0, _ = schedule.pred_to_x0_eps(denoise_fn(x, tt), x, tt, prediction)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        x = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
+        if t > 0:
+            variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+            x = x + math.sqrt(variance) * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, steps: int, prediction: str = "eps",
+               timestep_spacing: str = "linspace", callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, data prediction, midpoint form.
+
+    As diffusers' DPMSolverMultistepScheduler defaults (solver_order=2, lower_order_final=True,
+    final_sigmas_type="zero", timestep_spacing="linspace"): the first step is first order (DDIM), the last returns
+    the data prediction (sigma -> 0). Timesteps: "linspace"/"leading" take steps + 1 evenly spaced points and drop
+    the last (t = 0), "trailing" is DDIM's. An abar of exactly 0 (zero terminal SNR) is replaced by
+    ZERO_SNR_ALPHA_CUMPROD, as diffusers does, so that log-SNR is finite.
+    """
+    T = schedule.num_timesteps
+    if timestep_spacing == "trailing":
+        ts = spaced_timesteps(T, steps, "trailing")
+    else:
+        ts = spaced_timesteps(T, steps + 1, timestep_spacing)[:-1]
+    abar = [a if a > 0 else ZERO_SNR_ALPHA_CUMPROD for a in schedule.alphas_cumprod.tolist()]
+    x, x0_prev, h_prev = noise, None, None
+    for i, t in enumerate(ts):
+        alpha, sigma = math.sqrt(abar[t]), math.sqrt(1 - abar[t])
+        x0, _ = convert_prediction(denoise_fn(x, _timesteps_like(x, t)), x, alpha, sigma, prediction)
+        if i + 1 == len(ts):
+            x = x0  # first-order step to sigma = 0
+        else:
+            a_next = abar[ts[i + 1]]
+            alpha_next, sigma_next = math.sqrt(a_next), math.sqrt(1 - a_next)
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # step in log-SNR / 2
+            d = x0 if x0_prev is None else x0 + (h / h_prev) / 2 * (x0 - x0_prev)  # D0 + D1 / 2
+            x = (sigma_next / sigma) * x - (alpha_next * math.expm1(-h)) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, x)
+    return x
