@@ -84,7 +84,7 @@ def render_clip(color: str, shape: str, direction: str, *, frames: int, height: 
 
 def make_synthetic(out_dir: str | Path, *, num_clips: int = 256, frames: int = 17, height: int = 64, width: int = 64,
                    clips_per_shard: int = 64, fps: int = 8, seed: int = 0) -> list[str]:
-    """Write ``num_clips`` synthetic clips to ``out_dir/synthetic-{00000..}.tar`` and return the shard paths.
+    """Write ``num_clips`` synthetic clips to ``out_dir/{00000..}.tar`` and return the shard paths.
 
     Each sample has ``KEY.mp4`` (h264, crf 10 so colours survive), or ``KEY.png`` when ``frames == 1``,
     plus ``KEY.txt`` (the caption) and ``KEY.json`` (the attributes). Deterministic for a seed.
@@ -105,7 +105,7 @@ def make_synthetic(out_dir: str | Path, *, num_clips: int = 256, frames: int = 1
             media = {"png": encode_image(video[0], "png")} if frames == 1 else {"mp4": encode_mp4(video, fps, crf=10)}
             yield {"__key__": key, **media, "txt": meta["caption"], "json": {"key": key, **meta, "fps": fps}}
 
-    return write_shards(samples(), str(Path(out_dir) / "synthetic-%05d.tar"), clips_per_shard, mtime=_MTIME)
+    return write_shards(samples(), str(Path(out_dir) / "%05d.tar"), clips_per_shard, mtime=_MTIME)
 
 
 # ----------------------------------------------------------------------------- measuring

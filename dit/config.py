@@ -61,6 +61,7 @@ class VAEConfig:
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 3 downsamples: /8 in space
     num_res_blocks: int = 1
     kl_weight: float = 1e-6
+    l1_weight: float = 1.0  # reconstruction loss = l1_weight * L1 + MSE (+ kl_weight * KL); 0 for sparse content
     decode_chunk: int = 0  # latent frames per decode chunk (0: all at once)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,7 @@ class VAEConfig:
         _check(len(self.channel_mults) == 4, "vae.channel_mults",
                "needs exactly 4 entries (three 2x spatial downsamples give the fixed 8x factor)")
         _check(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
+        _check(self.l1_weight >= 0, "vae.l1_weight", "must be >= 0")
 
 
 @dataclass
@@ -92,6 +94,7 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False
     prediction: str = "eps"  # eps | v
     prompt_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; None: off
 
     def __post_init__(self) -> None:
         _check(self.schedule in ("linear", "cosine", "scaled_linear"), "diffusion.schedule",
@@ -99,6 +102,7 @@ class DiffusionConfig:
         _check(self.prediction in ("eps", "v"), "diffusion.prediction", "must be eps or v")
         _check(self.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
         _check(0.0 <= self.prompt_dropout <= 1.0, "diffusion.prompt_dropout", "must be in [0, 1]")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null")
 
 
 @dataclass
@@ -129,6 +133,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: str = "constant"  # constant | cosine (after the linear warmup, down to 5% of lr at train.steps)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     mixed_precision: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | no
@@ -145,6 +150,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
+               f"unknown schedule {self.lr_schedule!r}; choose constant or cosine")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
         _check(self.mixed_precision in ("auto", "bf16", "fp16", "no"), "train.mixed_precision",
                "must be auto, bf16, fp16 or no")

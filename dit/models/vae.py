@@ -245,6 +245,10 @@ class CausalVAE(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(latent_channels))  # per channel, see fit_latent_stats
         self.register_buffer("latent_std", torch.ones(latent_channels))
 
+    @property
+    def latent_channels(self) -> int:
+        return self.config["latent_channels"]
+
     # ---- frame and shape arithmetic -------------------------------------------------------------------------
     @staticmethod
     def latent_frames(num_frames: int) -> int:
@@ -321,19 +325,21 @@ class CausalVAE(nn.Module):
 
 
 def vae_loss(
-    recon: Tensor, x: Tensor, posterior: DiagonalGaussian, kl_weight: float
+    recon: Tensor, x: Tensor, posterior: DiagonalGaussian, kl_weight: float, l1_weight: float = 1.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L1 + MSE reconstruction (means over pixels) + kl_weight * KL (mean over latent elements, see kl()).
+    """l1_weight * L1 + MSE reconstruction (means over pixels) + kl_weight * KL (mean over latent elements).
 
-    L1 keeps edges and small errors sharp; MSE pushes hard on large errors (and is what PSNR measures). No
-    perceptual or adversarial term: those need pretrained nets or a second model, too heavy for this VAE.
+    L1 keeps edges and small errors sharp; MSE pushes hard on large errors (and is what PSNR measures). On
+    sparse content (a small object on a flat background) L1's optimum is the background colour, and a fresh
+    VAE can sit there for hundreds of steps: set l1_weight=0 (the demo does). No perceptual or adversarial
+    term: those need pretrained nets or a second model, too heavy for this VAE.
     Note the units: SD's 1e-6 on summed terms is ~1e-8 here; 1e-6 to 1e-4 keeps a small VAE's latents tame.
     """
     recon, x = recon.float(), x.float()
     l1 = (recon - x).abs().mean()
     mse = F.mse_loss(recon, x)
     kl = posterior.kl().float().mean()
-    loss = l1 + mse + kl_weight * kl
+    loss = l1_weight * l1 + mse + kl_weight * kl
     return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "kl": kl.detach()}
 
 

@@ -49,8 +49,18 @@ def mixed_precision(setting: str) -> str:
     return setting
 
 
-def warmup_lambda(warmup: int) -> Any:
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def lr_lambda(warmup: int, total: int, schedule: str = "constant", floor: float = 0.05) -> Any:
+    """LR multiplier per step: linear warmup over `warmup` steps, then constant or cosine down to `floor`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def drop_prompts(captions: list[str], p: float, rng: random.Random) -> list[str]:
@@ -102,7 +112,8 @@ def main(cfg: Config) -> Path:
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
     model = parallelize(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.train.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
+                                                               cfg.train.lr_schedule))
     model, opt = accelerator.prepare(model, opt)
     schedule = schedule_from_config(cfg.diffusion)
     schedule_dev = schedule.to(device) if hasattr(schedule, "to") else schedule
@@ -150,7 +161,8 @@ def main(cfg: Config) -> Path:
         noise = torch.randn(latents.shape, generator=gen).to(device)
         with accelerator.autocast():
             loss = training_loss(model, latents, schedule_dev, model_kwargs=dict(text=states, text_mask=mask),
-                                 prediction=cfg.diffusion.prediction, t=t, noise=noise)
+                                 prediction=cfg.diffusion.prediction, t=t, noise=noise,
+                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from data_pipelines.loader import build_loader
 from dit.config import Config, save_config
 from dit.models.vae import CausalVAE, save_vae, vae_loss
-from dit.training.train import mixed_precision, warmup_lambda
+from dit.training.train import lr_lambda, mixed_precision
 
 log = logging.getLogger("dit.train_vae")
 
@@ -46,7 +46,8 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     save_config(cfg, out / "config.yaml")
     vae = build_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.train.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
+                                                               cfg.train.lr_schedule))
     vae, opt = accelerator.prepare(vae, opt)
     gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
     writer = SummaryWriter(str(out / "tensorboard-vae")) if accelerator.is_main_process else None
@@ -57,7 +58,7 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
         x = next(data_iter)["video"].to(accelerator.device)  # [B, 3, T, H, W]
         with accelerator.autocast():
             recon, posterior = vae(x, generator=gen)
-            loss, parts = vae_loss(recon.float(), x, posterior, cfg.vae.kl_weight)
+            loss, parts = vae_loss(recon.float(), x, posterior, cfg.vae.kl_weight, cfg.vae.l1_weight)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), cfg.train.grad_clip)
         opt.step()

