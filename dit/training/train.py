@@ -25,6 +25,7 @@ from data_pipelines.loader import build_loader
 from dit.config import Config, save_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import parallelize, unwrap_state_dict
+from dit.distributed.preemption import Preempted, PreemptionHandler
 from dit.models.dit import build_dit, flops_per_token
 from dit.models.text import build_text_encoder
 from dit.models.vae import load_vae
@@ -149,56 +150,64 @@ def main(cfg: Config) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     t_last, samples_since = time.perf_counter(), 0
     model.train()
-    while step < cfg.train.steps:
-        t_data = time.perf_counter()
-        batch = next(data_iter)
-        data_time = time.perf_counter() - t_data
-        for reason, n in batch.get("bad_counts", {}).items():
-            bad_total[reason] = bad_total.get(reason, 0) + n
-        latents = encode_latents(vae, batch["video"].to(device), gen)  # [B, C, t, h, w]
-        states, mask = text.encode(drop_prompts(batch["caption"], cfg.diffusion.prompt_dropout, py_rng))
-        t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=gen).to(device)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        with accelerator.autocast():
-            loss = training_loss(model, latents, schedule_dev, model_kwargs=dict(text=states, text_mask=mask),
-                                 prediction=cfg.diffusion.prediction, t=t, noise=noise,
-                                 min_snr_gamma=cfg.diffusion.min_snr_gamma)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        ema.update(accelerator.unwrap_model(model), step=step)
-        samples_since += latents.shape[0]
-        if tokens_per_sample is None:
-            pt, ph, pw = accelerator.unwrap_model(model).patch
-            tokens_per_sample = math.prod(s // p for s, p in zip(latents.shape[2:], (pt, ph, pw)))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-            elapsed = time.perf_counter() - t_last
-            sps = samples_since / max(elapsed, 1e-9)
-            flops = 3 * flops_per_token(accelerator.unwrap_model(model), tokens_per_sample, states.shape[1])
-            record = dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0], samples_per_s=sps,
-                          tokens_per_s=sps * tokens_per_sample, data_wait_s=data_time, bad=dict(bad_total))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            writer.add_scalar("train/loss", loss.item(), step)
-            writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-            writer.add_scalar("train/grad_norm", float(grad_norm), step)
-            writer.add_scalar("perf/samples_per_s", sps, step)
-            writer.add_scalar("perf/tokens_per_s", sps * tokens_per_sample, step)
-            writer.add_scalar("perf/train_tflops", sps * tokens_per_sample * flops / 1e12, step)
-            writer.add_scalar("perf/data_wait_s", data_time, step)
-            for reason, n in bad_total.items():
-                writer.add_scalar(f"data/bad_{reason}", n, step)
-            t_last, samples_since = time.perf_counter(), 0
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            path = save(step)
-            log.info("checkpoint %s", path)
-        if writer is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            log_samples(writer, pipe, cfg, step)
+    with PreemptionHandler() as preempt:  # SIGUSR1 / SIGTERM: finish the step, checkpoint, exit REQUEUE_EXIT_CODE
+        while step < cfg.train.steps:
+            t_data = time.perf_counter()
+            batch = next(data_iter)
+            data_time = time.perf_counter() - t_data
+            for reason, n in batch.get("bad_counts", {}).items():
+                bad_total[reason] = bad_total.get(reason, 0) + n
+            latents = encode_latents(vae, batch["video"].to(device), gen)  # [B, C, t, h, w]
+            states, mask = text.encode(drop_prompts(batch["caption"], cfg.diffusion.prompt_dropout, py_rng))
+            t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=gen).to(device)
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            with accelerator.autocast():
+                loss = training_loss(model, latents, schedule_dev, model_kwargs=dict(text=states, text_mask=mask),
+                                     prediction=cfg.diffusion.prediction, t=t, noise=noise,
+                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            ema.update(accelerator.unwrap_model(model), step=step)
+            samples_since += latents.shape[0]
+            if tokens_per_sample is None:
+                pt, ph, pw = accelerator.unwrap_model(model).patch
+                tokens_per_sample = math.prod(s // p for s, p in zip(latents.shape[2:], (pt, ph, pw)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+                elapsed = time.perf_counter() - t_last
+                sps = samples_since / max(elapsed, 1e-9)
+                flops = 3 * flops_per_token(accelerator.unwrap_model(model), tokens_per_sample, states.shape[1])
+                record = dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0], samples_per_s=sps,
+                              tokens_per_s=sps * tokens_per_sample, data_wait_s=data_time, bad=dict(bad_total))
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                writer.add_scalar("perf/samples_per_s", sps, step)
+                writer.add_scalar("perf/tokens_per_s", sps * tokens_per_sample, step)
+                writer.add_scalar("perf/train_tflops", sps * tokens_per_sample * flops / 1e12, step)
+                writer.add_scalar("perf/data_wait_s", data_time, step)
+                for reason, n in bad_total.items():
+                    writer.add_scalar(f"data/bad_{reason}", n, step)
+                t_last, samples_since = time.perf_counter(), 0
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                path = save(step)
+                log.info("checkpoint %s", path)
+            if writer is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                log_samples(writer, pipe, cfg, step)
+            if step < cfg.train.steps and preempt.requested():  # every rank stops after this same step
+                if step % cfg.train.checkpoint_every != 0 and step != cfg.train.steps:
+                    log.info("preemption checkpoint %s", save(step))
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                raise Preempted(step)
     bar.close()
     if writer is not None:
         log_samples(writer, pipe, cfg, step)
