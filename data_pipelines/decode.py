@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps
 
-from data_pipelines.sampling import TooShort
+from data_pipelines.sampling import FramePicker, TooShort
 
 try:  # decord has no wheels on some platforms (macOS arm64); PyAV then decodes everything
     import decord
@@ -54,11 +54,15 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
-def _resolve(indices: Indices, num_frames: int) -> list[int]:
-    """The frame indices to read: all frames (None), a fixed list, or ``indices(num_frames)``."""
+def _resolve(indices: Indices, num_frames: int, fps: float) -> list[int]:
+    """The frame indices to read: all frames (None), a fixed list, ``indices(num_frames)``, or for a
+    ``FramePicker`` ``indices(num_frames, fps)``."""
     if indices is None:
         return list(range(num_frames))
-    idx = list(indices(num_frames)) if callable(indices) else list(indices)
+    if isinstance(indices, FramePicker):
+        idx = indices(num_frames, fps)
+    else:
+        idx = list(indices(num_frames)) if callable(indices) else list(indices)
     if not idx or min(idx) < 0 or max(idx) >= num_frames:
         raise IndexError(f"frame indices {idx[:3]}..{idx[-3:]} out of range for a clip of {num_frames} frames")
     return idx
@@ -69,9 +73,10 @@ def _decode_decord(data: bytes, indices: Indices, num_threads: int) -> tuple[np.
     n = len(vr)
     if n == 0:
         raise DecodeError("video has no frames")
-    idx = _resolve(indices, n)  # TooShort propagates: it is a property of the clip, not of the decoder
+    fps = float(vr.get_avg_fps())
+    idx = _resolve(indices, n, fps)  # TooShort propagates: it is a property of the clip, not of the decoder
     frames = vr.get_batch(idx).asnumpy()
-    return frames, VideoInfo(n, float(vr.get_avg_fps()), frames.shape[1], frames.shape[2], "decord")
+    return frames, VideoInfo(n, fps, frames.shape[1], frames.shape[2], "decord")
 
 
 def _decode_pyav(data: bytes, indices: Indices) -> tuple[np.ndarray, VideoInfo]:
@@ -83,7 +88,7 @@ def _decode_pyav(data: bytes, indices: Indices) -> tuple[np.ndarray, VideoInfo]:
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         n = stream.frames  # 0 when the container does not say
         if n > 0:  # decode up to the last needed frame only
-            idx = _resolve(indices, n)
+            idx = _resolve(indices, n, fps)
             wanted, last, got = set(idx), max(idx), {}
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
@@ -97,7 +102,7 @@ def _decode_pyav(data: bytes, indices: Indices) -> tuple[np.ndarray, VideoInfo]:
         everything = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not everything:
         raise DecodeError("video has no frames")
-    idx = _resolve(indices, len(everything))
+    idx = _resolve(indices, len(everything), fps)
     frames = np.stack([everything[i] for i in idx])
     return frames, VideoInfo(len(everything), fps, frames.shape[1], frames.shape[2], "pyav")
 

@@ -2,13 +2,14 @@
 
 The pipeline is a visible list of small stages (as in open_clip's ``get_wds_dataset``):
 
-    EpochShards        shard URLs, shuffled by seed + epoch; one pass per epoch, or endless epochs
-    SplitByNode        each rank takes every world_size-th shard (rank and world size read at build time)
-    split_by_worker    each DataLoader worker takes every num_workers-th shard of its rank
-    tarfile_to_samples tar members grouped by key: {"__key__", "mp4" | "jpg" | ..., "txt", "json"}
-    SeededShuffle      a sample buffer of data.shuffle_buffer, seeded by (seed, epoch, rank, worker)
+    ReadSamples        per dataset and epoch: shard URLs shuffled by seed + epoch → every world_size-th
+                       shard for this rank (rank read at build time) → every num_workers-th for this
+                       worker → tar samples {"__key__", "mp4" | "jpg" | ..., "txt", "json"} → a shuffle
+                       buffer seeded by (seed, dataset, epoch, rank, worker); datasets mixed by weight;
+                       each sample carries the reader's position (for ``state_dict``)
     DecodeClips        decode + sample frames + resize/crop; bad samples are logged, counted and skipped
     Batch              stack into {"video", "caption", "key"} plus the counts since the last batch
+    in_worker_order    (main process) batches round-robin over workers, from the worker whose turn it is
 
 Bad samples never stop a run unless more than ``data.max_bad_fraction`` of them fail (checked after
 20 samples). Counts by reason travel with the batches, so ``loader.stats`` is right with workers too.
@@ -16,7 +17,7 @@ Bad samples never stop a run unless more than ``data.max_bad_fraction`` of them 
 
 from __future__ import annotations
 
-import itertools
+import json
 import logging
 import multiprocessing as mp
 import random
@@ -30,8 +31,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
-from data_pipelines.sampling import TooShort, frame_indices
+from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
+from data_pipelines.state import VERSION as STATE_VERSION
+from data_pipelines.state import fingerprint, in_worker_order, plan_resume
 from dit.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -96,58 +99,82 @@ def _rng(*parts: Any) -> random.Random:
     return random.Random(" ".join(map(str, parts)))
 
 
-def _worker() -> int:
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of this DataLoader worker; (0, 1) in the main process."""
     info = get_worker_info()
-    return info.id if info is not None else 0
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-class EpochShards(IterableDataset):
-    """Shard URLs in an order shuffled by (seed, epoch): one pass, or epoch after epoch when ``infinite``."""
-
-    def __init__(self, urls: list[str], *, seed: int, epoch: SharedEpoch, infinite: bool, epoch_seed: bool) -> None:
-        super().__init__()
-        self.urls, self.seed, self.epoch, self.infinite, self.epoch_seed = list(urls), seed, epoch, infinite, epoch_seed
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        epoch = self.epoch.get()
-        while True:
-            urls = list(self.urls)
-            _rng(self.seed, "shards", epoch if self.epoch_seed else 0).shuffle(urls)
-            for url in urls:
-                yield {"url": url}
-            if not self.infinite:
-                return
-            epoch += 1
+def epoch_shards(urls: list[str], seed: int, dataset: int, epoch: int) -> list[str]:
+    """The shard order of one epoch of one dataset, the same on every rank."""
+    urls = list(urls)
+    _rng(seed, "shards", dataset, epoch).shuffle(urls)
+    return urls
 
 
-class SplitByNode(wds.PipelineStage):
-    """Rank ``rank`` of ``world_size`` takes every world_size-th shard.
+class ReadSamples(IterableDataset):
+    """Raw tar samples of this reader (rank, worker), epoch by epoch, mixed over datasets by weight.
 
-    Unlike ``wds.split_by_node``, the rank is fixed when the loader is built (in the training process),
-    so DataLoader workers split correctly even where RANK / WORLD_SIZE are not in the environment.
+    Per dataset and epoch: the epoch's shard order → this rank's every world_size-th shard → this
+    worker's every num_workers-th of those → tar samples → a shuffle buffer seeded by (seed, dataset,
+    epoch, rank, worker). Each sample carries ``__pos__``, the ``[epoch, offset]`` of every dataset
+    after it, so a loader can stop and later skip exactly that far (``resume``), reading but not
+    decoding the skipped samples. Datasets are mixed by a draw seeded by the current positions.
     """
 
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, url_lists: list[list[str]], weights: list[float], *, seed: int, rank: int, world_size: int,
+                 epoch: SharedEpoch, infinite: bool, epoch_seed: bool, shuffle_buffer: int, on_tar_error: Any) -> None:
+        super().__init__()
+        self.url_lists, self.weights, self.seed, self.rank, self.world_size = url_lists, weights, seed, rank, world_size
+        self.epoch, self.infinite, self.epoch_seed, self.bufsize = epoch, infinite, epoch_seed, shuffle_buffer
+        self.on_tar_error = on_tar_error
+        self.resume: dict[int, list[list[int]]] = {}  # worker -> per-dataset [epoch, offset]; used once
+        self.skipping = False
 
-    def run(self, src: Iterator[dict]) -> Iterator[dict]:
-        return itertools.islice(src, self.rank, None, self.world_size)
+    def tar_error(self, exn: Exception) -> bool:
+        return True if self.skipping else self.on_tar_error(exn)  # errors met while skipping were counted before
 
+    def dataset(self, d: int, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[tuple]:
+        while True:
+            e = epoch if self.epoch_seed else 0
+            urls = epoch_shards(self.url_lists[d], self.seed, d, e)[self.rank::self.world_size][worker::num_workers]
+            samples = wds.tarfile_samples(({"url": u} for u in urls), handler=self.tar_error)
+            if self.bufsize > 1:
+                rng = _rng(self.seed, "samples", d, e, self.rank, worker)
+                samples = wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
+            self.skipping = skip > 0
+            for offset, sample in enumerate(samples, start=1):
+                if offset <= skip:
+                    self.skipping = offset < skip
+                    continue
+                yield epoch, offset, sample
+            self.skipping, skip, epoch = False, 0, epoch + 1
+            if not self.infinite:
+                return
 
-class SeededShuffle(wds.PipelineStage):
-    """A shuffle buffer seeded by (seed, epoch, rank, worker): reproducible, different per worker and epoch."""
-
-    def __init__(self, bufsize: int, *, seed: int, rank: int, epoch: SharedEpoch, epoch_seed: bool) -> None:
-        self.bufsize, self.seed, self.rank, self.epoch, self.epoch_seed = bufsize, seed, rank, epoch, epoch_seed
-
-    def run(self, src: Iterator[dict]) -> Iterator[dict]:
-        if self.bufsize <= 1:
-            return src
-        rng = _rng(self.seed, "samples", self.epoch.get() if self.epoch_seed else 0, self.rank, _worker())
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        n = len(self.url_lists)
+        pos = self.resume.pop(worker, None) or [[self.epoch.get(), 0] for _ in range(n)]
+        streams = [self.dataset(d, e, off, worker, num_workers) for d, (e, off) in enumerate(pos)]
+        done: set[int] = set()
+        while len(done) < n:
+            d = 0
+            if n > 1:  # the first draw, seeded by where we are, that names a dataset with samples left
+                rng = _rng(self.seed, "mix", self.rank, worker, pos)
+                while (d := rng.choices(range(n), self.weights)[0]) in done:
+                    pass
+            item = next(streams[d], None)
+            if item is None:
+                done.add(d)
+                continue
+            epoch, offset, sample = item
+            pos[d] = [epoch, offset]
+            sample["__pos__"], sample["__epoch__"] = [list(p) for p in pos], epoch
+            yield sample
 
 
 class _Skip(Exception):
@@ -157,23 +184,48 @@ class _Skip(Exception):
 
 
 class DecodeClips(wds.PipelineStage):
-    """Raw samples → ``{"video": [3, T, H, W] in [-1, 1], "caption", "key", "counts"}``.
+    """Raw samples → ``{"video": [3, T, H, W] in [-1, 1], "caption", "key", "counts", "pos"}``.
 
-    Skips (with one warning each) and counts samples that have no media, do not decode, are too
-    short, or have a missing or non-UTF-8 caption; ``counts`` holds what happened since the previous
-    yielded sample. A final ``{"counts": ...}`` carries what happened after the last one.
-    Images become clips of ``frames`` identical frames (T = 1 when ``frames == 1``).
+    Skips (with one warning each, and a line in ``data.bad_samples_log``) and counts samples that have no
+    media, do not decode, are too short, or have a missing or non-UTF-8 caption; ``counts`` holds what
+    happened since the previous yielded sample. A final ``{"counts": ...}`` carries what happened after
+    the last one. Images become clips of ``frames`` identical frames (T = 1 when ``frames == 1``).
+    Frame offsets are drawn from a generator seeded by (seed, epoch, key): the same clip of a sample in
+    every run, whatever the number of ranks and workers, and nothing to restore on resume.
     """
 
-    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, epoch: SharedEpoch, epoch_seed: bool) -> None:
-        self.cfg, self.seed, self.rank, self.epoch, self.epoch_seed = cfg, seed, rank, epoch, epoch_seed
+    def __init__(self, cfg: DataConfig, *, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
         self.pending = DataStats()  # counts not yet attached to a yielded sample
 
     def skip_tar_error(self, exn: Exception) -> bool:
-        """``tarfile_to_samples`` handler: warn, count, and go on with the next shard."""
+        """``tarfile_samples`` handler: warn, count, and go on with the next shard."""
         log.warning("skipping unreadable tar data: %s", str(exn)[:300])
         self.pending.add(seen=1, bad={"tar_error": 1})
+        self.log_bad("?", "tar_error", " ".join(str(a) for a in exn.args[1:])[:200], str(exn.args[:1])[:200])
         return True
+
+    def log_bad(self, key: str, reason: str, url: str, detail: str) -> None:
+        if self.cfg.bad_samples_log:
+            line = "\t".join(x.replace("\t", " ").replace("\n", " ") for x in (key, reason, url, detail)) + "\n"
+            with open(self.cfg.bad_samples_log, "a", encoding="utf-8") as f:  # one short append: atomic enough
+                f.write(line)
+
+    def caption(self, sample: dict[str, Any]) -> str:
+        field_ = self.cfg.caption_field
+        try:
+            if field_ and "json" in sample:
+                meta = json.loads(sample["json"].decode("utf-8"))
+                if isinstance(meta, dict) and isinstance(meta.get(field_), str):
+                    return meta[field_].strip()
+            if "txt" not in sample:
+                where = f"KEY.json field {field_!r} or " if field_ else ""
+                raise _Skip("no_caption", f"no caption: no {where}KEY.txt")
+            return sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise _Skip("bad_caption", f"caption is not UTF-8: {e}") from e
+        except json.JSONDecodeError as e:
+            raise _Skip("bad_caption", f"KEY.json is not valid JSON: {e}") from e
 
     def clip(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, str]:
         cfg = self.cfg
@@ -182,15 +234,10 @@ class DecodeClips(wds.PipelineStage):
         if video_ext is None and image_ext is None:
             exts = sorted(k for k in sample if not k.startswith("__"))
             raise _Skip("no_media", f"no video ({'/'.join(VIDEO_EXTS)}) or image ({'/'.join(IMAGE_EXTS)}); has {exts}")
-        if "txt" not in sample:
-            raise _Skip("no_caption", "no .txt caption")
-        try:
-            caption = sample["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise _Skip("bad_caption", f"caption is not UTF-8: {e}") from e
+        caption = self.caption(sample)
         try:
             if video_ext is not None:
-                pick = lambda n: frame_indices(n, cfg.frames, cfg.frame_stride, rng)  # only these are decoded
+                pick = FramePicker(cfg.frames, cfg.frame_stride, cfg.fps, rng)  # only these frames are decoded
                 frames, _ = decode_video(sample[video_ext], pick)
                 return resize_crop(frames, cfg.height, cfg.width), caption
             image = resize_crop(decode_image(sample[image_ext])[None], cfg.height, cfg.width)  # [3, 1, H, W]
@@ -201,24 +248,26 @@ class DecodeClips(wds.PipelineStage):
             raise _Skip("decode_error", str(e)[:300]) from e
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rng = _rng(self.seed, "frames", self.epoch.get() if self.epoch_seed else 0, self.rank, _worker())
         total = DataStats()  # this process's counts in this pass, for the bad-fraction check
+        pos = None
         for sample in src:
-            key = sample.get("__key__", "?")
+            key, pos = sample.get("__key__", "?"), sample["__pos__"]
+            rng = _rng(self.seed, "frames", sample["__epoch__"], key)
             try:
                 video, caption = self.clip(sample, rng)
             except _Skip as skip:
-                log.warning("skipping sample %s in %s: %s (%s)", key, sample.get("__url__", "?"), skip.reason, skip)
+                url = sample.get("__url__", "?")
+                log.warning("skipping sample %s in %s: %s (%s)", key, url, skip.reason, skip)
+                self.log_bad(key, skip.reason, url, str(skip))
                 self.pending.add(seen=1, bad={skip.reason: 1})
             else:
                 self.pending.add(seen=1, ok=1)
                 total.add(**self.pending.as_dict())
                 counts, self.pending = self.pending, DataStats()
-                yield {"video": video, "caption": caption, "key": key, "counts": counts}
+                yield {"video": video, "caption": caption, "key": key, "counts": counts, "pos": pos}
             check_bad_fraction(_sum(total, self.pending), self.cfg.max_bad_fraction)
-        if self.pending:
-            counts, self.pending = self.pending, DataStats()
-            yield {"counts": counts}
+        counts, self.pending = self.pending, DataStats()
+        yield {"counts": counts, "pos": pos, "end": True}
 
 
 def _sum(a: DataStats, b: DataStats) -> DataStats:
@@ -229,22 +278,24 @@ def _sum(a: DataStats, b: DataStats) -> DataStats:
 
 
 class Batch(wds.PipelineStage):
-    """Stack samples into ``{"video": [B, 3, T, H, W], "caption", "key", "seen", "bad_counts"}``.
+    """Stack samples into ``{"video": [B, 3, T, H, W], "caption", "key", "seen", "bad_counts", "worker", "pos"}``.
 
-    ``seen`` and ``bad_counts`` count what this process read since its previous batch. Counts that
-    arrive after the last batch (or with a dropped partial batch) come as a batch without ``video``.
+    ``seen`` and ``bad_counts`` count what this reader read since its previous batch; ``pos`` is the
+    reader position after the batch's last sample. When the reader ends (finite loaders), a final
+    ``{"end": True, ...}`` without ``video`` carries the counts after the last batch (or a dropped one).
     """
 
     def __init__(self, batch_size: int, drop_last: bool) -> None:
         self.batch_size, self.drop_last = batch_size, drop_last
 
     @staticmethod
-    def collate(samples: list[dict[str, Any]], counts: DataStats) -> dict[str, Any]:
-        out: dict[str, Any] = {"seen": counts.seen, "bad_counts": dict(counts.bad)}
+    def collate(samples: list[dict[str, Any]], counts: DataStats, **extra: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"seen": counts.seen, "bad_counts": dict(counts.bad), "worker": _worker()[0], **extra}
         if samples:
             out["video"] = torch.stack([s["video"] for s in samples])
             out["caption"] = [s["caption"] for s in samples]
             out["key"] = [s["key"] for s in samples]
+            out["pos"] = samples[-1]["pos"]
         return out
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -256,10 +307,11 @@ class Batch(wds.PipelineStage):
             if len(samples) == self.batch_size:
                 yield self.collate(samples, counts)
                 samples, counts = [], DataStats()
-        if samples and not self.drop_last:
-            yield self.collate(samples, counts)
-        elif counts:
-            yield self.collate([], counts)
+            if sample.get("end"):
+                if samples and not self.drop_last:
+                    yield self.collate(samples, counts)
+                    samples, counts = [], DataStats()
+                yield self.collate([], counts, end=True, pos=sample["pos"])
 
 
 # ----------------------------------------------------------------------------- loader
@@ -271,29 +323,68 @@ class Loader:
 
     Each ``iter(loader)`` starts the next epoch (shard and sample order seeded by seed + epoch when
     ``epoch_seed``); ``set_epoch`` picks one. An infinite loader runs epoch after epoch in one iteration.
+    ``state_dict`` / ``load_state_dict`` (before ``iter``) resume exactly where a run stopped
+    (see ``data_pipelines.state``).
     """
 
-    def __init__(self, pipeline: wds.DataPipeline, *, cfg: DataConfig, batch_size: int, epoch: SharedEpoch) -> None:
-        self.pipeline, self.cfg, self.batch_size, self.shared_epoch = pipeline, cfg, batch_size, epoch
+    def __init__(self, pipeline: wds.DataPipeline, reader: ReadSamples, *, cfg: DataConfig, batch_size: int,
+                 epoch: SharedEpoch, layout: dict[str, Any]) -> None:
+        self.pipeline, self.reader, self.cfg, self.batch_size = pipeline, reader, cfg, batch_size
+        self.shared_epoch = epoch
+        self.layout, self.rank = layout, reader.rank
+        self.num_readers = max(1, cfg.num_workers)
         self.stats = DataStats()
-        self.epoch = 0
-        self.dataloader = None
-        if cfg.num_workers > 0:
-            self.dataloader = DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
-                                         persistent_workers=True, pin_memory=torch.cuda.is_available())
+        self.epoch = 0  # the epoch the next iter() starts
+        self._current: dict[str, Any] | None = None  # the iteration in progress: epoch, readers, next_worker, ended
+        self._resume: dict[str, Any] | None = None
+        self.dataloader = self._dataloader()
+
+    def _dataloader(self) -> DataLoader | None:
+        if self.cfg.num_workers == 0:
+            return None
+        return DataLoader(self.pipeline, batch_size=None, num_workers=self.cfg.num_workers,
+                          persistent_workers=True, pin_memory=torch.cuda.is_available())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position and counts, as plain data (safe for ``torch.load(weights_only=True)``)."""
+        cur = self._current
+        mine = {"rank": self.rank, "epoch": self.epoch, "readers": [], "next_worker": 0, "ended": []}
+        if cur is not None:
+            mine = {"rank": self.rank, "epoch": cur["epoch"], "next_worker": cur["next_worker"],
+                    "ended": sorted(cur["ended"]),
+                    "readers": [{"worker": w, "datasets": [list(p) for p in pos]}
+                                for w, pos in sorted(cur["readers"].items())]}
+        return {"version": STATE_VERSION, **self.layout, "stats": self.stats.as_dict(), "ranks": [mine]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from ``state_dict``, or ``merge_states`` of all ranks) at the next ``iter``."""
+        plan = plan_resume(state, self.layout, self.rank)
+        self.stats = DataStats()
+        self.stats.add(**state["stats"])
+        self.epoch, self._resume = plan["epoch"], plan
+        self.reader.resume = dict(plan["readers"])
+        self.dataloader = self._dataloader()  # fresh workers take the resume positions with them
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan, self._resume = self._resume or {"readers": {}, "next_worker": 0, "ended": []}, None
         self.shared_epoch.set(self.epoch)
+        cur = self._current = {"epoch": self.epoch, "readers": dict(plan["readers"]),
+                               "next_worker": plan["next_worker"], "ended": set(plan["ended"])}
         self.epoch += 1
-        for batch in self.dataloader if self.dataloader is not None else self.pipeline:
+        source = self.dataloader if self.dataloader is not None else self.pipeline
+        for batch in in_worker_order(source, self.num_readers, cur["next_worker"], cur["ended"]):
+            cur["next_worker"] = batch["next_worker"]
+            if batch.get("pos") is not None:
+                cur["readers"][batch["worker"]] = batch["pos"]
             bad = {k: int(v) for k, v in batch["bad_counts"].items()}
             self.stats.add(seen=int(batch["seen"]), ok=int(batch["seen"]) - sum(bad.values()), bad=bad)
             check_bad_fraction(self.stats, self.cfg.max_bad_fraction)
             if "video" in batch:
-                yield batch
+                yield {k: batch[k] for k in ("video", "caption", "key", "seen", "bad_counts")}
+        self._current = None
 
 
 def build_loader(cfg: DataConfig, batch_size: int, *, seed: int = 0, epoch_seed: bool = True, infinite: bool = True,
@@ -301,27 +392,26 @@ def build_loader(cfg: DataConfig, batch_size: int, *, seed: int = 0, epoch_seed:
     """Build the loader for ``cfg`` (a ``DataConfig``); missing shard paths fail here, before any work.
 
     ``seed`` must be the same on every rank: the ranks split one shard order between them (sample
-    shuffles and frame offsets differ by rank and worker anyway). ``infinite=True`` runs epoch after
+    shuffles differ by rank and worker; frame offsets by sample). ``infinite=True`` runs epoch after
     epoch in one iteration, so ranks never run dry at different times; ``infinite=False`` gives one
     epoch per ``iter(loader)`` (evaluation, tests). ``drop_last`` drops a short final batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    urls = expand_shards(cfg.shards)
+    sources = cfg.sources()
+    url_lists = [expand_shards(spec) for spec, _ in sources]
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed, or RANK / WORLD_SIZE
     readers = world_size * max(1, cfg.num_workers)
-    if not infinite and len(urls) < readers:
+    if not infinite and min(map(len, url_lists)) < readers:
         log.warning("%d shards for %d readers (ranks x workers): some readers get no data; use more shards "
-                    "or fewer data.num_workers", len(urls), readers)
+                    "or fewer data.num_workers", min(map(len, url_lists)), readers)
     epoch = SharedEpoch()
-    decoder = DecodeClips(cfg, seed=seed, rank=rank, epoch=epoch, epoch_seed=epoch_seed)
-    pipeline = wds.DataPipeline(
-        EpochShards(urls, seed=seed, epoch=epoch, infinite=infinite, epoch_seed=epoch_seed),
-        SplitByNode(rank, world_size),
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=decoder.skip_tar_error),
-        SeededShuffle(cfg.shuffle_buffer, seed=seed, rank=rank, epoch=epoch, epoch_seed=epoch_seed),
-        decoder,
-        Batch(batch_size, drop_last),
-    )
-    return Loader(pipeline, cfg=cfg, batch_size=batch_size, epoch=epoch)
+    decoder = DecodeClips(cfg, seed=seed)
+    reader = ReadSamples(url_lists, [w for _, w in sources], seed=seed, rank=rank, world_size=world_size,
+                         epoch=epoch, infinite=infinite, epoch_seed=epoch_seed, shuffle_buffer=cfg.shuffle_buffer,
+                         on_tar_error=decoder.skip_tar_error)
+    pipeline = wds.DataPipeline(reader, decoder, Batch(batch_size, drop_last))
+    layout = {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed, "batch_size": batch_size,
+              "shuffle_buffer": cfg.shuffle_buffer, "epoch_seed": epoch_seed,
+              "shards": fingerprint(url_lists + [[repr(w) for _, w in sources]])}
+    return Loader(pipeline, reader, cfg=cfg, batch_size=batch_size, epoch=epoch, layout=layout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 
 class TooShort(ValueError):
@@ -27,3 +28,39 @@ def frame_indices(num_frames: int, count: int, stride: int = 1, rng: random.Rand
         raise TooShort(f"clip has {num_frames} frames; {count} frames at stride {stride} need {span}")
     start = rng.randint(0, num_frames - span) if rng is not None else 0
     return [start + i * stride for i in range(count)]
+
+
+def fps_indices(num_frames: int, src_fps: float, count: int, fps: float, rng: random.Random | None = None) -> list[int]:
+    """``count`` frame indices that play at ``fps`` from a clip recorded at ``src_fps`` (nearest frames).
+
+    The step between picked frames is ``src_fps / fps`` source frames (fractional steps round to the
+    nearest frame; a step below 1 repeats frames). Raises ``TooShort`` when the clip lasts less than
+    ``(count - 1) / fps`` seconds, and ``ValueError`` when the container reports no frame rate.
+    """
+    if count < 1 or fps <= 0:
+        raise ValueError(f"count must be >= 1 and fps > 0, got count={count}, fps={fps}")
+    if not src_fps or src_fps <= 0:
+        raise ValueError("the video reports no frame rate; use data.frame_stride instead of data.fps")
+    step = src_fps / fps
+    last_start = num_frames - 1 - (count - 1) * step  # the latest start that keeps the last frame inside
+    if last_start < 0:
+        raise TooShort(f"clip has {num_frames} frames at {src_fps:g} fps ({num_frames / src_fps:.2f}s); {count} "
+                       f"frames at {fps:g} fps need {1 + (count - 1) * step:.1f} source frames")
+    start = rng.uniform(0, last_start) if rng is not None else 0.0
+    return [min(num_frames - 1, round(start + i * step)) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class FramePicker:
+    """The frames to decode from a clip, by count and either stride or target fps (``decode_video`` calls it
+    with the clip's frame count and real fps, read from the container)."""
+
+    count: int
+    stride: int = 1
+    fps: float | None = None
+    rng: random.Random | None = None
+
+    def __call__(self, num_frames: int, src_fps: float) -> list[int]:
+        if self.fps is not None:
+            return fps_indices(num_frames, src_fps, self.count, self.fps, self.rng)
+        return frame_indices(num_frames, self.count, self.stride, self.rng)

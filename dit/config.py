@@ -108,13 +108,17 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     shards: str = ""  # brace pattern, directory, or comma-separated list of .tar files
+    datasets: list[dict] = field(default_factory=list)  # several sources: [{shards: SPEC, weight: 2.0}, ...]
     frames: int = 17  # 4k + 1; 1 for images
     height: int = 64
     width: int = 64
     frame_stride: int = 1
+    fps: float | None = None  # sample frames at this rate (re-timed by each video's real fps) instead of a stride
+    caption_field: str | None = None  # take the caption from this KEY.json field (else KEY.txt)
     num_workers: int = 0
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.5  # stop when more than this fraction of samples fails to decode
+    bad_samples_log: str | None = None  # append "key<TAB>reason<TAB>shard<TAB>detail" lines for skipped samples
 
     def __post_init__(self) -> None:
         _check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "data.frames",
@@ -122,8 +126,26 @@ class DataConfig:
         _check(self.height > 0 and self.height % 8 == 0, "data.height", "must be a positive multiple of 8")
         _check(self.width > 0 and self.width % 8 == 0, "data.width", "must be a positive multiple of 8")
         _check(self.frame_stride >= 1, "data.frame_stride", "must be >= 1")
+        _check(self.fps is None or self.fps > 0, "data.fps", "must be > 0 (frames per second) or null")
+        _check(self.fps is None or self.frame_stride == 1, "data.fps",
+               "set either data.fps or data.frame_stride, not both")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(0.0 < self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in (0, 1]")
+        _check(not (self.shards and self.datasets), "data.datasets",
+               "set either data.shards (one source) or data.datasets (several, with weights), not both")
+        for i, d in enumerate(self.datasets):
+            key = f"data.datasets[{i}]"
+            _check(isinstance(d, dict) and set(d) <= {"shards", "weight"} and isinstance(d.get("shards"), str)
+                   and bool(d["shards"]), key, f"must be a mapping {{shards: SPEC, weight: 1.0}}, got {d!r}")
+            w = d.get("weight", 1.0)
+            _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0, f"{key}.weight",
+                   f"must be a number > 0, got {w!r}")
+
+    def sources(self) -> list[tuple[str, float]]:
+        """``[(shard spec, weight), ...]``: ``data.datasets``, or ``data.shards`` with weight 1."""
+        if self.datasets:
+            return [(d["shards"], float(d.get("weight", 1.0))) for d in self.datasets]
+        return [(self.shards, 1.0)]
 
 
 @dataclass
@@ -245,6 +267,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = list(value)
         _check(isinstance(value, list), key, f"expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        _check(isinstance(value, dict), key, f"expected a mapping, got {value!r}")
+        return dict(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
             try:
