@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
 
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
 from data_pipelines.sampling import FramePicker, TooShort
@@ -134,14 +135,30 @@ class ReadSamples(IterableDataset):
         self.resume: dict[int, list[list[int]]] = {}  # worker -> per-dataset [epoch, offset]; used once
         self.skipping = False
 
-    def tar_error(self, exn: Exception) -> bool:
-        return True if self.skipping else self.on_tar_error(exn)  # errors met while skipping were counted before
+    def shard_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        """Tar samples of each shard. A shard that cannot be opened or read to its end (truncated, a failed
+        ``pipe:``) ends there: its samples before the break are kept, the one being read is dropped, and the
+        shard counts once as ``tar_error`` (not again when a resumed loader skips over it)."""
+        for url in urls:
+            failed: list[Exception] = []
+            stop = failed.append  # returns None (falsy): stop reading this shard at its first error
+            members = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}], handler=stop),
+                                                     handler=stop, eof_value=None)
+            previous = None
+            for sample in tariterators.group_by_keys(members, handler=stop):
+                if previous is not None:
+                    yield previous
+                previous = sample
+            if not failed and previous is not None:
+                yield previous
+            elif failed and not self.skipping:
+                self.on_tar_error(url, failed[0])
 
     def dataset(self, d: int, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[tuple]:
         while True:
             e = epoch if self.epoch_seed else 0
             urls = epoch_shards(self.url_lists[d], self.seed, d, e)[self.rank::self.world_size][worker::num_workers]
-            samples = wds.tarfile_samples(({"url": u} for u in urls), handler=self.tar_error)
+            samples = self.shard_samples(urls)
             if self.bufsize > 1:
                 rng = _rng(self.seed, "samples", d, e, self.rank, worker)
                 samples = wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
@@ -198,12 +215,12 @@ class DecodeClips(wds.PipelineStage):
         self.cfg, self.seed = cfg, seed
         self.pending = DataStats()  # counts not yet attached to a yielded sample
 
-    def skip_tar_error(self, exn: Exception) -> bool:
-        """``tarfile_samples`` handler: warn, count, and go on with the next shard."""
-        log.warning("skipping unreadable tar data: %s", str(exn)[:300])
+    def skip_tar_error(self, url: str, exn: Exception) -> None:
+        """Count a shard that broke off (``ReadSamples.shard_samples``), warn and log it."""
+        detail = str(exn.args[0] if exn.args else exn)[:300]
+        log.warning("shard %s is unreadable from some point on (truncated?), going on with the next: %s", url, detail)
         self.pending.add(seen=1, bad={"tar_error": 1})
-        self.log_bad("?", "tar_error", " ".join(str(a) for a in exn.args[1:])[:200], str(exn.args[:1])[:200])
-        return True
+        self.log_bad("-", "tar_error", url, detail)
 
     def log_bad(self, key: str, reason: str, url: str, detail: str) -> None:
         if self.cfg.bad_samples_log:

@@ -218,3 +218,38 @@ def test_real_videos_and_photos_together(real_media_shards, height, width):
                 assert moved == 0  # a still clip
             elif "rabbit" not in caption:  # (the bunny's first frames are a near-static title)
                 assert moved > 0.005
+
+
+def _truncated_shard(path: Path) -> str:
+    """Four good clips t0..t3 with the tar cut in the middle of t2's video."""
+    samples = [_clip_sample(f"t{i}") for i in range(4)]
+    shard = write_shards(samples, str(path / "%05d.tar"), maxcount=100)[0]
+    with tarfile.open(shard) as tf:
+        cut = next(m for m in tf.getmembers() if m.name == "t2.mp4")
+        cut_at = cut.offset_data + cut.size // 2
+    Path(shard).write_bytes(Path(shard).read_bytes()[:cut_at])
+    return shard
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_bad_kind_and_a_truncated_shard(corrupt_shard, tmp_path, workers):
+    """Good samples, every bad kind and a truncated shard: the epoch runs to its end; counts and log are right."""
+    truncated = _truncated_shard(tmp_path / "cut")
+    bad_log = tmp_path / "bad.tsv"
+    cfg = DataConfig(shards=f"{corrupt_shard},{truncated}", frames=9, height=32, width=32, num_workers=workers,
+                     bad_samples_log=str(bad_log))
+    logging.getLogger("data_pipelines.loader").disabled = True
+    try:
+        loader = build_loader(cfg, 2, infinite=False, drop_last=False)
+        keys = sorted(keys_of(loader))
+    finally:
+        logging.getLogger("data_pipelines.loader").disabled = False
+    assert keys == ["good0", "good1", "good2", "good3", "t0", "t1"]  # t2 was cut; t3 lies past the cut
+    expected = {"decode_error": 1, "no_media": 1, "too_short": 1, "bad_caption": 1, "no_caption": 1, "tar_error": 1}
+    assert loader.stats.as_dict() == {"seen": 12, "ok": 6, "bad": expected}
+    rows = [line.split("\t") for line in bad_log.read_text().splitlines()]
+    assert sorted((r[0], r[1]) for r in rows) == sorted([
+        ("garbage", "decode_error"), ("nomedia", "no_media"), ("short", "too_short"), ("badcaption", "bad_caption"),
+        ("nocaption", "no_caption"), ("-", "tar_error")])
+    assert all(r[2] in (corrupt_shard, truncated) and r[3] for r in rows)  # the shard, and why
+    assert next(r for r in rows if r[1] == "tar_error")[2] == truncated

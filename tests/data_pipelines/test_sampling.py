@@ -27,3 +27,21 @@ def test_exact_fit_and_too_short():
         frame_indices(16, 9, 2)
     with pytest.raises(ValueError):
         frame_indices(10, 0, 1)
+
+
+def test_fps_indices_retime_by_the_source_rate():
+    from data_pipelines.sampling import FramePicker, fps_indices
+
+    assert fps_indices(17, 25.0, 5, 12.5) == [0, 2, 4, 6, 8]  # half the rate: every other frame
+    assert fps_indices(30, 29.97, 5, 12.5) == [0, 2, 5, 7, 10]  # 2.3976 frames per step, nearest frames
+    assert fps_indices(9, 8.0, 5, 16.0) == [0, 0, 1, 2, 2]  # a higher target rate repeats frames
+    rng = random.Random(0)
+    for _ in range(50):  # a random start keeps every index inside the clip and the spacing at the rate
+        idx = fps_indices(40, 25.0, 9, 10.0, rng)
+        assert 0 <= idx[0] and idx[-1] <= 39 and all(2 <= b - a <= 3 for a, b in zip(idx, idx[1:]))
+    with pytest.raises(TooShort, match=r"9 frames at 29.97 fps .* need 10.6 source frames"):
+        fps_indices(9, 29.97, 5, 12.5)
+    with pytest.raises(ValueError, match="no frame rate"):
+        fps_indices(9, 0.0, 5, 12.5)
+    assert FramePicker(5, fps=12.5)(17, 25.0) == [0, 2, 4, 6, 8]
+    assert FramePicker(3, stride=4)(17, 25.0) == [0, 4, 8]

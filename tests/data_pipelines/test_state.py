@@ -111,3 +111,15 @@ def test_state_of_another_rank_is_refused_and_merge_joins_ranks(synthetic_shards
         assert_same_batches(take(resumed, 2), list(itertools.islice(streams[rank], 2)))
     with pytest.raises(ValueError, match="not a loader state"):
         resumed.load_state_dict({"step": 3})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_with_two_weighted_datasets(synthetic_shards, workers):
+    datasets = [{"shards": ",".join(synthetic_shards[:2]), "weight": 2.0}, {"shards": ",".join(synthetic_shards[2:])}]
+    cfg = DataConfig(datasets=datasets, frames=1, height=16, width=16, num_workers=workers, shuffle_buffer=4)
+    full = take(build_loader(cfg, 3, seed=4), 25)  # past the end of the smaller dataset's first epoch
+    first = build_loader(cfg, 3, seed=4)
+    take(first, 9)
+    resumed = build_loader(cfg, 3, seed=4)
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    assert_same_batches(take(resumed, 16), full[9:])
