@@ -96,6 +96,18 @@ def cmd_make_synthetic(args: argparse.Namespace) -> None:
     print(f"wrote {len(shards)} shards to {args.out}")
 
 
+def cmd_slurm(args: argparse.Namespace) -> None:
+    from dit import slurm
+
+    if args.action == "launch":
+        raise SystemExit(slurm.launch(args.accelerate_args))
+    job = slurm.TrainJob(config=args.config, overrides=args.overrides, nodes=args.nodes,
+                         gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+                         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+                         job_name=args.job_name, signal_seconds=args.signal_seconds, sbatch_args=args.sbatch or [])
+    slurm.submit(job, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit", description="Train and sample latent video diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips-per-shard", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_synthetic)
+
+    p = sub.add_parser("slurm", help="SLURM jobs: submit training (slurm/train.sbatch); the per-node launcher")
+    slurm_sub = p.add_subparsers(dest="action", required=True)
+    q = slurm_sub.add_parser("submit", help="fill slurm/train.sbatch for this experiment and sbatch it")
+    q.add_argument("--config", required=True, help="YAML experiment config")
+    q.add_argument("overrides", nargs="*", help="dotted overrides for dit train, e.g. train.steps=100000")
+    q.add_argument("--nodes", type=int, default=1)
+    q.add_argument("--gpus-per-node", type=int, default=8, help="0: a CPU partition (gloo)")
+    q.add_argument("--procs-per-node", type=int, default=None, help="default: --gpus-per-node (1 without GPUs)")
+    q.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node for its processes "
+                   "(default: whole nodes, --exclusive)")
+    q.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    q.add_argument("--partition", default=None)
+    q.add_argument("--job-name", default=None)
+    q.add_argument("--signal-seconds", type=int, default=300,
+                   help="SIGUSR1 this many seconds before the time limit: checkpoint and requeue")
+    q.add_argument("--sbatch", action="append", metavar="OPTION",
+                   help="another sbatch option, e.g. --sbatch=--account=abc (repeatable)")
+    q.add_argument("--dry-run", action="store_true", help="print the sbatch command and script, submit nothing")
+    q = slurm_sub.add_parser("launch", help="(run by slurm/train.sbatch on each node) accelerate launch -- ARGS that "
+                             "passes SIGUSR1 to the training and exits with its exit code")
+    q.add_argument("accelerate_args", nargs="*", help="-- then the arguments of accelerate launch")
+    p.set_defaults(fn=cmd_slurm)
     return parser
 
 
