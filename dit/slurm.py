@@ -72,9 +72,9 @@ def launch(argv: list[str]) -> int:
     try:
         launch_command(args)
     except ChildFailedError as e:  # torchrun: one or more training processes exited non-zero
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        log.warning("training processes exited with %s", codes)
-        return REQUEUE_EXIT_CODE if codes == [REQUEUE_EXIT_CODE] else next(c for c in codes if c != 0)
+        codes = sorted({f.exitcode if f.exitcode >= 0 else 128 - f.exitcode for f in e.failures.values()})
+        log.warning("training processes exited with %s", codes)  # (a process killed by signal N: 128 + N)
+        return REQUEUE_EXIT_CODE if codes == [REQUEUE_EXIT_CODE] else max(codes)
     except subprocess.CalledProcessError as e:  # accelerate's single-process launcher
         return e.returncode
     except SignalException as e:  # SIGTERM/SIGINT/...: torchrun passed it on and stopped the processes
