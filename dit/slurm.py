@@ -6,7 +6,7 @@
 ``submit`` checks the experiment config, writes the filled script to TRAIN.OUTPUT_DIR/slurm/train.sbatch (its
 ``#SBATCH`` lines set from the arguments) and runs ``sbatch SCRIPT --config X OVERRIDES...``.
 
-``launch`` (``dit slurm launch ACCELERATE-LAUNCH-ARGS``) is what train.sbatch runs once per node: Accelerate's
+``launch`` (``dit slurm launch -- ACCELERATE-LAUNCH-ARGS``) is what train.sbatch runs once per node: Accelerate's
 launcher (torchrun inside) run in this process, which (1) survives SIGUSR1 and passes it on to the training
 processes, where plain ``accelerate launch`` would die of it and leave them to be killed mid-checkpoint, and
 (2) exits with the training's own exit code (REQUEUE_EXIT_CODE after a preemption checkpoint), which
@@ -117,16 +117,15 @@ def set_directives(script: str, options: dict[str, str | None]) -> str:
         merged[key] = value
     merged.update(options)
     directives = [f"#SBATCH {k}={v}" if v else f"#SBATCH {k}" for k, v in merged.items() if v is not None]
-    rest = [line for i, line in enumerate(lines) if i not in set(idx)]
+    rest = [line for line in lines if not line.startswith("#SBATCH ")]
     return "\n".join(rest[: idx[0]] + directives + rest[idx[0]:]) + "\n"
 
 
 def train_directives(job: TrainJob, log_dir: Path) -> dict[str, str | None]:
     procs = job.procs_per_node or max(job.gpus_per_node, 1)
     env = {"DIT_PYTHON": job.python, "DIT_PROCS_PER_NODE": str(procs), "DIT_LOG_DIR": str(log_dir)}
-    options: dict[str, str | None] = {
-        "--nodes": str(job.nodes), "--ntasks-per-node": "1", "--signal": f"B:USR1@{job.signal_seconds}",
-        "--requeue": "", "--open-mode": "append", "--output": f"{log_dir}/%x-%j.out",
+    options: dict[str, str | None] = {  # (--ntasks-per-node=1, --requeue, --open-mode=append: as in the template)
+        "--nodes": str(job.nodes), "--signal": f"B:USR1@{job.signal_seconds}", "--output": f"{log_dir}/%x-%j.out",
         "--export": "ALL," + ",".join(f"{k}={v}" for k, v in env.items()),
         "--gpus-per-node": str(job.gpus_per_node) if job.gpus_per_node else None,  # none on a CPU partition
     }

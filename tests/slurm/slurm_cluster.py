@@ -2,7 +2,7 @@
 
 Everything the daemons write (key, sockets, pid files, logs, state, spool) lives in one temporary directory that
 `stop()` removes; the daemons are stopped by the pids this process started. Clients find the cluster through
-``SLURM_CONF`` (see `env`).
+``SLURM_CONF`` (``LocalSlurm.env``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
-DAEMONS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun"]
+COMMANDS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun"]
 
 
 def missing_commands() -> list[str]:
-    return [c for c in DAEMONS if shutil.which(c) is None and not Path("/usr/sbin", c).exists()]
+    return [c for c in COMMANDS if shutil.which(c) is None and not Path("/usr/sbin", c).exists()]
 
 
 def install_packages() -> str | None:
@@ -34,7 +34,7 @@ def install_packages() -> str | None:
     if shutil.which("apt-get") is None:
         return f"no apt-get to install {' '.join(PACKAGES)}"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:  # stale lists: update once, retry
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
         subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -102,9 +102,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        log = open(self.root / f"{name}.out", "w")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._procs[name] = proc
+        with open(self.root / f"{name}.out", "w") as log:  # the daemon keeps its own copy of the descriptor
+            self._procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
 
     def start(self, timeout: float = 60.0) -> None:
         self._write_conf()
