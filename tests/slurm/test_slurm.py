@@ -158,8 +158,9 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: LocalSlurm, data: dict[s
     out = tmp_path / "run"
     steps = 100
     submit = run([*DIT, "slurm", "submit", "--nodes", "1", "--gpus-per-node", "0", "--procs-per-node", "2",
-                  "--job-name", "preempt", *train_args(data["shards"], data["vae"], out,
-                                                       **{"train.steps": steps, "train.checkpoint_every": 1000})],
+                  "--job-name", "preempt", *train_args(data["shards"], data["vae"], out, **{
+                      "train.steps": steps, "train.checkpoint_every": 1000,
+                      "train.resume": "never"})],  # the requeued run must resume all the same
                  env=job_env(cluster))
     job = re.search(r"submitted job (\d+)", submit.stdout).group(1)
     logs = out / "slurm"
