@@ -27,6 +27,8 @@ def _config(args: argparse.Namespace):  # -> Config, imported lazily so `dit --h
 def cmd_train(args: argparse.Namespace) -> None:
     from dit.training.train import main
 
+    if args.resume is not None:  # --resume X is train.resume=X
+        args.overrides = [*args.overrides, f"train.resume={args.resume}"]
     print(f"checkpoint: {main(_config(args))}")
 
 
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML experiment config (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 data.frames=17")
         p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--resume", default=None, metavar="auto|never|CKPT",
+                           help="auto (default): the newest complete checkpoint in train.output_dir, if any; "
+                                "never: start fresh; or a checkpoint directory (= train.resume)")
 
     p = sub.add_parser("sample", help="generate clips from prompts")
     p.add_argument("--checkpoint", required=True, help="training output dir (newest checkpoint) or a checkpoint dir")

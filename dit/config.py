@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key and the fix."""
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -106,6 +112,36 @@ class DiffusionConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Frames x resolution buckets (data_pipelines/buckets.py); off by default (fixed frames/height/width)."""
+
+    enabled: bool = False
+    frames: list[int] = field(default_factory=lambda: [1, 17, 33])  # 4k+1 each; 1 = image (still) buckets
+    resolution: int = 256  # each bucket has about resolution^2 pixels
+    aspect_ratios: list[str] = field(default_factory=lambda: ["1:1", "4:3", "3:4", "16:9", "9:16", "2.39:1",
+                                                              "1:2.39"])  # width:height
+    multiple: int = 16  # bucket sides are multiples of this (8 x the DiT's spatial patch)
+    tokens_per_batch: int = 0  # latent positions (t*h/8*w/8 / patch volume) per batch; 0: train.batch_size
+    patch: list[int] = field(default_factory=lambda: [1, 2, 2])  # the DiT patch [pt, ph, pw], for token counts
+    max_aspect_error: float = 0.25  # a sample whose aspect is further than this (relative) from every bucket
+    #                                 is counted as bucket_aspect and skipped
+
+    def __post_init__(self) -> None:
+        _check(bool(self.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in self.frames), "data.buckets.frames",
+               f"every entry must be 4k+1; nearest valid: {[nearest_frames(f) for f in self.frames]}")
+        _check(self.multiple > 0 and self.multiple % 8 == 0, "data.buckets.multiple", "must be a multiple of 8")
+        _check(self.resolution >= self.multiple, "data.buckets.resolution", f"must be >= {self.multiple}")
+        for r in self.aspect_ratios:
+            parts = r.split(":")
+            ok = len(parts) == 2 and all(p.replace(".", "", 1).isdigit() and float(p) > 0 for p in parts)
+            _check(ok, "data.buckets.aspect_ratios", f"{r!r} must look like WIDTH:HEIGHT, e.g. 16:9 or 1:2.39")
+        _check(self.tokens_per_batch >= 0, "data.buckets.tokens_per_batch", "must be >= 0")
+        _check(len(self.patch) == 3 and all(p >= 1 for p in self.patch), "data.buckets.patch",
+               "must be three positive integers [pt, ph, pw]")
+        _check(self.max_aspect_error > 0, "data.buckets.max_aspect_error", "must be > 0")
+
+
+@dataclass
 class DataConfig:
     shards: str = ""  # brace pattern, directory, or comma-separated list of .tar files
     datasets: list[dict] = field(default_factory=list)  # several sources: [{shards: SPEC, weight: 2.0}, ...]
@@ -119,6 +155,7 @@ class DataConfig:
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.5  # stop when more than this fraction of samples fails to decode
     bad_samples_log: str | None = None  # append "key<TAB>reason<TAB>shard<TAB>detail" lines for skipped samples
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # frames x size buckets (off: fixed size above)
 
     def __post_init__(self) -> None:
         _check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "data.frames",
@@ -166,9 +203,35 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 0  # steps between sample clips in TensorBoard (0: only at the end)
     sample_prompts: list[str] = field(default_factory=list)
+    # Distributed strategy (dit/distributed/strategies.py); the launcher (torchrun / accelerate launch) sets N.
+    strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
+    offload_optimizer: bool = False  # zero1/2/3: optimizer states (and their update) on the CPU
+    offload_params: bool = False  # zero3 / fsdp: parameters on the CPU between uses
+    fsdp_shard: str = "full"  # fsdp: full (shard over all ranks) | hybrid (shard within a node, replicate across)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON instead of configs/deepspeed/zero{N}.json
+    resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | never | a checkpoint dir
+    max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
+    debug_nan_steps: list[int] = field(default_factory=list)  # test hook: make the loss NaN at these steps
+    parity_batch: bool = False  # tests: every rank draws the whole global batch like 1 process and keeps its slice
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp"), "train.strategy",
+               f"unknown strategy {self.strategy!r}; choose ddp, zero1, zero2, zero3 or fsdp")
+        _check(not self.strategy.startswith("zero") or _installed("deepspeed"), "train.strategy",
+               f"{self.strategy} needs DeepSpeed: pip install deepspeed (or pip install '.[deepspeed]')")
+        _check(not self.offload_optimizer or self.strategy.startswith("zero"), "train.offload_optimizer",
+               "needs train.strategy=zero1, zero2 or zero3")
+        _check(not self.offload_params or self.strategy in ("zero3", "fsdp"), "train.offload_params",
+               "needs train.strategy=zero3 or fsdp (the strategies that shard parameters)")
+        _check(self.fsdp_shard in ("full", "hybrid"), "train.fsdp_shard", "must be full or hybrid")
+        _check(self.deepspeed_config is None or Path(self.deepspeed_config).is_file(), "train.deepspeed_config",
+               f"file {self.deepspeed_config!r} does not exist (see configs/deepspeed/)")
+        _check(self.deepspeed_config is None or self.strategy.startswith("zero"), "train.deepspeed_config",
+               "only used with train.strategy=zero1, zero2 or zero3")
+        _check(self.resume in ("auto", "never") or Path(self.resume).is_dir(), "train.resume",
+               f"must be auto, never or an existing checkpoint directory; {self.resume!r} is none of these")
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

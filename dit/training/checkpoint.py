@@ -6,6 +6,11 @@
         vae/                   the frozen VAE (vae.safetensors + vae.json), so a checkpoint is self-contained
         training_state.pt      raw weights, optimizer, LR scheduler, EMA, RNG, step (tensors and plain data only,
                                loaded with weights_only=True)
+        rank-00000.pt ...      each rank's RNG states and data-loader position
+        deepspeed/ | fsdp/     the sharded model + optimizer state of those strategies (one file per rank)
+
+With several processes every rank writes its own files into the same temporary directory; rank 0 renames
+it after a barrier, so a checkpoint directory exists only once all ranks' files are in it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import json
 import os
 import random
 import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,34 +61,89 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _noop() -> None:
+    pass
+
+
+@contextmanager
+def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_main: bool = True,
+                      barrier: Callable[[], None] = _noop) -> Iterator[Path]:
+    """Yield a temporary directory for checkpoint ``step`` that every rank writes into; on a clean exit rank 0
+    flushes it and renames it to RUN_DIR/checkpoints/step-NNNNNNNN, then keeps only the newest ``keep_last``.
+
+    An exception (or a crash) inside the block leaves only the ``.tmp-`` directory, which is never loaded and
+    is removed by the next save of that step. Every rank must enter and leave the block (it has barriers).
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    yield tmp
+    barrier()  # every rank's files are in tmp
+    if is_main:
+        pause = float(os.environ.get("DIT_TEST_CHECKPOINT_PAUSE_S", "0"))  # fault injection for the kill tests
+        if pause:
+            (root / ".writing").write_text(str(step))
+            time.sleep(pause)
+            (root / ".writing").unlink(missing_ok=True)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, weights: dict[str, torch.Tensor], config: dict[str, Any],
                     vae_dir: str | Path | None = None, training_state: dict[str, Any] | None = None,
                     keep_last: int = 3) -> Path:
     """Write checkpoint ``step`` atomically under RUN_DIR/checkpoints and keep only the newest ``keep_last``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CKPT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    with atomic_checkpoint(run_dir, step, keep_last=keep_last) as tmp:
+        write_export(tmp, weights=weights, config=config, vae_dir=vae_dir)
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+    return Path(run_dir) / "checkpoints" / f"{CKPT_PREFIX}{step:08d}"
+
+
+def write_export(ckpt: Path, *, weights: dict[str, torch.Tensor], config: dict[str, Any],
+                 vae_dir: str | Path | None = None) -> None:
+    """The inference export: model.safetensors + config.json (+ the VAE), what `dit sample` loads."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"refusing to write a checkpoint with non-finite weights in {bad[:5]}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
     if vae_dir is not None:
-        shutil.copytree(vae_dir, tmp / "vae")
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        shutil.copytree(vae_dir, ckpt / "vae")
+
+
+def rank_state_path(ckpt: str | Path, rank: int) -> Path:
+    return Path(ckpt) / f"rank-{rank:05d}.pt"
+
+
+def resume_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: ``auto`` the newest complete one in RUN_DIR (None if there is none),
+    ``never`` None, anything else a checkpoint directory (or run directory) that must hold a training state."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        done = [p for p in list_checkpoints(run_dir) if (p / "training_state.pt").is_file()]
+        return done[-1] if done else None
+    ckpt = resolve_checkpoint(resume)
+    if not (ckpt / "training_state.pt").is_file():
+        raise FileNotFoundError(f"train.resume={resume!r}: {ckpt} holds weights only (no training_state.pt); "
+                                "use it as a starting point for sampling, not for resuming")
+    return ckpt
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -89,6 +152,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+            and p.name[len(CKPT_PREFIX):].isdigit()
             and (p / "model.safetensors").is_file() and (p / "config.json").is_file()]
     return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 

@@ -2,6 +2,12 @@
 
 shards -> pixel clips -> frozen VAE -> latents; captions -> frozen text encoder (prompt dropout for CFG);
 training_loss(model, latents, ...) -> AdamW with warmup and clipping -> EMA -> logs, checkpoints, samples.
+
+The same loop runs on 1 process or N (train.strategy: ddp | zero1 | zero2 | zero3 | fsdp, wired in
+dit/distributed/strategies.py). It never loses work: checkpoints are atomic and hold the full state (model,
+optimizer, LR schedule, EMA, every rank's RNG and data position, step), so ``train.resume=auto`` continues
+bit for bit; SIGUSR1 / SIGTERM checkpoint and exit with REQUEUE_EXIT_CODE; a step with a non-finite loss or
+gradient is skipped and counted, and train.max_nonfinite of them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -9,34 +15,39 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+import torch.distributed as dist
 from accelerate.utils import set_seed
-from timm.utils import ModelEmaV3
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_loader
 from dit.config import Config, save_config
 from dit.diffusion.objectives import training_loss
-from dit.distributed.parallelize import parallelize, unwrap_state_dict
+from dit.distributed.parallelize import parallelize
 from dit.distributed.preemption import Preempted, PreemptionHandler
+from dit.distributed.strategies import build_strategy, make_accelerator, world_size_from_env
 from dit.models.dit import build_dit, flops_per_token
 from dit.models.text import build_text_encoder
 from dit.models.vae import load_vae
 from dit.sample import Pipeline, generate, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
+    atomic_checkpoint,
     list_checkpoints,
     load_training_state,
+    rank_state_path,
+    resume_checkpoint,
     rng_state,
-    save_checkpoint,
     set_rng_state,
+    write_export,
 )
+from dit.training.metrics import Throughput
 
 log = logging.getLogger("dit.train")
 
@@ -79,17 +90,90 @@ def checkpoint_config(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
     return {"dit": model.config, "experiment": cfg.to_dict()}
 
 
-def log_samples(writer: SummaryWriter, pipe: Pipeline, cfg: Config, step: int) -> None:
-    """Sample the configured prompts with the EMA model and log each clip as a strip of frames."""
+def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step: int, rank: int = 0,
+                world: int = 1) -> None:
+    """Sample the configured prompts with the EMA model, each rank its share, and log each clip (on rank 0) as a
+    strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather."""
     prompts = cfg.train.sample_prompts[:4]
     if not prompts:
         return
-    video = generate(pipe, prompts, frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width,
-                     steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler, cfg=cfg.sample.cfg, seed=0)
-    for i, clip in enumerate(to_uint8(video)):  # clip: [T, H, W, 3]
-        strip = torch.from_numpy(clip).permute(3, 1, 0, 2).reshape(3, clip.shape[1], -1)  # [3, H, T*W]
+    share = math.ceil(len(prompts) / world)
+    mine = list(range(rank * share, min(len(prompts), (rank + 1) * share)))
+    video = generate(pipe, [prompts[i] for i in mine or [0]], frames=cfg.data.frames, height=cfg.data.height,
+                     width=cfg.data.width, steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler,
+                     cfg=cfg.sample.cfg, seed=0)
+    clips = list(zip(mine, to_uint8(video)[:len(mine)]))
+    if world > 1:
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, clips)
+        clips = [c for part in everyone for c in part]
+    if writer is None:
+        return
+    for i, clip in clips:  # clip: [T, H, W, 3]
+        clip = torch.as_tensor(clip)
+        strip = clip.permute(3, 1, 0, 2).reshape(3, clip.shape[1], -1)  # [3, H, T*W]
         writer.add_image(f"samples/{i}", strip, step)
         writer.add_text(f"samples/{i}/prompt", prompts[i], step)
+
+
+def build_train_loader(cfg: Config) -> Any:
+    """The data loader; with train.parity_batch every rank reads the whole global batch as one process would."""
+    world = world_size_from_env()
+    if not cfg.train.parity_batch or world == 1:
+        return build_loader(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1")  # the loader reads its rank from the environment
+    try:
+        return build_loader(cfg.data, cfg.train.batch_size * world, seed=cfg.train.seed)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, num_timesteps: int,
+               gen: torch.Generator, py_rng: random.Random, prompt_dropout: float, device: torch.device,
+               keep: slice | None) -> tuple[torch.Tensor, ...]:
+    """Latents, text states + mask, timesteps and noise for a batch; ``keep`` slices a global batch to this rank."""
+    latents = encode_latents(vae, batch["video"].to(device), gen)  # [B, C, t, h, w]
+    states, mask = text.encode(drop_prompts(batch["caption"], prompt_dropout, py_rng))  # [B, L, D], [B, L]
+    t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)  # [B]
+    noise = torch.randn(latents.shape, generator=gen).to(device)  # [B, C, t, h, w]
+    drawn = (latents, states, mask, t, noise)
+    return drawn if keep is None else tuple(x[keep] for x in drawn)
+
+
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def gather_over_ranks(value: float, device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
+    return [float(x.item()) for x in out]
+
+
+def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (written after the checkpoint we resume from, or cut off by a crash)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            pass  # a line cut off by a kill
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def main(cfg: Config) -> Path:
@@ -98,58 +182,83 @@ def main(cfg: Config) -> Path:
     if not cfg.vae.checkpoint:
         raise ValueError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
                          "vae.checkpoint=RUN_DIR/vae")
-    if not cfg.data.shards:
+    if not cfg.data.shards and not getattr(cfg.data, "datasets", None):
         raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
-    loader = build_loader(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)  # fails now on a missing shard
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision))
+    resume_from = resume_checkpoint(out, cfg.train.resume)  # fails now on a bad train.resume path
+    loader = build_train_loader(cfg)  # fails now on a missing shard
+    accelerator = make_accelerator(cfg.train, mixed_precision(cfg.train.mixed_precision))
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     set_seed(cfg.train.seed)
     device = accelerator.device
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if is_main:
+        save_config(cfg, out / "config.yaml")
 
     vae = load_vae(cfg.vae.checkpoint).to(device).eval().requires_grad_(False)
     text = build_text_encoder(cfg.text).to(device)
     model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim)
-    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True)
     model = parallelize(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
-                                                               cfg.train.lr_schedule))
-    model, opt = accelerator.prepare(model, opt)
+    strategy = build_strategy(accelerator, model, cfg.train)  # DDP / ZeRO / FSDP; EMA copy made before sharding
+    sched = torch.optim.lr_scheduler.LambdaLR(strategy.base_opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
+                                                                           cfg.train.lr_schedule))
     schedule = schedule_from_config(cfg.diffusion)
     schedule_dev = schedule.to(device) if hasattr(schedule, "to") else schedule
 
-    step, py_rng = 0, random.Random(cfg.train.seed)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
-    done = list_checkpoints(out)
-    if done and (done[-1] / "training_state.pt").is_file():  # resume from the newest complete checkpoint
-        state = load_training_state(done[-1])
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    # Randomness: each rank its own stream; with parity_batch all ranks draw the global batch and keep a slice.
+    parity = cfg.train.parity_batch and world > 1
+    keep = slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size) if parity else None
+    stream_seed = cfg.train.seed + (0 if parity else rank)
+    step, py_rng = 0, random.Random(stream_seed)
+    gen = torch.Generator(device="cpu").manual_seed(stream_seed)
+    replay = 0  # batches to skip when the loader cannot restore its position itself
+    if resume_from is not None:  # the full state: model, optimizer, schedule, EMA, RNG, data position, step
+        state = load_training_state(resume_from)
+        strategy.load(resume_from, state)
+        strategy.load_ema(state["ema"])
         sched.load_state_dict(state["scheduler"])
-        ema.module.load_state_dict(state["ema"])
-        step, gen_state = state["step"], state["generator"]
-        gen.set_state(gen_state)
-        py_rng.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
-        set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", done[-1], step)
+        step = state["step"]
+        mine = rank_state_path(resume_from, rank)
+        rs = torch.load(mine, map_location="cpu", weights_only=True) if mine.is_file() else state
+        gen.set_state(rs["generator"])
+        py_rng.setstate((rs["py_rng"][0], tuple(rs["py_rng"][1]), rs["py_rng"][2]))
+        set_rng_state(rs["rng"])
+        if rs.get("loader") is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(rs["loader"])
+        else:
+            replay = step
+        if is_main:
+            trim_metrics(out / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d", resume_from, step)
 
     def save(at: int) -> Path:
-        unwrapped = accelerator.unwrap_model(model)
-        training_state = {"model": unwrap_state_dict(unwrapped), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "ema": ema.module.state_dict(), "step": at,
-                          "generator": gen.get_state(), "py_rng": py_rng.getstate(), "rng": rng_state()}
-        return save_checkpoint(out, at, weights=ema.module.state_dict(), config=checkpoint_config(cfg, ema.module),
-                               vae_dir=cfg.vae.checkpoint, training_state=training_state, keep_last=cfg.train.keep_last)
+        ema_weights = strategy.ema_state_dict()  # gathered (a collective under sharding)
+        if strategy.any_rank(is_main and not all_finite(ema_weights)):
+            raise RuntimeError(f"step {at}: the EMA weights are not finite; not writing a checkpoint")
+        with atomic_checkpoint(out, at, keep_last=cfg.train.keep_last, is_main=is_main,
+                               barrier=accelerator.wait_for_everyone) as tmp:
+            training_state = strategy.save(tmp)  # every rank: sharded model + optimizer where there are shards
+            if is_main:
+                write_export(tmp, weights=ema_weights, config=checkpoint_config(cfg, strategy.ema.module),
+                             vae_dir=cfg.vae.checkpoint)
+                training_state.update(scheduler=sched.state_dict(), ema=ema_weights, step=at,
+                                      strategy=cfg.train.strategy, world_size=world)
+                torch.save(training_state, tmp / "training_state.pt")
+            torch.save({"rng": rng_state(), "generator": gen.get_state(), "py_rng": py_rng.getstate(),
+                        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
+                       rank_state_path(tmp, rank))
+        return out / "checkpoints" / f"step-{at:08d}"
 
-    writer = SummaryWriter(str(out / "tensorboard")) if accelerator.is_main_process else None
-    pipe = Pipeline(ema.module, vae, text, schedule, cfg.diffusion.prediction, {})
-    tokens_per_sample = None
+    writer = SummaryWriter(str(out / "tensorboard")) if is_main else None
+    pipe = Pipeline(strategy.ema.module, vae, text, schedule, cfg.diffusion.prediction, {})
+    tokens_per_sample, flops_per_sample_token = None, 0.0
     bad_total: dict[str, int] = {}
+    nonfinite_total, nonfinite_run = 0, 0
     data_iter = iter(loader)
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    t_last, samples_since = time.perf_counter(), 0
-    model.train()
+    for _ in range(replay):  # the loader's position, by reading (deterministically) what was already trained on
+        next(data_iter)
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not is_main)
+    meter = Throughput(device, world)
+    strategy.model.train()
     with PreemptionHandler() as preempt:  # SIGUSR1 / SIGTERM: finish the step, checkpoint, exit REQUEUE_EXIT_CODE
         while step < cfg.train.steps:
             t_data = time.perf_counter()
@@ -157,61 +266,87 @@ def main(cfg: Config) -> Path:
             data_time = time.perf_counter() - t_data
             for reason, n in batch.get("bad_counts", {}).items():
                 bad_total[reason] = bad_total.get(reason, 0) + n
-            latents = encode_latents(vae, batch["video"].to(device), gen)  # [B, C, t, h, w]
-            states, mask = text.encode(drop_prompts(batch["caption"], cfg.diffusion.prompt_dropout, py_rng))
-            t = torch.randint(0, schedule.num_timesteps, (latents.shape[0],), generator=gen).to(device)
-            noise = torch.randn(latents.shape, generator=gen).to(device)
+            latents, states, mask, t, noise = draw_batch(batch, vae, text, schedule.num_timesteps, gen, py_rng,
+                                                         cfg.diffusion.prompt_dropout, device, keep)
             with accelerator.autocast():
-                loss = training_loss(model, latents, schedule_dev, model_kwargs=dict(text=states, text_mask=mask),
+                loss = training_loss(strategy.model, latents, schedule_dev,
+                                     model_kwargs=dict(text=states, text_mask=mask),
                                      prediction=cfg.diffusion.prediction, t=t, noise=noise,
                                      min_snr_gamma=cfg.diffusion.min_snr_gamma)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
+            if step + 1 in cfg.train.debug_nan_steps and rank == 0:  # test hook: one rank's loss goes bad
+                loss = loss * float("nan")
+            # A non-finite loss or gradient norm on any rank: every rank skips the update (weights, optimizer
+            # state and EMA stay as they were); the data and the LR schedule move on.
+            nonfinite = strategy.any_rank(not bool(torch.isfinite(loss.detach())))
+            grad_norm = None
+            if not nonfinite:
+                strategy.backward(loss)
+                grad_norm = strategy.clip_and_norm()
+                nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
+            if nonfinite:
+                strategy.skip()
+                nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+                log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)",
+                            step + 1, nonfinite_run, nonfinite_total)
+                if nonfinite_run >= cfg.train.max_nonfinite:
+                    raise RuntimeError(
+                        f"stopping at step {step + 1}: {nonfinite_run} steps in a row had a non-finite loss or "
+                        f"gradient norm (train.max_nonfinite={cfg.train.max_nonfinite}). The last checkpoint holds "
+                        "finite weights; lower train.lr, raise train.warmup_steps, or check the data, then resume.")
+            else:
+                strategy.step()
+                nonfinite_run = 0
             sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
-            ema.update(accelerator.unwrap_model(model), step=step)
-            samples_since += latents.shape[0]
+            if not nonfinite:
+                strategy.update_ema(step)
             if tokens_per_sample is None:
-                pt, ph, pw = accelerator.unwrap_model(model).patch
+                pt, ph, pw = strategy.raw.patch
                 tokens_per_sample = math.prod(s // p for s, p in zip(latents.shape[2:], (pt, ph, pw)))
+                flops_per_sample_token = 3 * flops_per_token(strategy.raw, tokens_per_sample, states.shape[1])
+            meter.add(latents.shape[0], tokens_per_sample, flops_per_sample_token, data_time)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                elapsed = time.perf_counter() - t_last
-                sps = samples_since / max(elapsed, 1e-9)
-                flops = 3 * flops_per_token(accelerator.unwrap_model(model), tokens_per_sample, states.shape[1])
-                record = dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0], samples_per_s=sps,
-                              tokens_per_s=sps * tokens_per_sample, data_wait_s=data_time, bad=dict(bad_total))
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-                writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                writer.add_scalar("perf/samples_per_s", sps, step)
-                writer.add_scalar("perf/tokens_per_s", sps * tokens_per_sample, step)
-                writer.add_scalar("perf/train_tflops", sps * tokens_per_sample * flops / 1e12, step)
-                writer.add_scalar("perf/data_wait_s", data_time, step)
-                for reason, n in bad_total.items():
-                    writer.add_scalar(f"data/bad_{reason}", n, step)
-                t_last, samples_since = time.perf_counter(), 0
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                (mean_loss,) = mean_over_ranks([float(loss.detach())], device)  # every rank, same steps
+                norm = grad_norm if grad_norm is not None else strategy.last_grad_norm
+                perf = meter.report()
+                peaks = gather_over_ranks(perf.pop("peak_memory_gb"), device)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                if writer is not None:
+                    record = dict(step=step, loss=mean_loss, lr=sched.get_last_lr()[0], grad_norm=norm, **perf,
+                                  peak_memory_gb_per_rank=peaks, data_wait_s=data_time, bad=dict(bad_total),
+                                  nonfinite_skipped=nonfinite_total)
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    writer.add_scalar("train/loss", mean_loss, step)
+                    writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+                    if norm is not None:
+                        writer.add_scalar("train/grad_norm", float(norm), step)
+                    writer.add_scalar("train/nonfinite_skipped", nonfinite_total, step)
+                    for key, value in perf.items():
+                        if value is not None:
+                            writer.add_scalar(f"perf/{key}", value, step)
+                    writer.add_scalar("perf/peak_memory_gb_max_rank", max(peaks), step)
+                    for reason, n in bad_total.items():
+                        writer.add_scalar(f"data/bad_{reason}", n, step)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                path = save(step)
-                log.info("checkpoint %s", path)
-            if writer is not None and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                log_samples(writer, pipe, cfg, step)
+                log.info("checkpoint %s", save(step))
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                log_samples(writer, pipe, cfg, step, rank, world)
             if step < cfg.train.steps and preempt.requested():  # every rank stops after this same step
-                if step % cfg.train.checkpoint_every != 0 and step != cfg.train.steps:
+                if step % cfg.train.checkpoint_every != 0:
                     log.info("preemption checkpoint %s", save(step))
                 bar.close()
                 if writer is not None:
                     writer.close()
                 raise Preempted(step)
     bar.close()
+    log_samples(writer, pipe, cfg, step, rank, world)
     if writer is not None:
-        log_samples(writer, pipe, cfg, step)
         writer.close()
     if bad_total:
         log.warning("skipped bad samples by reason: %s", bad_total)
+    if nonfinite_total:
+        log.warning("skipped %d steps with a non-finite loss or gradient norm", nonfinite_total)
+    accelerator.wait_for_everyone()
     return list_checkpoints(out)[-1]
