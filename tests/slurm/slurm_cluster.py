@@ -1,4 +1,7 @@
-"""A real single-node SLURM on localhost for the system tests: munged, slurmctld and slurmd from Debian's slurm-wlm.
+"""A real SLURM on localhost for the system tests: munged, slurmctld and slurmd from Debian's slurm-wlm.
+
+One node named after this host, or several node names on this host (one slurmd each, ``slurmd -N NAME``), which
+is how a multi-node job is tried on one machine.
 
 Everything the daemons write (key, sockets, pid files, logs, state, spool) lives in one temporary directory that
 `stop()` removes; the daemons are stopped by the pids this process started. Clients find the cluster through
@@ -54,36 +57,42 @@ def sbin(name: str) -> str:
 
 
 class LocalSlurm:
-    """One CPU node (this host, ``cpus`` CPUs) in one partition; start() and stop() own every daemon."""
+    """``nodes`` CPU nodes of ``cpus`` CPUs each, in one partition; start() and stop() own every daemon.
 
-    def __init__(self, cpus: int = 2) -> None:
+    One node is this host under its own name; with several, they are HOST-1, HOST-2, ... (all at 127.0.0.1, which
+    a job must use as the main address: those names do not resolve)."""
+
+    def __init__(self, cpus: int = 2, nodes: int = 1) -> None:
         self.cpus = cpus
         self.root = Path(tempfile.mkdtemp(prefix="dit-slurm-"))  # short: a unix socket path must be < 108 chars
         self.conf = self.root / "slurm.conf"
         self._procs: dict[str, subprocess.Popen] = {}
-        self.node = socket.gethostname()
+        host = socket.gethostname()
+        self.nodes = [host] if nodes == 1 else [f"{host}-{i}" for i in range(1, nodes + 1)]
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     def _write_conf(self) -> None:
         r = self.root
         for d in ("state", "spool", "munge"):
             (r / d).mkdir(mode=0o700)
+        host = socket.gethostname()
+        node_lines = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
+                               f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
         self.conf.write_text(f"""\
 ClusterName=dittest
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={r}/munge/munge.socket.2
 CredType=cred/munge
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
+SlurmdLogFile={r}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -97,7 +106,7 @@ ReturnToService=2
 InactiveLimit=0
 KillWait=30
 MinJobAge=600
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 
@@ -119,10 +128,12 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._spawn("slurmctld", [sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") >= 1, timeout,
                    "slurmctld to answer scontrol ping")
-        self._spawn("slurmd", [sbin("slurmd"), "-D", "-f", str(self.conf)])
-        self._wait(lambda: re.search(r"State=(IDLE|MIXED|ALLOCATED)",
-                                     self.run("scontrol", "show", "node", self.node, check=False).stdout),
-                   timeout, f"node {self.node} to become IDLE")
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(mode=0o700)
+            self._spawn(f"slurmd-{node}", [sbin("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
+        self._wait(lambda: len(re.findall(r"State=(?:IDLE|MIXED|ALLOCATED)\b",
+                                          self.run("scontrol", "-o", "show", "node", check=False).stdout))
+                   == len(self.nodes), timeout, f"nodes {self.nodes} to become IDLE")
 
     def _wait(self, ok, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -137,10 +148,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def logs(self) -> str:
         parts = []
-        for name in ("munged.out", "slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log"):
-            p = self.root / name
+        for p in [self.root / "munged.out", self.root / "slurmctld.out", self.root / "slurmctld.log",
+                  *sorted(self.root.glob("slurmd-*"))]:
             if p.is_file():
-                parts.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:]))
+                parts.append(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:]))
         return "\n".join(parts)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -175,7 +186,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 deadline = time.monotonic() + 60
                 while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
                     time.sleep(1)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{n}" for n in self.nodes), "slurmctld", "munged"]:
             proc = procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -2,7 +2,8 @@
 CPU node with 2 CPUs, installed with apt-get when missing and started (and stopped, by pid) by this module.
 
 Training runs 2 processes (gloo) in one srun task; a SIGUSR1 to the batch shell makes it checkpoint, exit 42 and
-requeue itself, and the requeued job resumes from that checkpoint and finishes.
+requeue itself, and the requeued job resumes from that checkpoint and finishes. A second cluster with two node
+names on this host (one slurmd each) runs the same script on 2 nodes x 1 process.
 """
 
 from __future__ import annotations
@@ -26,19 +27,30 @@ SMALL = ["data.frames=5", "data.height=16", "data.width=16", "train.batch_size=4
          "train.sample_prompts=[]", "train.warmup_steps=2", "train.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def local_slurm(**kw):
     reason = install_packages()
     if reason is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the SLURM tests: {reason}")
         pytest.skip(reason)
-    slurm = LocalSlurm(cpus=2)
+    slurm = LocalSlurm(**kw)
     try:
         slurm.start()
         yield slurm
     finally:
         slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One node, this host, 2 CPUs."""
+    yield from local_slurm(cpus=2)
+
+
+@pytest.fixture
+def two_nodes(cluster):  # (after `cluster`, so that one is up first and a skip is the same)
+    """Two 1-CPU nodes on this host, for the length of one test."""
+    yield from local_slurm(cpus=1, nodes=2)
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +203,23 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: LocalSlurm, data: dict[s
         assert "received SIGUSR1" in output
         assert f"resumed from {out / 'checkpoints' / stopped_at} at step {step}" in output
         assert f"checkpoint: {out / 'checkpoints' / f'step-{steps:08d}'}" in output
+
+
+def test_train_on_two_nodes(two_nodes: LocalSlurm, data: dict[str, Path], tmp_path: Path) -> None:
+    """One srun task per node: machine rank from SLURM_NODEID, the rendezvous on the first node."""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    job = sbatch(two_nodes, "--nodes=2", "--gpus-per-node=0", "--job-name=train2n", f"--output={logs}/%x-%j.out",
+                 str(ROOT / "slurm" / "train.sbatch"),
+                 *train_args(data["shards"], data["vae"], out, **{"train.steps": 2}),
+                 env=job_env(two_nodes, DIT_LOG_DIR=str(logs), MAIN_ADDR="127.0.0.1"))  # the node names don't resolve
+    info = two_nodes.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
+    batch_log = (logs / f"train2n-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{batch_log}"
+    assert "2 node(s) x 1 process(es)" in batch_log
+    final = out / "checkpoints" / "step-00000002"
+    assert (final / "model.safetensors").is_file()
+    for node in (0, 1):  # node N ran global rank N (one process per node)
+        node_log = (logs / f"train2n-{job}" / f"node-{node}.log").read_text()
+        assert f" rank{node}: checkpoint: {final}" in node_log, node_log
+        assert f"--machine_rank {node} --num_processes 2 --main_process_ip 127.0.0.1" in node_log
