@@ -145,6 +145,18 @@ class Strategy:
     def update_ema(self, step: int) -> None:
         self.ema.update(self.accelerator.unwrap_model(self.model), step=step)
 
+    def local_params(self) -> dict[str, float]:
+        """This rank's own copy of the parameters: element count and float64 sum. Replicated strategies give
+        the same numbers on every rank; sharded ones about 1/N of the elements each (tests check both)."""
+        numel, total = 0, 0.0
+        for p in self.raw.parameters():
+            local = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            if local is None:
+                local = p.to_local() if hasattr(p, "to_local") else p.data  # FSDP2: the DTensor's shard
+            numel += local.numel()
+            total += float(local.detach().double().sum())
+        return {"numel": numel, "sum": total}
+
     # --- state
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The full trained weights (plain DiT keys), on rank 0 at least; a collective under sharding."""

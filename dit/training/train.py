@@ -186,16 +186,18 @@ def main(cfg: Config) -> Path:
         raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
     resume_from = resume_checkpoint(out, cfg.train.resume)  # fails now on a bad train.resume path
     loader = build_train_loader(cfg)  # fails now on a missing shard
+    set_seed(cfg.train.seed)
+    # The frozen encoders load before the Accelerator exists: under ZeRO-3 transformers would shard them.
+    vae = load_vae(cfg.vae.checkpoint).eval().requires_grad_(False)
+    text = build_text_encoder(cfg.text)
     accelerator = make_accelerator(cfg.train, mixed_precision(cfg.train.mixed_precision))
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    set_seed(cfg.train.seed)
     device = accelerator.device
+    vae, text = vae.to(device), text.to(device)
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         save_config(cfg, out / "config.yaml")
 
-    vae = load_vae(cfg.vae.checkpoint).to(device).eval().requires_grad_(False)
-    text = build_text_encoder(cfg.text).to(device)
     model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim)
     model = parallelize(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
     strategy = build_strategy(accelerator, model, cfg.train)  # DDP / ZeRO / FSDP; EMA copy made before sharding
@@ -244,8 +246,8 @@ def main(cfg: Config) -> Path:
                                       strategy=cfg.train.strategy, world_size=world)
                 torch.save(training_state, tmp / "training_state.pt")
             torch.save({"rng": rng_state(), "generator": gen.get_state(), "py_rng": py_rng.getstate(),
-                        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
-                       rank_state_path(tmp, rank))
+                        "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
+                        "params": strategy.local_params()}, rank_state_path(tmp, rank))
         return out / "checkpoints" / f"step-{at:08d}"
 
     writer = SummaryWriter(str(out / "tensorboard")) if is_main else None

@@ -54,3 +54,11 @@ def small_vae(tmp_path_factory, small_shards: str) -> Path:
 
     run = tmp_path_factory.mktemp("small_vae")
     return train_vae.main(small_config(run, small_shards, None, **{"train.steps": 3}))
+
+
+def dit_torchrun(nproc: int, out: Path, shards: str, vae: Path, **overrides: object) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m dit.cli train ...` on CPU (gloo), 1 thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "dit.cli", "train", "--config", str(DEMO), *small_overrides(out, shards, vae, **overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
