@@ -18,7 +18,8 @@ from runs import dit_torchrun, dit_train
 from dit.training.checkpoint import list_checkpoints, load_training_state, rank_state_path
 
 STEPS = 20
-COMMON = {"train.steps": STEPS, "train.checkpoint_every": STEPS}  # fp32 on CPU (mixed_precision auto)
+# fp32 on CPU (mixed_precision auto); a constant LR after warmup, so a 10-step run resumed to 20 is one 20-step run
+COMMON = {"train.steps": STEPS, "train.checkpoint_every": STEPS // 2, "train.lr_schedule": "constant"}
 
 
 def losses(run: Path) -> list[float]:
@@ -39,9 +40,11 @@ def test_two_processes_match_one_process(strategy: str, tmp_path: Path, one_proc
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     run = tmp_path / strategy
-    done = dit_torchrun(2, run, small_shards, small_vae, **{**COMMON, "train.batch_size": 2,
-                                                             "train.parity_batch": True, "train.strategy": strategy})
-    assert done.returncode == 0, done.stderr[-5000:]
+    two = {**COMMON, "train.batch_size": 2, "train.parity_batch": True, "train.strategy": strategy}
+    for steps in (STEPS // 2, STEPS):  # 10 steps, then resume from that (sharded) checkpoint to 20
+        done = dit_torchrun(2, run, small_shards, small_vae, **{**two, "train.steps": steps})
+        assert done.returncode == 0, done.stderr[-5000:]
+    assert "resumed from" in done.stderr and "at step 10" in done.stderr
 
     ref, got = losses(one_process), losses(run)
     assert len(got) == STEPS

@@ -1,0 +1,49 @@
+"""Non-finite losses: the step is skipped and counted, N in a row stop the run, no checkpoint holds NaN."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from runs import small_config
+
+from dit.training import train
+from dit.training.checkpoint import list_checkpoints, load_training_state, load_weights
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_nan_step_is_skipped_and_counted(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
+    run = tmp_path / "run"
+    train.main(small_config(run, small_shards, small_vae, **{"train.steps": 6, "train.checkpoint_every": 2,
+                                                              "train.debug_nan_steps": "[3, 5]"}))
+    recs = records(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert [r["nonfinite_skipped"] for r in recs] == [0, 0, 1, 1, 2, 2]
+    for ckpt in list_checkpoints(run):
+        state = load_training_state(ckpt)
+        assert finite(state["model"]) and finite(state["ema"]) and finite(load_weights(ckpt)[0])
+    # the skipped step changed nothing: the optimizer took 4 steps, not 6
+    state = load_training_state(list_checkpoints(run)[-1])
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+
+
+def test_repeated_nan_stops_the_run_with_a_clear_message(tmp_path: Path, small_shards: str,
+                                                         small_vae: Path) -> None:
+    run = tmp_path / "run"
+    cfg = small_config(run, small_shards, small_vae, **{"train.steps": 20, "train.checkpoint_every": 2,
+                                                        "train.debug_nan_steps": "[5, 6, 7, 8]",
+                                                        "train.max_nonfinite": 3})
+    with pytest.raises(RuntimeError, match=r"stopping at step 7: 3 steps in a row .*train.max_nonfinite=3"):
+        train.main(cfg)
+    assert [p.name for p in list_checkpoints(run)][-1] == "step-00000006"  # written after skipped step 5, finite
+    for ckpt in list_checkpoints(run):
+        assert finite(load_training_state(ckpt)["model"]) and finite(load_weights(ckpt)[0])
