@@ -32,6 +32,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {main(_config(args))}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from dit.plan import estimate, format_plan, model_size
+
+    cfg = _config(args)
+    if args.gpus < 1 or args.gpu_memory <= 0:
+        raise SystemExit("error: --gpus must be >= 1 and --gpu-memory (GiB per GPU) > 0")
+    size = model_size(cfg)
+    print(format_plan(cfg, args.gpus, args.gpu_memory,
+                      estimate(cfg, args.gpus, args.gpu_memory, args.gpus_per_node, size=size), size))
+
+
 def cmd_train_vae(args: argparse.Namespace) -> None:
     from dit.training.train_vae import main
 
@@ -123,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", default=None, metavar="auto|never|CKPT",
                            help="auto (default): the newest complete checkpoint in train.output_dir, if any; "
                                 "never: start fresh; or a checkpoint directory (= train.resume)")
+
+    p = sub.add_parser("plan", help="per-GPU memory of a training config under each strategy, before launching")
+    p.add_argument("--config", default=None, help="YAML experiment config (configs/*.yaml)")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks) in the job")
+    p.add_argument("--gpu-memory", type=float, required=True, help="memory per GPU in GiB, e.g. 80")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="for train.fsdp_shard=hybrid (default 8)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.preset=DiT-XL/2 train.batch_size=4")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("sample", help="generate clips from prompts")
     p.add_argument("--checkpoint", required=True, help="training output dir (newest checkpoint) or a checkpoint dir")

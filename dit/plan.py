@@ -1,0 +1,150 @@
+"""`dit plan`: per-GPU memory of a training config under each strategy, before anything is launched.
+
+    dit plan --config configs/tiny.yaml --gpus 8 --gpu-memory 80
+
+Bytes per trainable parameter (fp32 master weights, as Accelerate's autocast and our DeepSpeed/FSDP setups
+keep them): weights 4, gradients 4, AdamW's two moments 8, the EMA copy 4. Each strategy divides some of
+these by the number of ranks that share them (ZeRO-1: optimizer; ZeRO-2: + gradients; ZeRO-3 / FSDP: +
+weights; FSDP also shards the EMA, ZeRO-3 keeps a full EMA replica); offload moves them to host memory.
+Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
+ACT_PER_TOKEN x hidden values per token per block are kept for backward (scores are not stored with SDPA's
+fused kernels), or one hidden vector per token per block plus one block's worth with activation
+checkpointing. The frozen VAE and text encoder count once per GPU. The optimizer step briefly needs one more
+fp32 copy of its shard (foreach temporaries), which can set the peak when activations are small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dit.config import Config, latent_frames
+
+STRATEGY_NAMES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+# Hidden-size values kept per token per block for backward. Counted like Korthikanti et al. (~34 for a GPT
+# block) plus what this block adds: cross-attention, qk-norm, RoPE and adaLN-Zero modulation temporaries;
+# 50 matches the measured CPU peak of an activation-bound run (tests/training/test_plan.py).
+ACT_PER_TOKEN = 50
+OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
+MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim
+
+
+@dataclass
+class ModelSize:
+    params: int  # trainable DiT parameters
+    frozen: int  # VAE + text encoder parameters
+    hidden: int
+    depth: int
+    heads: int
+    tokens: int  # latent tokens per sample
+    text_len: int
+
+
+@dataclass
+class Estimate:
+    strategy: str
+    weights: float  # bytes per GPU
+    grads: float
+    optimizer: float
+    ema: float
+    activations: float
+    frozen: float
+    total: float
+    fits: bool
+
+
+def text_encoder_size(cfg: Config) -> tuple[int, int]:
+    if cfg.text.encoder == "none":
+        return 0, 8
+    if cfg.text.encoder == "minilm":
+        return MINILM
+    from transformers import AutoConfig, AutoModel
+
+    hf = AutoConfig.from_pretrained(cfg.text.path)
+    with torch.device("meta"):
+        enc = AutoModel.from_config(hf)
+    return sum(p.numel() for p in enc.parameters()), int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
+
+
+def model_size(cfg: Config) -> ModelSize:
+    """Parameter counts (built on the meta device: no memory, no weights) and tokens per sample."""
+    from dit.models.dit import build_dit
+    from dit.training.train_vae import build_vae
+
+    text_params, text_dim = text_encoder_size(cfg)
+    with torch.device("meta"):
+        vae = build_vae(cfg)
+        dit = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text_dim)
+    pt, ph, pw = cfg.patch_size()
+    tokens = (latent_frames(cfg.data.frames) // pt) * (cfg.data.height // 8 // ph) * (cfg.data.width // 8 // pw)
+    return ModelSize(params=sum(p.numel() for p in dit.parameters()),
+                     frozen=sum(p.numel() for p in vae.parameters()) + text_params,
+                     hidden=dit.config["hidden_size"], depth=dit.config["depth"],
+                     heads=dit.config["num_heads"], tokens=tokens,
+                     text_len=cfg.text.max_length)
+
+
+def activation_bytes(size: ModelSize, batch: int, bytes_per_value: int, checkpointing: bool,
+                     attention_scores: bool = False) -> float:
+    """Activations kept for the backward pass of one micro-batch. ``attention_scores``: the attention kernel
+    stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not."""
+    per_block = ACT_PER_TOKEN * size.tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
+    if attention_scores:
+        per_block += 2 * size.heads * size.tokens * (size.tokens + size.text_len)
+    blocks = (size.depth * size.tokens * size.hidden + per_block) if checkpointing else size.depth * per_block
+    return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * size.tokens * size.hidden)
+
+
+def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 8,
+             size: ModelSize | None = None, attention_scores: bool = False) -> list[Estimate]:
+    """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; bf16 activations when
+    train.mixed_precision is bf16/fp16/auto, fp32 for "no")."""
+    size = size or model_size(cfg)
+    t = cfg.train
+    act_bytes = 4 if t.mixed_precision == "no" else 2
+    act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores)
+    p = 4.0 * size.params  # one fp32 copy
+    out = []
+    for name in STRATEGY_NAMES:
+        n = max(gpus, 1)
+        shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
+        weights, grads, optim, ema = p, p, 2 * p, p
+        if name == "zero1":
+            optim /= n
+        elif name == "zero2":
+            optim, grads = optim / n, grads / n
+        elif name == "zero3":
+            optim, grads, weights = optim / n, grads / n, weights / n
+        elif name == "fsdp":
+            weights, grads, optim, ema = weights / shard, grads / shard, optim / shard, ema / shard
+        if t.offload_optimizer and name.startswith("zero"):
+            optim = 0.0
+        if t.offload_params and name in ("zero3", "fsdp"):
+            weights = 0.0
+        frozen = 4.0 * size.frozen
+        step_temp = optim / 2  # one fp32 copy of the optimizer's shard during the foreach AdamW step
+        total = weights + grads + optim + ema + frozen + max(act, step_temp)
+        out.append(Estimate(name, weights, grads, optim, ema, act, frozen, total, total <= gpu_memory_gb * 2**30))
+    return out
+
+
+def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
+    gb = lambda b: f"{b / 2**30:8.2f}"
+    lines = [f"model: {size.params / 1e6:.1f}M trainable parameters (hidden {size.hidden}, depth {size.depth}), "
+             f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample, "
+             f"micro-batch {cfg.train.batch_size}, activation checkpointing "
+             f"{'on' if cfg.model.gradient_checkpointing else 'off'}",
+             f"per-GPU memory in GiB with {gpus} GPUs of {gpu_memory_gb:g} GiB:",
+             f"{'strategy':10}{'weights':>8}{'grads':>8}{'optim':>8}{'ema':>8}{'activ':>8}{'frozen':>8}"
+             f"{'total':>8}  fits"]
+    for e in estimates:
+        lines.append(f"{e.strategy:10}{gb(e.weights)}{gb(e.grads)}{gb(e.optimizer)}{gb(e.ema)}{gb(e.activations)}"
+                     f"{gb(e.frozen)}{gb(e.total)}  {'yes' if e.fits else 'NO'}")
+    fitting = [e.strategy for e in estimates if e.fits]
+    lines.append(f"fits: {', '.join(fitting)}" if fitting else
+                 "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, or offload "
+                 "(train.offload_optimizer / train.offload_params)")
+    if gpus == 1:
+        lines.append("(1 GPU: the ZeRO stages and FSDP shard over 1 rank, so they save nothing without offload)")
+    return "\n".join(lines)

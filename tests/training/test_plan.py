@@ -1,0 +1,54 @@
+"""`dit plan`: per-GPU memory per strategy, checked against the measured peak memory of real training steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dit.config import load_config
+from dit.plan import estimate
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+@pytest.mark.parametrize("model", [
+    # activation-bound: 192 tokens per sample, batch 8
+    ["model.hidden_size=256", "model.depth=8", "model.patch_size=[1,1,1]", "data.frames=9", "data.height=64",
+     "data.width=64", "train.batch_size=8"],
+    # parameter-bound: 48M parameters, 2 tokens per sample
+    ["model.hidden_size=512", "model.depth=8", "data.frames=5", "data.height=16", "data.width=16",
+     "train.batch_size=2"],
+], ids=["activations", "parameters"])
+def test_plan_is_within_25_percent_of_measured_peak_memory(model: list[str]) -> None:
+    script = Path(__file__).with_name("measure_memory.py")
+    done = subprocess.run([sys.executable, str(script), str(DEMO), "train.mixed_precision='no'", *model], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert abs(r["estimated"] - r["measured"]) <= 0.25 * r["measured"], r
+
+
+def test_plan_orders_strategies_and_says_what_fits(capsys) -> None:
+    cfg = load_config(DEMO, ["model.preset=DiT-XL/2", "model.patch_size=[1,2,2]", "data.frames=17",
+                             "data.height=256", "data.width=256", "train.batch_size=4"])
+    by = {e.strategy: e for e in estimate(cfg, 8, 80)}
+    assert by["zero3"].total < by["zero2"].total < by["zero1"].total < by["ddp"].total
+    assert by["fsdp"].total < by["zero3"].total  # FSDP also shards the EMA
+    tiny_gpu = {e.strategy: e.fits for e in estimate(cfg, 1, 8)}
+    assert not tiny_gpu["ddp"]
+
+    from dit.cli import main as dit
+
+    dit(["plan", "--config", str(DEMO), "--gpus", "8", "--gpu-memory", "80", "model.preset=DiT-XL/2",
+         "model.patch_size=[1,2,2]", "data.height=256", "data.width=256"])
+    out = capsys.readouterr().out
+    assert all(s in out for s in ("ddp", "zero1", "zero2", "zero3", "fsdp")) and "fits: ddp" in out
+    with pytest.raises(SystemExit):
+        dit(["plan", "--config", str(DEMO), "--gpus", "8", "--gpu-memory", "80", "train.strategy=zero9"])
+    assert "train.strategy" in capsys.readouterr().err
