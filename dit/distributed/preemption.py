@@ -3,7 +3,8 @@
 SLURM sends a signal before it kills a preempted or time-limited job (``#SBATCH --signal=B:USR1@90`` or
 ``--signal=USR1@90`` for the tasks; SIGTERM on preemption/scancel). ``dit train`` then stops after the step in
 progress, checkpoints, and every rank exits with ``REQUEUE_EXIT_CODE`` (42): the sbatch script turns that exit
-code into ``scontrol requeue $SLURM_JOB_ID``, and the requeued job resumes from that checkpoint.
+code into ``scontrol requeue $SLURM_JOB_ID``, and the requeued job resumes from that checkpoint. Under
+torchrun / accelerate launch (whose agent exits 1 when a worker fails), test for RUN_DIR/PREEMPTED instead.
 
 The handler only sets a flag (nothing unsafe runs inside a signal handler). The ranks agree on stopping
 through one tiny all-reduce per step, so a signal that reaches one rank earlier than another still makes all
@@ -23,6 +24,10 @@ import torch.distributed as dist
 log = logging.getLogger("dit.preemption")
 
 REQUEUE_EXIT_CODE = 42  # `dit train` exits with this after a preemption checkpoint: requeue the job
+# Also written (by rank 0) as RUN_DIR/PREEMPTED = {"step": N, "exit_code": 42}, and removed when a run starts:
+# launchers that wrap the workers (torchrun, accelerate launch) exit 1 when a worker exits 42, so a script
+# that starts `dit train` through them should test for this file rather than the launcher's exit code.
+PREEMPTED_MARKER = "PREEMPTED"
 PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -31,7 +31,7 @@ from data_pipelines.loader import build_loader
 from dit.config import Config, save_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import parallelize
-from dit.distributed.preemption import Preempted, PreemptionHandler
+from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 from dit.distributed.strategies import build_strategy, make_accelerator, world_size_from_env
 from dit.models.dit import build_dit, flops_per_token
 from dit.models.text import build_text_encoder
@@ -197,6 +197,7 @@ def main(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         save_config(cfg, out / "config.yaml")
+        (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
     model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim)
     model = parallelize(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
@@ -338,9 +339,13 @@ def main(cfg: Config) -> Path:
             if step < cfg.train.steps and preempt.requested():  # every rank stops after this same step
                 if step % cfg.train.checkpoint_every != 0:
                     log.info("preemption checkpoint %s", save(step))
+                if is_main:
+                    (out / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "exit_code": REQUEUE_EXIT_CODE}))
                 bar.close()
                 if writer is not None:
                     writer.close()
+                log.warning("rank %d: preempted after step %d, checkpointed; exiting with %d", rank, step,
+                            REQUEUE_EXIT_CODE)
                 raise Preempted(step)
     bar.close()
     log_samples(writer, pipe, cfg, step, rank, world)
