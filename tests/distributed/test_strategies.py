@@ -15,7 +15,7 @@ import pytest
 import torch
 from runs import dit_torchrun, dit_train
 
-from dit.training.checkpoint import list_checkpoints, load_training_state, rank_state_path
+from dit.training.checkpoint import list_checkpoints, load_training_state, load_weights, rank_state_path
 
 STEPS = 20
 # fp32 on CPU (mixed_precision auto); a constant LR after warmup, so a 10-step run resumed to 20 is one 20-step run
@@ -65,9 +65,30 @@ def test_two_processes_match_one_process(strategy: str, tmp_path: Path, one_proc
     for k in a:  # the gathered weights are the 1-process weights (up to reduction order)
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
+    ema_a, _ = load_weights(list_checkpoints(one_process)[-1])  # the EMA export (under ZeRO-3 and FSDP too)
+    ema_b, _ = load_weights(ckpt)
+    for k in ema_a:
+        torch.testing.assert_close(ema_b[k], ema_a[k], rtol=1e-3, atol=1e-5)
+
     from dit.cli import main as dit  # the checkpoint loads in a 1-process `dit sample`
 
     out = tmp_path / "clip.png"
     dit(["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--frames", "1", "--height", "16",
          "--width", "16", "--steps", "2", "--out", str(out)])
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_sampling_during_training_is_spread_over_ranks_under_fsdp(tmp_path: Path, small_shards: str,
+                                                                  small_vae: Path) -> None:
+    """Each rank samples its share of the prompts with the sharded EMA model (its forward gathers weights, so a
+    rank-0-only sampler would hang); rank 0 logs all the clips."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "fsdp"
+    prompts = '["a red circle moving left", "a blue square moving up", "a green triangle moving right"]'
+    done = dit_torchrun(2, run, small_shards, small_vae, **{"train.steps": 2, "train.batch_size": 2,
+                                                             "train.strategy": "fsdp", "train.sample_prompts": prompts,
+                                                             "sample.steps": 2})
+    assert done.returncode == 0, done.stderr[-5000:]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/0", "samples/1", "samples/2"]
