@@ -213,6 +213,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
     debug_nan_steps: list[int] = field(default_factory=list)  # test hook: make the loss NaN at these steps
     parity_batch: bool = False  # tests: every rank draws the whole global batch like 1 process and keeps its slice
+    watchdog_timeout: float = 600.0  # log the stuck rank, phase and stack when one phase lasts longer (0: off)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "must be >= 1")
@@ -232,6 +233,7 @@ class TrainConfig:
         _check(self.resume in ("auto", "never") or Path(self.resume).is_dir(), "train.resume",
                f"must be auto, never or an existing checkpoint directory; {self.resume!r} is none of these")
         _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+        _check(self.watchdog_timeout >= 0, "train.watchdog_timeout", "must be >= 0 seconds (0: off)")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")
         _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

@@ -33,6 +33,7 @@ from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import parallelize
 from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 from dit.distributed.strategies import build_strategy, make_accelerator, world_size_from_env
+from dit.distributed.watchdog import Watchdog
 from dit.models.dit import build_dit, flops_per_token
 from dit.models.text import build_text_encoder
 from dit.models.vae import load_vae
@@ -262,13 +263,16 @@ def main(cfg: Config) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not is_main)
     meter = Throughput(device, world)
     strategy.model.train()
-    with PreemptionHandler() as preempt:  # SIGUSR1 / SIGTERM: finish the step, checkpoint, exit REQUEUE_EXIT_CODE
+    # SIGUSR1 / SIGTERM: finish the step, checkpoint, exit REQUEUE_EXIT_CODE; a phase that hangs gets reported.
+    with PreemptionHandler() as preempt, Watchdog(cfg.train.watchdog_timeout, rank) as watchdog:
         while step < cfg.train.steps:
+            watchdog.mark("data")
             t_data = time.perf_counter()
             batch = next(data_iter)
             data_time = time.perf_counter() - t_data
             for reason, n in batch.get("bad_counts", {}).items():
                 bad_total[reason] = bad_total.get(reason, 0) + n
+            watchdog.mark("forward/backward/optimizer step")
             latents, states, mask, t, noise = draw_batch(batch, vae, text, schedule.num_timesteps, gen, py_rng,
                                                          cfg.diffusion.prompt_dropout, device, keep)
             with accelerator.autocast():
@@ -310,6 +314,7 @@ def main(cfg: Config) -> Path:
             meter.add(latents.shape[0], tokens_per_sample, flops_per_sample_token, data_time)
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                watchdog.mark("logging (loss all-reduce)")
                 (mean_loss,) = mean_over_ranks([float(loss.detach())], device)  # every rank, same steps
                 norm = grad_norm if grad_norm is not None else strategy.last_grad_norm
                 perf = meter.report()
@@ -333,9 +338,12 @@ def main(cfg: Config) -> Path:
                     for reason, n in bad_total.items():
                         writer.add_scalar(f"data/bad_{reason}", n, step)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                watchdog.mark("checkpoint")
                 log.info("checkpoint %s", save(step))
             if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                watchdog.mark("sampling")
                 log_samples(writer, pipe, cfg, step, rank, world)
+            watchdog.mark("preemption check (all-reduce)")
             if step < cfg.train.steps and preempt.requested():  # every rank stops after this same step
                 if step % cfg.train.checkpoint_every != 0:
                     log.info("preemption checkpoint %s", save(step))
