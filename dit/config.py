@@ -226,6 +226,8 @@ class TrainConfig:
         _check(not self.offload_params or self.strategy in ("zero3", "fsdp"), "train.offload_params",
                "needs train.strategy=zero3 or fsdp (the strategies that shard parameters)")
         _check(self.fsdp_shard in ("full", "hybrid"), "train.fsdp_shard", "must be full or hybrid")
+        _check(not (self.strategy == "fsdp" and self.mixed_precision == "fp16"), "train.mixed_precision",
+               "fp16 is not supported with train.strategy=fsdp (no loss scaling there); use bf16")
         _check(self.deepspeed_config is None or Path(self.deepspeed_config).is_file(), "train.deepspeed_config",
                f"file {self.deepspeed_config!r} does not exist (see configs/deepspeed/)")
         _check(self.deepspeed_config is None or self.strategy.startswith("zero"), "train.deepspeed_config",

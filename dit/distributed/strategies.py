@@ -167,12 +167,17 @@ class Strategy:
 
     def save(self, ckpt: Path) -> dict[str, Any]:
         """Write sharded state under ``ckpt`` (every rank calls this); return what goes into training_state.pt."""
-        return {"optimizer": self.opt.state_dict(), "model": self.model_state_dict()}
+        state = {"optimizer": self.opt.state_dict(), "model": self.model_state_dict()}
+        if self.accelerator.scaler is not None:  # fp16: the dynamic loss scale
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
 
     def load(self, ckpt: Path, state: dict[str, Any]) -> None:
         model = self.accelerator.unwrap_model(self.model)
         model.load_state_dict(_rewrap_keys(state["model"], model.state_dict()))
         self.opt.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
 
     def load_ema(self, ema: dict[str, torch.Tensor]) -> None:
         self.ema.module.load_state_dict(_rewrap_keys(ema, self.ema.module.state_dict()))
