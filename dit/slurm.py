@@ -60,6 +60,21 @@ def _forward(signum: int, frame: FrameType | None) -> None:
             pass
 
 
+def node_exit_code(codes: list[int]) -> int:
+    """One exit code for a node from its failed processes' codes (torchrun's: -N for killed by signal N).
+
+    Once one process exits, torchrun stops the others with SIGTERM (SIGKILL after a while), so a preemption
+    shows as 42 from the first process and maybe SIGTERM/SIGKILL for the rest; a process exits 42 only after
+    the collective preemption checkpoint is written, so that is still a requeue. Likewise a failure is the
+    failing process's code, not the SIGTERM that torchrun then sent to the others."""
+    codes = [c if c >= 0 else 128 - c for c in codes]
+    teardown = {128 + signal.SIGTERM, 128 + signal.SIGKILL}
+    failures = [c for c in codes if c != REQUEUE_EXIT_CODE and c not in teardown]  # the processes' own failures
+    if REQUEUE_EXIT_CODE in codes and not failures:
+        return REQUEUE_EXIT_CODE
+    return max(failures or codes)
+
+
 def launch(argv: list[str]) -> int:
     """Run ``accelerate launch ARGV`` in this process; return the training's exit code (0, 42, ...)."""
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -72,9 +87,9 @@ def launch(argv: list[str]) -> int:
     try:
         launch_command(args)
     except ChildFailedError as e:  # torchrun: one or more training processes exited non-zero
-        codes = sorted({f.exitcode if f.exitcode >= 0 else 128 - f.exitcode for f in e.failures.values()})
-        log.warning("training processes exited with %s", codes)  # (a process killed by signal N: 128 + N)
-        return REQUEUE_EXIT_CODE if codes == [REQUEUE_EXIT_CODE] else max(codes)
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        log.warning("training processes exited with %s (rank: code; -N: signal N)", codes)
+        return node_exit_code(list(codes.values()))
     except subprocess.CalledProcessError as e:  # accelerate's single-process launcher
         return e.returncode
     except SignalException as e:  # SIGTERM/SIGINT/...: torchrun passed it on and stopped the processes

@@ -175,6 +175,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}\n{self.logs()}")
 
+    def wait_idle(self, timeout: float) -> None:
+        """Until every node is IDLE with nothing left COMPLETING (the last job's processes are gone)."""
+        self._wait(lambda: re.findall(r"State=(\S+)", self.run("scontrol", "-o", "show", "node", check=False).stdout)
+                   == ["IDLE"] * len(self.nodes), timeout, "the nodes to be idle")
+
     def stop(self) -> None:
         """Cancel every job, SIGTERM each daemon this object started (by pid), SIGKILL what is left, remove
         every file."""

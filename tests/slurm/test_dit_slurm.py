@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dit.distributed.preemption import REQUEUE_EXIT_CODE
-from dit.slurm import TrainJob, render_train, set_directives
+from dit.slurm import TrainJob, node_exit_code, render_train, set_directives
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -62,12 +62,22 @@ def test_submit_checks_the_config_before_writing_anything(tmp_path: Path) -> Non
     assert not (tmp_path / "run").exists()
 
 
+def test_node_exit_code() -> None:
+    assert node_exit_code([42, 42]) == 42
+    assert node_exit_code([42, -15]) == 42  # torchrun stopped the other process once the first exited 42
+    assert node_exit_code([42, 1]) == 1  # a real failure is not a preemption
+    assert node_exit_code([1, -15]) == 1 and node_exit_code([-9, -15]) == 143
+
+
 WORKER = """
 import os, signal, sys, time
 from pathlib import Path
 if sys.argv[1] == "fail":
     sys.exit(3)
-signal.signal(signal.SIGUSR1, lambda *_: sys.exit(int(sys.argv[2])))
+if sys.argv[1] == "wait" or os.environ["RANK"] == "0":  # "first": only rank 0 leaves; torchrun stops rank 1
+    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(int(sys.argv[2])))
+else:
+    signal.signal(signal.SIGUSR1, lambda *_: None)
 Path(sys.argv[3], os.environ["RANK"]).touch()
 time.sleep(300)
 """
@@ -81,11 +91,11 @@ def launch(tmp_path: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("code", [REQUEUE_EXIT_CODE, 1])
-def test_launch_passes_usr1_to_the_processes_and_keeps_their_exit_code(tmp_path: Path, code: int) -> None:
+@pytest.mark.parametrize("mode,code", [("wait", REQUEUE_EXIT_CODE), ("wait", 1), ("first", REQUEUE_EXIT_CODE)])
+def test_launch_passes_usr1_to_the_processes_and_keeps_their_exit_code(tmp_path: Path, mode: str, code: int) -> None:
     ready = tmp_path / "ready"
     ready.mkdir()
-    proc = launch(tmp_path, "wait", str(code), str(ready))
+    proc = launch(tmp_path, mode, str(code), str(ready))
     deadline = time.monotonic() + 120
     while sorted(p.name for p in ready.iterdir()) != ["0", "1"]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]

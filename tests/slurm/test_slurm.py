@@ -100,6 +100,15 @@ def rank_output(job_logs: Path, rank: int) -> str:
     return "\n".join(f.read_text(errors="replace") for f in files)
 
 
+def wait_for_steps(slurm: LocalSlurm, job: str, out: Path, n: int, batch_log: Path) -> None:
+    """Until the run has logged ``n`` training steps (its processes are in the loop, with the signal handler)."""
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            f"training did not start: {slurm.job(job)}\n{batch_log.read_text() if batch_log.exists() else ''}"
+        time.sleep(0.5)
+
+
 def test_train_two_processes_on_one_node(cluster: LocalSlurm, data: dict[str, Path], tmp_path: Path) -> None:
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
@@ -178,11 +187,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: LocalSlurm, data: dict[s
     logs = out / "slurm"
     batch_log, node_log = logs / f"preempt-{job}.out", logs / f"preempt-{job}" / "node-0.log"
 
-    deadline = time.monotonic() + 300
-    while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
-        assert time.monotonic() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
-            f"training did not start: {cluster.job(job)}\n{batch_log.read_text() if batch_log.exists() else ''}"
-        time.sleep(0.5)
+    wait_for_steps(cluster, job, out, 2, batch_log)
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what SLURM does --signal seconds before the time limit
 
     info = cluster.wait_state(job, {"PENDING", "COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
@@ -190,11 +195,12 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: LocalSlurm, data: dict[s
     (stopped_at,) = checkpoints(out)  # the preemption checkpoint, written after the step in progress
     step = int(stopped_at.split("-")[1])
     assert 2 <= step < steps
-    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip the requeued job's ~2 min wait
+    cluster.wait_idle(timeout=120)  # the first run's processes are gone (what the ~2 min wait is for) ...
+    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # ... so skip the rest of that wait
 
     info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
     text = batch_log.read_text()
-    assert info["JobState"] == "COMPLETED", f"{info}\n{text}\n{node_log.read_text()}"
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text}\n{node_log.read_text()}\n{cluster.logs()}"
     assert "SIGUSR1" in text and f"exited 42: requeueing job {job}" in text
     assert f"job {job} restart 1" in text and "training exited 0" in text
     assert checkpoints(out) == [stopped_at, f"step-{steps:08d}"]
@@ -203,6 +209,21 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster: LocalSlurm, data: dict[s
         assert "received SIGUSR1" in output
         assert f"resumed from {out / 'checkpoints' / stopped_at} at step {step}" in output
         assert f"checkpoint: {out / 'checkpoints' / f'step-{steps:08d}'}" in output
+
+
+def test_scancel_checkpoints_and_does_not_requeue(cluster: LocalSlurm, data: dict[str, Path], tmp_path: Path) -> None:
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    job = sbatch(cluster, "--gpus-per-node=0", "--job-name=cancel", f"--output={logs}/%x-%j.out",
+                 str(ROOT / "slurm" / "train.sbatch"),
+                 *train_args(data["shards"], data["vae"], out, **{"train.steps": 1000, "train.checkpoint_every": 1000}),
+                 env=job_env(cluster, DIT_PROCS_PER_NODE="2", DIT_LOG_DIR=str(logs)))
+    wait_for_steps(cluster, job, out, 2, logs / f"cancel-{job}.out")
+    cluster.run("scancel", job)  # SIGTERM to every process of the job, SIGKILL after KillWait
+    info = cluster.wait_state(job, {"CANCELLED", "COMPLETED", "FAILED", "PENDING"}, timeout=120)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
+    (saved,) = checkpoints(out)  # the training's SIGTERM checkpoint
+    assert (out / "checkpoints" / saved / "training_state.pt").is_file()
 
 
 def test_train_on_two_nodes(two_nodes: LocalSlurm, data: dict[str, Path], tmp_path: Path) -> None:
