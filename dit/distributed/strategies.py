@@ -47,6 +47,19 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def single_process_env(cfg: TrainConfig) -> None:
+    """ZeRO and FSDP need a process group even for one process: without a launcher, make a 1-process one."""
+    if cfg.strategy == "ddp" or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+
+
 def make_accelerator(cfg: TrainConfig, mixed_precision: str) -> Accelerator:
     """The Accelerator for ``cfg.strategy``: it starts the process group (gloo on CPU) and owns the device."""
     multi = world_size_from_env() > 1
@@ -59,7 +72,7 @@ def make_accelerator(cfg: TrainConfig, mixed_precision: str) -> Accelerator:
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision))
         if on_cpu:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    elif multi and on_cpu:
+    elif (multi or cfg.strategy == "fsdp") and on_cpu:
         kwargs["cpu"] = True  # = ACCELERATE_USE_CPU: DDP / process group over gloo
     return Accelerator(**kwargs)
 

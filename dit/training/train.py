@@ -32,7 +32,7 @@ from dit.config import Config, save_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import parallelize
 from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
-from dit.distributed.strategies import build_strategy, make_accelerator, world_size_from_env
+from dit.distributed.strategies import build_strategy, make_accelerator, single_process_env, world_size_from_env
 from dit.distributed.watchdog import Watchdog
 from dit.models.dit import build_dit, flops_per_token
 from dit.models.text import build_text_encoder
@@ -186,6 +186,7 @@ def main(cfg: Config) -> Path:
     if not cfg.data.shards and not getattr(cfg.data, "datasets", None):
         raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
     resume_from = resume_checkpoint(out, cfg.train.resume)  # fails now on a bad train.resume path
+    single_process_env(cfg.train)  # zero*/fsdp without a launcher: a 1-process group
     loader = build_train_loader(cfg)  # fails now on a missing shard
     set_seed(cfg.train.seed)
     # The frozen encoders load before the Accelerator exists: under ZeRO-3 transformers would shard them.
