@@ -1,5 +1,6 @@
-"""Applied from outside the model, in a fixed order (torchtitan style): activation checkpointing, then compile.
-Sharding (DeepSpeed / FSDP) is wired by Accelerate in the training loop; the model never knows."""
+"""Applied from outside the model, in a fixed order (torchtitan style): activation checkpointing, then compile,
+then the data-parallel strategy (DDP / DeepSpeed ZeRO / FSDP2: dit/distributed/strategies.py). The model
+never knows."""
 
 from __future__ import annotations
 

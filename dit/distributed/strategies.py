@@ -275,8 +275,10 @@ class FSDPStrategy(Strategy):
         else:
             mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
         kwargs: dict[str, Any] = {"mesh": mesh}
-        if self.cfg.offload_params:
+        if self.cfg.offload_params and device_type == "cuda":
             kwargs["offload_policy"] = CPUOffloadPolicy()
+        elif self.cfg.offload_params:
+            log.info("train.offload_params: the parameters already live on the CPU (no GPU); nothing to offload")
         model.to(self.device)
         self.ema.module.to(self.device)
         for m in (model, self.ema.module):

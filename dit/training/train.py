@@ -28,6 +28,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_loader
+
+try:
+    from data_pipelines.state import merge_states
+except ImportError:  # an older data_pipelines without resumable loader state: resume replays batches instead
+    merge_states = None  # type: ignore[assignment]
 from dit.config import Config, save_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import parallelize
@@ -222,13 +227,22 @@ def main(cfg: Config) -> Path:
         strategy.load_ema(state["ema"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
-        mine = rank_state_path(resume_from, rank)
-        rs = torch.load(mine, map_location="cpu", weights_only=True) if mine.is_file() else state
-        gen.set_state(rs["generator"])
-        py_rng.setstate((rs["py_rng"][0], tuple(rs["py_rng"][1]), rs["py_rng"][2]))
-        set_rng_state(rs["rng"])
-        if rs.get("loader") is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(rs["loader"])
+        ranks = {int(p.stem.split("-")[1]): torch.load(p, map_location="cpu", weights_only=True)
+                 for p in sorted(resume_from.glob("rank-*.pt"))}
+        rs = ranks.get(rank, state if "generator" in state else None)  # (older checkpoints: rank 0 in state)
+        if rs is not None:
+            gen.set_state(rs["generator"])
+            py_rng.setstate((rs["py_rng"][0], tuple(rs["py_rng"][1]), rs["py_rng"][2]))
+            set_rng_state(rs["rng"])
+        else:
+            log.warning("rank %d has no RNG state in %s (more ranks than it was saved with): fresh seeds", rank,
+                        resume_from)
+        loader_states = [r["loader"] for r in ranks.values() if r.get("loader") is not None]
+        if loader_states and hasattr(loader, "load_state_dict"):
+            if parity or len(loader_states) == 1:
+                loader.load_state_dict(rs["loader"] if rs is not None else loader_states[0])
+            else:  # every rank's position: the loader itself handles a changed world size
+                loader.load_state_dict(merge_states(loader_states))
         else:
             replay = step
         if is_main:

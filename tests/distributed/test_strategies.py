@@ -92,3 +92,14 @@ def test_sampling_during_training_is_spread_over_ranks_under_fsdp(tmp_path: Path
     assert done.returncode == 0, done.stderr[-5000:]
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert sorted(events.Tags()["images"]) == ["samples/0", "samples/1", "samples/2"]
+
+
+def test_zero3_with_cpu_offload_runs_as_one_process_without_a_launcher(tmp_path: Path, one_process: Path,
+                                                                        small_shards: str, small_vae: Path) -> None:
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "offload"
+    done = dit_train(run, small_shards, small_vae, **{**COMMON, "train.steps": 3, "train.batch_size": 4,
+                                                      "train.strategy": "zero3", "train.offload_optimizer": True,
+                                                      "train.offload_params": True})
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert losses(run) == pytest.approx(losses(one_process)[:3], rel=1e-4)
