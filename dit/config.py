@@ -205,6 +205,7 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)
     # Distributed strategy (dit/distributed/strategies.py); the launcher (torchrun / accelerate launch) sets N.
     strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step (ddp, fsdp)
     offload_optimizer: bool = False  # zero1/2/3: optimizer states (and their update) on the CPU
     offload_params: bool = False  # zero3 / fsdp: parameters on the CPU between uses
     fsdp_shard: str = "full"  # fsdp: full (shard over all ranks) | hybrid (shard within a node, replicate across)
@@ -226,6 +227,10 @@ class TrainConfig:
         _check(not self.offload_params or self.strategy in ("zero3", "fsdp"), "train.offload_params",
                "needs train.strategy=zero3 or fsdp (the strategies that shard parameters)")
         _check(self.fsdp_shard in ("full", "hybrid"), "train.fsdp_shard", "must be full or hybrid")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _check(self.grad_accum_steps == 1 or not self.strategy.startswith("zero"), "train.grad_accum_steps",
+               "is not supported with DeepSpeed yet (its engine steps inside the micro-batch loop, so a skipped "
+               "non-finite step could not be undone): use ddp or fsdp, or a larger train.batch_size")
         _check(not (self.strategy == "fsdp" and self.mixed_precision == "fp16"), "train.mixed_precision",
                "fp16 is not supported with train.strategy=fsdp (no loss scaling there); use bf16")
         _check(self.deepspeed_config is None or Path(self.deepspeed_config).is_file(), "train.deepspeed_config",

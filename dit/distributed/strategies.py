@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,10 @@ class Strategy:
     def step(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def no_sync(self, accumulating: bool) -> Any:
+        """While ``accumulating`` (a micro-batch before the last), keep gradients local: no all-reduce."""
+        return self.accelerator.no_sync(self.model) if accumulating else nullcontext()
 
     def skip(self) -> None:
         """Drop this step's gradients without touching weights or optimizer state."""
@@ -292,6 +297,14 @@ class FSDPStrategy(Strategy):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()  # FSDP2 reduce-scatters (averages) the gradients
+
+    @contextmanager
+    def no_sync(self, accumulating: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(not accumulating)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def clip_and_norm(self) -> float | None:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)

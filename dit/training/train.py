@@ -124,13 +124,13 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
 
 def build_train_loader(cfg: Config) -> Any:
     """The data loader; with train.parity_batch every rank reads the whole global batch as one process would."""
-    world = world_size_from_env()
+    world, per_rank = world_size_from_env(), cfg.train.batch_size * cfg.train.grad_accum_steps
     if not cfg.train.parity_batch or world == 1:
-        return build_loader(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
+        return build_loader(cfg.data, per_rank, seed=cfg.train.seed)
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
     os.environ.update(RANK="0", WORLD_SIZE="1")  # the loader reads its rank from the environment
     try:
-        return build_loader(cfg.data, cfg.train.batch_size * world, seed=cfg.train.seed)
+        return build_loader(cfg.data, per_rank * world, seed=cfg.train.seed)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -216,7 +216,8 @@ def main(cfg: Config) -> Path:
 
     # Randomness: each rank its own stream; with parity_batch all ranks draw the global batch and keep a slice.
     parity = cfg.train.parity_batch and world > 1
-    keep = slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size) if parity else None
+    accum, micro = cfg.train.grad_accum_steps, cfg.train.batch_size
+    keep = slice(rank * micro * accum, (rank + 1) * micro * accum) if parity else None
     stream_seed = cfg.train.seed + (0 if parity else rank)
     step, py_rng = 0, random.Random(stream_seed)
     gen = torch.Generator(device="cpu").manual_seed(stream_seed)
@@ -290,21 +291,29 @@ def main(cfg: Config) -> Path:
             watchdog.mark("forward/backward/optimizer step")
             latents, states, mask, t, noise = draw_batch(batch, vae, text, schedule.num_timesteps, gen, py_rng,
                                                          cfg.diffusion.prompt_dropout, device, keep)
-            with accelerator.autocast():
-                loss = training_loss(strategy.model, latents, schedule_dev,
-                                     model_kwargs=dict(text=states, text_mask=mask),
-                                     prediction=cfg.diffusion.prediction, t=t, noise=noise,
-                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
-            if step + 1 in cfg.train.debug_nan_steps and rank == 0:  # test hook: one rank's loss goes bad
-                loss = loss * float("nan")
+            # train.grad_accum_steps micro-batches of train.batch_size rows; gradients sync after the last only.
             # A non-finite loss or gradient norm on any rank: every rank skips the update (weights, optimizer
             # state and EMA stay as they were); the data and the LR schedule move on.
-            nonfinite = strategy.any_rank(not bool(torch.isfinite(loss.detach())))
-            grad_norm = None
+            losses, nonfinite, grad_norm = [], False, None
+            for i in range(accum):
+                rows = slice(i * micro, (i + 1) * micro) if accum > 1 else slice(None)
+                with strategy.no_sync(i < accum - 1):
+                    with accelerator.autocast():
+                        loss = training_loss(strategy.model, latents[rows], schedule_dev,
+                                             model_kwargs=dict(text=states[rows], text_mask=mask[rows]),
+                                             prediction=cfg.diffusion.prediction, t=t[rows], noise=noise[rows],
+                                             min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                    if step + 1 in cfg.train.debug_nan_steps and rank == 0:  # test hook: one rank's loss goes bad
+                        loss = loss * float("nan")
+                    losses.append(loss.detach())
+                    nonfinite = strategy.any_rank(not bool(torch.isfinite(loss.detach())))
+                    if nonfinite:
+                        break
+                    strategy.backward(loss / accum if accum > 1 else loss)
             if not nonfinite:
-                strategy.backward(loss)
                 grad_norm = strategy.clip_and_norm()
                 nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
+            loss = losses[0] if accum == 1 else torch.stack(losses).mean()
             if nonfinite:
                 strategy.skip()
                 nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1

@@ -1,4 +1,5 @@
-"""Non-finite losses: the step is skipped and counted, N in a row stop the run, no checkpoint holds NaN."""
+"""The optimizer step: non-finite losses are skipped and counted (N in a row stop, no checkpoint holds NaN);
+gradient accumulation equals one big batch."""
 
 from __future__ import annotations
 
@@ -47,3 +48,17 @@ def test_repeated_nan_stops_the_run_with_a_clear_message(tmp_path: Path, small_s
     assert [p.name for p in list_checkpoints(run)][-1] == "step-00000006"  # written after skipped step 5, finite
     for ckpt in list_checkpoints(run):
         assert finite(load_training_state(ckpt)["model"]) and finite(load_weights(ckpt)[0])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
+    runs = {}
+    for name, batch, accum in (("big", 4, 1), ("accum", 2, 2)):
+        runs[name] = tmp_path / name
+        train.main(small_config(runs[name], small_shards, small_vae, **{
+            "train.steps": 4, "train.checkpoint_every": 4, "train.batch_size": batch, "train.grad_accum_steps": accum}))
+    big, acc = ([r["loss"] for r in records(runs[k])] for k in ("big", "accum"))
+    assert acc == pytest.approx(big, rel=1e-5)
+    a = load_training_state(list_checkpoints(runs["big"])[-1])["model"]
+    b = load_training_state(list_checkpoints(runs["accum"])[-1])["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
