@@ -20,6 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# A requeued job waits this long before it starts again (SLURM's default: 120 s), until the credential the
+# first run's revocation left behind expires; scontrol update StartTime=now cannot skip that safely.
+CRED_EXPIRE = 10
+
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
 COMMANDS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun"]
 
@@ -85,7 +89,7 @@ SlurmctldPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={r}/munge/munge.socket.2
+AuthInfo=socket={r}/munge/munge.socket.2,cred_expire={CRED_EXPIRE}
 CredType=cred/munge
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
@@ -174,11 +178,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 return info
             time.sleep(1)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {info}\n{self.logs()}")
-
-    def wait_idle(self, timeout: float) -> None:
-        """Until every node is IDLE with nothing left COMPLETING (the last job's processes are gone)."""
-        self._wait(lambda: re.findall(r"State=(\S+)", self.run("scontrol", "-o", "show", "node", check=False).stdout)
-                   == ["IDLE"] * len(self.nodes), timeout, "the nodes to be idle")
 
     def stop(self) -> None:
         """Cancel every job, SIGTERM each daemon this object started (by pid), SIGKILL what is left, remove
