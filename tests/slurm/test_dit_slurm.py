@@ -87,7 +87,7 @@ def launch(tmp_path: Path, *args: str) -> subprocess.Popen:
     (tmp_path / "worker.py").write_text(WORKER)
     cmd = [sys.executable, "-m", "dit.cli", "slurm", "launch", "--", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", "0", str(tmp_path / "worker.py"), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

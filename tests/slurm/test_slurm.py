@@ -226,19 +226,20 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster: LocalSlurm, data: dic
 
 
 def test_train_on_two_nodes(two_nodes: LocalSlurm, data: dict[str, Path], tmp_path: Path) -> None:
-    """One srun task per node: machine rank from SLURM_NODEID, the rendezvous on the first node."""
+    """One srun task per node: machine rank from SLURM_NODEID, the rendezvous on the first node; the strategy
+    (DeepSpeed ZeRO-2 here) comes from the experiment config."""
     out, logs = tmp_path / "run", tmp_path / "logs"
     logs.mkdir()
     job = sbatch(two_nodes, "--nodes=2", "--gpus-per-node=0", "--job-name=train2n", f"--output={logs}/%x-%j.out",
                  str(ROOT / "slurm" / "train.sbatch"),
-                 *train_args(data["shards"], data["vae"], out, **{"train.steps": 2}),
+                 *train_args(data["shards"], data["vae"], out, **{"train.steps": 2, "train.strategy": "zero2"}),
                  env=job_env(two_nodes, DIT_LOG_DIR=str(logs), MAIN_ADDR="127.0.0.1"))  # the node names don't resolve
     info = two_nodes.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
     batch_log = (logs / f"train2n-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", f"{info}\n{batch_log}"
     assert "2 node(s) x 1 process(es)" in batch_log
     final = out / "checkpoints" / "step-00000002"
-    assert (final / "model.safetensors").is_file()
+    assert (final / "model.safetensors").is_file() and (final / "deepspeed").is_dir()  # ZeRO's sharded state
     for node in (0, 1):  # node N ran global rank N (one process per node)
         node_log = (logs / f"train2n-{job}" / f"node-{node}.log").read_text()
         assert f" rank{node}: checkpoint: {final}" in node_log, node_log
