@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageOps
 
-from data_pipelines.sampling import FramePicker, TooShort
+from data_pipelines.sampling import FramePicker, Rejected
 
 try:  # decord has no wheels on some platforms (macOS arm64); PyAV then decodes everything
     import decord
@@ -117,13 +117,13 @@ def decode_video(data: bytes, indices: Indices = None, *, num_threads: int = 1) 
     if decord is not None:
         try:
             return _decode_decord(data, indices, num_threads)
-        except TooShort:
+        except Rejected:
             raise
         except Exception as e:  # decord raises bare RuntimeErrors (DECORDError) for unreadable input
             errors.append(f"decord: {_short(e)}")
     try:
         return _decode_pyav(data, indices)
-    except TooShort:
+    except Rejected:
         raise
     except Exception as e:
         errors.append(f"pyav: {_short(e)}")

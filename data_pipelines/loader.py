@@ -2,13 +2,13 @@
 
 The pipeline is a visible list of small stages (as in open_clip's ``get_wds_dataset``):
 
-    ReadSamples        per dataset and epoch: shard URLs shuffled by seed + epoch → every world_size-th
-                       shard for this rank (rank read at build time) → every num_workers-th for this
-                       worker → tar samples {"__key__", "mp4" | "jpg" | ..., "txt", "json"} → a shuffle
-                       buffer seeded by (seed, dataset, epoch, rank, worker); datasets mixed by weight;
-                       each sample carries the reader's position (for ``state_dict``)
-    DecodeClips        decode + sample frames + resize/crop; bad samples are logged, counted and skipped
+    ReadSamples        (reader.py) per dataset and epoch: shards shuffled by seed + epoch → this rank's and
+                       this worker's share → tar samples → a seeded shuffle buffer; datasets mixed by
+                       weight; each sample carries the reader's position (for ``state_dict``)
+    DecodeClips        decode + sample frames (+ pick a bucket) + resize/crop; bad samples are logged,
+                       counted and skipped
     Batch              stack into {"video", "caption", "key"} plus the counts since the last batch
+                       (one queue per bucket with data.buckets.enabled)
     in_worker_order    (main process) batches round-robin over workers, from the worker whose turn it is
 
 Bad samples never stop a run unless more than ``data.max_bad_fraction`` of them fail (checked after
@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
+from torch.utils.data import DataLoader
 
+from data_pipelines.buckets import BucketChooser, NoBucket
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
+from data_pipelines.reader import ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
 from data_pipelines.state import VERSION as STATE_VERSION
@@ -41,17 +42,20 @@ from dit.config import DataConfig
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES_FOR_BAD_CHECK = 20
-# Why a sample was skipped. tar_error counts unreadable tar data (a truncated or missing shard).
-REASONS = ("no_media", "decode_error", "too_short", "no_caption", "bad_caption", "tar_error")
+# Why a sample was skipped. tar_error counts a shard that broke off (truncated, missing, a failed pipe:);
+# bucket_* count samples that fit no bucket (data_pipelines/buckets.py).
+REASONS = ("no_media", "decode_error", "too_short", "no_caption", "bad_caption", "tar_error", "bucket_aspect",
+           "bucket_no_image")
 
 
 @dataclass
 class DataStats:
-    """Samples read (``seen``), decoded (``ok``) and skipped by reason (``bad``)."""
+    """Samples read (``seen``), decoded (``ok``), skipped by reason (``bad``) and batched by bucket (``buckets``)."""
 
     seen: int = 0
     ok: int = 0
     bad: Counter = field(default_factory=Counter)
+    buckets: Counter = field(default_factory=Counter)
 
     @property
     def num_bad(self) -> int:
@@ -61,13 +65,16 @@ class DataStats:
     def bad_fraction(self) -> float:
         return self.num_bad / self.seen if self.seen else 0.0
 
-    def add(self, seen: int = 0, ok: int = 0, bad: dict[str, int] | None = None) -> None:
+    def add(self, seen: int = 0, ok: int = 0, bad: dict[str, int] | None = None,
+            buckets: dict[str, int] | None = None) -> None:
         self.seen += seen
         self.ok += ok
         self.bad.update(bad or {})
+        self.buckets.update(buckets or {})
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "ok": self.ok, "bad": dict(self.bad)}
+        out = {"seen": self.seen, "ok": self.ok, "bad": dict(self.bad)}
+        return out | ({"buckets": dict(self.buckets)} if self.buckets else {})
 
     def __bool__(self) -> bool:
         return self.seen > 0
@@ -80,118 +87,6 @@ def check_bad_fraction(stats: DataStats, max_bad_fraction: float) -> None:
             f"{stats.num_bad} of {stats.seen} samples ({stats.bad_fraction:.0%}) could not be used, more than "
             f"data.max_bad_fraction={max_bad_fraction}; reasons: {dict(stats.bad)}. Fix the shards (see the "
             "warnings above for keys) or raise data.max_bad_fraction.")
-
-
-class SharedEpoch:
-    """The epoch number, shared with (persistent) DataLoader workers."""
-
-    def __init__(self, epoch: int = 0) -> None:
-        self.value = mp.Value("i", epoch, lock=False)  # one writer (the main process); no lock to pickle
-
-    def get(self) -> int:
-        return self.value.value
-
-    def set(self, epoch: int) -> None:
-        self.value.value = epoch
-
-
-def _rng(*parts: Any) -> random.Random:
-    """A generator seeded by a tuple of values, the same in every process (str seeds are hashed stably)."""
-    return random.Random(" ".join(map(str, parts)))
-
-
-def _worker() -> tuple[int, int]:
-    """(worker id, number of workers) of this DataLoader worker; (0, 1) in the main process."""
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-# ----------------------------------------------------------------------------- stages
-
-
-def epoch_shards(urls: list[str], seed: int, dataset: int, epoch: int) -> list[str]:
-    """The shard order of one epoch of one dataset, the same on every rank."""
-    urls = list(urls)
-    _rng(seed, "shards", dataset, epoch).shuffle(urls)
-    return urls
-
-
-class ReadSamples(IterableDataset):
-    """Raw tar samples of this reader (rank, worker), epoch by epoch, mixed over datasets by weight.
-
-    Per dataset and epoch: the epoch's shard order → this rank's every world_size-th shard → this
-    worker's every num_workers-th of those → tar samples → a shuffle buffer seeded by (seed, dataset,
-    epoch, rank, worker). Each sample carries ``__pos__``, the ``[epoch, offset]`` of every dataset
-    after it, so a loader can stop and later skip exactly that far (``resume``), reading but not
-    decoding the skipped samples. Datasets are mixed by a draw seeded by the current positions.
-    """
-
-    def __init__(self, url_lists: list[list[str]], weights: list[float], *, seed: int, rank: int, world_size: int,
-                 epoch: SharedEpoch, infinite: bool, epoch_seed: bool, shuffle_buffer: int, on_tar_error: Any) -> None:
-        super().__init__()
-        self.url_lists, self.weights, self.seed, self.rank, self.world_size = url_lists, weights, seed, rank, world_size
-        self.epoch, self.infinite, self.epoch_seed, self.bufsize = epoch, infinite, epoch_seed, shuffle_buffer
-        self.on_tar_error = on_tar_error
-        self.resume: dict[int, list[list[int]]] = {}  # worker -> per-dataset [epoch, offset]; used once
-        self.skipping = False
-
-    def shard_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
-        """Tar samples of each shard. A shard that cannot be opened or read to its end (truncated, a failed
-        ``pipe:``) ends there: its samples before the break are kept, the one being read is dropped, and the
-        shard counts once as ``tar_error`` (not again when a resumed loader skips over it)."""
-        for url in urls:
-            failed: list[Exception] = []
-            stop = failed.append  # returns None (falsy): stop reading this shard at its first error
-            members = tariterators.tar_file_expander(tariterators.url_opener([{"url": url}], handler=stop),
-                                                     handler=stop, eof_value=None)
-            previous = None
-            for sample in tariterators.group_by_keys(members, handler=stop):
-                if previous is not None:
-                    yield previous
-                previous = sample
-            if not failed and previous is not None:
-                yield previous
-            elif failed and not self.skipping:
-                self.on_tar_error(url, failed[0])
-
-    def dataset(self, d: int, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[tuple]:
-        while True:
-            e = epoch if self.epoch_seed else 0
-            urls = epoch_shards(self.url_lists[d], self.seed, d, e)[self.rank::self.world_size][worker::num_workers]
-            samples = self.shard_samples(urls)
-            if self.bufsize > 1:
-                rng = _rng(self.seed, "samples", d, e, self.rank, worker)
-                samples = wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
-            self.skipping = skip > 0
-            for offset, sample in enumerate(samples, start=1):
-                if offset <= skip:
-                    self.skipping = offset < skip
-                    continue
-                yield epoch, offset, sample
-            self.skipping, skip, epoch = False, 0, epoch + 1
-            if not self.infinite:
-                return
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = _worker()
-        n = len(self.url_lists)
-        pos = self.resume.pop(worker, None) or [[self.epoch.get(), 0] for _ in range(n)]
-        streams = [self.dataset(d, e, off, worker, num_workers) for d, (e, off) in enumerate(pos)]
-        done: set[int] = set()
-        while len(done) < n:
-            d = 0
-            if n > 1:  # the first draw, seeded by where we are, that names a dataset with samples left
-                rng = _rng(self.seed, "mix", self.rank, worker, pos)
-                while (d := rng.choices(range(n), self.weights)[0]) in done:
-                    pass
-            item = next(streams[d], None)
-            if item is None:
-                done.add(d)
-                continue
-            epoch, offset, sample = item
-            pos[d] = [epoch, offset]
-            sample["__pos__"], sample["__epoch__"] = [list(p) for p in pos], epoch
-            yield sample
 
 
 class _Skip(Exception):
@@ -211,8 +106,9 @@ class DecodeClips(wds.PipelineStage):
     every run, whatever the number of ranks and workers, and nothing to restore on resume.
     """
 
-    def __init__(self, cfg: DataConfig, *, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, *, seed: int, batch_size: int) -> None:
         self.cfg, self.seed = cfg, seed
+        self.buckets = BucketChooser(cfg.buckets, batch_size) if cfg.buckets.enabled else None
         self.pending = DataStats()  # counts not yet attached to a yielded sample
 
     def skip_tar_error(self, url: str, exn: Exception) -> None:
@@ -244,8 +140,9 @@ class DecodeClips(wds.PipelineStage):
         except json.JSONDecodeError as e:
             raise _Skip("bad_caption", f"KEY.json is not valid JSON: {e}") from e
 
-    def clip(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, str]:
-        cfg = self.cfg
+    def clip(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, str, Any]:
+        """``(video [3, T, H, W], caption, bucket or None)``; raises ``_Skip`` with the reason."""
+        cfg, buckets = self.cfg, self.buckets
         video_ext = next((e for e in VIDEO_EXTS if e in sample), None)
         image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if video_ext is None and image_ext is None:
@@ -254,37 +151,48 @@ class DecodeClips(wds.PipelineStage):
         caption = self.caption(sample)
         try:
             if video_ext is not None:
-                pick = FramePicker(cfg.frames, cfg.frame_stride, cfg.fps, rng)  # only these frames are decoded
+                count = buckets.video_frames if buckets else cfg.frames
+                pick = FramePicker(count, cfg.frame_stride, cfg.fps, rng)  # only these frames are decoded
                 frames, _ = decode_video(sample[video_ext], pick)
-                return resize_crop(frames, cfg.height, cfg.width), caption
-            image = resize_crop(decode_image(sample[image_ext])[None], cfg.height, cfg.width)  # [3, 1, H, W]
-            return image.expand(-1, cfg.frames, -1, -1), caption  # a still clip
+                bucket = buckets.choose(len(frames), *frames.shape[1:3], image=False) if buckets else None
+                size = (bucket.height, bucket.width) if bucket else (cfg.height, cfg.width)
+                return resize_crop(frames, *size), caption, bucket
+            image = decode_image(sample[image_ext])
+            bucket = buckets.choose(1, *image.shape[:2], image=True) if buckets else None
+            size = (bucket.height, bucket.width) if bucket else (cfg.height, cfg.width)
+            clip = resize_crop(image[None], *size)  # [3, 1, H, W]
+            return (clip, caption, bucket) if bucket else (clip.expand(-1, cfg.frames, -1, -1), caption, None)
         except TooShort as e:
             raise _Skip("too_short", str(e)) from e
+        except NoBucket as e:
+            raise _Skip(e.reason, str(e)) from e
         except (DecodeError, ValueError, IndexError, RuntimeError) as e:
             raise _Skip("decode_error", str(e)[:300]) from e
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         total = DataStats()  # this process's counts in this pass, for the bad-fraction check
-        pos = None
+        where = {"pos": None, "draws": 0}
         for sample in src:
-            key, pos = sample.get("__key__", "?"), sample["__pos__"]
-            rng = _rng(self.seed, "frames", sample["__epoch__"], key)
+            key = sample.get("__key__", "?")
+            where = {"pos": sample["__pos__"], "draws": sample["__draw__"] + 1}
+            rng = seeded(self.seed, "frames", sample["__epoch__"], key)
             try:
-                video, caption = self.clip(sample, rng)
+                video, caption, bucket = self.clip(sample, rng)
             except _Skip as skip:
                 url = sample.get("__url__", "?")
                 log.warning("skipping sample %s in %s: %s (%s)", key, url, skip.reason, skip)
                 self.log_bad(key, skip.reason, url, str(skip))
                 self.pending.add(seen=1, bad={skip.reason: 1})
             else:
-                self.pending.add(seen=1, ok=1)
+                if not sample["__replay__"]:  # a replayed sample was counted before the stop
+                    self.pending.add(seen=1, ok=1)
                 total.add(**self.pending.as_dict())
                 counts, self.pending = self.pending, DataStats()
-                yield {"video": video, "caption": caption, "key": key, "counts": counts, "pos": pos}
+                yield {"video": video, "caption": caption, "key": key, "counts": counts, "bucket": bucket,
+                       "waiting": [sample["__pos__"], sample["__dataset__"], sample["__draw__"]], **where}
             check_bad_fraction(_sum(total, self.pending), self.cfg.max_bad_fraction)
         counts, self.pending = self.pending, DataStats()
-        yield {"counts": counts, "pos": pos, "end": True}
+        yield {"counts": counts, "end": True, **where}
 
 
 def _sum(a: DataStats, b: DataStats) -> DataStats:
@@ -295,40 +203,52 @@ def _sum(a: DataStats, b: DataStats) -> DataStats:
 
 
 class Batch(wds.PipelineStage):
-    """Stack samples into ``{"video": [B, 3, T, H, W], "caption", "key", "seen", "bad_counts", "worker", "pos"}``.
+    """Stack samples into ``{"video": [B, 3, T, H, W], "caption", "key", "seen", "bad_counts", "worker", "pos",
+    "draws", "pending"}`` (and ``"bucket"`` with buckets: a queue per bucket, each with its batch size).
 
-    ``seen`` and ``bad_counts`` count what this reader read since its previous batch; ``pos`` is the
-    reader position after the batch's last sample. When the reader ends (finite loaders), a final
-    ``{"end": True, ...}`` without ``video`` carries the counts after the last batch (or a dropped one).
+    ``seen`` and ``bad_counts`` count what this reader read since its previous batch; ``pos`` and
+    ``draws`` say where the reader is; ``pending`` lists the samples still waiting in bucket queues.
+    When the reader ends (finite loaders), the partial queues follow (unless ``drop_last``), then a
+    final ``{"end": True, ...}`` without ``video`` with the counts after the last batch.
     """
 
     def __init__(self, batch_size: int, drop_last: bool) -> None:
         self.batch_size, self.drop_last = batch_size, drop_last
 
     @staticmethod
-    def collate(samples: list[dict[str, Any]], counts: DataStats, **extra: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"seen": counts.seen, "bad_counts": dict(counts.bad), "worker": _worker()[0], **extra}
+    def collate(samples: list[dict[str, Any]], counts: DataStats, where: dict[str, Any],
+                queues: dict[Any, list[dict[str, Any]]], **extra: Any) -> dict[str, Any]:
+        waiting = sorted((s["waiting"] for q in queues.values() for s in q), key=lambda w: w[2])
+        out: dict[str, Any] = {"seen": counts.seen, "bad_counts": dict(counts.bad), "worker": worker_info()[0],
+                               "pos": where["pos"], "draws": where["draws"], "pending": waiting, **extra}
         if samples:
             out["video"] = torch.stack([s["video"] for s in samples])
             out["caption"] = [s["caption"] for s in samples]
             out["key"] = [s["key"] for s in samples]
-            out["pos"] = samples[-1]["pos"]
+            if samples[0]["bucket"] is not None:
+                out["bucket"] = samples[0]["bucket"].name
         return out
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        samples, counts = [], DataStats()
+        queues: dict[Any, list[dict[str, Any]]] = {}  # bucket (None: no buckets) -> samples, oldest first
+        counts = DataStats()
         for sample in src:
             counts.add(**sample["counts"].as_dict())
+            where = {"pos": sample["pos"], "draws": sample["draws"]}
             if "video" in sample:
-                samples.append(sample)
-            if len(samples) == self.batch_size:
-                yield self.collate(samples, counts)
-                samples, counts = [], DataStats()
+                bucket = sample["bucket"]
+                queue = queues.setdefault(bucket, [])
+                queue.append(sample)
+                if len(queue) == (bucket.batch_size if bucket else self.batch_size):
+                    del queues[bucket]
+                    yield self.collate(queue, counts, where, queues)
+                    counts = DataStats()
             if sample.get("end"):
-                if samples and not self.drop_last:
-                    yield self.collate(samples, counts)
-                    samples, counts = [], DataStats()
-                yield self.collate([], counts, end=True, pos=sample["pos"])
+                while queues and not self.drop_last:  # oldest queue first
+                    bucket = min(queues, key=lambda b: queues[b][0]["waiting"][2])
+                    yield self.collate(queues.pop(bucket), counts, where, queues)
+                    counts = DataStats()
+                yield self.collate([], counts, where, {}, end=True)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -336,7 +256,8 @@ class Batch(wds.PipelineStage):
 
 class Loader:
     """Iterate for batches ``{"video": [B, 3, T, H, W], "caption": list[str], "key": list[str], "seen": int,
-    "bad_counts": dict[str, int]}``. ``stats`` sums the counts of every batch (from all workers).
+    "bad_counts": dict[str, int]}`` (+ ``"bucket": "TxHxW"`` with buckets). ``stats`` sums the counts of every
+    batch (from all workers) and the samples batched per bucket.
 
     Each ``iter(loader)`` starts the next epoch (shard and sample order seeded by seed + epoch when
     ``epoch_seed``); ``set_epoch`` picks one. An infinite loader runs epoch after epoch in one iteration.
@@ -359,11 +280,23 @@ class Loader:
     def _dataloader(self) -> DataLoader | None:
         if self.cfg.num_workers == 0:
             return None
+        # Workers start from a clean forkserver process, not by forking this one: a fork inherits locks that
+        # threads here (ffmpeg/decord/PyAV, queue feeders of other loaders) may hold, and can hang the worker.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["data_pipelines.loader"])
         return DataLoader(self.pipeline, batch_size=None, num_workers=self.cfg.num_workers,
-                          persistent_workers=True, pin_memory=torch.cuda.is_available())
+                          persistent_workers=True, pin_memory=torch.cuda.is_available(), multiprocessing_context=ctx)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def close(self) -> None:
+        """Stop the worker processes now (they are persistent). Do this before building another loader with
+        workers in the same process: forking while an old loader's queue threads run can hang the new workers."""
+        it = getattr(self.dataloader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+            self.dataloader._iterator = None
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position and counts, as plain data (safe for ``torch.load(weights_only=True)``)."""
@@ -372,8 +305,7 @@ class Loader:
         if cur is not None:
             mine = {"rank": self.rank, "epoch": cur["epoch"], "next_worker": cur["next_worker"],
                     "ended": sorted(cur["ended"]),
-                    "readers": [{"worker": w, "datasets": [list(p) for p in pos]}
-                                for w, pos in sorted(cur["readers"].items())]}
+                    "readers": [{"worker": w, **r} for w, r in sorted(cur["readers"].items())]}
         return {"version": STATE_VERSION, **self.layout, "stats": self.stats.as_dict(), "ranks": [mine]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -383,6 +315,7 @@ class Loader:
         self.stats.add(**state["stats"])
         self.epoch, self._resume = plan["epoch"], plan
         self.reader.resume = dict(plan["readers"])
+        self.close()
         self.dataloader = self._dataloader()  # fresh workers take the resume positions with them
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -394,13 +327,16 @@ class Loader:
         source = self.dataloader if self.dataloader is not None else self.pipeline
         for batch in in_worker_order(source, self.num_readers, cur["next_worker"], cur["ended"]):
             cur["next_worker"] = batch["next_worker"]
-            if batch.get("pos") is not None:
-                cur["readers"][batch["worker"]] = batch["pos"]
+            if batch["pos"] is not None:
+                cur["readers"][batch["worker"]] = {"datasets": batch["pos"], "draws": batch["draws"],
+                                                   "pending": batch["pending"]}
             bad = {k: int(v) for k, v in batch["bad_counts"].items()}
             self.stats.add(seen=int(batch["seen"]), ok=int(batch["seen"]) - sum(bad.values()), bad=bad)
             check_bad_fraction(self.stats, self.cfg.max_bad_fraction)
             if "video" in batch:
-                yield {k: batch[k] for k in ("video", "caption", "key", "seen", "bad_counts")}
+                if "bucket" in batch:
+                    self.stats.buckets[batch["bucket"]] += len(batch["key"])
+                yield {k: batch[k] for k in ("video", "caption", "key", "seen", "bad_counts", "bucket") if k in batch}
         self._current = None
 
 
@@ -423,12 +359,13 @@ def build_loader(cfg: DataConfig, batch_size: int, *, seed: int = 0, epoch_seed:
         log.warning("%d shards for %d readers (ranks x workers): some readers get no data; use more shards "
                     "or fewer data.num_workers", min(map(len, url_lists)), readers)
     epoch = SharedEpoch()
-    decoder = DecodeClips(cfg, seed=seed)
+    decoder = DecodeClips(cfg, seed=seed, batch_size=batch_size)
     reader = ReadSamples(url_lists, [w for _, w in sources], seed=seed, rank=rank, world_size=world_size,
                          epoch=epoch, infinite=infinite, epoch_seed=epoch_seed, shuffle_buffer=cfg.shuffle_buffer,
                          on_tar_error=decoder.skip_tar_error)
     pipeline = wds.DataPipeline(reader, decoder, Batch(batch_size, drop_last))
     layout = {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed, "batch_size": batch_size,
               "shuffle_buffer": cfg.shuffle_buffer, "epoch_seed": epoch_seed,
+              "buckets": repr(cfg.buckets) if cfg.buckets.enabled else "",
               "shards": fingerprint(url_lists + [[repr(w) for _, w in sources]])}
     return Loader(pipeline, reader, cfg=cfg, batch_size=batch_size, epoch=epoch, layout=layout)

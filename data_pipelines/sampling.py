@@ -6,7 +6,11 @@ import random
 from dataclasses import dataclass
 
 
-class TooShort(ValueError):
+class Rejected(ValueError):
+    """The clip is readable but does not fit what was asked (decoders pass this on instead of retrying)."""
+
+
+class TooShort(Rejected):
     """The clip has fewer frames than the requested count and stride need."""
 
 
@@ -53,14 +57,27 @@ def fps_indices(num_frames: int, src_fps: float, count: int, fps: float, rng: ra
 @dataclass(frozen=True)
 class FramePicker:
     """The frames to decode from a clip, by count and either stride or target fps (``decode_video`` calls it
-    with the clip's frame count and real fps, read from the container)."""
+    with the clip's frame count and real fps, read from the container).
 
-    count: int
+    ``count`` may be a tuple of counts (bucket frame counts): the longest one the clip covers is taken.
+    """
+
+    count: int | tuple[int, ...]
     stride: int = 1
     fps: float | None = None
     rng: random.Random | None = None
 
-    def __call__(self, num_frames: int, src_fps: float) -> list[int]:
+    def pick(self, num_frames: int, src_fps: float, count: int) -> list[int]:
         if self.fps is not None:
-            return fps_indices(num_frames, src_fps, self.count, self.fps, self.rng)
-        return frame_indices(num_frames, self.count, self.stride, self.rng)
+            return fps_indices(num_frames, src_fps, count, self.fps, self.rng)
+        return frame_indices(num_frames, count, self.stride, self.rng)
+
+    def __call__(self, num_frames: int, src_fps: float) -> list[int]:
+        if isinstance(self.count, int):
+            return self.pick(num_frames, src_fps, self.count)
+        for count in sorted(self.count, reverse=True):  # the longest that fits
+            try:
+                return self.pick(num_frames, src_fps, count)
+            except TooShort as e:
+                error = e
+        raise TooShort(f"shorter than every bucket: {error}")

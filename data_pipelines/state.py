@@ -2,11 +2,12 @@
 
 Each reader (one per rank and DataLoader worker) reads its datasets epoch by epoch. Its position is,
 per dataset, ``(epoch, offset)``: how many raw samples its seeded shuffle buffer has handed on in that
-epoch (``offset = -1``: that epoch is finished, finite loaders only). On restore a reader re-reads
-the same shards and the same shuffle buffer and skips ``offset`` raw samples without decoding them.
-Frame offsets are seeded per sample (by seed, epoch and key), so nothing else needs restoring. The
-main process also keeps the order in which it takes batches from the workers (``next_worker``) and
-the counts so far.
+epoch, plus ``draws`` (samples taken from the dataset mix) and ``pending`` (samples waiting in bucket
+queues, by their position and draw). On restore a reader re-reads the same shards and the same shuffle
+buffer and skips raw samples without decoding them; it decodes again only the pending ones (without
+counting them twice), so the bucket queues are what they were. Frame offsets are seeded per sample
+(by seed, epoch and key), so no generator state needs restoring. The main process also keeps the
+order in which it takes batches from the workers (``next_worker``) and the counts so far.
 
 A state is plain Python data (ints, strings, lists, dicts): ``torch.save`` / ``torch.load(weights_only=True)``
 and JSON both take it.
@@ -31,7 +32,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 VERSION = 1
-LAYOUT_KEYS = ("world_size", "num_workers", "shards", "seed", "batch_size", "shuffle_buffer", "epoch_seed")
+LAYOUT_KEYS = ("world_size", "num_workers", "shards", "seed", "batch_size", "shuffle_buffer", "epoch_seed", "buckets")
 
 
 def fingerprint(url_lists: list[list[str]]) -> str:
@@ -66,15 +67,17 @@ def check_state(state: Any) -> None:
 def plan_resume(state: dict[str, Any], layout: dict[str, Any], rank: int) -> dict[str, Any]:
     """What this rank's loader does next: ``{"epoch", "readers", "next_worker", "ended", "exact"}``.
 
-    ``readers`` maps worker id to its per-dataset ``[[epoch, offset], ...]``; empty means "start ``epoch``
-    fresh" (see the module docstring for the changed-layout rule).
+    ``readers`` maps worker id to ``{"datasets": [[epoch, offset], ...], "draws", "pending"}``; empty means
+    "start ``epoch`` fresh" (see the module docstring for the changed-layout rule).
     """
     check_state(state)
     changed = [k for k in LAYOUT_KEYS if state.get(k) != layout.get(k)]
     mine = [r for r in state["ranks"] if r["rank"] == rank]
     if not changed and mine:
         r = mine[0]
-        readers = {int(w["worker"]): [list(p) for p in w["datasets"]] for w in r["readers"]}
+        readers = {int(w["worker"]): {"datasets": [list(p) for p in w["datasets"]], "draws": int(w["draws"]),
+                                      "pending": [[[list(p) for p in pos], d, draw] for pos, d, draw in w["pending"]]}
+                   for w in r["readers"]}
         return {"epoch": r["epoch"], "readers": readers, "next_worker": r["next_worker"],
                 "ended": list(r["ended"]), "exact": True}
     if not changed:

@@ -10,8 +10,13 @@ from data_pipelines.state import merge_states
 from dit.config import DataConfig
 
 
-def take(loader, n: int) -> list[dict]:
-    return list(itertools.islice(iter(loader), n))
+def take(loader, n: int, close: bool = True) -> list[dict]:
+    """The first n batches of a new iteration; then stop the loader's workers (forking new workers while an
+    old loader's queue threads run can hang them)."""
+    out = list(itertools.islice(iter(loader), n))
+    if close:
+        loader.close()
+    return out
 
 
 def roundtrip(state: dict) -> dict:
@@ -59,6 +64,7 @@ def test_resume_mid_epoch_then_next_epoch(synthetic_shards, workers):
     make = lambda: build_loader(cfg, 4, seed=1, infinite=False, drop_last=False)  # noqa: E731
     ref = make()
     epoch0, epoch1 = list(ref), list(ref)
+    ref.close()
     first = make()
     head = take(first, 5)
     resumed = make()
@@ -67,11 +73,14 @@ def test_resume_mid_epoch_then_next_epoch(synthetic_shards, workers):
     assert_same_batches(head + rest, epoch0)
     assert resumed.stats.as_dict() == {"seen": 60, "ok": 60, "bad": {}}
     assert_same_batches(list(resumed), epoch1)  # the next iter() is the next epoch, not a replay
+    resumed.close()
     done = make()  # a state taken between epochs starts the next epoch
     list(done)
+    done.close()
     again = make()
     again.load_state_dict(done.state_dict())
     assert_same_batches(list(again), epoch1)
+    again.close()
 
 
 def test_changed_world_size_continues_with_the_next_epoch(synthetic_shards, monkeypatch, caplog):
