@@ -121,6 +121,27 @@ def cmd_slurm(args: argparse.Namespace) -> None:
     slurm.submit(job, dry_run=args.dry_run)
 
 
+def cmd_make_shards(args: argparse.Namespace) -> None:
+    import json
+
+    from data_pipelines.make_shards import make_shards
+
+    try:
+        stats = make_shards(args.src, args.out, maxcount=args.maxcount, workers=args.workers)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({k: stats[k] for k in ("files", "written", "videos", "images", "rejected")}))
+    print(f"wrote {len(stats['shards'])} shards and stats.json to {args.out}")
+
+
+def cmd_inspect_shards(args: argparse.Namespace) -> None:
+    import json
+
+    from data_pipelines.make_shards import inspect_shards
+
+    print(json.dumps(inspect_shards(args.spec, dump=args.dump, num=args.num), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit", description="Train and sample latent video diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips-per-shard", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_synthetic)
+
+    p = sub.add_parser("make-shards", help="a folder (sidecar .txt captions), CSV or JSONL of media -> checked shards")
+    p.add_argument("src", help="folder, .csv (path,caption) or .jsonl ({path, caption})")
+    p.add_argument("out", help="output folder for 00000.tar, ... and stats.json")
+    p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=4, help="files probed in parallel")
+    p.set_defaults(fn=cmd_make_shards)
+
+    p = sub.add_parser("inspect-shards", help="summarize shards; --dump writes a few samples' media and captions")
+    p.add_argument("spec", help="shard spec: brace pattern, directory, comma list or .txt list")
+    p.add_argument("--dump", default=None, help="folder for the first --num samples (mp4/jpg/png + txt)")
+    p.add_argument("--num", type=int, default=3)
+    p.set_defaults(fn=cmd_inspect_shards)
 
     p = sub.add_parser("slurm", help="SLURM jobs: submit training (slurm/train.sbatch); the per-node launcher")
     slurm_sub = p.add_subparsers(dest="action", required=True)
