@@ -46,7 +46,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory."""
     ckpt = resolve_checkpoint(path)
     weights, config = load_weights(ckpt)
-    model = DiT(**{**config["dit"], "patch_size": tuple(config["dit"]["patch_size"])})
+    # abs_pos: False for checkpoints written before the option existed (their DiT had RoPE only)
+    model = DiT(**{"abs_pos": False, **config["dit"], "patch_size": tuple(config["dit"]["patch_size"])})
     model.load_state_dict(weights)
     vae = load_vae(ckpt / "vae")
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))

@@ -12,7 +12,7 @@ from timm.layers import DropPath, Mlp, RmsNorm
 from torch import nn
 
 from dit.models.attention import attention, resolve_backend
-from dit.models.embeddings import TextEmbedder, TimestepEmbedder, apply_rope, rope_3d
+from dit.models.embeddings import TextEmbedder, TimestepEmbedder, apply_rope, rope_3d, sincos_3d
 from dit.models.presets import PRESETS
 
 
@@ -96,19 +96,21 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Latent video DiT. forward(x [B, C, t, h, w], t [B], text [B, L, D_text], text_mask [B, L]) -> [B, C, t, h, w].
 
-    Any latent grid that the patch size divides works: RoPE positions are computed for the actual grid."""
+    Any latent grid that the patch size divides works: RoPE positions (relative, in attention) and the fixed
+    sin/cos absolute positions (added to the tokens; ``abs_pos``) are computed for the actual grid."""
 
     def __init__(self, in_channels: int = 4, text_dim: int = 384, hidden_size: int = 128, depth: int = 4,
                  num_heads: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0,
-                 qk_norm: bool = True, drop_path: float = 0.0, attention: str = "auto") -> None:
+                 qk_norm: bool = True, drop_path: float = 0.0, attention: str = "auto",
+                 abs_pos: bool = True) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         self.config: dict[str, Any] = dict(in_channels=in_channels, text_dim=text_dim, hidden_size=hidden_size,
                                            depth=depth, num_heads=num_heads, patch_size=list(patch_size),
                                            mlp_ratio=mlp_ratio, qk_norm=qk_norm, drop_path=drop_path,
-                                           attention=attention)
-        self.in_channels, self.patch = in_channels, tuple(patch_size)
+                                           attention=attention, abs_pos=abs_pos)
+        self.in_channels, self.patch, self.abs_pos = in_channels, tuple(patch_size), abs_pos
         self.head_dim = hidden_size // num_heads
         patch_dim = in_channels * self.patch[0] * self.patch[1] * self.patch[2]
         self.x_embed = nn.Linear(patch_dim, hidden_size)
@@ -158,6 +160,8 @@ class DiT(nn.Module):
             self._backend_in_use = backend
         rope = rope_3d(grid, self.head_dim, device=x.device)  # cos, sin [N, d/2]
         tokens = self.x_embed(patchify(x, self.patch))  # [B, N, D]
+        if self.abs_pos:
+            tokens = tokens + sincos_3d(grid, tokens.shape[-1], device=x.device).to(tokens.dtype)  # [B, N, D]
         text_tokens, pooled = self.text_embed(text, text_mask)  # [B, L, D], [B, D]
         c = self.t_embed(t) + pooled  # [B, D]
         for block in self.blocks:
@@ -174,7 +178,8 @@ def build_dit(model_cfg: Any, in_channels: int, text_dim: int) -> DiT:
             p[key] = getattr(model_cfg, key)
     return DiT(in_channels=in_channels, text_dim=text_dim, hidden_size=p["hidden_size"], depth=p["depth"],
                num_heads=p["num_heads"], patch_size=tuple(p["patch_size"]), mlp_ratio=model_cfg.mlp_ratio,
-               qk_norm=model_cfg.qk_norm, drop_path=model_cfg.drop_path, attention=model_cfg.attention)
+               qk_norm=model_cfg.qk_norm, drop_path=model_cfg.drop_path, attention=model_cfg.attention,
+               abs_pos=model_cfg.abs_pos)
 
 
 def flops_per_token(model: DiT, num_tokens: int, text_len: int) -> float:

@@ -67,6 +67,25 @@ def rope_3d(grid: tuple[int, int, int], head_dim: int, device: torch.device | No
     return ang.cos(), ang.sin()
 
 
+def sincos_3d(grid: tuple[int, int, int], dim: int, device: torch.device | None = None,
+              max_period: float = 10000.0) -> torch.Tensor:
+    """Fixed absolute positions [t*h*w, dim] for tokens in (t h w) order: sin/cos of each axis index.
+
+    RoPE only tells attention how far apart two tokens are; this tells each token where it is (which frame,
+    which side of the frame), which a small model cannot easily infer from relative offsets. Computed for the
+    actual grid, so any grid works, as with RoPE. Axis split as in ``rope_axis_dims`` (each part even).
+    """
+    parts = []
+    for axis, (size, d) in enumerate(zip(grid, rope_axis_dims(dim))):
+        freqs = torch.exp(-math.log(max_period) * torch.arange(d // 2, dtype=torch.float32, device=device) / (d // 2))
+        args = torch.arange(size, dtype=torch.float32, device=device)[:, None] * freqs  # [size, d/2]
+        emb = torch.cat([args.sin(), args.cos()], dim=-1)  # [size, d]
+        shape = [1, 1, 1, d]
+        shape[axis] = size
+        parts.append(emb.reshape(shape).expand(*grid, d))
+    return rearrange(torch.cat(parts, dim=-1), "t h w d -> (t h w) d")  # [N, dim]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs of x [B, H, N, d] by the angles (cos/sin [N, d/2])."""
     x2 = rearrange(x.float(), "... (f two) -> ... f two", two=2)  # [B, H, N, d/2, 2]

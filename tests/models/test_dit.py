@@ -1,10 +1,11 @@
 import pytest
 import torch
+from einops import rearrange
 
 from dit.config import ModelConfig
 from dit.distributed.parallelize import apply_activation_checkpointing, unwrap_state_dict
 from dit.models.dit import DiT, build_dit, patchify, unpatchify
-from dit.models.embeddings import apply_rope, rope_3d
+from dit.models.embeddings import apply_rope, rope_3d, rope_axis_dims, sincos_3d
 
 
 def _inputs(b=2, grid=(3, 4, 6), c=4, L=5, d=16, seed=0):
@@ -114,3 +115,17 @@ def test_presets_build_and_overrides_apply():
     n = sum(p.numel() for p in s.parameters())
     assert 30e6 < n < 60e6  # DiT-S/2 is ~33M in the image paper; cross-attention adds about a third
     assert s.patch == (1, 2, 2)
+
+
+def test_sincos_positions_are_unique_and_per_axis() -> None:
+    grid = (3, 4, 5)
+    pos = sincos_3d(grid, 48)  # [60, 48], axis parts (t, h, w) = (16, 16, 16)
+    assert pos.shape == (60, 48)
+    assert torch.cdist(pos, pos).add(torch.eye(60)).min() > 1e-3  # every token has its own position
+    cells = rearrange(pos, "(t h w) d -> t h w d", t=3, h=4, w=5)
+    dt, dh, _ = rope_axis_dims(48)
+    assert torch.equal(cells[1, 0, 0, :dt], cells[1, 3, 4, :dt])  # the time part depends on t only
+    assert torch.equal(cells[0, 2, 0, dt:dt + dh], cells[2, 2, 4, dt:dt + dh])  # the height part on h only
+    corner = cells[:2, :2, :2].reshape(8, 48)  # a smaller grid's positions are the larger grid's corner
+    assert torch.equal(sincos_3d((2, 2, 2), 48), corner)
+
