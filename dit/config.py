@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -285,6 +286,18 @@ class Config:
         for key, size, p in (("data.height", self.data.height, ph), ("data.width", self.data.width, pw)):
             _check(size % (8 * p) == 0, key, f"must be a multiple of {8 * p} (8 x patch size {p}); "
                    f"nearest valid: {nearest_multiple(size, 8 * p)}")
+        b = self.data.buckets
+        if b.enabled:  # bucket shapes must be ones the DiT can patchify, and token counts use its patch
+            _check(list(b.patch) == [pt, ph, pw], "data.buckets.patch",
+                   f"{list(b.patch)} differs from the model's patch size {[pt, ph, pw]}; set data.buckets.patch="
+                   f"{[pt, ph, pw]}")
+            m = 8 * math.lcm(ph, pw)
+            _check(b.multiple % m == 0, "data.buckets.multiple",
+                   f"{b.multiple} is not a multiple of {m} (8 x the spatial patch); nearest valid: "
+                   f"{nearest_multiple(b.multiple, m)}")
+            bad = [f for f in b.frames if latent_frames(f) % pt]
+            _check(not bad, "data.buckets.frames",
+                   f"{bad} give latent frame counts not divisible by the temporal patch {pt}")
 
     def patch_size(self) -> tuple[int, int, int]:
         from dit.models.presets import PRESETS

@@ -45,3 +45,17 @@ def test_frames_error_names_nearest_valid():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.yaml")
+
+
+def test_buckets_must_fit_the_model_patch() -> None:
+    ok = load_config(None, ["data.buckets.enabled=true", "model.patch_size=[1,2,2]", "data.buckets.multiple=16"])
+    assert ok.data.buckets.enabled
+    with pytest.raises(ConfigError, match=r"data.buckets.patch: \[1, 2, 2\] differs .* \[1, 4, 4\]"):
+        load_config(None, ["data.buckets.enabled=true", "model.patch_size=[1,4,4]"])
+    with pytest.raises(ConfigError, match="data.buckets.multiple: 16 is not a multiple of 32"):
+        load_config(None, ["data.buckets.enabled=true", "model.patch_size=[1,4,4]", "data.buckets.patch=[1,4,4]"])
+    with pytest.raises(ConfigError, match=r"data.buckets.frames: \[1, 33\]"):
+        load_config(None, ["data.buckets.enabled=true", "model.patch_size=[2,2,2]", "data.buckets.patch=[2,2,2]",
+                           "data.frames=5", "data.buckets.frames=[1,5,33]"])
+    # off (the default): the bucket settings are not checked against the model
+    assert not load_config(None, ["model.patch_size=[1,4,4]", "data.height=64", "data.width=64"]).data.buckets.enabled
