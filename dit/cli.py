@@ -95,6 +95,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
             print(f"{path}\t{prompt}")
 
 
+def cmd_encode(args: argparse.Namespace) -> None:
+    from dit.encode import encode_shards
+
+    # `dit encode SHARDS OUT --config X key=value ...`: options and overrides may come in any order after OUT
+    opts = argparse.ArgumentParser(prog="dit encode SHARDS OUT")
+    opts.add_argument("--config", default=None)
+    opts.add_argument("--batch-size", type=int, default=8)
+    opts.add_argument("overrides", nargs="*")
+    rest = opts.parse_intermixed_args(args.rest)
+    counts = encode_shards(args.shards, args.out, _config(rest), batch_size=rest.batch_size)
+    print(f"encoded {counts['encoded']} shards ({counts['samples']} samples), skipped {counts['skipped']} "
+          f"finished ones, into {args.out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from dit.demo import run_demo
 
@@ -181,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-chunk", type=int, default=0, help="latent frames per VAE decode chunk (0: all)")
     p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("encode", help="raw shards -> latent shards (VAE posterior + text states), one per input")
+    p.add_argument("shards", help="shard spec (brace pattern, directory, comma list)")
+    p.add_argument("out", help="output folder; shards already there are skipped")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[--config YAML] [--batch-size N] [key=value ...]",
+                   help="the experiment config (data size, vae.checkpoint, text encoder) and dotted overrides")
+    p.set_defaults(fn=cmd_encode)
 
     p = sub.add_parser("demo", help="synthetic data -> VAE -> DiT -> clips -> prompt-following score")
     p.add_argument("--out", default="outputs/demo")

@@ -1,0 +1,92 @@
+"""`dit encode`: raw shards -> latent shards, one output shard per input shard, safe to rerun.
+
+    dit encode 'data/{00000..00099}.tar' latents/ --config configs/tiny.yaml vae.checkpoint=runs/vae/vae
+
+Each clip is decoded and sampled exactly as training reads it (data.frames / height / width / fps), then
+coded by the frozen VAE and the caption by the text encoder. Per sample the output shard holds
+
+    KEY.mean.npy     posterior mean   [C, t, h, w] float32 (not normalised: vae.normalize at training time)
+    KEY.logvar.npy   posterior logvar [C, t, h, w] float32 (so training can draw z = mean + std * noise)
+    KEY.text.npy     text states of the real tokens [L, D] float32 (the padding is dropped)
+    KEY.txt          the caption
+    KEY.json         key, caption, frames, height, width, the VAE and text encoder used
+
+Arrays are plain .npy (read with allow_pickle=False): nothing is unpickled. An output shard is written under a
+temporary name and renamed when complete, so a killed run leaves no half shard, and a rerun skips finished ones
+(which is what makes slurm/encode.sbatch array jobs restartable). Training from these shards is not wired yet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data_pipelines.loader import build_loader
+from data_pipelines.shards import expand_shards
+from dit.config import Config
+from dit.models.text import build_text_encoder
+from dit.models.vae import load_vae
+
+log = logging.getLogger("dit.encode")
+
+
+def _npy(array: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array.detach().float().cpu().numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def output_name(url: str) -> str:
+    """The output file name of an input shard: its own file name (``.../00007.tar`` -> ``00007.tar``)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1].split()[-1]
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
+@torch.no_grad()
+def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int = 8) -> dict[str, int]:
+    """Encode every shard of ``shards`` into ``out_dir``; returns counts (``encoded``, ``skipped``, ``samples``)."""
+    if not cfg.vae.checkpoint:
+        raise ValueError("vae.checkpoint is not set: pass vae.checkpoint=RUN_DIR/vae (a `dit train-vae` output)")
+    urls = expand_shards(shards)  # fails now on a missing shard
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [output_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("two input shards have the same file name; encode them into different output folders")
+    vae = load_vae(cfg.vae.checkpoint).eval().requires_grad_(False)
+    text = build_text_encoder(cfg.text)
+    counts = {"encoded": 0, "skipped": 0, "samples": 0}
+    for url, name in zip(urls, names):
+        final = out / name
+        if final.exists():
+            log.info("skip %s: %s exists", url, final)
+            counts["skipped"] += 1
+            continue
+        data = replace(cfg.data, shards=url, datasets=[], shuffle_buffer=1, num_workers=0)
+        loader = build_loader(data, batch_size, seed=cfg.train.seed, epoch_seed=False, infinite=False, drop_last=False)
+        tmp = out / f".tmp-{name}-{os.getpid()}"
+        with wds.TarWriter(str(tmp)) as sink:
+            for batch in loader:
+                posterior = vae.encode(batch["video"])  # mean, logvar [B, C, t, h, w]
+                states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
+                for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
+                    meta = {"key": key, "caption": caption, "frames": data.frames, "height": data.height,
+                            "width": data.width, "vae": str(cfg.vae.checkpoint), "text": cfg.text.encoder}
+                    sink.write({"__key__": key, "mean.npy": _npy(posterior.mean[i]),
+                                "logvar.npy": _npy(posterior.logvar[i]), "text.npy": _npy(states[i][mask[i]]),
+                                "txt": caption, "json": json.dumps(meta)})
+                    counts["samples"] += 1
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        counts["encoded"] += 1
+        log.info("encoded %s -> %s (bad samples: %s)", url, final, dict(loader.stats.bad))
+    return counts

@@ -1,0 +1,64 @@
+"""`dit encode`: raw shards -> latent shards that hold exactly what the VAE and text encoder give for each clip."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from data_pipelines.loader import build_loader
+from dit.config import load_config
+from dit.encode import encode_shards
+from dit.models.text import build_text_encoder
+from dit.models.vae import CausalVAE, load_vae, save_vae
+
+
+def _load(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("vae") / "vae"
+    save_vae(CausalVAE(latent_channels=4, base_channels=8), out)
+    return out
+
+
+def test_latent_shards_match_the_encoders_and_reruns_skip(synthetic_shards, vae_dir, tmp_path) -> None:
+    shards = ",".join(synthetic_shards[:2])  # 16 + 16 clips, 9 frames of 64x64
+    cfg = load_config(None, [f"vae.checkpoint={vae_dir}", "data.frames=9", "data.height=32", "data.width=32",
+                             "text.encoder=minilm", "text.max_length=16"])
+    out = tmp_path / "latents"
+    counts = encode_shards(shards, out, cfg, batch_size=8)
+    assert counts == {"encoded": 2, "skipped": 0, "samples": 32}
+    assert sorted(p.name for p in out.iterdir()) == [Path(s).name for s in synthetic_shards[:2]]  # no temp files
+
+    # An independent pass: the same clips through the loader, the VAE and the text encoder.
+    vae = load_vae(vae_dir).eval()
+    text = build_text_encoder(cfg.text)
+    data = cfg.data.__class__(**{**vars(cfg.data), "shards": synthetic_shards[0], "shuffle_buffer": 1})
+    (batch, *_) = list(build_loader(data, 16, epoch_seed=False, infinite=False, drop_last=False))
+    with torch.no_grad():
+        posterior = vae.encode(batch["video"])
+        states, mask = text.encode(batch["caption"])
+    samples = list(wds.WebDataset(str(out / Path(synthetic_shards[0]).name), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == batch["key"]
+    for i, s in enumerate(samples):
+        assert s["txt"].decode() == batch["caption"][i]
+        torch.testing.assert_close(_load(s["mean.npy"]), posterior.mean[i])
+        torch.testing.assert_close(_load(s["logvar.npy"]), posterior.logvar[i])
+        assert _load(s["mean.npy"]).shape == (4, 3, 4, 4)  # 9 frames -> 3 latent frames, 32 / 8 = 4
+        torch.testing.assert_close(_load(s["text.npy"]), states[i][mask[i]])
+
+    again = encode_shards(",".join(synthetic_shards[:3]), out, cfg, batch_size=8)  # a rerun adds only the new one
+    assert again == {"encoded": 1, "skipped": 2, "samples": 16}
+
+
+def test_encode_needs_a_vae(synthetic_shards, tmp_path) -> None:
+    with pytest.raises(ValueError, match="vae.checkpoint is not set"):
+        encode_shards(synthetic_shards[0], tmp_path, load_config(None, []))
