@@ -47,6 +47,7 @@ class ModelConfig:
     drop_path: float = 0.0
     attention: str = "auto"  # auto | sdpa | xformers
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block in place (dit/distributed/parallelize.py); needs a C++ compiler
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
 
     def __post_init__(self) -> None:

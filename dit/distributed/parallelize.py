@@ -30,11 +30,22 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile each transformer block in place (``Module.compile``), as torchtitan does per block.
+
+    In place, so parameter names and state-dict keys do not change: checkpoints, EMA and the sharding strategies
+    see the same model as without compile. Blocks share one compiled graph (same code, same shapes).
+    """
+    for block in model.blocks:
+        block.compile()
+    return model
+
+
 def parallelize(model: nn.Module, *, gradient_checkpointing: bool = False, compile: bool = False) -> nn.Module:
     if gradient_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        model = torch.compile(model)
+        apply_compile(model)
     return model
 
 

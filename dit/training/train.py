@@ -207,7 +207,7 @@ def main(cfg: Config) -> Path:
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
     model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim)
-    model = parallelize(model, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    model = parallelize(model, gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile)
     strategy = build_strategy(accelerator, model, cfg.train)  # DDP / ZeRO / FSDP; EMA copy made before sharding
     sched = torch.optim.lr_scheduler.LambdaLR(strategy.base_opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
                                                                            cfg.train.lr_schedule))
