@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dit.config import BucketConfig, latent_frames
+from data_pipelines.config import BucketConfig, latent_frames
 
 
 class NoBucket(ValueError):

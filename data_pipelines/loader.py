@@ -31,13 +31,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data_pipelines.buckets import BucketChooser, NoBucket
+from data_pipelines.config import DataConfig
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
 from data_pipelines.reader import ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
 from data_pipelines.state import VERSION as STATE_VERSION
 from data_pipelines.state import fingerprint, in_worker_order, plan_resume
-from dit.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ def test_latent_shards_match_the_encoders_and_reruns_skip(synthetic_shards, vae_
     # An independent pass: the same clips through the loader, the VAE and the text encoder.
     vae = load_vae(vae_dir).eval()
     text = build_text_encoder(cfg.text)
-    data = cfg.data.__class__(**{**vars(cfg.data), "shards": synthetic_shards[0], "shuffle_buffer": 1})
+    data = replace(cfg.data, shards=synthetic_shards[0], shuffle_buffer=1)
     (batch, *_) = list(build_loader(data, 16, epoch_seed=False, infinite=False, drop_last=False))
     with torch.no_grad():
         posterior = vae.encode(batch["video"])
