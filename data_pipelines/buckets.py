@@ -12,6 +12,9 @@ Batch sizes keep the latent tokens per batch near ``tokens_per_batch``, so a 33-
 than an image batch. A sample that fits no bucket is skipped and counted by reason: ``too_short``
 (shorter than every video bucket), ``bucket_aspect`` (aspect ratio too far from every bucket),
 ``bucket_no_image`` (an image, with no T = 1 bucket).
+
+A latent sample (``data.latents``) cannot be resized: it goes to the bucket of exactly its pixel shape (its
+latent shape times the VAE's compression), or is counted as ``latent_shape``.
 """
 
 from __future__ import annotations
@@ -111,3 +114,12 @@ class BucketChooser:
                                             f"({', '.join(self.cfg.aspect_ratios)}); add a ratio to "
                                             "data.buckets.aspect_ratios or raise data.buckets.max_aspect_error")
         return best
+
+    def exact(self, frames: int, height: int, width: int) -> Bucket:
+        """The bucket of exactly frames x height x width (a latent sample's pixel shape), else ``NoBucket``."""
+        for b in self.buckets:
+            if (b.frames, b.height, b.width) == (frames, height, width):
+                return b
+        raise NoBucket("latent_shape", f"a latent of {frames}x{height}x{width} (frames x height x width) fits no "
+                                       f"bucket ({', '.join(b.name for b in self.buckets)}): encode with the "
+                                       "same data.buckets as training uses")

@@ -65,8 +65,27 @@ class BucketConfig:
 
 @dataclass
 class DataConfig:
+    """Where the training data comes from and how it is cut into batches (data_pipelines/loader.py).
+
+    ``latents``: false reads raw shards (KEY.mp4 | KEY.jpg ..., decoded, sampled, resized, then coded by the VAE
+    in the training loop); true reads the latent shards that ``dit encode`` made of them (KEY.mean.npy /
+    KEY.logvar.npy: the VAE posterior, KEY.text.npy: the caption's text states), so training skips the VAE
+    encoder and the text encoder. Everything else is the same for both: shard split per rank and worker,
+    buckets (a latent's bucket is its latent shape times the VAE's compression: frames 1 + 4(t-1), 8x in
+    space), exact resume and the counting of bad samples. A latent whose shape is no bucket's (or, without
+    buckets, not the shape of data.frames x height x width) is skipped and counted as ``latent_shape``.
+
+    ``image_ratio``: with buckets that hold both images (frames 1) and videos, the fraction of batches that are
+    image batches (a seeded draw per batch, resumable); null takes batches as the data comes. Each dataset is
+    then read as two streams, its images and its videos; ``datasets[i].kind: image | video`` says a dataset
+    holds only that kind, so it is read once (without it a dataset is read once per kind, and a kind it lacks
+    costs one pass over it before the loader knows).
+    """
+
     shards: str = ""  # brace pattern, directory, or comma-separated list of .tar files
     datasets: list[dict] = field(default_factory=list)  # several sources: [{shards: SPEC, weight: 2.0}, ...]
+    latents: bool = False  # read `dit encode` latent shards (VAE posterior + text states) instead of raw media
+    image_ratio: float | None = None  # fraction of image (T = 1) batches in joint image+video training; needs buckets
     frames: int = 17  # 4k + 1; 1 for images
     height: int = 64
     width: int = 64
@@ -94,14 +113,26 @@ class DataConfig:
                "set either data.shards (one source) or data.datasets (several, with weights), not both")
         for i, d in enumerate(self.datasets):
             key = f"data.datasets[{i}]"
-            _check(isinstance(d, dict) and set(d) <= {"shards", "weight"} and isinstance(d.get("shards"), str)
+            _check(isinstance(d, dict) and set(d) <= {"shards", "weight", "kind"} and isinstance(d.get("shards"), str)
                    and bool(d["shards"]), key, f"must be a mapping {{shards: SPEC, weight: 1.0}}, got {d!r}")
             w = d.get("weight", 1.0)
             _check(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0, f"{key}.weight",
                    f"must be a number > 0, got {w!r}")
+            _check(d.get("kind") in (None, "image", "video"), f"{key}.kind",
+                   f"must be image or video (what the dataset holds) or left out, got {d.get('kind')!r}")
+        if self.image_ratio is not None:
+            b = self.buckets
+            _check(0.0 <= self.image_ratio <= 1.0, "data.image_ratio", "must be in [0, 1] (or null)")
+            _check(b.enabled and 1 in b.frames and any(f > 1 for f in b.frames), "data.image_ratio",
+                   "needs data.buckets.enabled=true with image (1) and video (4k+1 > 1) entries in "
+                   f"data.buckets.frames (got enabled={b.enabled}, frames={b.frames})")
 
     def sources(self) -> list[tuple[str, float]]:
         """``[(shard spec, weight), ...]``: ``data.datasets``, or ``data.shards`` with weight 1."""
         if self.datasets:
             return [(d["shards"], float(d.get("weight", 1.0))) for d in self.datasets]
         return [(self.shards, 1.0)]
+
+    def kinds(self) -> list[str | None]:
+        """What each source holds (``datasets[i].kind``: "image", "video", or None for not said / mixed)."""
+        return [d.get("kind") for d in self.datasets] if self.datasets else [None]

@@ -1,14 +1,16 @@
-"""The training data loader: WebDataset shards → batches of clips ``[B, 3, T, H, W]`` in [-1, 1].
+"""The training data loader: WebDataset shards → batches of clips ``[B, 3, T, H, W]`` in [-1, 1], or with
+``data.latents`` batches of stored VAE posteriors ``[B, C, t, h, w]`` (+ text states) from ``dit encode``.
 
 The pipeline is a visible list of small stages (as in open_clip's ``get_wds_dataset``):
 
     ReadSamples        (reader.py) per dataset and epoch: shards shuffled by seed + epoch → this rank's and
                        this worker's share → tar samples → a seeded shuffle buffer; datasets mixed by
                        weight; each sample carries the reader's position (for ``state_dict``)
-    DecodeClips        decode + sample frames (+ pick a bucket) + resize/crop; bad samples are logged,
-                       counted and skipped
-    Batch              stack into {"video", "caption", "key"} plus the counts since the last batch
-                       (one queue per bucket with data.buckets.enabled)
+    DecodeClips        decode + sample frames (+ pick a bucket) + resize/crop, or load a latent sample (+ its
+                       bucket); bad samples are logged, counted and skipped
+    Batch              stack into {"video" | "mean", "logvar"[, "text", "text_mask"], "caption", "key"} plus the
+                       counts since the last batch (one queue per bucket with data.buckets.enabled); with
+                       data.image_ratio it tells the reader (KindSchedule) which kind the next batch is
     in_worker_order    (main process) batches round-robin over workers, from the worker whose turn it is
 
 Bad samples never stop a run unless more than ``data.max_bad_fraction`` of them fail (checked after
@@ -30,10 +32,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from data_pipelines.buckets import BucketChooser, NoBucket
+from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
 from data_pipelines.config import DataConfig
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
-from data_pipelines.reader import ReadSamples, SharedEpoch, seeded, worker_info
+from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_kind, load_npy, pixel_shape
+from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
 from data_pipelines.state import VERSION as STATE_VERSION
@@ -43,9 +46,10 @@ log = logging.getLogger(__name__)
 
 MIN_SAMPLES_FOR_BAD_CHECK = 20
 # Why a sample was skipped. tar_error counts a shard that broke off (truncated, missing, a failed pipe:);
-# bucket_* count samples that fit no bucket (data_pipelines/buckets.py).
+# bucket_* count samples that fit no bucket (data_pipelines/buckets.py); latent_shape a latent sample whose shape
+# is no bucket's (or not data.frames x height x width).
 REASONS = ("no_media", "decode_error", "too_short", "no_caption", "bad_caption", "tar_error", "bucket_aspect",
-           "bucket_no_image")
+           "bucket_no_image", "latent_shape")
 
 
 @dataclass
@@ -96,7 +100,8 @@ class _Skip(Exception):
 
 
 class DecodeClips(wds.PipelineStage):
-    """Raw samples → ``{"video": [3, T, H, W] in [-1, 1], "caption", "key", "counts", "pos"}``.
+    """Raw samples → ``{"video": [3, T, H, W] in [-1, 1], "caption", "key", "counts", "pos"}``; with
+    ``data.latents`` latent samples → ``{"mean", "logvar": [C, t, h, w], "text": [L, D] (when stored), ...}``.
 
     Skips (with one warning each, and a line in ``data.bad_samples_log``) and counts samples that have no
     media, do not decode, are too short, or have a missing or non-UTF-8 caption; ``counts`` holds what
@@ -140,6 +145,57 @@ class DecodeClips(wds.PipelineStage):
         except json.JSONDecodeError as e:
             raise _Skip("bad_caption", f"KEY.json is not valid JSON: {e}") from e
 
+    def kind_of(self, sample: dict[str, Any]) -> str | None:
+        """"image" or "video": the batches a sample can join, told before decoding (data.image_ratio); None: neither."""
+        if self.cfg.latents:
+            return latent_kind(sample)
+        if any(e in sample for e in VIDEO_EXTS):
+            return "video"
+        return "image" if any(e in sample for e in IMAGE_EXTS) else None
+
+    def media(self, sample: dict[str, Any], rng: random.Random) -> tuple[dict[str, torch.Tensor], str, Any]:
+        """``({"video": ...} or {"mean", "logvar"[, "text"]}, caption, bucket or None)``; raises ``_Skip``."""
+        if self.cfg.latents:
+            return self.latent(sample)
+        video, caption, bucket = self.clip(sample, rng)
+        return {"video": video}, caption, bucket
+
+    def latent(self, sample: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str, Bucket | None]:
+        """A latent sample's posterior (and text states), caption and bucket: the bucket of exactly its pixel
+        shape (latent shape x the VAE's compression); raises ``_Skip`` with the reason."""
+        cfg = self.cfg
+        if MEAN not in sample or LOGVAR not in sample:
+            exts = sorted(k for k in sample if not k.startswith("__"))
+            hint = "; a raw shard? set data.latents=false" if self.kind_of_raw(sample) else ""
+            raise _Skip("no_media", f"no KEY.{MEAN} + KEY.{LOGVAR} (data.latents=true reads `dit encode` latent "
+                                    f"shards); has {exts}{hint}")
+        caption = self.caption(sample)
+        try:
+            fields = {"mean": load_npy(sample[MEAN]), "logvar": load_npy(sample[LOGVAR])}
+            if TEXT in sample:
+                fields["text"] = load_npy(sample[TEXT])
+        except (ValueError, OSError, EOFError) as e:
+            raise _Skip("decode_error", f"not a plain .npy array: {str(e)[:300]}") from e
+        mean, logvar, text = fields["mean"], fields["logvar"], fields.get("text")
+        if mean.ndim != 4 or mean.shape != logvar.shape or (text is not None and text.ndim != 2):
+            shapes = {k: tuple(v.shape) for k, v in fields.items()}
+            raise _Skip("decode_error", f"expected mean and logvar [C, t, h, w] of one shape (and text [L, D]), "
+                                        f"got {shapes}")
+        frames, height, width = pixel_shape(*mean.shape[1:])
+        if self.buckets is not None:
+            try:
+                return fields, caption, self.buckets.exact(frames, height, width)
+            except NoBucket as e:
+                raise _Skip(e.reason, str(e)) from e
+        if (frames, height, width) != (cfg.frames, cfg.height, cfg.width):
+            raise _Skip("latent_shape", f"a latent of {frames}x{height}x{width} (frames x height x width), not "
+                                        f"data.frames x height x width = {cfg.frames}x{cfg.height}x{cfg.width}")
+        return fields, caption, None
+
+    @staticmethod
+    def kind_of_raw(sample: dict[str, Any]) -> bool:
+        return any(e in sample for e in VIDEO_EXTS + IMAGE_EXTS)
+
     def clip(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, str, Any]:
         """``(video [3, T, H, W], caption, bucket or None)``; raises ``_Skip`` with the reason."""
         cfg, buckets = self.cfg, self.buckets
@@ -147,7 +203,9 @@ class DecodeClips(wds.PipelineStage):
         image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if video_ext is None and image_ext is None:
             exts = sorted(k for k in sample if not k.startswith("__"))
-            raise _Skip("no_media", f"no video ({'/'.join(VIDEO_EXTS)}) or image ({'/'.join(IMAGE_EXTS)}); has {exts}")
+            hint = "; a latent shard from `dit encode`? set data.latents=true" if MEAN in sample else ""
+            raise _Skip("no_media", f"no video ({'/'.join(VIDEO_EXTS)}) or image ({'/'.join(IMAGE_EXTS)}); has "
+                                    f"{exts}{hint}")
         caption = self.caption(sample)
         try:
             if video_ext is not None:
@@ -177,7 +235,7 @@ class DecodeClips(wds.PipelineStage):
             where = {"pos": sample["__pos__"], "draws": sample["__draw__"] + 1}
             rng = seeded(self.seed, "frames", sample["__epoch__"], key)
             try:
-                video, caption, bucket = self.clip(sample, rng)
+                fields, caption, bucket = self.media(sample, rng)
             except _Skip as skip:
                 url = sample.get("__url__", "?")
                 log.warning("skipping sample %s in %s: %s (%s)", key, url, skip.reason, skip)
@@ -188,7 +246,7 @@ class DecodeClips(wds.PipelineStage):
                     self.pending.add(seen=1, ok=1)
                 total.add(**self.pending.as_dict())
                 counts, self.pending = self.pending, DataStats()
-                yield {"video": video, "caption": caption, "key": key, "counts": counts, "bucket": bucket,
+                yield {**fields, "caption": caption, "key": key, "counts": counts, "bucket": bucket,
                        "waiting": [sample["__pos__"], sample["__dataset__"], sample["__draw__"]], **where}
             check_bad_fraction(_sum(total, self.pending), self.cfg.max_bad_fraction)
         counts, self.pending = self.pending, DataStats()
@@ -204,25 +262,38 @@ def _sum(a: DataStats, b: DataStats) -> DataStats:
 
 class Batch(wds.PipelineStage):
     """Stack samples into ``{"video": [B, 3, T, H, W], "caption", "key", "seen", "bad_counts", "worker", "pos",
-    "draws", "pending"}`` (and ``"bucket"`` with buckets: a queue per bucket, each with its batch size).
+    "draws", "pending", "batches"}`` (and ``"bucket"`` with buckets: a queue per bucket, each with its batch size).
+    Latent samples give ``"mean"``, ``"logvar"`` ``[B, C, t, h, w]`` instead of ``"video"``, and, when every sample
+    has them, ``"text"`` ``[B, L, D]`` (zero-padded to the longest) with ``"text_mask"`` ``[B, L]``.
 
     ``seen`` and ``bad_counts`` count what this reader read since its previous batch; ``pos`` and
-    ``draws`` say where the reader is; ``pending`` lists the samples still waiting in bucket queues.
+    ``draws`` say where the reader is; ``pending`` lists the samples still waiting in bucket queues;
+    ``batches`` counts this reader's batches (the ``KindSchedule`` position with data.image_ratio).
     When the reader ends (finite loaders), the partial queues follow (unless ``drop_last``), then a
-    final ``{"end": True, ...}`` without ``video`` with the counts after the last batch.
+    final ``{"end": True, ...}`` without ``key`` with the counts after the last batch.
     """
 
-    def __init__(self, batch_size: int, drop_last: bool) -> None:
-        self.batch_size, self.drop_last = batch_size, drop_last
+    def __init__(self, batch_size: int, drop_last: bool, schedule: KindSchedule) -> None:
+        self.batch_size, self.drop_last, self.schedule = batch_size, drop_last, schedule
 
-    @staticmethod
-    def collate(samples: list[dict[str, Any]], counts: DataStats, where: dict[str, Any],
+    def collate(self, samples: list[dict[str, Any]], counts: DataStats, where: dict[str, Any],
                 queues: dict[Any, list[dict[str, Any]]], **extra: Any) -> dict[str, Any]:
+        if samples:  # (with data.image_ratio the reader now draws the next batch's kind)
+            self.schedule.batches += 1
         waiting = sorted((s["waiting"] for q in queues.values() for s in q), key=lambda w: w[2])
         out: dict[str, Any] = {"seen": counts.seen, "bad_counts": dict(counts.bad), "worker": worker_info()[0],
-                               "pos": where["pos"], "draws": where["draws"], "pending": waiting, **extra}
+                               "pos": where["pos"], "draws": where["draws"], "pending": waiting,
+                               "batches": self.schedule.batches, **extra}
         if samples:
-            out["video"] = torch.stack([s["video"] for s in samples])
+            for name in ("video", "mean", "logvar"):
+                if name in samples[0]:
+                    out[name] = torch.stack([s[name] for s in samples])
+            if all("text" in s for s in samples):  # [L_i, D] each -> [B, L, D] + mask
+                lengths = [s["text"].shape[0] for s in samples]
+                out["text"] = torch.zeros(len(samples), max(lengths), samples[0]["text"].shape[1])
+                out["text_mask"] = torch.zeros(len(samples), max(lengths), dtype=torch.bool)
+                for i, (s, n) in enumerate(zip(samples, lengths)):
+                    out["text"][i, :n], out["text_mask"][i, :n] = s["text"], True
             out["caption"] = [s["caption"] for s in samples]
             out["key"] = [s["key"] for s in samples]
             if samples[0]["bucket"] is not None:
@@ -235,7 +306,7 @@ class Batch(wds.PipelineStage):
         for sample in src:
             counts.add(**sample["counts"].as_dict())
             where = {"pos": sample["pos"], "draws": sample["draws"]}
-            if "video" in sample:
+            if "key" in sample:
                 bucket = sample["bucket"]
                 queue = queues.setdefault(bucket, [])
                 queue.append(sample)
@@ -254,10 +325,14 @@ class Batch(wds.PipelineStage):
 # ----------------------------------------------------------------------------- loader
 
 
+BATCH_KEYS = ("video", "mean", "logvar", "text", "text_mask", "caption", "key", "seen", "bad_counts", "bucket")
+
+
 class Loader:
     """Iterate for batches ``{"video": [B, 3, T, H, W], "caption": list[str], "key": list[str], "seen": int,
-    "bad_counts": dict[str, int]}`` (+ ``"bucket": "TxHxW"`` with buckets). ``stats`` sums the counts of every
-    batch (from all workers) and the samples batched per bucket.
+    "bad_counts": dict[str, int]}`` (+ ``"bucket": "TxHxW"`` with buckets; ``"mean"``, ``"logvar"`` and maybe
+    ``"text"``, ``"text_mask"`` instead of ``"video"`` with ``data.latents``, see ``Batch``). ``stats`` sums the
+    counts of every batch (from all workers) and the samples batched per bucket.
 
     Each ``iter(loader)`` starts the next epoch (shard and sample order seeded by seed + epoch when
     ``epoch_seed``); ``set_epoch`` picks one. An infinite loader runs epoch after epoch in one iteration.
@@ -329,14 +404,14 @@ class Loader:
             cur["next_worker"] = batch["next_worker"]
             if batch["pos"] is not None:
                 cur["readers"][batch["worker"]] = {"datasets": batch["pos"], "draws": batch["draws"],
-                                                   "pending": batch["pending"]}
+                                                   "pending": batch["pending"], "batches": batch["batches"]}
             bad = {k: int(v) for k, v in batch["bad_counts"].items()}
             self.stats.add(seen=int(batch["seen"]), ok=int(batch["seen"]) - sum(bad.values()), bad=bad)
             check_bad_fraction(self.stats, self.cfg.max_bad_fraction)
-            if "video" in batch:
+            if "key" in batch:
                 if "bucket" in batch:
                     self.stats.buckets[batch["bucket"]] += len(batch["key"])
-                yield {k: batch[k] for k in ("video", "caption", "key", "seen", "bad_counts", "bucket") if k in batch}
+                yield {k: batch[k] for k in BATCH_KEYS if k in batch}
         self._current = None
 
 
@@ -360,12 +435,18 @@ def build_loader(cfg: DataConfig, batch_size: int, *, seed: int = 0, epoch_seed:
                     "or fewer data.num_workers", min(map(len, url_lists)), readers)
     epoch = SharedEpoch()
     decoder = DecodeClips(cfg, seed=seed, batch_size=batch_size)
+    schedule = KindSchedule(cfg.image_ratio, seed)  # shared by the reader and the batcher (see KindSchedule)
     reader = ReadSamples(url_lists, [w for _, w in sources], seed=seed, rank=rank, world_size=world_size,
                          epoch=epoch, infinite=infinite, epoch_seed=epoch_seed, shuffle_buffer=cfg.shuffle_buffer,
-                         on_tar_error=decoder.skip_tar_error)
-    pipeline = wds.DataPipeline(reader, decoder, Batch(batch_size, drop_last))
+                         on_tar_error=decoder.skip_tar_error, schedule=schedule, kinds=cfg.kinds(),
+                         kind_of=decoder.kind_of)
+    pipeline = wds.DataPipeline(reader, decoder, Batch(batch_size, drop_last, schedule))
+    kinds = [[str(k) for k in cfg.kinds()]] if any(cfg.kinds()) else []
     layout = {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed, "batch_size": batch_size,
               "shuffle_buffer": cfg.shuffle_buffer, "epoch_seed": epoch_seed,
               "buckets": repr(cfg.buckets) if cfg.buckets.enabled else "",
-              "shards": fingerprint(url_lists + [[repr(w) for _, w in sources]])}
+              "shards": fingerprint(url_lists + [[repr(w) for _, w in sources]] + kinds)}
+    # (only when set, so that states saved before these settings existed still resume exactly)
+    layout |= {"latents": True} if cfg.latents else {}
+    layout |= {"image_ratio": cfg.image_ratio} if cfg.image_ratio is not None else {}
     return Loader(pipeline, reader, cfg=cfg, batch_size=batch_size, epoch=epoch, layout=layout)

@@ -1,11 +1,12 @@
 """The loader's position, for checkpoints and exact resume.
 
 Each reader (one per rank and DataLoader worker) reads its datasets epoch by epoch. Its position is,
-per dataset, ``(epoch, offset)``: how many raw samples its seeded shuffle buffer has handed on in that
-epoch, plus ``draws`` (samples taken from the dataset mix) and ``pending`` (samples waiting in bucket
-queues, by their position and draw). On restore a reader re-reads the same shards and the same shuffle
-buffer and skips raw samples without decoding them; it decodes again only the pending ones (without
-counting them twice), so the bucket queues are what they were. Frame offsets are seeded per sample
+per stream (a dataset; with ``data.image_ratio`` a dataset's images or its videos), ``(epoch, offset)``: how
+many raw samples its seeded shuffle buffer has handed on in that epoch, plus ``draws`` (samples taken from
+the mix), ``pending`` (samples waiting in bucket queues, by their position, stream and draw) and ``batches``
+(batches made: the position of the image/video schedule). On restore a reader re-reads the same shards
+and the same shuffle buffer and skips raw samples without decoding them; it decodes again only the
+pending ones (without counting them twice), so the bucket queues are what they were. Frame offsets are seeded per sample
 (by seed, epoch and key), so no generator state needs restoring. The main process also keeps the
 order in which it takes batches from the workers (``next_worker``) and the counts so far.
 
@@ -32,7 +33,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 VERSION = 1
-LAYOUT_KEYS = ("world_size", "num_workers", "shards", "seed", "batch_size", "shuffle_buffer", "epoch_seed", "buckets")
+LAYOUT_KEYS = ("world_size", "num_workers", "shards", "seed", "batch_size", "shuffle_buffer", "epoch_seed", "buckets",
+               "latents", "image_ratio")
 
 
 def fingerprint(url_lists: list[list[str]]) -> str:
@@ -76,7 +78,8 @@ def plan_resume(state: dict[str, Any], layout: dict[str, Any], rank: int) -> dic
     if not changed and mine:
         r = mine[0]
         readers = {int(w["worker"]): {"datasets": [list(p) for p in w["datasets"]], "draws": int(w["draws"]),
-                                      "pending": [[[list(p) for p in pos], d, draw] for pos, d, draw in w["pending"]]}
+                                      "pending": [[[list(p) for p in pos], d, draw] for pos, d, draw in w["pending"]],
+                                      "batches": int(w.get("batches", 0))}
                    for w in r["readers"]}
         return {"epoch": r["epoch"], "readers": readers, "next_worker": r["next_worker"],
                 "ended": list(r["ended"]), "exact": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import webdataset as wds
 
 from data_pipelines.loader import build_loader
 from dit.config import load_config
-from dit.encode import encode_shards
+from dit.encode import encode_shards, encoder_digest
 from dit.models.text import build_text_encoder
 from dit.models.vae import CausalVAE, load_vae, save_vae
 
@@ -55,6 +56,10 @@ def test_latent_shards_match_the_encoders_and_reruns_skip(synthetic_shards, vae_
         torch.testing.assert_close(_load(s["logvar.npy"]), posterior.logvar[i])
         assert _load(s["mean.npy"]).shape == (4, 3, 4, 4)  # 9 frames -> 3 latent frames, 32 / 8 = 4
         torch.testing.assert_close(_load(s["text.npy"]), states[i][mask[i]])
+        meta = json.loads(s["json"])
+        assert (meta["frames"], meta["height"], meta["width"], meta["latent_channels"]) == (9, 32, 32, 4)
+        assert meta["vae_encoder"] == encoder_digest(vae) and meta["text"] == "minilm"
+        assert (meta["text_dim"], meta["text_max_length"]) == (text.dim, 16)
 
     again = encode_shards(",".join(synthetic_shards[:3]), out, cfg, batch_size=8)  # a rerun adds only the new one
     assert again == {"encoded": 1, "skipped": 2, "samples": 16}

@@ -1,6 +1,7 @@
 """`dit train`: the DiT training loop, one function that reads top to bottom (helpers above it).
 
-shards -> pixel clips -> frozen VAE -> latents; captions -> frozen text encoder (prompt dropout for CFG);
+shards -> pixel clips -> frozen VAE -> latents; captions -> frozen text encoder (prompt dropout for CFG); or, with
+data.latents, latent shards from `dit encode` -> a draw from the stored posterior (+ the stored text states);
 training_loss(model, latents, ...) -> AdamW with warmup and clipping -> EMA -> logs, checkpoints, samples.
 
 The same loop runs on 1 process or N (train.strategy: ddp | zero1 | zero2 | zero3 | fsdp, wired in
@@ -39,9 +40,10 @@ from dit.distributed.parallelize import parallelize
 from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 from dit.distributed.strategies import build_strategy, make_accelerator, single_process_env, world_size_from_env
 from dit.distributed.watchdog import Watchdog
+from dit.encode import check_latent_shards
 from dit.models.dit import build_dit, flops_per_token
 from dit.models.text import build_text_encoder
-from dit.models.vae import load_vae
+from dit.models.vae import DiagonalGaussian, load_vae
 from dit.sample import Pipeline, generate, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
     atomic_checkpoint,
@@ -86,10 +88,38 @@ def drop_prompts(captions: list[str], p: float, rng: random.Random) -> list[str]
     return ["" if rng.random() < p else c for c in captions]
 
 
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z ~ N(mean, exp(logvar)), [B, C, t, h, w], the noise drawn on the CPU from ``generator`` (so the same draw on
+    every device, and the same whether the posterior comes from the VAE or from latent shards)."""
+    posterior = DiagonalGaussian(mean, logvar)
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    return posterior.mean + posterior.std * noise
+
+
 @torch.no_grad()
 def encode_latents(vae: torch.nn.Module, video: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Pixels [B, 3, T, H, W] -> normalised latents [B, C, t, h, w] (a posterior sample)."""
-    return vae.normalize(vae.encode(video).sample(generator=generator))
+    posterior = vae.encode(video)
+    return vae.normalize(posterior_sample(posterior.mean, posterior.logvar, generator))
+
+
+@torch.no_grad()
+def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Module,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states from latent shards (stored without their padding) -> [B, L, D] + mask [B, L], padded to the
+    encoder's length; a dropped prompt ("") takes the encoder's unconditional states, as ``text.encode`` gives."""
+    uncond, uncond_mask = text.encode([""])  # [1, L, D], [1, L]
+    stored, stored_mask = batch["text"].to(device), batch["text_mask"].to(device)  # [B, n, D], [B, n]
+    (b, n, _), length = stored.shape, uncond.shape[1]
+    if n > length:
+        raise ValueError(f"latent shards hold text states of {n} tokens, more than the text encoder's {length} "
+                         "(text.max_length): set text.* as when the shards were encoded")
+    states = torch.zeros(b, length, uncond.shape[2], device=device, dtype=uncond.dtype)  # [B, L, D]
+    mask = torch.zeros(b, length, dtype=torch.bool, device=device)  # [B, L]
+    states[:, :n], mask[:, :n] = stored, stored_mask
+    dropped = torch.tensor([c == "" for c in captions], device=device)  # [B]
+    states[dropped], mask[dropped] = uncond[0], uncond_mask[0]
+    return states, mask
 
 
 def checkpoint_config(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
@@ -139,9 +169,18 @@ def build_train_loader(cfg: Config) -> Any:
 def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, num_timesteps: int,
                gen: torch.Generator, py_rng: random.Random, prompt_dropout: float, device: torch.device,
                keep: slice | None) -> tuple[torch.Tensor, ...]:
-    """Latents, text states + mask, timesteps and noise for a batch; ``keep`` slices a global batch to this rank."""
-    latents = encode_latents(vae, batch["video"].to(device), gen)  # [B, C, t, h, w]
-    states, mask = text.encode(drop_prompts(batch["caption"], prompt_dropout, py_rng))  # [B, L, D], [B, L]
+    """Latents, text states + mask, timesteps and noise for a batch; ``keep`` slices a global batch to this rank.
+    A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the VAE encoder (and the text encoder)
+    but draws the same random numbers in the same order, so it trains exactly as the raw shards it came from."""
+    if "mean" in batch:  # the stored posterior: a draw from it, normalised as the VAE's own would be
+        latents = vae.normalize(posterior_sample(batch["mean"].to(device), batch["logvar"].to(device), gen))
+    else:
+        latents = encode_latents(vae, batch["video"].to(device), gen)  # [B, C, t, h, w]
+    captions = drop_prompts(batch["caption"], prompt_dropout, py_rng)
+    if "text" in batch:
+        states, mask = stored_text(batch, captions, text, device)  # [B, L, D], [B, L]
+    else:
+        states, mask = text.encode(captions)  # [B, L, D], [B, L]
     t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
@@ -197,6 +236,7 @@ def main(cfg: Config) -> Path:
     # The frozen encoders load before the Accelerator exists: under ZeRO-3 transformers would shard them.
     vae = load_vae(cfg.vae.checkpoint).eval().requires_grad_(False)
     text = build_text_encoder(cfg.text)
+    check_latent_shards(cfg, vae, text)  # data.latents: shards of this VAE and text encoder, else a clear error now
     accelerator = make_accelerator(cfg.train, mixed_precision(cfg.train.mixed_precision))
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device

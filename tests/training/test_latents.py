@@ -1,0 +1,70 @@
+"""Training from latent shards (`dit encode` output, data.latents=true) equals training from the raw shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from runs import small_config
+
+from dit.encode import check_latent_shards, encode_shards
+from dit.models.text import HFTextEncoder, build_text_encoder
+from dit.models.vae import CausalVAE, load_vae, save_vae
+from dit.training import train
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory, small_shards: str, small_vae: Path) -> str:
+    out = tmp_path_factory.mktemp("latent_shards")
+    cfg = small_config(out, small_shards, small_vae)
+    assert encode_shards(small_shards, out, cfg, batch_size=8) == {"encoded": 4, "skipped": 0, "samples": 64}
+    return str(out)
+
+
+def test_latent_shards_train_like_the_raw_ones(tmp_path, small_shards, small_vae, latent_shards, monkeypatch):
+    """Same seed, so the same batches, posterior draws, timesteps, noise and dropped prompts: the same losses."""
+    common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5}
+    raw_run, latent_run = tmp_path / "raw", tmp_path / "latent"
+    train.main(small_config(raw_run, small_shards, small_vae, **common))
+
+    prompts: list[str] = []  # the latent run never codes a clip nor a caption (only the empty prompt)
+    original = HFTextEncoder._encode_uncached
+    monkeypatch.setattr(HFTextEncoder, "_encode_uncached", lambda self, p: (prompts.extend(p), original(self, p))[1])
+    monkeypatch.setattr(CausalVAE, "encode", lambda *a, **k: pytest.fail("the VAE encoder ran on latent shards"))
+    train.main(small_config(latent_run, latent_shards, small_vae, **common, **{"data.latents": "true"}))
+    assert set(prompts) == {""}
+
+    raw, latent = losses(raw_run), losses(latent_run)
+    assert len(raw) == 4 and len({round(x, 6) for x in raw}) == 4
+    torch.testing.assert_close(torch.tensor(latent), torch.tensor(raw), rtol=1e-5, atol=1e-6)
+
+
+def test_a_mismatch_with_the_shards_stops_before_training(tmp_path, small_shards, small_vae, latent_shards):
+    vae, text = load_vae(small_vae), build_text_encoder(small_config(tmp_path, small_shards, None).text)
+    cfg = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true"})
+    assert check_latent_shards(cfg, vae, text) is True  # the VAE and text encoder that made them
+
+    with pytest.raises(ValueError, match=r"text.max_length 16 \(shards\) vs 8 \(config\)"):
+        short = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true", "text.max_length": 8})
+        check_latent_shards(short, vae, build_text_encoder(short.text))
+    with pytest.raises(ValueError, match="text.encoder 'minilm' \\(shards\\) vs 'none'.*text dim 384"):
+        none = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true", "text.encoder": "none"})
+        check_latent_shards(none, vae, build_text_encoder(none.text))
+    other = tmp_path / "other_vae"
+    torch.manual_seed(1)
+    save_vae(CausalVAE(latent_channels=vae.latent_channels, base_channels=8), other)
+    with pytest.raises(ValueError, match="encoded by another VAE"):
+        check_latent_shards(cfg, load_vae(other), text)
+    with pytest.raises(ValueError, match="holds no latent samples"):
+        check_latent_shards(small_config(tmp_path, small_shards, small_vae, **{"data.latents": "true"}), vae, text)
+    with pytest.raises(ValueError, match="set data.latents=true"):
+        check_latent_shards(small_config(tmp_path, latent_shards, small_vae), vae, text)
+    with pytest.raises(ValueError, match="encoded by another VAE"):  # train.main checks before any step
+        train.main(small_config(tmp_path / "run", latent_shards, other, **{"data.latents": "true"}))
+    assert not (tmp_path / "run" / "checkpoints").exists()
