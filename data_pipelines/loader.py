@@ -166,7 +166,7 @@ class DecodeClips(wds.PipelineStage):
         cfg = self.cfg
         if MEAN not in sample or LOGVAR not in sample:
             exts = sorted(k for k in sample if not k.startswith("__"))
-            hint = "; a raw shard? set data.latents=false" if self.kind_of_raw(sample) else ""
+            hint = "; a raw shard? set data.latents=false" if self.has_raw_media(sample) else ""
             raise _Skip("no_media", f"no KEY.{MEAN} + KEY.{LOGVAR} (data.latents=true reads `dit encode` latent "
                                     f"shards); has {exts}{hint}")
         caption = self.caption(sample)
@@ -193,7 +193,7 @@ class DecodeClips(wds.PipelineStage):
         return fields, caption, None
 
     @staticmethod
-    def kind_of_raw(sample: dict[str, Any]) -> bool:
+    def has_raw_media(sample: dict[str, Any]) -> bool:
         return any(e in sample for e in VIDEO_EXTS + IMAGE_EXTS)
 
     def clip(self, sample: dict[str, Any], rng: random.Random) -> tuple[torch.Tensor, str, Any]:
