@@ -135,14 +135,14 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)
     # Distributed strategy (dit/distributed/strategies.py); the launcher (torchrun / accelerate launch) sets N.
     strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
-    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step (ddp, fsdp)
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step (every strategy)
     offload_optimizer: bool = False  # zero1/2/3: optimizer states (and their update) on the CPU
     offload_params: bool = False  # zero3 / fsdp: parameters on the CPU between uses
     fsdp_shard: str = "full"  # fsdp: full (shard over all ranks) | hybrid (shard within a node, replicate across)
     deepspeed_config: str | None = None  # a DeepSpeed JSON instead of configs/deepspeed/zero{N}.json
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | never | a checkpoint dir
     max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
-    debug_nan_steps: list[int] = field(default_factory=list)  # test hook: make the loss NaN at these steps
+    debug_nan_steps: list[int] = field(default_factory=list)  # test hook: NaN loss at these steps (rank 0, last micro)
     parity_batch: bool = False  # tests: every rank draws the whole global batch like 1 process and keeps its slice
     watchdog_timeout: float = 600.0  # log the stuck rank, phase and stack when one phase lasts longer (0: off)
 
@@ -158,9 +158,6 @@ class TrainConfig:
                "needs train.strategy=zero3 or fsdp (the strategies that shard parameters)")
         _check(self.fsdp_shard in ("full", "hybrid"), "train.fsdp_shard", "must be full or hybrid")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-        _check(self.grad_accum_steps == 1 or not self.strategy.startswith("zero"), "train.grad_accum_steps",
-               "is not supported with DeepSpeed yet (its engine steps inside the micro-batch loop, so a skipped "
-               "non-finite step could not be undone): use ddp or fsdp, or a larger train.batch_size")
         _check(not (self.strategy == "fsdp" and self.mixed_precision == "fp16"), "train.mixed_precision",
                "fp16 is not supported with train.strategy=fsdp (no loss scaling there); use bf16")
         _check(self.deepspeed_config is None or Path(self.deepspeed_config).is_file(), "train.deepspeed_config",

@@ -71,6 +71,7 @@ def make_accelerator(cfg: TrainConfig, mixed_precision: str) -> Accelerator:
 
         # On CPU, Accelerate's DeepSpeed path needs use_cpu off and an explicit gloo process group.
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, mixed_precision))
+        kwargs["gradient_accumulation_steps"] = cfg.grad_accum_steps  # = the engine's (else Accelerate warns)
         if on_cpu:
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     elif (multi or cfg.strategy == "fsdp") and on_cpu:
@@ -85,7 +86,7 @@ def deepspeed_config(cfg: TrainConfig, mixed_precision: str) -> dict[str, Any]:
     path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_CONFIGS / f"zero{stage}.json"
     ds = json.loads(path.read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_accumulation_steps"] = cfg.grad_accum_steps
     ds.pop("train_batch_size", None)
     ds["gradient_clipping"] = cfg.grad_clip
     ds["bf16"] = {"enabled": mixed_precision == "bf16"}
@@ -208,7 +209,14 @@ def _rewrap_keys(state: dict[str, torch.Tensor], target: dict[str, Any]) -> dict
 
 
 class DeepSpeedStrategy(Strategy):
-    """ZeRO 1/2/3 through Accelerate's DeepSpeed plugin; ``self.model`` is the DeepSpeedEngine."""
+    """ZeRO 1/2/3 through Accelerate's DeepSpeed plugin; ``self.model`` is the DeepSpeedEngine.
+
+    Gradient accumulation: the engine's gradient_accumulation_steps is train.grad_accum_steps, and the loop's
+    ``no_sync`` tells the engine which micro-batch ends the window (``set_gradient_accumulation_boundary``), so
+    ZeRO-1 reduces once, at the last micro-batch, and ZeRO-2/3 reduce-scatter every micro-batch into their
+    partition. With the boundary set explicitly the engine needs no ``step`` per micro-batch: ``step`` runs once
+    per window, as under DDP (DeepSpeed's documented pattern for this). The loop divides the loss by the number of
+    micro-batches itself, so ``backward`` keeps the engine from dividing it again (scale_wrt_gas=False)."""
 
     name = "zero"
 
@@ -216,22 +224,60 @@ class DeepSpeedStrategy(Strategy):
         self.model, self.opt = self.accelerator.prepare(self.model, self.opt)
         self.engine = self.model
         self.stage = self.engine.zero_optimization_stage()
+        self.accumulated = 0  # micro-batches backpropagated since the last optimizer step
+
+    @contextmanager
+    def no_sync(self, accumulating: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(not accumulating)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)  # between micro-batches: a boundary, as gas=1
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by train.grad_accum_steps
+        self.accumulated += 1
 
     def clip_and_norm(self) -> float | None:
         return None  # DeepSpeed clips inside engine.step(); the norm is known after it (last_grad_norm)
 
     def step(self) -> None:
-        self.engine.step()  # clip (gradient_clipping) + optimizer step + zero grads
+        self.engine.step()  # at the boundary: clip (gradient_clipping) + optimizer step + zero grads
+        self.accumulated = 0
         norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = float(norm) if norm is not None else float("nan")
 
     def skip(self) -> None:
+        if self.accumulated:  # a window cut short: drop what the engine accumulated, not just param.grad
+            self._drop_accumulated()
+        self.accumulated = 0
         self.engine.zero_grad()
         if hasattr(self.engine.optimizer, "zero_grad"):
             self.engine.optimizer.zero_grad(set_to_none=True)
+
+    def _drop_accumulated(self) -> None:
+        """Forget the gradients of the window's earlier micro-batches, so the next window starts from none, the
+        way the ZeRO optimizers clean up after a skipped (overflowed) step; weights and optimizer state stay."""
+        opt = self.engine.optimizer
+        if self.stage == 3:  # DeepSpeedZeroOptimizer_Stage3: micro_step_id 0 = the next micro-batch overwrites
+            opt.zero_grad(set_to_none=True)
+            if opt.offload_optimizer:
+                opt.reset_cpu_buffers()
+            else:
+                opt.averaged_gradients = {}
+            return
+        # DeepSpeedZeroOptimizer (stages 1, 2): as its step() does on overflow, plus the reduced partial sums
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID  # the next micro-batch copies instead of accumulating
+        opt.zero_grad(set_to_none=True)
+        opt._release_preflattened_grad_buffers()
+        if opt.cpu_offload:
+            opt.reset_cpu_buffers()
+            opt._offload_accumulated_param_ids = set()
+        for grads in (opt.averaged_gradients, opt.all_grad_tensors):
+            for k in grads:
+                grads[k] = None
 
     def _gathered(self) -> Any:
         if self.stage == 3:

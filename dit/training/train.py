@@ -343,7 +343,8 @@ def main(cfg: Config) -> Path:
                                              model_kwargs=dict(text=states[rows], text_mask=mask[rows]),
                                              prediction=cfg.diffusion.prediction, t=t[rows], noise=noise[rows],
                                              min_snr_gamma=cfg.diffusion.min_snr_gamma)
-                    if step + 1 in cfg.train.debug_nan_steps and rank == 0:  # test hook: one rank's loss goes bad
+                    # test hook: one rank's loss goes bad, on the step's last micro-batch (after the others' backward)
+                    if step + 1 in cfg.train.debug_nan_steps and rank == 0 and i == accum - 1:
                         loss = loss * float("nan")
                     losses.append(loss.detach())
                     nonfinite = strategy.any_rank(not bool(torch.isfinite(loss.detach())))
