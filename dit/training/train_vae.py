@@ -1,5 +1,13 @@
 """`dit train-vae`: train the causal 3D VAE on the configured shards, then fit the latent statistics that
-normalise latents for the DiT, and write RUN_DIR/vae (vae.safetensors + vae.json, atomically)."""
+normalise latents for the DiT, and write RUN_DIR/vae (vae.safetensors + vae.json, atomically).
+
+Image phase (``vae.image_steps``): the first steps train on one random frame of each clip, coded as an image
+(T = 1, the causal VAE's first-frame path, which shares every weight with the video path). A still frame costs
+about a fifth of a 5-frame clip, so the spatial code (colour, shape, position) gets several times the optimizer
+steps in the same time before the video steps learn the temporal compression, the image-then-video recipe of
+Open-Sora-Plan's and CV-VAE's VAEs. Measured on the demo's moving shapes: 3000 video-only steps separate red
+from green only in some runs (round-trip colour 0.73 in a bad one, both coming back olive); with image steps
+first the colour is right in every run we measured (BENCHMARKS.md / README)."""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_loader
-from dit.config import Config, save_config
+from dit.config import Config, ConfigError, save_config
 from dit.models.vae import CausalVAE, save_vae, vae_loss
 from dit.training.train import lr_lambda, mixed_precision
 
@@ -34,10 +42,19 @@ def fit_stats(vae: CausalVAE, loader_iter: object, batches: int, device: torch.d
     vae.fit_latent_stats(torch.cat(zs))
 
 
+def image_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random frame of each clip as an image: [B, 3, T, H, W] -> [B, 3, 1, H, W]."""
+    pick = torch.randint(0, x.shape[2], (x.shape[0],), generator=generator).to(x.device)
+    return x[torch.arange(x.shape[0], device=x.device), :, pick].unsqueeze(2)
+
+
 def main(cfg: Config, stats_batches: int = 4) -> Path:
     """Train the VAE for train.steps steps; returns the directory of the saved VAE (RUN_DIR/vae)."""
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+    if cfg.data.latents:
+        raise ConfigError("data.latents: train-vae learns from pixels, so it reads raw shards; set data.latents=false "
+                          "and point data.shards at the raw shards (latent shards are what `dit encode` makes with it)")
     out = Path(cfg.train.output_dir)
     loader = build_loader(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision))
@@ -56,6 +73,8 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     bar = tqdm(range(1, cfg.train.steps + 1), desc="train-vae", disable=not accelerator.is_main_process)
     for step in bar:
         x = next(data_iter)["video"].to(accelerator.device)  # [B, 3, T, H, W]
+        if step <= cfg.vae.image_steps:
+            x = image_batch(x, gen)  # [B, 3, 1, H, W]
         with accelerator.autocast():
             recon, posterior = vae(x, generator=gen)
             loss, parts = vae_loss(recon.float(), x, posterior, cfg.vae.kl_weight, cfg.vae.l1_weight)
@@ -67,6 +86,7 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             writer.add_scalar("vae/loss", loss.item(), step)
+            writer.add_scalar("vae/frames", x.shape[2], step)
             for name, value in parts.items():
                 writer.add_scalar(f"vae/{name}", float(value), step)
     vae = accelerator.unwrap_model(vae)

@@ -124,3 +124,27 @@ def test_lr_schedule_warms_up_then_holds_or_decays() -> None:
     assert cos(60) == pytest.approx(0.525)  # half way: the midpoint between 1 and the floor
     assert cos(110) == pytest.approx(0.05) and cos(500) == pytest.approx(0.05)
     assert all(cos(s) >= cos(s + 1) for s in range(10, 120))
+
+
+def test_image_batch_takes_one_real_frame_of_each_clip() -> None:
+    x = torch.randn(6, 3, 9, 4, 4)
+    out = train_vae.image_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, 1, 4, 4)
+    picked = [next(t for t in range(9) if torch.equal(out[b, :, 0], x[b, :, t])) for b in range(6)]
+    assert len(set(picked)) > 1  # a random frame per clip, not always the first
+    again = train_vae.image_batch(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_vae_image_phase_trains_on_frames_then_clips(tmp_path: Path, shards: str) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "vae"
+    train_vae.main(demo_config(run, shards, **{"train.steps": 5, "vae.image_steps": 3, "train.log_every": 1}))
+    events = EventAccumulator(str(run / "tensorboard-vae"))
+    events.Reload()
+    assert [int(e.value) for e in events.Scalars("vae/frames")] == [1, 1, 1, 9, 9]
+    with pytest.raises(ConfigError, match="vae.image_steps"):
+        demo_config(run, shards, **{"vae.image_steps": -1})
+    with pytest.raises(ConfigError, match="data.latents"):
+        train_vae.main(demo_config(tmp_path / "lat", shards, **{"data.latents": "true", "train.steps": 1}))
