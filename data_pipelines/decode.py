@@ -1,7 +1,8 @@
 """Decode media bytes into frames, and frames into model-ready clips.
 
 - ``decode_video``: decord ``VideoReader`` over the bytes, reading only the frames asked for
-  (``get_batch``); PyAV when decord is missing or fails on a file.
+  (``get_batch``); PyAV when decord is missing or fails on a file, or when the bytes are not a container
+  that decord can open (``_decord_refuses``: decord leaks memory on every input it cannot open).
 - ``decode_image``: Pillow, EXIF-rotated, always RGB (alpha composited on white).
 - ``resize_crop``: resize the shorter side to cover (height, width), center crop, to float [-1, 1].
 
@@ -68,6 +69,41 @@ def _resolve(indices: Indices, num_frames: int, fps: float) -> list[int]:
     return idx
 
 
+_BMFF_BOXES = {b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"meta", b"moof",
+               b"mfra", b"sidx", b"pdin", b"prft", b"emsg"}
+
+
+def _decord_refuses(data: bytes) -> str | None:
+    """Why these bytes are not given to decord (None: they are).
+
+    decord 0.6.0 leaks the whole reader, with its copy of the bytes, when FFmpeg cannot open the input
+    (``_CAPI_VideoReaderGetVideoReader`` returns null without freeing it): about 1.5x the file size per bad
+    file, for the life of the process, so a long run over data with cut-off downloads grows without bound
+    (``tools/bench_rss.py --bad-every 10``). So decord only gets an mp4/mov whose ``moov`` box is complete
+    (a cut-off mp4 has none: FFmpeg's "moov atom not found"), or a Matroska/WebM or AVI file; anything else
+    goes straight to PyAV, which frees what it allocates.
+    """
+    if len(data) >= 8 and data[4:8] in _BMFF_BOXES:  # ISO BMFF (mp4, mov): walk the top-level boxes
+        pos = 0
+        while pos + 8 <= len(data):
+            size, header = int.from_bytes(data[pos : pos + 4], "big"), 8
+            if size == 1:  # 64-bit size follows
+                if pos + 16 > len(data):
+                    break
+                size, header = int.from_bytes(data[pos + 8 : pos + 16], "big"), 16
+            elif size == 0:  # runs to the end of the file
+                size = len(data) - pos
+            if size < header:
+                return "a malformed mp4 box"
+            if data[pos + 4 : pos + 8] == b"moov":
+                return None if pos + size <= len(data) else "an mp4 cut off inside its moov box"
+            pos += size
+        return "an mp4 without a moov box (cut off?)"
+    if data.startswith(b"\x1a\x45\xdf\xa3") or (data.startswith(b"RIFF") and data[8:12] == b"AVI "):
+        return None  # Matroska / WebM, AVI
+    return "not an mp4, mov, mkv, webm or avi container"
+
+
 def _decode_decord(data: bytes, indices: Indices, num_threads: int) -> tuple[np.ndarray, VideoInfo]:
     vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=num_threads)
     n = len(vr)
@@ -114,7 +150,10 @@ def decode_video(data: bytes, indices: Indices = None, *, num_threads: int = 1) 
     ``frame_indices`` partial) so that only the needed frames are decoded.
     """
     errors = []
-    if decord is not None:
+    refused = _decord_refuses(data) if decord is not None else "not installed"
+    if refused:
+        errors.append(f"decord: not tried ({refused})")
+    else:
         try:
             return _decode_decord(data, indices, num_threads)
         except Rejected:
