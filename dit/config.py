@@ -74,6 +74,7 @@ class VAEConfig:
     l1_weight: float = 1.0  # reconstruction loss = l1_weight * L1 + MSE (+ kl_weight * KL); 0 for sparse content
     decode_chunk: int = 0  # latent frames per decode chunk (0: all at once)
     image_steps: int = 0  # train-vae: the first N steps train on single frames (T = 1) before the clips
+    chroma_weight: float = 0.0  # train-vae: weight of the opponent-colour (hue) error term (dit/models/vae.py)
 
     def __post_init__(self) -> None:
         _check(self.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
@@ -82,6 +83,7 @@ class VAEConfig:
         _check(self.kl_weight >= 0, "vae.kl_weight", "must be >= 0")
         _check(self.l1_weight >= 0, "vae.l1_weight", "must be >= 0")
         _check(self.image_steps >= 0, "vae.image_steps", "must be >= 0 (0: no image phase)")
+        _check(self.chroma_weight >= 0, "vae.chroma_weight", "must be >= 0")
 
 
 @dataclass

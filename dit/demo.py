@@ -22,12 +22,15 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # Phase settings on top of configs/demo.yaml; `quick` is a smoke test of the same path.
 # The VAE trains on 5-frame crops (the causal VAE is fully convolutional, so it then codes the 9-frame clips),
-# its first 2000 steps on single frames (vae.image_steps): 3000 steps on clips alone told red from green in some
-# runs only (round-trip colour 0.73 in one); with the image phase first, every run we measured got it right.
-# The DiT's 2800 steps: with absolute positions and Min-SNR weighting, DiT-only runs on one trained VAE scored
-# 0.80-0.90 (training seeds 0 and 1 x sampling seeds 0-2, 20 prompts each); 1600 steps gave 0.55-0.95 from run to
-# run. With RoPE alone it stayed near chance on direction (0.2-0.35) at 1600 and 2400 steps.
-FULL = dict(clips=480, vae_steps=3000, vae_image_steps=2000, vae_frames=5, dit_steps=2800, sample_steps=50)
+# its first 1500 steps on single frames (vae.image_steps, ~3x cheaper each), with the opponent-colour term
+# (vae.chroma_weight=4). Without them, 3000 clip steps told red from green in some runs only (round trip colour
+# 0.73 in one, red and green both drawn olive); single frames alone still missed it in one run of two at 2000
+# steps; with both, both seeds tried had every colour right after 1000 frame steps.
+# The DiT's 3600 steps (the time the cheaper VAE phase saves): with absolute positions and Min-SNR weighting,
+# DiT-only runs on one trained VAE scored 0.80-0.90 at 2800 steps (training seeds 0 and 1 x sampling seeds 0-2,
+# 20 prompts each); 1600 steps gave 0.55-0.95 from run to run. With RoPE alone it stayed near chance on direction
+# (0.2-0.35) at 1600 and 2400 steps.
+FULL = dict(clips=480, vae_steps=2500, vae_image_steps=1500, vae_frames=5, dit_steps=3600, sample_steps=50)
 QUICK = dict(clips=64, vae_steps=10, vae_image_steps=5, vae_frames=5, dit_steps=10, sample_steps=5)
 
 
@@ -93,7 +96,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> float:
           f"{phase['vae_image_steps']} on single frames)", flush=True)
     vae_cfg = load_config(CONFIG, [f"data.shards={out / 'data'}", f"train.output_dir={out / 'vae_run'}",
                                    f"train.steps={phase['vae_steps']}", "train.lr=2e-3", "train.batch_size=8",
-                                   "train.warmup_steps=20", f"train.seed={seed}", *size,
+                                   "train.warmup_steps=20", f"train.seed={seed}", *size, "vae.chroma_weight=4",
                                    f"data.frames={phase['vae_frames']}", f"vae.image_steps={phase['vae_image_steps']}"])
     vae_dir = train_vae.main(vae_cfg)
     vae_check = vae_round_trip(vae_dir, out / "data", base.data.frames, base.data.height, base.data.width)

@@ -77,7 +77,8 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
             x = image_batch(x, gen)  # [B, 3, 1, H, W]
         with accelerator.autocast():
             recon, posterior = vae(x, generator=gen)
-            loss, parts = vae_loss(recon.float(), x, posterior, cfg.vae.kl_weight, cfg.vae.l1_weight)
+            loss, parts = vae_loss(recon.float(), x, posterior, cfg.vae.kl_weight, cfg.vae.l1_weight,
+                                   cfg.vae.chroma_weight)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), cfg.train.grad_clip)
         opt.step()

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from dit.models.vae import CausalVAE, DiagonalGaussian, load_vae, save_vae, vae_loss
+from dit.models.vae import CausalVAE, DiagonalGaussian, chroma_error, load_vae, save_vae, vae_loss
 
 TINY = dict(latent_channels=4, base_channels=8, channel_mults=(1, 2, 2, 2), num_res_blocks=1)
 
@@ -153,6 +153,20 @@ def test_vae_loss_parts() -> None:
     assert parts["mse"].item() == pytest.approx(0.25)
     assert parts["kl"].item() == pytest.approx(0.5)
     assert loss.item() == pytest.approx(0.5 + 0.25 + 0.05)
+    assert parts["chroma"].item() == 0.0  # a grey error has no hue
+
+
+def test_chroma_term_sees_hue_errors_only() -> None:
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1, 1).expand(2, 3, 1, 4, 4)
+    olive = torch.tensor([0.0, 0.0, -1.0]).view(1, 3, 1, 1, 1).expand(2, 3, 1, 4, 4)
+    posterior = DiagonalGaussian(torch.zeros(2, 4, 1, 1, 1), torch.zeros(2, 4, 1, 1, 1))  # KL = 0
+    # red drawn as olive: error (-1, 1, 0) -> red-green (-1 - 1) / 2 = -1, yellow-blue (-1 + 1) / 4 = 0
+    assert chroma_error(olive, red).item() == pytest.approx((1.0 + 0.0) / 2)
+    loss, parts = vae_loss(olive, red, posterior, kl_weight=1.0, l1_weight=0.0, chroma_weight=4.0)
+    assert parts["mse"].item() == pytest.approx(2 / 3)
+    assert loss.item() == pytest.approx(2 / 3 + 4.0 * 0.5)
+    grey = red + 0.3  # the same error in every channel: brightness, not hue
+    assert chroma_error(grey, red).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_latent_normalisation() -> None:
