@@ -22,7 +22,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # Phase settings on top of configs/demo.yaml; `quick` is a smoke test of the same path.
 # The VAE trains on 5-frame crops (the causal VAE is fully convolutional, so it then codes the 9-frame clips),
-# its first 1500 steps on single frames (vae.image_steps, ~3x cheaper each), with the opponent-colour term
+# its first 1500 steps on single frames (vae.image_steps, ~2x faster each), with the opponent-colour term
 # (vae.chroma_weight=4). Without them, 3000 clip steps told red from green in some runs only (round trip colour
 # 0.73 in one, red and green both drawn olive); single frames alone still missed it in one run of two at 2000
 # steps; with both, both seeds tried had every colour right after 1000 frame steps.

@@ -352,7 +352,8 @@ def vae_loss(
     The chroma term (``chroma_error``) weights hue errors beyond their share of pixel variance. Pixel MSE learns
     colour axes in order of their variance: on sparse content (the demo's one small shape) red-vs-green is a tiny
     share of it, and a small VAE can sit for thousands of steps drawing red and green as the same olive. With
-    chroma_weight 4 every measured run told them apart within 1000 steps (the demo uses it; README).
+    chroma_weight 4 (and single-frame steps) both probe runs told them apart within 1000 steps (the demo uses
+    it; README).
     """
     recon, x = recon.float(), x.float()
     l1 = (recon - x).abs().mean()
