@@ -33,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
-from data_pipelines.config import DataConfig
+from data_pipelines.config import ConfigError, DataConfig
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
 from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_kind, load_npy, pixel_shape
 from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
@@ -430,9 +430,13 @@ def build_loader(cfg: DataConfig, batch_size: int, *, seed: int = 0, epoch_seed:
     url_lists = [expand_shards(spec) for spec, _ in sources]
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed, or RANK / WORLD_SIZE
     readers = world_size * max(1, cfg.num_workers)
-    if not infinite and min(map(len, url_lists)) < readers:
-        log.warning("%d shards for %d readers (ranks x workers): some readers get no data; use more shards "
-                    "or fewer data.num_workers", min(map(len, url_lists)), readers)
+    if min(map(len, url_lists)) < readers:
+        msg = (f"{min(map(len, url_lists))} shards for {readers} readers (ranks x data.num_workers): each shard is "
+               "read by exactly one reader, so some get no data; write more, smaller shards (dit make-shards) or "
+               "set fewer data.num_workers")
+        if infinite:  # a training reader without shards would wait for a sample for ever (and its rank with it)
+            raise ConfigError(f"data.shards: {msg}")
+        log.warning(msg)
     epoch = SharedEpoch()
     decoder = DecodeClips(cfg, seed=seed, batch_size=batch_size)
     schedule = KindSchedule(cfg.image_ratio, seed)  # shared by the reader and the batcher (see KindSchedule)

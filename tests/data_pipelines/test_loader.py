@@ -12,7 +12,7 @@ import torch
 from data_pipelines.loader import build_loader
 from data_pipelines.synthetic import measure_clip, render_clip
 from data_pipelines.writer import encode_mp4, write_shards
-from dit.config import DataConfig
+from dit.config import ConfigError, DataConfig
 
 CAPTION = re.compile(r"^a (red|green|blue|yellow|white) (circle|square|triangle) moving (left|right|up|down)$")
 
@@ -253,3 +253,13 @@ def test_every_bad_kind_and_a_truncated_shard(corrupt_shard, tmp_path, workers):
         ("nocaption", "no_caption"), ("-", "tar_error")])
     assert all(r[2] in (corrupt_shard, truncated) and r[3] for r in rows)  # the shard, and why
     assert next(r for r in rows if r[1] == "tar_error")[2] == truncated
+
+
+def test_a_training_reader_without_shards_fails_at_start(corrupt_shard, caplog):
+    # 1 shard, 2 workers: the second worker would wait for a sample for ever, so training refuses at build time
+    cfg = DataConfig(shards=corrupt_shard, frames=9, height=32, width=32, num_workers=2)
+    with pytest.raises(ConfigError, match=r"1 shards for 2 readers .*data.num_workers"):
+        build_loader(cfg, 3)
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.loader"):
+        build_loader(cfg, 3, infinite=False)  # one finite pass: the idle reader just ends, with a warning
+    assert "1 shards for 2 readers" in caplog.text
