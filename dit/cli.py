@@ -112,7 +112,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dit.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, seed=args.seed)
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> VAE -> DiT -> clips -> prompt-following score")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; low score expected)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, both trainings and the samples")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("make-synthetic", help="write shards of captioned moving-shape clips")
