@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 import torch
+from shaped_clips import shaped_clip_samples
 
 from data_pipelines.buckets import BucketChooser, NoBucket, bucket_size, make_buckets, parse_ratio, tokens
 from data_pipelines.loader import build_loader
-from data_pipelines.synthetic import render_clip
-from data_pipelines.writer import encode_mp4, write_shards
+from data_pipelines.writer import write_shards
 from dit.config import BucketConfig, ConfigError, DataConfig
 
 RATIOS = ["1:1", "4:3", "3:4", "16:9", "9:16", "2.39:1", "1:2.39"]
@@ -92,11 +92,7 @@ def test_real_media_land_in_the_expected_buckets(real_media_shards):
 def shaped_shards(tmp_path_factory) -> list[str]:
     """36 synthetic clips of three sizes (1:1, 4:3, 16:9) and three lengths (5, 9, 13 frames) in 3 shards."""
     rng = random.Random(0)
-    samples = []
-    for i, ((h, w), frames) in enumerate(itertools.product([(48, 48), (36, 48), (36, 64)], [5, 9, 13] * 4)):
-        video, meta = render_clip("red", "square", "left", frames=frames, height=h, width=w, rng=rng)
-        samples.append({"__key__": f"c{i:03d}", "mp4": encode_mp4(video, 8), "txt": "a red square moving left",
-                        "json": meta})
+    samples = shaped_clip_samples(4, rng)
     rng.shuffle(samples)
     return write_shards(samples, str(tmp_path_factory.mktemp("shaped") / "%05d.tar"), maxcount=12)
 

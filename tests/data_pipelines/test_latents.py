@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from shaped_clips import shaped_clip_samples
 
 from data_pipelines.loader import build_loader
 from data_pipelines.synthetic import render_clip
-from data_pipelines.writer import encode_image, encode_mp4, write_shards
+from data_pipelines.writer import encode_image, write_shards
 from dit.config import BucketConfig, DataConfig, load_config
 from dit.encode import encode_shards
 from dit.models.vae import CausalVAE, save_vae
@@ -28,11 +29,7 @@ def shaped(tmp_path_factory) -> dict:
     them with the same buckets (a random tiny VAE, no text encoder)."""
     root = tmp_path_factory.mktemp("latent_data")
     rng = random.Random(0)
-    samples = []
-    for i, ((h, w), frames) in enumerate(itertools.product([(48, 48), (36, 48), (36, 64)], [5, 9, 13] * 2)):
-        video, meta = render_clip("red", "square", "left", frames=frames, height=h, width=w, rng=rng)
-        samples.append({"__key__": f"c{i:03d}", "mp4": encode_mp4(video, 8), "txt": "a red square moving left",
-                        "json": meta})
+    samples = shaped_clip_samples(2, rng)
     for i, (h, w) in enumerate([(48, 48), (36, 64)] * 4):
         video, meta = render_clip("blue", "circle", "up", frames=1, height=h, width=w, rng=rng)
         samples.append({"__key__": f"p{i:03d}", "png": encode_image(video[0], "png"), "txt": "a blue circle",
