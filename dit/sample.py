@@ -18,10 +18,10 @@ from dit.config import TextConfig, latent_frames, nearest_frames, nearest_multip
 from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import ddim, ddpm, dpm_solver
 from dit.diffusion.schedules import Schedule, make_schedule
+from dit.export import load_weights, resolve_checkpoint
 from dit.models.dit import DiT
 from dit.models.text import TextEncoder, build_text_encoder
 from dit.models.vae import CausalVAE, load_vae
-from dit.training.checkpoint import load_weights, resolve_checkpoint
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver}
 

@@ -1,9 +1,7 @@
 """Atomic checkpoints: written to a temporary directory, flushed, then renamed; a half-written one is never used.
 
     RUN_DIR/checkpoints/step-00000200/
-        model.safetensors      EMA weights (what `dit sample` loads)
-        config.json            the experiment config + the DiT constructor arguments
-        vae/                   the frozen VAE (vae.safetensors + vae.json), so a checkpoint is self-contained
+        model.safetensors, config.json, vae/    the inference export (dit/export.py)
         training_state.pt      raw weights, optimizer, LR scheduler, EMA, RNG, step (tensors and plain data only,
                                loaded with weights_only=True)
         rank-00000.pt ...      each rank's RNG states and data-loader position
@@ -15,7 +13,6 @@ it after a barrier, so a checkpoint directory exists only once all ranks' files 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -27,9 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-CKPT_PREFIX = "step-"
+from dit.export import CKPT_PREFIX, list_checkpoints, resolve_checkpoint
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,29 +100,6 @@ def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_
     barrier()
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, weights: dict[str, torch.Tensor], config: dict[str, Any],
-                    vae_dir: str | Path | None = None, training_state: dict[str, Any] | None = None,
-                    keep_last: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically under RUN_DIR/checkpoints and keep only the newest ``keep_last``."""
-    with atomic_checkpoint(run_dir, step, keep_last=keep_last) as tmp:
-        write_export(tmp, weights=weights, config=config, vae_dir=vae_dir)
-        if training_state is not None:
-            torch.save(training_state, tmp / "training_state.pt")
-    return Path(run_dir) / "checkpoints" / f"{CKPT_PREFIX}{step:08d}"
-
-
-def write_export(ckpt: Path, *, weights: dict[str, torch.Tensor], config: dict[str, Any],
-                 vae_dir: str | Path | None = None) -> None:
-    """The inference export: model.safetensors + config.json (+ the VAE), what `dit sample` loads."""
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise RuntimeError(f"refusing to write a checkpoint with non-finite weights in {bad[:5]}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, ckpt / "model.safetensors")
-    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
-    if vae_dir is not None:
-        shutil.copytree(vae_dir, ckpt / "vae")
-
-
 def rank_state_path(ckpt: str | Path, rank: int) -> Path:
     return Path(ckpt) / f"rank-{rank:05d}.pt"
 
@@ -144,34 +117,6 @@ def resume_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
         raise FileNotFoundError(f"train.resume={resume!r}: {ckpt} holds weights only (no training_state.pt); "
                                 "use it as a starting point for sampling, not for resuming")
     return ckpt
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (renamed into place, with weights and config), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-            and p.name[len(CKPT_PREFIX):].isdigit()
-            and (p / "model.safetensors").is_file() and (p / "config.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest complete checkpoint of a training output directory."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file() and (p / "config.json").is_file():
-        return p
-    found = list_checkpoints(p)
-    if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {str(p)!r}: pass a training output directory "
-                                "(train.output_dir) or a checkpoint directory holding model.safetensors + config.json")
-    return found[-1]
-
-
-def load_weights(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    ckpt = Path(ckpt)
-    return load_file(ckpt / "model.safetensors"), json.loads((ckpt / "config.json").read_text())
 
 
 def load_training_state(ckpt: str | Path) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from runs import dit_train
 
 from dit.distributed.preemption import REQUEUE_EXIT_CODE
-from dit.training.checkpoint import list_checkpoints, load_training_state
+from dit.export import list_checkpoints
+from dit.training.checkpoint import load_training_state
 
 
 def steps_logged(run: Path) -> list[int]:

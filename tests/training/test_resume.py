@@ -14,7 +14,8 @@ import torch
 from runs import dit_train
 
 from dit.config import ConfigError
-from dit.training.checkpoint import list_checkpoints, load_training_state, load_weights
+from dit.export import list_checkpoints, load_weights
+from dit.training.checkpoint import load_training_state
 
 COMMON = {"train.steps": 60, "train.checkpoint_every": 20, "train.keep_last": 5}
 

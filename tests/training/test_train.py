@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dit.config import ConfigError, load_config
+from dit.export import list_checkpoints, load_weights
 from dit.training import train, train_vae
-from dit.training.checkpoint import list_checkpoints, load_training_state, load_weights
+from dit.training.checkpoint import load_training_state
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
