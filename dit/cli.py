@@ -49,50 +49,10 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
     print(f"vae: {main(_config(args))}")
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        p = Path(args.prompts)
-        if not p.is_file():
-            raise SystemExit(f"error: --prompts file {str(p)!r} does not exist")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
-    return prompts
-
-
-def output_paths(out: str, n: int, frames: int) -> list[Path]:
-    from dit.sample import default_suffix
-
-    path = Path(out)
-    if n == 1 and path.suffix:
-        return [path]
-    suffix = path.suffix or default_suffix(frames)
-    folder = path.with_suffix("") if path.suffix else path
-    return [folder / f"{i:04d}{suffix}" for i in range(n)]
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
+    from dit.sample import run_sample
 
-    from dit.sample import check_size, generate, load_pipeline, to_uint8, write_media
-
-    prompts = read_prompts(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(args.checkpoint, device=device)
-    try:
-        check_size(args.frames, args.height, args.width, pipe.model.patch)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    paths = output_paths(args.out, len(prompts), args.frames)
-    for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start:start + args.batch_size]
-        video = generate(pipe, chunk, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
-                         sampler=args.sampler, cfg=args.cfg, eta=args.eta, seed=args.seed + start,
-                         decode_chunk=args.decode_chunk)
-        for clip, path, prompt in zip(to_uint8(video), paths[start:], chunk):
-            write_media(clip, path, fps=args.fps)
-            print(f"{path}\t{prompt}")
+    run_sample(args)
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -182,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training output dir (newest checkpoint) or a checkpoint dir")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a file with one prompt per line")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--frames", type=int, default=None, help="4k+1 (default: the size the checkpoint was trained at)")
+    p.add_argument("--height", type=int, default=None, help="default: the trained height")
+    p.add_argument("--width", type=int, default=None, help="default: the trained width")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm_solver"])
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")

@@ -15,7 +15,7 @@ import torch
 
 from data_pipelines.synthetic import COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip
 from dit.config import load_config
-from dit.sample import generate, load_pipeline, to_uint8, write_media
+from dit.pipeline import generate, load_pipeline, to_uint8, write_media
 from dit.training import train, train_vae
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

@@ -1,133 +1,68 @@
-"""Prompts -> clips: load a checkpoint (weights + config + VAE), sample latents with CFG, decode, write media.
+"""`dit sample`: prompts -> clips from a checkpoint, at the size it was trained at unless told otherwise.
 
     dit sample --checkpoint RUN_DIR --prompt "a red circle moving left" --frames 17 --height 64 --width 96 \
         --steps 50 --sampler ddim --cfg 5 --seed 0 --out clip.mp4
+
+Each written file is one stdout line, ``PATH<TAB>PROMPT`` (slurm/sample.sbatch keeps them as its index.tsv).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import argparse
+import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from dit.config import TextConfig, latent_frames, nearest_frames, nearest_multiple
-from dit.diffusion.guidance import cfg_denoiser
-from dit.diffusion.samplers import ddim, ddpm, dpm_solver
-from dit.diffusion.schedules import Schedule, make_schedule
-from dit.export import load_weights, resolve_checkpoint
-from dit.models.dit import DiT
-from dit.models.text import TextEncoder, build_text_encoder
-from dit.models.vae import CausalVAE, load_vae
-
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver}
+from dit.pipeline import check_size, default_suffix, generate, load_pipeline, to_uint8, write_media
 
 
-@dataclass
-class Pipeline:
-    model: DiT
-    vae: CausalVAE
-    text: TextEncoder
-    schedule: Schedule
-    prediction: str
-    config: dict[str, Any]
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt (repeatable) then the non-blank lines of --prompts FILE."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise SystemExit(f"error: --prompts file {str(p)!r} does not exist")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
+    return prompts
 
 
-def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
-    d = diffusion if isinstance(diffusion, dict) else vars(diffusion)
-    return make_schedule(d["schedule"], d["num_timesteps"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-                         zero_terminal_snr=d["zero_terminal_snr"])
+def output_paths(out: str, n: int, frames: int) -> list[Path]:
+    """One prompt and a file name: that file; otherwise OUT (without its suffix) as a folder of 0000.mp4, ..."""
+    path = Path(out)
+    if n == 1 and path.suffix:
+        return [path]
+    suffix = path.suffix or default_suffix(frames)
+    folder = path.with_suffix("") if path.suffix else path
+    return [folder / f"{i:04d}{suffix}" for i in range(n)]
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None) -> Pipeline:
-    """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory."""
-    ckpt = resolve_checkpoint(path)
-    weights, config = load_weights(ckpt)
-    # abs_pos: False for checkpoints written before the option existed (their DiT had RoPE only)
-    model = DiT(**{"abs_pos": False, **config["dit"], "patch_size": tuple(config["dit"]["patch_size"])})
-    model.load_state_dict(weights)
-    vae = load_vae(ckpt / "vae")
-    text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))
-    schedule = schedule_from_config(config["experiment"]["diffusion"])
-    for m in (model, vae, text):
-        m.to(device).eval().requires_grad_(False)
-    return Pipeline(model, vae, text, schedule, config["experiment"]["diffusion"]["prediction"], config)
+def trained_size(config: dict, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """The requested size, each dimension not given taken from the checkpoint's data config (its training size)."""
+    data = config["experiment"]["data"]
+    return (data["frames"] if frames is None else frames, data["height"] if height is None else height,
+            data["width"] if width is None else width)
 
 
-def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int]) -> None:
-    """Refuse a size the VAE and the patch grid cannot represent, naming the nearest valid values."""
-    problems = []
-    if frames < 1 or (frames - 1) % 4:
-        problems.append(f"frames={frames} must be 4k+1 (nearest valid: {nearest_frames(frames)})")
-    elif latent_frames(frames) % patch[0]:
-        problems.append(f"frames={frames} gives {latent_frames(frames)} latent frames, not divisible by the "
-                        f"temporal patch {patch[0]}")
-    for name, size, p in (("height", height, patch[1]), ("width", width, patch[2])):
-        if size < 1 or size % (8 * p):
-            problems.append(f"{name}={size} must be a multiple of {8 * p} "
-                            f"(nearest valid: {nearest_multiple(size, 8 * p)})")
-    if problems:
-        raise ValueError("invalid sample size: " + "; ".join(problems))
-
-
-@torch.no_grad()
-def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
-             sampler: str = "ddim", cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
-             decode_chunk: int = 0) -> torch.Tensor:
-    """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1]."""
-    check_size(frames, height, width, pipe.model.patch)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    device = next(pipe.model.parameters()).device
-    b = len(prompts)
-    shape = (b, pipe.vae.latent_channels, latent_frames(frames), height // 8, width // 8)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=gen).to(device)
-    states, mask = pipe.text.encode(list(prompts) + [""] * b)  # one call: cond and uncond share the padding
-    cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
-    uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
-    denoise = cfg_denoiser(pipe.model, cond, uncond, cfg)
-    kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction)
-    if sampler == "ddim":
-        kwargs["eta"] = eta
-    if sampler in ("ddim", "ddpm"):
-        kwargs["generator"] = gen
-    z = SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
-    video = pipe.vae.decode(pipe.vae.denormalize(z), chunk_size=decode_chunk)
-    return video.clamp(-1, 1)
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[B, 3, T, H, W] in [-1, 1] -> uint8 [B, T, H, W, 3]."""
-    x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
-
-
-def write_media(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """Write uint8 [T, H, W, 3] as .mp4 (PyAV, h264), .gif, or .png (T = 1, or the first frame)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        from PIL import Image
-
-        Image.fromarray(frames[0]).save(path)
-    elif suffix == ".gif":
-        from PIL import Image
-
-        imgs = [Image.fromarray(f) for f in frames]
-        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    elif suffix == ".mp4":
-        from data_pipelines.writer import encode_mp4
-
-        path.write_bytes(encode_mp4(frames, fps=fps))
-    else:
-        raise ValueError(f"unsupported output {path.name!r}: use .mp4, .gif or .png")
-    return path
-
-
-def default_suffix(frames: int) -> str:
-    return ".png" if frames == 1 else ".mp4"
+def run_sample(args: argparse.Namespace) -> None:
+    prompts = read_prompts(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(args.checkpoint, device=device)
+    frames, height, width = trained_size(pipe.config, args.frames, args.height, args.width)
+    try:
+        check_size(frames, height, width, pipe.model.patch)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width)", file=sys.stderr)
+    paths = output_paths(args.out, len(prompts), frames)
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start:start + args.batch_size]
+        video = generate(pipe, chunk, frames=frames, height=height, width=width, steps=args.steps,
+                         sampler=args.sampler, cfg=args.cfg, eta=args.eta, seed=args.seed + start,
+                         decode_chunk=args.decode_chunk)
+        for clip, path, prompt in zip(to_uint8(video), paths[start:], chunk):
+            write_media(clip, path, fps=args.fps)
+            print(f"{path}\t{prompt}", flush=True)

@@ -17,8 +17,8 @@ from dit.config import load_config
 from dit.diffusion.objectives import training_loss
 from dit.models.dit import build_dit
 from dit.models.text import build_text_encoder
+from dit.pipeline import schedule_from_config
 from dit.plan import estimate, model_size
-from dit.sample import schedule_from_config
 from dit.training.train_vae import build_vae
 
 
