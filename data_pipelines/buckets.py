@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from data_pipelines.config import BucketConfig, latent_frames
+from data_pipelines.config import BucketConfig, latent_shape
 
 
 class NoBucket(ValueError):
@@ -73,8 +73,8 @@ def bucket_size(ratio: float, resolution: int, multiple: int) -> tuple[int, int]
 
 def tokens(frames: int, height: int, width: int, patch: list[int]) -> int:
     """Latent tokens of one sample: latent frames x (H/8) x (W/8) over the patch volume."""
-    pt, ph, pw = patch
-    return max(1, math.ceil(latent_frames(frames) / pt) * (height // 8 // ph) * (width // 8 // pw))
+    (pt, ph, pw), (t, h, w) = patch, latent_shape(frames, height, width)
+    return max(1, math.ceil(t / pt) * (h // ph) * (w // pw))
 
 
 def make_buckets(cfg: BucketConfig, batch_size: int) -> list[Bucket]:

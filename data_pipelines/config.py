@@ -17,20 +17,73 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def latent_frames(frames: int) -> int:
-    """Latent frames of the causal VAE: the first frame alone, then 4 frames per latent frame."""
-    return 1 + (frames - 1) // 4
+# ---- the frame and size rule, given the VAE's compression -----------------------------------------------------
+# A causal video VAE codes the first frame alone, then each `temporal` frames as one latent frame, and `spatial`
+# pixels as one latent position: clips of temporal*k + 1 frames, sides that are multiples of `spatial` (times the
+# denoiser's patch). Our CausalVAE (dit/models/vae.py) is the default.
+TEMPORAL, SPATIAL = 4, 8
 
 
-def nearest_frames(frames: int) -> list[int]:
-    """The valid frame counts (4k+1) nearest to ``frames``."""
-    lo = max(1, (frames - 1) // 4 * 4 + 1)
-    return sorted({lo, lo + 4} if lo != frames else {frames})
+def latent_frames(frames: int, temporal: int = TEMPORAL) -> int:
+    """Latent frames of a clip of ``frames`` = temporal*k + 1 frames: 1 + k."""
+    return 1 + (frames - 1) // temporal
+
+
+def pixel_shape(t: int, h: int, w: int, temporal: int = TEMPORAL, spatial: int = SPATIAL) -> tuple[int, int, int]:
+    """(frames, height, width) of the clip that a latent grid (t, h, w) was coded from."""
+    return 1 + temporal * (t - 1), spatial * h, spatial * w
+
+
+def nearest_frames(frames: int, temporal: int = TEMPORAL) -> list[int]:
+    """The valid frame counts (temporal*k + 1) nearest to ``frames``."""
+    lo = max(1, (frames - 1) // temporal * temporal + 1)
+    return sorted({lo, lo + temporal} if lo != frames else {frames})
 
 
 def nearest_multiple(size: int, m: int) -> list[int]:
+    """The positive multiples of ``m`` nearest to ``size``."""
     lo = max(m, size // m * m)
     return sorted({lo, lo + m} if lo != size else {size})
+
+
+def frames_problem(frames: int, *, temporal: int = TEMPORAL, patch: int = 1) -> str | None:
+    """Why a clip of ``frames`` frames cannot be coded (or patchified in time by ``patch``), naming the nearest
+    valid counts; None when it can."""
+    if frames < 1 or (frames - 1) % temporal:
+        return f"frames={frames} must be {temporal}k+1 (nearest valid: {nearest_frames(frames, temporal)})"
+    t = latent_frames(frames, temporal)
+    if t % patch:
+        near = [1 + temporal * (n - 1) for n in nearest_multiple(t, patch)]
+        return (f"frames={frames} gives {t} latent frames, not divisible by the temporal patch {patch} "
+                f"(nearest valid: {near})")
+    return None
+
+
+def side_problem(name: str, size: int, *, spatial: int = SPATIAL, patch: int = 1) -> str | None:
+    """Why a height or width of ``size`` pixels cannot be coded and patchified, naming the nearest valid sizes."""
+    m = spatial * patch
+    if size < 1 or size % m:
+        return f"{name}={size} must be a multiple of {m} (nearest valid: {nearest_multiple(size, m)})"
+    return None
+
+
+def size_problems(frames: int, height: int, width: int, *, patch: tuple[int, int, int] = (1, 1, 1),
+                  temporal: int = TEMPORAL, spatial: int = SPATIAL) -> dict[str, str]:
+    """What keeps a frames x height x width clip from a VAE of this compression and a denoiser of this patch, by
+    dimension ("frames", "height", "width"), each naming the nearest valid values; {} when it fits."""
+    problems = {"frames": frames_problem(frames, temporal=temporal, patch=patch[0]),
+                "height": side_problem("height", height, spatial=spatial, patch=patch[1]),
+                "width": side_problem("width", width, spatial=spatial, patch=patch[2])}
+    return {k: v for k, v in problems.items() if v is not None}
+
+
+def latent_shape(frames: int, height: int, width: int, *, temporal: int = TEMPORAL,
+                 spatial: int = SPATIAL) -> tuple[int, int, int]:
+    """(t, h, w) of the latent grid of a frames x height x width clip; ValueError naming the nearest valid sizes."""
+    problems = size_problems(frames, height, width, temporal=temporal, spatial=spatial)
+    if problems:
+        raise ValueError("; ".join(problems.values()))
+    return latent_frames(frames, temporal), height // spatial, width // spatial
 
 
 @dataclass
@@ -49,9 +102,10 @@ class BucketConfig:
     #                                 is counted as bucket_aspect and skipped
 
     def __post_init__(self) -> None:
-        _check(bool(self.frames) and all(f >= 1 and (f - 1) % 4 == 0 for f in self.frames), "data.buckets.frames",
-               f"every entry must be 4k+1; nearest valid: {[nearest_frames(f) for f in self.frames]}")
-        _check(self.multiple > 0 and self.multiple % 8 == 0, "data.buckets.multiple", "must be a multiple of 8")
+        _check(bool(self.frames) and not any(frames_problem(f) for f in self.frames), "data.buckets.frames",
+               f"every entry must be {TEMPORAL}k+1; nearest valid: {[nearest_frames(f) for f in self.frames]}")
+        _check(self.multiple > 0 and self.multiple % SPATIAL == 0, "data.buckets.multiple",
+               f"must be a multiple of {SPATIAL}")
         _check(self.resolution >= self.multiple, "data.buckets.resolution", f"must be >= {self.multiple}")
         for r in self.aspect_ratios:
             parts = r.split(":")
@@ -99,10 +153,8 @@ class DataConfig:
     buckets: BucketConfig = field(default_factory=BucketConfig)  # frames x size buckets (off: fixed size above)
 
     def __post_init__(self) -> None:
-        _check(self.frames >= 1 and (self.frames - 1) % 4 == 0, "data.frames",
-               f"must be 4k+1 (the VAE's frame rule); nearest valid: {nearest_frames(self.frames)}")
-        _check(self.height > 0 and self.height % 8 == 0, "data.height", "must be a positive multiple of 8")
-        _check(self.width > 0 and self.width % 8 == 0, "data.width", "must be a positive multiple of 8")
+        for name, problem in size_problems(self.frames, self.height, self.width).items():  # the VAE's rule
+            _check(False, f"data.{name}", problem)
         _check(self.frame_stride >= 1, "data.frame_stride", "must be >= 1")
         _check(self.fps is None or self.fps > 0, "data.fps", "must be > 0 (frames per second) or null")
         _check(self.fps is None or self.frame_stride == 1, "data.fps",

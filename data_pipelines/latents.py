@@ -4,8 +4,8 @@ Per sample: ``KEY.mean.npy`` and ``KEY.logvar.npy`` (the VAE posterior, ``[C, t,
 normalised), ``KEY.text.npy`` (the caption's text states without padding, ``[L, D]``; optional), ``KEY.txt``
 and ``KEY.json`` (what made it). Arrays are read with ``allow_pickle=False``: nothing is unpickled.
 
-The pixel shape a latent stands for is its shape times the VAE's compression (dit/models/vae.py): the first
-frame alone, then 4 frames per latent frame, and 8x in space.
+The pixel shape a latent stands for is its shape times the VAE's compression (``pixel_shape`` in
+data_pipelines/config.py): the first frame alone, then 4 frames per latent frame, and 8x in space.
 """
 
 from __future__ import annotations
@@ -18,13 +18,7 @@ import numpy as np
 import torch
 from webdataset import tariterators
 
-TEMPORAL, SPATIAL = 4, 8  # the causal VAE's compression
 MEAN, LOGVAR, TEXT = "mean.npy", "logvar.npy", "text.npy"
-
-
-def pixel_shape(t: int, h: int, w: int) -> tuple[int, int, int]:
-    """(frames, height, width) of the clip that a latent grid (t, h, w) was coded from."""
-    return 1 + TEMPORAL * (t - 1), SPATIAL * h, SPATIAL * w
 
 
 def load_npy(data: bytes) -> torch.Tensor:

@@ -33,9 +33,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
-from data_pipelines.config import ConfigError, DataConfig
+from data_pipelines.config import ConfigError, DataConfig, pixel_shape
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
-from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_kind, load_npy, pixel_shape
+from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_kind, load_npy
 from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards

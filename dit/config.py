@@ -20,13 +20,14 @@ from typing import Any
 import yaml
 
 from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is the one place to import configs)
+    SPATIAL,
     BucketConfig,
     ConfigError,
     DataConfig,
     _check,
-    latent_frames,
-    nearest_frames,
+    frames_problem,
     nearest_multiple,
+    size_problems,
 )
 
 
@@ -210,21 +211,19 @@ class Config:
 
     def __post_init__(self) -> None:
         pt, ph, pw = self.patch_size()
-        _check(latent_frames(self.data.frames) % pt == 0, "data.frames",
-               f"latent frames {latent_frames(self.data.frames)} must be divisible by the temporal patch {pt}")
-        for key, size, p in (("data.height", self.data.height, ph), ("data.width", self.data.width, pw)):
-            _check(size % (8 * p) == 0, key, f"must be a multiple of {8 * p} (8 x patch size {p}); "
-                   f"nearest valid: {nearest_multiple(size, 8 * p)}")
+        for name, problem in size_problems(self.data.frames, self.data.height, self.data.width,
+                                           patch=(pt, ph, pw)).items():  # the DiT's patch on the VAE's grid
+            _check(False, f"data.{name}", problem)
         b = self.data.buckets
         if b.enabled:  # bucket shapes must be ones the DiT can patchify, and token counts use its patch
             _check(list(b.patch) == [pt, ph, pw], "data.buckets.patch",
                    f"{list(b.patch)} differs from the model's patch size {[pt, ph, pw]}; set data.buckets.patch="
                    f"{[pt, ph, pw]}")
-            m = 8 * math.lcm(ph, pw)
+            m = SPATIAL * math.lcm(ph, pw)
             _check(b.multiple % m == 0, "data.buckets.multiple",
-                   f"{b.multiple} is not a multiple of {m} (8 x the spatial patch); nearest valid: "
+                   f"{b.multiple} is not a multiple of {m} ({SPATIAL} x the spatial patch); nearest valid: "
                    f"{nearest_multiple(b.multiple, m)}")
-            bad = [f for f in b.frames if latent_frames(f) % pt]
+            bad = [f for f in b.frames if frames_problem(f, patch=pt)]
             _check(not bad, "data.buckets.frames",
                    f"{bad} give latent frame counts not divisible by the temporal patch {pt}")
 

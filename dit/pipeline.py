@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from dit.config import TextConfig, latent_frames, nearest_frames, nearest_multiple
+from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
+from dit.config import TextConfig
 from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import ddim, ddpm, dpm_solver
 from dit.diffusion.schedules import Schedule, make_schedule
@@ -56,20 +57,13 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     return Pipeline(model, vae, text, schedule, config["experiment"]["diffusion"]["prediction"], config)
 
 
-def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int]) -> None:
-    """Refuse a size the VAE and the patch grid cannot represent, naming the nearest valid values."""
-    problems = []
-    if frames < 1 or (frames - 1) % 4:
-        problems.append(f"frames={frames} must be 4k+1 (nearest valid: {nearest_frames(frames)})")
-    elif latent_frames(frames) % patch[0]:
-        problems.append(f"frames={frames} gives {latent_frames(frames)} latent frames, not divisible by the "
-                        f"temporal patch {patch[0]}")
-    for name, size, p in (("height", height, patch[1]), ("width", width, patch[2])):
-        if size < 1 or size % (8 * p):
-            problems.append(f"{name}={size} must be a multiple of {8 * p} "
-                            f"(nearest valid: {nearest_multiple(size, 8 * p)})")
+def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int], *, temporal: int = TEMPORAL,
+               spatial: int = SPATIAL) -> None:
+    """Refuse a size the VAE (of this compression) and the patch grid cannot represent, naming the nearest valid
+    values."""
+    problems = size_problems(frames, height, width, patch=patch, temporal=temporal, spatial=spatial)
     if problems:
-        raise ValueError("invalid sample size: " + "; ".join(problems))
+        raise ValueError("invalid sample size: " + "; ".join(problems.values()))
 
 
 @torch.no_grad()
@@ -77,12 +71,14 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
              sampler: str = "ddim", cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
              decode_chunk: int = 0) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1]."""
-    check_size(frames, height, width, pipe.model.patch)
+    vae = pipe.vae
+    check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
+               spatial=vae.spatial_compression)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     device = next(pipe.model.parameters()).device
     b = len(prompts)
-    shape = (b, pipe.vae.latent_channels, latent_frames(frames), height // 8, width // 8)
+    shape = (b, vae.latent_channels, *vae.latent_shape(frames, height, width))  # [B, C, t, h, w]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=gen).to(device)
     states, mask = pipe.text.encode(list(prompts) + [""] * b)  # one call: cond and uncond share the padding
@@ -95,7 +91,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     if sampler in ("ddim", "ddpm"):
         kwargs["generator"] = gen
     z = SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
-    video = pipe.vae.decode(pipe.vae.denormalize(z), chunk_size=decode_chunk)
+    video = vae.decode(vae.denormalize(z), chunk_size=decode_chunk)
     return video.clamp(-1, 1)
 
 

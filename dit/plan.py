@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit.config import Config, latent_frames
+from dit.config import Config
 
 STRATEGY_NAMES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 # Hidden-size values kept per token per block for backward. Counted like Korthikanti et al. (~34 for a GPT
@@ -77,7 +77,8 @@ def model_size(cfg: Config) -> ModelSize:
         vae = build_vae(cfg)
         dit = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text_dim)
     pt, ph, pw = cfg.patch_size()
-    tokens = (latent_frames(cfg.data.frames) // pt) * (cfg.data.height // 8 // ph) * (cfg.data.width // 8 // pw)
+    t, h, w = vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+    tokens = (t // pt) * (h // ph) * (w // pw)
     return ModelSize(params=sum(p.numel() for p in dit.parameters()),
                      frozen=sum(p.numel() for p in vae.parameters()) + text_params,
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],

@@ -53,7 +53,8 @@ def run_sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.checkpoint, device=device)
     frames, height, width = trained_size(pipe.config, args.frames, args.height, args.width)
     try:
-        check_size(frames, height, width, pipe.model.patch)
+        check_size(frames, height, width, pipe.model.patch, temporal=pipe.vae.temporal_compression,
+                   spatial=pipe.vae.spatial_compression)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width)", file=sys.stderr)

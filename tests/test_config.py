@@ -1,6 +1,7 @@
 import pytest
 
-from dit.config import ConfigError, load_config, nearest_frames
+from data_pipelines.config import nearest_frames
+from dit.config import ConfigError, load_config
 
 
 def test_defaults_and_dotted_overrides(tmp_path):

@@ -30,8 +30,8 @@ from einops import rearrange, reduce, repeat
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-SPATIAL_FACTOR = 8
-TEMPORAL_FACTOR = 4
+import data_pipelines.config as frame_rule
+
 WEIGHTS_NAME = "vae.safetensors"
 CONFIG_NAME = "vae.json"
 
@@ -211,13 +211,11 @@ class DiagonalGaussian:
         return kl.flatten(1).mean(dim=1)
 
 
-def _nearest_valid(value: int, step: int, offset: int) -> str:
-    below = max(offset, offset + (value - offset) // step * step)
-    return f"{below} and {below + step}" if value > offset else f"{offset}"
-
-
 class CausalVAE(nn.Module):
     """Video [B, 3, T, H, W] in [-1, 1], T = 4k + 1 <-> latents [B, C, 1 + k, H/8, W/8]."""
+
+    temporal_compression = frame_rule.TEMPORAL  # the two temporal downsamples: 4 frames per latent frame
+    spatial_compression = frame_rule.SPATIAL  # the three spatial stride-2 downsamples
 
     def __init__(
         self,
@@ -250,22 +248,20 @@ class CausalVAE(nn.Module):
         return self.config["latent_channels"]
 
     # ---- frame and shape arithmetic -------------------------------------------------------------------------
-    @staticmethod
-    def latent_frames(num_frames: int) -> int:
+    # (the rule itself is data_pipelines/config.py's, given this VAE's compression)
+    @classmethod
+    def latent_frames(cls, num_frames: int) -> int:
         """1 + (T - 1) // 4; raises ValueError naming the nearest valid counts when T is not 4k + 1."""
-        if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR:
-            near = _nearest_valid(num_frames, TEMPORAL_FACTOR, 1)
-            raise ValueError(f"num_frames={num_frames} is not of the form 4k+1; nearest valid: {near}")
-        return 1 + (num_frames - 1) // TEMPORAL_FACTOR
+        problem = frame_rule.frames_problem(num_frames, temporal=cls.temporal_compression)
+        if problem:
+            raise ValueError(problem)
+        return frame_rule.latent_frames(num_frames, cls.temporal_compression)
 
-    @staticmethod
-    def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """(t, h, w) of the latent grid (channels not included)."""
-        for name, size in (("height", height), ("width", width)):
-            if size < SPATIAL_FACTOR or size % SPATIAL_FACTOR:
-                near = _nearest_valid(size, SPATIAL_FACTOR, SPATIAL_FACTOR)
-                raise ValueError(f"{name}={size} is not a positive multiple of 8; nearest valid: {near}")
-        return CausalVAE.latent_frames(num_frames), height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
+    @classmethod
+    def latent_shape(cls, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) of the latent grid (channels not included); ValueError naming the nearest valid sizes."""
+        return frame_rule.latent_shape(num_frames, height, width, temporal=cls.temporal_compression,
+                                       spatial=cls.spatial_compression)
 
     # ---- encode / decode ------------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> DiagonalGaussian:
