@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 from webdataset import tariterators
 
+from data_pipelines.config import DataConfig
+from data_pipelines.shards import expand_shards
+
+log = logging.getLogger(__name__)
 MEAN, LOGVAR, TEXT = "mean.npy", "logvar.npy", "text.npy"
 
 
@@ -64,3 +69,56 @@ def first_sample(url: str) -> dict[str, Any] | None:
         meta = {}
     shapes = {k: npy_shape(sample[k]) for k in exts if k.endswith(".npy")}
     return {"extensions": exts, "meta": meta if isinstance(meta, dict) else {}, "shapes": shapes}
+
+
+def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channels: int, vae_encoder: str,
+                        text_encoder: str, text_max_length: int, text_dim: int, text_name: str | None) -> bool:
+    """Before training: the first sample of each source's first shard is a latent sample when ``data.latents``
+    (a raw one otherwise), coded by the VAE whose encoder digest is ``vae_encoder`` (``vae_path`` names it in
+    messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length) when it holds
+    them. Raises ValueError naming the difference; returns whether text is stored."""
+    stored_text = True
+    for spec, _ in data.sources():
+        url = expand_shards(spec)[0]
+        first = first_sample(url)
+        if first is None:
+            continue  # unreadable or empty: the loader skips and counts it
+        exts = first["extensions"]
+        if not data.latents:
+            if MEAN in exts:
+                raise ValueError(f"{url} is a latent shard (KEY.{MEAN}, from `dit encode`) but data.latents is "
+                                 "false: set data.latents=true to train from it")
+            continue
+        if MEAN not in exts:
+            raise ValueError(f"data.latents=true but {url} holds no latent samples (its first has {exts}): make "
+                             "latent shards with `dit encode SHARDS OUT --config ...`, or set data.latents=false "
+                             "to read raw shards")
+        meta, shapes = first["meta"], first["shapes"]
+        channels = (shapes.get(MEAN) or (None,))[0]
+        if channels != latent_channels:
+            raise ValueError(f"{url}: latents have {channels} channels, vae.checkpoint={vae_path} has "
+                             f"{latent_channels}: re-encode with this VAE, or point vae.checkpoint at the one "
+                             "that made them")
+        if meta.get("vae_encoder") not in (None, vae_encoder):
+            raise ValueError(f"{url} was encoded by another VAE (encoder digest {meta['vae_encoder']}, from "
+                             f"{meta.get('vae')}) than vae.checkpoint={vae_path} "
+                             f"({vae_encoder}): re-encode, or point vae.checkpoint at that VAE")
+        if TEXT not in exts:
+            stored_text = False
+            continue
+        dim = (shapes.get(TEXT) or (None, None))[1]
+        made = {"text.encoder": meta.get("text"), "text.max_length": meta.get("text_max_length")}
+        want = {"text.encoder": text_encoder, "text.max_length": text_max_length}
+        if text_encoder == "none":  # (no tokens, so no max_length)
+            del made["text.max_length"], want["text.max_length"]
+        differ = {k: (made[k], want[k]) for k in made if made[k] is not None and made[k] != want[k]}
+        if dim != text_dim:
+            differ["text dim"] = (dim, text_dim)
+        if differ:
+            raise ValueError(f"{url} holds text states of another text encoder than the config's: "
+                             + ", ".join(f"{k} {a!r} (shards) vs {b!r} (config)" for k, (a, b) in differ.items())
+                             + ". Set text.* as when encoding, or re-encode the latent shards")
+        if text_encoder == "hf" and meta.get("text_name") not in (None, text_name):
+            log.warning("%s was encoded with the text encoder in %s, the config has %s (same kind and dim): make sure "
+                        "they are the same model", url, meta.get("text_name"), text_name)
+    return stored_text

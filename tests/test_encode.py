@@ -14,9 +14,9 @@ import webdataset as wds
 
 from data_pipelines.loader import build_loader
 from dit.config import load_config
-from dit.encode import encode_shards, encoder_digest
+from dit.encode import encode_shards
 from dit.models.text import build_text_encoder
-from dit.models.vae import CausalVAE, load_vae, save_vae
+from dit.models.vae import CausalVAE, encoder_digest, load_vae, save_vae
 
 
 def _load(data: bytes) -> torch.Tensor:

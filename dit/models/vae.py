@@ -17,6 +17,7 @@ full decode. There is no attention in this VAE: it is meant to train in minutes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -359,6 +360,16 @@ def vae_loss(
     loss = l1_weight * l1 + mse + chroma_weight * chroma + kl_weight * kl
     return loss, {"loss": loss.detach(), "l1": l1.detach(), "mse": mse.detach(), "chroma": chroma.detach(),
                   "kl": kl.detach()}
+
+
+def encoder_digest(vae: CausalVAE) -> str:
+    """A short digest of the VAE encoder's weights: what the stored posteriors depend on (not the decoder, nor
+    the latent statistics, which may be refitted)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.encoder.state_dict().items()):
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---- save / load: safetensors weights (with the latent stats) + JSON constructor kwargs, written atomically ---

@@ -9,10 +9,19 @@ import pytest
 import torch
 from runs import small_config
 
-from dit.encode import check_latent_shards, encode_shards
-from dit.models.text import HFTextEncoder, build_text_encoder
-from dit.models.vae import CausalVAE, load_vae, save_vae
+from data_pipelines.latents import check_latent_shards
+from dit.config import Config
+from dit.encode import encode_shards
+from dit.models.text import HFTextEncoder, TextEncoder, build_text_encoder
+from dit.models.vae import CausalVAE, encoder_digest, load_vae, save_vae
 from dit.training import train
+
+
+def check(cfg: Config, vae: CausalVAE, text: TextEncoder) -> bool:
+    """check_latent_shards as training calls it."""
+    return check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint, latent_channels=vae.latent_channels,
+                               vae_encoder=encoder_digest(vae), text_encoder=cfg.text.encoder,
+                               text_max_length=cfg.text.max_length, text_dim=text.dim, text_name=text.name)
 
 
 def losses(run: Path) -> list[float]:
@@ -48,23 +57,23 @@ def test_latent_shards_train_like_the_raw_ones(tmp_path, small_shards, small_vae
 def test_a_mismatch_with_the_shards_stops_before_training(tmp_path, small_shards, small_vae, latent_shards):
     vae, text = load_vae(small_vae), build_text_encoder(small_config(tmp_path, small_shards, None).text)
     cfg = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true"})
-    assert check_latent_shards(cfg, vae, text) is True  # the VAE and text encoder that made them
+    assert check(cfg, vae, text) is True  # the VAE and text encoder that made them
 
     with pytest.raises(ValueError, match=r"text.max_length 16 \(shards\) vs 8 \(config\)"):
         short = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true", "text.max_length": 8})
-        check_latent_shards(short, vae, build_text_encoder(short.text))
+        check(short, vae, build_text_encoder(short.text))
     with pytest.raises(ValueError, match="text.encoder 'minilm' \\(shards\\) vs 'none'.*text dim 384"):
         none = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true", "text.encoder": "none"})
-        check_latent_shards(none, vae, build_text_encoder(none.text))
+        check(none, vae, build_text_encoder(none.text))
     other = tmp_path / "other_vae"
     torch.manual_seed(1)
     save_vae(CausalVAE(latent_channels=vae.latent_channels, base_channels=8), other)
     with pytest.raises(ValueError, match="encoded by another VAE"):
-        check_latent_shards(cfg, load_vae(other), text)
+        check(cfg, load_vae(other), text)
     with pytest.raises(ValueError, match="holds no latent samples"):
-        check_latent_shards(small_config(tmp_path, small_shards, small_vae, **{"data.latents": "true"}), vae, text)
+        check(small_config(tmp_path, small_shards, small_vae, **{"data.latents": "true"}), vae, text)
     with pytest.raises(ValueError, match="set data.latents=true"):
-        check_latent_shards(small_config(tmp_path, latent_shards, small_vae), vae, text)
+        check(small_config(tmp_path, latent_shards, small_vae), vae, text)
     with pytest.raises(ValueError, match="encoded by another VAE"):  # train.main checks before any step
         train.main(small_config(tmp_path / "run", latent_shards, other, **{"data.latents": "true"}))
     assert not (tmp_path / "run" / "checkpoints").exists()
