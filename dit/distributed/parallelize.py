@@ -1,54 +1,46 @@
-"""Applied from outside the model, in a fixed order (torchtitan style): activation checkpointing, then compile,
-then the data-parallel strategy (DDP / DeepSpeed ZeRO / FSDP2: dit/distributed/strategies.py). The model
-never knows."""
+"""Parallelism applied from outside the model, in a fixed order (torchtitan's ``parallelize``): activation
+checkpointing, then compile, then the data-parallel strategy (DDP | DeepSpeed ZeRO | FSDP2, strategies.py).
+The model never knows. Parameter names and state-dict keys stay those of the plain model throughout."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+from dit.config import TrainConfig
+from dit.distributed.setup import DistEnv
+from dit.distributed.strategies import Strategy, build_strategy
 
 
-class CheckpointedBlock(nn.Module):
-    """Recomputes the wrapped block's activations in the backward pass instead of storing them."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args: object) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return self.block(*args)
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Wrap every transformer block of ``model.blocks`` (idempotent)."""
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
+    """Recompute every ``every``-th block's activations in the backward pass instead of storing them (torch's
+    checkpoint_wrapper: its state-dict hooks keep the plain keys). Idempotent."""
     for i, block in enumerate(model.blocks):
-        if not isinstance(block, CheckpointedBlock):
-            model.blocks[i] = CheckpointedBlock(block)
+        if i % every == 0 and not hasattr(block, "_checkpoint_wrapped_module"):
+            model.blocks[i] = checkpoint_wrapper(block)
     return model
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    """torch.compile each transformer block in place (``Module.compile``), as torchtitan does per block.
-
-    In place, so parameter names and state-dict keys do not change: checkpoints, EMA and the sharding strategies
-    see the same model as without compile. Blocks share one compiled graph (same code, same shapes).
-    """
+    """torch.compile each block in place (``Module.compile``), as torchtitan does per block: the same parameter
+    names and keys as without compile; the blocks share one compiled graph (same code, same shapes)."""
     for block in model.blocks:
         block.compile()
     return model
 
 
-def parallelize(model: nn.Module, *, gradient_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEmaV3,
+                make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+                gradient_checkpointing: bool = False, compile: bool = False,
+                mixed_precision: str = "no") -> Strategy:
+    """The trainable ``model`` made ready to train under ``cfg.strategy``: the returned strategy owns the wrapped
+    model and its optimizer (built by ``make_optimizer`` from the parameters as the strategy holds them)."""
     if gradient_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    return model
-
-
-def unwrap_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with the checkpointing wrappers' extra '.block' removed, so weights load into a plain model."""
-    return {k.replace(".block.", "."): v for k, v in model.state_dict().items()}
+    return build_strategy(model, env, cfg, ema=ema, make_optimizer=make_optimizer, mixed_precision=mixed_precision)
