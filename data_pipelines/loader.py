@@ -415,20 +415,23 @@ class Loader:
         self._current = None
 
 
-def build_loader(cfg: DataConfig, batch_size: int, *, seed: int = 0, epoch_seed: bool = True, infinite: bool = True,
-                 drop_last: bool = True) -> Loader:
+def build_loader(cfg: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch_seed: bool = True, infinite: bool = True, drop_last: bool = True) -> Loader:
     """Build the loader for ``cfg`` (a ``DataConfig``); missing shard paths fail here, before any work.
 
-    ``seed`` must be the same on every rank: the ranks split one shard order between them (sample
-    shuffles differ by rank and worker; frame offsets by sample). ``infinite=True`` runs epoch after
-    epoch in one iteration, so ranks never run dry at different times; ``infinite=False`` gives one
-    epoch per ``iter(loader)`` (evaluation, tests). ``drop_last`` drops a short final batch.
+    ``rank`` / ``world_size``: this process's place in the data-parallel group, which splits the shards (the
+    caller says it; the loader never reads torch.distributed or the environment). ``seed`` must be the same on
+    every rank: the ranks split one shard order between them (sample shuffles differ by rank and worker; frame
+    offsets by sample). ``infinite=True`` runs epoch after epoch in one iteration, so ranks never run dry at
+    different times; ``infinite=False`` gives one epoch per ``iter(loader)`` (evaluation, tests). ``drop_last``
+    drops a short final batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sources = cfg.sources()
     url_lists = [expand_shards(spec) for spec, _ in sources]
-    rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed, or RANK / WORLD_SIZE
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     readers = world_size * max(1, cfg.num_workers)
     if min(map(len, url_lists)) < readers:
         msg = (f"{min(map(len, url_lists))} shards for {readers} readers (ranks x data.num_workers): each shard is "

@@ -16,7 +16,8 @@ if __name__ == "__main__":  # loader workers start from a forkserver, which impo
     rank, init, shards, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     cfg = DataConfig(shards=shards, frames=1, height=16, width=16, num_workers=2, shuffle_buffer=8)
-    loader = build_loader(cfg, 4, seed=7, infinite=False, drop_last=False)
+    loader = build_loader(cfg, 4, rank=dist.get_rank(), world_size=dist.get_world_size(), seed=7, infinite=False,
+                          drop_last=False)
     epochs = [[k for b in loader for k in b["key"]] for _ in range(2)]
     loader.close()
     json.dump({"epochs": epochs, "stats": loader.stats.as_dict()}, open(out, "w"))

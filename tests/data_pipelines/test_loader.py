@@ -108,11 +108,12 @@ def test_workers_yield_the_same_keys(synthetic_shards):
 
 def test_ranks_split_the_shards(synthetic_shards, monkeypatch):
     cfg = DataConfig(shards=str(Path(synthetic_shards[0]).parent), frames=1, height=16, width=16)
+    monkeypatch.setenv("RANK", "1")  # the environment does not steer the loader: its arguments do
+    monkeypatch.setenv("WORLD_SIZE", "4")
     per_rank = []
     for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        per_rank.append(set(keys_of(build_loader(cfg, 4, seed=5, infinite=False, drop_last=False))))
+        per_rank.append(set(keys_of(build_loader(cfg, 4, rank=rank, world_size=2, seed=5, infinite=False,
+                                                 drop_last=False))))
     assert sorted(map(len, per_rank)) == [28, 32]  # two shards each: 16 + 12 and 16 + 16
     assert not per_rank[0] & per_rank[1] and len(per_rank[0] | per_rank[1]) == 60
 

@@ -83,39 +83,34 @@ def test_resume_mid_epoch_then_next_epoch(synthetic_shards, workers):
     again.close()
 
 
-def test_changed_world_size_continues_with_the_next_epoch(synthetic_shards, monkeypatch, caplog):
+def test_changed_world_size_continues_with_the_next_epoch(synthetic_shards, caplog):
     cfg = cfg_for(synthetic_shards, 0)
     first = build_loader(cfg, 4, seed=2)
     take(first, 3)
     state = first.state_dict()
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    resumed = build_loader(cfg, 4, seed=2, infinite=False)
+    resumed = build_loader(cfg, 4, rank=1, world_size=2, seed=2, infinite=False)
     resumed.load_state_dict(state)
-    expected = build_loader(cfg, 4, seed=2, infinite=False)
+    expected = build_loader(cfg, 4, rank=1, world_size=2, seed=2, infinite=False)
     expected.set_epoch(1)  # epoch 0 was begun: go on with epoch 1, rank 1's half of it
     got = [k for b in resumed for k in b["key"]]
     assert got == [k for b in expected for k in b["key"]] and 0 < len(got) < 60
     assert "different world_size" in caplog.text
 
 
-def test_state_of_another_rank_is_refused_and_merge_joins_ranks(synthetic_shards, monkeypatch):
+def test_state_of_another_rank_is_refused_and_merge_joins_ranks(synthetic_shards):
     cfg = cfg_for(synthetic_shards, 0)
     states, streams = [], []
     for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        loader = build_loader(cfg, 4, seed=2)
+        loader = build_loader(cfg, 4, rank=rank, world_size=2, seed=2)
         streams.append(iter(loader))
         list(itertools.islice(streams[-1], 2))
         states.append(loader.state_dict())
     with pytest.raises(ValueError, match="not rank 1.*merge_states"):
-        build_loader(cfg, 4, seed=2).load_state_dict(states[0])  # RANK is 1 here
+        build_loader(cfg, 4, rank=1, world_size=2, seed=2).load_state_dict(states[0])
     merged = roundtrip(merge_states(states))
     assert [r["rank"] for r in merged["ranks"]] == [0, 1]
     for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        resumed = build_loader(cfg, 4, seed=2)
+        resumed = build_loader(cfg, 4, rank=rank, world_size=2, seed=2)
         resumed.load_state_dict(merged)
         assert_same_batches(take(resumed, 2), list(itertools.islice(streams[rank], 2)))
     with pytest.raises(ValueError, match="not a loader state"):
