@@ -30,6 +30,8 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
     size_problems,
 )
 
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
+
 
 def _installed(module: str) -> bool:
     import importlib.util
@@ -153,8 +155,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "must be >= 1")
-        _check(self.strategy in ("ddp", "zero1", "zero2", "zero3", "fsdp"), "train.strategy",
-               f"unknown strategy {self.strategy!r}; choose ddp, zero1, zero2, zero3 or fsdp")
+        _check(self.strategy in STRATEGIES, "train.strategy",
+               f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         _check(not self.strategy.startswith("zero") or _installed("deepspeed"), "train.strategy",
                f"{self.strategy} needs DeepSpeed: pip install deepspeed (or pip install '.[deepspeed]')")
         _check(not self.offload_optimizer or self.strategy.startswith("zero"), "train.offload_optimizer",

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dit.config import Config
+from dit.config import STRATEGIES, Config
 
-STRATEGY_NAMES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 # Hidden-size values kept per token per block for backward. Counted like Korthikanti et al. (~34 for a GPT
 # block) plus what this block adds: cross-attention, qk-norm, RoPE and adaLN-Zero modulation temporaries;
 # 50 matches the measured CPU peak of an activation-bound run (tests/training/test_plan.py).
@@ -70,11 +69,11 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
 def model_size(cfg: Config) -> ModelSize:
     """Parameter counts (built on the meta device: no memory, no weights) and tokens per sample."""
     from dit.models.dit import build_dit
-    from dit.training.train_vae import build_vae
+    from dit.models.vae import build_vae
 
     text_params, text_dim = text_encoder_size(cfg)
     with torch.device("meta"):
-        vae = build_vae(cfg)
+        vae = build_vae(cfg.vae)
         dit = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text_dim)
     pt, ph, pw = cfg.patch_size()
     t, h, w = vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
@@ -107,7 +106,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores)
     p = 4.0 * size.params  # one fp32 copy
     out = []
-    for name in STRATEGY_NAMES:
+    for name in STRATEGIES:
         n = max(gpus, 1)
         shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
         weights, grads, optim, ema = p, p, 2 * p, p

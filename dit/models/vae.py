@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import data_pipelines.config as frame_rule
+
+if TYPE_CHECKING:
+    from dit.config import VAEConfig
 
 WEIGHTS_NAME = "vae.safetensors"
 CONFIG_NAME = "vae.json"
@@ -319,6 +323,14 @@ class CausalVAE(nn.Module):
         self.latent_mean.copy_(flat.mean(dim=1))
         self.latent_std.copy_(flat.std(dim=1).clamp_min(1e-6))
         return self.latent_mean.clone(), self.latent_std.clone()
+
+
+
+def build_vae(vae_cfg: VAEConfig) -> CausalVAE:
+    """A fresh (untrained) CausalVAE of the config's sizes."""
+    v = vae_cfg
+    return CausalVAE(latent_channels=v.latent_channels, base_channels=v.base_channels,
+                     channel_mults=tuple(v.channel_mults), num_res_blocks=v.num_res_blocks)
 
 
 # Opponent colour axes (red-green, yellow-blue) for the chroma term of vae_loss; rows have unit-ish scale.

@@ -2,11 +2,10 @@
 normalise latents for the DiT, and write RUN_DIR/vae (vae.safetensors + vae.json, atomically).
 
 Image phase (``vae.image_steps``): the first steps train on one random frame of each clip, coded as an image
-(T = 1, the causal VAE's first-frame path, which shares every weight with the video path). On the demo a frame
-step runs about twice as fast as a 5-frame clip step (14.4 against 7.4 steps/s; the loader still decodes the
-clip), so the spatial code (colour, shape, position) gets more optimizer steps in the same time before the
-clip steps learn the temporal compression: the image-then-video recipe of Open-Sora-Plan's and CV-VAE's VAEs.
-With ``vae.chroma_weight`` (dit/models/vae.py) it fixed the demo VAE's red/green confusion (README)."""
+(T = 1, the causal VAE's first-frame path, which shares every weight with the video path). A frame step is
+cheaper than a clip step, so the spatial code (colour, shape, position) gets more optimizer steps in the same
+time before the clip steps learn the temporal compression: the image-then-video recipe of Open-Sora-Plan's and
+CV-VAE's VAEs (the demo's measurements are in the README)."""
 
 from __future__ import annotations
 
@@ -17,20 +16,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_loader
 from dit.config import Config, ConfigError, save_config
-from dit.models.vae import CausalVAE, save_vae, vae_loss
-from dit.training.train import lr_lambda, mixed_precision
+from dit.models.vae import CausalVAE, build_vae, save_vae, vae_loss
+from dit.training.optim import lr_lambda, mixed_precision
+from dit.training.progress import Progress
 
 log = logging.getLogger("dit.train_vae")
-
-
-def build_vae(cfg: Config) -> CausalVAE:
-    v = cfg.vae
-    return CausalVAE(latent_channels=v.latent_channels, base_channels=v.base_channels,
-                     channel_mults=tuple(v.channel_mults), num_res_blocks=v.num_res_blocks)
 
 
 @torch.no_grad()
@@ -55,12 +48,13 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
         raise ConfigError("data.latents: train-vae learns from pixels, so it reads raw shards; set data.latents=false "
                           "and point data.shards at the raw shards (latent shards are what `dit encode` makes with it)")
     out = Path(cfg.train.output_dir)
-    loader = build_loader(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision))
+    loader = build_loader(cfg.data, cfg.train.batch_size, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, seed=cfg.train.seed)  # fails now on a missing shard
     set_seed(cfg.train.seed)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    vae = build_vae(cfg)
+    vae = build_vae(cfg.vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
                                                                cfg.train.lr_schedule))
@@ -69,8 +63,9 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     writer = SummaryWriter(str(out / "tensorboard-vae")) if accelerator.is_main_process else None
     data_iter = iter(loader)
     vae.train()
-    bar = tqdm(range(1, cfg.train.steps + 1), desc="train-vae", disable=not accelerator.is_main_process)
-    for step in bar:
+    progress = Progress(cfg.train.steps, desc="train-vae", every=cfg.train.log_every,
+                        enabled=accelerator.is_main_process)  # a bar on a terminal, else a line every log_every
+    for step in range(1, cfg.train.steps + 1):
         x = next(data_iter)["video"].to(accelerator.device)  # [B, 3, T, H, W]
         if step <= cfg.vae.image_steps:
             x = image_batch(x, gen)  # [B, 3, 1, H, W]
@@ -83,12 +78,13 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        progress.update(loss=loss.item())
         if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             writer.add_scalar("vae/loss", loss.item(), step)
             writer.add_scalar("vae/frames", x.shape[2], step)
             for name, value in parts.items():
                 writer.add_scalar(f"vae/{name}", float(value), step)
+    progress.close()
     vae = accelerator.unwrap_model(vae)
     fit_stats(vae, data_iter, stats_batches, accelerator.device)
     if writer is not None:

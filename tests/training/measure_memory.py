@@ -17,9 +17,9 @@ from dit.config import load_config
 from dit.diffusion.objectives import training_loss
 from dit.models.dit import build_dit
 from dit.models.text import build_text_encoder
+from dit.models.vae import build_vae
 from dit.pipeline import schedule_from_config
 from dit.plan import estimate, model_size
-from dit.training.train_vae import build_vae
 
 
 def rss() -> int:
@@ -33,7 +33,7 @@ def main() -> None:
     cfg = load_config(sys.argv[1], sys.argv[2:])
     torch.manual_seed(0)
     base = rss()
-    vae = build_vae(cfg).requires_grad_(False)
+    vae = build_vae(cfg.vae).requires_grad_(False)
     text = build_text_encoder(cfg.text)
     model = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text.dim)
     ema = ModelEmaV3(model, decay=0.999)
