@@ -203,8 +203,11 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+        """z = mean + std * noise, the noise drawn on the generator's device (the CPU without one) and then moved to
+        the mean's: the same draw on every device, and from a posterior the VAE made or one stored in latent shards."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)  # [B, C, t, h, w]
 
     def mode(self) -> Tensor:
         return self.mean

@@ -144,6 +144,19 @@ def test_diagonal_gaussian() -> None:
     assert abs(samples.mean().item() - 3.0) < 0.1 and abs(samples.std().item() - 1.0) < 0.1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_posterior_sample_draws_its_noise_from_the_cpu_generator(device: str) -> None:
+    """The same generator state gives the same draw whatever device the posterior is on."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    mean, logvar = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
+    expected = mean + torch.exp(0.5 * logvar) * noise
+    got = DiagonalGaussian(mean.to(device), logvar.to(device)).sample(torch.Generator().manual_seed(5))
+    assert got.device.type == device
+    torch.testing.assert_close(got.cpu(), expected)
+
+
 def test_vae_loss_parts() -> None:
     x = torch.zeros(1, 3, 1, 8, 8)
     recon = torch.full_like(x, 0.5)
