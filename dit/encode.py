@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import webdataset as wds
 from data_pipelines.loader import build_loader
 from data_pipelines.shards import expand_shards
 from dit.config import Config
+from dit.fileio import atomic_file
 from dit.models.text import build_text_encoder
 from dit.models.vae import encoder_digest, load_vae
 
@@ -80,8 +80,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         data = replace(cfg.data, shards=url, datasets=[], shuffle_buffer=1, num_workers=0, latents=False,
                        image_ratio=None)
         loader = build_loader(data, batch_size, seed=cfg.train.seed, epoch_seed=False, infinite=False, drop_last=False)
-        tmp = out / f".tmp-{name}-{os.getpid()}"
-        with wds.TarWriter(str(tmp)) as sink:
+        with atomic_file(final) as tmp, wds.TarWriter(str(tmp)) as sink:
             for batch in loader:
                 posterior = vae.encode(batch["video"])  # mean, logvar [B, C, t, h, w]
                 states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
@@ -93,9 +92,6 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                                 "logvar.npy": _npy(posterior.logvar[i]), "text.npy": _npy(states[i][mask[i]]),
                                 "txt": caption, "json": json.dumps(meta)})
                     counts["samples"] += 1
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
         counts["encoded"] += 1
         log.info("encoded %s -> %s (bad samples: %s)", url, final, dict(loader.stats.bad))
     return counts

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import data_pipelines.config as frame_rule
+from dit.fileio import atomic_file
 
 if TYPE_CHECKING:
     from dit.config import VAEConfig
@@ -388,27 +388,15 @@ def encoder_digest(vae: CausalVAE) -> str:
 
 
 # ---- save / load: safetensors weights (with the latent stats) + JSON constructor kwargs, written atomically ---
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_vae(vae: CausalVAE, directory: str | os.PathLike) -> None:
-    """Write DIR/vae.safetensors then DIR/vae.json, each via a temp file and os.replace."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    """Write DIR/vae.safetensors then DIR/vae.json, each atomically (dit/fileio.py)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: Path(p).write_text(json.dumps(vae.config, indent=2)))
+    with atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_file(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(vae.config, indent=2))
 
 
 def load_vae(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> CausalVAE:
