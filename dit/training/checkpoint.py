@@ -13,10 +13,8 @@ it after a barrier, so a checkpoint directory exists only once all ranks' files 
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,14 +24,7 @@ import numpy as np
 import torch
 
 from dit.export import CKPT_PREFIX, list_checkpoints, resolve_checkpoint
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from dit.fileio import publish
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,20 +72,9 @@ def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_
     yield tmp
     barrier()  # every rank's files are in tmp
     if is_main:
-        pause = float(os.environ.get("DIT_TEST_CHECKPOINT_PAUSE_S", "0"))  # fault injection for the kill tests
-        if pause:
-            (root / ".writing").write_text(str(step))
-            time.sleep(pause)
-            (root / ".writing").unlink(missing_ok=True)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        publish(tmp, final)  # flushed, then renamed in one step
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

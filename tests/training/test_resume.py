@@ -4,7 +4,6 @@ and resumed each time with train.resume=auto ends with the same weights, bit for
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -60,11 +59,8 @@ def test_kill_9_three_times_then_resume_auto_equals_an_uninterrupted_run(tmp_pat
     assert steps_of(run) == [20]
 
     # 2: while checkpoint 40 is being written (its files are in .tmp-step-00000040, not yet renamed)
-    os.environ["DIT_TEST_CHECKPOINT_PAUSE_S"] = "60"
-    try:
-        proc = dit_train(run, small_shards, small_vae, wait=False, extra_args=("--resume", "auto"), **COMMON)
-    finally:
-        del os.environ["DIT_TEST_CHECKPOINT_PAUSE_S"]
+    proc = dit_train(run, small_shards, small_vae, wait=False, extra_args=("--resume", "auto"),
+                     hooks={"checkpoint_pause_s": 60}, **COMMON)
     writing = run / "checkpoints" / ".writing"
     kill_when(proc, lambda: writing.is_file() and writing.read_text() == "40", "checkpoint 40 being written")
     assert (run / "checkpoints" / ".tmp-step-00000040" / "model.safetensors").is_file()

@@ -1,0 +1,57 @@
+"""`python tests/training/hooked_cli.py ARGS...` runs `dit ARGS...` with test hooks applied first: fault injection
+that lives in the tests, never in the package. ``DIT_TEST_HOOKS`` (read only here) is a JSON object
+``{hook name: its argument}``; runs.py's ``dit_train(..., hooks={...})`` sets it. Add a hook with ``@hook("name")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ENV = "DIT_TEST_HOOKS"
+HOOKS: dict[str, Callable[[Any], None]] = {}
+
+
+def hook(name: str) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
+    def register(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+        HOOKS[name] = fn
+        return fn
+
+    return register
+
+
+@hook("checkpoint_pause_s")
+def checkpoint_pause(seconds: float) -> None:
+    """When a checkpoint's temporary directory is complete, before it is renamed into place: write
+    checkpoints/.writing (the step) and sleep ``seconds``, so a test can kill the run mid-checkpoint."""
+    from dit.export import CKPT_PREFIX
+    from dit.training import checkpoint
+
+    publish = checkpoint.publish
+
+    def paused(tmp: Path, final: Path) -> None:
+        marker = Path(final).parent / ".writing"
+        marker.write_text(str(int(Path(final).name.removeprefix(CKPT_PREFIX))))
+        time.sleep(seconds)
+        marker.unlink(missing_ok=True)
+        publish(tmp, final)
+
+    checkpoint.publish = paused
+
+
+def apply_hooks(spec: str) -> None:
+    for name, arg in json.loads(spec or "{}").items():
+        if name not in HOOKS:
+            raise SystemExit(f"{ENV}: unknown hook {name!r}; known: {sorted(HOOKS)}")
+        HOOKS[name](arg)
+
+
+if __name__ == "__main__":
+    apply_hooks(os.environ.get(ENV, ""))
+    from dit.cli import main
+
+    main()
