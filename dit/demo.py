@@ -20,18 +20,8 @@ from dit.training import train, train_vae
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
-# Phase settings on top of configs/demo.yaml; `quick` is a smoke test of the same path.
-# The VAE trains on 5-frame crops (the causal VAE is fully convolutional, so it then codes the 9-frame clips),
-# its first 1500 steps on single frames (vae.image_steps, ~2x faster each), with the opponent-colour term
-# (vae.chroma_weight=4). Without them, 3000 clip steps told red from green in some runs only (round trip colour
-# 0.73 in one, red and green both drawn olive); single frames alone still missed it in one run of two at 2000
-# steps; with both, both seeds tried had every colour right after 1000 frame steps. The 1500 clip steps after
-# them: with 1000, one seed of two drew yellow as green in the later frames (round trip colour 0.83; its first
-# frames were right); with 1500, seeds 1 and 2 both came back 1.00 / 1.00.
-# The DiT's 3600 steps (the time the cheaper VAE phase saves): with absolute positions and Min-SNR weighting,
-# DiT-only runs on one trained VAE scored 0.80-0.90 at 2800 steps (training seeds 0 and 1 x sampling seeds 0-2,
-# 20 prompts each); 1600 steps gave 0.55-0.95 from run to run. With RoPE alone it stayed near chance on direction
-# (0.2-0.35) at 1600 and 2400 steps.
+# Phase settings on top of configs/demo.yaml (why these: the README's demo section); `quick` is a smoke test of
+# the same path. The VAE trains on 5-frame crops (it is fully convolutional, so it then codes the 9-frame clips).
 FULL = dict(clips=480, vae_steps=3000, vae_image_steps=1500, vae_frames=5, dit_steps=3600, sample_steps=50)
 QUICK = dict(clips=64, vae_steps=10, vae_image_steps=5, vae_frames=5, dit_steps=10, sample_steps=5)
 

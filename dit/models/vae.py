@@ -354,19 +354,8 @@ def vae_loss(
     chroma_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """l1_weight * L1 + MSE reconstruction (means over pixels) + chroma_weight * chroma error + kl_weight * KL
-    (mean over latent elements).
-
-    L1 keeps edges and small errors sharp; MSE pushes hard on large errors (and is what PSNR measures). On
-    sparse content (a small object on a flat background) L1's optimum is the background colour, and a fresh
-    VAE can sit there for hundreds of steps: set l1_weight=0 (the demo does). No perceptual or adversarial
-    term: those need pretrained nets or a second model, too heavy for this VAE.
-    Note the units: SD's 1e-6 on summed terms is ~1e-8 here; 1e-6 to 1e-4 keeps a small VAE's latents tame.
-    The chroma term (``chroma_error``) weights hue errors beyond their share of pixel variance. Pixel MSE learns
-    colour axes in order of their variance: on sparse content (the demo's one small shape) red-vs-green is a tiny
-    share of it, and a small VAE can sit for thousands of steps drawing red and green as the same olive. With
-    chroma_weight 4 (and single-frame steps) both probe runs told them apart within 1000 steps (the demo uses
-    it; README).
-    """
+    (a mean over latent elements, not SD's sum, so weights are per element). L1 keeps edges sharp, MSE pushes on
+    large errors, the chroma term on hue errors that are a small share of pixel variance (README: VAE)."""
     recon, x = recon.float(), x.float()
     l1 = (recon - x).abs().mean()
     mse = F.mse_loss(recon, x)
