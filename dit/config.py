@@ -149,7 +149,6 @@ class TrainConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON instead of configs/deepspeed/zero{N}.json
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | never | a checkpoint dir
     max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
-    debug_nan_steps: list[int] = field(default_factory=list)  # test hook: NaN loss at these steps (rank 0, last micro)
     parity_batch: bool = False  # tests: every rank draws the whole global batch like 1 process and keeps its slice
     watchdog_timeout: float = 600.0  # log the stuck rank, phase and stack when one phase lasts longer (0: off)
 

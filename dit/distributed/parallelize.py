@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed._composable import checkpoint
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
@@ -17,11 +17,12 @@ from dit.distributed.strategies import Strategy, build_strategy
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
-    """Recompute every ``every``-th block's activations in the backward pass instead of storing them (torch's
-    checkpoint_wrapper: its state-dict hooks keep the plain keys). Idempotent."""
+    """Recompute every ``every``-th block's activations in the backward pass instead of storing them. torch's
+    composable ``checkpoint`` works through hooks, so modules, parameter names and state-dict keys stay the plain
+    model's (FSDP2, DeepSpeed, the EMA and checkpoints see one model)."""
     for i, block in enumerate(model.blocks):
-        if i % every == 0 and not hasattr(block, "_checkpoint_wrapped_module"):
-            model.blocks[i] = checkpoint_wrapper(block)
+        if i % every == 0:
+            checkpoint(block)
     return model
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,21 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
     return drawn if keep is None else tuple(x[keep] for x in drawn)
+
+
+def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedule: Any,
+               cfg: Config) -> Callable[[int], torch.Tensor]:
+    """The loss of micro-batch ``i`` (train.batch_size rows) of a drawn batch, for ``train_step``."""
+    latents, states, mask, t, noise = drawn
+    b = cfg.train.batch_size
+
+    def loss(i: int) -> torch.Tensor:
+        r = slice(i * b, (i + 1) * b) if cfg.train.grad_accum_steps > 1 else slice(None)  # (buckets vary B)
+        return training_loss(strategy.model, latents[r], noise_schedule, model_kwargs=dict(text=states[r],
+                             text_mask=mask[r]), prediction=cfg.diffusion.prediction, t=t[r], noise=noise[r],
+                             min_snr_gamma=cfg.diffusion.min_snr_gamma)
+
+    return loss
 
 
 def restore(ckpt: Path, strategy: Strategy, lr_schedule: Any, rng: RandomStreams, loader: Any, env: DistEnv,
@@ -309,17 +325,9 @@ def main(cfg: Config) -> Path:
                 bad[reason] = bad.get(reason, 0) + n
 
             watchdog.mark("forward/backward/optimizer step")
-            latents, states, mask, timesteps, noise = draw_batch(batch, vae, text, noise_schedule.num_timesteps, rng,
-                                                                 cfg.diffusion.prompt_dropout, env.device, keep)
-
-            def micro_loss(i: int) -> torch.Tensor:  # micro-batch i of train.grad_accum_steps
-                rows = slice(i * micro, (i + 1) * micro) if accum > 1 else slice(None)
-                return training_loss(strategy.model, latents[rows], noise_schedule_dev,
-                                     model_kwargs=dict(text=states[rows], text_mask=mask[rows]),
-                                     prediction=cfg.diffusion.prediction, t=timesteps[rows], noise=noise[rows],
-                                     min_snr_gamma=cfg.diffusion.min_snr_gamma)
-
-            result = train_step(strategy, micro_loss, accum)
+            drawn = draw_batch(batch, vae, text, noise_schedule.num_timesteps, rng, cfg.diffusion.prompt_dropout,
+                               env.device, keep)
+            result = train_step(strategy, micro_loss(strategy, drawn, noise_schedule_dev, cfg), accum)
             lr_schedule.step()
             step += 1
             if result.applied:
@@ -327,9 +335,10 @@ def main(cfg: Config) -> Path:
             guard.after(step, result.applied)
 
             if flops_per_sample is None:
+                latents, states = drawn[:2]
                 tokens = math.prod(s // p for s, p in zip(latents.shape[2:], strategy.module.patch))
                 flops_per_sample = (tokens, 3 * flops_per_token(strategy.module, tokens, states.shape[1]))
-            meter.add(latents.shape[0], *flops_per_sample, data_time)
+            meter.add(drawn[0].shape[0], *flops_per_sample, data_time)
             if step % t.log_every == 0 or step == t.steps:
                 watchdog.mark("logging (loss all-reduce)")
                 (loss,) = mean_over_ranks([float(result.loss)], env.device)  # every rank, same steps

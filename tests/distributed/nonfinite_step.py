@@ -79,16 +79,15 @@ def run(env: DistEnv, cfg: TrainConfig, poisoned: bool) -> tuple[list[dict[str, 
                            make_optimizer=lambda params: build_optimizer(params, cfg))
     schedule = make_schedule("linear", 1000).to(env.device)
     accum, reports, snaps = cfg.grad_accum_steps, [], {}
-    for step, (x, text, mask, t, noise) in enumerate(batches(env.rank, accum), start=1):
+    for step, data in enumerate(batches(env.rank, accum), start=1):
         if step == 2 and not poisoned:
             continue
 
-        def micro_loss(i: int) -> torch.Tensor:
+        def micro_loss(i: int, step: int = step, data: tuple[torch.Tensor, ...] = data) -> torch.Tensor:
             POISON["on"] = step == 2 and i == 0 and env.rank == 0
-            rows = slice(2 * i, 2 * i + 2)
-            return training_loss(strategy.model, x[rows].to(env.device), schedule,
-                                 model_kwargs=dict(text=text[rows].to(env.device), text_mask=mask[rows].to(env.device)),
-                                 t=t[rows].to(env.device), noise=noise[rows].to(env.device))
+            x, text, mask, t, noise = (d[2 * i:2 * i + 2].to(env.device) for d in data)
+            return training_loss(strategy.model, x, schedule, model_kwargs=dict(text=text, text_mask=mask), t=t,
+                                 noise=noise)
 
         snaps[step - 1] = snapshot(strategy)
         result = train_step(strategy, micro_loss, accum)

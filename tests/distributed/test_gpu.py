@@ -9,7 +9,7 @@ import pytest
 import torch
 from runs import dit_torchrun
 
-from dit.training.checkpoint import list_checkpoints, load_weights
+from dit.export import list_checkpoints, load_weights
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

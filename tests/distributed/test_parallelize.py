@@ -1,4 +1,4 @@
-"""parallelize(): activation checkpointing and torch.compile applied from outside, in place, same numbers."""
+"""Activation checkpointing and torch.compile applied from outside, in place: same names, same numbers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from dit.distributed.parallelize import parallelize
+from dit.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from dit.models.dit import DiT
 
 
@@ -22,9 +22,9 @@ def _model_and_inputs() -> tuple[DiT, tuple[torch.Tensor, ...]]:
 
 def test_compile_in_place_keeps_keys_outputs_and_grads() -> None:
     eager, inputs = _model_and_inputs()
-    compiled = parallelize(copy.deepcopy(eager), gradient_checkpointing=True, compile=True)
-    ref = copy.deepcopy(parallelize(copy.deepcopy(eager), gradient_checkpointing=True))
-    assert list(compiled.state_dict()) == list(ref.state_dict())  # checkpoints and EMA see the same names
+    compiled = apply_compile(apply_activation_checkpointing(copy.deepcopy(eager)))
+    ref = apply_activation_checkpointing(copy.deepcopy(eager))
+    assert list(compiled.state_dict()) == list(ref.state_dict()) == list(eager.state_dict())  # one set of names
     out_c, out_e = compiled(*inputs), ref(*inputs)
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-4)
     out_c.square().mean().backward()
@@ -36,9 +36,9 @@ def test_compile_in_place_keeps_keys_outputs_and_grads() -> None:
 
 @torch.no_grad()
 def test_a_copy_of_a_compiled_model_computes_with_its_own_weights() -> None:
-    # The EMA is a deep copy of the (compiled) model: it must use its own parameters, not the original's.
+    # A deep copy of a compiled model (as an EMA could be) must use its own parameters, not the original's.
     model, inputs = _model_and_inputs()
-    parallelize(model, compile=True)
+    apply_compile(model)
     before = model(*inputs).clone()
     twin = copy.deepcopy(model)
     for p in model.parameters():

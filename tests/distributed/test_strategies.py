@@ -15,7 +15,8 @@ import pytest
 import torch
 from runs import dit_torchrun, dit_train
 
-from dit.training.checkpoint import list_checkpoints, load_training_state, load_weights, rank_state_path
+from dit.export import list_checkpoints, load_weights
+from dit.training.checkpoint import load_training_state, rank_state_path
 
 STEPS = 20
 # fp32 on CPU (mixed_precision auto); a constant LR after warmup, so a 10-step run resumed to 20 is one 20-step run
@@ -99,14 +100,14 @@ def test_two_processes_match_one_process(strategy: str, accum: int, tmp_path: Pa
 
 
 OFFLOAD = {"train.offload_optimizer": True, "train.offload_params": True}
-NAN = {"train.steps": 6, "train.checkpoint_every": 6, "train.lr_schedule": "constant",
-       "train.debug_nan_steps": "[3, 4]"}
+NAN = {"train.steps": 6, "train.checkpoint_every": 6, "train.lr_schedule": "constant"}
 
 
 @pytest.fixture(scope="module")
 def one_process_nan(tmp_path_factory, small_shards: str, small_vae: Path) -> Path:
     run = tmp_path_factory.mktemp("one_nan") / "run"
-    done = dit_train(run, small_shards, small_vae, **{**NAN, "train.batch_size": 4})
+    done = dit_train(run, small_shards, small_vae, hooks={"nan_loss": {"rank": 0, "calls": [3, 4]}},
+                     **{**NAN, "train.batch_size": 4})
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -118,12 +119,12 @@ def test_a_nan_in_the_last_micro_batch_drops_the_whole_window_under_deepspeed(
         strategy: str, extra: dict, tmp_path: Path, one_process_nan: Path, small_shards: str, small_vae: Path) -> None:
     """Rank 0's second micro-batch of steps 3 and 4 goes NaN after the first one's backward (ZeRO-2/3 have already
     reduce-scattered it into their partitions): the step is skipped on both ranks and the next window starts from
-    no gradients, so the run is the 1-process run that skips the same steps."""
+    no gradients, so the run is the 1-process run that skips the same steps (hook: tests/training/hooked_cli.py)."""
     pytest.importorskip("deepspeed")
     ref, run = one_process_nan, tmp_path / strategy
     two = {**NAN, "train.batch_size": 1, "train.grad_accum_steps": 2, "train.parity_batch": True,
            "train.strategy": strategy, **extra}
-    done = dit_torchrun(2, run, small_shards, small_vae, **two)
+    done = dit_torchrun(2, run, small_shards, small_vae, hooks={"nan_loss": {"rank": 0, "calls": [6, 8]}}, **two)
     assert done.returncode == 0, done.stderr[-5000:]
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skipped"] for r in recs] == [0, 0, 1, 2, 2, 2]

@@ -43,6 +43,24 @@ def checkpoint_pause(seconds: float) -> None:
     checkpoint.publish = paused
 
 
+@hook("nan_loss")
+def nan_loss(arg: dict[str, Any]) -> None:
+    """``{"rank": R, "calls": [n, ...]}``: rank R's training loss is NaN at its n-th loss computations (1-based;
+    with G micro-batches per step, step s's last micro-batch is call s * G)."""
+    from dit.training import train
+
+    real, calls = train.training_loss, [0]
+
+    def loss(*args: Any, **kwargs: Any) -> Any:
+        value = real(*args, **kwargs)
+        if int(os.environ.get("RANK", "0")) != arg["rank"]:
+            return value
+        calls[0] += 1
+        return value * float("nan") if calls[0] in arg["calls"] else value
+
+    train.training_loss = loss
+
+
 def apply_hooks(spec: str) -> None:
     for name, arg in json.loads(spec or "{}").items():
         if name not in HOOKS:

@@ -10,8 +10,26 @@ import pytest
 import torch
 from runs import small_config
 
+from dit.export import list_checkpoints, load_weights
 from dit.training import train
-from dit.training.checkpoint import list_checkpoints, load_training_state, load_weights
+from dit.training.checkpoint import load_training_state
+
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """``nan_loss_at(steps)``: the training loss is NaN at these steps (1 micro-batch per step: call = step)."""
+
+    def install(steps: set[int]) -> None:
+        real, calls = train.training_loss, [0]
+
+        def loss(*args, **kwargs):
+            calls[0] += 1
+            value = real(*args, **kwargs)
+            return value * float("nan") if calls[0] in steps else value
+
+        monkeypatch.setattr(train, "training_loss", loss)
+
+    return install
 
 
 def records(run: Path) -> list[dict]:
@@ -22,10 +40,10 @@ def finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_a_nan_step_is_skipped_and_counted(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
+def test_a_nan_step_is_skipped_and_counted(tmp_path: Path, small_shards: str, small_vae: Path, nan_loss_at) -> None:
     run = tmp_path / "run"
-    train.main(small_config(run, small_shards, small_vae, **{"train.steps": 6, "train.checkpoint_every": 2,
-                                                              "train.debug_nan_steps": "[3, 5]"}))
+    nan_loss_at({3, 5})
+    train.main(small_config(run, small_shards, small_vae, **{"train.steps": 6, "train.checkpoint_every": 2}))
     recs = records(run)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert [r["nonfinite_skipped"] for r in recs] == [0, 0, 1, 1, 2, 2]
@@ -37,11 +55,11 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path: Path, small_shards: str, sm
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
 
 
-def test_repeated_nan_stops_the_run_with_a_clear_message(tmp_path: Path, small_shards: str,
-                                                         small_vae: Path) -> None:
+def test_repeated_nan_stops_the_run_with_a_clear_message(tmp_path: Path, small_shards: str, small_vae: Path,
+                                                         nan_loss_at) -> None:
     run = tmp_path / "run"
+    nan_loss_at({5, 6, 7, 8})
     cfg = small_config(run, small_shards, small_vae, **{"train.steps": 20, "train.checkpoint_every": 2,
-                                                        "train.debug_nan_steps": "[5, 6, 7, 8]",
                                                         "train.max_nonfinite": 3})
     with pytest.raises(RuntimeError, match=r"stopping at step 7: 3 steps in a row .*train.max_nonfinite=3"):
         train.main(cfg)

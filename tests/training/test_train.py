@@ -117,7 +117,7 @@ def test_bad_config_fails_before_any_work(tmp_path: Path, shards: str) -> None:
 
 
 def test_lr_schedule_warms_up_then_holds_or_decays() -> None:
-    from dit.training.train import lr_lambda
+    from dit.training.optim import lr_lambda
 
     const, cos = lr_lambda(10, 110, "constant"), lr_lambda(10, 110, "cosine", floor=0.05)
     assert [const(s) for s in (0, 4, 9, 10, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]

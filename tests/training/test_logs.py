@@ -1,0 +1,28 @@
+"""Logs fit for a batch job: with stdout and stderr to a file (as under SLURM), `dit train` writes one progress
+line every train.log_every steps instead of a redrawn bar."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from runs import DEMO, ROOT, small_overrides
+
+
+def test_a_200_step_run_logged_to_a_file_writes_a_few_kb(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
+    log = tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "dit.cli", "train", "--config", str(DEMO),
+           *small_overrides(tmp_path / "run", small_shards, small_vae, **{"train.steps": 200, "train.log_every": 20,
+                                                                           "train.checkpoint_every": 100})]
+    with open(log, "w") as f:  # not a terminal
+        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=900)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text  # no redrawn bar
+    progress = re.findall(r"train step (\d+)/200 loss [\d.]+ \| [\d.]+ steps/s \| ETA \S+", text)
+    assert [int(s) for s in progress] == list(range(20, 201, 20))
+    assert log.stat().st_size < 6 * 1024, text
