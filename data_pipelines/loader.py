@@ -451,9 +451,7 @@ def build_loader(cfg: DataConfig, batch_size: int, *, rank: int = 0, world_size:
     kinds = [[str(k) for k in cfg.kinds()]] if any(cfg.kinds()) else []
     layout = {"world_size": world_size, "num_workers": cfg.num_workers, "seed": seed, "batch_size": batch_size,
               "shuffle_buffer": cfg.shuffle_buffer, "epoch_seed": epoch_seed,
-              "buckets": repr(cfg.buckets) if cfg.buckets.enabled else "",
+              "buckets": repr(cfg.buckets) if cfg.buckets.enabled else "", "latents": cfg.latents,
+              "image_ratio": cfg.image_ratio,
               "shards": fingerprint(url_lists + [[repr(w) for _, w in sources]] + kinds)}
-    # (only when set, so that states saved before these settings existed still resume exactly)
-    layout |= {"latents": True} if cfg.latents else {}
-    layout |= {"image_ratio": cfg.image_ratio} if cfg.image_ratio is not None else {}
     return Loader(pipeline, reader, cfg=cfg, batch_size=batch_size, epoch=epoch, layout=layout)

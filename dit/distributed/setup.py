@@ -45,8 +45,9 @@ def setup_distributed(needs_group: bool = False) -> DistEnv:
     if cuda:
         torch.cuda.set_device(device)
     if (world > 1 or needs_group) and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # no launcher: a 1-process group on this host
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if "MASTER_ADDR" not in os.environ:  # no launcher: a 1-process group on this host, described as a launcher
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")  # would (DeepSpeed reads LOCAL_RANK itself)
         dist.init_process_group("nccl" if cuda else "gloo", init_method="env://", rank=rank, world_size=world,
                                 device_id=device if cuda else None)
     return DistEnv(rank, world, local_rank, device)
