@@ -53,9 +53,15 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each block in place (dit/distributed/parallelize.py); needs a C++ compiler
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
+    family: str = "dit"  # dit (ours) | wan | cogvideox | ltx: a diffusers transformer behind our denoiser contract
+    pretrained: str | None = None  # family: a local diffusers transformer folder (config.json + *.safetensors)
+    family_config: dict = field(default_factory=dict)  # family without pretrained: diffusers constructor overrides
+    frame_rate: float = 25.0  # ltx: the frames per second its RoPE time axis is scaled by (LTXPipeline's frame_rate)
 
     def __post_init__(self) -> None:
         from dit.models.presets import PRESETS
+
+        self._check_family()
 
         _check(self.preset in PRESETS, "model.preset",
                f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
@@ -64,6 +70,26 @@ class ModelConfig:
             _check(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size),
                    "model.patch_size", "must be three positive integers [pt, ph, pw]")
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
+
+    def _check_family(self) -> None:
+        """A family's folder and sizes are checked here, before any work; its patch fills model.patch_size."""
+        if self.family == "dit":
+            _check(self.pretrained is None, "model.pretrained", "needs model.family=wan, cogvideox or ltx")
+            _check(not self.family_config, "model.family_config", "needs model.family=wan, cogvideox or ltx")
+            return
+        from dit.models.families import FAMILY_NAMES, family_patch
+
+        _check(self.family in FAMILY_NAMES, "model.family",
+               f"unknown family {self.family!r}; choose one of {', '.join(FAMILY_NAMES)}")
+        for key in ("hidden_size", "depth", "num_heads"):
+            _check(getattr(self, key) is None, f"model.{key}",
+                   f"sizes our DiT only; a {self.family} model takes its sizes from model.pretrained or "
+                   "model.family_config")
+        _check(self.frame_rate > 0, "model.frame_rate", "must be > 0")
+        patch = family_patch(self.family, self.pretrained, self.family_config)
+        _check(self.patch_size in (None, patch), "model.patch_size",
+               f"{self.patch_size} differs from the {self.family} transformer's patch {patch}; remove it")
+        self.patch_size = patch
 
 
 @dataclass

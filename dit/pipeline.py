@@ -21,6 +21,7 @@ from dit.diffusion.samplers import ddim, ddpm, dpm_solver
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.export import load_weights, resolve_checkpoint
 from dit.models.dit import DiT
+from dit.models.families import denoiser_from_config
 from dit.models.text import TextEncoder, build_text_encoder
 from dit.models.vae import CausalVAE, load_vae
 
@@ -47,8 +48,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory."""
     ckpt = resolve_checkpoint(path)
     weights, config = load_weights(ckpt)
-    model = DiT(**{**config["dit"], "patch_size": tuple(config["dit"]["patch_size"])})
-    model.load_state_dict(weights)
+    model = denoiser_from_config(config["dit"], weights)  # our DiT or a pretrained family, as the checkpoint says
     vae = load_vae(ckpt / "vae")
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))
     schedule = schedule_from_config(config["experiment"]["diffusion"])

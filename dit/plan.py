@@ -31,7 +31,7 @@ MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output 
 
 @dataclass
 class ModelSize:
-    params: int  # trainable DiT parameters
+    params: int  # trainable denoiser parameters (our DiT or a family's transformer)
     frozen: int  # VAE + text encoder parameters
     hidden: int
     depth: int
@@ -68,13 +68,14 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
 
 def model_size(cfg: Config) -> ModelSize:
     """Parameter counts (built on the meta device: no memory, no weights) and tokens per sample."""
-    from dit.models.dit import build_dit
+    from dit.models.families import build_denoiser
     from dit.models.vae import build_vae
 
     text_params, text_dim = text_encoder_size(cfg)
     with torch.device("meta"):
         vae = build_vae(cfg.vae)
-        dit = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text_dim)
+        dit = build_denoiser(cfg.model, in_channels=vae.latent_channels, text_dim=text_dim,  # any family, no weights
+                             compression=(vae.temporal_compression, vae.spatial_compression), load_weights=False)
     pt, ph, pw = cfg.patch_size()
     t, h, w = vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
     tokens = (t // pt) * (h // ph) * (w // pw)

@@ -1,0 +1,125 @@
+"""The denoiser families in one registry: our DiT ("dit") or a pretrained diffusers transformer behind the same
+contract (Wan, CogVideoX, LTX). ``build_denoiser`` makes one from a ModelConfig (a local diffusers folder, or random
+weights at the family's sizes); ``denoiser_from_config`` rebuilds one from a checkpoint's config.json "dit" entry.
+
+Every mismatch (missing folder, not a diffusers model, another class, latent channels or text width that differ
+from the VAE's and the text encoder's) raises ConfigError or FileNotFoundError before any weights load."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit.config import ConfigError
+from dit.models.families.base import FamilyDenoiser, read_folder
+from dit.models.families.cogvideox import CogVideoXDenoiser
+from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
+from dit.models.families.wan import WanDenoiser
+
+FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser}
+FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
+
+
+def family_of_class(class_name: str | None) -> str | None:
+    """The family whose diffusers class is ``class_name`` (for error hints)."""
+    return next((name for name, cls in FAMILIES.items() if cls.class_name == class_name), None)
+
+
+def family_config(family: str, pretrained: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The diffusers config of a family: the folder's config.json (checked), or the constructor's defaults with
+    ``model.family_config`` overrides (unknown keys refused)."""
+    cls = FAMILIES[family]
+    if pretrained:
+        if overrides:
+            raise ConfigError("model.family_config: only used without model.pretrained (the folder's config.json "
+                              "gives the sizes); remove it")
+        return read_folder(pretrained, family, cls.class_name)
+    defaults = cls.defaults()
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"model.family_config: {unknown} are not {cls.class_name} arguments; valid: "
+                          f"{', '.join(sorted(defaults))}")
+    return {**defaults, **overrides, "_class_name": cls.class_name}
+
+
+def family_patch(family: str, pretrained: str | None, overrides: dict[str, Any]) -> list[int]:
+    """[pt, ph, pw] of a family's transformer, from its config alone (no model built)."""
+    return list(FAMILIES[family].sizes(family_config(family, pretrained, overrides))["patch_size"])
+
+
+def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], where: str, in_channels: int, text_dim: int) -> None:
+    """The transformer must take the VAE's latent channels and the text encoder's width."""
+    if int(dcfg["in_channels"]) != in_channels:
+        raise ConfigError(f"{where}: the {cls.family} transformer takes {dcfg['in_channels']} latent channels but "
+                          f"the VAE gives {in_channels}; use the VAE this transformer was trained with "
+                          f"(vae.family / vae.pretrained){'' if 'pretrained' in where else ' or change in_channels'}")
+    if int(dcfg[cls.text_key]) != text_dim:
+        raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
+                          f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
+                          f"trained with (text.encoder=hf, text.path=...)")
+
+
+def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, int] | None) -> dict[str, Any]:
+    if cls is LTXDenoiser:
+        return dict(rope_interpolation_scale=rope_interpolation_scale(compression, model_cfg.frame_rate))
+    return {}
+
+
+def build_denoiser(model_cfg: Any, in_channels: int, text_dim: int, *, compression: tuple[int, int] | None = None,
+                   load_weights: bool = True) -> nn.Module:
+    """The denoiser of ``model_cfg`` (a ModelConfig) for latents of ``in_channels`` and text of width ``text_dim``.
+
+    ``compression``: the VAE's (temporal, spatial) compression (LTX scales its RoPE by it; default LTX's VAE).
+    ``load_weights=False`` builds a pretrained family at its folder's sizes without reading the weights (for
+    sizing on the meta device). Without model.pretrained a family gets random weights, and takes the VAE's channels
+    and the text width unless model.family_config sets them."""
+    family = getattr(model_cfg, "family", "dit")
+    if family == "dit":
+        from dit.models.dit import build_dit
+
+        return build_dit(model_cfg, in_channels=in_channels, text_dim=text_dim)
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family: unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
+    cls, pretrained = FAMILIES[family], model_cfg.pretrained
+    dcfg = family_config(family, pretrained, model_cfg.family_config)
+    if not pretrained:
+        fill = {"in_channels": in_channels, cls.text_key: text_dim}
+        if "out_channels" in dcfg:
+            fill["out_channels"] = model_cfg.family_config.get("in_channels", in_channels)
+        dcfg.update({k: v for k, v in fill.items() if k not in model_cfg.family_config})
+    _check_fit(cls, dcfg, f"model.pretrained {pretrained!r}" if pretrained else "model.family_config",
+               in_channels, text_dim)
+    tcls = cls.transformer_class()
+    if pretrained and load_weights:
+        transformer = tcls.from_pretrained(pretrained, torch_dtype=torch.float32)
+    else:
+        transformer = tcls.from_config(dcfg)
+    return cls(transformer, **_options(cls, model_cfg, compression))
+
+
+def denoiser_from_config(config: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Rebuild a denoiser from its ``.config`` (a checkpoint's config.json "dit" entry); with ``weights`` (its
+    state dict) the parameters are those tensors, loaded strictly without a random initialisation first."""
+    family = config.get("family", "dit")
+    if family != "dit" and family not in FAMILIES:
+        raise ConfigError(f"checkpoint config: unknown model family {family!r}; this version knows "
+                          f"{', '.join(FAMILY_NAMES)}")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False) if weights is not None else nullcontext():
+        if family == "dit":
+            from dit.models.dit import DiT
+
+            args = {k: v for k, v in config.items() if k != "family"}
+            model: nn.Module = DiT(**{**args, "patch_size": tuple(config["patch_size"])})
+        else:
+            cls = FAMILIES[family]
+            model = cls(cls.transformer_class().from_config(config["diffusers"]),
+                        **{k: config[k] for k in cls.option_keys})
+    if weights is not None:
+        model.load_state_dict(weights, strict=True, assign=True)
+    return model
+

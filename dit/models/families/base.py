@@ -1,0 +1,115 @@
+"""What every pretrained-family adapter shares: reading and checking a local diffusers transformer folder, the
+family's constructor defaults, and the denoiser attributes the rest of the code relies on (config, patch, blocks,
+in_channels, text_dim). The diffusers model sits at ``self.transformer``, so state-dict keys are
+``transformer.<diffusers name>``, the prefix of diffusers' own LoRA files."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dit.config import ConfigError
+
+
+def diffusers_class(class_name: str) -> type:
+    """The diffusers model class of that name (imported on use: diffusers is large)."""
+    import diffusers
+
+    return getattr(diffusers, class_name)
+
+
+def jsonable(config: Any) -> dict[str, Any]:
+    """A diffusers config as plain JSON values (tuples become lists), without the loader's private entries."""
+    keep = {k: v for k, v in dict(config).items() if k not in ("_name_or_path", "_use_default_values")}
+    return json.loads(json.dumps(keep))
+
+
+class FamilyDenoiser(nn.Module):
+    """A diffusers video transformer behind our denoiser contract:
+    forward(x [B, C, t, h, w], t [B], text [B, L, D], text_mask [B, L]) -> prediction [B, C, t, h, w].
+    Subclasses set the class attributes and ``forward``, and say how their config gives our sizes."""
+
+    family: ClassVar[str]  # the model.family name
+    class_name: ClassVar[str]  # the diffusers class (config.json's _class_name)
+    blocks_attr: ClassVar[str]  # the diffusers model's ModuleList of transformer blocks
+    text_key: ClassVar[str]  # the diffusers config key of the text encoder width
+    prediction: ClassVar[str]  # the family's native prediction: "flow" (velocity eps - x0) or "v"
+    option_keys: ClassVar[tuple[str, ...]] = ()  # adapter settings (not diffusers') kept in the config
+
+    def __init__(self, transformer: nn.Module, **options: Any) -> None:
+        super().__init__()
+        self.transformer = transformer
+        dcfg = jsonable(transformer.config)
+        self.in_channels, self.text_dim = int(dcfg["in_channels"]), int(dcfg[self.text_key])
+        sizes = self.sizes(dcfg)
+        self.patch: tuple[int, int, int] = tuple(sizes["patch_size"])
+        self.config: dict[str, Any] = dict(family=self.family, diffusers=dcfg, in_channels=self.in_channels,
+                                           text_dim=self.text_dim, prediction=self.prediction, **sizes,
+                                           **{k: options[k] for k in self.option_keys})
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The diffusers model's own block list (checkpointing, compile and FSDP act on these modules)."""
+        return getattr(self.transformer, self.blocks_attr)
+
+    @classmethod
+    def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
+        """hidden_size, depth, num_heads, mlp_ratio, patch_size [pt, ph, pw] from the diffusers config."""
+        raise NotImplementedError
+
+    @classmethod
+    def transformer_class(cls) -> type:
+        return diffusers_class(cls.class_name)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The diffusers constructor's defaults (the full-size model) as a config dict."""
+        params = inspect.signature(cls.transformer_class().__init__).parameters
+        return jsonable({k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty})
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """The token grid of a latent [B, C, t, h, w]; refuses one the patch does not divide."""
+        _, _, t, h, w = x.shape
+        pt, ph, pw = self.patch
+        if t % pt or h % ph or w % pw:
+            raise ValueError(f"latent grid {(t, h, w)} is not divisible by the {self.family} patch size {self.patch}")
+        return t // pt, h // ph, w // pw
+
+    def dtype_in(self) -> torch.dtype:
+        """The dtype the pipelines cast the transformer's inputs to (its parameters')."""
+        return next(self.transformer.parameters()).dtype
+
+
+def read_folder(path: str | Path, family: str, class_name: str) -> dict[str, Any]:
+    """config.json of a local diffusers transformer folder of ``class_name``, checked before any work."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model.pretrained: {str(p)!r} does not exist; point it at a local diffusers "
+                                f"transformer folder (e.g. .../Wan2.1-T2V-1.3B-Diffusers/transformer)")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        hint = (f"; this looks like a diffusers pipeline: use {str(p / 'transformer')!r}"
+                if (p / "model_index.json").is_file() and (p / "transformer").is_dir() else
+                f"; point it at the transformer/ subfolder of a diffusers {family} pipeline")
+        raise ConfigError(f"model.pretrained: {str(p)!r} is not a diffusers model folder (no config.json){hint}")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.pretrained: {str(cfg_file)!r} is not valid JSON ({e})") from None
+    found = config.get("_class_name") if isinstance(config, dict) else None
+    if found != class_name:
+        from dit.models.families import family_of_class
+
+        other = family_of_class(found)
+        fix = f"set model.family={other}" if other else f"use a folder holding a {class_name}"
+        raise ConfigError(f"model.pretrained: {str(p)!r} holds a {found or 'model of no _class_name'}, but "
+                          f"model.family={family} needs a {class_name}; {fix}")
+    if not any(p.glob("*.safetensors")):
+        raise ConfigError(f"model.pretrained: {str(p)!r} has no *.safetensors weights (only safetensors are "
+                          f"loaded); save the model with save_pretrained(..., safe_serialization=True)")
+    return config

@@ -1,0 +1,131 @@
+"""Each family adapter, loaded from a local diffusers folder, gives the diffusers transformer's own output when that
+is called as its pipeline calls it; its state dict and config round-trip; its blocks are the diffusers ModuleList."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from einops import rearrange
+from tiny_families import inputs, tiny_transformer
+
+from dit.config import ModelConfig
+from dit.distributed.parallelize import apply_activation_checkpointing
+from dit.models.families import build_denoiser, denoiser_from_config
+
+FAMILIES = ["wan", "ltx", "cogvideox"]
+GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6)}
+TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16}
+TINY_WAN_SIZES = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+
+
+def pipeline_call(family: str, model: torch.nn.Module, x, t, text, mask) -> torch.Tensor:
+    """The diffusers transformer called exactly as WanPipeline / LTXPipeline / CogVideoXPipeline call it."""
+    _, _, f, h, w = x.shape
+    if family == "wan":  # T5 states are zero after each prompt (_get_t5_prompt_embeds); no mask
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text * mask[..., None],
+                     return_dict=False)[0]
+    if family == "ltx":  # packed tokens, the mask, rope scale (temporal / frame_rate, spatial, spatial)
+        from diffusers import LTXPipeline
+
+        out = model(hidden_states=LTXPipeline._pack_latents(x), encoder_hidden_states=text, timestep=t,
+                    encoder_attention_mask=mask, num_frames=f, height=h, width=w,
+                    rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
+        return LTXPipeline._unpack_latents(out, f, h, w)
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline  # [B, F, C, H, W]; rope from the pipeline
+
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                             scheduler=CogVideoXDDIMScheduler())
+    rope = pipe._prepare_rotary_positional_embeddings(h * 8, w * 8, f, x.device)
+    out = model(hidden_states=rearrange(x, "b c f h w -> b f c h w"), encoder_hidden_states=text, timestep=t,
+                image_rotary_emb=rope, return_dict=False)[0]
+    return rearrange(out, "b f c h w -> b c f h w")
+
+
+def load(family: str, folder) -> torch.nn.Module:
+    return build_denoiser(ModelConfig(family=family, pretrained=str(folder)), in_channels=4, text_dim=16).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_equals_the_pipeline_call(family, tiny_folder):
+    adapter = load(family, tiny_folder(family))
+    x, t, text, mask = inputs(grid=GRID[family])
+    if family == "cogvideox":
+        t = t.round().long()  # CogVideoX: integer DDPM timesteps
+    with torch.no_grad():
+        ours = adapter(x, t, text, mask)
+        ref = pipeline_call(family, tiny_transformer(family), x, t, text, mask)
+    assert ours.shape == x.shape
+    assert ref.abs().mean() > 0.1  # a real output, not zeros
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_wan_padding_is_ignored_like_the_pipeline(tiny_folder):
+    """Wan sees zeros after the prompt whatever the text encoder put there (its pipeline's padding)."""
+    adapter = load("wan", tiny_folder("wan"))
+    x, t, text, mask = inputs()
+    noisy = text.clone()
+    noisy[~mask] = 7.0
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x, t, noisy, mask), adapter(x, t, text, mask), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attributes_and_state_dict_keys(family, tiny_folder):
+    adapter = load(family, tiny_folder(family))
+    inner = adapter.transformer
+    assert adapter.blocks is getattr(inner, "blocks" if family == "wan" else "transformer_blocks")
+    assert len(adapter.blocks) == 2
+    assert adapter.in_channels == 4 and adapter.text_dim == 16
+    assert adapter.patch == {"wan": (1, 2, 2), "ltx": (1, 1, 1), "cogvideox": (1, 2, 2)}[family]
+    assert list(adapter.state_dict()) == [f"transformer.{k}" for k in inner.state_dict()]
+    c = adapter.config
+    assert c["family"] == family and c["depth"] == 2 and c["num_heads"] == 2
+    assert c["hidden_size"] == 2 * TINY_HEAD_DIM[family] and c["patch_size"] == list(adapter.patch)
+
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_and_state_dict_round_trip(family, tiny_folder):
+    """A checkpoint's config.json "dit" entry and model.safetensors rebuild the same denoiser."""
+    adapter = load(family, tiny_folder(family))
+    config = json.loads(json.dumps(adapter.config))
+    weights = {k: v.clone() for k, v in adapter.state_dict().items()}
+    rebuilt = denoiser_from_config(config, weights).eval()
+    assert type(rebuilt) is type(adapter) and rebuilt.config == adapter.config
+    fresh = denoiser_from_config(config)  # random weights, then a strict load
+    fresh.load_state_dict(weights)
+    x, t, text, mask = inputs(grid=GRID[family])
+    with torch.no_grad():
+        want = adapter(x, t, text, mask)
+        torch.testing.assert_close(rebuilt(x, t, text, mask), want, atol=0, rtol=0)
+        torch.testing.assert_close(fresh.eval()(x, t, text, mask), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_checkpointing_on_blocks_keeps_gradients(family, tiny_folder):
+    """parallelize's per-block checkpointing acts on adapter.blocks and changes no gradient."""
+    x, t, text, mask = inputs(grid=GRID[family])
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = load(family, tiny_folder(family)).train()
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        model(x, t, text, mask).square().mean().backward()
+        return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys() and any(k.startswith("transformer.") for k in plain)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
+
+
+def test_random_family_takes_the_vae_and_text_widths():
+    """Without model.pretrained a family is built at family_config's sizes with the VAE's channels and text width."""
+    model = build_denoiser(ModelConfig(family="wan", family_config=dict(TINY_WAN_SIZES)), in_channels=8, text_dim=24)
+    assert model.in_channels == 8 and model.text_dim == 24 and model.config["diffusers"]["out_channels"] == 8
+    x = torch.randn(1, 8, 2, 4, 4)
+    out = model(x, torch.tensor([500.0]), torch.randn(1, 3, 24), torch.ones(1, 3, dtype=torch.bool))
+    assert out.shape == x.shape
+

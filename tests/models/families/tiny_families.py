@@ -1,0 +1,43 @@
+"""Tiny random diffusers transformers of each family (sizes as in diffusers' own model tests) and matching inputs."""
+
+from __future__ import annotations
+
+import torch
+
+# Constructor arguments of tiny models: 4 latent channels, text width 16, 2 blocks.
+TINY: dict[str, dict] = {
+    "wan": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+    "ltx": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
+    "cogvideox": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
+                      text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                      temporal_compression_ratio=4, max_text_seq_length=6, use_rotary_positional_embeddings=True),
+}
+CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
+           "cogvideox": "CogVideoXTransformer3DModel"}
+
+
+def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random tiny diffusers transformer; every parameter redrawn so no branch starts at zero."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = getattr(diffusers, CLASSES[family])(**{**TINY[family], **overrides})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def inputs(b: int = 2, grid: tuple[int, int, int] = (3, 4, 6), length: int = 6, seed: int = 1):
+    """Latents [B, 4, t, h, w], timesteps [B], text [B, L, 16] and a mask with padding in the second sample."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, *grid, generator=g)
+    t = torch.tensor([999.0, 321.5])[:b]
+    text = torch.randn(b, length, 16, generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[-1, length // 2:] = False
+    return x, t, text, mask
