@@ -5,7 +5,9 @@ normalised), ``KEY.text.npy`` (the caption's text states without padding, ``[L, 
 and ``KEY.json`` (what made it). Arrays are read with ``allow_pickle=False``: nothing is unpickled.
 
 The pixel shape a latent stands for is its shape times the VAE's compression (``pixel_shape`` in
-data_pipelines/config.py): the first frame alone, then 4 frames per latent frame, and 8x in space.
+data_pipelines/config.py): the first frame alone, then ``temporal`` frames per latent frame, and ``spatial`` x in
+space. ``dit encode`` records the compression of the VAE that made a sample in its KEY.json (``latent_compression``);
+samples without it are our CausalVAE's (4, 8).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from webdataset import tariterators
 
-from data_pipelines.config import DataConfig
+from data_pipelines.config import SPATIAL, TEMPORAL, DataConfig
 from data_pipelines.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,18 @@ def npy_shape(data: bytes) -> tuple[int, ...] | None:
         return tuple(read(f)[0])
     except (ValueError, OSError):
         return None
+
+
+def latent_compression(sample: dict[str, Any]) -> tuple[int, int]:
+    """(temporal, spatial) compression of the VAE that coded a latent sample, from its KEY.json; (4, 8) without."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    temporal, spatial = meta.get("temporal_compression", TEMPORAL), meta.get("spatial_compression", SPATIAL)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (temporal, spatial))
+    return (temporal, spatial) if ok else (TEMPORAL, SPATIAL)
 
 
 def latent_kind(sample: dict[str, Any]) -> str | None:

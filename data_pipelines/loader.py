@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
 from data_pipelines.config import ConfigError, DataConfig, pixel_shape
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
-from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_kind, load_npy
+from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_compression, latent_kind, load_npy
 from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
@@ -181,7 +181,8 @@ class DecodeClips(wds.PipelineStage):
             shapes = {k: tuple(v.shape) for k, v in fields.items()}
             raise _Skip("decode_error", f"expected mean and logvar [C, t, h, w] of one shape (and text [L, D]), "
                                         f"got {shapes}")
-        frames, height, width = pixel_shape(*mean.shape[1:])
+        temporal, spatial = latent_compression(sample)  # the VAE's that coded it (dit encode records it)
+        frames, height, width = pixel_shape(*mean.shape[1:], temporal=temporal, spatial=spatial)
         if self.buckets is not None:
             try:
                 return fields, caption, self.buckets.exact(frames, height, width)

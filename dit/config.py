@@ -94,6 +94,9 @@ class ModelConfig:
 
 @dataclass
 class VAEConfig:
+    family: str = "ours"  # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx (vae.pretrained)
+    pretrained: str | None = None  # a family: a local diffusers VAE folder, e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae
+    tiling: bool = False  # a family: diffusers' tiled encode/decode (enable_tiling) for large frames
     checkpoint: str | None = None  # a directory written by `dit train-vae` (vae.safetensors + vae.json)
     latent_channels: int = 4
     base_channels: int = 32
@@ -113,19 +116,54 @@ class VAEConfig:
         _check(self.l1_weight >= 0, "vae.l1_weight", "must be >= 0")
         _check(self.image_steps >= 0, "vae.image_steps", "must be >= 0 (0: no image phase)")
         _check(self.chroma_weight >= 0, "vae.chroma_weight", "must be >= 0")
+        from dit.models.vae_folder import FAMILIES, vae_geometry
+
+        _check(self.family == "ours" or self.family in FAMILIES, "vae.family",
+               f"unknown family {self.family!r}; choose ours or one of {', '.join(FAMILIES)}")
+        if self.family == "ours":
+            _check(self.pretrained is None, "vae.pretrained", "is for vae.family=wan|cogvideox|hunyuan|ltx; our "
+                   "CausalVAE loads vae.checkpoint: set vae.family or drop vae.pretrained")
+            return
+        _check(self.checkpoint is None, "vae.checkpoint", f"is our CausalVAE (a `dit train-vae` output), while "
+               f"vae.family={self.family} loads vae.pretrained: drop vae.checkpoint")
+        _check(bool(self.pretrained), "vae.pretrained", f"vae.family={self.family} needs vae.pretrained=/path/to/"
+               "a/diffusers/vae/folder (config.json + safetensors), e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae")
+        try:
+            vae_geometry(self.family, self.pretrained)  # the folder is checked before any work
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"vae.pretrained: {e}") from e
+
+    def geometry(self) -> tuple[int, int, int]:
+        """(latent channels, temporal, spatial compression) of the chosen VAE, read without loading weights."""
+        import json
+
+        from data_pipelines.config import TEMPORAL
+        from dit.models.vae_folder import vae_geometry
+
+        if self.family != "ours":
+            return tuple(vae_geometry(self.family, self.pretrained))
+        channels = self.latent_channels
+        if self.checkpoint and Path(self.checkpoint, "vae.json").is_file():  # the trained VAE's own size
+            channels = json.loads(Path(self.checkpoint, "vae.json").read_text()).get("latent_channels", channels)
+        return channels, TEMPORAL, SPATIAL
 
 
 @dataclass
 class TextConfig:
     encoder: str = "minilm"  # minilm (packaged, offline) | hf (a local folder) | none
     path: str | None = None  # local Hugging Face folder for encoder=hf
-    max_length: int = 32
+    max_length: int = 32  # tokens per prompt (padded): Wan 512, CogVideoX 226, LTX 128
+    padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
+    #                        the encoder sees the padding (CogVideoX, LTX); as each pipeline's _get_t5_prompt_embeds
+    clean: bool = False  # WanPipeline's prompt_clean (HTML unescape, whitespace collapsed) before tokenizing
 
     def __post_init__(self) -> None:
         _check(self.encoder in ("minilm", "hf", "none"), "text.encoder", "must be minilm, hf or none")
         _check(self.encoder != "hf" or bool(self.path), "text.path",
                "text.encoder=hf needs text.path=/local/folder/of/a/huggingface/encoder")
         _check(self.max_length >= 1, "text.max_length", "must be >= 1")
+        _check(self.padding in ("mask", "zeros", "unmasked"), "text.padding",
+               "must be mask, zeros (Wan) or unmasked (CogVideoX, LTX)")
 
 
 @dataclass
@@ -238,21 +276,22 @@ class Config:
 
     def __post_init__(self) -> None:
         pt, ph, pw = self.patch_size()
-        for name, problem in size_problems(self.data.frames, self.data.height, self.data.width,
-                                           patch=(pt, ph, pw)).items():  # the DiT's patch on the VAE's grid
+        _, temporal, spatial = self.vae.geometry()  # the chosen VAE's compression: its frame and size rule
+        for name, problem in size_problems(self.data.frames, self.data.height, self.data.width, patch=(pt, ph, pw),
+                                           temporal=temporal, spatial=spatial).items():  # the DiT's patch on it
             _check(False, f"data.{name}", problem)
         b = self.data.buckets
         if b.enabled:  # bucket shapes must be ones the DiT can patchify, and token counts use its patch
             _check(list(b.patch) == [pt, ph, pw], "data.buckets.patch",
                    f"{list(b.patch)} differs from the model's patch size {[pt, ph, pw]}; set data.buckets.patch="
                    f"{[pt, ph, pw]}")
-            m = SPATIAL * math.lcm(ph, pw)
+            m = spatial * math.lcm(ph, pw)
             _check(b.multiple % m == 0, "data.buckets.multiple",
-                   f"{b.multiple} is not a multiple of {m} ({SPATIAL} x the spatial patch); nearest valid: "
+                   f"{b.multiple} is not a multiple of {m} ({spatial} x the spatial patch); nearest valid: "
                    f"{nearest_multiple(b.multiple, m)}")
-            bad = [f for f in b.frames if frames_problem(f, patch=pt)]
-            _check(not bad, "data.buckets.frames",
-                   f"{bad} give latent frame counts not divisible by the temporal patch {pt}")
+            bad = {f: frames_problem(f, temporal=temporal, patch=pt) for f in b.frames}  # the VAE's rule, the patch
+            bad = {f: problem for f, problem in bad.items() if problem}
+            _check(not bad, "data.buckets.frames", f"{list(bad)}: {'; '.join(bad.values())}")
 
     def patch_size(self) -> tuple[int, int, int]:
         from dit.models.presets import PRESETS

@@ -1,17 +1,19 @@
 """`dit encode`: raw shards -> latent shards, one output shard per input shard, safe to rerun.
 
     dit encode 'data/{00000..00099}.tar' latents/ --config configs/tiny.yaml vae.checkpoint=runs/vae/vae
+    dit encode ... vae.family=wan vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae
 
 Each clip is decoded and sampled exactly as training reads it (data.frames / height / width / fps), then
 coded by the frozen VAE and the caption by the text encoder. Per sample the output shard holds
 
     KEY.mean.npy     posterior mean   [C, t, h, w] float32 (not normalised: vae.normalize at training time)
     KEY.logvar.npy   posterior logvar [C, t, h, w] float32 (so training can draw z = mean + std * noise)
-    KEY.text.npy     text states of the real tokens [L, D] float32 (the padding is dropped)
+    KEY.text.npy     text states of the real tokens [L, D] float32 (the padding is dropped; not written with
+                     text.padding=unmasked, whose padded states are not zeros: training then encodes the caption)
     KEY.txt          the caption
     KEY.json         key, caption, frames, height, width (of this clip: with buckets they differ), the VAE
-                     (path, latent channels, a digest of its encoder weights) and the text encoder (kind, name,
-                     dim, max_length) used
+                     (path, family, latent channels, temporal / spatial compression, a digest of its encoder
+                     weights) and the text encoder (kind, name, dim, max_length, padding) used
 
 Arrays are plain .npy (read with allow_pickle=False): nothing is unpickled. An output shard is written under a
 temporary name and renamed when complete, so a killed run leaves no half shard, and a rerun skips finished ones
@@ -37,7 +39,7 @@ from data_pipelines.shards import expand_shards
 from dit.config import Config
 from dit.fileio import atomic_file
 from dit.models.text import build_text_encoder
-from dit.models.vae import encoder_digest, load_vae
+from dit.models.vae import encoder_digest, load_vae_from_config
 
 log = logging.getLogger("dit.encode")
 
@@ -57,19 +59,23 @@ def output_name(url: str) -> str:
 @torch.no_grad()
 def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int = 8) -> dict[str, int]:
     """Encode every shard of ``shards`` into ``out_dir``; returns counts (``encoded``, ``skipped``, ``samples``)."""
-    if not cfg.vae.checkpoint:
-        raise ValueError("vae.checkpoint is not set: pass vae.checkpoint=RUN_DIR/vae (a `dit train-vae` output)")
+    if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
+        raise ValueError("vae.checkpoint is not set: pass vae.checkpoint=RUN_DIR/vae (a `dit train-vae` output), or "
+                         "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
     urls = expand_shards(shards)  # fails now on a missing shard
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [output_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("two input shards have the same file name; encode them into different output folders")
-    vae = load_vae(cfg.vae.checkpoint).eval().requires_grad_(False)
+    vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False)
     text = build_text_encoder(cfg.text)
-    made_by = {"vae": str(cfg.vae.checkpoint), "vae_encoder": encoder_digest(vae),
-               "latent_channels": vae.latent_channels, "text": cfg.text.encoder, "text_name": text.name,
-               "text_dim": text.dim, "text_max_length": cfg.text.max_length}
+    made_by = {"vae": str(cfg.vae.checkpoint or cfg.vae.pretrained), "vae_family": cfg.vae.family,
+               "vae_encoder": encoder_digest(vae), "latent_channels": vae.latent_channels,
+               "temporal_compression": vae.temporal_compression, "spatial_compression": vae.spatial_compression,
+               "text": cfg.text.encoder, "text_name": text.name, "text_dim": text.dim,
+               "text_max_length": cfg.text.max_length, "text_padding": cfg.text.padding}
+    keep_text = cfg.text.padding != "unmasked"  # real-token states + zero padding rebuild the others exactly
     counts = {"encoded": 0, "skipped": 0, "samples": 0}
     for url, name in zip(urls, names):
         final = out / name
@@ -83,14 +89,17 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         with atomic_file(final) as tmp, wds.TarWriter(str(tmp)) as sink:
             for batch in loader:
                 posterior = vae.encode(batch["video"])  # mean, logvar [B, C, t, h, w]
-                states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
+                if keep_text:
+                    states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
                 frames, height, width = batch["video"].shape[2:]
                 for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
                     meta = {"key": key, "caption": caption, "frames": frames, "height": height, "width": width,
                             **made_by}
-                    sink.write({"__key__": key, "mean.npy": _npy(posterior.mean[i]),
-                                "logvar.npy": _npy(posterior.logvar[i]), "text.npy": _npy(states[i][mask[i]]),
-                                "txt": caption, "json": json.dumps(meta)})
+                    sample = {"__key__": key, "mean.npy": _npy(posterior.mean[i]),
+                              "logvar.npy": _npy(posterior.logvar[i]), "txt": caption, "json": json.dumps(meta)}
+                    if keep_text:
+                        sample["text.npy"] = _npy(states[i][mask[i]])
+                    sink.write(sample)
                     counts["samples"] += 1
         counts["encoded"] += 1
         log.info("encoded %s -> %s (bad samples: %s)", url, final, dict(loader.stats.bad))

@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from dit.fileio import atomic_file
 
 if TYPE_CHECKING:
     from dit.config import VAEConfig
+    from dit.models.vae_families import PretrainedVAE
 
 WEIGHTS_NAME = "vae.safetensors"
 CONFIG_NAME = "vae.json"
@@ -366,7 +368,7 @@ def vae_loss(
                   "kl": kl.detach()}
 
 
-def encoder_digest(vae: CausalVAE) -> str:
+def encoder_digest(vae: VAE) -> str:
     """A short digest of the VAE encoder's weights: what the stored posteriors depend on (not the decoder, nor
     the latent statistics, which may be refitted)."""
     h = hashlib.sha256()
@@ -388,9 +390,58 @@ def save_vae(vae: CausalVAE, directory: str | os.PathLike) -> None:
         tmp.write_text(json.dumps(vae.config, indent=2))
 
 
-def load_vae(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> CausalVAE:
-    """Rebuild a CausalVAE from save_vae's folder (no pickle); returned in eval mode."""
+class VAE(Protocol):
+    """The VAE contract: CausalVAE and a pretrained family (dit/models/vae_families.py) both have it."""
+
+    latent_channels: int
+    temporal_compression: int
+    spatial_compression: int
+    config: dict
+    encoder: nn.Module  # what the posterior depends on (encoder_digest)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian: ...  # [B, 3, T, H, W] in [-1, 1] -> posterior [B, C, t, h, w]
+    def decode(self, z: Tensor, chunk_size: int = 0) -> Tensor: ...  # not normalised [B, C, t, h, w] -> video
+    def normalize(self, z: Tensor) -> Tensor: ...
+    def denormalize(self, z: Tensor) -> Tensor: ...
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]: ...
+
+
+def load_vae(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> CausalVAE | PretrainedVAE:
+    """The VAE a folder records, in eval mode: save_vae's CausalVAE (weights, no pickle), or export_vae's record of
+    a pretrained family (vae.json {"family", "pretrained", "tiling"}: the diffusers folder is loaded from there)."""
     directory = os.fspath(directory)
-    vae = CausalVAE(**json.loads(Path(directory, CONFIG_NAME).read_text()))
+    config = json.loads(Path(directory, CONFIG_NAME).read_text())
+    if "family" in config:
+        from dit.models.vae_families import load_family_vae
+
+        return load_family_vae(config["family"], config["pretrained"], tiling=config.get("tiling", False)).to(
+            map_location)
+    vae = CausalVAE(**config)
     vae.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device="cpu"))
     return vae.to(map_location).eval()
+
+
+def load_vae_from_config(vae_cfg: VAEConfig) -> CausalVAE | PretrainedVAE:
+    """The experiment's frozen VAE, in eval mode: ours from vae.checkpoint, or vae.family's from vae.pretrained."""
+    if vae_cfg.family == "ours":
+        if not vae_cfg.checkpoint:
+            raise ValueError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
+                             "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan "
+                             "vae.pretrained=/path/to/diffusers/vae)")
+        return load_vae(vae_cfg.checkpoint)
+    from dit.models.vae_families import load_family_vae
+
+    return load_family_vae(vae_cfg.family, vae_cfg.pretrained, tiling=vae_cfg.tiling)
+
+
+def export_vae(vae_cfg: VAEConfig, directory: str | os.PathLike) -> None:
+    """Record the experiment's VAE in DIRECTORY (a checkpoint's vae/) so that load_vae(DIRECTORY) gives it back:
+    ours is copied (small); a family is a vae.json naming it and its absolute pretrained folder (not copied: GBs)."""
+    directory = Path(directory)
+    if vae_cfg.family == "ours":
+        shutil.copytree(vae_cfg.checkpoint, directory)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {"family": vae_cfg.family, "pretrained": str(Path(vae_cfg.pretrained).resolve()), "tiling": vae_cfg.tiling}
+    with atomic_file(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))

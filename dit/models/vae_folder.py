@@ -1,0 +1,102 @@
+"""What a pretrained VAE folder is, read from its config.json alone (no weights): the family's diffusers class, the
+latent channels and the temporal / spatial compression that every frame and size rule derives from.
+
+    vae_geometry("ltx", "/models/LTX-Video/vae")  ->  VAEGeometry(latent_channels=128, temporal=8, spatial=32)
+
+The config is merged over the diffusers constructor's defaults, so a key the file leaves out reads as the loaded
+VAE will have it; each family's formula is the one its diffusers pipeline uses. Torch-free at import (dit.config
+calls this); diffusers is imported only to read a constructor's defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class VAEGeometry(NamedTuple):
+    latent_channels: int
+    temporal: int  # frames per latent frame after the first: clips of temporal*k + 1 frames
+    spatial: int  # pixels per latent position along H and W
+
+
+def _ltx(c: dict[str, Any]) -> tuple[int, int]:
+    """AutoencoderKLLTXVideo.__init__: patch sizes times 2 per spatio-temporal downscaling, unless given."""
+    scale = 2 ** sum(bool(s) for s in c["spatio_temporal_scaling"])
+    return (c["temporal_compression_ratio"] or c["patch_size_t"] * scale,
+            c["spatial_compression_ratio"] or c["patch_size"] * scale)
+
+
+class Family(NamedTuple):
+    class_name: str  # diffusers' VAE class
+    channels_key: str  # its config key for the latent channels
+    compression: Callable[[dict[str, Any]], tuple[int, int]]  # (temporal, spatial) as its pipeline reads them
+
+
+FAMILIES: dict[str, Family] = {
+    "wan": Family("AutoencoderKLWan", "z_dim",  # WanPipeline: vae.config.scale_factor_temporal / _spatial
+                  lambda c: (c["scale_factor_temporal"], c["scale_factor_spatial"])),
+    "cogvideox": Family("AutoencoderKLCogVideoX", "latent_channels",  # CogVideoXPipeline: 2**(levels - 1) in space
+                        lambda c: (c["temporal_compression_ratio"], 2 ** (len(c["block_out_channels"]) - 1))),
+    "hunyuan": Family("AutoencoderKLHunyuanVideo", "latent_channels",
+                      lambda c: (c["temporal_compression_ratio"], c["spatial_compression_ratio"])),
+    "ltx": Family("AutoencoderKLLTXVideo", "latent_channels", _ltx),
+}
+EXAMPLE = ".../Wan2.1-T2V-1.3B-Diffusers/vae"
+
+
+def _defaults(class_name: str) -> dict[str, Any]:
+    """The keyword defaults of a diffusers VAE constructor."""
+    import diffusers
+
+    params = inspect.signature(getattr(diffusers, class_name).__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def family_config(family: str, path: str | os.PathLike) -> dict[str, Any]:
+    """PATH/config.json over the constructor's defaults, after checking that PATH is a local diffusers folder of the
+    family's class with safetensors weights; ValueError (FileNotFoundError) naming the path and the fix."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown VAE family {family!r}; choose one of {sorted(FAMILIES)} (or ours)")
+    spec, folder = FAMILIES[family], Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} does not exist: point vae.pretrained at the VAE folder of a "
+                                f"diffusers model (config.json + *.safetensors), e.g. {EXAMPLE}")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        hint = (f"; it is a diffusers pipeline folder: set vae.pretrained={folder / 'vae'}"
+                if (folder / "model_index.json").is_file() else f": point vae.pretrained at one, e.g. {EXAMPLE}")
+        raise ValueError(f"{str(folder)!r} is not a diffusers model folder (no config.json){hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file} is not valid JSON ({e}): point vae.pretrained at a diffusers VAE "
+                         "folder") from e
+    found = config.get("_class_name") if isinstance(config, dict) else None
+    if found is None:
+        raise ValueError(f"{config_file} is not a diffusers model config (no _class_name; a transformers model?): "
+                         f"point vae.pretrained at a diffusers {spec.class_name} folder")
+    if found != spec.class_name:
+        other = [f for f, s in FAMILIES.items() if s.class_name == found]
+        fix = f"set vae.family={other[0]}" if other else f"point vae.pretrained at a {spec.class_name} folder"
+        raise ValueError(f"{config_file} is a {found}, not the {spec.class_name} of vae.family={family}: {fix}")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{str(folder)!r} has no *.safetensors weights (pickled .bin weights are not loaded): "
+                         "convert them with diffusers' save_pretrained(safe_serialization=True)")
+    return {**_defaults(spec.class_name), **config}
+
+
+def geometry_of(family: str, config: dict[str, Any]) -> VAEGeometry:
+    """Latent channels and compression of a (merged or loaded) config of this family."""
+    spec = FAMILIES[family]
+    temporal, spatial = spec.compression(config)
+    return VAEGeometry(int(config[spec.channels_key]), int(temporal), int(spatial))
+
+
+def vae_geometry(family: str, path: str | os.PathLike) -> VAEGeometry:
+    """The latent channels and compression of the family's VAE in PATH, from its config.json (no weights read)."""
+    return geometry_of(family, family_config(family, path))
