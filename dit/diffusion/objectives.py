@@ -1,4 +1,5 @@
-"""Diffusion training loss: sample t and noise, noise x0 in closed form, regress eps / v / x0 (optional min-SNR)."""
+"""Training losses: diffusion (sample t and noise, noise x0 in closed form, regress eps / v / x0, optional min-SNR)
+and rectified flow (regress the velocity ε - x0 at σ)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dit.diffusion.flow import FLOW_TIMESTEPS
 from dit.diffusion.schedules import PREDICTIONS, Schedule
 
 
@@ -53,4 +55,22 @@ def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: Schedule, 
     per_sample = (pred.float() - target.float()).square().reshape(x0.shape[0], -1).mean(dim=1)  # [B]
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weight(schedule.snr(t), min_snr_gamma, prediction)
+    return per_sample.mean()
+
+
+def flow_loss(model: Callable[..., Tensor], x0: Tensor, *, sigma: Tensor, noise: Tensor,
+              model_kwargs: dict[str, Any] | None = None) -> Tensor:
+    """Rectified-flow loss: scalar MSE between model(x_t, σ·1000, **model_kwargs) and the velocity ε - x0.
+
+    x_t = (1 - σ) x0 + σ ε with σ [B] in [0, 1] (dit.diffusion.flow.sample_sigmas) and noise like x0, both moved to
+    x0's device; x_t is formed in at least float32 and given to the model in x0's dtype, with float32 timesteps [B].
+    The squared error is averaged in at least float32 over the non-batch dims, then over the batch (as training_loss).
+    """
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # bf16 data: mix and compare in float32
+    x0_f, noise_f = x0.to(dtype), noise.to(device=x0.device, dtype=dtype)
+    s = sigma.to(device=x0.device, dtype=dtype).reshape(-1, *[1] * (x0.ndim - 1))  # [B, 1, ...]
+    x_t = ((1 - s) * x0_f + s * noise_f).to(x0.dtype)  # [B, ...]
+    t = sigma.to(device=x0.device, dtype=torch.float32) * FLOW_TIMESTEPS  # [B]
+    pred = model(x_t, t, **(model_kwargs or {}))
+    per_sample = (pred.to(dtype) - (noise_f - x0_f)).square().reshape(x0.shape[0], -1).mean(dim=1)  # [B]
     return per_sample.mean()

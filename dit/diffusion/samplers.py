@@ -1,9 +1,12 @@
-"""Samplers as pure functions of (denoise_fn, noise, schedule): DDIM, ancestral DDPM and DPM-Solver++(2M).
+"""Samplers as pure functions of (denoise_fn, noise, schedule): DDIM, ancestral DDPM and DPM-Solver++(2M); and for
+rectified flow, of (denoise_fn, noise, shift): flow_euler and flow_dpm_solver.
 
-`denoise_fn(x, t)` takes the current sample and integer timesteps t (LongTensor [B]) and returns the model's
-prediction of kind `prediction` (eps | v | x0). `callback(i, x)` is called after step i with the updated sample.
-Each sampler returns the final sample (x0). Step formulas and timestep lists follow diffusers' DDIMScheduler,
-DDPMScheduler and DPMSolverMultistepScheduler (tests/diffusion/test_samplers.py checks every step against them).
+Diffusion samplers: `denoise_fn(x, t)` takes the current sample and integer timesteps t (LongTensor [B]) and returns
+the model's prediction of kind `prediction` (eps | v | x0). Flow samplers: `denoise_fn(x, t)` takes float timesteps
+t = σ·1000 (FloatTensor [B]) and returns the velocity ε - x0. `callback(i, x)` is called after step i with the
+updated sample. Each sampler returns the final sample (x0). Step formulas and timestep lists follow diffusers'
+DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler and FlowMatchEulerDiscreteScheduler
+(tests/diffusion/test_samplers.py and test_flow.py check every step against them).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from dit.diffusion.flow import FLOW_TIMESTEPS, flow_sigmas, flow_solver_grid
 from dit.diffusion.schedules import ZERO_SNR_ALPHA_CUMPROD, Schedule, convert_prediction, spaced_timesteps
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
@@ -122,3 +126,52 @@ def dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, step
         if callback is not None:
             callback(i, x)
     return x
+
+
+@torch.no_grad()
+def flow_euler(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float = 1.0, mu: float | None = None,
+               callback: Callback = None) -> Tensor:
+    """Euler steps of the flow ODE dx/dσ = v on FlowMatchEulerDiscreteScheduler's grid (flow_sigmas): x += (σ' - σ) v.
+
+    The state is kept in float32 (diffusers upcasts each step); denoise_fn sees it in noise's dtype. mu: dynamic shift
+    (diffusers' use_dynamic_shifting), instead of a static shift.
+    """
+    sigmas = flow_sigmas(steps, shift, mu).to(noise.device)  # [steps + 1] float32
+    ts = sigmas[:-1] * FLOW_TIMESTEPS  # [steps] float32, diffusers' scheduler.timesteps
+    x = noise.float()
+    for i in range(steps):
+        v = denoise_fn(x.to(noise.dtype), ts[i].expand(x.shape[0]))  # [B, ...]
+        x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+        if callback is not None:
+            callback(i, x.to(noise.dtype))
+    return x.to(noise.dtype)
+
+
+@torch.no_grad()
+def flow_dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float = 1.0, mu: float | None = None,
+                    callback: Callback = None) -> Tensor:
+    """DPM-Solver++(2M) for rectified flow: diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True,
+    prediction_type="flow_prediction", flow_shift=shift) at its defaults (order 2, midpoint, final sigma 0).
+
+    With alpha = 1 - σ, x0 = x - σ v is the data prediction; the first step is first order, the last returns x0.
+    Grid and timesteps are diffusers' (flow_solver_grid): σ starts at shift(0.999) and the model sees integer
+    timesteps int(σ·1000) as floats. mu: dynamic shift (shift = e^mu, as diffusers).
+    """
+    sigmas, ts = flow_solver_grid(steps, shift, mu)  # [steps + 1] float32, [steps] int64
+    sig = sigmas.tolist()
+    ts = ts.to(device=noise.device, dtype=torch.float32)
+    x, x0_prev, h_prev = noise.float(), None, None
+    for i in range(steps):
+        v = denoise_fn(x.to(noise.dtype), ts[i].expand(x.shape[0]))  # [B, ...]
+        x0 = x - sig[i] * v.float()
+        if i + 1 == steps:
+            x = x0  # first-order step to σ = 0
+        else:
+            s, s_next = sig[i], sig[i + 1]
+            h = math.log((1 - s_next) / s_next) - math.log((1 - s) / s)  # step in log-SNR / 2
+            d = x0 if x0_prev is None else x0 + (h / h_prev) / 2 * (x0 - x0_prev)  # D0 + D1 / 2
+            x = (s_next / s) * x - ((1 - s_next) * math.expm1(-h)) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, x.to(noise.dtype))
+    return x.to(noise.dtype)
