@@ -129,3 +129,19 @@ def test_random_family_takes_the_vae_and_text_widths():
     out = model(x, torch.tensor([500.0]), torch.randn(1, 3, 24), torch.ones(1, 3, dtype=torch.bool))
     assert out.shape == x.shape
 
+
+
+def test_ltx_rope_scale_follows_the_vae_and_frame_rate(tiny_folder):
+    """LTXPipeline scales RoPE by (VAE temporal compression / frame rate, spatial, spatial): so does the adapter."""
+    from diffusers import LTXPipeline
+
+    cfg = ModelConfig(family="ltx", pretrained=str(tiny_folder("ltx")), frame_rate=24.0)
+    model = build_denoiser(cfg, in_channels=4, text_dim=16, compression=(4, 8)).eval()
+    assert model.config["rope_interpolation_scale"] == [4 / 24, 8.0, 8.0]
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        out = tiny_transformer("ltx")(hidden_states=LTXPipeline._pack_latents(x), encoder_hidden_states=text,
+                                      timestep=t, encoder_attention_mask=mask, num_frames=3, height=4, width=6,
+                                      rope_interpolation_scale=(4 / 24, 8, 8), return_dict=False)[0]
+        torch.testing.assert_close(model(x, t, text, mask), LTXPipeline._unpack_latents(out, 3, 4, 6), atol=1e-5,
+                                   rtol=0)

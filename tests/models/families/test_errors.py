@@ -1,0 +1,121 @@
+"""Bad folders and mismatched parts fail before any work, with one message that names the path and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny_families import TINY
+
+from dit.config import ConfigError, ModelConfig, load_config
+from dit.models.families import build_denoiser, denoiser_from_config
+
+
+def test_missing_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"model.pretrained: '{missing}' does not exist.*transformer"):
+        ModelConfig(family="wan", pretrained=str(missing))
+
+
+def test_folder_without_config_json(tmp_path):
+    with pytest.raises(ConfigError, match=r"is not a diffusers model folder \(no config.json\).*transformer/"):
+        ModelConfig(family="wan", pretrained=str(tmp_path))
+
+
+def test_pipeline_root_points_to_its_transformer(tmp_path, tiny_folder):
+    """A whole diffusers pipeline folder gets the hint to use its transformer/ subfolder."""
+    root = tmp_path / "Wan-Diffusers"
+    shutil.copytree(tiny_folder("wan"), root / "transformer")
+    (root / "model_index.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"use '{root / 'transformer'}'"):
+        ModelConfig(family="wan", pretrained=str(root))
+    assert ModelConfig(family="wan", pretrained=str(root / "transformer")).patch_size == [1, 2, 2]
+
+
+def test_wrong_class_names_the_right_family(tiny_folder):
+    with pytest.raises(ConfigError, match=r"holds a LTXVideoTransformer3DModel, but model.family=wan needs a "
+                                          r"WanTransformer3DModel; set model.family=ltx"):
+        ModelConfig(family="wan", pretrained=str(tiny_folder("ltx")))
+
+
+def test_folder_without_safetensors(tmp_path, tiny_folder):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    shutil.copy(tiny_folder("wan") / "config.json", folder / "config.json")
+    with pytest.raises(ConfigError, match=r"has no \*.safetensors weights"):
+        ModelConfig(family="wan", pretrained=str(folder))
+
+
+@pytest.mark.parametrize("family, text_key", [("wan", "text_dim"), ("ltx", "caption_channels"),
+                                              ("cogvideox", "text_embed_dim")])
+def test_latent_channels_and_text_width_mismatch(family, text_key, tiny_folder):
+    cfg = ModelConfig(family=family, pretrained=str(tiny_folder(family)))
+    with pytest.raises(ConfigError, match=rf"model.pretrained '{tiny_folder(family)}': the {family} transformer "
+                                          r"takes 4 latent channels but the VAE gives 16; use the VAE"):
+        build_denoiser(cfg, in_channels=16, text_dim=16)
+    with pytest.raises(ConfigError, match=rf"takes text states of width 16 \({text_key}\) but the text encoder "
+                                          r"gives 384; use the text encoder it was trained with"):
+        build_denoiser(cfg, in_channels=4, text_dim=384)
+
+
+def test_explicit_family_config_channels_must_match_the_vae():
+    sizes = dict(TINY["wan"])
+    with pytest.raises(ConfigError, match=r"model.family_config: the wan transformer takes 4 latent channels but "
+                                          r"the VAE gives 16"):
+        build_denoiser(ModelConfig(family="wan", family_config=sizes), in_channels=16, text_dim=16)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.family=sdxl"], r"model.family: unknown family 'sdxl'; choose one of dit, wan, cogvideox, ltx"),
+    (["model.pretrained=/x"], r"model.pretrained: needs model.family=wan, cogvideox or ltx"),
+    (["model.family=wan", "model.family_config.num_layerz=2"], r"\['num_layerz'\] are not WanTransformer3DModel "
+                                                                r"arguments; valid: .*num_layers"),
+    (["model.family=wan", "model.hidden_size=64"], r"model.hidden_size: sizes our DiT only"),
+    (["model.family=ltx", "model.patch_size=[1,2,2]"], r"model.patch_size: \[1, 2, 2\] differs from the ltx "
+                                                        r"transformer's patch \[1, 1, 1\]"),
+])
+def test_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_family_config_with_pretrained_is_refused(tiny_folder):
+    with pytest.raises(ConfigError, match=r"model.family_config: only used without model.pretrained"):
+        ModelConfig(family="wan", pretrained=str(tiny_folder("wan")), family_config={"num_layers": 1})
+
+
+def test_family_patch_drives_the_experiment_config():
+    """Config.patch_size() (buckets, sizes) is the family's patch, filled in by ModelConfig."""
+    cfg = load_config(None, ["model.family=ltx", "model.family_config.num_layers=1", "data.height=32",
+                             "data.width=32"])
+    assert cfg.model.patch_size == [1, 1, 1] and cfg.patch_size() == (1, 1, 1)
+
+
+def test_unknown_family_in_a_checkpoint_config():
+    with pytest.raises(ConfigError, match=r"unknown model family 'mochi'"):
+        denoiser_from_config({"family": "mochi"})
+
+
+def test_our_dit_round_trips_through_denoiser_from_config():
+    from dit.models.dit import build_dit
+
+    dit = build_dit(ModelConfig(depth=1), in_channels=4, text_dim=16)
+    config = json.loads(json.dumps(dit.config))
+    rebuilt = denoiser_from_config(config, dict(dit.state_dict()))
+    assert type(rebuilt) is type(dit)
+    for k, v in dit.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v)
+
+
+def test_cli_prints_one_error_line(tmp_path, capsys):
+    """`dit plan` (any command) with a bad folder: exit 2, one `error:` line naming the path and the fix."""
+    from dit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--gpus", "1", "--gpu-memory", "80", "model.family=wan", f"model.pretrained={tmp_path}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: model.pretrained: '{tmp_path}' is not a diffusers model folder (no config.json); point it at the "
+        "transformer/ subfolder of a diffusers wan pipeline"]

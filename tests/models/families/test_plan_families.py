@@ -1,0 +1,39 @@
+"""`dit plan` sizes a family from its diffusers config alone: parameters on the meta device, tokens from the VAE's
+compression and the family's patch."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_families import TINY, tiny_transformer
+
+from dit.config import load_config
+from dit.plan import estimate, model_size
+
+SIZES = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "rope_max_seq_len", "patch_size")
+DATA = ["text.encoder=none", "data.frames=9", "data.height=32", "data.width=48"]  # latents 3 x 4 x 6, text width 8
+
+
+@pytest.mark.parametrize("source", ["family_config", "pretrained"])
+def test_plan_counts_a_wan_model(source, tmp_path):
+    reference = tiny_transformer("wan", text_dim=8)  # what training would build: the VAE's 4 channels, width 8
+    if source == "pretrained":
+        reference.save_pretrained(tmp_path / "transformer")
+        model = [f"model.pretrained={tmp_path / 'transformer'}"]
+    else:
+        model = [f"model.family_config.{k}={list(TINY['wan'][k]) if k == 'patch_size' else TINY['wan'][k]}"
+                 for k in SIZES]
+    cfg = load_config(None, ["model.family=wan", *model, *DATA])
+    size = model_size(cfg)
+    assert size.params == sum(p.numel() for p in reference.parameters())
+    assert (size.hidden, size.depth, size.heads) == (24, 2, 2)
+    assert size.tokens == 3 * (4 // 2) * (6 // 2)  # the (1, 2, 2) patch on the 3 x 4 x 6 latent grid
+    assert all(e.total > 4 * size.params for e in estimate(cfg, gpus=1, gpu_memory_gb=80, size=size))
+
+
+def test_plan_counts_an_ltx_model():
+    """LTX's patch is (1, 1, 1): every latent position is a token."""
+    keys = ("num_attention_heads", "attention_head_dim", "cross_attention_dim", "num_layers")
+    cfg = load_config(None, ["model.family=ltx", *[f"model.family_config.{k}={TINY['ltx'][k]}" for k in keys], *DATA])
+    size = model_size(cfg)
+    assert size.params == sum(p.numel() for p in tiny_transformer("ltx", caption_channels=8).parameters())
+    assert size.tokens == 3 * 4 * 6
