@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: the trained height")
     p.add_argument("--width", type=int, default=None, help="default: the trained width")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm_solver"])
+    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver"],
+                   help="default: ddim, or flow_euler for a flow checkpoint (diffusion.objective=flow)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=0)

@@ -176,6 +176,19 @@ class DiffusionConfig:
     prediction: str = "eps"  # eps | v
     prompt_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; None: off
+    # diffusion: the discrete schedule above, eps / v targets; flow: rectified flow x_t = (1 - σ) x0 + σ ε, the model
+    # predicts ε - x0 at timestep σ·1000 (dit/diffusion/flow.py); the schedule fields and prediction are then unused.
+    objective: str = "diffusion"  # diffusion | flow
+    timestep_sampling: str = "uniform"  # flow: σ before the shift ~ uniform | logit_normal | mode (SD3)
+    logit_mean: float = 0.0  # logit_normal: σ = sigmoid(N(logit_mean, logit_std))
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode: the SD3 mode density's scale (0: uniform)
+    shift: float = 1.0  # flow: static shift σ' = shift·σ / (1 + (shift - 1)·σ); > 1 trains (and samples) noisier
+    dynamic_shift: bool = False  # flow: shift by latent token count instead: σ' = e^mu / (e^mu + 1/σ - 1), with
+    base_shift: float = 0.5  # mu = base_shift at base_seq_len tokens, max_shift at max_seq_len, linear between
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
 
     def __post_init__(self) -> None:
         _check(self.schedule in ("linear", "cosine", "scaled_linear"), "diffusion.schedule",
@@ -184,6 +197,29 @@ class DiffusionConfig:
         _check(self.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
         _check(0.0 <= self.prompt_dropout <= 1.0, "diffusion.prompt_dropout", "must be in [0, 1]")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null")
+        _check(self.objective in ("diffusion", "flow"), "diffusion.objective", "must be diffusion or flow")
+        _check(self.timestep_sampling in ("uniform", "logit_normal", "mode"), "diffusion.timestep_sampling",
+               "must be uniform, logit_normal or mode")
+        _check(self.logit_std > 0, "diffusion.logit_std", "must be > 0")
+        _check(0 <= self.mode_scale <= 1.75, "diffusion.mode_scale",
+               "must be in [0, 1.75] (above 1/(pi/2 - 1) = 1.75 the mode density's map leaves [0, 1])")
+        _check(self.shift > 0, "diffusion.shift", "must be > 0 (1: no shift)")
+        _check(1 <= self.base_seq_len < self.max_seq_len, "diffusion.base_seq_len",
+               f"must be >= 1 and below diffusion.max_seq_len ({self.max_seq_len})")
+        _check(not (self.dynamic_shift and self.shift != 1.0), "diffusion.shift",
+               f"is {self.shift} but diffusion.dynamic_shift=true replaces the static shift: leave shift at 1.0")
+        if self.objective == "flow":
+            _check(self.prediction == "eps", "diffusion.prediction",
+                   f"is {self.prediction!r}, but diffusion.objective=flow always predicts the velocity ε - x0: "
+                   "drop diffusion.prediction")
+            _check(self.min_snr_gamma is None, "diffusion.min_snr_gamma",
+                   "is for diffusion.objective=diffusion (eps / v targets); set it to null for flow")
+        else:
+            flow_only = {"timestep_sampling": self.timestep_sampling != "uniform", "shift": self.shift != 1.0,
+                         "dynamic_shift": self.dynamic_shift}
+            for key, changed in flow_only.items():
+                _check(not changed, f"diffusion.{key}",
+                       "is only used by the flow objective: set diffusion.objective=flow or drop it")
 
 
 @dataclass
@@ -252,16 +288,21 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # ddim | ddpm | dpm_solver
+    # ddim | ddpm | dpm_solver (objective diffusion) | flow_euler | flow_dpm_solver (objective flow);
+    # null: the objective's default, ddim or flow_euler
+    sampler: str | None = None
     steps: int = 50
     cfg: float = 5.0
     eta: float = 0.0
     fps: int = 8
+    shift: float | None = None  # flow samplers: a static shift; null: the training one (diffusion.shift / dynamic)
 
     def __post_init__(self) -> None:
-        _check(self.sampler in ("ddim", "ddpm", "dpm_solver"), "sample.sampler", "must be ddim, ddpm or dpm_solver")
+        _check(self.sampler in (None, "ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver"), "sample.sampler",
+               "must be ddim, ddpm, dpm_solver (diffusion), flow_euler, flow_dpm_solver (flow) or null")
         _check(self.steps >= 1, "sample.steps", "must be >= 1")
         _check(self.cfg >= 0, "sample.cfg", "must be >= 0")
+        _check(self.shift is None or self.shift > 0, "sample.shift", "must be > 0 or null (the training shift)")
 
 
 @dataclass

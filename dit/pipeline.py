@@ -6,7 +6,7 @@ sampling during training and by the demo; it reads exports (dit/export.py), neve
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,10 @@ import torch
 from einops import rearrange
 
 from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
-from dit.config import TextConfig
+from dit.config import DiffusionConfig, TextConfig
+from dit.diffusion.flow import latent_tokens, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
-from dit.diffusion.samplers import ddim, ddpm, dpm_solver
+from dit.diffusion.samplers import ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.export import load_weights, resolve_checkpoint
 from dit.models.dit import DiT
@@ -25,7 +26,9 @@ from dit.models.families import denoiser_from_config
 from dit.models.text import TextEncoder, build_text_encoder
 from dit.models.vae import CausalVAE, load_vae
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
+                                                     "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver}
+OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver"), "flow": ("flow_euler", "flow_dpm_solver")}
 
 
 @dataclass
@@ -33,9 +36,10 @@ class Pipeline:
     model: DiT
     vae: CausalVAE
     text: TextEncoder
-    schedule: Schedule
+    schedule: Schedule  # the discrete schedule (objective diffusion; unused for flow)
     prediction: str
     config: dict[str, Any]
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # objective, flow shift (static / dynamic)
 
 
 def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
@@ -54,7 +58,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     schedule = schedule_from_config(config["experiment"]["diffusion"])
     for m in (model, vae, text):
         m.to(device).eval().requires_grad_(False)
-    return Pipeline(model, vae, text, schedule, config["experiment"]["diffusion"]["prediction"], config)
+    diffusion = DiffusionConfig(**config["experiment"]["diffusion"])
+    return Pipeline(model, vae, text, schedule, diffusion.prediction, config, diffusion)
 
 
 def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int], *, temporal: int = TEMPORAL,
@@ -66,16 +71,37 @@ def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int]
         raise ValueError("invalid sample size: " + "; ".join(problems.values()))
 
 
+def resolve_sampler(objective: str, sampler: str | None) -> str:
+    """The sampler to run for a checkpoint of this objective: None picks its default (ddim | flow_euler); a sampler
+    of the other objective is an error (a flow model's velocity is not an eps / v prediction, nor the reverse)."""
+    if objective not in OBJECTIVE_SAMPLERS:
+        raise ValueError(f"unknown diffusion objective {objective!r}; expected one of {sorted(OBJECTIVE_SAMPLERS)}")
+    if sampler is None:
+        return OBJECTIVE_SAMPLERS[objective][0]
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if sampler not in OBJECTIVE_SAMPLERS[objective]:
+        raise ValueError(f"sampler {sampler!r} does not fit this checkpoint, trained with diffusion.objective="
+                         f"{objective}: use one of {', '.join(OBJECTIVE_SAMPLERS[objective])}")
+    return sampler
+
+
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
-             sampler: str = "ddim", cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
-             decode_chunk: int = 0) -> torch.Tensor:
-    """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1]."""
+             sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
+             decode_chunk: int = 0, shift: float | None = None) -> torch.Tensor:
+    """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
+
+    sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
+    static shift; None uses the training one (diffusion.shift, or the dynamic shift for this size's token count).
+    """
     vae = pipe.vae
     check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
                spatial=vae.spatial_compression)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    objective = pipe.diffusion.objective
+    sampler = resolve_sampler(objective, sampler)
+    if shift is not None and objective != "flow":
+        raise ValueError(f"shift={shift} is for flow samplers; this checkpoint's objective is {objective}")
     device = next(pipe.model.parameters()).device
     b = len(prompts)
     shape = (b, vae.latent_channels, *vae.latent_shape(frames, height, width))  # [B, C, t, h, w]
@@ -85,12 +111,16 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
     denoise = cfg_denoiser(pipe.model, cond, uncond, cfg)
-    kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction)
-    if sampler == "ddim":
-        kwargs["eta"] = eta
-    if sampler in ("ddim", "ddpm"):
-        kwargs["generator"] = gen
-    z = SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
+    if objective == "flow":
+        flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(shape[2:], pipe.model.patch), shift)
+        z = SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu)
+    else:
+        kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction)
+        if sampler == "ddim":
+            kwargs["eta"] = eta
+        if sampler in ("ddim", "ddpm"):
+            kwargs["generator"] = gen
+        z = SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
     video = vae.decode(vae.denormalize(z), chunk_size=decode_chunk)
     return video.clamp(-1, 1)
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from dit.diffusion.objectives import min_snr_weight, training_loss
+from dit.diffusion.objectives import flow_loss, min_snr_weight, training_loss
 from dit.diffusion.schedules import make_schedule
 
 SCHEDULE = make_schedule("linear")
@@ -96,3 +96,52 @@ def test_gradient_flows():
 def test_unknown_prediction_raises():
     with pytest.raises(ValueError, match="prediction"):
         training_loss(lambda x, t: x, torch.zeros(2, 3), SCHEDULE, prediction="flow")
+
+
+# ---- flow_loss ---------------------------------------------------------------------------------------------------
+
+
+def flow_data(b: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0, noise = torch.randn(2, b, 4, 3, 8, 8, generator=g)  # [B, C, T, H, W]
+    return x0, noise, torch.rand(b, generator=g)
+
+
+def test_flow_loss_exact_velocity_is_zero_and_the_model_sees_x_t_at_sigma_1000():
+    x0, noise, sigma = flow_data()
+    seen = {}
+
+    def oracle(x_t, t, **kwargs):
+        seen.update(x_t=x_t, t=t, kwargs=kwargs)
+        return noise - x0
+
+    loss = flow_loss(oracle, x0, sigma=sigma, noise=noise, model_kwargs={"text": 1})
+    assert loss.ndim == 0 and loss.item() == 0.0
+    assert seen["t"].dtype == torch.float32 and torch.equal(seen["t"], sigma * 1000) and seen["kwargs"] == {"text": 1}
+    s = sigma.reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(seen["x_t"], (1 - s) * x0 + s * noise)
+
+
+def test_flow_loss_equals_a_hand_computation():
+    x0 = torch.tensor([[1.0, 2.0], [0.0, -1.0]])  # [B=2, 2]
+    noise = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
+    sigma = torch.tensor([0.25, 1.0])
+    # x_t: [0.875, 1.625], [1, 1]; model returns 2 x_t; target noise - x0: [-0.5, -1.5], [1, 2]
+    # errors: [2.25, 4.75] -> (5.0625 + 22.5625) / 2 = 13.8125; [1, 0] -> 0.5; batch mean 7.15625
+    loss = flow_loss(lambda x, t: 2 * x, x0, sigma=sigma, noise=noise)
+    assert loss.item() == pytest.approx(7.15625, abs=1e-6)
+
+
+def test_flow_loss_bf16_data_float32_arithmetic_and_gradients():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(4, 4, 3, padding=1)
+    x0, noise, sigma = flow_data()
+    loss = flow_loss(lambda x, t: net(x), x0, sigma=sigma, noise=noise)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    seen = []
+    low = flow_loss(lambda x, t: seen.append(x.dtype) or torch.zeros_like(x), x0.bfloat16(), sigma=sigma,
+                    noise=noise.bfloat16())
+    assert seen == [torch.bfloat16] and low.dtype == torch.float32
+    exact = (noise.bfloat16().float() - x0.bfloat16().float()).square().mean()
+    torch.testing.assert_close(low, exact)
