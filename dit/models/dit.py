@@ -182,8 +182,9 @@ def build_dit(model_cfg: Any, in_channels: int, text_dim: int) -> DiT:
                abs_pos=model_cfg.abs_pos)
 
 
-def flops_per_token(model: DiT, num_tokens: int, text_len: int) -> float:
-    """Forward matmul FLOPs per image token (2 * MACs), for throughput/MFU reporting."""
+def flops_per_token(model: nn.Module, num_tokens: int, text_len: int) -> float:
+    """Forward matmul FLOPs per image token (2 * MACs), for throughput/MFU reporting; any denoiser whose ``config``
+    gives hidden_size, mlp_ratio and depth (our DiT, a pretrained family: dit/models/families)."""
     d, cfg = model.config["hidden_size"], model.config
     mlp = 2 * d * int(d * cfg["mlp_ratio"])
     per_block = 2 * (4 * d * d + mlp + 2 * d * d + 2 * d * d * text_len / max(num_tokens, 1))

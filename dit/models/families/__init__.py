@@ -50,6 +50,31 @@ def family_patch(family: str, pretrained: str | None, overrides: dict[str, Any])
     return list(FAMILIES[family].sizes(family_config(family, pretrained, overrides))["patch_size"])
 
 
+def check_fit(model_cfg: Any, in_channels: int, text_dim: int) -> None:
+    """model_cfg's denoiser takes latents of ``in_channels`` and text of width ``text_dim`` (from the configs alone:
+    call it with the VAE folder's latent channels and the text encoder's width before loading either)."""
+    family = getattr(model_cfg, "family", "dit")
+    if family in FAMILIES:
+        dcfg = _fill(FAMILIES[family], model_cfg, in_channels, text_dim)
+        _check_fit(FAMILIES[family], dcfg, _where(model_cfg), in_channels, text_dim)
+
+
+def _where(model_cfg: Any) -> str:
+    return f"model.pretrained {model_cfg.pretrained!r}" if model_cfg.pretrained else "model.family_config"
+
+
+def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim: int) -> dict[str, Any]:
+    """The family's diffusers config; a random-weight one takes the VAE's channels and the text width unless
+    model.family_config sets them."""
+    dcfg = family_config(cls.family, model_cfg.pretrained, model_cfg.family_config)
+    if not model_cfg.pretrained:
+        fill = {"in_channels": in_channels, cls.text_key: text_dim}
+        if "out_channels" in dcfg:
+            fill["out_channels"] = model_cfg.family_config.get("in_channels", in_channels)
+        dcfg.update({k: v for k, v in fill.items() if k not in model_cfg.family_config})
+    return dcfg
+
+
 def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], where: str, in_channels: int, text_dim: int) -> None:
     """The transformer must take the VAE's latent channels and the text encoder's width."""
     if int(dcfg["in_channels"]) != in_channels:
@@ -84,14 +109,8 @@ def build_denoiser(model_cfg: Any, in_channels: int, text_dim: int, *, compressi
     if family not in FAMILIES:
         raise ConfigError(f"model.family: unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
     cls, pretrained = FAMILIES[family], model_cfg.pretrained
-    dcfg = family_config(family, pretrained, model_cfg.family_config)
-    if not pretrained:
-        fill = {"in_channels": in_channels, cls.text_key: text_dim}
-        if "out_channels" in dcfg:
-            fill["out_channels"] = model_cfg.family_config.get("in_channels", in_channels)
-        dcfg.update({k: v for k, v in fill.items() if k not in model_cfg.family_config})
-    _check_fit(cls, dcfg, f"model.pretrained {pretrained!r}" if pretrained else "model.family_config",
-               in_channels, text_dim)
+    dcfg = _fill(cls, model_cfg, in_channels, text_dim)
+    _check_fit(cls, dcfg, _where(model_cfg), in_channels, text_dim)
     tcls = cls.transformer_class()
     if pretrained and load_weights:
         transformer = tcls.from_pretrained(pretrained, torch_dtype=torch.float32)

@@ -12,6 +12,7 @@ from tiny_families import inputs, tiny_transformer
 
 from dit.config import ModelConfig
 from dit.distributed.parallelize import apply_activation_checkpointing
+from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, denoiser_from_config
 
 FAMILIES = ["wan", "ltx", "cogvideox"]
@@ -83,6 +84,7 @@ def test_attributes_and_state_dict_keys(family, tiny_folder):
     c = adapter.config
     assert c["family"] == family and c["depth"] == 2 and c["num_heads"] == 2
     assert c["hidden_size"] == 2 * TINY_HEAD_DIM[family] and c["patch_size"] == list(adapter.patch)
+    assert flops_per_token(adapter, num_tokens=18, text_len=6) > 2 * 2 * 4 * c["hidden_size"] ** 2  # > the QKVO
 
 
 

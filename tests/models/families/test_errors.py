@@ -10,7 +10,7 @@ import torch
 from tiny_families import TINY
 
 from dit.config import ConfigError, ModelConfig, load_config
-from dit.models.families import build_denoiser, denoiser_from_config
+from dit.models.families import build_denoiser, check_fit, denoiser_from_config
 
 
 def test_missing_folder(tmp_path):
@@ -58,6 +58,19 @@ def test_latent_channels_and_text_width_mismatch(family, text_key, tiny_folder):
     with pytest.raises(ConfigError, match=rf"takes text states of width 16 \({text_key}\) but the text encoder "
                                           r"gives 384; use the text encoder it was trained with"):
         build_denoiser(cfg, in_channels=4, text_dim=384)
+
+
+def test_check_fit_needs_only_the_configs(tiny_folder, tmp_path):
+    """check_fit reads config.json alone: the weights may be absent (it runs before anything loads)."""
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    shutil.copy(tiny_folder("wan") / "config.json", folder / "config.json")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never read
+    cfg = ModelConfig(family="wan", pretrained=str(folder))
+    check_fit(cfg, in_channels=4, text_dim=16)
+    with pytest.raises(ConfigError, match=r"takes 4 latent channels but the VAE gives 48"):
+        check_fit(cfg, in_channels=48, text_dim=16)
+    check_fit(ModelConfig(), in_channels=48, text_dim=3)  # our DiT takes any
 
 
 def test_explicit_family_config_channels_must_match_the_vae():
