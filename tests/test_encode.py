@@ -68,3 +68,45 @@ def test_latent_shards_match_the_encoders_and_reruns_skip(synthetic_shards, vae_
 def test_encode_needs_a_vae(synthetic_shards, tmp_path) -> None:
     with pytest.raises(ValueError, match="vae.checkpoint is not set"):
         encode_shards(synthetic_shards[0], tmp_path, load_config(None, []))
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_a_pretrained_family_encodes_real_shards_at_its_compression(real_media_shards, family, tmp_path) -> None:
+    """`dit encode` of real clips with a tiny random Wan (4x / 8x) or LTX (8x / 32x) VAE: latent shards whose
+    grid follows the VAE's compression, holding its posterior, that the loader reads back at the right pixel size."""
+    from tiny_vaes import save_tiny_vae
+
+    from dit.models.vae_families import load_family_vae
+
+    folder = tmp_path / "vae"
+    save_tiny_vae(family, folder)
+    size = {"wan": (9, 32, 48), "ltx": (9, 64, 64)}[family]
+    grid = {"wan": (16, 3, 4, 6), "ltx": (8, 2, 2, 2)}[family]  # C, 1 + (9-1)/4 | 1 + (9-1)/8, H/8 | H/32, ...
+    items = [f"data.frames={size[0]}", f"data.height={size[1]}", f"data.width={size[2]}", "text.encoder=none"]
+    cfg = load_config(None, [f"vae.family={family}", f"vae.pretrained={folder}", *items])
+    (shard,) = real_media_shards["video"]
+    out = tmp_path / "latents"
+    assert encode_shards(shard, out, cfg, batch_size=4) == {"encoded": 1, "skipped": 0, "samples": 6}
+
+    vae = load_family_vae(family, folder)
+    (batch, *_) = list(build_loader(replace(cfg.data, shards=shard, shuffle_buffer=1), 6, epoch_seed=False,
+                                    infinite=False, drop_last=False))
+    with torch.no_grad():
+        posterior = vae.encode(batch["video"])  # an independent pass over the same clips
+    samples = list(wds.WebDataset(str(out / Path(shard).name), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == batch["key"] == real_media_shards["video_keys"]
+    for i, s in enumerate(samples):
+        assert _load(s["mean.npy"]).shape == grid
+        torch.testing.assert_close(_load(s["mean.npy"]), posterior.mean[i])
+        torch.testing.assert_close(_load(s["logvar.npy"]), posterior.logvar[i])
+        meta = json.loads(s["json"])
+        assert (meta["vae_family"], meta["latent_channels"]) == (family, grid[0])
+        assert (meta["temporal_compression"], meta["spatial_compression"]) == (vae.temporal_compression,
+                                                                               vae.spatial_compression)
+        assert meta["vae"] == str(folder) and meta["vae_encoder"] == encoder_digest(vae)
+
+    latents = replace(cfg.data, shards=str(out / Path(shard).name), latents=True, shuffle_buffer=1)
+    loader = build_loader(latents, 6, epoch_seed=False, infinite=False, drop_last=False)
+    (read, *_) = list(loader)  # pixel size from the recorded compression: every sample fits data.frames x H x W
+    assert read["key"] == batch["key"] and not dict(loader.stats.bad)
+    torch.testing.assert_close(read["mean"], posterior.mean)
