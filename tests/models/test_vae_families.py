@@ -12,6 +12,7 @@ import torch
 from tiny_vaes import save_tiny_vae
 
 from dit.config import ConfigError, VAEConfig, load_config
+from dit.export import write_export
 from dit.models.vae import CausalVAE, encoder_digest, export_vae, load_vae, load_vae_from_config, save_vae
 from dit.models.vae_families import PretrainedVAE, load_family_vae
 from dit.models.vae_folder import vae_geometry
@@ -164,6 +165,10 @@ def test_a_checkpoint_records_its_vae_and_load_vae_reads_either_form(tiny, tmp_p
     z = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(z), ref.decode(z).sample, **close)
+    (tmp_path / "export").mkdir()  # what training's checkpoint export writes, and what load_pipeline reads
+    write_export(tmp_path / "export", weights={}, config={}, vae=VAEConfig(family="wan", pretrained=str(folder)))
+    assert json.loads((tmp_path / "export" / "vae" / "vae.json").read_text()) == record
+    assert isinstance(load_vae(tmp_path / "export" / "vae"), PretrainedVAE)
 
     torch.manual_seed(0)
     save_vae(CausalVAE(latent_channels=4, base_channels=8), tmp_path / "ours")
