@@ -147,3 +147,13 @@ def test_ltx_rope_scale_follows_the_vae_and_frame_rate(tiny_folder):
                                       rope_interpolation_scale=(4 / 24, 8, 8), return_dict=False)[0]
         torch.testing.assert_close(model(x, t, text, mask), LTXPipeline._unpack_latents(out, 3, 4, 6), atol=1e-5,
                                    rtol=0)
+
+
+def test_bf16_folder_loads_as_fp32_master_weights(tmp_path):
+    """Released checkpoints are bf16; training keeps fp32 master weights, equal to the stored bf16 values."""
+    stored = tiny_transformer("wan").to(torch.bfloat16)
+    stored.save_pretrained(tmp_path / "transformer")
+    model = build_denoiser(ModelConfig(family="wan", pretrained=str(tmp_path / "transformer")), 4, 16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    for k, v in stored.state_dict().items():
+        assert torch.equal(model.state_dict()[f"transformer.{k}"], v.float())
