@@ -219,3 +219,12 @@ def test_encoder_digest_covers_the_encoder_side_only(tiny, tmp_path: Path) -> No
     assert encoder_digest(a) != encoder_digest(b)
     save_tiny_vae("wan", tmp_path / "other", seed=1)
     assert encoder_digest(load_family_vae("wan", tmp_path / "other")) != encoder_digest(a)
+
+
+def test_a_timestep_conditioned_ltx_decoder_gets_ltx_pipelines_default_decode_timestep(tmp_path: Path) -> None:
+    ref = save_tiny_vae("ltx", tmp_path / "vae", timestep_conditioning=True)
+    vae = load_family_vae("ltx", tmp_path / "vae")
+    z = torch.randn(2, 8, 2, 1, 2, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # LTXPipeline: decode_timestep=0.0, decode_noise_scale=None -> 0: no added noise
+        torch.testing.assert_close(vae.decode(z), ref.decode(z, torch.zeros(2)).sample, **close)
+        assert not torch.allclose(ref.decode(z, torch.full((2,), 0.5)).sample, vae.decode(z), atol=1e-4)
