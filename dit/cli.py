@@ -72,7 +72,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dit.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    run_demo(Path(args.out), quick=args.quick, seed=args.seed, objective=args.objective)
 
 
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> VAE -> DiT -> clips -> prompt-following score")
     p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--objective", default="diffusion", choices=["diffusion", "flow"],
+                   help="the DiT's training objective (diffusion: eps + DDIM, as configs/demo.yaml; flow: rectified "
+                        "flow + flow_euler)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; low score expected)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, both trainings and the samples")
     p.set_defaults(fn=cmd_demo)

@@ -333,6 +333,12 @@ class Config:
             bad = {f: frames_problem(f, temporal=temporal, patch=pt) for f in b.frames}  # the VAE's rule, the patch
             bad = {f: problem for f, problem in bad.items() if problem}
             _check(not bad, "data.buckets.frames", f"{list(bad)}: {'; '.join(bad.values())}")
+        flow = self.diffusion.objective == "flow"  # the sampler must fit the objective, found before training
+        fits = ("flow_euler", "flow_dpm_solver") if flow else ("ddim", "ddpm", "dpm_solver")
+        _check(self.sample.sampler in (None, *fits), "sample.sampler",
+               f"{self.sample.sampler} does not sample a diffusion.objective={self.diffusion.objective} model; use "
+               f"one of {', '.join(fits)} (or null for {fits[0]})")
+        _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
 
     def patch_size(self) -> tuple[int, int, int]:
         from dit.models.presets import PRESETS

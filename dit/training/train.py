@@ -30,8 +30,9 @@ from torch.utils.tensorboard import SummaryWriter
 from data_pipelines.latents import check_latent_shards
 from data_pipelines.loader import build_loader
 from data_pipelines.state import merge_states
-from dit.config import Config, save_config
-from dit.diffusion.objectives import training_loss
+from dit.config import Config, DiffusionConfig, save_config
+from dit.diffusion.flow import latent_tokens, sample_sigmas
+from dit.diffusion.objectives import flow_loss, training_loss
 from dit.distributed.parallelize import parallelize
 from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
 from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ranks, setup_distributed
@@ -113,20 +114,25 @@ def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Modul
 
 
 @torch.no_grad()
-def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, num_timesteps: int,
-               rng: RandomStreams, prompt_dropout: float, device: torch.device,
+def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, diffusion: DiffusionConfig,
+               patch: tuple[int, int, int], rng: RandomStreams, device: torch.device,
                keep: slice | None) -> tuple[torch.Tensor, ...]:
-    """Latents, text states + mask, timesteps and noise for a batch; ``keep`` slices a global batch to this rank.
-    A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the VAE encoder (and the text encoder)
-    but draws the same random numbers in the same order, so it trains exactly as the raw shards it came from."""
+    """Latents, text states + mask, timesteps (integer steps; for flow σ in [0, 1]) and noise for a batch; ``keep``
+    slices a global batch to this rank. A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the
+    VAE encoder (and the text encoder) but draws the same random numbers in the same order, so it trains exactly as
+    the raw shards it came from."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
         posterior = vae.encode(batch["video"].to(device))
     latents = vae.normalize(posterior.sample(rng.gen))  # [B, C, t, h, w]
-    captions = ["" if rng.py.random() < prompt_dropout else c for c in batch["caption"]]  # CFG's empty prompt
+    captions = ["" if rng.py.random() < diffusion.prompt_dropout else c for c in batch["caption"]]  # CFG's uncond
     states, mask = stored_text(batch, captions, text, device) if "text" in batch else text.encode(captions)
-    t = torch.randint(0, num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
+    if diffusion.objective == "flow":
+        tokens = latent_tokens(latents.shape[2:], patch) if diffusion.dynamic_shift else None
+        t = sample_sigmas(latents.shape[0], rng.gen, diffusion, tokens).to(device)  # σ [B]
+    else:
+        t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
     return drawn if keep is None else tuple(x[keep] for x in drawn)
@@ -140,6 +146,9 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
 
     def loss(i: int) -> torch.Tensor:
         r = slice(i * b, (i + 1) * b) if cfg.train.grad_accum_steps > 1 else slice(None)  # (buckets vary B)
+        if cfg.diffusion.objective == "flow":
+            return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r],
+                             model_kwargs=dict(text=states[r], text_mask=mask[r]))
         return training_loss(strategy.model, latents[r], noise_schedule, model_kwargs=dict(text=states[r],
                              text_mask=mask[r]), prediction=cfg.diffusion.prediction, t=t[r], noise=noise[r],
                              min_snr_gamma=cfg.diffusion.min_snr_gamma)
@@ -237,7 +246,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
     video = generate(pipe, [prompts[i] for i in mine or [0]], frames=cfg.data.frames, height=cfg.data.height,
                      width=cfg.data.width, steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler,
-                     cfg=cfg.sample.cfg, seed=0)
+                     cfg=cfg.sample.cfg, shift=cfg.sample.shift, seed=0)
     clips = list(zip(mine, to_uint8(video)[:len(mine)]))
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size
@@ -308,7 +317,8 @@ def main(cfg: Config) -> Path:
     step = restore(resume_from, strategy, lr_schedule, rng, loader, env, parity) if resume_from else 0
 
     run_log = RunLog(out, step, enabled=env.is_main)
-    pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {})
+    pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {},
+                    diffusion=cfg.diffusion)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
     meter, guard, bad = Throughput(env.device, env.world_size), NonfiniteGuard(t.max_nonfinite), {}
     flops_per_sample = None
@@ -325,8 +335,7 @@ def main(cfg: Config) -> Path:
                 bad[reason] = bad.get(reason, 0) + n
 
             watchdog.mark("forward/backward/optimizer step")
-            drawn = draw_batch(batch, vae, text, noise_schedule.num_timesteps, rng, cfg.diffusion.prompt_dropout,
-                               env.device, keep)
+            drawn = draw_batch(batch, vae, text, cfg.diffusion, strategy.module.patch, rng, env.device, keep)
             result = train_step(strategy, micro_loss(strategy, drawn, noise_schedule_dev, cfg), accum)
             lr_schedule.step()
             step += 1
