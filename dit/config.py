@@ -333,6 +333,11 @@ class Config:
             bad = {f: frames_problem(f, temporal=temporal, patch=pt) for f in b.frames}  # the VAE's rule, the patch
             bad = {f: problem for f, problem in bad.items() if problem}
             _check(not bad, "data.buckets.frames", f"{list(bad)}: {'; '.join(bad.values())}")
+        family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
+        _check(family not in ("wan", "ltx") or d.objective == "flow", "diffusion.objective",
+               f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
+        _check(family != "cogvideox" or (d.objective == "diffusion" and d.prediction == "v"), "diffusion.prediction",
+               "model.family=cogvideox predicts v: set diffusion.objective=diffusion diffusion.prediction=v")
         flow = self.diffusion.objective == "flow"  # the sampler must fit the objective, found before training
         fits = ("flow_euler", "flow_dpm_solver") if flow else ("ddim", "ddpm", "dpm_solver")
         _check(self.sample.sampler in (None, *fits), "sample.sampler",

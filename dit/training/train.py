@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data_pipelines.latents import check_latent_shards
 from data_pipelines.loader import build_loader
 from data_pipelines.state import merge_states
-from dit.config import Config, DiffusionConfig, save_config
+from dit.config import Config, ConfigError, DiffusionConfig, save_config
 from dit.diffusion.flow import latent_tokens, sample_sigmas
 from dit.diffusion.objectives import flow_loss, training_loss
 from dit.distributed.parallelize import parallelize
@@ -39,9 +39,10 @@ from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ra
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import list_checkpoints, write_export
-from dit.models.dit import build_dit, flops_per_token
+from dit.models.dit import flops_per_token
+from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
-from dit.models.vae import DiagonalGaussian, encoder_digest, load_vae
+from dit.models.vae import DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, generate, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
     atomic_checkpoint,
@@ -61,11 +62,11 @@ log = logging.getLogger("dit.train")
 
 
 def check_inputs(cfg: Config) -> None:
-    if not cfg.vae.checkpoint:
-        raise ValueError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
-                         "vae.checkpoint=RUN_DIR/vae")
+    if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
+        raise ConfigError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
+                          "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan vae.pretrained=DIR)")
     if not cfg.data.shards and not cfg.data.datasets:
-        raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+        raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
 
 
 class RandomStreams:
@@ -191,7 +192,8 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
         training_state = strategy.save(tmp)  # every rank: sharded model + optimizer where there are shards
         if env.is_main:
             config = {"dit": strategy.ema.module.config, "experiment": cfg.to_dict()}
-            write_export(tmp, weights=ema_weights, config=config, vae_dir=cfg.vae.checkpoint)
+            write_export(tmp, weights=ema_weights, config=config)
+            export_vae(cfg.vae, tmp / "vae")  # ours copied; a pretrained family recorded by its folder
             training_state.update(scheduler=lr_schedule.state_dict(), ema=ema_weights, step=step,
                                   strategy=cfg.train.strategy, world_size=env.world_size)
             torch.save(training_state, tmp / "training_state.pt")
@@ -290,17 +292,19 @@ def main(cfg: Config) -> Path:
     loader = build_train_loader(cfg, env)  # fails now on a missing shard
     set_seed(t.seed)
     # The frozen encoders, before any strategy exists (DeepSpeed ZeRO-3 would shard them too).
-    vae = load_vae(cfg.vae.checkpoint).eval().requires_grad_(False).to(env.device)
+    vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
     text = build_text_encoder(cfg.text).to(env.device)
-    check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint, latent_channels=vae.latent_channels,
-                        vae_encoder=encoder_digest(vae), text_encoder=cfg.text.encoder,
-                        text_max_length=cfg.text.max_length, text_dim=text.dim, text_name=text.name)
+    check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
+                        latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
+                        text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
+                        text_name=text.name)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         save_config(cfg, out / "config.yaml")
         (out / PREEMPTED_MARKER).unlink(missing_ok=True)
 
-    model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim)
+    model = build_denoiser(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim,
+                           compression=(vae.temporal_compression, vae.spatial_compression))
     strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay),
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
