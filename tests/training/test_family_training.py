@@ -18,7 +18,7 @@ from tiny_vaes import save_tiny_vae  # noqa: E402
 
 from dit.config import ConfigError, load_config  # noqa: E402
 from dit.encode import encode_shards  # noqa: E402
-from dit.export import list_checkpoints, load_weights  # noqa: E402
+from dit.export import load_weights  # noqa: E402
 from dit.training import train  # noqa: E402
 
 WAN = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2,
@@ -35,7 +35,7 @@ def wan_config(tmp: Path, out: Path, shards: str, vae: Path, **extra: object):
     data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
     path = tmp / f"wan-{out.name}.yaml"
     path.write_text(yaml.safe_dump(data))
-    return load_config(path, [o for o in small_overrides(out, shards, None, **extra)])
+    return load_config(path, small_overrides(out, shards, None, **extra))
 
 
 def losses(run: Path) -> list[float]:
