@@ -44,6 +44,9 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     """Train the VAE for train.steps steps; returns the directory of the saved VAE (RUN_DIR/vae)."""
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+    if cfg.vae.family != "ours":
+        raise ConfigError(f"vae.family={cfg.vae.family}: train-vae trains our CausalVAE; a pretrained VAE is used as "
+                          "it is (set vae.family=ours to train one)")
     if cfg.data.latents:
         raise ConfigError("data.latents: train-vae learns from pixels, so it reads raw shards; set data.latents=false "
                           "and point data.shards at the raw shards (latent shards are what `dit encode` makes with it)")
