@@ -101,8 +101,8 @@ def test_family_config_with_pretrained_is_refused(tiny_folder):
 
 def test_family_patch_drives_the_experiment_config():
     """Config.patch_size() (buckets, sizes) is the family's patch, filled in by ModelConfig."""
-    cfg = load_config(None, ["model.family=ltx", "model.family_config.num_layers=1", "data.height=32",
-                             "data.width=32"])
+    cfg = load_config(None, ["model.family=ltx", "diffusion.objective=flow", "model.family_config.num_layers=1",
+                             "data.height=32", "data.width=32"])
     assert cfg.model.patch_size == [1, 1, 1] and cfg.patch_size() == (1, 1, 1)
 
 

@@ -19,7 +19,8 @@ from dit.pipeline import load_pipeline
 def test_family_checkpoint_loads_without_its_source_folder(tmp_path):
     folder = tmp_path / "Wan-Diffusers" / "transformer"
     tiny_transformer("wan", text_dim=8).save_pretrained(folder)  # width 8: text.encoder=none
-    cfg = load_config(None, ["model.family=wan", f"model.pretrained={folder}", "text.encoder=none",
+    cfg = load_config(None, ["model.family=wan", "diffusion.objective=flow", f"model.pretrained={folder}",
+                             "text.encoder=none",
                              "data.frames=9", "data.height=32", "data.width=48"])
     model = build_denoiser(cfg.model, in_channels=4, text_dim=8)
     with torch.no_grad():

@@ -22,7 +22,7 @@ def test_plan_counts_a_wan_model(source, tmp_path):
     else:
         model = [f"model.family_config.{k}={list(TINY['wan'][k]) if k == 'patch_size' else TINY['wan'][k]}"
                  for k in SIZES]
-    cfg = load_config(None, ["model.family=wan", *model, *DATA])
+    cfg = load_config(None, ["model.family=wan", "diffusion.objective=flow", *model, *DATA])
     size = model_size(cfg)
     assert size.params == sum(p.numel() for p in reference.parameters())
     assert (size.hidden, size.depth, size.heads) == (24, 2, 2)
@@ -33,7 +33,8 @@ def test_plan_counts_a_wan_model(source, tmp_path):
 def test_plan_counts_an_ltx_model():
     """LTX's patch is (1, 1, 1): every latent position is a token."""
     keys = ("num_attention_heads", "attention_head_dim", "cross_attention_dim", "num_layers")
-    cfg = load_config(None, ["model.family=ltx", *[f"model.family_config.{k}={TINY['ltx'][k]}" for k in keys], *DATA])
+    cfg = load_config(None, ["model.family=ltx", "diffusion.objective=flow",
+                             *[f"model.family_config.{k}={TINY['ltx'][k]}" for k in keys], *DATA])
     size = model_size(cfg)
     assert size.params == sum(p.numel() for p in tiny_transformer("ltx", caption_channels=8).parameters())
     assert size.tokens == 3 * 4 * 6
