@@ -130,8 +130,8 @@ class VAEConfig:
                "a/diffusers/vae/folder (config.json + safetensors), e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae")
         try:
             vae_geometry(self.family, self.pretrained)  # the folder is checked before any work
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"vae.pretrained: {e}") from e
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
 
     def geometry(self) -> tuple[int, int, int]:
         """(latent channels, temporal, spatial compression) of the chosen VAE, read without loading weights."""
@@ -466,7 +466,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; "
                               "pass --config configs/tiny.yaml or another YAML file")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:  # a user's typo: one line naming the file and where, not a parser traceback
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML ({getattr(e, 'problem', None) or e}, at"
+                              f"{where or ' an unknown place'}); fix that line (compare configs/tiny.yaml)") from None
         _check(isinstance(data, dict), str(p), "a config file must be a YAML mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)

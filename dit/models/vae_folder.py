@@ -11,11 +11,11 @@ calls this); diffusers is imported only to read a constructor's defaults.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
+
+from dit.models.diffusers_folder import read_diffusers_folder
 
 
 class VAEGeometry(NamedTuple):
@@ -46,7 +46,6 @@ FAMILIES: dict[str, Family] = {
                       lambda c: (c["temporal_compression_ratio"], c["spatial_compression_ratio"])),
     "ltx": Family("AutoencoderKLLTXVideo", "latent_channels", _ltx),
 }
-EXAMPLE = ".../Wan2.1-T2V-1.3B-Diffusers/vae"
 
 
 def _defaults(class_name: str) -> dict[str, Any]:
@@ -62,31 +61,10 @@ def family_config(family: str, path: str | os.PathLike) -> dict[str, Any]:
     family's class with safetensors weights; ValueError (FileNotFoundError) naming the path and the fix."""
     if family not in FAMILIES:
         raise ValueError(f"unknown VAE family {family!r}; choose one of {sorted(FAMILIES)} (or ours)")
-    spec, folder = FAMILIES[family], Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{str(folder)!r} does not exist: point vae.pretrained at the VAE folder of a "
-                                f"diffusers model (config.json + *.safetensors), e.g. {EXAMPLE}")
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        hint = (f"; it is a diffusers pipeline folder: set vae.pretrained={folder / 'vae'}"
-                if (folder / "model_index.json").is_file() else f": point vae.pretrained at one, e.g. {EXAMPLE}")
-        raise ValueError(f"{str(folder)!r} is not a diffusers model folder (no config.json){hint}")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e}): point vae.pretrained at a diffusers VAE "
-                         "folder") from e
-    found = config.get("_class_name") if isinstance(config, dict) else None
-    if found is None:
-        raise ValueError(f"{config_file} is not a diffusers model config (no _class_name; a transformers model?): "
-                         f"point vae.pretrained at a diffusers {spec.class_name} folder")
-    if found != spec.class_name:
-        other = [f for f, s in FAMILIES.items() if s.class_name == found]
-        fix = f"set vae.family={other[0]}" if other else f"point vae.pretrained at a {spec.class_name} folder"
-        raise ValueError(f"{config_file} is a {found}, not the {spec.class_name} of vae.family={family}: {fix}")
-    if not any(folder.glob("*.safetensors")):
-        raise ValueError(f"{str(folder)!r} has no *.safetensors weights (pickled .bin weights are not loaded): "
-                         "convert them with diffusers' save_pretrained(safe_serialization=True)")
+    spec = FAMILIES[family]
+    config = read_diffusers_folder(path, key="vae.pretrained", class_name=spec.class_name, subfolder="vae",
+                                   family_key="vae.family", family=family,
+                                   family_of_class={s.class_name: f for f, s in FAMILIES.items()})
     return {**_defaults(spec.class_name), **config}
 
 

@@ -121,22 +121,22 @@ def test_ltx_frame_and_size_rules_come_from_its_vae(tiny) -> None:
 def test_bad_folders_and_settings_fail_before_any_work_naming_the_path_and_fix(tiny, tmp_path: Path) -> None:
     wan, _ = tiny("wan")
     missing = tmp_path / "nowhere"
-    with pytest.raises(ConfigError, match=rf"vae.pretrained: '.*{missing.name}' does not exist: point "
-                                          "vae.pretrained at"):
+    with pytest.raises(ConfigError, match=rf"vae.pretrained: '.*{missing.name}' does not exist; point it "
+                                          "at a local diffusers vae folder"):
         VAEConfig(family="wan", pretrained=str(missing))
     pipeline = tmp_path / "Wan-Diffusers"
     pipeline.mkdir()
     (pipeline / "model_index.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"no config.json\); it is a diffusers pipeline folder: set "
+    with pytest.raises(ConfigError, match=r"no config.json\); this looks like a diffusers pipeline: use "
                                           r"vae.pretrained=.*Wan-Diffusers/vae"):
         VAEConfig(family="wan", pretrained=str(pipeline))
-    with pytest.raises(ConfigError, match="is a AutoencoderKLWan, not the AutoencoderKLCogVideoX of "
-                                          "vae.family=cogvideox: set vae.family=wan"):
+    with pytest.raises(ConfigError, match="holds a AutoencoderKLWan, but vae.family=cogvideox needs a "
+                                          "AutoencoderKLCogVideoX; set vae.family=wan"):
         VAEConfig(family="cogvideox", pretrained=str(wan))
     text_model = tmp_path / "t5"
     text_model.mkdir()
     (text_model / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(ConfigError, match="not a diffusers model config .no _class_name"):
+    with pytest.raises(ConfigError, match=r"model config of no _class_name \(not a diffusers model"):
         VAEConfig(family="ltx", pretrained=str(text_model))
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dit.config import ConfigError
+from dit.models.diffusers_folder import read_diffusers_folder
 
 
 def diffusers_class(class_name: str) -> type:
@@ -87,29 +87,8 @@ class FamilyDenoiser(nn.Module):
 
 def read_folder(path: str | Path, family: str, class_name: str) -> dict[str, Any]:
     """config.json of a local diffusers transformer folder of ``class_name``, checked before any work."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"model.pretrained: {str(p)!r} does not exist; point it at a local diffusers "
-                                f"transformer folder (e.g. .../Wan2.1-T2V-1.3B-Diffusers/transformer)")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        hint = (f"; this looks like a diffusers pipeline: use {str(p / 'transformer')!r}"
-                if (p / "model_index.json").is_file() and (p / "transformer").is_dir() else
-                f"; point it at the transformer/ subfolder of a diffusers {family} pipeline")
-        raise ConfigError(f"model.pretrained: {str(p)!r} is not a diffusers model folder (no config.json){hint}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model.pretrained: {str(cfg_file)!r} is not valid JSON ({e})") from None
-    found = config.get("_class_name") if isinstance(config, dict) else None
-    if found != class_name:
-        from dit.models.families import family_of_class
+    from dit.models.families import FAMILIES
 
-        other = family_of_class(found)
-        fix = f"set model.family={other}" if other else f"use a folder holding a {class_name}"
-        raise ConfigError(f"model.pretrained: {str(p)!r} holds a {found or 'model of no _class_name'}, but "
-                          f"model.family={family} needs a {class_name}; {fix}")
-    if not any(p.glob("*.safetensors")):
-        raise ConfigError(f"model.pretrained: {str(p)!r} has no *.safetensors weights (only safetensors are "
-                          f"loaded); save the model with save_pretrained(..., safe_serialization=True)")
-    return config
+    return read_diffusers_folder(path, key="model.pretrained", class_name=class_name, subfolder="transformer",
+                                 family_key="model.family", family=family,
+                                 family_of_class={c.class_name: f for f, c in FAMILIES.items()})

@@ -29,7 +29,7 @@ def test_pipeline_root_points_to_its_transformer(tmp_path, tiny_folder):
     root = tmp_path / "Wan-Diffusers"
     shutil.copytree(tiny_folder("wan"), root / "transformer")
     (root / "model_index.json").write_text("{}")
-    with pytest.raises(ConfigError, match=rf"use '{root / 'transformer'}'"):
+    with pytest.raises(ConfigError, match=rf"use model.pretrained={root / 'transformer'}"):
         ModelConfig(family="wan", pretrained=str(root))
     assert ModelConfig(family="wan", pretrained=str(root / "transformer")).patch_size == [1, 2, 2]
 
