@@ -173,6 +173,7 @@ class DiffusionConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     zero_terminal_snr: bool = False
+    snr_shift_scale: float = 1.0  # SNR / scale at every step (CogVideoX-2B trains at 3.0), before zero_terminal_snr
     prediction: str = "eps"  # eps | v
     prompt_dropout: float = 0.1  # probability of training on the empty prompt (for CFG)
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5.0; None: off
@@ -189,12 +190,15 @@ class DiffusionConfig:
     max_shift: float = 1.15
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    shift_terminal: float | None = None  # flow sampling: stretch the shifted σ grid to end here (LTX-Video: 0.1)
+    flow_grid: str = "table"  # flow sampling: table (diffusers' default) | steps (linspace(1, 1/N, N), LTXPipeline)
 
     def __post_init__(self) -> None:
         _check(self.schedule in ("linear", "cosine", "scaled_linear"), "diffusion.schedule",
                "must be linear, cosine or scaled_linear")
         _check(self.prediction in ("eps", "v"), "diffusion.prediction", "must be eps or v")
         _check(self.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
+        _check(self.snr_shift_scale > 0, "diffusion.snr_shift_scale", "must be > 0 (1: no shift)")
         _check(0.0 <= self.prompt_dropout <= 1.0, "diffusion.prompt_dropout", "must be in [0, 1]")
         _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be > 0 or null")
         _check(self.objective in ("diffusion", "flow"), "diffusion.objective", "must be diffusion or flow")
@@ -204,6 +208,9 @@ class DiffusionConfig:
         _check(0 <= self.mode_scale <= 1.75, "diffusion.mode_scale",
                "must be in [0, 1.75] (above 1/(pi/2 - 1) = 1.75 the mode density's map leaves [0, 1])")
         _check(self.shift > 0, "diffusion.shift", "must be > 0 (1: no shift)")
+        _check(self.shift_terminal is None or 0 < self.shift_terminal < 1, "diffusion.shift_terminal",
+               "must be in (0, 1) or null")
+        _check(self.flow_grid in ("table", "steps"), "diffusion.flow_grid", "must be table or steps")
         _check(1 <= self.base_seq_len < self.max_seq_len, "diffusion.base_seq_len",
                f"must be >= 1 and below diffusion.max_seq_len ({self.max_seq_len})")
         _check(not (self.dynamic_shift and self.shift != 1.0), "diffusion.shift",

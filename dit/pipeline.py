@@ -16,7 +16,7 @@ from einops import rearrange
 
 from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
 from dit.config import DiffusionConfig, TextConfig
-from dit.diffusion.flow import latent_tokens, sampling_shift
+from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
@@ -45,7 +45,7 @@ class Pipeline:
 def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
     d = diffusion if isinstance(diffusion, dict) else vars(diffusion)
     return make_schedule(d["schedule"], d["num_timesteps"], beta_start=d["beta_start"], beta_end=d["beta_end"],
-                         zero_terminal_snr=d["zero_terminal_snr"])
+                         zero_terminal_snr=d["zero_terminal_snr"], snr_shift_scale=d.get("snr_shift_scale", 1.0))
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None) -> Pipeline:
@@ -110,19 +110,36 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     states, mask = pipe.text.encode(list(prompts) + [""] * b)  # one call: cond and uncond share the padding
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
+    z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
+                       shift=shift)
+    return decode_latents(pipe, z, decode_chunk)
+
+
+@torch.no_grad()
+def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor],
+                   uncond: dict[str, torch.Tensor], *, steps: int, sampler: str | None = None, cfg: float = 5.0,
+                   eta: float = 0.0, generator: torch.Generator | None = None,
+                   shift: float | None = None) -> torch.Tensor:
+    """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
+    by the checkpoint's objective and sampling settings; returns normalized latents."""
+    objective = pipe.diffusion.objective
+    sampler = resolve_sampler(objective, sampler)
     denoise = cfg_denoiser(pipe.model, cond, uncond, cfg)
     if objective == "flow":
-        flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(shape[2:], pipe.model.patch), shift)
-        z = SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu)
-    else:
-        kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction)
-        if sampler == "ddim":
-            kwargs["eta"] = eta
-        if sampler in ("ddim", "ddpm"):
-            kwargs["generator"] = gen
-        z = SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
-    video = vae.decode(vae.denormalize(z), chunk_size=decode_chunk)
-    return video.clamp(-1, 1)
+        flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(noise.shape[2:], pipe.model.patch), shift)
+        return SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu, **sampling_grid(pipe.diffusion))
+    kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction)
+    if sampler == "ddim":
+        kwargs["eta"] = eta
+    if sampler in ("ddim", "ddpm"):
+        kwargs["generator"] = generator
+    return SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
+
+
+@torch.no_grad()
+def decode_latents(pipe: Pipeline, z: torch.Tensor, decode_chunk: int = 0) -> torch.Tensor:
+    """Normalized latents [B, C, t, h, w] -> frames [B, 3, T, H, W] in [-1, 1] through the checkpoint's VAE."""
+    return pipe.vae.decode(pipe.vae.denormalize(z), chunk_size=decode_chunk).clamp(-1, 1)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -50,25 +50,45 @@ def latent_tokens(grid: tuple[int, ...] | torch.Size, patch: tuple[int, int, int
     return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
-def flow_sigmas(steps: int, shift: float = 1.0, mu: float | None = None) -> Tensor:
+FLOW_GRIDS = ("table", "steps")
+
+
+def stretch_to_terminal(sigma: S, terminal: float) -> S:
+    """Stretch a descending grid so its last level is ``terminal`` (1 stays put): diffusers' shift_terminal, which
+    LTX-Video samples with (0.1)."""
+    one_minus = 1 - sigma
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, mu: float | None = None, *, terminal: float | None = None,
+                grid: str = "table") -> Tensor:
     """FlowMatchEulerDiscreteScheduler's sampling grid, float32 [steps + 1]: σ from 1 to σ_min, then 0.
 
-    As diffusers computes it: the static shift is applied to the training table first (so σ_min = shift(1/1000)) and
-    then again to the linspace between its ends; with mu (use_dynamic_shifting) the table is unshifted and the
-    grid goes through time_shift(mu, ·). mu and a static shift exclude each other.
+    grid "table" (diffusers' default, WanPipeline): as diffusers computes it, the static shift is applied to the
+    training table first (so σ_min = shift(1/1000)) and then again to the linspace between its ends; with mu
+    (use_dynamic_shifting) the table is unshifted and the grid goes through time_shift(mu, ·). grid "steps"
+    (LTXPipeline's sigmas argument): linspace(1, 1/steps, steps) in float32, then the shift. terminal: the shifted
+    grid is stretched to end there (shift_terminal). mu and a static shift exclude each other.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if mu is not None and shift != 1.0:
         raise ValueError(f"give either a static shift ({shift}) or a dynamic mu ({mu}), not both")
+    if grid not in FLOW_GRIDS:
+        raise ValueError(f"unknown flow grid {grid!r}; expected one of {FLOW_GRIDS}")
     n = FLOW_TIMESTEPS
-    ends = torch.tensor([n, 1], dtype=torch.float32) / n  # the table's first and last levels, float32 as diffusers
-    if mu is None:
-        ends = shift_sigmas(ends, shift)
-    sigma_max, sigma_min = ends.tolist()
-    grid = np.linspace(sigma_max * n, sigma_min * n, steps) / n  # float64 until the end, as diffusers
-    grid = time_shift(mu, grid) if mu is not None else shift_sigmas(grid, shift)
-    return torch.cat([torch.from_numpy(grid).float(), torch.zeros(1)])
+    if grid == "steps":
+        levels = np.linspace(1.0, 1 / steps, steps).astype(np.float32)  # float32, as diffusers casts custom sigmas
+    else:
+        ends = torch.tensor([n, 1], dtype=torch.float32) / n  # the table's first and last levels, float32 as diffusers
+        if mu is None:
+            ends = shift_sigmas(ends, shift)
+        sigma_max, sigma_min = ends.tolist()
+        levels = np.linspace(sigma_max * n, sigma_min * n, steps) / n  # float64 until the end, as diffusers
+    levels = time_shift(mu, levels) if mu is not None else shift_sigmas(levels, shift)
+    if terminal is not None:
+        levels = stretch_to_terminal(levels, terminal)
+    return torch.cat([torch.from_numpy(np.asarray(levels)).float(), torch.zeros(1)])
 
 
 def flow_solver_grid(steps: int, shift: float = 1.0, mu: float | None = None) -> tuple[Tensor, Tensor]:
@@ -112,6 +132,12 @@ def sample_sigmas(n: int, generator: torch.Generator | None, cfg: DiffusionConfi
     if num_tokens is None:
         raise ValueError("diffusion.dynamic_shift needs the latent token count (num_tokens)")
     return time_shift(dynamic_mu(num_tokens, cfg.base_shift, cfg.max_shift, cfg.base_seq_len, cfg.max_seq_len), u)
+
+
+def sampling_grid(cfg: DiffusionConfig) -> dict[str, object]:
+    """The flow grid settings of a checkpoint for flow_euler (terminal, grid): diffusers' default for a plain flow
+    run, LTX-Video's (steps grid, stretched to 0.1) when its config says so."""
+    return dict(terminal=cfg.shift_terminal, grid=cfg.flow_grid)
 
 
 def sampling_shift(cfg: DiffusionConfig, num_tokens: int, shift: float | None = None) -> tuple[float, float | None]:

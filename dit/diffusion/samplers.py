@@ -130,13 +130,13 @@ def dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, step
 
 @torch.no_grad()
 def flow_euler(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float = 1.0, mu: float | None = None,
-               callback: Callback = None) -> Tensor:
+               terminal: float | None = None, grid: str = "table", callback: Callback = None) -> Tensor:
     """Euler steps of the flow ODE dx/dσ = v on FlowMatchEulerDiscreteScheduler's grid (flow_sigmas): x += (σ' - σ) v.
 
     The state is kept in float32 (diffusers upcasts each step); denoise_fn sees it in noise's dtype. mu: dynamic shift
-    (diffusers' use_dynamic_shifting), instead of a static shift.
+    (diffusers' use_dynamic_shifting), instead of a static shift; terminal, grid: see flow_sigmas (LTX-Video's).
     """
-    sigmas = flow_sigmas(steps, shift, mu).to(noise.device)  # [steps + 1] float32
+    sigmas = flow_sigmas(steps, shift, mu, terminal=terminal, grid=grid).to(noise.device)  # [steps + 1] float32
     ts = sigmas[:-1] * FLOW_TIMESTEPS  # [steps] float32, diffusers' scheduler.timesteps
     x = noise.float()
     for i in range(steps):
@@ -149,14 +149,18 @@ def flow_euler(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float
 
 @torch.no_grad()
 def flow_dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float = 1.0, mu: float | None = None,
-                    callback: Callback = None) -> Tensor:
+                    terminal: float | None = None, grid: str = "table", callback: Callback = None) -> Tensor:
     """DPM-Solver++(2M) for rectified flow: diffusers' DPMSolverMultistepScheduler(use_flow_sigmas=True,
     prediction_type="flow_prediction", flow_shift=shift) at its defaults (order 2, midpoint, final sigma 0).
 
     With alpha = 1 - σ, x0 = x - σ v is the data prediction; the first step is first order, the last returns x0.
     Grid and timesteps are diffusers' (flow_solver_grid): σ starts at shift(0.999) and the model sees integer
-    timesteps int(σ·1000) as floats. mu: dynamic shift (shift = e^mu, as diffusers).
+    timesteps int(σ·1000) as floats. mu: dynamic shift (shift = e^mu, as diffusers). diffusers' solver has no
+    terminal stretch nor steps grid: those (LTX-Video's) are refused.
     """
+    if terminal is not None or grid != "table":
+        raise ValueError("flow_dpm_solver runs diffusers' DPM-Solver grid only (no shift_terminal / steps grid): "
+                         "sample this checkpoint with flow_euler")
     sigmas, ts = flow_solver_grid(steps, shift, mu)  # [steps + 1] float32, [steps] int64
     sig = sigmas.tolist()
     ts = ts.to(device=noise.device, dtype=torch.float32)

@@ -147,9 +147,18 @@ class Schedule:
         return self.pred_to_x0_eps(v, x_t, t, "v")[1]
 
 
+def shift_snr(alphas_cumprod: Tensor, scale: float) -> Tensor:
+    """SNR divided by ``scale`` at every step: abar / (scale + (1 - scale) abar) (CogVideoX's snr_shift_scale; 3.0
+    for CogVideoX-2B), so the same timestep is noisier for scale > 1."""
+    return alphas_cumprod / (scale + (1 - scale) * alphas_cumprod)
+
+
 def make_schedule(name: str, num_timesteps: int = 1000, *, beta_start: float = 0.0001, beta_end: float = 0.02,
-                  zero_terminal_snr: bool = False) -> Schedule:
-    """linear | cosine | scaled_linear (for scaled_linear pass e.g. beta_start=0.00085, beta_end=0.012)."""
+                  zero_terminal_snr: bool = False, snr_shift_scale: float = 1.0) -> Schedule:
+    """linear | cosine | scaled_linear (for scaled_linear pass e.g. beta_start=0.00085, beta_end=0.012).
+
+    snr_shift_scale != 1 divides the SNR (shift_snr), then rescales to zero terminal SNR if asked, in that order and
+    on alphas_cumprod, as diffusers' CogVideoXDDIMScheduler does."""
     if name == "linear":
         betas = linear_betas(num_timesteps, beta_start, beta_end)
     elif name == "scaled_linear":
@@ -158,6 +167,15 @@ def make_schedule(name: str, num_timesteps: int = 1000, *, beta_start: float = 0
         betas = cosine_betas(num_timesteps)
     else:
         raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
+    if snr_shift_scale != 1.0:
+        if snr_shift_scale <= 0:
+            raise ValueError(f"snr_shift_scale must be > 0, got {snr_shift_scale}")
+        abar = shift_snr(torch.cumprod(1 - betas.float(), dim=0), snr_shift_scale)
+        if zero_terminal_snr:
+            sqrt_abar = abar.sqrt()
+            first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+            abar = ((sqrt_abar - last) * (first / (first - last))) ** 2
+        return Schedule(1 - torch.cat([abar[:1], abar[1:] / abar[:-1]]), abar)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return Schedule.from_betas(betas)
