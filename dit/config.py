@@ -191,6 +191,7 @@ class DiffusionConfig:
     base_seq_len: int = 256
     max_seq_len: int = 4096
     shift_terminal: float | None = None  # flow sampling: stretch the shifted σ grid to end here (LTX-Video: 0.1)
+    timestep_spacing: str | None = None  # ddim / dpm_solver: leading | trailing (CogVideoX) | linspace; None: theirs
     flow_grid: str = "table"  # flow sampling: table (diffusers' default) | steps (linspace(1, 1/N, N), LTXPipeline)
 
     def __post_init__(self) -> None:
@@ -211,6 +212,8 @@ class DiffusionConfig:
         _check(self.shift_terminal is None or 0 < self.shift_terminal < 1, "diffusion.shift_terminal",
                "must be in (0, 1) or null")
         _check(self.flow_grid in ("table", "steps"), "diffusion.flow_grid", "must be table or steps")
+        _check(self.timestep_spacing in (None, "leading", "trailing", "linspace"), "diffusion.timestep_spacing",
+               "must be leading, trailing, linspace or null (each sampler's default)")
         _check(1 <= self.base_seq_len < self.max_seq_len, "diffusion.base_seq_len",
                f"must be >= 1 and below diffusion.max_seq_len ({self.max_seq_len})")
         _check(not (self.dynamic_shift and self.shift != 1.0), "diffusion.shift",

@@ -133,6 +133,8 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
         kwargs["eta"] = eta
     if sampler in ("ddim", "ddpm"):
         kwargs["generator"] = generator
+    if sampler in ("ddim", "dpm_solver") and pipe.diffusion.timestep_spacing:
+        kwargs["timestep_spacing"] = pipe.diffusion.timestep_spacing
     return SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
 
 

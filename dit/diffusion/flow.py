@@ -86,7 +86,7 @@ def flow_sigmas(steps: int, shift: float = 1.0, mu: float | None = None, *, term
         sigma_max, sigma_min = ends.tolist()
         levels = np.linspace(sigma_max * n, sigma_min * n, steps) / n  # float64 until the end, as diffusers
     levels = time_shift(mu, levels) if mu is not None else shift_sigmas(levels, shift)
-    if terminal is not None:
+    if terminal is not None and steps > 1:  # one level (σ = 1) has nothing to stretch
         levels = stretch_to_terminal(levels, terminal)
     return torch.cat([torch.from_numpy(np.asarray(levels)).float(), torch.zeros(1)])
 

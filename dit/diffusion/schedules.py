@@ -158,7 +158,8 @@ def make_schedule(name: str, num_timesteps: int = 1000, *, beta_start: float = 0
     """linear | cosine | scaled_linear (for scaled_linear pass e.g. beta_start=0.00085, beta_end=0.012).
 
     snr_shift_scale != 1 divides the SNR (shift_snr), then rescales to zero terminal SNR if asked, in that order and
-    on alphas_cumprod, as diffusers' CogVideoXDDIMScheduler does."""
+    on alphas_cumprod, as diffusers' CogVideoXDDIMScheduler does (its scaled-linear betas in float64; the table is
+    stored in float32 as every other)."""
     if name == "linear":
         betas = linear_betas(num_timesteps, beta_start, beta_end)
     elif name == "scaled_linear":
@@ -170,12 +171,14 @@ def make_schedule(name: str, num_timesteps: int = 1000, *, beta_start: float = 0
     if snr_shift_scale != 1.0:
         if snr_shift_scale <= 0:
             raise ValueError(f"snr_shift_scale must be > 0, got {snr_shift_scale}")
-        abar = shift_snr(torch.cumprod(1 - betas.float(), dim=0), snr_shift_scale)
+        if name == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+        abar = shift_snr(torch.cumprod(1 - betas.double(), dim=0), snr_shift_scale)
         if zero_terminal_snr:
             sqrt_abar = abar.sqrt()
             first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
             abar = ((sqrt_abar - last) * (first / (first - last))) ** 2
-        return Schedule(1 - torch.cat([abar[:1], abar[1:] / abar[:-1]]), abar)
+        return Schedule((1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])).float(), abar.float())
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return Schedule.from_betas(betas)

@@ -76,6 +76,31 @@ def test_flow_sigmas_are_diffusers_euler_grid(kind, steps):
     assert ours[0] == 1 and ours[-1] == 0
 
 
+@pytest.mark.parametrize("steps", [2, 5, 40])
+@pytest.mark.parametrize("kind", ["ltx", "stretch"])
+def test_flow_sigmas_ltx_grid_and_shift_terminal_are_diffusers(kind, steps):
+    """LTXPipeline passes sigmas=linspace(1, 1/N, N) to a dynamic-shift scheduler with shift_terminal 0.1; a static
+    shift with a terminal uses the table grid."""
+    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+
+    if kind == "ltx":
+        sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.1)
+        mu = calculate_shift(3 * 4 * 6, 1024, 4096, 0.95, 2.05)
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        ours = flow_sigmas(steps, mu=mu, terminal=0.1, grid="steps")
+    else:
+        sch = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.2)
+        sch.set_timesteps(steps)
+        ours = flow_sigmas(steps, shift=3.0, terminal=0.2)
+    torch.testing.assert_close(ours, sch.sigmas, atol=1e-6, rtol=0)
+    assert ours[-2].item() == pytest.approx(0.1 if kind == "ltx" else 0.2, abs=1e-6)
+
+
+def test_flow_sigmas_one_step_grid_is_not_stretched():
+    """One level (σ = 1) cannot be stretched to a terminal (diffusers divides 0 by 0 there): one Euler step to 0."""
+    assert torch.equal(flow_sigmas(1, mu=1.0, terminal=0.1, grid="steps"), torch.tensor([1.0, 0.0]))
+
+
 def test_flow_sigmas_static_shift_applies_twice_to_the_last_level_as_diffusers():
     """diffusers shifts its training table, then the grid between the table's ends again:
     σ_min = shift(shift(1/1000))."""

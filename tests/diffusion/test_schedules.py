@@ -101,3 +101,18 @@ def test_bad_arguments_raise():
         spaced_timesteps(1000, 1001)
     with pytest.raises(ValueError, match="prediction"):
         make_schedule("linear").pred_to_x0_eps(torch.zeros(1), torch.zeros(1), torch.tensor([0]), "flow")
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_snr_shift_scale_equals_cogvideox_scheduler(zero_snr):
+    """CogVideoX-2B's table: SNR divided by 3 at every step, then rescaled to zero terminal SNR."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    ref = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", **SCALED, snr_shift_scale=3.0,
+                                 rescale_betas_zero_snr=zero_snr)
+    ours = make_schedule("scaled_linear", **SCALED, zero_terminal_snr=zero_snr, snr_shift_scale=3.0)
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod.float(), atol=1e-7, rtol=0)  # float64 there
+    if not zero_snr:  # what the scale means: SNR / 3 exactly (the zero-SNR rescale then moves it)
+        t = torch.arange(0, 1000)
+        torch.testing.assert_close(ours.snr(t), make_schedule("scaled_linear", **SCALED).snr(t) / 3, rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.cumprod(1 - ours.betas, 0), ours.alphas_cumprod, rtol=1e-5, atol=1e-7)

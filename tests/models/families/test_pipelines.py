@@ -1,18 +1,22 @@
-"""End-to-end agreement with diffusers' own pipelines: the same starting latents, prompt embeddings, steps and
-guidance give the same denoised latents through the adapter + our guidance + a sampler loop as through WanPipeline,
-LTXPipeline and CogVideoXPipeline with output_type="latent"."""
+"""End-to-end agreement with diffusers' own pipelines. A tiny random transformer and VAE of each family are saved
+into local folders, a checkpoint of ours is exported from them (the family's diffusion settings in its config), and
+`load_pipeline` + `sample_latents` + `decode_latents` (what `dit sample` runs, given starting latents and prompt
+embeddings) give the same frames as WanPipeline, LTXPipeline and CogVideoXPipeline (output_type="pt") from the same
+latents, embeddings, steps and guidance."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
+
 import torch
 from einops import rearrange
+from tiny_vaes import save_tiny_vae
 
-from dit.config import ModelConfig
-from dit.diffusion.guidance import cfg_denoiser
-from dit.diffusion.samplers import ddim, flow_euler
-from dit.diffusion.schedules import make_schedule
+from dit.config import load_config
+from dit.export import write_export
 from dit.models.families import build_denoiser
+from dit.models.text import NoText
+from dit.pipeline import Pipeline, decode_latents, load_pipeline, sample_latents
 
 STEPS, CFG = 5, 4.0
 
@@ -32,79 +36,111 @@ def latents(shape=(2, 4, 3, 4, 6), seed: int = 4) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # [B, C, t, h, w]
 
 
-def adapter(family: str, folder) -> torch.nn.Module:
-    return build_denoiser(ModelConfig(family=family, pretrained=str(folder)), in_channels=4, text_dim=16).eval()
+def exported(tmp_path: Path, family: str, transformer: Path, settings: list[str], size: tuple[int, int, int],
+             **vae_overrides) -> tuple[Pipeline, Path]:
+    """A checkpoint of ours made from the family's folders (a tiny 4-channel VAE saved beside), loaded back as
+    `dit sample` loads it; returns the pipeline and the VAE folder (for diffusers' pipeline)."""
+    vae_folder = tmp_path / "vae"
+    save_tiny_vae(family, vae_folder, seed=1, **vae_overrides)
+    frames, height, width = size
+    cfg = load_config(None, [f"model.family={family}", f"model.pretrained={transformer}", f"vae.family={family}",
+                             f"vae.pretrained={vae_folder}", "text.encoder=none", f"data.frames={frames}",
+                             f"data.height={height}", f"data.width={width}", *settings])
+    model = build_denoiser(cfg.model, in_channels=4, text_dim=16)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
+                 vae=cfg.vae)
+    return load_pipeline(ckpt, text=NoText(16)), vae_folder
 
 
-@torch.no_grad()
-def test_wan_matches_wanpipeline(tiny_folder):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
+def ours(pipe: Pipeline, noise: torch.Tensor) -> torch.Tensor:
+    """Our frames [B, T, 3, H, W] in [0, 1] (diffusers' "pt" layout and range)."""
     cond, uncond = prompts()
-    noise = latents()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=WanTransformer3DModel.from_pretrained(
-        tiny_folder("wan")), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompt_embeds=cond["text"], negative_prompt_embeds=uncond["text"], latents=noise.clone(),
-               num_inference_steps=STEPS, guidance_scale=CFG, height=32, width=48, num_frames=9,
-               output_type="latent").frames  # [B, C, t, h, w]
-    ours = flow_euler(cfg_denoiser(adapter("wan", tiny_folder("wan")), cond, uncond, CFG), noise, steps=STEPS,
-                      shift=3.0)
-    assert (ours - noise).abs().mean() > 0.1  # the sampler moved
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG)
+    assert (z - noise).abs().mean() > 0.1  # the sampler moved
+    return rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+
+
+def embeds(**names: str) -> dict[str, torch.Tensor]:
+    cond, uncond = prompts()
+    parts = dict(prompt_embeds=cond["text"], negative_prompt_embeds=uncond["text"],
+                 prompt_attention_mask=cond["text_mask"], negative_prompt_attention_mask=uncond["text_mask"])
+    return {k: parts[k] for k in names}
 
 
 @torch.no_grad()
-def test_ltx_matches_ltxpipeline(tiny_folder):
-    """LTXPipeline's own sigma grid (linspace(1, 1/N, N), dynamic shift by token count, LTX's scheduler settings);
-    each step x += (sigma' - sigma) v at timestep sigma * 1000."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-    from diffusers.pipelines.ltx.pipeline_ltx import calculate_shift
+def test_wan_matches_wanpipeline(tiny_folder, tmp_path):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    g = torch.Generator().manual_seed(5)  # the VAE's latent statistics, drawn so the normalization is tested
+    stats = dict(latents_mean=torch.randn(4, generator=g).tolist(), latents_std=(torch.rand(4, generator=g) + 0.5
+                                                                                  ).tolist())
+    pipe, vae_folder = exported(tmp_path, "wan", tiny_folder("wan"), ["diffusion.objective=flow",
+                                                                      "diffusion.shift=3.0"], (9, 32, 48),
+                                z_dim=4, **stats)
+    noise = latents()
+    ref = WanPipeline(tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
+                      transformer=WanTransformer3DModel.from_pretrained(tiny_folder("wan")),
+                      scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(**embeds(prompt_embeds=1, negative_prompt_embeds=1), latents=noise.clone(),
+                 num_inference_steps=STEPS, guidance_scale=CFG, height=32, width=48, num_frames=9,
+                 output_type="pt").frames  # [B, T, 3, H, W] in [0, 1]
+    assert frames.shape == (2, 9, 3, 32, 48)
+    torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_ltx_matches_ltxpipeline(tiny_folder, tmp_path):
+    """LTX-Video's scheduler settings (Lightricks/LTX-Video scheduler_config.json: dynamic shift by token count,
+    shift_terminal 0.1) and LTXPipeline's σ grid linspace(1, 1/N, N), as diffusion.* settings of the checkpoint."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
 
     settings = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
-                    max_image_seq_len=4096, shift_terminal=0.1)  # Lightricks/LTX-Video scheduler_config.json
-    cond, uncond = prompts()
+                    max_image_seq_len=4096, shift_terminal=0.1)
+    pipe, vae_folder = exported(tmp_path, "ltx", tiny_folder("ltx"), [
+        "diffusion.objective=flow", "diffusion.dynamic_shift=true", "diffusion.base_shift=0.95",
+        "diffusion.max_shift=2.05", "diffusion.base_seq_len=1024", "diffusion.max_seq_len=4096",
+        "diffusion.shift_terminal=0.1", "diffusion.flow_grid=steps"], (17, 128, 192), latent_channels=4)
     noise = latents()
-    pipe = LTXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(
-        **settings), transformer=LTXVideoTransformer3DModel.from_pretrained(tiny_folder("ltx")))
-    pipe.set_progress_bar_config(disable=True)
-    packed = pipe(prompt_embeds=cond["text"], prompt_attention_mask=cond["text_mask"],
-                  negative_prompt_embeds=uncond["text"], negative_prompt_attention_mask=uncond["text_mask"],
-                  latents=LTXPipeline._pack_latents(noise), num_inference_steps=STEPS, guidance_scale=CFG,
-                  height=4 * 32, width=6 * 32, num_frames=(3 - 1) * 8 + 1, output_type="latent").frames
-    ref = LTXPipeline._unpack_latents(packed, 3, 4, 6)  # [B, C, t, h, w]
-
-    sched = FlowMatchEulerDiscreteScheduler(**settings)
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=calculate_shift(3 * 4 * 6, 1024, 4096, 0.95,
-                                                                                       2.05))
-    denoise = cfg_denoiser(adapter("ltx", tiny_folder("ltx")), cond, uncond, CFG)
-    x = noise.clone()
-    for i in range(STEPS):
-        sigma = sched.sigmas[i]
-        x = x + (sched.sigmas[i + 1] - sigma) * denoise(x, (sigma * 1000).expand(2))
-    assert (x - noise).abs().mean() > 0.1
-    torch.testing.assert_close(x, ref, atol=1e-4, rtol=0)
+    ref = LTXPipeline(tokenizer=None, text_encoder=None, vae=AutoencoderKLLTXVideo.from_pretrained(vae_folder),
+                      scheduler=FlowMatchEulerDiscreteScheduler(**settings),
+                      transformer=LTXVideoTransformer3DModel.from_pretrained(tiny_folder("ltx")))
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(**embeds(prompt_embeds=1, prompt_attention_mask=1, negative_prompt_embeds=1,
+                          negative_prompt_attention_mask=1),
+                 latents=LTXPipeline._pack_latents(noise), num_inference_steps=STEPS, guidance_scale=CFG,
+                 height=128, width=192, num_frames=17, output_type="pt").frames
+    assert frames.shape == (2, 17, 3, 128, 192)
+    torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
-def test_cogvideox_matches_cogvideoxpipeline(tiny_folder):
-    """v-prediction DDIM on CogVideoX's schedule (scaled-linear, zero terminal SNR, trailing timesteps) with
-    snr_shift_scale 1 (our schedules have no SNR shift yet), integer timesteps, rotary embeddings per call."""
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+def test_cogvideox_matches_cogvideoxpipeline(tiny_folder, tmp_path):
+    """CogVideoX-2B's schedule (scaled-linear, SNR shifted by 3, zero terminal SNR, trailing timesteps),
+    v-prediction DDIM; the pipeline builds rotary embeddings per call."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     settings = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
                     rescale_betas_zero_snr=True, set_alpha_to_one=True, timestep_spacing="trailing",
-                    snr_shift_scale=1.0)
-    cond, uncond = prompts()
+                    snr_shift_scale=3.0)
+    pipe, vae_folder = exported(tmp_path, "cogvideox", tiny_folder("cogvideox"), [
+        "diffusion.schedule=scaled_linear", "diffusion.beta_start=0.00085", "diffusion.beta_end=0.012",
+        "diffusion.zero_terminal_snr=true", "diffusion.snr_shift_scale=3.0", "diffusion.prediction=v",
+        "diffusion.timestep_spacing=trailing"], (9, 32, 48))
     noise = latents()
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=CogVideoXDDIMScheduler(
-        **settings), transformer=CogVideoXTransformer3DModel.from_pretrained(tiny_folder("cogvideox")))
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompt_embeds=cond["text"], negative_prompt_embeds=uncond["text"],
-               latents=rearrange(noise, "b c f h w -> b f c h w"), num_inference_steps=STEPS, guidance_scale=CFG,
-               height=32, width=48, num_frames=9, output_type="latent").frames
-    schedule = make_schedule("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True)
-    ours = ddim(cfg_denoiser(adapter("cogvideox", tiny_folder("cogvideox")), cond, uncond, CFG), noise, schedule,
-                steps=STEPS, prediction="v", timestep_spacing="trailing")
-    assert (ours - noise).abs().mean() > 0.1
-    torch.testing.assert_close(ours, rearrange(ref, "b f c h w -> b c f h w"), atol=1e-4, rtol=0)
+    ref = CogVideoXPipeline(tokenizer=None, text_encoder=None, scheduler=CogVideoXDDIMScheduler(**settings),
+                            vae=AutoencoderKLCogVideoX.from_pretrained(vae_folder),
+                            transformer=CogVideoXTransformer3DModel.from_pretrained(tiny_folder("cogvideox")))
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(**embeds(prompt_embeds=1, negative_prompt_embeds=1),
+                 latents=rearrange(noise, "b c f h w -> b f c h w"), num_inference_steps=STEPS, guidance_scale=CFG,
+                 height=32, width=48, num_frames=9, output_type="pt").frames
+    assert frames.shape == (2, 9, 3, 32, 48)
+    torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
