@@ -96,6 +96,7 @@ class ModelConfig:
 class VAEConfig:
     family: str = "ours"  # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx (vae.pretrained)
     pretrained: str | None = None  # a family: a local diffusers VAE folder, e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae
+    #                                (unset: `dit plan` takes the released model's sizes; train / encode need it)
     tiling: bool = False  # a family: diffusers' tiled encode/decode (enable_tiling) for large frames
     checkpoint: str | None = None  # a directory written by `dit train-vae` (vae.safetensors + vae.json)
     latent_channels: int = 4
@@ -126,8 +127,8 @@ class VAEConfig:
             return
         _check(self.checkpoint is None, "vae.checkpoint", f"is our CausalVAE (a `dit train-vae` output), while "
                f"vae.family={self.family} loads vae.pretrained: drop vae.checkpoint")
-        _check(bool(self.pretrained), "vae.pretrained", f"vae.family={self.family} needs vae.pretrained=/path/to/"
-               "a/diffusers/vae/folder (config.json + safetensors), e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae")
+        if not self.pretrained:  # `dit plan` sizes it from the family's defaults; loading weights needs the folder
+            return
         try:
             vae_geometry(self.family, self.pretrained)  # the folder is checked before any work
         except FileNotFoundError as e:

@@ -16,10 +16,11 @@ fp32 copy of its shard (foreach temporaries), which can set the peak when activa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from dit.config import STRATEGIES, Config
+from dit.config import STRATEGIES, Config, ModelConfig, VAEConfig
 
 # Hidden-size values kept per token per block for backward. Counted like Korthikanti et al. (~34 for a GPT
 # block) plus what this block adds: cross-attention, qk-norm, RoPE and adaLN-Zero modulation temporaries;
@@ -60,10 +61,34 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
         return MINILM
     from transformers import AutoConfig, AutoModel
 
+    if not (Path(cfg.text.path) / "config.json").is_file():  # not downloaded yet: the family's width, not counted
+        return 0, 0
     hf = AutoConfig.from_pretrained(cfg.text.path)
     with torch.device("meta"):
         enc = AutoModel.from_config(hf)
     return sum(p.numel() for p in enc.parameters()), int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
+
+
+def family_vae(vae_cfg: VAEConfig) -> torch.nn.Module:
+    """The family's diffusers VAE built from its folder's config (or the released model's defaults): call it on the
+    meta device."""
+    import diffusers
+
+    from dit.models.vae_folder import FAMILIES, family_config
+
+    spec = FAMILIES[vae_cfg.family]
+    cls = getattr(diffusers, spec.class_name)
+    return cls.from_config(family_config(vae_cfg.family, vae_cfg.pretrained)) if vae_cfg.pretrained else cls()
+
+
+def family_text_dim(model_cfg: ModelConfig) -> int:
+    """The text width a family's transformer takes (its config's), for a text encoder not on this machine."""
+    from dit.models.families import FAMILIES, family_config
+
+    if model_cfg.family not in FAMILIES:
+        return 8
+    cls = FAMILIES[model_cfg.family]
+    return int(family_config(model_cfg.family, model_cfg.pretrained, model_cfg.family_config)[cls.text_key])
 
 
 def model_size(cfg: Config) -> ModelSize:
@@ -72,15 +97,17 @@ def model_size(cfg: Config) -> ModelSize:
     from dit.models.vae import build_vae
 
     text_params, text_dim = text_encoder_size(cfg)
+    channels, temporal, spatial = cfg.vae.geometry()
     with torch.device("meta"):
-        vae = build_vae(cfg.vae)
-        dit = build_denoiser(cfg.model, in_channels=vae.latent_channels, text_dim=text_dim,  # any family, no weights
-                             compression=(vae.temporal_compression, vae.spatial_compression), load_weights=False)
+        vae_params = sum(p.numel() for p in (build_vae(cfg.vae) if cfg.vae.family == "ours" else
+                                             family_vae(cfg.vae)).parameters())
+        dit = build_denoiser(cfg.model, in_channels=channels, text_dim=text_dim or family_text_dim(cfg.model),
+                             compression=(temporal, spatial), load_weights=False)  # any family, no weights
     pt, ph, pw = cfg.patch_size()
-    t, h, w = vae.latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)
+    t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = (t // pt) * (h // ph) * (w // pw)
     return ModelSize(params=sum(p.numel() for p in dit.parameters()),
-                     frozen=sum(p.numel() for p in vae.parameters()) + text_params,
+                     frozen=vae_params + text_params,
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
                      text_len=cfg.text.max_length)
@@ -132,6 +159,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
+    missing = cfg.text.encoder == "hf" and not (Path(cfg.text.path) / "config.json").is_file()
     lines = [f"model: {size.params / 1e6:.1f}M trainable parameters (hidden {size.hidden}, depth {size.depth}), "
              f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
@@ -146,6 +174,9 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     lines.append(f"fits: {', '.join(fitting)}" if fitting else
                  "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, or offload "
                  "(train.offload_optimizer / train.offload_params)")
+    if missing:
+        lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add 4 bytes "
+                     "per parameter of it, as for the VAE)")
     if gpus == 1:
         lines.append("(1 GPU: the ZeRO stages and FSDP shard over 1 rank, so they save nothing without offload)")
     return "\n".join(lines)

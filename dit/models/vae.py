@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import data_pipelines.config as frame_rule
+from data_pipelines.config import ConfigError
 from dit.fileio import atomic_file
 
 if TYPE_CHECKING:
@@ -431,6 +432,9 @@ def load_vae_from_config(vae_cfg: VAEConfig) -> CausalVAE | PretrainedVAE:
         return load_vae(vae_cfg.checkpoint)
     from dit.models.vae_families import load_family_vae
 
+    if not vae_cfg.pretrained:
+        raise ConfigError(f"vae.family={vae_cfg.family} needs vae.pretrained=/path/to/a/diffusers/vae/folder "
+                          "(config.json + safetensors), e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae")
     return load_family_vae(vae_cfg.family, vae_cfg.pretrained, tiling=vae_cfg.tiling)
 
 

@@ -75,6 +75,9 @@ def geometry_of(family: str, config: dict[str, Any]) -> VAEGeometry:
     return VAEGeometry(int(config[spec.channels_key]), int(temporal), int(spatial))
 
 
-def vae_geometry(family: str, path: str | os.PathLike) -> VAEGeometry:
-    """The latent channels and compression of the family's VAE in PATH, from its config.json (no weights read)."""
+def vae_geometry(family: str, path: str | os.PathLike | None) -> VAEGeometry:
+    """The latent channels and compression of the family's VAE in PATH, from its config.json (no weights read);
+    PATH None: of the diffusers constructor's defaults, which are the released model's (Wan 2.1, CogVideoX, LTX)."""
+    if path is None:
+        return geometry_of(family, _defaults(FAMILIES[family].class_name))
     return geometry_of(family, family_config(family, path))

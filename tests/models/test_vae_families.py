@@ -143,8 +143,9 @@ def test_bad_folders_and_settings_fail_before_any_work_naming_the_path_and_fix(t
     shutil.copy(wan / "config.json", no_weights)
     with pytest.raises(ConfigError, match=r"no_weights' has no \*.safetensors weights"):
         VAEConfig(family="wan", pretrained=str(no_weights))
-    with pytest.raises(ConfigError, match="vae.family=wan needs vae.pretrained="):
-        VAEConfig(family="wan")
+    assert VAEConfig(family="wan").geometry() == (16, 4, 8)  # no folder: the released model's sizes (dit plan)
+    with pytest.raises(ConfigError, match="vae.family=wan needs vae.pretrained="):  # but weights need one
+        load_vae_from_config(VAEConfig(family="wan"))
     with pytest.raises(ConfigError, match="vae.checkpoint: .* drop vae.checkpoint"):
         VAEConfig(family="wan", pretrained=str(wan), checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="vae.pretrained: is for vae.family="):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dit.config import ConfigError
-from dit.models.families.base import FamilyDenoiser, read_folder
+from dit.models.families.base import FamilyDenoiser, jsonable, read_folder
 from dit.models.families.cogvideox import CogVideoXDenoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
 from dit.models.families.wan import WanDenoiser
@@ -32,16 +32,21 @@ def family_config(family: str, pretrained: str | None, overrides: dict[str, Any]
     """The diffusers config of a family: the folder's config.json (checked), or the constructor's defaults with
     ``model.family_config`` overrides (unknown keys refused)."""
     cls = FAMILIES[family]
-    if pretrained:
-        if overrides:
-            raise ConfigError("model.family_config: only used without model.pretrained (the folder's config.json "
-                              "gives the sizes); remove it")
-        return read_folder(pretrained, family, cls.class_name)
     defaults = cls.defaults()
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(f"model.family_config: {unknown} are not {cls.class_name} arguments; valid: "
                           f"{', '.join(sorted(defaults))}")
+    if pretrained:  # the folder's config.json gives the sizes; family_config (a config file's record) must agree
+        config = read_folder(pretrained, family, cls.class_name)
+        merged = jsonable({**defaults, **config})
+        differ = {k: (v, merged.get(k)) for k, v in jsonable(overrides).items() if merged.get(k) != v}
+        if differ:
+            listed = ", ".join(f"{k}={want} but the folder has {have}" for k, (want, have) in differ.items())
+            raise ConfigError(f"model.family_config: {listed} ({pretrained}/config.json): that folder holds another "
+                              "model than the config describes; point model.pretrained at the right one, or drop "
+                              "model.family_config")
+        return config
     return {**defaults, **overrides, "_class_name": cls.class_name}
 
 

@@ -94,9 +94,12 @@ def test_config_errors(overrides, match):
         load_config(None, overrides)
 
 
-def test_family_config_with_pretrained_is_refused(tiny_folder):
-    with pytest.raises(ConfigError, match=r"model.family_config: only used without model.pretrained"):
-        ModelConfig(family="wan", pretrained=str(tiny_folder("wan")), family_config={"num_layers": 1})
+def test_family_config_with_pretrained_must_agree_with_the_folder(tiny_folder):
+    """A config file may record the model's sizes; the folder must then hold that model."""
+    folder = str(tiny_folder("wan"))
+    with pytest.raises(ConfigError, match=r"model.family_config: num_layers=1 but the folder has 2 .*another model"):
+        ModelConfig(family="wan", pretrained=folder, family_config={"num_layers": 1, "ffn_dim": 32})
+    assert ModelConfig(family="wan", pretrained=folder, family_config={"num_layers": 2, "patch_size": [1, 2, 2]})
 
 
 def test_family_patch_drives_the_experiment_config():

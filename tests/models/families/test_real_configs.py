@@ -1,0 +1,50 @@
+"""configs/ for the released models: they load on a machine without the weights, and `dit plan` sizes them from
+the recorded sizes (transformer on the meta device, the VAE's compression from its family's defaults)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dit.config import VAEConfig, load_config
+from dit.plan import estimate, model_size
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+# name -> (published parameter count in billions, hidden, depth, latent tokens per sample of the config's clip)
+RELEASED = {
+    "wan2.1-t2v-1.3b": (1.42, 1536, 30, 21 * 30 * 52),  # 81 x 480 x 832: 21 latent frames, 60 x 104 / patch 2
+    "cogvideox-2b": (1.69, 1920, 30, 13 * 30 * 45),  # 49 x 480 x 720: 13 latent frames, 60 x 90 / patch 2
+    "ltx-video": (1.92, 2048, 28, 16 * 15 * 22),  # 121 x 480 x 704: 16 latent frames, 15 x 22 (32x, patch 1)
+}
+
+
+def test_family_vae_defaults_are_the_released_geometry():
+    """(latent channels, temporal, spatial) without a folder: the diffusers constructor defaults."""
+    assert VAEConfig(family="wan").geometry() == (16, 4, 8)
+    assert VAEConfig(family="cogvideox").geometry() == (16, 4, 8)
+    assert VAEConfig(family="ltx").geometry() == (128, 8, 32)
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_model_configs_plan(name):
+    billions, hidden, depth, tokens = RELEASED[name]
+    cfg = load_config(CONFIGS / f"{name}.yaml", [])
+    size = model_size(cfg)
+    assert size.params / 1e9 == pytest.approx(billions, abs=0.01)
+    assert (size.hidden, size.depth, size.tokens) == (hidden, depth, tokens)
+    one, many = (estimate(cfg, gpus=g, gpu_memory_gb=80, size=size) for g in (1, 64))
+    fsdp_one, fsdp_many = (next(e for e in es if e.strategy == "fsdp") for es in (one, many))
+    assert fsdp_many.weights == pytest.approx(fsdp_one.weights / 64)  # FSDP shards the weights over 64 ranks
+    assert fsdp_one.total > 16 * size.params  # fp32 weights, grads, AdamW moments and EMA: 20 bytes a parameter
+
+
+def test_dit_plan_command_on_the_wan_config():
+    out = subprocess.run([sys.executable, "-m", "dit.cli", "plan", "--config", str(CONFIGS / "wan2.1-t2v-1.3b.yaml"),
+                          "--gpus", "8", "--gpu-memory", "80"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "1419.0M trainable parameters (hidden 1536, depth 30)" in out.stdout
+    assert "32760 tokens/sample" in out.stdout and "fits: ddp, zero1, zero2, zero3, fsdp" in out.stdout
+    assert "text encoder not counted" in out.stdout  # no UMT5 folder on this machine: said, not guessed
