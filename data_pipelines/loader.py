@@ -83,14 +83,27 @@ class DataStats:
     def __bool__(self) -> bool:
         return self.seen > 0
 
+    def __add__(self, other: DataStats) -> DataStats:
+        out = DataStats()
+        out.add(**self.as_dict())
+        out.add(**other.as_dict())
+        return out
 
-def check_bad_fraction(stats: DataStats, max_bad_fraction: float) -> None:
-    """Raise once more than ``max_bad_fraction`` of at least 20 samples failed."""
-    if stats.seen >= MIN_SAMPLES_FOR_BAD_CHECK and stats.bad_fraction > max_bad_fraction:
-        raise RuntimeError(
-            f"{stats.num_bad} of {stats.seen} samples ({stats.bad_fraction:.0%}) could not be used, more than "
-            f"data.max_bad_fraction={max_bad_fraction}; reasons: {dict(stats.bad)}. Fix the shards (see the "
-            "warnings above for keys) or raise data.max_bad_fraction.")
+
+class TooManyBadSamples(ConfigError, RuntimeError):
+    """More than ``data.max_bad_fraction`` of the samples could not be used: bad data, which the user fixes (the
+    command prints it as one ``error:`` line, like a config error), not a bug."""
+
+
+def check_bad_fraction(stats: DataStats, max_bad_fraction: float, *, min_samples: int = MIN_SAMPLES_FOR_BAD_CHECK,
+                       where: str = "") -> None:
+    """Raise ``TooManyBadSamples`` once more than ``max_bad_fraction`` of at least ``min_samples`` samples failed;
+    ``where`` says which samples the counts are of (e.g. " in epoch 0")."""
+    if stats.seen >= min_samples and stats.bad_fraction > max_bad_fraction:
+        raise TooManyBadSamples(
+            f"{stats.num_bad} of {stats.seen} samples ({stats.bad_fraction:.0%}){where} could not be used, more "
+            f"than data.max_bad_fraction={max_bad_fraction}; reasons: {dict(stats.bad)}. Fix the shards (see the "
+            "warnings above for keys; `dit inspect-shards` shows what they hold) or raise data.max_bad_fraction.")
 
 
 class _Skip(Exception):
@@ -115,12 +128,14 @@ class DecodeClips(wds.PipelineStage):
         self.cfg, self.seed = cfg, seed
         self.buckets = BucketChooser(cfg.buckets, batch_size) if cfg.buckets.enabled else None
         self.pending = DataStats()  # counts not yet attached to a yielded sample
+        self.tar_errors = 0  # broken shards not yet in the bad-fraction check's counts (see run)
 
     def skip_tar_error(self, url: str, exn: Exception) -> None:
         """Count a shard that broke off (``ReadSamples.shard_samples``), warn and log it."""
         detail = str(exn.args[0] if exn.args else exn)[:300]
         log.warning("shard %s is unreadable from some point on (truncated?), going on with the next: %s", url, detail)
         self.pending.add(seen=1, bad={"tar_error": 1})
+        self.tar_errors += 1
         self.log_bad("-", "tar_error", url, detail)
 
     def log_bad(self, key: str, reason: str, url: str, detail: str) -> None:
@@ -229,9 +244,21 @@ class DecodeClips(wds.PipelineStage):
             raise _Skip("decode_error", str(e)[:300]) from e
 
     def run(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        total = DataStats()  # this process's counts in this pass, for the bad-fraction check
+        # The bad-fraction check counts each stream's samples of the epoch it is reading, so a sample read again
+        # in a later epoch is not counted twice. A stream that wraps to its next epoch has been read whole: that
+        # epoch is judged on all its samples, however few (fewer than MIN_SAMPLES_FOR_BAD_CHECK too).
+        epochs: dict[int, int] = {}  # stream -> the epoch of it being read
+        read: dict[int, DataStats] = {}  # stream -> this reader's counts in that epoch
         where = {"pos": None, "draws": 0}
         for sample in src:
+            s, epoch = sample["__dataset__"], sample["__epoch__"]
+            if epochs.get(s, epoch) != epoch:
+                check_bad_fraction(read.pop(s), self.cfg.max_bad_fraction, min_samples=1,
+                                   where=f" in epoch {epochs[s]} (this reader's whole share of it)")
+            epochs[s] = epoch
+            mine = read.setdefault(s, DataStats())
+            mine.add(seen=self.tar_errors, bad={"tar_error": self.tar_errors} if self.tar_errors else {})
+            self.tar_errors = 0  # (counted with the stream read next: a broken shard reports no stream)
             key = sample.get("__key__", "?")
             where = {"pos": sample["__pos__"], "draws": sample["__draw__"] + 1}
             rng = seeded(self.seed, "frames", sample["__epoch__"], key)
@@ -242,23 +269,18 @@ class DecodeClips(wds.PipelineStage):
                 log.warning("skipping sample %s in %s: %s (%s)", key, url, skip.reason, skip)
                 self.log_bad(key, skip.reason, url, str(skip))
                 self.pending.add(seen=1, bad={skip.reason: 1})
+                mine.add(seen=1, bad={skip.reason: 1})
             else:
                 if not sample["__replay__"]:  # a replayed sample was counted before the stop
                     self.pending.add(seen=1, ok=1)
-                total.add(**self.pending.as_dict())
+                    mine.add(seen=1, ok=1)
                 counts, self.pending = self.pending, DataStats()
                 yield {**fields, "caption": caption, "key": key, "counts": counts, "bucket": bucket,
                        "waiting": [sample["__pos__"], sample["__dataset__"], sample["__draw__"]], **where}
-            check_bad_fraction(_sum(total, self.pending), self.cfg.max_bad_fraction)
+            check_bad_fraction(sum(read.values(), DataStats()), self.cfg.max_bad_fraction,
+                               where=" read in the current epoch (by this reader)")
         counts, self.pending = self.pending, DataStats()
         yield {"counts": counts, "end": True, **where}
-
-
-def _sum(a: DataStats, b: DataStats) -> DataStats:
-    out = DataStats()
-    out.add(**a.as_dict())
-    out.add(**b.as_dict())
-    return out
 
 
 class Batch(wds.PipelineStage):
@@ -408,7 +430,7 @@ class Loader:
                                                    "pending": batch["pending"], "batches": batch["batches"]}
             bad = {k: int(v) for k, v in batch["bad_counts"].items()}
             self.stats.add(seen=int(batch["seen"]), ok=int(batch["seen"]) - sum(bad.values()), bad=bad)
-            check_bad_fraction(self.stats, self.cfg.max_bad_fraction)
+            check_bad_fraction(self.stats, self.cfg.max_bad_fraction, where=" read so far (every epoch)")
             if "key" in batch:
                 if "bucket" in batch:
                     self.stats.buckets[batch["bucket"]] += len(batch["key"])

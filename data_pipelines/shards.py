@@ -19,6 +19,8 @@ from pathlib import Path
 
 import braceexpand
 
+from data_pipelines.config import ConfigError
+
 
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
@@ -60,22 +62,23 @@ def _split_top_level(spec: str) -> list[str]:
     return parts
 
 
-def expand_shards(spec: str) -> list[str]:
+def expand_shards(spec: str, name: str = "data.shards") -> list[str]:
     """Expand a shard spec (pattern, directory, comma list, or ``.txt`` list file) into URLs.
 
-    Raises ``FileNotFoundError`` naming every missing local path, and ``ValueError`` when the
-    spec names no shards at all.
+    Raises ``FileNotFoundError`` naming every missing local path, and ``ConfigError`` (a ``ValueError``) when the
+    spec names no shards at all. ``name`` is what the messages call the spec (the config key or the argument).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("data.shards is empty; set it to a brace pattern (data/{00000..00003}.tar), "
-                         "a directory of .tar files, a comma-separated list, or a .txt list file")
+        raise ConfigError(f"{name} is empty; set it to a brace pattern (data/{{00000..00003}}.tar), "
+                          "a directory of .tar files, a comma-separated list, or a .txt list file")
     urls: list[str] = []
     for item in _split_top_level(spec):
         urls.extend(_expand_one(item))
     if not urls:
-        raise ValueError(f"data.shards={spec!r} names no shards (an empty directory or list file?)")
+        raise ConfigError(f"{name}={spec!r} names no shards: no .tar file in that directory or list file (make "
+                          "shards with `dit make-shards` or `dit make-synthetic`, or point at the folder holding them)")
     missing = [u for u in urls if not _is_remote(u) and not Path(u).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards in data.shards={spec!r} do not exist: {shown}")
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards in {name}={spec!r} do not exist: {shown}")
     return urls

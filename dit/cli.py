@@ -29,7 +29,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.resume is not None:  # --resume X is train.resume=X
         args.overrides = [*args.overrides, f"train.resume={args.resume}"]
-    print(f"checkpoint: {main(_config(args))}")
+    checkpoint = main(_config(args), overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank returns it; one line for the job (the launcher's RANK)
+        print(f"checkpoint: {checkpoint}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from dit.check import run_check
+
+    raise SystemExit(run_check(args.path))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -46,7 +54,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_train_vae(args: argparse.Namespace) -> None:
     from dit.training.train_vae import main
 
-    print(f"vae: {main(_config(args))}")
+    vae = main(_config(args))
+    if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, as `dit train`
+        print(f"vae: {vae}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -99,21 +109,33 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
     import json
 
     from data_pipelines.make_shards import make_shards
+    from dit.config import ConfigError
 
-    try:
-        stats = make_shards(args.src, args.out, maxcount=args.maxcount, workers=args.workers)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    stats = make_shards(args.src, args.out, maxcount=args.maxcount, workers=args.workers, overwrite=args.overwrite)
     print(json.dumps({k: stats[k] for k in ("files", "written", "videos", "images", "rejected")}))
     print(f"wrote {len(stats['shards'])} shards and stats.json to {args.out}")
+    if not stats["written"]:
+        raise ConfigError(f"none of the {stats['files']} files could be used (rejected: {stats['rejected']}); "
+                          f"{Path(args.out) / 'stats.json'} lists each with its reason")
 
 
 def cmd_inspect_shards(args: argparse.Namespace) -> None:
     import json
 
     from data_pipelines.make_shards import inspect_shards
+    from dit.config import ConfigError
 
-    print(json.dumps(inspect_shards(args.spec, dump=args.dump, num=args.num), indent=2))
+    if args.num < 0:
+        raise ConfigError(f"--num must be >= 0, got {args.num}")
+    summary = inspect_shards(args.spec, dump=args.dump, num=args.num)
+    print(json.dumps(summary, indent=2))
+    unreadable = summary["unreadable_shards"]
+    if unreadable and len(unreadable) == summary["shards"] and not summary["samples"]:
+        raise ConfigError(f"none of the {summary['shards']} shards could be read as tar files: {unreadable[0]}"
+                          f"{f' (and {len(unreadable) - 1} more, listed above)' if len(unreadable) > 1 else ''}")
+    if unreadable:
+        print(f"warning: {len(unreadable)} of {summary['shards']} shards are unreadable (at least in part): see "
+              "unreadable_shards", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", default=None, metavar="auto|never|CKPT",
                            help="auto (default): the newest complete checkpoint in train.output_dir, if any; "
                                 "never: start fresh; or a checkpoint directory (= train.resume)")
+            p.add_argument("--overwrite", action="store_true",
+                           help="first delete what an earlier run wrote into train.output_dir (checkpoints, logs, "
+                                "config.yaml); without it a folder holding another run is refused")
+
+    p = sub.add_parser("check", help="verify a run's checkpoints (sizes + sha256 against each manifest)")
+    p.add_argument("path", help="training output directory (every checkpoint) or one checkpoint directory")
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("plan", help="per-GPU memory of a training config under each strategy, before launching")
     p.add_argument("--config", default=None, help="YAML experiment config (configs/*.yaml)")
@@ -188,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder for 00000.tar, ... and stats.json")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=4, help="files probed in parallel")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier make-shards output in OUT (otherwise OUT must be new or empty)")
     p.set_defaults(fn=cmd_make_shards)
 
     p = sub.add_parser("inspect-shards", help="summarize shards; --dump writes a few samples' media and captions")
@@ -230,9 +261,19 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as e:  # the user's to fix (ConfigError: a config, argument or data
+        print(f"error: {error_line(e)}", file=sys.stderr)  # problem): one line, no traceback; bugs keep theirs
         raise SystemExit(2) from None
+
+
+def error_line(e: BaseException) -> str:
+    """A user error's message. One re-raised from a DataLoader worker carries the worker's traceback as text
+    ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last line holds the message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

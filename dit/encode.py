@@ -17,9 +17,10 @@ coded by the frozen VAE and the caption by the text encoder. Per sample the outp
 
 Arrays are plain .npy (read with allow_pickle=False): nothing is unpickled. An output shard is written under a
 temporary name and renamed when complete, so a killed run leaves no half shard, and a rerun skips finished ones
-(which is what makes slurm/encode.sbatch array jobs restartable). Training reads them with ``data.latents=true``
-(data_pipelines/latents.py); its ``check_latent_shards`` stops a run whose VAE or text encoder differ from the ones
-that made them, before any training.
+(which is what makes slurm/encode.sbatch array jobs restartable). An input shard that gives no sample (unreadable,
+or every sample bad) gets no output at all, so a rerun tries it again, and the command fails naming it. Training
+reads them with ``data.latents=true`` (data_pipelines/latents.py); its ``check_latent_shards`` stops a run whose VAE
+or text encoder differ from the ones that made them, before any training.
 """
 
 from __future__ import annotations
@@ -27,19 +28,24 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from data_pipelines.loader import build_loader
+from data_pipelines.loader import Loader, TooManyBadSamples, build_loader
 from data_pipelines.shards import expand_shards
-from dit.config import Config
+from dit.config import Config, ConfigError
 from dit.fileio import atomic_file
-from dit.models.text import build_text_encoder
-from dit.models.vae import encoder_digest, load_vae_from_config
+from dit.models.text import TextEncoder, build_text_encoder
+from dit.models.vae import CausalVAE, encoder_digest, load_vae_from_config
+
+if TYPE_CHECKING:
+    from dit.models.vae_families import PretrainedVAE
 
 log = logging.getLogger("dit.encode")
 
@@ -56,18 +62,36 @@ def output_name(url: str) -> str:
     return name if name.endswith(".tar") else f"{name}.tar"
 
 
+def has_samples(path: Path) -> bool:
+    """Whether a finished output shard holds at least one sample (an empty or unreadable one is not finished)."""
+    try:
+        with tarfile.open(path) as tf:
+            return tf.next() is not None
+    except (tarfile.TarError, OSError):
+        return False
+
+
+class _NoSamples(Exception):
+    """Raised inside an output shard's atomic write when nothing was encoded: the temporary file is removed."""
+
+
 @torch.no_grad()
 def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int = 8) -> dict[str, int]:
-    """Encode every shard of ``shards`` into ``out_dir``; returns counts (``encoded``, ``skipped``, ``samples``)."""
+    """Encode every shard of ``shards`` into ``out_dir``; returns counts (``encoded``, ``skipped``, ``samples``).
+
+    An input shard that gives no sample (unreadable, every sample bad, or more than data.max_bad_fraction bad) is
+    written nowhere; after the other shards, ``ConfigError`` names each such shard and why."""
     if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
-        raise ValueError("vae.checkpoint is not set: pass vae.checkpoint=RUN_DIR/vae (a `dit train-vae` output), or "
-                         "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
-    urls = expand_shards(shards)  # fails now on a missing shard
+        raise ConfigError("vae.checkpoint is not set: pass vae.checkpoint=RUN_DIR/vae (a `dit train-vae` output), or "
+                          "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    urls = expand_shards(shards, name="SHARDS")  # fails now on a missing shard
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = [output_name(u) for u in urls]
     if len(set(names)) != len(names):
-        raise ValueError("two input shards have the same file name; encode them into different output folders")
+        raise ConfigError("two input shards have the same file name; encode them into different output folders")
+    out.mkdir(parents=True, exist_ok=True)
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False)
     text = build_text_encoder(cfg.text)
     made_by = {"vae": str(cfg.vae.checkpoint or cfg.vae.pretrained), "vae_family": cfg.vae.family,
@@ -77,30 +101,60 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                "text_max_length": cfg.text.max_length, "text_padding": cfg.text.padding}
     keep_text = cfg.text.padding != "unmasked"  # real-token states + zero padding rebuild the others exactly
     counts = {"encoded": 0, "skipped": 0, "samples": 0}
+    failed: list[str] = []  # "URL: why" of the input shards that gave no sample
     for url, name in zip(urls, names):
         final = out / name
         if final.exists():
-            log.info("skip %s: %s exists", url, final)
-            counts["skipped"] += 1
-            continue
+            if has_samples(final):
+                log.info("skip %s: %s exists", url, final)
+                counts["skipped"] += 1
+                continue
+            log.warning("%s holds no sample (an empty output of an earlier run): encoding %s again", final, url)
+            final.unlink()
         data = replace(cfg.data, shards=url, datasets=[], shuffle_buffer=1, num_workers=0, latents=False,
                        image_ratio=None)
         loader = build_loader(data, batch_size, seed=cfg.train.seed, epoch_seed=False, infinite=False, drop_last=False)
-        with atomic_file(final) as tmp, wds.TarWriter(str(tmp)) as sink:
-            for batch in loader:
-                posterior = vae.encode(batch["video"])  # mean, logvar [B, C, t, h, w]
-                if keep_text:
-                    states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
-                frames, height, width = batch["video"].shape[2:]
-                for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
-                    meta = {"key": key, "caption": caption, "frames": frames, "height": height, "width": width,
-                            **made_by}
-                    sample = {"__key__": key, "mean.npy": _npy(posterior.mean[i]),
-                              "logvar.npy": _npy(posterior.logvar[i]), "txt": caption, "json": json.dumps(meta)}
-                    if keep_text:
-                        sample["text.npy"] = _npy(states[i][mask[i]])
-                    sink.write(sample)
-                    counts["samples"] += 1
+        written = 0
+        try:
+            with atomic_file(final) as tmp:
+                with wds.TarWriter(str(tmp)) as sink:
+                    written = _encode_shard(loader, sink, vae, text, made_by, keep_text)
+                if written == 0:
+                    raise _NoSamples
+        except _NoSamples:
+            failed.append(f"{url}: no sample could be used (bad samples: {dict(loader.stats.bad) or 'none read'})")
+            continue
+        except TooManyBadSamples as e:
+            failed.append(f"{url}: {e}")
+            continue
         counts["encoded"] += 1
+        counts["samples"] += written
         log.info("encoded %s -> %s (bad samples: %s)", url, final, dict(loader.stats.bad))
+    if failed:
+        raise ConfigError(f"{len(failed)} of {len(urls)} input shards gave no latent shard (nothing written for "
+                          f"them): {'; '.join(failed)}. The other {counts['encoded']} were encoded "
+                          f"({counts['samples']} samples) and {counts['skipped']} were already there, in {out}. Fix or "
+                          "drop the failed shards (`dit inspect-shards` shows what they hold) and run again: finished "
+                          "shards are skipped")
     return counts
+
+
+def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | PretrainedVAE, text: TextEncoder,
+                  made_by: dict[str, Any], keep_text: bool) -> int:
+    """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many."""
+    written = 0
+    for batch in loader:
+        posterior = vae.encode(batch["video"])  # mean, logvar [B, C, t, h, w]
+        if keep_text:
+            states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
+        frames, height, width = batch["video"].shape[2:]
+        for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
+            meta = {"key": key, "caption": caption, "frames": frames, "height": height, "width": width,
+                    **made_by}
+            sample = {"__key__": key, "mean.npy": _npy(posterior.mean[i]),
+                      "logvar.npy": _npy(posterior.logvar[i]), "txt": caption, "json": json.dumps(meta)}
+            if keep_text:
+                sample["text.npy"] = _npy(states[i][mask[i]])
+            sink.write(sample)
+            written += 1
+    return written

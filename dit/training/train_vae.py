@@ -42,8 +42,8 @@ def image_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def main(cfg: Config, stats_batches: int = 4) -> Path:
     """Train the VAE for train.steps steps; returns the directory of the saved VAE (RUN_DIR/vae)."""
-    if not cfg.data.shards:
-        raise ValueError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+    if not cfg.data.shards and not cfg.data.datasets:
+        raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
     if cfg.vae.family != "ours":
         raise ConfigError(f"vae.family={cfg.vae.family}: train-vae trains our CausalVAE; a pretrained VAE is used as "
                           "it is (set vae.family=ours to train one)")
