@@ -1,8 +1,10 @@
 """Atomic writes: a file or a whole directory is written under a temporary name beside its target, flushed to
-disk, then renamed into place, so a reader (or a resumed run) sees either the old one or the complete new one."""
+disk, then renamed into place, so a reader (or a resumed run) sees either the old one or the complete new one.
+And the streaming sha256 of a file, which checkpoint manifests record (dit/export.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -48,3 +50,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in chunks (a checkpoint file may be GBs; memory stays flat)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dit.fileio import atomic_file, publish
+from dit.fileio import atomic_file, publish, sha256_file
 
 
 def test_atomic_file_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
@@ -35,3 +35,11 @@ def test_publish_renames_a_whole_directory(tmp_path: Path) -> None:
     (tmp / "sub" / "f.bin").write_bytes(b"1234")
     publish(tmp, tmp_path / "x")
     assert (tmp_path / "x" / "sub" / "f.bin").read_bytes() == b"1234" and not tmp.exists()
+
+
+def test_sha256_file_streams_the_file(tmp_path: Path) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * 20_000  # 5 MB: more than one chunk
+    (tmp_path / "big.bin").write_bytes(data)
+    assert sha256_file(tmp_path / "big.bin") == hashlib.sha256(data).hexdigest()

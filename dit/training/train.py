@@ -13,6 +13,7 @@ skipped and counted (dit/training/step.py), and train.max_nonfinite of them in a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data_pipelines.latents import check_latent_shards
 from data_pipelines.loader import build_loader
 from data_pipelines.state import merge_states
-from dit.config import Config, ConfigError, DiffusionConfig, save_config
+from dit.config import Config, ConfigError, DiffusionConfig, VAEConfig, save_config
 from dit.diffusion.flow import latent_tokens, sample_sigmas
 from dit.diffusion.objectives import flow_loss, training_loss
 from dit.distributed.parallelize import parallelize
@@ -38,17 +39,22 @@ from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Pree
 from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ranks, setup_distributed
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
-from dit.export import list_checkpoints, write_export
+from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
-from dit.models.vae import DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
+from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, generate, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
+    agreed_problem,
     atomic_checkpoint,
+    clear_run,
     load_training_state,
+    on_main,
+    pick_resume,
     rank_state_path,
-    resume_checkpoint,
+    refuse_mixed_runs,
+    resume_candidates,
     rng_state,
     set_rng_state,
 )
@@ -157,6 +163,33 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
     return loss
 
 
+def start_point(cfg: Config, env: DistEnv, overwrite: bool) -> Path | None:
+    """The checkpoint this run resumes (None: from scratch), before anything is written. Rank 0 reads the run folder
+    (and with ``overwrite`` first deletes the earlier run's outputs); a torn checkpoint is skipped with a logged
+    reason, never loaded; a folder holding another run, or another model, is refused (dit/training/checkpoint.py)."""
+    out, resume = Path(cfg.train.output_dir), cfg.train.resume
+
+    def listed() -> tuple[list[Path], bool]:
+        if overwrite:
+            clear_run(out, resume)
+        return resume_candidates(out, resume)
+
+    candidates, explicit = on_main(env, listed)
+    resume_from = pick_resume(candidates, explicit, out if resume == "auto" else resume,
+                              lambda c: agreed_problem(c, env), quiet=not env.is_main)
+    on_main(env, lambda: refuse_mixed_runs(out, resume_from, dataclasses.asdict(cfg.model)))
+    return resume_from
+
+
+def loaded_vae_config(vae_cfg: VAEConfig, vae: torch.nn.Module) -> VAEConfig:
+    """``vae_cfg`` with the sizes of the VAE actually loaded (vae.checkpoint's own, whatever the YAML said), so the
+    run's config.yaml and checkpoints record the VAE they were trained with."""
+    sizes = {"latent_channels": vae.latent_channels}
+    if isinstance(vae, CausalVAE):
+        sizes.update({k: vae.config[k] for k in ("base_channels", "channel_mults", "num_res_blocks")})
+    return dataclasses.replace(vae_cfg, **sizes)
+
+
 def restore(ckpt: Path, strategy: Strategy, lr_schedule: Any, rng: RandomStreams, loader: Any, env: DistEnv,
             parity: bool) -> int:
     """The full state of checkpoint ``ckpt``: model, optimizer, EMA, LR schedule, this rank's RNG and data
@@ -188,11 +221,11 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
     if any_rank(env.is_main and not finite, env.device):
         raise RuntimeError(f"step {step}: the EMA weights are not finite; not writing a checkpoint")
     with atomic_checkpoint(out, step, keep_last=cfg.train.keep_last, is_main=env.is_main,
-                           barrier=env.barrier) as tmp:
+                           barrier=env.barrier, world_size=env.world_size) as tmp:
         training_state = strategy.save(tmp)  # every rank: sharded model + optimizer where there are shards
         if env.is_main:
             config = {"dit": strategy.ema.module.config, "experiment": cfg.to_dict()}
-            write_export(tmp, weights=ema_weights, config=config)
+            write_export(tmp, weights=ema_weights, config=config, manifest=False)  # one for all: at the end
             export_vae(cfg.vae, tmp / "vae")  # ours copied; a pretrained family recorded by its folder
             training_state.update(scheduler=lr_schedule.state_dict(), ema=ema_weights, step=step,
                                   strategy=cfg.train.strategy, world_size=env.world_size)
@@ -283,16 +316,23 @@ class NonfiniteGuard:
                 "raise train.warmup_steps, or check the data, then resume.")
 
 
-def main(cfg: Config) -> Path:
-    """Train a DiT as the config says; returns the newest checkpoint directory."""
+def main(cfg: Config, overwrite: bool = False) -> Path:
+    """Train a DiT as the config says; returns the newest checkpoint directory. ``overwrite``: first delete what an
+    earlier run wrote into train.output_dir (else a folder holding another run is refused)."""
     check_inputs(cfg)
     out, t = Path(cfg.train.output_dir), cfg.train
-    resume_from = resume_checkpoint(out, t.resume)  # fails now on a bad train.resume path
     env = setup_distributed(needs_group=t.strategy != "ddp")  # ZeRO and FSDP need a group, even for 1 process
+    resume_from = start_point(cfg, env, overwrite)  # fails now on a bad train.resume or another run's folder
+    if resume_from is not None and checkpoint_step(resume_from) >= t.steps:
+        if env.is_main:
+            log.warning("the run in %s is already at step %d >= train.steps=%d: nothing to do (raise train.steps to "
+                        "train on)", out, checkpoint_step(resume_from), t.steps)
+        return resume_from
     loader = build_train_loader(cfg, env)  # fails now on a missing shard
     set_seed(t.seed)
     # The frozen encoders, before any strategy exists (DeepSpeed ZeRO-3 would shard them too).
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
+    cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
     text = build_text_encoder(cfg.text).to(env.device)
     check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
