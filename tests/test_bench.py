@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,62 @@ def test_train_step_is_three_forwards() -> None:
 def test_bad_grid() -> None:
     with pytest.raises(ValueError, match="patch size"):
         dit_forward_flops(dit_config("dit-tiny"), (2, 7, 8), 4)
+
+
+def _run_tool(tool: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{tool}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args, "--device", "cpu",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _positive(d: dict, *keys: str) -> None:
+    for k in keys:
+        assert isinstance(d[k], int | float) and d[k] > 0, (k, d[k])
+
+
+def test_bench_train_runs(tmp_path: Path) -> None:
+    r = _run_tool("bench_train", tmp_path, "--preset", "dit-tiny", "--shape", "5x32x32", "--batch", "2",
+                  "--compare", "diffusers", "--steps", "1", "--warmup", "1", "--matmul-size", "256")
+    assert r["latent_shape"] == [4, 2, 4, 4] and r["tokens_per_sample"] == 8 and r["dtype"] == "fp32"
+    assert r["flops_per_step"] == train_step_flops(dit_config("dit-tiny"), (2, 4, 4), r["text_len"], 2)
+    assert abs(r["flops_per_step_counted"] / r["flops_per_step"] - 1) < 0.02
+    _positive(r, "samples_per_s", "tokens_per_s", "achieved_tflops", "peak_tflops_measured", "mfu",
+              "peak_memory_bytes", "step_time_s", "ratio", "ratio_samples_per_s")
+    assert len(r["step_times_s"]) == 1
+    c = r["compare"]
+    assert c["model"] == "diffusers.WanTransformer3DModel"
+    assert c["config"]["num_layers"] == 4 and c["config"]["num_attention_heads"] == 4
+    _positive(c, "samples_per_s", "achieved_tflops", "flops_per_step", "mfu")
+    assert abs(c["flops_per_step"] / r["flops_per_step_counted"] - 1) < 0.1  # the same size of model
+    assert "FlopCounterMode" in r["ratio_method"]
+
+
+def test_bench_train_bf16_without_compare(tmp_path: Path) -> None:
+    r = _run_tool("bench_train", tmp_path, "--preset", "dit-tiny", "--shape", "1x16x16", "--batch", "1",
+                  "--dtype", "bf16", "--steps", "1", "--warmup", "1", "--matmul-size", "128")
+    assert r["dtype"] == "bf16" and r["autocast"] is True and r["latent_shape"] == [4, 1, 2, 2]
+    assert "ratio" not in r and "compare" not in r
+    _positive(r, "samples_per_s", "achieved_tflops", "mfu")
+
+
+def test_bench_sample_runs(tmp_path: Path) -> None:
+    r = _run_tool("bench_sample", tmp_path, "--preset", "dit-tiny", "--shape", "5x16x16", "--steps", "2",
+                  "--cfg", "5", "--repeats", "1", "--warmup", "1", "--decode-repeats", "1")
+    assert r["steps"] == 2 and r["forward_batch"] == 2 and r["latent_shape"] == [4, 2, 2, 2]
+    assert len(r["step_times_s"]) == len(r["model_times_s"]) == 2
+    _positive(r, "clips_per_s", "clips_per_s_with_decode", "sample_time_s", "model_time_s", "forward_flops")
+    assert isinstance(r["overhead"], float) and r["overhead"] > -1
+    for key in ("decode_full", "decode_chunked"):
+        _positive(r[key], "time_s", "peak_memory_added_bytes")
+    assert r["decode_full"]["chunk_size"] == 0 and r["decode_chunked"]["chunk_size"] == 1
+
+
+def test_tools_import_without_media_libraries() -> None:
+    """The benchmarks run where decord, PyAV and webdataset are missing (a GPU machine): none imported."""
+    code = ("import sys; import tools.bench_train, tools.bench_sample; "
+            "bad = [m for m in ('decord', 'av', 'webdataset', 'diffusers') if m in sys.modules]; "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
