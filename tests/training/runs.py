@@ -38,13 +38,13 @@ def entry(hooks: dict[str, object] | None) -> tuple[list[str], dict[str, str]]:
     return [str(HOOKED_CLI)], {"DIT_TEST_HOOKS": json.dumps(hooks)}
 
 
-def dit_train(out: Path, shards: str, vae: Path, *, extra_args: tuple[str, ...] = (), wait: bool = True,
-              hooks: dict[str, object] | None = None,
+def dit_train(out: Path, shards: str, vae: Path | None, *, extra_args: tuple[str, ...] = (), wait: bool = True,
+              hooks: dict[str, object] | None = None, config: Path = DEMO,
               **overrides: object) -> subprocess.Popen | subprocess.CompletedProcess:
     """`dit train` in a real subprocess (single process, 1 thread so parallel tests share the CPU fairly);
     ``hooks``: test hooks by name (tests/training/hooked_cli.py), e.g. {"checkpoint_pause_s": 60}."""
     start, hook_env = entry(hooks)
-    cmd = [sys.executable, *start, "train", "--config", str(DEMO), *extra_args,
+    cmd = [sys.executable, *start, "train", "--config", str(config), *extra_args,
            *small_overrides(out, shards, vae, **overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **hook_env}
     if not wait:
@@ -69,12 +69,12 @@ def small_vae(tmp_path_factory, small_shards: str) -> Path:
     return train_vae.main(small_config(run, small_shards, None, **{"train.steps": 3}))
 
 
-def dit_torchrun(nproc: int, out: Path, shards: str, vae: Path, *, hooks: dict[str, object] | None = None,
-                 **overrides: object) -> subprocess.CompletedProcess:
+def dit_torchrun(nproc: int, out: Path, shards: str, vae: Path | None, *, hooks: dict[str, object] | None = None,
+                 config: Path = DEMO, **overrides: object) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N -m dit.cli train ...` on CPU (gloo), 1 thread per process
     (``hooks`` as in ``dit_train``, applied in every process)."""
     start, hook_env = entry(hooks)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *start, "train", "--config", str(DEMO), *small_overrides(out, shards, vae, **overrides)]
+           *start, "train", "--config", str(config), *small_overrides(out, shards, vae, **overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", **hook_env}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -1,0 +1,90 @@
+"""A pretrained-family model (a tiny diffusers Wan transformer on a tiny Wan VAE folder, rectified flow) under the
+sharded strategies: 2 CPU processes (gloo) with ZeRO-2 (3 steps, then resumed to 6) and FSDP
+train like one process on the same global batch (train.parity_batch), and a 1-process run killed with SIGKILL and
+resumed with train.resume=auto ends bitwise equal to the uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from runs import DEMO, dit_torchrun, dit_train
+from test_family_training import WAN
+from test_resume import kill_when, logged, steps_of
+
+from dit.export import list_checkpoints, load_weights
+from dit.training.checkpoint import load_training_state
+
+STEPS = 6
+COMMON = {"train.steps": STEPS, "train.checkpoint_every": STEPS // 2, "train.lr_schedule": "constant"}
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def wan_yaml(tmp_path_factory) -> Path:
+    """configs/demo.yaml with a tiny Wan transformer, a tiny Wan VAE folder and the flow objective, as a file."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_vaes import save_tiny_vae
+
+    root = tmp_path_factory.mktemp("wan")
+    save_tiny_vae("wan", root / "vae")
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "wan", "family_config": WAN}
+    data["vae"] = {"family": "wan", "pretrained": str(root / "vae")}
+    data["diffusion"] = {"objective": "flow", "timestep_sampling": "logit_normal", "shift": 3.0, "prompt_dropout": 0.3}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
+    (root / "wan.yaml").write_text(yaml.safe_dump(data))
+    return root / "wan.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, small_shards: str, wan_yaml: Path) -> Path:
+    run = tmp_path_factory.mktemp("one") / "run"
+    done = dit_train(run, small_shards, None, config=wan_yaml, **COMMON)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "fsdp"])
+def test_a_wan_model_on_two_processes_matches_one(strategy: str, tmp_path: Path, one_process: Path,
+                                                  small_shards: str, wan_yaml: Path) -> None:
+    if strategy == "zero2":
+        pytest.importorskip("deepspeed")
+    run = tmp_path / strategy
+    two = {**COMMON, "train.batch_size": 2, "train.parity_batch": True, "train.strategy": strategy}
+    for steps in (STEPS // 2, STEPS) if strategy == "zero2" else (STEPS,):  # ZeRO-2: a sharded-state resume too
+        done = dit_torchrun(2, run, small_shards, None, config=wan_yaml, **{**two, "train.steps": steps})
+        assert done.returncode == 0, done.stderr[-5000:]
+    ref, got = losses(one_process), losses(run)
+    assert len(got) == STEPS and len({round(x, 6) for x in ref}) == STEPS
+    assert got == pytest.approx(ref, rel=1e-4), (ref, got)
+    a, _ = load_weights(list_checkpoints(one_process)[-1])
+    b, config = load_weights(list_checkpoints(run)[-1])
+    assert config["dit"]["family"] == "wan" and a.keys() == b.keys()
+    for k in a:  # the gathered EMA export equals the 1-process one (up to reduction order)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
+def test_a_wan_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path,
+                                                                   small_shards: str, wan_yaml: Path) -> None:
+    run = tmp_path / "run"
+    proc = dit_train(run, small_shards, None, config=wan_yaml, wait=False, **COMMON)
+    kill_when(proc, lambda: steps_of(run) == [3] and max(logged(run), default=0) >= 4, "step 4")
+    done = dit_train(run, small_shards, None, config=wan_yaml, extra_args=("--resume", "auto"), **COMMON)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and logged(run) == list(range(1, STEPS + 1))
+    a = load_training_state(list_checkpoints(one_process)[-1])
+    b = load_training_state(list_checkpoints(run)[-1])
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
