@@ -71,6 +71,11 @@ def check_inputs(cfg: Config) -> None:
     if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
         raise ConfigError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
                           "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan vae.pretrained=DIR)")
+    if cfg.vae.family != "ours" and not cfg.vae.pretrained:
+        raise ConfigError(f"vae.pretrained is not set: vae.family={cfg.vae.family} trains on a local diffusers VAE "
+                          "folder, e.g. vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae")
+    if cfg.model.family != "dit" and not cfg.model.pretrained:
+        log.warning("model.pretrained is not set: the %s transformer starts from random weights", cfg.model.family)
     if not cfg.data.shards and not cfg.data.datasets:
         raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
 

@@ -48,3 +48,13 @@ def test_dit_plan_command_on_the_wan_config():
     assert "1419.0M trainable parameters (hidden 1536, depth 30)" in out.stdout
     assert "32760 tokens/sample" in out.stdout and "fits: ddp, zero1, zero2, zero3, fsdp" in out.stdout
     assert "text encoder not counted" in out.stdout  # no UMT5 folder on this machine: said, not guessed
+
+
+def test_training_a_released_config_without_its_folders_stops_before_any_work(tmp_path):
+    from dit.config import ConfigError
+    from dit.training import train
+
+    cfg = load_config(CONFIGS / "wan2.1-t2v-1.3b.yaml", [f"data.shards={tmp_path}", f"train.output_dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=r"vae.pretrained is not set: vae.family=wan trains on a local diffusers"):
+        train.main(cfg)
+    assert not (tmp_path / "r").exists()
