@@ -174,14 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="4k+1 (default: the size the checkpoint was trained at)")
     p.add_argument("--height", type=int, default=None, help="default: the trained height")
     p.add_argument("--width", type=int, default=None, help="default: the trained width")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
     p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver"],
-                   help="default: ddim, or flow_euler for a flow checkpoint (diffusion.objective=flow)")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+                   help="default: the run's sample.sampler, else ddim, or flow_euler for a flow checkpoint "
+                        "(diffusion.objective=flow)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's sample.cfg)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0: deterministic (default: the run's sample.eta)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fps", type=int, default=None, help="frames per second of .mp4/.gif (default: the run's "
+                   "sample.fps)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips sampled together")
     p.add_argument("--decode-chunk", type=int, default=0, help="latent frames per VAE decode chunk (0: all)")
     p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")
     p.set_defaults(fn=cmd_sample)

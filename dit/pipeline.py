@@ -18,7 +18,7 @@ from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
 from dit.config import DiffusionConfig, TextConfig
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
-from dit.diffusion.samplers import ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
+from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.export import load_weights, resolve_checkpoint
 from dit.models.dit import DiT
@@ -89,11 +89,12 @@ def resolve_sampler(objective: str, sampler: str | None) -> str:
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
              sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
-             decode_chunk: int = 0, shift: float | None = None) -> torch.Tensor:
+             decode_chunk: int = 0, shift: float | None = None, callback: Callback = None) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
     static shift; None uses the training one (diffusion.shift, or the dynamic shift for this size's token count).
+    callback(i, x): called after each sampler step (progress).
     """
     vae = pipe.vae
     check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
@@ -111,7 +112,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
-                       shift=shift)
+                       shift=shift, callback=callback)
     return decode_latents(pipe, z, decode_chunk)
 
 
@@ -119,16 +120,18 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
 def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor],
                    uncond: dict[str, torch.Tensor], *, steps: int, sampler: str | None = None, cfg: float = 5.0,
                    eta: float = 0.0, generator: torch.Generator | None = None,
-                   shift: float | None = None) -> torch.Tensor:
+                   shift: float | None = None, callback: Callback = None) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
-    by the checkpoint's objective and sampling settings; returns normalized latents."""
+    by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
+    sampler step."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     denoise = cfg_denoiser(pipe.model, cond, uncond, cfg)
     if objective == "flow":
         flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(noise.shape[2:], pipe.model.patch), shift)
-        return SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu, **sampling_grid(pipe.diffusion))
-    kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction)
+        return SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu, callback=callback,
+                                 **sampling_grid(pipe.diffusion))
+    kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction, callback=callback)
     if sampler == "ddim":
         kwargs["eta"] = eta
     if sampler in ("ddim", "ddpm"):

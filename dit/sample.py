@@ -3,18 +3,36 @@
     dit sample --checkpoint RUN_DIR --prompt "a red circle moving left" --frames 17 --height 64 --width 96 \
         --steps 50 --sampler ddim --cfg 5 --seed 0 --out clip.mp4
 
+Every argument is checked before the model is loaded (a mistake is one ``error:`` line, not a traceback after the
+work). What is not given comes from the run: the size it was trained at, its ``sample`` settings (sampler, steps,
+cfg, eta, fps, shift). A ``.png`` holds one frame, so ``--out x.png`` samples an image (frames 1) unless
+``--frames`` says otherwise, which is refused. Before sampling, stderr says which checkpoint (and step) was loaded
+and what will be sampled (size, latent tokens, sampler settings), with a warning for a size far beyond the training
+one; then progress: a bar on a terminal, otherwise a line per batch.
+
 Each written file is one stdout line, ``PATH<TAB>PROMPT`` (slurm/sample.sbatch keeps them as its index.tsv).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from dit.pipeline import check_size, default_suffix, generate, load_pipeline, to_uint8, write_media
+from data_pipelines.config import latent_frames
+from dit.config import ConfigError, SampleConfig
+from dit.export import resolve_checkpoint
+from dit.pipeline import check_size, default_suffix, generate, load_pipeline, resolve_sampler, to_uint8, write_media
+
+SUFFIXES = (".mp4", ".gif", ".png")
+WARN_TOKENS = 4  # warn when a clip has this many times the latent tokens of the training size
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -23,10 +41,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         p = Path(args.prompts)
         if not p.is_file():
-            raise SystemExit(f"error: --prompts file {str(p)!r} does not exist")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+            raise ConfigError(f"--prompts file {str(p)!r} does not exist")
+        try:
+            lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompts file {str(p)!r} is not UTF-8 text (byte at offset {e.start}); save it as "
+                              "UTF-8") from None
+        if not lines:
+            raise ConfigError(f"--prompts file {str(p)!r} holds no prompt (it is empty or blank); write one prompt "
+                              "per line")
+        prompts += lines
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE (one prompt per line)")
     return prompts
 
 
@@ -47,23 +73,138 @@ def trained_size(config: dict, frames: int | None, height: int | None, width: in
             data["width"] if width is None else width)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need no checkpoint: numbers in range and an output format (ConfigError naming the fix)."""
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--fps": args.fps, "--frames": args.frames,
+                "--height": args.height, "--width": args.width}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--cfg": args.cfg, "--eta": args.eta, "--decode-chunk": args.decode_chunk}.items():
+        if value is not None and not value >= 0:  # (not >= : NaN too)
+            raise ConfigError(f"{flag} must be >= 0, got {value}" + (" (1: the prompt alone, no guidance; above 1: "
+                                                                     "follow it more closely)" if flag == "--cfg"
+                                                                     else ""))
+    suffix = Path(args.out).suffix.lower()
+    if suffix and suffix not in SUFFIXES:
+        raise ConfigError(f"--out {args.out!r}: cannot write {suffix} files; use .mp4, .gif or .png, or a folder name "
+                          "without a suffix (one file per prompt)")
+    if suffix == ".png" and args.frames is not None and args.frames > 1:
+        raise ConfigError(f"--out {args.out!r}: a .png holds one frame, but --frames {args.frames} samples "
+                          f"{args.frames}; write a .mp4 or .gif, or sample an image with --frames 1")
+
+
+def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The run's ``sample`` settings (its config.yaml's), each replaced by its flag when given; the sampler checked
+    against the run's objective."""
+    run = config["experiment"].get("sample") or {}
+    out = {f.name: run.get(f.name, f.default) for f in fields(SampleConfig)}
+    for name in ("sampler", "steps", "cfg", "eta", "fps"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    try:
+        out["sampler"] = resolve_sampler(config["experiment"]["diffusion"].get("objective", "diffusion"),
+                                         out["sampler"])
+    except ValueError as e:
+        raise ConfigError(f"--sampler: {e}") from None
+    return out
+
+
+def geometry(ckpt: Path, config: dict[str, Any]) -> tuple[tuple[int, int, int], int, int]:
+    """(patch, temporal, spatial compression) of a checkpoint, from its configs (no weights loaded)."""
+    from dit.models.presets import PRESETS
+    from dit.models.vae import CausalVAE
+
+    model = config["experiment"]["model"]
+    patch = config["dit"].get("patch_size") or model.get("patch_size") or PRESETS[model["preset"]]["patch_size"]
+    try:
+        vae = json.loads((ckpt / "vae" / "vae.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"corrupt checkpoint {ckpt}: vae/vae.json cannot be read ({e})") from None
+    if "family" in vae:
+        from dit.models.vae_folder import vae_geometry
+
+        _, temporal, spatial = vae_geometry(vae["family"], vae["pretrained"])
+    else:
+        temporal, spatial = CausalVAE.temporal_compression, CausalVAE.spatial_compression
+    return (int(patch[0]), int(patch[1]), int(patch[2])), temporal, spatial
+
+
+def tokens(frames: int, height: int, width: int, patch: tuple[int, int, int], temporal: int, spatial: int) -> int:
+    """Latent tokens of one clip: the latent grid divided by the patch."""
+    t, h, w = latent_frames(frames, temporal), height // spatial, width // spatial
+    return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
+
+
+def training_size(config: dict[str, Any]) -> tuple[int, int, int]:
+    """The largest clip the run trained on: data.frames x height x width, or its largest bucket."""
+    data = config["experiment"]["data"]
+    buckets = data.get("buckets") or {}
+    if buckets.get("enabled"):
+        return max(buckets["frames"]), buckets["resolution"], buckets["resolution"]
+    return data["frames"], data["height"], data["width"]
+
+
+def step_of(ckpt: Path) -> str:
+    name = ckpt.name
+    return str(int(name.split("-", 1)[1])) if name.startswith("step-") and name[5:].isdigit() else "unknown"
+
+
 def run_sample(args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(args.checkpoint, device=device)
-    frames, height, width = trained_size(pipe.config, args.frames, args.height, args.width)
+    check_arguments(args)
+    ckpt = resolve_checkpoint(args.checkpoint)
     try:
-        check_size(frames, height, width, pipe.model.patch, temporal=pipe.vae.temporal_compression,
-                   spatial=pipe.vae.spatial_compression)
+        config = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"corrupt checkpoint {ckpt}: config.json cannot be read ({e})") from None
+    opts = settings(config, args)
+    frames = args.frames
+    if frames is None and Path(args.out).suffix.lower() == ".png":
+        frames = 1  # a png is an image
+    frames, height, width = trained_size(config, frames, args.height, args.width)
+    patch, temporal, spatial = geometry(ckpt, config)
+    try:
+        check_size(frames, height, width, patch, temporal=temporal, spatial=spatial)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width)", file=sys.stderr)
+        raise ConfigError(str(e)) from None
     paths = output_paths(args.out, len(prompts), frames)
-    for start in range(0, len(prompts), args.batch_size):
+    if frames > 1 and paths[0].suffix == ".png":
+        raise ConfigError(f"--out {args.out!r}: a .png holds one frame, but {frames} frames would be sampled (the "
+                          "training size); write .mp4 or .gif, or pass --frames 1")
+
+    n_tokens, trained = tokens(frames, height, width, patch, temporal, spatial), training_size(config)
+    n_trained = tokens(*trained, patch, temporal, spatial)
+    print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width; {n_tokens} latent "
+          f"tokens each) with {opts['sampler']}, {opts['steps']} steps, cfg {opts['cfg']:g}, seed {args.seed}, "
+          f"batches of {args.batch_size}", file=sys.stderr)
+    if n_tokens > WARN_TOKENS * n_trained:
+        factor = n_tokens / n_trained
+        print(f"warning: that is {factor:.0f}x the {n_trained} tokens of the size the model was trained at "
+              f"({'x'.join(map(str, trained))}): quality there is untested, and each step costs {factor:.0f}x to "
+              f"{factor ** 2:.0f}x as much (attention grows with the square of the tokens)", file=sys.stderr)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(ckpt, device=device)
+    print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}", file=sys.stderr, flush=True)
+    batches = math.ceil(len(prompts) / args.batch_size)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=batches * opts["steps"], unit="step", desc="sampling", file=sys.stderr)
+    began = time.perf_counter()
+    for n, start in enumerate(range(0, len(prompts), args.batch_size), start=1):
         chunk = prompts[start:start + args.batch_size]
-        video = generate(pipe, chunk, frames=frames, height=height, width=width, steps=args.steps,
-                         sampler=args.sampler, cfg=args.cfg, eta=args.eta, seed=args.seed + start,
-                         decode_chunk=args.decode_chunk)
+        video = generate(pipe, chunk, frames=frames, height=height, width=width, steps=opts["steps"],
+                         sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
+                         decode_chunk=args.decode_chunk, shift=opts["shift"],
+                         callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         for clip, path, prompt in zip(to_uint8(video), paths[start:], chunk):
-            write_media(clip, path, fps=args.fps)
+            write_media(clip, path, fps=opts["fps"])
             print(f"{path}\t{prompt}", flush=True)
+        if bar is None:
+            print(f"batch {n}/{batches}: clips {start + 1}-{start + len(chunk)} of {len(prompts)} written "
+                  f"({time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()

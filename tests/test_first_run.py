@@ -128,3 +128,115 @@ def test_encode_keeps_the_good_shards_and_fails_naming_the_bad_one(root: Path, t
     assert proc.returncode == 0, proc.stderr
     assert "encoded 1 shards (8 samples), skipped 1 finished ones" in proc.stdout
     assert latent_samples(out / "00001.tar") == 8
+
+
+# ----------------------------------------------------------------------------- defect 9: dit sample
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A run as the trainer writes it (random weights, 5 x 16 x 32 clips), whose sample settings are not the
+    flags' old defaults: sample.cfg 4, sample.steps 2, sample.fps 6."""
+    from dit.config import load_config
+    from dit.export import write_export
+    from dit.models.dit import build_dit
+
+    root = tmp_path_factory.mktemp("sample")
+    cfg = load_config(None, ["data.frames=5", "data.height=16", "data.width=32", "text.encoder=none",
+                             "model.preset=dit-tiny", "sample.cfg=4.0", "sample.steps=2", "sample.fps=6"])
+    torch.manual_seed(0)
+    save_vae(CausalVAE(latent_channels=4, base_channels=8, channel_mults=(1, 1, 1, 1)), root / "vae")
+    model = build_dit(cfg.model, in_channels=4, text_dim=8)
+    ckpt = root / "run" / "checkpoints" / "step-00000007"
+    ckpt.mkdir(parents=True)
+    write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
+                 vae_dir=root / "vae")
+    return ckpt
+
+
+BAD_SAMPLE_ARGS = [  # (arguments, what the error line says)
+    (["--out", "x.xyz"], "cannot write .xyz files; use .mp4, .gif or .png"),
+    (["--fps", "0", "--out", "a.gif"], "--fps must be >= 1, got 0"),
+    (["--fps", "0", "--out", "a.mp4"], "--fps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--steps", "-3"], "--steps must be >= 1, got -3"),
+    (["--cfg", "-1"], "--cfg must be >= 0, got -1.0"),
+    (["--eta", "-0.5"], "--eta must be >= 0"),
+    (["--frames", "5", "--out", "x.png"], "a .png holds one frame, but --frames 5"),
+    (["--frames", "6"], "frames=6 must be 4k+1 (nearest valid: [5, 9])"),
+    (["--width", "20"], "width=20 must be a multiple of 16"),
+    (["--sampler", "flow_euler"], "does not fit this checkpoint"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_SAMPLE_ARGS, ids=[" ".join(a) for a, _ in BAD_SAMPLE_ARGS])
+def test_sample_refuses_bad_arguments_before_loading_the_model(checkpoint: Path, tmp_path: Path, monkeypatch,
+                                                               capsys, args: list[str], says: str) -> None:
+    from dit import sample
+    from dit.cli import main as dit_main
+
+    def load_pipeline(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sample, "load_pipeline", load_pipeline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        dit_main(["sample", "--checkpoint", str(checkpoint), "--prompt", "a red circle", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and says in errors[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_sample_errors_are_one_line_as_a_subprocess(checkpoint: Path, tmp_path: Path) -> None:
+    proc = dit("sample", "--checkpoint", str(checkpoint), "--prompt", "x", "--fps", "0",
+               "--out", str(tmp_path / "a.gif"))
+    assert_one_error_line(proc, "--fps must be >= 1")
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    proc = dit("sample", "--checkpoint", str(checkpoint), "--prompts", str(empty))
+    assert_one_error_line(proc, str(empty), "holds no prompt")  # not "give --prompt TEXT ...", as if none was given
+    assert list(tmp_path.iterdir()) == [empty]
+
+
+def test_sample_takes_the_runs_settings_says_what_it_loaded_and_shows_progress(checkpoint: Path,
+                                                                               tmp_path: Path) -> None:
+    from PIL import Image
+
+    proc = dit("sample", "--checkpoint", str(checkpoint), "--prompt", "a", "--prompt", "b", "--prompt", "c",
+               "--batch-size", "2", "--out", str(tmp_path / "taken.gif"))
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert "sampling 3 clip(s) of 5x16x32" in err and "ddim, 2 steps, cfg 4" in err  # the run's sample.*
+    assert f"loaded checkpoint {checkpoint} (step 7)" in err
+    assert "batch 1/2: clips 1-2 of 3" in err and "batch 2/2: clips 3-3 of 3" in err  # not a TTY: a line per batch
+    assert err.index("sampling 3 clip(s)") < err.index("loaded checkpoint") < err.index("batch 1/2")
+    assert [line.split("\t")[1] for line in proc.stdout.splitlines()] == ["a", "b", "c"]
+
+    # The run's cfg, steps and fps were used: the same first batch as with them given.
+    proc = dit("sample", "--checkpoint", str(checkpoint), "--prompt", "a", "--prompt", "b", "--batch-size", "2",
+               "--cfg", "4", "--steps", "2", "--fps", "6", "--out", str(tmp_path / "given.gif"))
+    assert proc.returncode == 0, proc.stderr
+    given, taken = Image.open(tmp_path / "given" / "0000.gif"), Image.open(tmp_path / "taken" / "0000.gif")
+    assert taken.info["duration"] == given.info["duration"] > 150  # 6 fps (the flag's old default, 8: 120 ms)
+    assert taken.n_frames == given.n_frames == 5
+    for i in range(5):
+        given.seek(i)
+        taken.seek(i)
+        assert list(given.getdata()) == list(taken.getdata())
+
+
+def test_sample_png_without_frames_is_an_image_and_a_far_larger_size_warns(checkpoint: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    proc = dit("sample", "--checkpoint", str(checkpoint), "--prompt", "a", "--out", str(tmp_path / "a.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "of 1x16x32" in proc.stderr and Image.open(tmp_path / "a.png").size == (32, 16)
+
+    proc = dit("sample", "--checkpoint", str(checkpoint), "--prompt", "a", "--frames", "41", "--height", "32",
+               "--steps", "1", "--out", str(tmp_path / "long.mp4"))
+    assert proc.returncode == 0, proc.stderr
+    assert "41x32x32 (frames x height x width; 44 latent tokens each)" in proc.stderr  # 11 x 4 x 4 / patch 1x2x2
+    assert "warning: that is 11x the 4 tokens of the size the model was trained at (5x16x32)" in proc.stderr
