@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("dit.cli", "dit.sample", "dit.encode", "dit.demo", "dit.plan", "dit.slurm")
+COMMANDS = ("dit.cli", "dit.sample", "dit.encode", "dit.demo", "dit.plan", "dit.slurm", "dit.check")
 LIBRARY = ("dit/models", "dit/diffusion", "dit/training", "dit/distributed", "data_pipelines", "dit/config.py",
            "dit/pipeline.py", "dit/export.py", "dit/fileio.py")
 INFERENCE = ("dit/pipeline.py", "dit/export.py", "dit/sample.py")
