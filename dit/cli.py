@@ -41,11 +41,10 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from dit.plan import estimate, format_plan, model_size
+    from dit.plan import check_plan_args, estimate, format_plan, model_size
 
+    check_plan_args(args.gpus, args.gpu_memory, args.gpus_per_node)
     cfg = _config(args)
-    if args.gpus < 1 or args.gpu_memory <= 0:
-        raise SystemExit("error: --gpus must be >= 1 and --gpu-memory (GiB per GPU) > 0")
     size = model_size(cfg)
     print(format_plan(cfg, args.gpus, args.gpu_memory,
                       estimate(cfg, args.gpus, args.gpu_memory, args.gpus_per_node, size=size), size))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dit.config import STRATEGIES, Config, ModelConfig, VAEConfig
+from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
 
 # Hidden-size values kept per token per block for backward. Counted like Korthikanti et al. (~34 for a GPT
 # block) plus what this block adds: cross-attention, qk-norm, RoPE and adaLN-Zero modulation temporaries;
@@ -124,10 +124,25 @@ def activation_bytes(size: ModelSize, batch: int, bytes_per_value: int, checkpoi
     return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * size.tokens * size.hidden)
 
 
+def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int) -> None:
+    """The job's shape, checked before anything is built: ``ConfigError`` naming the flag and the fix."""
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1 (ranks in the job), got {gpus}")
+    if not gpu_memory_gb > 0:
+        raise ConfigError(f"--gpu-memory must be > 0 (GiB per GPU, e.g. 80), got {gpu_memory_gb}")
+    if gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        lo = gpus // gpus_per_node * gpus_per_node
+        raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}; use "
+                          f"--gpus {lo} or {lo + gpus_per_node}, or another --gpus-per-node")
+
+
 def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 8,
              size: ModelSize | None = None, attention_scores: bool = False) -> list[Estimate]:
     """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; bf16 activations when
     train.mixed_precision is bf16/fp16/auto, fp32 for "no")."""
+    check_plan_args(gpus, gpu_memory_gb, gpus_per_node)
     size = size or model_size(cfg)
     t = cfg.train
     act_bytes = 4 if t.mixed_precision == "no" else 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from dit.config import ConfigError
 from dit.distributed.preemption import REQUEUE_EXIT_CODE
 
 log = logging.getLogger("dit.slurm")
@@ -116,6 +118,50 @@ class TrainJob:
     signal_seconds: int = 300  # SIGUSR1 this long before the time limit: finish the step, checkpoint, requeue
     sbatch_args: list[str] = field(default_factory=list)  # more sbatch options, e.g. --account=X --qos=Y
     python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        """Every option is checked before the config is read or a script written: ``ConfigError`` naming the flag."""
+        for flag, value, least in (("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
+                                   ("--procs-per-node", self.procs_per_node, 1),
+                                   ("--cpus-per-task", self.cpus_per_task, 1)):
+            if value is not None and value < least:
+                raise ConfigError(f"{flag} must be >= {least}, got {value}")
+        if not 1 <= self.signal_seconds <= MAX_SIGNAL_SECONDS:  # sbatch --signal=B:USR1@N: 0 <= N <= 65535
+            raise ConfigError(f"--signal-seconds must be in [1, {MAX_SIGNAL_SECONDS}] (SIGUSR1 this many seconds "
+                              f"before the time limit, to checkpoint and requeue), got {self.signal_seconds}")
+        limit = time_limit_seconds(self.time) if self.time is not None else None
+        if limit is not None and self.signal_seconds >= limit:
+            raise ConfigError(f"--signal-seconds {self.signal_seconds} is not below --time {self.time} ({limit} s): "
+                              "the job would be told to stop before it starts; lower --signal-seconds or raise --time")
+        for extra in self.sbatch_args:
+            if not extra.startswith("-"):
+                raise ConfigError(f"--sbatch {extra!r} is not an sbatch option; write it as --sbatch=--account=abc")
+
+
+MAX_SIGNAL_SECONDS = 65535
+# sbatch --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds (or UNLIMITED / INFINITE)
+TIME_FORMS = re.compile(r"(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)")
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """An sbatch ``--time`` in seconds (None: no limit), or ``ConfigError`` listing the forms sbatch accepts."""
+    if value.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    m = TIME_FORMS.fullmatch(value.strip())
+    if m is None:
+        raise ConfigError(f"--time {value!r} is not a SLURM time limit; use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM "
+                          "or D-HH:MM:SS (e.g. 24:00:00 or 2-00:00:00)")
+    days, hours, minutes, seconds, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        total = ((days * 24 + hours) * 60 + (minutes or 0)) * 60 + (seconds or 0)
+    elif c is not None:  # HH:MM:SS
+        total = (a * 60 + b) * 60 + c
+    else:  # MM[:SS]
+        total = a * 60 + (b or 0)
+    if total == 0:
+        return None  # sbatch: a time limit of 0 means none
+    return total
 
 
 def set_directives(script: str, options: dict[str, str | None]) -> str:

@@ -240,3 +240,74 @@ def test_sample_png_without_frames_is_an_image_and_a_far_larger_size_warns(check
     assert proc.returncode == 0, proc.stderr
     assert "41x32x32 (frames x height x width; 44 latent tokens each)" in proc.stderr  # 11 x 4 x 4 / patch 1x2x2
     assert "warning: that is 11x the 4 tokens of the size the model was trained at (5x16x32)" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- defect 10: slurm submit, plan
+
+
+def in_process(capsys, *args: str) -> str:
+    """`dit ARGS` in this process (its main, as the console script runs it): the one error line it printed."""
+    from dit.cli import main as dit_main
+
+    with pytest.raises(SystemExit) as exit_:
+        dit_main(list(args))
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+BAD_SUBMIT = [(["--nodes", "0"], "--nodes must be >= 1, got 0"),
+              (["--nodes", "-1"], "--nodes must be >= 1, got -1"),
+              (["--signal-seconds", "-5"], "--signal-seconds must be in [1, 65535]"),
+              (["--time", "abc"], "--time 'abc' is not a SLURM time limit"),
+              (["--time", "4", "--signal-seconds", "300"], "--signal-seconds 300 is not below --time 4 (240 s)"),
+              (["--gpus-per-node", "-1"], "--gpus-per-node must be >= 0"),
+              (["--procs-per-node", "0"], "--procs-per-node must be >= 1"),
+              (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
+              (["--sbatch", "account=abc"], "is not an sbatch option")]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_SUBMIT, ids=[" ".join(a) for a, _ in BAD_SUBMIT])
+def test_slurm_submit_refuses_bad_options(tmp_path: Path, capsys, args: list[str], says: str) -> None:
+    line = in_process(capsys, "slurm", "submit", "--config", CONFIG, f"train.output_dir={tmp_path / 'run'}",
+                      "--dry-run", *args)
+    assert says in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_submit_dry_run_with_bad_nodes_is_one_line_as_a_subprocess(tmp_path: Path) -> None:
+    proc = dit("slurm", "submit", "--config", CONFIG, f"train.output_dir={tmp_path / 'run'}", "--nodes=0",
+               "--dry-run")
+    assert_one_error_line(proc, "--nodes must be >= 1, got 0")
+    assert "#SBATCH" not in proc.stdout and not (tmp_path / "run").exists()
+    good = dit("slurm", "submit", "--config", CONFIG, f"train.output_dir={tmp_path / 'run'}", "--nodes=2",
+               "--time=2-00:00", "--dry-run")
+    assert good.returncode == 0, good.stderr
+    assert "#SBATCH --nodes=2" in good.stdout and "#SBATCH --time=2-00:00" in good.stdout
+
+
+BAD_PLAN = [(["--gpus-per-node", "0", "train.fsdp_shard=hybrid"], "--gpus-per-node must be >= 1, got 0"),
+            (["--gpus", "16", "--gpus-per-node", "3"],
+             "--gpus 16 is not a whole number of nodes of --gpus-per-node 3; use --gpus 15 or 18"),
+            (["--gpus", "0"], "--gpus must be >= 1"),
+            (["--gpu-memory", "0"], "--gpu-memory must be > 0")]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_PLAN, ids=[" ".join(a) for a, _ in BAD_PLAN])
+def test_plan_refuses_a_job_shape_that_cannot_be(capsys, args: list[str], says: str) -> None:
+    base = {"--gpus": "16", "--gpu-memory": "80"}
+    for flag in ("--gpus", "--gpu-memory"):
+        if flag in args:
+            base.pop(flag)
+    line = in_process(capsys, "plan", "--config", CONFIG, *(x for kv in base.items() for x in kv), *args)
+    assert says in line, line
+
+
+def test_plan_with_gpus_per_node_0_is_one_line_as_a_subprocess() -> None:
+    proc = dit("plan", "--config", CONFIG, "--gpus", "8", "--gpu-memory", "80", "--gpus-per-node", "0",
+               "train.strategy=fsdp", "train.fsdp_shard=hybrid")
+    assert_one_error_line(proc, "--gpus-per-node must be >= 1")
+    ok = dit("plan", "--config", CONFIG, "--gpus", "16", "--gpu-memory", "80", "--gpus-per-node", "8",
+             "train.fsdp_shard=hybrid")
+    assert ok.returncode == 0 and "fsdp" in ok.stdout, ok.stderr
