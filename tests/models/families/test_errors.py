@@ -135,3 +135,23 @@ def test_cli_prints_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: model.pretrained: '{tmp_path}' is not a diffusers model folder (no config.json); point it at the "
         "transformer/ subfolder of a diffusers wan pipeline"]
+
+
+def test_train_refuses_a_text_encoder_of_another_width_before_loading_anything(tiny_folder, tmp_path):
+    """The packaged MiniLM (384 wide) cannot drive the tiny Wan (16): `dit train` says so from the configs, before
+    the VAE, the text encoder or the data are touched (the VAE folder holds no weights at all here)."""
+    from tiny_vaes import TINY as TINY_VAES
+
+    from dit.training import train
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", **TINY_VAES["wan"], "z_dim": 4}))
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"")  # never read
+    cfg = load_config(None, ["model.family=wan", "diffusion.objective=flow", f"model.pretrained={tiny_folder('wan')}",
+                             "vae.family=wan", f"vae.pretrained={vae}", "text.encoder=minilm", "data.frames=9",
+                             "data.height=32", "data.width=48", f"data.shards={tmp_path}",
+                             f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"takes text states of width 16 \(text_dim\) but the text encoder gives 384"):
+        train.main(cfg)
+    assert not (tmp_path / "run").exists()
