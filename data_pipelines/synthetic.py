@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.config import ConfigError, size_problems
 from data_pipelines.writer import encode_image, encode_mp4, write_shards
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -88,9 +89,16 @@ def make_synthetic(out_dir: str | Path, *, num_clips: int = 256, frames: int = 1
 
     Each sample has ``KEY.mp4`` (h264, crf 10 so colours survive), or ``KEY.png`` when ``frames == 1``,
     plus ``KEY.txt`` (the caption) and ``KEY.json`` (the attributes). Deterministic for a seed.
+
+    The size follows the VAE's rule (``size_problems``: frames 4k+1, sides multiples of 8), so the clips train as
+    they are; a size that breaks it, or no clips, is a ``ConfigError`` naming the nearest valid values.
     """
-    if height % 2 or width % 2:
-        raise ValueError(f"height and width must be even for h264, got {height}x{width}")
+    if num_clips < 1 or clips_per_shard < 1 or fps < 1:
+        raise ConfigError(f"--num-clips, --clips-per-shard and the fps must be >= 1, got {num_clips}, "
+                          f"{clips_per_shard} and {fps}")
+    problems = size_problems(frames, height, width)
+    if problems:
+        raise ConfigError("; ".join(f"--{p}" for p in problems.values()))
     rng = random.Random(seed)
     combos = list(itertools.product(COLORS, SHAPES, DIRECTIONS))
 

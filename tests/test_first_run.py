@@ -311,3 +311,16 @@ def test_plan_with_gpus_per_node_0_is_one_line_as_a_subprocess() -> None:
     ok = dit("plan", "--config", CONFIG, "--gpus", "16", "--gpu-memory", "80", "--gpus-per-node", "8",
              "train.fsdp_shard=hybrid")
     assert ok.returncode == 0 and "fsdp" in ok.stdout, ok.stderr
+
+
+# ----------------------------------------------------------------------------- defect 12: make-synthetic
+
+
+def test_make_synthetic_refuses_no_clips_and_a_size_the_vae_cannot_code(tmp_path: Path, capsys) -> None:
+    proc = dit("make-synthetic", str(tmp_path / "none"), "--num-clips", "0")
+    assert_one_error_line(proc, "--num-clips", "got 0")
+    assert not (tmp_path / "none").exists()  # no empty shard
+    line = in_process(capsys, "make-synthetic", str(tmp_path / "odd"), "--frames", "8", "--height", "30")
+    assert "--frames=8 must be 4k+1 (nearest valid: [5, 9])" in line
+    assert "--height=30 must be a multiple of 8 (nearest valid: [24, 32])" in line
+    assert not (tmp_path / "odd").exists()
