@@ -245,7 +245,7 @@ def refuse_mixed_runs(out: str | Path, resume_from: Path | None, model: dict[str
             "train.output_dir, or pass --overwrite to delete its checkpoints and logs and start over")
     if resume_from is None:
         return
-    recorded = json.loads((resume_from / "config.json").read_text())["experiment"]["model"]
+    recorded = json.loads((resume_from / "config.json").read_text()).get("experiment", {}).get("model", {})
     changed = [f"model.{k}={recorded[k]!r} there, {model.get(k)!r} here" for k in ARCHITECTURE
                if k in recorded and recorded[k] != model.get(k)]
     if changed:
