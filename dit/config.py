@@ -234,6 +234,29 @@ class DiffusionConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the denoiser's linear layers; only they train (dit/models/lora.py)."""
+
+    rank: int = 0  # 0: off (full fine-tuning or training from scratch)
+    alpha: float | None = None  # the update is (alpha / rank) B A; None: alpha = rank (scale 1)
+    dropout: float = 0.0
+    targets: list[str] | None = None  # module-name regexes (full match); None: every block's attention and MLP
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, "train.lora.rank", f"must be >= 0 (0: no LoRA), got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, "train.lora.alpha", "must be > 0 or null (= rank)")
+        _check(0.0 <= self.dropout < 1.0, "train.lora.dropout", "must be in [0, 1)")
+        _check(self.targets is None or self.rank > 0, "train.lora.targets",
+               "set train.lora.rank >= 1 to train adapters on them (rank 0 is full fine-tuning)")
+        _check(self.targets is None or (len(self.targets) > 0 and all(self.targets)), "train.lora.targets",
+               "must be a non-empty list of module-name patterns, or null for the defaults")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 8
@@ -262,6 +285,10 @@ class TrainConfig:
     max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
     parity_batch: bool = False  # tests: every rank draws the whole global batch like 1 process and keeps its slice
     watchdog_timeout: float = 600.0  # log the stuck rank, phase and stack when one phase lasts longer (0: off)
+    # Fine-tuning: a new run from trained weights (weights only: fresh optimizer, LR schedule, step 0), from a run or
+    # checkpoint directory of ours or a family's diffusers transformer folder; train.resume continues a run instead.
+    init_from: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "must be >= 1")
@@ -284,6 +311,9 @@ class TrainConfig:
         _check(self.resume in ("auto", "never") or Path(self.resume).is_dir(), "train.resume",
                f"must be auto, never or an existing checkpoint directory; {self.resume!r} is none of these")
         _check(self.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+        _check(self.init_from is None or Path(self.init_from).is_dir(), "train.init_from",
+               f"{self.init_from!r} is not a directory: point it at a run or checkpoint directory of dit, or at a "
+               "family's diffusers transformer folder")
         _check(self.watchdog_timeout >= 0, "train.watchdog_timeout", "must be >= 0 seconds (0: off)")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be > 0")

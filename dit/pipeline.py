@@ -20,11 +20,12 @@ from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
-from dit.export import load_weights, resolve_checkpoint
+from dit.export import resolve_checkpoint
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
 from dit.models.text import TextEncoder, build_text_encoder
 from dit.models.vae import CausalVAE, load_vae
+from dit.weights import checkpoint_weights
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
                                                      "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver}
@@ -48,10 +49,13 @@ def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
                          zero_terminal_snr=d["zero_terminal_snr"], snr_shift_scale=d.get("snr_shift_scale", 1.0))
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None) -> Pipeline:
-    """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory."""
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None,
+                  lora: str | Path | None = None, lora_scale: float = 1.0) -> Pipeline:
+    """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory. A
+    LoRA run samples its base with its adapter merged; ``lora`` (a LoRA run, checkpoint or adapter file) adds
+    another adapter at ``lora_scale``."""
     ckpt = resolve_checkpoint(path)
-    weights, config = load_weights(ckpt)
+    weights, config = checkpoint_weights(ckpt, lora, lora_scale)
     model = denoiser_from_config(config["dit"], weights)  # our DiT or a pretrained family, as the checkpoint says
     vae = load_vae(ckpt / "vae")
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))

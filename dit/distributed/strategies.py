@@ -50,6 +50,7 @@ class Strategy:
     """DDP (also the single-process path). Subclasses change only what differs."""
 
     name = "ddp"
+    keep: Callable[[str], bool] | None = None  # which state-dict keys checkpoints hold (LoRA: the adapter); None: all
 
     def __init__(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEmaV3,
                  make_optimizer: MakeOptimizer, mixed_precision: str = "no") -> None:
@@ -119,12 +120,24 @@ class Strategy:
     def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
         return p.data
 
+    def kept(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state if self.keep is None else {k: v for k, v in state.items() if self.keep(k)}
+
+    def load_kept(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's (kept) state: every key when all are kept, else exactly the kept ones."""
+        missing, unexpected = module.load_state_dict(state, strict=self.keep is None)
+        lost = [k for k in missing if self.keep is not None and self.keep(k)]
+        if lost or unexpected:
+            raise RuntimeError(f"checkpoint state does not fit the model: missing {lost[:3]}, unexpected "
+                               f"{unexpected[:3]}")
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full trained weights (plain DiT keys), on rank 0 at least; a collective under sharding."""
-        return dict(self.module.state_dict())
+        """The trained weights (plain DiT keys; only the kept ones), on rank 0 at least; a collective under
+        sharding."""
+        return self.kept(dict(self.module.state_dict()))
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.ema.module.state_dict())
+        return self.kept(dict(self.ema.module.state_dict()))
 
     def save(self, ckpt: Path) -> dict[str, Any]:
         """Write sharded state under ``ckpt`` (every rank calls this); return what goes into training_state.pt
@@ -135,8 +148,8 @@ class Strategy:
         return state
 
     def load(self, ckpt: Path, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        self.ema.module.load_state_dict(state["ema"])
+        self.load_kept(self.module, state["model"])
+        self.load_kept(self.ema.module, state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -231,19 +244,20 @@ class DeepSpeedStrategy(Strategy):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         with self._gathered():
-            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            return self.kept({k: v.detach().clone() for k, v in self.module.state_dict().items()})
 
     def save(self, ckpt: Path) -> dict[str, Any]:
-        self.model.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
+        self.model.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False,
+                                   exclude_frozen_parameters=self.keep is not None)
         return {"model": self.model_state_dict()}
 
     def load(self, ckpt: Path, state: dict[str, Any]) -> None:
         path, _ = self.model.load_checkpoint(str(ckpt / "deepspeed"), tag="state", load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+                                             load_lr_scheduler_states=False, load_module_strict=self.keep is None)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {ckpt / 'deepspeed'}: was it written by strategy "
                                     f"{self.cfg.strategy}?")
-        self.ema.module.load_state_dict(state["ema"])
+        self.load_kept(self.ema.module, state["ema"])
 
 
 class FSDPStrategy(Strategy):
@@ -298,23 +312,24 @@ class FSDPStrategy(Strategy):
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._full(self.module)
+        return self.kept(self._full(self.module))
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._full(self.ema.module)
+        return self.kept(self._full(self.ema.module))
 
     def save(self, ckpt: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(self.ema.module)},
-                 checkpoint_id=str(ckpt / "fsdp"))
+        dcp.save({"model": self.kept(model_sd), "optim": optim_sd,
+                  "ema": self.kept(get_model_state_dict(self.ema.module))}, checkpoint_id=str(ckpt / "fsdp"))
         return {"model": self.model_state_dict()}
 
     def load(self, ckpt: Path, state: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_state_dict,
             set_model_state_dict,
@@ -322,11 +337,13 @@ class FSDPStrategy(Strategy):
         )
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        sharded = {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(self.ema.module)}
+        sharded = {"model": self.kept(model_sd), "optim": optim_sd,
+                   "ema": self.kept(get_model_state_dict(self.ema.module))}
         dcp.load(sharded, checkpoint_id=str(ckpt / "fsdp"))
+        options = StateDictOptions(strict=self.keep is None)
         set_state_dict(self.module, self.optimizer, model_state_dict=sharded["model"],
-                       optim_state_dict=sharded["optim"])
-        set_model_state_dict(self.ema.module, sharded["ema"])
+                       optim_state_dict=sharded["optim"], options=options)
+        set_model_state_dict(self.ema.module, sharded["ema"], options=options)
 
 
 def build_strategy(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEmaV3,

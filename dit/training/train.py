@@ -42,6 +42,7 @@ from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, check_fit
+from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_width
 from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, generate, schedule_from_config, to_uint8
@@ -59,6 +60,7 @@ from dit.training.checkpoint import (
     set_rng_state,
 )
 from dit.training.ema import build_ema
+from dit.training.finetune import check_finetune, load_init_from, meta_model_config, write_adapter
 from dit.training.metrics import Throughput
 from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
@@ -68,6 +70,7 @@ log = logging.getLogger("dit.train")
 
 
 def check_inputs(cfg: Config) -> None:
+    t = cfg.train
     if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
         raise ConfigError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
                           "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan vae.pretrained=DIR)")
@@ -76,7 +79,11 @@ def check_inputs(cfg: Config) -> None:
                           "folder, e.g. vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae")
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
-    if cfg.model.family != "dit" and not cfg.model.pretrained:
+    if t.init_from or t.lora.rank:  # the base exists and fits this model: from configs, a meta-device model
+        channels, temporal, spatial = cfg.vae.geometry()
+        built = meta_model_config(cfg, channels, text_width(cfg.text), (temporal, spatial)) if t.init_from else None
+        check_finetune(cfg, built)
+    if cfg.model.family != "dit" and not cfg.model.pretrained and not t.init_from:
         log.warning("model.pretrained is not set: the %s transformer starts from random weights", cfg.model.family)
     if not cfg.data.shards and not cfg.data.datasets:
         raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
@@ -232,6 +239,8 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
         training_state = strategy.save(tmp)  # every rank: sharded model + optimizer where there are shards
         if env.is_main:
             config = {"dit": strategy.ema.module.config, "experiment": cfg.to_dict()}
+            if cfg.train.lora.rank:
+                config["lora"] = write_adapter(tmp, ema_weights, cfg)
             write_export(tmp, weights=ema_weights, config=config, manifest=False)  # one for all: at the end
             export_vae(cfg.vae, tmp / "vae")  # ours copied; a pretrained family recorded by its folder
             training_state.update(scheduler=lr_schedule.state_dict(), ema=ema_weights, step=step,
@@ -352,10 +361,20 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     model = build_denoiser(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim,
                            compression=(vae.temporal_compression, vae.spatial_compression))
+    if t.init_from and (resume_from is None or t.lora.rank):  # a LoRA run's base, also under its resumed adapter
+        load_init_from(model, t.init_from)
+    lora = t.lora
+    if lora.rank:
+        modules = inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
+                 sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 sum(p.numel() for p in model.parameters()))
     strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay),
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
                            mixed_precision=mixed_precision(t.mixed_precision))
+    if lora.rank:
+        strategy.keep = is_lora_key  # checkpoints hold the adapter only; the base comes from train.init_from
     lr_schedule = build_lr_schedule(strategy.optimizer, t)
     noise_schedule = schedule_from_config(cfg.diffusion)
     noise_schedule_dev = noise_schedule.to(env.device)

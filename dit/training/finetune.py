@@ -1,0 +1,99 @@
+"""Starting a run from trained weights (train.init_from) and training LoRA adapters (train.lora): the checks made
+before any work, the weights loaded into the fresh model, and what a LoRA checkpoint records about its base."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_pipelines.config import ConfigError
+from dit.config import Config
+from dit.export import resolve_checkpoint
+from dit.models.lora import LORA_FILE, adapter_weights, write_lora_file
+from dit.weights import checkpoint_weights, folder_weights, is_diffusers_folder
+
+log = logging.getLogger("dit.train")
+
+
+def base_record(cfg: Config) -> dict[str, str] | None:
+    """Where the run's starting weights come from (absolute), recorded in LoRA checkpoints; None: random init."""
+    if cfg.train.init_from:
+        return {"init_from": str(Path(cfg.train.init_from).resolve())}
+    if cfg.model.family != "dit" and cfg.model.pretrained:
+        return {"pretrained": str(Path(cfg.model.pretrained).resolve())}
+    return None
+
+
+def init_config(path: str) -> dict[str, Any] | None:
+    """The model config ("dit" entry) of train.init_from when it is a checkpoint of ours (None for a diffusers
+    folder); errors name the path and the fix."""
+    if is_diffusers_folder(path):
+        return None
+    try:
+        ckpt = resolve_checkpoint(path)
+    except FileNotFoundError:
+        raise ConfigError(f"train.init_from: {path!r} is neither a run / checkpoint directory of dit (no "
+                          "checkpoints/step-*/ with model.safetensors + config.json) nor a diffusers transformer "
+                          "folder (config.json with _class_name)") from None
+    return json.loads((ckpt / "config.json").read_text())["dit"]
+
+
+def check_finetune(cfg: Config, model_config: dict[str, Any] | None) -> None:
+    """Before any work: a LoRA run has a base to adapt, and train.init_from holds weights of the model this config
+    builds (``model_config``: its "dit" entry, built on the meta device)."""
+    t = cfg.train
+    if t.lora.rank and base_record(cfg) is None:
+        raise ConfigError("train.lora.rank: LoRA adapts trained weights, and this run starts from random ones: set "
+                          "train.init_from=RUN_OR_CHECKPOINT (or model.pretrained for a family)")
+    if not t.init_from:
+        return
+    source = init_config(t.init_from)
+    if source is None:
+        if cfg.model.family == "dit":
+            raise ConfigError(f"train.init_from: {t.init_from!r} is a diffusers folder; set model.family to its "
+                              "family (wan, cogvideox or ltx)")
+        return  # the family's own folder check runs when its weights load
+    if model_config is not None and source != model_config:
+        differ = sorted(k for k in set(source) | set(model_config) if source.get(k) != model_config.get(k))
+        shown = ", ".join(f"{k}={source.get(k)!r} there, {model_config.get(k)!r} here" for k in differ[:4])
+        raise ConfigError(f"train.init_from: {t.init_from!r} holds another model than this config builds ({shown}); "
+                          "set model.* as in that run (its config.yaml)")
+
+
+def load_init_from(model: nn.Module, path: str) -> None:
+    """The weights of ``path`` (a checkpoint's EMA export, a LoRA run merged, or a diffusers folder) into
+    ``model``; every key must fit."""
+    weights = folder_weights(path) if is_diffusers_folder(path) else checkpoint_weights(path)[0]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"train.init_from: {path!r} does not fit this model (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}); set model.* as in that run")
+    log.info("initialized from %s (weights only: fresh optimizer, LR schedule and step 0)", path)
+
+
+def meta_model_config(cfg: Config, in_channels: int, text_dim: int,
+                      compression: tuple[int, int]) -> dict[str, Any]:
+    """The "dit" config entry the model of ``cfg`` will have, built on the meta device (no memory, no weights)."""
+    from dit.models.families import build_denoiser
+
+    with torch.device("meta"):
+        model = build_denoiser(cfg.model, in_channels=in_channels, text_dim=text_dim, compression=compression,
+                               load_weights=False)
+    return json.loads(json.dumps(model.config))
+
+
+def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+    """The (EMA) adapter of a LoRA checkpoint as diffusers' LoRA file in ``ckpt``; returns config.json's "lora"
+    record (rank, alpha, modules, base)."""
+    lora = cfg.train.lora
+    adapter = adapter_weights(ema_weights)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in adapter})
+    alpha = lora.alpha if lora.alpha is not None else float(lora.rank)
+    write_lora_file(ckpt / LORA_FILE, adapter, family=cfg.model.family, rank=lora.rank, alpha=alpha,
+                    modules=modules, dropout=lora.dropout)
+    return {"rank": lora.rank, "alpha": alpha, "modules": modules, "base": base_record(cfg)}
