@@ -107,6 +107,14 @@ def encode(root: Path, shards: str, out: Path) -> subprocess.CompletedProcess:
                "--batch-size", "8")
 
 
+def test_encode_without_vae_checkpoint_or_with_a_bad_batch_size(root: Path, tmp_path: Path, capsys) -> None:
+    line = in_process(capsys, "encode", f"{root}/data", str(tmp_path / "latents"), "--config", CONFIG, *SMALL)
+    assert "vae.checkpoint is not set" in line and not (tmp_path / "latents").exists()
+    line = in_process(capsys, "encode", f"{root}/data", str(tmp_path / "latents"), "--config", CONFIG,
+                      f"vae.checkpoint={root}/vae", "--batch-size", "0", *SMALL)
+    assert "--batch-size must be >= 1, got 0" in line and not (tmp_path / "latents").exists()
+
+
 def test_encode_of_unreadable_shards_fails_and_writes_nothing(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "latents"
     for _ in range(2):  # a rerun does not take anything for finished: it fails the same way
