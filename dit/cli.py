@@ -64,6 +64,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run_sample(args)
 
 
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from dit.merge import merge_lora_run
+
+    print(merge_lora_run(args.run, args.out, scale=args.scale))
+
+
 def cmd_encode(args: argparse.Namespace) -> None:
     from dit.encode import encode_shards
 
@@ -186,7 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="clips sampled together")
     p.add_argument("--decode-chunk", type=int, default=0, help="latent frames per VAE decode chunk (0: all)")
     p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")
+    p.add_argument("--lora", default=None, metavar="RUN", help="apply a LoRA run's adapter (its newest checkpoint, a "
+                   "checkpoint dir or a *lora*.safetensors file) to --checkpoint")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="scale of --lora's update (0: the base alone)")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("lora", help="LoRA adapters: merge one into its base")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    q = lora_sub.add_parser("merge", help="write a normal checkpoint directory: the base with the adapter merged")
+    q.add_argument("run", help="a LoRA run (its newest checkpoint) or a LoRA checkpoint directory")
+    q.add_argument("--out", required=True, help="the new checkpoint directory (must not exist)")
+    q.add_argument("--scale", type=float, default=1.0, help="scale of the adapter's update")
+    q.set_defaults(fn=cmd_lora_merge)
 
     p = sub.add_parser("encode", help="raw shards -> latent shards (VAE posterior + text states), one per input")
     p.add_argument("shards", help="shard spec (brace pattern, directory, comma list)")

@@ -85,6 +85,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be >= 0, got {value}" + (" (1: the prompt alone, no guidance; above 1: "
                                                                      "follow it more closely)" if flag == "--cfg"
                                                                      else ""))
+    if getattr(args, "lora", None) is not None and not Path(args.lora).exists():
+        raise ConfigError(f"--lora {args.lora!r} does not exist: give a LoRA run, a LoRA checkpoint directory or its "
+                          "pytorch_lora_weights.safetensors")
     suffix = Path(args.out).suffix.lower()
     if suffix and suffix not in SUFFIXES:
         raise ConfigError(f"--out {args.out!r}: cannot write {suffix} files; use .mp4, .gif or .png, or a folder name "
@@ -185,7 +188,7 @@ def run_sample(args: argparse.Namespace) -> None:
               f"{factor ** 2:.0f}x as much (attention grows with the square of the tokens)", file=sys.stderr)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(ckpt, device=device)
+    pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale)
     print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}", file=sys.stderr, flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)
     bar = None

@@ -61,16 +61,17 @@ def base_weights(base: dict[str, str]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def checkpoint_weights(path: str | Path, lora: str | Path | None = None,
-                       lora_scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(plain weights, config.json) of a run or checkpoint directory; a LoRA run's adapter is merged into its base.
-    ``lora``: another LoRA run or checkpoint (or its adapter file) applied on top at ``lora_scale``."""
+def checkpoint_weights(path: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0,
+                       own_scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(plain weights, config.json) of a run or checkpoint directory; a LoRA run's adapter is merged into its base
+    at ``own_scale``. ``lora``: another LoRA run or checkpoint (or its adapter file) applied on top at
+    ``lora_scale``."""
     ckpt = resolve_checkpoint(path)
     weights, config = load_weights(ckpt)
     record = config.get("lora")
     if record is not None:
         weights = merge_lora(base_weights(record["base"]), strip_adapter_name(weights),
-                             record["alpha"] / record["rank"])
+                             own_scale * record["alpha"] / record["rank"])
         config = {k: v for k, v in config.items() if k != "lora"}
     if lora is not None:
         adapter, meta = adapter_of(lora, config["dit"].get("family", "dit"))

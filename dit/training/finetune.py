@@ -60,7 +60,7 @@ def check_finetune(cfg: Config, model_config: dict[str, Any] | None) -> None:
         return  # the family's own folder check runs when its weights load
     if model_config is not None and source != model_config:
         differ = sorted(k for k in set(source) | set(model_config) if source.get(k) != model_config.get(k))
-        shown = ", ".join(f"{k}={source.get(k)!r} there, {model_config.get(k)!r} here" for k in differ[:4])
+        shown = "; ".join(f"{k}: {source.get(k)!r} there, {model_config.get(k)!r} here" for k in differ[:4])
         raise ConfigError(f"train.init_from: {t.init_from!r} holds another model than this config builds ({shown}); "
                           "set model.* as in that run (its config.yaml)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from runs import small_config
@@ -54,3 +55,60 @@ def test_only_the_adapter_trains_and_is_saved(lora_run: Path, base_run: Path) ->
     assert "lora" not in merged_config and merged.keys() == base.keys()
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all(k.endswith(".weight") for k in changed)
+
+
+def sample_png(out: Path, checkpoint: Path, *extra: str) -> np.ndarray:
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    dit(["sample", "--checkpoint", str(checkpoint), "--prompt", "a red circle moving left", "--frames", "1",
+         "--steps", "3", "--seed", "1", "--out", str(out), *extra])
+    return np.asarray(Image.open(out)).astype(np.int16)
+
+
+def test_merged_checkpoint_base_plus_adapter_and_the_lora_run_sample_alike(lora_run: Path, base_run: Path,
+                                                                            tmp_path: Path) -> None:
+    from dit.merge import merge_lora_run
+
+    merged = merge_lora_run(lora_run, tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file() and "lora" not in json.loads((merged / "config.json").read_text())
+    run = sample_png(tmp_path / "run.png", lora_run)
+    assert np.abs(sample_png(tmp_path / "merged.png", merged) - run).max() <= 1
+    assert np.abs(sample_png(tmp_path / "plus.png", base_run, "--lora", str(lora_run)) - run).max() <= 1
+    base = sample_png(tmp_path / "base.png", base_run)
+    assert np.array_equal(sample_png(tmp_path / "zero.png", base_run, "--lora", str(lora_run), "--lora-scale", "0"),
+                          base)  # scale 0 is the base, exactly
+    assert np.abs(run - base).max() > 1  # and the adapter changes the image
+
+
+def test_bad_fine_tune_inputs_fail_before_any_work(tmp_path: Path, small_shards: str, small_vae: Path,
+                                                    base_run: Path, lora_run: Path) -> None:
+    from dit.config import ConfigError
+    from dit.merge import merge_lora_run
+    from dit.weights import checkpoint_weights
+
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    with pytest.raises(ConfigError, match="train.init_from: .* is neither a run / checkpoint directory of dit"):
+        train.main(small_config(tmp_path / "a", small_shards, small_vae, **{"train.init_from": str(not_a_run)}))
+    with pytest.raises(ConfigError, match=r"train.init_from: .* holds another model than this config builds "
+                                          r"\(depth: 4 there, 12 here; hidden_size: 128 there, 384 here"):
+        train.main(small_config(tmp_path / "b", small_shards, small_vae, **{"train.init_from": str(base_run),
+                                                                             "model.preset": "DiT-S/2"}))
+    with pytest.raises(ConfigError, match="train.lora.rank: LoRA adapts trained weights"):
+        train.main(small_config(tmp_path / "c", small_shards, small_vae, **{"train.lora.rank": 4}))
+    with pytest.raises(ConfigError, match=r"train.lora.targets: set train.lora.rank >= 1"):
+        small_config(tmp_path / "d", small_shards, small_vae, **{"train.lora.targets": "[blocks.0.attn.q]"})
+    with pytest.raises(ConfigError, match=r"train.lora.rank: must be >= 0"):
+        small_config(tmp_path / "e", small_shards, small_vae, **{"train.lora.rank": -1})
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+    other = tmp_path / "other"  # a DiT of another width: the adapter's shapes do not fit it
+    train.main(small_config(other, small_shards, small_vae, **{"train.steps": 1, "model.hidden_size": 64,
+                                                               "model.num_heads": 2}))
+    with pytest.raises(ValueError, match=r"the adapter's 'blocks.0.attn.kv' is 256x128 \(rank 4\) but the base "
+                                         r"weight is 128x64: an adapter for another model"):
+        checkpoint_weights(other, lora=lora_run)
+    with pytest.raises(ConfigError, match="is not a LoRA checkpoint"):
+        merge_lora_run(base_run, tmp_path / "m")
