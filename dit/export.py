@@ -186,6 +186,19 @@ def first_intact(candidates: Iterable[Path], problem_of: Callable[[Path], str | 
         "checkpoint without manifest (written before manifests) is used only when its directory itself is passed")
 
 
+_VERIFIED: set[tuple] = set()  # export stamps this process has verified (`dit sample` resolves a checkpoint twice)
+
+
+def _export_stamp(ckpt: Path) -> tuple | None:
+    """(path, size and mtime of the manifest and of each export file): equal stamps mean unchanged files."""
+    try:
+        files = [ckpt / MANIFEST, *sorted(f for f in ckpt.rglob("*") if f.is_file()
+                                          and is_export(f.relative_to(ckpt).as_posix()))]
+        return (str(ckpt.resolve()), *((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    except OSError:
+        return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself (verified: a torn one is a CheckpointError, one without manifest is used with
     a warning), or the newest intact checkpoint of a training output directory (newer torn ones skipped, logged).
@@ -193,7 +206,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
 
     def problem_of(ckpt: Path) -> str | None:
-        return checkpoint_problem(ckpt, only=is_export)
+        key = _export_stamp(ckpt)
+        if key is not None and key in _VERIFIED:  # hashed already by this process, unchanged since (sizes, mtimes)
+            return None
+        problem = checkpoint_problem(ckpt, only=is_export)
+        if problem is None and key is not None:
+            _VERIFIED.add(key)
+        return problem
 
     if (p / "model.safetensors").is_file() or (p / MANIFEST).is_file():
         problem = problem_of(p)
