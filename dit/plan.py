@@ -39,6 +39,7 @@ class ModelSize:
     heads: int
     tokens: int  # latent tokens per sample
     text_len: int
+    base: int = 0  # LoRA: the denoiser's own (frozen) parameters, held beside the adapter; params is the adapter
 
 
 @dataclass
@@ -106,7 +107,15 @@ def model_size(cfg: Config) -> ModelSize:
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = (t // pt) * (h // ph) * (w // pw)
-    return ModelSize(params=sum(p.numel() for p in dit.parameters()),
+    lora, base = cfg.train.lora, 0
+    if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
+        from dit.models.lora import target_modules
+
+        modules = dict(dit.named_modules())
+        adapter = sum(lora.rank * (modules[n].in_features + modules[n].out_features)
+                      for n in target_modules(dit, lora.targets))
+        base = sum(p.numel() for p in dit.parameters())
+    return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
                      frozen=vae_params + text_params,
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
@@ -153,6 +162,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         n = max(gpus, 1)
         shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
         weights, grads, optim, ema = p, p, 2 * p, p
+        if size.base:  # LoRA: the frozen base sits in the model with the adapter; the EMA shares it except
+            weights = p + 4.0 * size.base  # under ZeRO-3 / FSDP, which shard a copy of it (dit/training/ema.py)
+            ema = p + 4.0 * size.base if name in ("zero3", "fsdp") else p
         if name == "zero1":
             optim /= n
         elif name == "zero2":
@@ -175,7 +187,10 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
     missing = cfg.text.encoder == "hf" and not (Path(cfg.text.path) / "config.json").is_file()
-    lines = [f"model: {size.params / 1e6:.1f}M trainable parameters (hidden {size.hidden}, depth {size.depth}), "
+    trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
+               f"{size.base / 1e6:.1f}M-parameter model" if size.base else
+               f"{size.params / 1e6:.1f}M trainable parameters")
+    lines = [f"model: {trained} (hidden {size.hidden}, depth {size.depth}), "
              f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
              f"{'on' if cfg.model.gradient_checkpointing else 'off'}",

@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data_pipelines.latents import check_latent_shards
 from data_pipelines.loader import build_loader
 from data_pipelines.state import merge_states
-from dit.config import Config, ConfigError, DiffusionConfig, VAEConfig, save_config
+from dit.config import Config, ConfigError, DiffusionConfig, ModelConfig, VAEConfig, save_config
 from dit.diffusion.flow import latent_tokens, sample_sigmas
 from dit.diffusion.objectives import flow_loss, training_loss
 from dit.distributed.parallelize import parallelize
@@ -40,6 +40,7 @@ from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ra
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
+from dit.models.condition import draw_first_frame_condition
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, check_fit
 from dit.models.lora import inject_lora, is_lora_key
@@ -137,11 +138,13 @@ def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Modul
 @torch.no_grad()
 def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, diffusion: DiffusionConfig,
                patch: tuple[int, int, int], rng: RandomStreams, device: torch.device,
-               keep: slice | None) -> tuple[torch.Tensor, ...]:
+               keep: slice | None, model: ModelConfig | None = None) -> tuple[torch.Tensor, ...]:
     """Latents, text states + mask, timesteps (integer steps; for flow σ in [0, 1]) and noise for a batch; ``keep``
     slices a global batch to this rank. A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the
     VAE encoder (and the text encoder) but draws the same random numbers in the same order, so it trains exactly as
-    the raw shards it came from."""
+    the raw shards it came from. With model.condition=first_frame a sixth tensor follows: the image-to-video
+    condition (dit/models/condition.py), built from the posterior mean of latent frame 0 (the VAE's code of pixel
+    frame 0 alone, as sampling encodes the given image), drawn after everything else."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
@@ -156,22 +159,32 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
+    if model is not None and model.condition == "first_frame":
+        first = vae.normalize(posterior.mean[:, :, :1])  # [B, C, 1, h, w]
+        drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
+                                             rng.gen),)  # [B, C + 1, t, h, w]
     return drawn if keep is None else tuple(x[keep] for x in drawn)
 
 
 def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedule: Any,
                cfg: Config) -> Callable[[int], torch.Tensor]:
     """The loss of micro-batch ``i`` (train.batch_size rows) of a drawn batch, for ``train_step``."""
-    latents, states, mask, t, noise = drawn
+    latents, states, mask, t, noise = drawn[:5]
+    condition = drawn[5] if len(drawn) > 5 else None  # image-to-video (model.condition=first_frame)
     b = cfg.train.batch_size
 
     def loss(i: int) -> torch.Tensor:
         r = slice(i * b, (i + 1) * b) if cfg.train.grad_accum_steps > 1 else slice(None)  # (buckets vary B)
+        kwargs = dict(text=states[r], text_mask=mask[r])
+        if condition is not None:
+            # The loss covers every latent frame, the conditioned frame 0 too: the model itself must draw the
+            # given first frame (sampling decodes its output, nothing is pasted in), the rows whose condition was
+            # dropped need frame 0 in the loss anyway, and the default (condition none) loss stays as it was.
+            kwargs["condition"] = condition[r]
         if cfg.diffusion.objective == "flow":
-            return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r],
-                             model_kwargs=dict(text=states[r], text_mask=mask[r]))
-        return training_loss(strategy.model, latents[r], noise_schedule, model_kwargs=dict(text=states[r],
-                             text_mask=mask[r]), prediction=cfg.diffusion.prediction, t=t[r], noise=noise[r],
+            return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs)
+        return training_loss(strategy.model, latents[r], noise_schedule, model_kwargs=kwargs,
+                             prediction=cfg.diffusion.prediction, t=t[r], noise=noise[r],
                              min_snr_gamma=cfg.diffusion.min_snr_gamma)
 
     return loss
@@ -369,7 +382,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
-    strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay),
+    shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")  # ZeRO-3 / FSDP shard the EMA instead
+    strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay, share_frozen=shared),
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
                            mixed_precision=mixed_precision(t.mixed_precision))
@@ -405,7 +419,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 bad[reason] = bad.get(reason, 0) + n
 
             watchdog.mark("forward/backward/optimizer step")
-            drawn = draw_batch(batch, vae, text, cfg.diffusion, strategy.module.patch, rng, env.device, keep)
+            drawn = draw_batch(batch, vae, text, cfg.diffusion, strategy.module.patch, rng, env.device, keep,
+                               cfg.model)
             result = train_step(strategy, micro_loss(strategy, drawn, noise_schedule_dev, cfg), accum)
             lr_schedule.step()
             step += 1
