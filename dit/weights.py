@@ -17,7 +17,7 @@ import torch
 
 from data_pipelines.config import ConfigError
 from dit.export import load_weights, resolve_checkpoint
-from dit.models.lora import LORA_FILE, merge_lora, read_lora_file
+from dit.models.lora import LORA_FILE, adapter_weights, merge_lora, read_lora_file
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -70,19 +70,13 @@ def checkpoint_weights(path: str | Path, lora: str | Path | None = None, lora_sc
     weights, config = load_weights(ckpt)
     record = config.get("lora")
     if record is not None:
-        weights = merge_lora(base_weights(record["base"]), strip_adapter_name(weights),
+        weights = merge_lora(base_weights(record["base"]), adapter_weights(weights),
                              own_scale * record["alpha"] / record["rank"])
         config = {k: v for k, v in config.items() if k != "lora"}
     if lora is not None:
         adapter, meta = adapter_of(lora, config["dit"].get("family", "dit"))
         weights = merge_lora(weights, adapter, lora_scale * meta["lora_alpha"] / meta["r"])
     return weights, config
-
-
-def strip_adapter_name(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from dit.models.lora import adapter_weights
-
-    return adapter_weights(weights)
 
 
 def adapter_of(path: str | Path, family: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
