@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import (  # noqa: E402
     current_memory,
     device_name,
+    load_average,
     parse_shape,
     peak_memory,
     reset_peak_memory,
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     device = resolve_device(args.device)
     bf16 = args.dtype == "bf16"
+    load_start = load_average()
     grid = clip_latent_shape(*args.shape)
     cfg = dit_config(args.preset, in_channels=args.latent_channels, text_dim=args.text_dim)
     torch.manual_seed(args.seed)
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result: dict[str, Any] = dict(
         tool="bench_sample", date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=str(device),
         device_name=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
+        load_average_start=load_start, load_average_end=load_average(),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=B,
         sampler="ddim", steps=args.steps, cfg=args.cfg, forward_batch=forward_batch, dtype=args.dtype,
         repeats=args.repeats, sample_time_s=sample_s, model_time_s=model_s, step_times_s=step_times,

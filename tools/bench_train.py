@@ -14,6 +14,10 @@ against a matmul peak measured in the same run (a square matmul loop in the benc
 the steps, the better of the two) and, on CUDA, the
 vendor bf16 figure (dit/training/metrics.py), peak memory (CUDA max allocated; on CPU the process's RSS high-water).
 
+``--compile ours|both`` compiles each transformer block in place (``block.compile()``, as ``model.compile=true``
+does in training) after the FLOPs are counted; the warm-up steps include the compilation.
+``--fused-adamw`` uses AdamW(fused=True) for both models.
+
 ``--compare diffusers`` builds diffusers' WanTransformer3DModel at the same width, depth, heads, MLP width, patch,
 latent channels and text width, and times it in the same process, dtype and autocast setting, one step of each
 model in turn (so that other load on the machine hits both alike). Both models' FLOPs are then counted the same
@@ -79,6 +83,14 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (other jobs on the machine move the timings), None where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def cpu_has(flag: str) -> bool:
@@ -251,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-channels", type=int, default=4)
     p.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 2048 CPU, 8192 CUDA)")
     p.add_argument("--attention", default="auto", help="our DiT's attention backend: auto | sdpa | xformers")
+    p.add_argument("--compile", choices=["none", "ours", "both"], default="none",
+                   help="torch.compile each transformer block (as model.compile=true) of our DiT, or of both models")
     p.add_argument("--fused-adamw", action="store_true",
                    help="AdamW(fused=True) for both models (default: torch's default, as dit/training/optim.py)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -266,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    load_start = load_average()
     grid = clip_latent_shape(*args.shape)
     cfg = dict(dit_config(args.preset, in_channels=args.latent_channels, text_dim=args.text_dim),
                attention=args.attention)
@@ -293,7 +308,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = wan_equivalent(cfg).to(device)
             tr = Trainer("diffusers", model, wan_forward(model), device, bf16, args.fused_adamw)
         tr.memory_before = memory_before
-        tr.flops_counted = 3 * tr.counted_forward_flops(batch)
+        tr.flops_counted = 3 * tr.counted_forward_flops(batch)  # eager, before any compile
+        if args.compile == "both" or (args.compile == "ours" and name == "ours"):
+            for block in model.blocks:  # as dit/distributed/parallelize.py's apply_compile: each block in place
+                block.compile()
         for _ in range(args.warmup):  # the peak memory of this model's warm-up steps (optimizer state included)
             tr.step(batch)
         tr.peak_memory = peak_memory(device) if reset or name == "ours" else None
@@ -309,10 +327,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = dict(
         tool="bench_train", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         device=str(device), device_name=device_name(device), torch=torch.__version__,
-        threads=torch.get_num_threads(), cpu_bf16=cpu_has("avx512_bf16") or cpu_has("amx_bf16"),
+        threads=torch.get_num_threads(), load_average_start=load_start, load_average_end=load_average(),
+        cpu_bf16=cpu_has("avx512_bf16") or cpu_has("amx_bf16"),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=args.batch,
         tokens_per_sample=tokens, text_len=args.text_len, text_dim=args.text_dim, dtype=args.dtype,
-        autocast=bf16, fused_adamw=args.fused_adamw, steps=args.steps, warmup=args.warmup, params=ours.params,
+        autocast=bf16, fused_adamw=args.fused_adamw, compile=args.compile, steps=args.steps,
+        warmup=args.warmup, params=ours.params,
         flops_per_step=flops, flops_per_step_counted=ours.flops_counted,
         flops_method="analytic (dit/models/flops.py): 3 x forward matmul FLOPs",
         peak_tflops_measured=peak / 1e12, peak_matmul=f"{args.dtype} {matmul_size}x{matmul_size}, best of the runs "
