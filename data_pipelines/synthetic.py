@@ -1,7 +1,7 @@
 """Synthetic captioned clips: one coloured shape moving across a black frame.
 
 Captions are exactly ``a {color} {shape} moving {direction}`` and come from the clip's true
-attributes, which are also stored in ``KEY.json``. The 60 (color, shape, direction) combinations
+attributes, which are also stored in ``KEY.json``. The 60 (color, shape, direction) combinations of the base colours
 are cycled in shuffled order, so any 60 consecutive clips hold each combination once.
 
 ``measure_clip`` reads colour and motion direction back from pixels; it scores how well a generated
@@ -26,7 +26,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
     "white": (255, 255, 255),
+    "magenta": (255, 0, 255),  # not in the base data: the colour `dit demo --finetune` teaches
 }
+BASE_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white")  # what make_synthetic draws by default
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 _MOTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); y points down
@@ -84,7 +86,8 @@ def render_clip(color: str, shape: str, direction: str, *, frames: int, height: 
 
 
 def make_synthetic(out_dir: str | Path, *, num_clips: int = 256, frames: int = 17, height: int = 64, width: int = 64,
-                   clips_per_shard: int = 64, fps: int = 8, seed: int = 0) -> list[str]:
+                   clips_per_shard: int = 64, fps: int = 8, seed: int = 0,
+                   colors: tuple[str, ...] = BASE_COLORS) -> list[str]:
     """Write ``num_clips`` synthetic clips to ``out_dir/{00000..}.tar`` and return the shard paths.
 
     Each sample has ``KEY.mp4`` (h264, crf 10 so colours survive), or ``KEY.png`` when ``frames == 1``,
@@ -100,7 +103,7 @@ def make_synthetic(out_dir: str | Path, *, num_clips: int = 256, frames: int = 1
     if problems:
         raise ConfigError("; ".join(f"--{p}" for p in problems.values()))
     rng = random.Random(seed)
-    combos = list(itertools.product(COLORS, SHAPES, DIRECTIONS))
+    combos = list(itertools.product(colors, SHAPES, DIRECTIONS))
 
     def samples():
         order: list[tuple[str, str, str]] = []

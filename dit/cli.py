@@ -85,8 +85,11 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dit.demo import run_demo
+    from dit.demo import run_demo, run_finetune
 
+    if args.finetune:
+        run_finetune(Path(args.out), quick=args.quick, seed=args.seed, rank=args.rank)
+        return
     run_demo(Path(args.out), quick=args.quick, seed=args.seed, objective=args.objective)
 
 
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "flow + flow_euler)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; low score expected)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, both trainings and the samples")
+    p.add_argument("--finetune", action="store_true", help="then teach the demo model a new colour (magenta) from a "
+                   "folder of mp4 clips with LoRA, printing the score before and after")
+    p.add_argument("--rank", type=int, default=None, help="--finetune: LoRA rank (0: full fine-tuning)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("make-synthetic", help="write shards of captioned moving-shape clips")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from data_pipelines.synthetic import COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip
+from data_pipelines.synthetic import BASE_COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip, render_clip
 from dit.config import load_config
 from dit.pipeline import generate, load_pipeline, to_uint8, write_media
 from dit.training import train, train_vae
@@ -29,7 +29,7 @@ QUICK = dict(clips=64, vae_steps=10, vae_image_steps=5, vae_frames=5, dit_steps=
 def demo_prompts() -> list[str]:
     """Every colour x direction once (20 prompts), shapes cycled."""
     return [f"a {c} {SHAPES[(i + j) % len(SHAPES)]} moving {d}"
-            for i, c in enumerate(COLORS) for j, d in enumerate(DIRECTIONS)]
+            for i, c in enumerate(BASE_COLORS) for j, d in enumerate(DIRECTIONS)]
 
 
 def parse_prompt(prompt: str) -> dict[str, str]:
@@ -131,3 +131,86 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "di
     print(f"[demo] prompt-following score: {score:.2f} ({sum(r['match'] for r in rows)}/{len(rows)} clips match "
           f"colour and direction) in {timings['total_s'] / 60:.1f} min")
     return score
+
+
+# `dit demo --finetune`: a colour the base never saw, taught by LoRA from a folder of mp4 clips with .txt captions
+FINETUNE = dict(clips=96, steps=400, rank=8, lr=3e-3, sample_steps=50)
+FINETUNE_QUICK = dict(clips=16, steps=4, rank=4, lr=3e-3, sample_steps=5)
+NEW_COLOR = "magenta"
+
+
+def finetune_prompts() -> list[str]:
+    """The new colour in every direction, each with two shapes (8 prompts)."""
+    return [f"a {NEW_COLOR} {SHAPES[(j + k) % len(SHAPES)]} moving {d}"
+            for k in (0, 1) for j, d in enumerate(DIRECTIONS)]
+
+
+def write_clip_folder(folder: Path, clips: int, frames: int, height: int, width: int, fps: int, seed: int) -> None:
+    """The user's input: NAME.mp4 + NAME.txt (its caption) for each clip, as a phone or an editor leaves them."""
+    import random
+
+    from data_pipelines.writer import encode_mp4
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(clips):
+        shape, direction = SHAPES[i % len(SHAPES)], DIRECTIONS[(i // len(SHAPES)) % len(DIRECTIONS)]
+        video, meta = render_clip(NEW_COLOR, shape, direction, frames=frames, height=height, width=width, rng=rng)
+        (folder / f"clip_{i:03d}.mp4").write_bytes(encode_mp4(video, fps, crf=10))
+        (folder / f"clip_{i:03d}.txt").write_text(meta["caption"] + "\n")
+
+
+def sample_score(run: Path, prompts: list[str], frames: int, height: int, width: int, steps: int, sampler: Any,
+                 cfg: float, seed: int) -> tuple[float, list[dict[str, Any]]]:
+    pipe = load_pipeline(run)
+    video = generate(pipe, prompts, frames=frames, height=height, width=width, steps=steps, sampler=sampler, cfg=cfg,
+                     seed=seed)
+    return score_clips(list(to_uint8(video)), prompts)
+
+
+def run_finetune(out: Path, quick: bool = False, seed: int = 0, rank: int | None = None) -> dict[str, float]:
+    """From the base demo model (reused from ``out`` when it holds one, else trained): a folder of magenta clips ->
+    `dit make-shards` -> LoRA fine-tune with train.init_from -> the score of magenta prompts before and after, and of
+    the 20 original prompts after. ``rank`` 0: full fine-tuning instead of LoRA."""
+    from data_pipelines.make_shards import make_shards
+    from dit.export import checkpoint_dirs
+
+    phase = FINETUNE_QUICK if quick else FINETUNE
+    rank = phase["rank"] if rank is None else rank
+    base = load_config(CONFIG, [])
+    d = base.data
+    vae_dir = out / "vae_run" / "vae"
+    if not (checkpoint_dirs(out / "dit_run") and vae_dir.is_dir()):
+        print(f"[finetune] no base demo model in {out}: training it first (`dit demo`)", flush=True)
+        run_demo(out, quick=quick, seed=seed)
+    t0 = time.perf_counter()
+    clips, shards = out / "finetune_clips", out / "finetune_shards"
+    print(f"[finetune] 1/4 writing {phase['clips']} {NEW_COLOR} clips with .txt captions to {clips}", flush=True)
+    write_clip_folder(clips, phase["clips"], d.frames, d.height, d.width, base.sample.fps, seed + 1)
+    print(f"[finetune] 2/4 dit make-shards {clips} {shards}", flush=True)
+    make_shards(clips, shards, progress=False, overwrite=True)
+    magenta, original = finetune_prompts(), demo_prompts()
+    size = dict(frames=d.frames, height=d.height, width=d.width, steps=phase["sample_steps"],
+                sampler=base.sample.sampler, cfg=base.sample.cfg, seed=seed)
+    before, _ = sample_score(out / "dit_run", magenta, **size)
+    name = f"LoRA rank {rank}" if rank else "full fine-tuning"
+    run = out / ("finetune_run" if rank else "finetune_full_run")
+    print(f"[finetune] 3/4 {name} from {out / 'dit_run'} for {phase['steps']} steps into {run}", flush=True)
+    lora = [f"train.lora.rank={rank}"] if rank else []
+    cfg = load_config(CONFIG, [f"data.shards={shards}", f"train.output_dir={run}", f"vae.checkpoint={vae_dir}",
+                               f"train.init_from={out / 'dit_run'}", f"train.steps={phase['steps']}",
+                               f"train.lr={phase['lr'] if rank else phase['lr'] / 10}", "train.warmup_steps=20",
+                               f"train.checkpoint_every={phase['steps']}", f"train.seed={seed}", *lora])
+    train.main(cfg, overwrite=True)
+    print("[finetune] 4/4 sampling the prompts with the fine-tuned model", flush=True)
+    after, rows = sample_score(run, magenta, **size)
+    kept, kept_rows = sample_score(run, original, **size)
+    for r in rows + kept_rows:
+        print(f"  {'ok ' if r['match'] else 'MISS'} {r['prompt']:<32} measured: {r['measured_color']} "
+              f"{r['measured_direction']}")
+    result = dict(method=name, magenta_before=before, magenta_after=after, original_after=kept,
+                  minutes=(time.perf_counter() - t0) / 60, quick=quick, phase=phase)
+    (out / f"finetune_score{'' if rank else '_full'}.json").write_text(json.dumps(result, indent=2))
+    print(f"[finetune] {name}: {NEW_COLOR} prompts {before:.2f} before -> {after:.2f} after; the 20 original prompts "
+          f"{kept:.2f} after ({result['minutes']:.1f} min beyond the base demo)")
+    return result

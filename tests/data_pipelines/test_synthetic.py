@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines.decode import decode_video
-from data_pipelines.synthetic import COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip
+from data_pipelines.synthetic import BASE_COLORS, COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip
 
 CAPTION = re.compile(r"^a (red|green|blue|yellow|white) (circle|square|triangle) moving (left|right|up|down)$")
 
@@ -28,7 +28,8 @@ def read_shards(paths):
 
 
 def test_constants():
-    assert COLORS["red"] == (255, 0, 0) and COLORS["yellow"] == (255, 255, 0) and len(COLORS) == 5
+    assert COLORS["red"] == (255, 0, 0) and COLORS["yellow"] == (255, 255, 0) and len(COLORS) == 6
+    assert set(BASE_COLORS) == set(COLORS) - {"magenta"}  # magenta: only for the fine-tuning demo
     assert SHAPES == ("circle", "square", "triangle") and set(DIRECTIONS) == {"left", "right", "up", "down"}
 
 
@@ -48,7 +49,7 @@ def test_captions_match_attributes_and_are_balanced(synthetic_shards):
         for x, y in (meta["start"], meta["end"]):  # fully inside
             assert 8 <= x <= 56 and 8 <= y <= 56
         combos[meta["color"], meta["shape"], meta["direction"]] += 1
-    assert set(combos) == set(itertools.product(COLORS, SHAPES, DIRECTIONS)) and set(combos.values()) == {1}
+    assert set(combos) == set(itertools.product(BASE_COLORS, SHAPES, DIRECTIONS)) and set(combos.values()) == {1}
 
 
 def test_measure_clip_recovers_color_and_direction_of_every_clip(synthetic_shards):
@@ -95,3 +96,12 @@ def test_frames_1_writes_images(tmp_path):
         image = np.asarray(Image.open(io.BytesIO(s["png"])))
         assert image.shape == (32, 32, 3) and CAPTION.match(s["txt"].decode()) and meta["start"] == meta["end"]
         assert measure_clip(image)["color"] == meta["color"]
+
+
+def test_magenta_clips_are_measured_as_magenta(tmp_path):
+    shards = make_synthetic(tmp_path, num_clips=12, frames=9, height=32, width=32, seed=1, colors=("magenta",))
+    for s in read_shards(shards).values():
+        meta = json.loads(s["json"])
+        video, _ = decode_video(s["mp4"])
+        m = measure_clip(video)
+        assert meta["color"] == "magenta" and (m["color"], m["direction"]) == ("magenta", meta["direction"])

@@ -1,0 +1,35 @@
+"""`dit demo --finetune --quick`: the user's path end to end at smoke-test length (the score itself is measured by
+the full run, README): a folder of magenta mp4 clips with .txt captions, `dit make-shards`, a LoRA fine-tune from
+the demo model with train.init_from, and the scores before and after."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_finetune_quick_runs_the_users_path(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "dit.cli", "demo", "--quick", "--finetune", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no base demo model" in done.stdout  # trained first (the quick one)
+    clips = sorted((out / "finetune_clips").iterdir())
+    assert len(clips) == 32 and {p.suffix for p in clips} == {".mp4", ".txt"}
+    assert (out / "finetune_clips" / "clip_000.txt").read_text().startswith("a magenta ")
+    stats = json.loads((out / "finetune_shards" / "stats.json").read_text())
+    assert stats["written"] == 16, stats
+    result = json.loads((out / "finetune_score.json").read_text())
+    assert result["method"] == "LoRA rank 4"
+    assert all(0.0 <= result[k] <= 1.0 for k in ("magenta_before", "magenta_after", "original_after"))
+    ckpt = sorted((out / "finetune_run" / "checkpoints").iterdir())[-1]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["lora"]["base"] == {"init_from": str((out / "dit_run").resolve())}
+    assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
+    assert "magenta prompts" in done.stdout and "the 20 original prompts" in done.stdout
