@@ -11,8 +11,11 @@ data_pipelines/config.py; the VAE is not run), random timesteps and random text 
 
 Reported: samples/s, tokens/s, achieved TFLOP/s from the analytic count (dit/models/flops.py: 3 x forward), MFU
 against a matmul peak measured in the same run (a square matmul loop in the benchmark's dtype, before and after
-the steps, the better of the two) and, on CUDA, the
-vendor bf16 figure (dit/training/metrics.py), peak memory (CUDA max allocated; on CPU the process's RSS high-water).
+the steps, the better of the two) and, on CUDA, the vendor bf16 figure (dit/training/metrics.py); peak memory
+(CUDA max allocated; on CPU the process's RSS high-water; "added" = the peak less the memory before the model was
+built: on CPU the allocator keeps freed memory, so the second model's figure is an underestimate), and the
+activation memory (tensors saved for backward in one forward, counted through saved_tensors_hooks: the same for
+any order and allocator).
 
 ``--compile ours|both`` compiles each transformer block in place (``block.compile()``, as ``model.compile=true``
 does in training) after the FLOPs are counted; the warm-up steps include the compilation.
@@ -219,6 +222,7 @@ class Trainer:
         self.params = sum(p.numel() for p in model.parameters())
         self.flops_counted = 0
         self.memory_before, self.peak_memory = 0, None
+        self.activation_bytes = 0
 
     def step(self, batch: Batch) -> float:
         sync(self.device)
@@ -231,6 +235,25 @@ class Trainer:
         sync(self.device)
         self.last_cpu = time.process_time() - c0
         return time.perf_counter() - t0
+
+    def saved_activation_bytes(self, batch: Batch) -> int:
+        """Bytes of the tensors autograd saves for backward in one forward (parameters excluded; storages counted
+        once): the activation memory, independent of the allocator and of what ran before in this process."""
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params and t.device.type != "meta":
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = torch.nn.functional.mse_loss(self.forward(batch).float(), batch["target"])
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        return sum(seen.values())
 
     def counted_forward_flops(self, batch: Batch) -> int:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -309,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tr = Trainer("diffusers", model, wan_forward(model), device, bf16, args.fused_adamw)
         tr.memory_before = memory_before
         tr.flops_counted = 3 * tr.counted_forward_flops(batch)  # eager, before any compile
+        tr.activation_bytes = tr.saved_activation_bytes(batch)
         if args.compile == "both" or (args.compile == "ours" and name == "ours"):
             for block in model.blocks:  # as dit/distributed/parallelize.py's apply_compile: each block in place
                 block.compile()
@@ -340,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak_tflops_vendor=vendor / 1e12 if vendor else None,
         peak_memory_bytes=ours.peak_memory, peak_memory_gb=ours.peak_memory / 2**30,
         peak_memory_added_gb=(ours.peak_memory - ours.memory_before) / 2**30,
+        activation_gb=ours.activation_bytes / 2**30,
+        activation_kind="tensors saved for backward in one eager forward (saved_tensors_hooks), parameters excluded",
         peak_memory_kind=("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS high-water")
         + " over the warm-up steps; added = peak - memory before the model was built",
         **summary(ours.times, ours.cpu_times, flops, args.batch, tokens, peak, vendor))
@@ -352,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flops_per_step=theirs.flops_counted, peak_memory_bytes=theirs.peak_memory,
             peak_memory_gb=theirs.peak_memory / 2**30 if theirs.peak_memory else None,
             peak_memory_added_gb=(theirs.peak_memory - theirs.memory_before) / 2**30 if theirs.peak_memory else None,
+            activation_gb=theirs.activation_bytes / 2**30,
             **other)
         result["ratio"] = mine["achieved_tflops"] / other["achieved_tflops"]
         result["ratio_method"] = ("both models' FLOPs from FlopCounterMode on one forward x 3 (same method), "
@@ -364,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: {r['step_time_s']:.3f} s/step, {r['samples_per_s']:.2f} samples/s, "
               f"{r['tokens_per_s']:.0f} tokens/s, {r['achieved_tflops'] * 1e3:.1f} GFLOP/s, MFU {r['mfu']:.1%}, "
               f"peak memory {r['peak_memory_gb'] or float('nan'):.2f} GiB "
-              f"(+{r['peak_memory_added_gb'] or float('nan'):.2f} for this model)")
+              f"(+{r['peak_memory_added_gb'] or float('nan'):.2f} for this model), "
+              f"activations saved for backward {r['activation_gb']:.3f} GiB")
     if "ratio" in result:
         print(f"ratio (our achieved FLOP/s / diffusers'): {result['ratio']:.3f} (from CPU time per step: "
               f"{result['ratio_cpu_time']:.3f})")
