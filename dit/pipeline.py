@@ -21,6 +21,7 @@ from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.export import resolve_checkpoint
+from dit.models.condition import first_frame_condition
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
 from dit.models.text import TextEncoder, build_text_encoder
@@ -93,12 +94,14 @@ def resolve_sampler(objective: str, sampler: str | None) -> str:
 @torch.no_grad()
 def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
              sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
-             decode_chunk: int = 0, shift: float | None = None, callback: Callback = None) -> torch.Tensor:
+             decode_chunk: int = 0, shift: float | None = None, callback: Callback = None,
+             image: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
     static shift; None uses the training one (diffusion.shift, or the dynamic shift for this size's token count).
-    callback(i, x): called after each sampler step (progress).
+    callback(i, x): called after each sampler step (progress). image: the first frame to continue (a checkpoint
+    trained with model.condition=first_frame), [B or 1, 3, height, width] uint8 or float in [-1, 1].
     """
     vae = pipe.vae
     check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
@@ -116,7 +119,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
-                       shift=shift, callback=callback)
+                       shift=shift, callback=callback, image=image)
     return decode_latents(pipe, z, decode_chunk)
 
 
@@ -124,12 +127,16 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
 def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor],
                    uncond: dict[str, torch.Tensor], *, steps: int, sampler: str | None = None, cfg: float = 5.0,
                    eta: float = 0.0, generator: torch.Generator | None = None,
-                   shift: float | None = None, callback: Callback = None) -> torch.Tensor:
+                   shift: float | None = None, callback: Callback = None,
+                   image: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
-    sampler step."""
+    sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
+    if image is not None:  # the same condition at every step, for the conditional and unconditional branch alike
+        condition = image_condition(pipe, image, noise.shape)
+        cond, uncond = {**cond, "condition": condition}, {**uncond, "condition": condition}
     denoise = cfg_denoiser(pipe.model, cond, uncond, cfg)
     if objective == "flow":
         flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(noise.shape[2:], pipe.model.patch), shift)
@@ -143,6 +150,27 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
     if sampler in ("ddim", "dpm_solver") and pipe.diffusion.timestep_spacing:
         kwargs["timestep_spacing"] = pipe.diffusion.timestep_spacing
     return SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
+
+
+@torch.no_grad()
+def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """A first frame [B or 1, 3, H, W] (uint8, or float in [-1, 1]) -> the DiT's image-to-video condition for latents
+    of ``shape`` [B, C, t, h, w]: the image encoded by the VAE as a 1-frame clip (posterior mean, normalized) at
+    latent frame 0, zeros after it, and the mask channel (dit/models/condition.py)."""
+    if not getattr(pipe.model, "condition_channels", 0):
+        raise ValueError("this checkpoint was not trained to continue a first frame (model.condition=none): sample "
+                         "without an image, or train with model.condition=first_frame")
+    b, _, t, h, w = shape
+    x = image if image.ndim == 4 else image[None]  # [B, 3, H, W]
+    x = x.float() / 127.5 - 1.0 if image.dtype == torch.uint8 else x.float()
+    size = (h * pipe.vae.spatial_compression, w * pipe.vae.spatial_compression)
+    if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != size or x.shape[0] not in (1, b):
+        raise ValueError(f"image: expected [{b} or 1, 3, {size[0]}, {size[1]}] (the sampling size), got "
+                         f"{tuple(image.shape)}")
+    device = next(pipe.model.parameters()).device
+    x = x.to(device).expand(b, -1, -1, -1)  # [B, 3, H, W]
+    first = pipe.vae.normalize(pipe.vae.encode(x[:, :, None]).mode())  # [B, C, 1, h, w]
+    return first_frame_condition(first, t)  # [B, C + 1, t, h, w]
 
 
 @torch.no_grad()

@@ -85,6 +85,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be >= 0, got {value}" + (" (1: the prompt alone, no guidance; above 1: "
                                                                      "follow it more closely)" if flag == "--cfg"
                                                                      else ""))
+    if getattr(args, "image", None) is not None and not Path(args.image).is_file():
+        raise ConfigError(f"--image {args.image!r} does not exist: give the first frame as an image file (png, jpg, "
+                          "webp)")
     if getattr(args, "lora", None) is not None and not Path(args.lora).exists():
         raise ConfigError(f"--lora {args.lora!r} does not exist: give a LoRA run, a LoRA checkpoint directory or its "
                           "pytorch_lora_weights.safetensors")
@@ -148,6 +151,25 @@ def training_size(config: dict[str, Any]) -> tuple[int, int, int]:
     return data["frames"], data["height"], data["width"]
 
 
+def first_frame(args: argparse.Namespace, config: dict[str, Any], height: int, width: int) -> torch.Tensor | None:
+    """--image read, resized (shorter side) and center-cropped to the sampling size: [1, 3, height, width] in
+    [-1, 1]; None without --image. Refused for a checkpoint not trained with model.condition=first_frame."""
+    if getattr(args, "image", None) is None:
+        return None
+    condition = config["experiment"].get("model", {}).get("condition", "none")
+    if condition != "first_frame":
+        raise ConfigError(f"--image: this checkpoint was trained with model.condition={condition}, so it cannot "
+                          "continue a given first frame; sample without --image, or train with "
+                          "model.condition=first_frame")
+    from data_pipelines.decode import DecodeError, decode_image, resize_crop
+
+    try:
+        pixels = decode_image(Path(args.image).read_bytes())  # uint8 [H, W, 3]
+    except (OSError, DecodeError) as e:
+        raise ConfigError(f"--image {args.image!r}: {e}") from None
+    return resize_crop(pixels[None], height, width).transpose(0, 1)  # [1, 3, height, width]
+
+
 def step_of(ckpt: Path) -> str:
     name = ckpt.name
     return str(int(name.split("-", 1)[1])) if name.startswith("step-") and name[5:].isdigit() else "unknown"
@@ -171,6 +193,7 @@ def run_sample(args: argparse.Namespace) -> None:
         check_size(frames, height, width, patch, temporal=temporal, spatial=spatial)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    image = first_frame(args, config, height, width)
     paths = output_paths(args.out, len(prompts), frames)
     if frames > 1 and paths[0].suffix == ".png":
         raise ConfigError(f"--out {args.out!r}: a .png holds one frame, but {frames} frames would be sampled (the "
@@ -201,7 +224,7 @@ def run_sample(args: argparse.Namespace) -> None:
         chunk = prompts[start:start + args.batch_size]
         video = generate(pipe, chunk, frames=frames, height=height, width=width, steps=opts["steps"],
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
-                         decode_chunk=args.decode_chunk, shift=opts["shift"],
+                         decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         for clip, path, prompt in zip(to_uint8(video), paths[start:], chunk):
             write_media(clip, path, fps=opts["fps"])

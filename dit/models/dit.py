@@ -12,6 +12,7 @@ from timm.layers import DropPath, Mlp, RmsNorm
 from torch import nn
 
 from dit.models.attention import attention, resolve_backend
+from dit.models.condition import condition_channels
 from dit.models.embeddings import TextEmbedder, TimestepEmbedder, apply_rope, rope_3d, sincos_3d
 from dit.models.presets import PRESETS
 
@@ -97,12 +98,14 @@ class DiT(nn.Module):
     """Latent video DiT. forward(x [B, C, t, h, w], t [B], text [B, L, D_text], text_mask [B, L]) -> [B, C, t, h, w].
 
     Any latent grid that the patch size divides works: RoPE positions (relative, in attention) and the fixed
-    sin/cos absolute positions (added to the tokens; ``abs_pos``) are computed for the actual grid."""
+    sin/cos absolute positions (added to the tokens; ``abs_pos``) are computed for the actual grid.
+    ``condition_channels`` > 0 (image-to-video, dit/models/condition.py): forward also takes ``condition``
+    [B, condition_channels, t, h, w], concatenated to x before the patch embedding (None: zeros, no condition)."""
 
     def __init__(self, in_channels: int = 4, text_dim: int = 384, hidden_size: int = 128, depth: int = 4,
                  num_heads: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0,
                  qk_norm: bool = True, drop_path: float = 0.0, attention: str = "auto",
-                 abs_pos: bool = True) -> None:
+                 abs_pos: bool = True, condition_channels: int = 0) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -110,10 +113,14 @@ class DiT(nn.Module):
                                            depth=depth, num_heads=num_heads, patch_size=list(patch_size),
                                            mlp_ratio=mlp_ratio, qk_norm=qk_norm, drop_path=drop_path,
                                            attention=attention, abs_pos=abs_pos)
+        if condition_channels:  # recorded only when used: a text-to-video DiT's config is as it always was
+            self.config["condition_channels"] = condition_channels
         self.in_channels, self.patch, self.abs_pos = in_channels, tuple(patch_size), abs_pos
+        self.condition_channels = condition_channels
         self.head_dim = hidden_size // num_heads
-        patch_dim = in_channels * self.patch[0] * self.patch[1] * self.patch[2]
-        self.x_embed = nn.Linear(patch_dim, hidden_size)
+        volume = self.patch[0] * self.patch[1] * self.patch[2]
+        patch_dim = in_channels * volume  # the output's channels per token
+        self.x_embed = nn.Linear((in_channels + condition_channels) * volume, hidden_size)
         self.t_embed = TimestepEmbedder(hidden_size)
         self.text_embed = TextEmbedder(text_dim, hidden_size)
         drop_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
@@ -150,8 +157,15 @@ class DiT(nn.Module):
             raise ValueError(f"latent grid {(t, h, w)} is not divisible by the patch size {self.patch}")
         return t // pt, h // ph, w // pw
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         grid = self.grid(x)
+        if self.condition_channels:
+            if condition is None:
+                condition = x.new_zeros(x.shape[0], self.condition_channels, *x.shape[2:])
+            x = torch.cat([x, condition.to(x.dtype)], dim=1)  # [B, C + C_cond, t, h, w]
+        elif condition is not None:
+            raise ValueError("this DiT takes no condition (trained with model.condition=none)")
         backend = resolve_backend(self.attention_backend, x.device)
         if backend != self._backend_in_use:
             for m in self.modules():
@@ -179,7 +193,8 @@ def build_dit(model_cfg: Any, in_channels: int, text_dim: int) -> DiT:
     return DiT(in_channels=in_channels, text_dim=text_dim, hidden_size=p["hidden_size"], depth=p["depth"],
                num_heads=p["num_heads"], patch_size=tuple(p["patch_size"]), mlp_ratio=model_cfg.mlp_ratio,
                qk_norm=model_cfg.qk_norm, drop_path=model_cfg.drop_path, attention=model_cfg.attention,
-               abs_pos=model_cfg.abs_pos)
+               abs_pos=model_cfg.abs_pos,
+               condition_channels=condition_channels(getattr(model_cfg, "condition", "none"), in_channels))
 
 
 def flops_per_token(model: nn.Module, num_tokens: int, text_len: int) -> float:

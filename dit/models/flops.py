@@ -63,10 +63,12 @@ def dit_flops_breakdown(model_or_cfg: nn.Module | Mapping[str, Any], latent_shap
     B, L, D, Dt, E = batch, text_len, cfg["hidden_size"], cfg["text_dim"], TIMESTEP_FEATURES
     N = (t // pt) * (h // ph) * (w // pw)
     P = cfg["in_channels"] * pt * ph * pw
+    P_in = P + cfg.get("condition_channels", 0) * pt * ph * pw  # image-to-video: the condition's channels too
     F = int(D * cfg["mlp_ratio"])
     depth = cfg["depth"]
     return {
-        "embed": 2 * B * N * P * D + 2 * B * (E * D + D * D) + 2 * B * L * (Dt * D + D * D) + 2 * B * (Dt * D + D * D),
+        "embed": 2 * B * N * P_in * D + 2 * B * (E * D + D * D) + 2 * B * L * (Dt * D + D * D)
+        + 2 * B * (Dt * D + D * D),
         "adaln": depth * 2 * B * 6 * D * D + 2 * B * 2 * D * D,
         "self_attn_proj": depth * 2 * B * N * 4 * D * D,
         "self_attn_scores": depth * 4 * B * N * N * D,

@@ -56,7 +56,7 @@ log = logging.getLogger("dit.checkpoint")
 RESUME_FILES = (*EXPORT_FILES, "training_state.pt")  # what a resumable checkpoint's manifest must list
 # The keys of the model config that shape its weights: a run resumed with another value of one cannot load them.
 ARCHITECTURE = ("family", "preset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "qk_norm",
-                "abs_pos", "family_config")
+                "abs_pos", "family_config", "condition")
 # What `dit train` writes into a run folder (what --overwrite deletes; nothing else there is touched).
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "config.yaml", PREEMPTED_MARKER)
 

@@ -143,8 +143,10 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     slices a global batch to this rank. A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the
     VAE encoder (and the text encoder) but draws the same random numbers in the same order, so it trains exactly as
     the raw shards it came from. With model.condition=first_frame a sixth tensor follows: the image-to-video
-    condition (dit/models/condition.py), built from the posterior mean of latent frame 0 (the VAE's code of pixel
-    frame 0 alone, as sampling encodes the given image), drawn after everything else."""
+    condition (dit/models/condition.py), drawn after everything else, from the clip's own latent frame 0 (the VAE
+    codes pixel frame 0 alone there, so it is a latent of the first frame by itself; the same draw the target
+    holds, so frame 0 of the target is the condition up to its noise augmentation. Sampling gives the image's
+    posterior mean: a trained VAE's posterior std is far below model.condition_noise)."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
@@ -160,9 +162,8 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
     if model is not None and model.condition == "first_frame":
-        first = vae.normalize(posterior.mean[:, :, :1])  # [B, C, 1, h, w]
-        drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
-                                             rng.gen),)  # [B, C + 1, t, h, w]
+        drawn += (draw_first_frame_condition(latents[:, :, :1], latents.shape[2], model.condition_prob,
+                                             model.condition_noise, rng.gen),)  # [B, C + 1, t, h, w]
     return drawn if keep is None else tuple(x[keep] for x in drawn)
 
 

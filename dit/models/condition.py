@@ -1,0 +1,57 @@
+"""Image-to-video conditioning (model.condition=first_frame): what the DiT is given beside the noisy latents.
+
+The form is Wan I2V's and CogVideoX-I2V's: channel concatenation. The condition is a latent clip of the same grid
+as the noisy latents, [B, C + 1, t, h, w]: channels 0..C-1 hold the first frame's (normalized) latent at latent
+frame 0 and zeros at every later frame; the last channel is a mask, 1 at latent frame 0 where a first frame is
+given. The DiT concatenates it to the noisy latents ([B, 2C + 1, t, h, w]) before its patch embedding; its output
+stays [B, C, t, h, w]. For our causal VAE, latent frame 0 encodes pixel frame 0 alone (dit/models/vae.py), so the
+image's own latent (a 1-frame clip) is exactly what sits at t = 0 and one mask channel suffices (Wan's VAE needs
+four mask channels, one per pixel frame folded into a latent frame).
+
+A sample without a condition (training's dropped share, or text-to-video sampling) gets all zeros, the mask too:
+the model tells "no image" from "a black image" by the mask. ``None`` in the DiT means that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CONDITIONS = ("none", "first_frame")
+
+
+def condition_channels(condition: str, latent_channels: int) -> int:
+    """Channels the condition adds to the DiT's input: 0 for none, C + 1 (latent + mask) for first_frame."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; expected one of {CONDITIONS}")
+    return 0 if condition == "none" else latent_channels + 1
+
+
+def first_frame_condition(first: Tensor, latent_frames: int, keep: Tensor | None = None) -> Tensor:
+    """The first-frame latent [B, C, 1, h, w] (normalized) -> the condition [B, C + 1, latent_frames, h, w]: the
+    latent at t = 0 and zeros after it, then the mask channel (1 at t = 0). ``keep`` [B] bool: rows where it is False
+    get no condition (all zeros, the mask too)."""
+    if first.ndim != 5 or first.shape[2] != 1:
+        raise ValueError(f"expected a first-frame latent [B, C, 1, h, w], got {tuple(first.shape)}")
+    b, c, _, h, w = first.shape
+    cond = first.new_zeros(b, c + 1, latent_frames, h, w)  # [B, C + 1, t, h, w]
+    cond[:, :c, :1] = first  # the latent at t = 0
+    cond[:, c, 0] = 1.0  # the mask
+    if keep is not None:
+        cond = cond * keep.to(device=cond.device, dtype=cond.dtype).view(b, 1, 1, 1, 1)
+    return cond
+
+
+def draw_first_frame_condition(first: Tensor, latent_frames: int, prob: float, noise_std: float,
+                               generator: torch.Generator) -> Tensor:
+    """Training's condition for a batch: each row keeps its first frame with probability ``prob`` (else zeros, so
+    the model stays a text-to-video model too), and its latent gets Gaussian noise of a std drawn uniformly from
+    [0, noise_std] per row (noise augmentation, as CogVideoX-I2V draws one per sample around e^-3 ~ 0.05; the range
+    includes the clean latent given at sampling). Always three draws on ``generator`` (keep, std, noise), so the
+    random stream does not depend on prob."""
+    b = first.shape[0]
+    keep = torch.rand(b, generator=generator) < prob  # [B]
+    std = torch.rand(b, generator=generator) * noise_std  # [B]
+    noise = torch.randn(first.shape, generator=generator)  # [B, C, 1, h, w]
+    noisy = first + (std.view(b, 1, 1, 1, 1) * noise).to(device=first.device, dtype=first.dtype)
+    return first_frame_condition(noisy, latent_frames, keep)
