@@ -69,8 +69,9 @@ def test_bad_grid() -> None:
 
 def _run_tool(tool: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"{tool}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args, "--device", "cpu",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(ROOT / "tools" / f"{tool}.py"), *args, "--device", "cpu", "--threads", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -87,12 +88,13 @@ def test_bench_train_runs(tmp_path: Path) -> None:
     assert r["flops_per_step"] == train_step_flops(dit_config("dit-tiny"), (2, 4, 4), r["text_len"], 2)
     assert abs(r["flops_per_step_counted"] / r["flops_per_step"] - 1) < 0.02
     _positive(r, "samples_per_s", "tokens_per_s", "achieved_tflops", "peak_tflops_measured", "mfu",
-              "peak_memory_bytes", "step_time_s", "ratio", "ratio_samples_per_s")
+              "peak_memory_bytes", "step_time_s", "step_cpu_s", "activation_gb", "ratio", "ratio_samples_per_s",
+              "ratio_cpu_time")
     assert len(r["step_times_s"]) == 1
     c = r["compare"]
     assert c["model"] == "diffusers.WanTransformer3DModel"
     assert c["config"]["num_layers"] == 4 and c["config"]["num_attention_heads"] == 4
-    _positive(c, "samples_per_s", "achieved_tflops", "flops_per_step", "mfu")
+    _positive(c, "samples_per_s", "achieved_tflops", "flops_per_step", "mfu", "activation_gb")
     assert abs(c["flops_per_step"] / r["flops_per_step_counted"] - 1) < 0.1  # the same size of model
     assert "FlopCounterMode" in r["ratio_method"]
 
