@@ -256,8 +256,16 @@ class Trainer:
         return sum(seen.values())
 
     def counted_forward_flops(self, batch: Batch) -> int:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return counted_forward_flops(self.forward, batch)
+        """FlopCounterMode's count of one forward; through torch SDPA (which it counts) rather than xformers."""
+        backend = getattr(self.model, "attention_backend", None)
+        if backend is not None:
+            self.model.attention_backend = "sdpa"
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return counted_forward_flops(self.forward, batch)
+        finally:
+            if backend is not None:
+                self.model.attention_backend = backend
 
 
 def summary(times: list[float], cpu_times: list[float], flops_per_step: float, batch: int, tokens: int,
