@@ -13,6 +13,7 @@ D hidden size, F = int(D * mlp_ratio), P = C*pt*ph*pw values per patch, Dt text 
     final   = 2B*2D^2 + 2BN*D*P                        adaLN, linear
     forward = embed + depth * block + final
 
+The patch embed's input P also counts ``condition_channels`` (image-to-video) where the config has them.
 Masked text keys are computed all the same (L is the padded length). Norms, RoPE, softmax, GELU and the modulation
 are elementwise and not counted. A training step counts 3 x forward (backward = 2 x forward: each matmul's input and
 weight gradients), the usual MFU convention (Kaplan et al.; PaLM); the real backward is a little less (the patch
