@@ -60,6 +60,12 @@ def check_finetune(cfg: Config, model_config: dict[str, Any] | None) -> None:
         return  # the family's own folder check runs when its weights load
     if model_config is not None and source != model_config:
         differ = sorted(k for k in set(source) | set(model_config) if source.get(k) != model_config.get(k))
+        if differ == ["condition_channels"] and "condition_channels" not in source:
+            if t.lora.rank:  # LoRA freezes the patch embedding, so its new inputs would stay zero
+                raise ConfigError(f"train.init_from: {t.init_from!r} is a text-to-video model, and an image-to-video "
+                                  "run from it must train its patch embedding's new inputs, which LoRA freezes: "
+                                  "use full fine-tuning (train.lora.rank=0)")
+            return  # a text-to-video base for an image-to-video run: load_init_from widens the patch embedding
         shown = "; ".join(f"{k}: {source.get(k)!r} there, {model_config.get(k)!r} here" for k in differ[:4])
         raise ConfigError(f"train.init_from: {t.init_from!r} holds another model than this config builds ({shown}); "
                           "set model.* as in that run (its config.yaml)")
@@ -69,11 +75,30 @@ def load_init_from(model: nn.Module, path: str) -> None:
     """The weights of ``path`` (a checkpoint's EMA export, a LoRA run merged, or a diffusers folder) into
     ``model``; every key must fit."""
     weights = folder_weights(path) if is_diffusers_folder(path) else checkpoint_weights(path)[0]
+    weights = widen_patch_embedding(model, weights)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ConfigError(f"train.init_from: {path!r} does not fit this model (missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}); set model.* as in that run")
     log.info("initialized from %s (weights only: fresh optimizer, LR schedule and step 0)", path)
+
+
+def widen_patch_embedding(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text-to-video DiT's weights for an image-to-video one (model.condition=first_frame): the patch embedding's
+    input columns for the condition channels start at zero, so the new model at step 0 is the base (patchify puts
+    channels outermost: the condition's columns come after the latents')."""
+    extra = getattr(model, "condition_channels", 0)
+    w = weights.get("x_embed.weight")
+    if not extra or w is None or w.shape == model.x_embed.weight.shape:
+        return weights
+    volume = model.x_embed.weight.shape[1] // (model.in_channels + extra)
+    if w.shape != (model.x_embed.weight.shape[0], model.in_channels * volume):
+        return weights  # another model: load_state_dict names the mismatch
+    wide = torch.zeros_like(model.x_embed.weight, device="cpu", dtype=w.dtype)
+    wide[:, :w.shape[1]] = w
+    log.info("init_from: a text-to-video base; the patch embedding's %d condition input columns start at zero",
+             wide.shape[1] - w.shape[1])
+    return {**weights, "x_embed.weight": wide}
 
 
 def meta_model_config(cfg: Config, in_channels: int, text_dim: int,
