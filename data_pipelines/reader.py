@@ -27,7 +27,14 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import tariterators
 
+from data_pipelines.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+class NoReadableSamples(ConfigError, RuntimeError):
+    """A reader's whole share of a dataset gave no sample in a pass over it (every shard unreadable, or empty):
+    reading it again would only loop, so the run stops with this (printed as one ``error:`` line)."""
 
 
 class SharedEpoch:
@@ -114,11 +121,12 @@ class ReadSamples(IterableDataset):
         self.resume: dict[int, dict[str, Any]] = {}  # worker -> {"datasets", "draws", "pending", "batches"}; once
         self.skipping = self.replaying = False  # tar errors met then were counted before the stop
 
-    def shard_samples(self, urls: list[str], report: bool = True) -> Iterator[dict[str, Any]]:
+    def shard_samples(self, urls: list[str], report: bool = True,
+                      failures: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Tar samples of each shard. A shard that cannot be opened or read to its end (truncated, a failed
         ``pipe:``) ends there: its samples before the break are kept, the one being read is dropped, and the
         shard counts once as ``tar_error`` (not again when a resumed loader skips over it, nor by the second
-        stream of a dataset: ``report=False``)."""
+        stream of a dataset: ``report=False``); ``failures`` collects "url: error" of each."""
         for url in urls:
             failed: list[Exception] = []
             stop = failed.append  # returns None (falsy): stop reading this shard at its first error
@@ -133,6 +141,8 @@ class ReadSamples(IterableDataset):
                 yield previous
             elif failed and report and not (self.skipping or self.replaying):
                 self.on_tar_error(url, failed[0])
+            if failed and failures is not None:
+                failures.append(f"{url}: {str(failed[0])[:200]}")
 
     def stream(self, s: int, epoch: int, skip: int, worker: int, num_workers: int) -> Iterator[tuple]:
         """``(epoch, offset, sample)`` of stream ``s`` from ``epoch``, skipping its first ``skip`` samples."""
@@ -141,7 +151,8 @@ class ReadSamples(IterableDataset):
         while True:
             e = epoch if self.epoch_seed else 0
             urls = epoch_shards(self.url_lists[d], self.seed, d, e)[self.rank::self.world_size][worker::num_workers]
-            samples = self.shard_samples(urls, report=kind == primary)
+            failures: list[str] = []  # shards of this pass that broke off
+            samples = self.shard_samples(urls, report=kind == primary, failures=failures)
             if kind is not None:  # this kind only (a sample of neither kind: in the dataset's first stream)
                 samples = (x for x in samples if (self.kind_of(x) or primary) == kind)
             if self.bufsize > 1:
@@ -154,6 +165,8 @@ class ReadSamples(IterableDataset):
                     self.skipping = offset < skip
                     continue
                 yield epoch, offset, sample
+            if kind is None and skip == 0 and offset == 0 and urls and self.infinite:
+                raise self.nothing_read(d, urls, failures, worker, num_workers)  # (else: the same pass for ever)
             if kind is not None and skip == 0 and offset == 0 and self.infinite:
                 log.warning("dataset %d holds no %s samples for rank %d worker %d: its %s batches come from the "
                             "other datasets (or there are none)", d, kind, self.rank, worker, kind)
@@ -161,6 +174,20 @@ class ReadSamples(IterableDataset):
             self.skipping, skip, epoch = False, 0, epoch + 1
             if not self.infinite:
                 return
+
+    def nothing_read(self, d: int, urls: list[str], failures: list[str], worker: int,
+                     num_workers: int) -> NoReadableSamples:
+        """The error for a pass over ``urls`` (this reader's share of dataset ``d``) that gave no sample."""
+        where = (f"{len(urls)} shard{'s' if len(urls) > 1 else ''} of dataset {d} read by rank {self.rank}"
+                 f"{f', loader worker {worker} of {num_workers}' if num_workers > 1 else ''}")
+        if len(failures) == len(urls):
+            return NoReadableSamples(
+                f"no readable shards: none of the {where} could be read as tar files (first: {failures[0]}). Fix or "
+                "remove them (`dit inspect-shards SPEC` shows what each holds; `dit make-shards` writes checked "
+                "shards from a folder of clips)")
+        return NoReadableSamples(
+            f"no samples: the {where} hold no tar samples (first: {urls[0]}"
+            f"{'; unreadable: ' + failures[0] if failures else ''}). Check data.shards (`dit inspect-shards SPEC`)")
 
     def choose(self, draw: int, done: set[int], worker: int) -> int:
         """The stream of draw ``draw``: one of the kind the schedule wants (the other when that kind is used up),
