@@ -23,6 +23,7 @@ model, is refused before anything is written, unless ``--overwrite`` first clear
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipelines.config import ConfigError
 from dit.distributed.preemption import PREEMPTED_MARKER
 from dit.distributed.setup import DistEnv
 from dit.export import (
@@ -104,15 +106,50 @@ def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    yield tmp
-    barrier()  # every rank's files are in tmp
-    if is_main:
-        write_manifest(tmp, expected=[rank_state_path(".", r).as_posix() for r in range(world_size)])
-        if final.exists():  # re-saving the same step (e.g. final == periodic, or over a torn one): replace it
-            shutil.rmtree(final)
-        publish(tmp, final)  # flushed, then renamed in one step
-        prune(run_dir, keep_last)
+    try:
+        yield tmp
+        barrier()  # every rank's files are in tmp
+        if is_main:
+            write_manifest(tmp, expected=[rank_state_path(".", r).as_posix() for r in range(world_size)])
+            if final.exists():  # re-saving the same step (e.g. final == periodic, or over a torn one): replace it
+                shutil.rmtree(final)
+            publish(tmp, final)  # flushed, then renamed in one step
+            prune(run_dir, keep_last)
+    except OSError as e:  # a full disk, a quota, permissions: the user's to fix; the earlier checkpoints stand
+        written = dir_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(write_failure(Path(run_dir), step, e, written)) from e
     barrier()
+
+
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (ENOSPC, EDQUOT, EACCES, ...): its temporary directory is removed, the
+    earlier checkpoints are intact, and the run stops (one ``error:`` line) at the state of the last one."""
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def write_failure(run_dir: Path, step: int, e: OSError, written: int) -> str:
+    """The message for a failed checkpoint write: what failed, where, the bytes a checkpoint takes and the bytes
+    free, which checkpoint a resume continues from, and what to do."""
+    intact = [p for p in checkpoint_dirs(run_dir) if checkpoint_problem(p, digests=False) is None]
+    need = max(dir_bytes(intact[-1]) if intact else 0, written)
+    root = run_dir / "checkpoints"
+    free = shutil.disk_usage(root if root.is_dir() else run_dir).free
+    code = errno.errorcode.get(e.errno or 0, "")
+    where = f" ({e.filename})" if e.filename else ""
+    last = (f"the last complete checkpoint, {intact[-1].name}, is intact and `--resume auto` continues from it"
+            if intact else "no earlier checkpoint exists, so a rerun starts from step 0")
+    return (f"could not write checkpoint step {step} in {root}: {e.strerror or e}{f' [{code}]' if code else ''}"
+            f"{where}. A checkpoint of this run takes about {gib(need)} ({need} bytes) and {gib(free)} are free "
+            f"there. The unfinished checkpoint was removed and {last}. Free space (fewer checkpoints: "
+            "train.keep_last), raise the quota or fix the permissions of the folder, then run again")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:

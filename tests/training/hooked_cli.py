@@ -43,6 +43,30 @@ def checkpoint_pause(seconds: float) -> None:
     checkpoint.publish = paused
 
 
+@hook("disk_full")
+def disk_full(arg: dict[str, Any]) -> None:
+    """``{"step": N, "errno": E}``: writing checkpoint N's training_state.pt fails as a full disk (or a quota, or
+    permissions) fails it: half the bytes land, then OSError(E) (default ENOSPC)."""
+    import errno
+    import io
+
+    import torch
+
+    real = torch.save
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(f, (str, Path)) and Path(f).name == "training_state.pt" and \
+                Path(f).parent.name == f".tmp-step-{arg['step']:08d}":
+            buf = io.BytesIO()
+            real(obj, buf, *args, **kwargs)
+            Path(f).write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+            code = arg.get("errno", errno.ENOSPC)
+            raise OSError(code, os.strerror(code), str(f))
+        real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 @hook("nan_loss")
 def nan_loss(arg: dict[str, Any]) -> None:
     """``{"rank": R, "calls": [n, ...]}``: rank R's training loss is NaN at its n-th loss computations (1-based;

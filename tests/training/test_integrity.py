@@ -254,6 +254,51 @@ def test_torn_newest_checkpoints_are_skipped_and_the_resume_equals_an_intact_run
     assert check_run(torn) == 0
 
 
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(run6: Path, tmp_path: Path, small_shards: str,
+                                                                 small_vae: Path) -> None:
+    """Checkpoint 4's write fails half-way (a full disk, a quota): the run stops with one error line naming the path,
+    the bytes a checkpoint takes and the bytes free; step 2 stays intact, no temporary directory is left, and
+    ``--resume auto`` continues from step 2 bit for bit as the uninterrupted run."""
+    run = tmp_path / "full"
+    done = dit_train(run, small_shards, small_vae, hooks={"disk_full": {"step": 4}}, **STEPS)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"could not write checkpoint step 4 in {run / 'checkpoints'}: No space left on device [ENOSPC] " \
+           f"({run / 'checkpoints' / '.tmp-step-00000004' / 'training_state.pt'})" in errors[0]
+    assert "A checkpoint of this run takes about" in errors[0] and "are free there" in errors[0]
+    assert "the last complete checkpoint, step-00000002, is intact and `--resume auto` continues from it" in errors[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]  # no .tmp- left
+    assert checkpoint_problem(ckpt(run, 2)) is None
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]  # it stopped at the failed save
+
+    done = dit_train(run, small_shards, small_vae, **STEPS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {ckpt(run, 2)} at step 2" in done.stderr
+    a, b = load_training_state(ckpt(run, 6)), load_training_state(ckpt(run6, 6))
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+@pytest.mark.parametrize("code", ["EDQUOT", "EACCES"])
+def test_a_failed_write_removes_the_temporary_directory_and_names_the_cause(tmp_path: Path, code: str) -> None:
+    import errno
+
+    from dit.training.checkpoint import CheckpointWriteError
+
+    two = fake_save(tmp_path, 2)
+    with pytest.raises(CheckpointWriteError) as e:
+        with atomic_checkpoint(tmp_path, 4) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w" * 5000)
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(tmp / "config.json"))
+    where = tmp_path / "checkpoints" / ".tmp-step-00000004" / "config.json"
+    assert f"could not write checkpoint step 4 in {tmp_path / 'checkpoints'}: {os.strerror(getattr(errno, code))} " \
+           f"[{code}] ({where})" in str(e.value)
+    assert "step-00000002, is intact" in str(e.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [two.name]
+    assert checkpoint_problem(two) is None
+
+
 def sample_cli(checkpoint: Path, out: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
     """`dit sample` in this process (its main, as the command runs it): exit status and stderr."""
     with pytest.raises(SystemExit) as stop:
