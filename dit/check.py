@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dit.export import MANIFEST, NO_MANIFEST, checkpoint_dirs, checkpoint_problem
+from dit.export import MANIFEST, NO_MANIFEST, checkpoint_dirs, checkpoint_problem, dir_bytes
 
 
 def _size(ckpt: Path) -> str:
-    files = [p for p in ckpt.rglob("*") if p.is_file()]
-    return f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
+    files = sum(1 for p in ckpt.rglob("*") if p.is_file())
+    return f"{files} files, {dir_bytes(ckpt) / 1e6:.1f} MB"
 
 
 def check_line(ckpt: Path, width: int = 0) -> tuple[str, bool]:

@@ -85,6 +85,11 @@ def checkpoint_step(ckpt: str | Path) -> int:
     return int(Path(ckpt).name[len(CKPT_PREFIX):])
 
 
+def dir_bytes(path: Path) -> int:
+    """The bytes of the files under ``path`` (0 when it is not a directory)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Every checkpoint directory renamed into place (RUN/checkpoints/step-N, intact or not), oldest first."""
     root = Path(run_dir) / "checkpoints"

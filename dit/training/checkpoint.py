@@ -49,6 +49,7 @@ from dit.export import (
     checkpoint_dirs,
     checkpoint_problem,
     checkpoint_step,
+    dir_bytes,
     first_intact,
     write_manifest,
 )
@@ -125,10 +126,6 @@ def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_
 class CheckpointWriteError(ConfigError):
     """A checkpoint could not be written (ENOSPC, EDQUOT, EACCES, ...): its temporary directory is removed, the
     earlier checkpoints are intact, and the run stops (one ``error:`` line) at the state of the last one."""
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def write_failure(run_dir: Path, step: int, e: OSError, written: int) -> str:
