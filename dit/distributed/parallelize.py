@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.distributed._composable import checkpoint
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
 from dit.distributed.strategies import Strategy, build_strategy
+from dit.training.ema import ModelEma
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
@@ -34,7 +34,7 @@ def apply_compile(model: nn.Module) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEmaV3,
+def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                 gradient_checkpointing: bool = False, compile: bool = False,
                 mixed_precision: str = "no") -> Strategy:

@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
+from dit.training.ema import ModelEma
 
 log = logging.getLogger("dit.strategies")
 
@@ -52,7 +52,7 @@ class Strategy:
     name = "ddp"
     keep: Callable[[str], bool] | None = None  # which state-dict keys checkpoints hold (LoRA: the adapter); None: all
 
-    def __init__(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEmaV3,
+    def __init__(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
                  make_optimizer: MakeOptimizer, mixed_precision: str = "no") -> None:
         self.env, self.cfg, self.ema, self.mixed_precision = env, cfg, ema, mixed_precision
         self.module = model  # the plain model: its parameters, state dict and config
@@ -346,7 +346,7 @@ class FSDPStrategy(Strategy):
         set_model_state_dict(self.ema.module, sharded["ema"], options=options)
 
 
-def build_strategy(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEmaV3,
+def build_strategy(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
                    make_optimizer: MakeOptimizer, mixed_precision: str = "no") -> Strategy:
     """Wrap ``model`` (already activation-checkpointed / compiled as configured) for ``cfg.strategy``."""
     cls = DeepSpeedStrategy if cfg.strategy.startswith("zero") else FSDPStrategy if cfg.strategy == "fsdp" else Strategy

@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from timm.layers import DropPath, Mlp, RmsNorm
 from torch import nn
 
 from dit.models.attention import attention, resolve_backend
 from dit.models.condition import condition_channels
 from dit.models.embeddings import TextEmbedder, TimestepEmbedder, apply_rope, rope_3d, sincos_3d
+from dit.models.layers import DropPath, Mlp, RmsNorm
 from dit.models.presets import PRESETS
 
 

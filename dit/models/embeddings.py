@@ -6,8 +6,9 @@ import math
 
 import torch
 from einops import rearrange
-from timm.layers import Mlp
 from torch import nn
+
+from dit.models.layers import Mlp
 
 
 class TimestepEmbedder(nn.Module):

@@ -1,26 +1,69 @@
-"""EMA of the trained weights: timm's ModelEmaV3 with its warmup, a full copy of the plain model made before any
-parallelism is applied; FSDP shards it like the model (dit/distributed/strategies.py), so its update is a
-shard-local lerp there. With ``share_frozen`` (LoRA under DDP / ZeRO-1 / ZeRO-2) the EMA model holds the very same
-frozen parameters as the model: an average of weights that never change is those weights, so only the adapter is
-copied (a 1.3B base is not held twice)."""
+"""EMA of the trained weights, a full copy of the plain model made before any parallelism is applied; FSDP shards
+it like the model (dit/distributed/strategies.py), so its update is a shard-local lerp there. With
+``share_frozen`` (LoRA under DDP / ZeRO-1 / ZeRO-2) the EMA model holds the very same frozen parameters as the
+model: an average of weights that never change is those weights, so only the adapter is copied (a 1.3B base is
+not held twice).
+
+``ModelEma`` computes what timm's ``ModelEmaV3(model, decay, use_warmup=True)`` computes (the warmup decay and the
+foreach lerp over the state dict; tests/training/test_ema.py holds it bitwise to timm's), without importing timm,
+which costs every process about 3 s."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 
 
-def build_ema(model: nn.Module, decay: float, share_frozen: bool = False) -> ModelEmaV3:
+class ModelEma(nn.Module):
+    """``module`` is the averaged model; ``update(model, step)`` moves it toward ``model`` with the warmup decay
+    ``1 - (1 + n)^(-2/3)`` capped at ``decay``, where n counts updates after the first (the first copies)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup_power: float = 2 / 3) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        self.decay = decay
+        self.warmup_power = warmup_power
+
+    def get_decay(self, step: int | None = None) -> float:
+        if step is None:
+            return self.decay
+        n = max(0, step - 1)
+        if n <= 0:
+            return 0.0
+        return max(min(1 - (1 + n) ** -self.warmup_power, self.decay), 0.0)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        weight = 1.0 - self.get_decay(step)
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_values.append(ema_v)
+                model_values.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        if not ema_values:
+            return
+        if all(e.dtype == m.dtype for e, m in zip(ema_values, model_values)):
+            torch._foreach_lerp_(ema_values, model_values, weight=weight)
+        else:  # mixed dtypes: add_ promotes in-kernel
+            torch._foreach_mul_(ema_values, scalar=1.0 - weight)
+            torch._foreach_add_(ema_values, model_values, alpha=weight)
+
+
+def build_ema(model: nn.Module, decay: float, share_frozen: bool = False) -> ModelEma:
     """The EMA of ``model``; ``ema.module`` is the model samples are drawn with and checkpoints export."""
     if not share_frozen:
-        return ModelEmaV3(model, decay=decay, use_warmup=True)
+        return ModelEma(model, decay)
     frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
     kept = [p.data for _, p in frozen]
     for _, p in frozen:  # copied as empty tensors, then replaced by the model's own parameters
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     try:
-        ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+        ema = ModelEma(model, decay)
     finally:
         for (_, p), data in zip(frozen, kept):
             p.data = data

@@ -11,7 +11,6 @@ import resource
 import sys
 
 import torch
-from timm.utils import ModelEmaV3
 
 from dit.config import load_config
 from dit.diffusion.objectives import training_loss
@@ -20,6 +19,7 @@ from dit.models.text import build_text_encoder
 from dit.models.vae import build_vae
 from dit.pipeline import schedule_from_config
 from dit.plan import estimate, model_size
+from dit.training.ema import build_ema
 
 
 def rss() -> int:
@@ -36,7 +36,7 @@ def main() -> None:
     vae = build_vae(cfg.vae).requires_grad_(False)
     text = build_text_encoder(cfg.text)
     model = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text.dim)
-    ema = ModelEmaV3(model, decay=0.999)
+    ema = build_ema(model, 0.999)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = schedule_from_config(cfg.diffusion)
     size = model_size(cfg)
