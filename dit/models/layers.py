@@ -1,7 +1,7 @@
 """Small layers the DiT uses: an MLP, RMS norm and stochastic depth. They compute exactly what timm's ``Mlp``,
 ``RmsNorm`` and ``DropPath`` compute, with the same parameter names (checkpoints are unchanged), but importing
 timm costs every process about 3 s (timm.layers pulls in torchvision.models and torch._dynamo), so they live
-here. tests/models/test_layers.py holds them bitwise to timm's."""
+here. tests/models/test_dit_layers.py holds them bitwise to timm's."""
 
 from __future__ import annotations
 
