@@ -41,6 +41,7 @@ from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
 from data_pipelines.state import VERSION as STATE_VERSION
 from data_pipelines.state import fingerprint, in_worker_order, plan_resume
+from data_pipelines.worker_crash import WorkerPositions, crash_report
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class DecodeClips(wds.PipelineStage):
         self.buckets = BucketChooser(cfg.buckets, batch_size) if cfg.buckets.enabled else None
         self.pending = DataStats()  # counts not yet attached to a yielded sample
         self.tar_errors = 0  # broken shards not yet in the bad-fraction check's counts (see run)
+        self.positions: WorkerPositions | None = None  # with workers: where each is, for a crash report
 
     def skip_tar_error(self, url: str, exn: Exception) -> None:
         """Count a shard that broke off (``ReadSamples.shard_samples``), warn and log it."""
@@ -262,6 +264,8 @@ class DecodeClips(wds.PipelineStage):
             key = sample.get("__key__", "?")
             where = {"pos": sample["__pos__"], "draws": sample["__draw__"] + 1}
             rng = seeded(self.seed, "frames", sample["__epoch__"], key)
+            if self.positions is not None:
+                self.positions.mark(sample.get("__url__", "?"), key)
             try:
                 fields, caption, bucket = self.media(sample, rng)
             except _Skip as skip:
@@ -373,6 +377,7 @@ class Loader:
         self.epoch = 0  # the epoch the next iter() starts
         self._current: dict[str, Any] | None = None  # the iteration in progress: epoch, readers, next_worker, ended
         self._resume: dict[str, Any] | None = None
+        self.decoder = next(s for s in pipeline.pipeline if isinstance(s, DecodeClips))
         self.dataloader = self._dataloader()
 
     def _dataloader(self) -> DataLoader | None:
@@ -382,6 +387,7 @@ class Loader:
         # threads here (ffmpeg/decord/PyAV, queue feeders of other loaders) may hold, and can hang the worker.
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["data_pipelines.loader"])
+        self.decoder.positions = WorkerPositions(self.cfg.num_workers, ctx)
         return DataLoader(self.pipeline, batch_size=None, num_workers=self.cfg.num_workers,
                           persistent_workers=True, pin_memory=torch.cuda.is_available(), multiprocessing_context=ctx)
 
@@ -423,7 +429,7 @@ class Loader:
                                "next_worker": plan["next_worker"], "ended": set(plan["ended"])}
         self.epoch += 1
         source = self.dataloader if self.dataloader is not None else self.pipeline
-        for batch in in_worker_order(source, self.num_readers, cur["next_worker"], cur["ended"]):
+        for batch in self._reported(in_worker_order(source, self.num_readers, cur["next_worker"], cur["ended"])):
             cur["next_worker"] = batch["next_worker"]
             if batch["pos"] is not None:
                 cur["readers"][batch["worker"]] = {"datasets": batch["pos"], "draws": batch["draws"],
@@ -436,6 +442,16 @@ class Loader:
                     self.stats.buckets[batch["bucket"]] += len(batch["key"])
                 yield {k: batch[k] for k in BATCH_KEYS if k in batch}
         self._current = None
+
+    def _reported(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """``batches``, with a dead worker reported by the sample it was on (``LoaderWorkerDied``)."""
+        try:
+            yield from batches
+        except RuntimeError as e:
+            report = crash_report(e, self.dataloader, self.decoder.positions) if self.dataloader is not None else None
+            if report is None:
+                raise
+            raise report from None
 
 
 def build_loader(cfg: DataConfig, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,

@@ -85,6 +85,65 @@ def nan_loss(arg: dict[str, Any]) -> None:
     train.training_loss = loss
 
 
+@hook("die")
+def die(arg: dict[str, Any]) -> None:
+    """``{"rank": R, "step": S, "at": "step" | "save", "marker": PATH}``: rank R is SIGKILLed (as the OOM killer or
+    a lost node does) in step S's loss computation, or in checkpoint S's save after its sharded model and optimizer
+    files are written, before the barrier that completes the checkpoint. It writes ``marker`` (the time) first."""
+    import signal
+
+    from dit.training import train
+
+    if int(os.environ.get("RANK", "0")) != arg["rank"]:
+        return
+
+    def kill() -> None:
+        Path(arg["marker"]).write_text(str(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if arg["at"] == "step":
+        real, calls = train.training_loss, [0]
+
+        def loss(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == arg["step"]:
+                kill()
+            return real(*args, **kwargs)
+
+        train.training_loss = loss
+        return
+    real_parallelize = train.parallelize
+
+    def parallelize(*args: Any, **kwargs: Any) -> Any:
+        strategy = real_parallelize(*args, **kwargs)
+        real_save = strategy.save
+
+        def save(tmp: Path) -> Any:
+            state = real_save(tmp)
+            if Path(tmp).name == f".tmp-step-{arg['step']:08d}":
+                kill()
+            return state
+
+        strategy.save = save
+        return strategy
+
+    train.parallelize = parallelize
+
+
+@hook("worker_fault")
+def worker_fault(arg: dict[str, Any]) -> None:
+    """``{"key": K, "signal": "SIGSEGV"}``: the DataLoader worker that decodes sample K dies of that signal. Workers
+    start from the loader's forkserver, which imports tests/training/worker_faults.py (it applies the fault)."""
+    import multiprocessing as mp
+
+    # the forkserver does not take this process's sys.path (Python 3.11): it finds the module by PYTHONPATH
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                             os.environ.get("PYTHONPATH")]))
+    ctx = mp.get_context("forkserver")
+    real = ctx.set_forkserver_preload
+    ctx.set_forkserver_preload = lambda modules: real([*modules, "worker_faults"])  # type: ignore[method-assign]
+
+
 def apply_hooks(spec: str) -> None:
     for name, arg in json.loads(spec or "{}").items():
         if name not in HOOKS:
