@@ -9,6 +9,8 @@ trains on its half; the gradients are then averaged across ranks by the strategy
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,32 @@ def grad_norms(run: Path) -> list[float]:
     return [json.loads(line)["grad_norm"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+# where rank 1 dies: in step 13's loss (during a step) or in checkpoint 20's save after its shards are written
+DIE = {("zero2", 1): ("step", 13), ("zero3", 1): ("save", 20), ("fsdp", 1): ("save", 20), ("zero3", 2): ("step", 13)}
+WATCHDOG_S = 60
+
+
+def kill_a_rank(run: Path, where: tuple[str, int], accum: int, shards: str, vae: Path,
+                two: dict[str, object]) -> list[float]:
+    """A 2-process launch in which rank 1 is SIGKILLed at ``where``: the survivor must exit non-zero within the
+    watchdog timeout (not hang), leave no process behind, and no checkpoint after step 10 may exist. Returns the
+    losses it logged after step 10."""
+    at, step = where
+    marker = run.parent / "died_at"
+    hook = {"rank": 1, "at": at, "step": step * accum - (accum - 1) if at == "step" else step, "marker": str(marker)}
+    done = dit_torchrun(2, run, shards, vae, hooks={"die": hook},
+                        **{**two, "train.watchdog_timeout": WATCHDOG_S})
+    ended = time.time()
+    assert done.returncode != 0, done.stderr[-3000:]
+    assert marker.is_file(), done.stderr[-3000:]
+    assert ended - float(marker.read_text()) < WATCHDOG_S, done.stderr[-3000:]
+    assert not subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout
+    assert [c.name for c in list_checkpoints(run)] == ["step-00000010"]
+    logged = losses(run)
+    assert len(logged) == (step - 1 if at == "step" else step), logged
+    return logged[10:]
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, small_shards: str, small_vae: Path) -> Path:
     run = tmp_path_factory.mktemp("one") / "run"
@@ -50,13 +78,21 @@ def test_two_processes_match_one_process(strategy: str, accum: int, tmp_path: Pa
     run = tmp_path / strategy
     two = {**COMMON, "train.batch_size": 2 // accum, "train.grad_accum_steps": accum, "train.parity_batch": True,
            "train.strategy": strategy}
-    # Sharded optimizer state: 10 steps, then resume from that checkpoint to 20. (DDP's state is the 1-process
-    # state, resumed in tests/training; FSDP with accumulation, 20 in one go.)
-    resume = strategy.startswith("zero") or (strategy == "fsdp" and accum == 1)
-    for steps in (STEPS // 2, STEPS) if resume else (STEPS,):
-        done = dit_torchrun(2, run, small_shards, small_vae, **{**two, "train.steps": steps})
+    # Sharded optimizer state: a first launch whose rank 1 is SIGKILLed after the step-10 checkpoint, then
+    # `--resume auto` to 20. (DDP's state is the 1-process state, resumed in tests/training; FSDP with
+    # accumulation, 20 in one go.)
+    if strategy.startswith("zero") or (strategy == "fsdp" and accum == 1):
+        killed = kill_a_rank(run, DIE[(strategy, accum)], accum, small_shards, small_vae, two)
+        done = dit_torchrun(2, run, small_shards, small_vae, extra_args=("--resume", "auto"), **two)
         assert done.returncode == 0, done.stderr[-5000:]
-    assert not resume or ("resumed from" in done.stderr and "at step 10" in done.stderr)
+        assert "resumed from" in done.stderr and "at step 10" in done.stderr
+        # the steps after step 10 that the killed launch had logged are recomputed exactly
+        assert losses(run)[10:10 + len(killed)] == killed
+        assert [c.name for c in list_checkpoints(run)] == ["step-00000010", "step-00000020"]
+        assert not list((run / "checkpoints").glob(".tmp-*"))  # the torn save's directory is gone
+    else:
+        done = dit_torchrun(2, run, small_shards, small_vae, **two)
+        assert done.returncode == 0, done.stderr[-5000:]
 
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])  # throughput metrics, job-wide
     assert len(last["peak_memory_gb_per_rank"]) == 2 and min(last["peak_memory_gb_per_rank"]) > 0.1

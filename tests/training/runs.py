@@ -70,11 +70,12 @@ def small_vae(tmp_path_factory, small_shards: str) -> Path:
 
 
 def dit_torchrun(nproc: int, out: Path, shards: str, vae: Path | None, *, hooks: dict[str, object] | None = None,
-                 config: Path = DEMO, **overrides: object) -> subprocess.CompletedProcess:
+                 config: Path = DEMO, extra_args: tuple[str, ...] = (),
+                 **overrides: object) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N -m dit.cli train ...` on CPU (gloo), 1 thread per process
     (``hooks`` as in ``dit_train``, applied in every process)."""
     start, hook_env = entry(hooks)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *start, "train", "--config", str(config), *small_overrides(out, shards, vae, **overrides)]
+           *start, "train", "--config", str(config), *extra_args, *small_overrides(out, shards, vae, **overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", **hook_env}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
