@@ -43,8 +43,8 @@ def cmd_check(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from dit.plan import check_plan_args, estimate, format_plan, model_size
 
-    check_plan_args(args.gpus, args.gpu_memory, args.gpus_per_node)
     cfg = _config(args)
+    check_plan_args(args.gpus, args.gpu_memory, args.gpus_per_node, cfg.train.sequence_parallel)
     size = model_size(cfg)
     print(format_plan(cfg, args.gpus, args.gpu_memory,
                       estimate(cfg, args.gpus, args.gpu_memory, args.gpus_per_node, size=size), size))
@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, metavar="RUN", help="apply a LoRA run's adapter (its newest checkpoint, a "
                    "checkpoint dir or a *lora*.safetensors file) to --checkpoint")
     p.add_argument("--lora-scale", type=float, default=1.0, help="scale of --lora's update (0: the base alone)")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N", help="split each clip's tokens over the N "
+                   "processes of a launch (torchrun --nproc-per-node N ... -m dit.cli sample ...): long clips on "
+                   "several GPUs; rank 0 writes the files")
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("lora", help="LoRA adapters: merge one into its base")

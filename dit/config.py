@@ -292,6 +292,9 @@ class TrainConfig:
     offload_optimizer: bool = False  # zero1/2/3: optimizer states (and their update) on the CPU
     offload_params: bool = False  # zero3 / fsdp: parameters on the CPU between uses
     fsdp_shard: str = "full"  # fsdp: full (shard over all ranks) | hybrid (shard within a node, replicate across)
+    # Sequence parallelism (dit/distributed/sequence.py): each clip's tokens split over this many consecutive ranks
+    # (all-to-all over heads, DeepSpeed-Ulysses); the strategy is data parallel over world / sequence_parallel.
+    sequence_parallel: int = 1
     deepspeed_config: str | None = None  # a DeepSpeed JSON instead of configs/deepspeed/zero{N}.json
     resume: str = "auto"  # auto (newest complete checkpoint in output_dir, if any) | never | a checkpoint dir
     max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
@@ -314,6 +317,7 @@ class TrainConfig:
                "needs train.strategy=zero3 or fsdp (the strategies that shard parameters)")
         _check(self.fsdp_shard in ("full", "hybrid"), "train.fsdp_shard", "must be full or hybrid")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _check(self.sequence_parallel >= 1, "train.sequence_parallel", "must be >= 1 (1: off)")
         _check(not (self.strategy == "fsdp" and self.mixed_precision == "fp16"), "train.mixed_precision",
                "fp16 is not supported with train.strategy=fsdp (no loss scaling there); use bf16")
         _check(self.deepspeed_config is None or Path(self.deepspeed_config).is_file(), "train.deepspeed_config",
@@ -386,6 +390,8 @@ class Config:
             bad = {f: frames_problem(f, temporal=temporal, patch=pt) for f in b.frames}  # the VAE's rule, the patch
             bad = {f: problem for f, problem in bad.items() if problem}
             _check(not bad, "data.buckets.frames", f"{list(bad)}: {'; '.join(bad.values())}")
+        if self.train.sequence_parallel > 1:
+            self._check_sequence_parallel(temporal, spatial)
         family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
         _check(family not in ("wan", "ltx") or d.objective == "flow", "diffusion.objective",
                f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
@@ -397,6 +403,29 @@ class Config:
                f"{self.sample.sampler} does not sample a diffusion.objective={self.diffusion.objective} model; use "
                f"one of {', '.join(fits)} (or null for {fits[0]})")
         _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
+
+    def _check_sequence_parallel(self, temporal: int, spatial: int) -> None:
+        """Heads and the clip's tokens must split evenly over the sequence-parallel ranks (bucketed or latent-shard
+        shapes are checked per batch, when they arrive)."""
+        from dit.models.presets import PRESETS
+
+        sp, m = self.train.sequence_parallel, self.model
+        _check(m.family == "dit", "train.sequence_parallel",
+               f"is implemented for our DiT (model.family=dit), not the {m.family} adapter; set it to 1")
+        # stochastic depth draws its per-sample mask on each rank: the ranks of a group would drop different tokens
+        _check(m.drop_path == 0, "model.drop_path", "must be 0 with train.sequence_parallel > 1")
+        heads = m.num_heads or PRESETS[m.preset]["num_heads"]
+        _check(heads % sp == 0, "train.sequence_parallel",
+               f"{sp} does not divide the model's {heads} attention heads (model.num_heads): use one of "
+               f"{[n for n in range(1, heads + 1) if heads % n == 0]}, or a model whose heads it divides")
+        (pt, ph, pw), d = self.patch_size(), self.data
+        grid = ((d.frames - 1) // temporal + 1) // pt, d.height // spatial // ph, d.width // spatial // pw
+        tokens = math.prod(grid)
+        _check(d.buckets.enabled or tokens % sp == 0, "train.sequence_parallel",
+               f"{sp} does not divide the {tokens} latent tokens of a clip (grid {'x'.join(map(str, grid))} from "
+               f"data.frames={d.frames}, height={d.height}, width={d.width}): use one of "
+               f"{[n for n in range(1, min(tokens, 64) + 1) if tokens % n == 0]}, or a clip size whose token "
+               f"count {sp} divides")
 
     def patch_size(self) -> tuple[int, int, int]:
         from dit.models.presets import PRESETS

@@ -11,6 +11,9 @@ ACT_PER_TOKEN x hidden values per token per block are kept for backward (scores 
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
 checkpointing. The frozen VAE and text encoder count once per GPU. The optimizer step briefly needs one more
 fp32 copy of its shard (foreach temporaries), which can set the peak when activations are small.
+With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
+tokens for 1/SP of the heads); parameters, gradients and optimizer state are unchanged (the strategies shard over
+all ranks, whatever SP is), and the text's keys and values are computed on every rank.
 """
 
 from __future__ import annotations
@@ -123,17 +126,19 @@ def model_size(cfg: Config) -> ModelSize:
 
 
 def activation_bytes(size: ModelSize, batch: int, bytes_per_value: int, checkpointing: bool,
-                     attention_scores: bool = False) -> float:
-    """Activations kept for the backward pass of one micro-batch. ``attention_scores``: the attention kernel
-    stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not."""
-    per_block = ACT_PER_TOKEN * size.tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
-    if attention_scores:
-        per_block += 2 * size.heads * size.tokens * (size.tokens + size.text_len)
-    blocks = (size.depth * size.tokens * size.hidden + per_block) if checkpointing else size.depth * per_block
-    return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * size.tokens * size.hidden)
+                     attention_scores: bool = False, sequence_parallel: int = 1) -> float:
+    """Activations kept for the backward pass of one micro-batch on one rank. ``attention_scores``: the attention
+    kernel stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not.
+    ``sequence_parallel``: the rank holds 1/SP of the tokens (and attends all tokens with 1/SP of the heads)."""
+    tokens = size.tokens / sequence_parallel  # this rank's tokens
+    per_block = ACT_PER_TOKEN * tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
+    if attention_scores:  # H/SP heads x N x N (self) + H x N/SP x L (cross)
+        per_block += 2 * size.heads * tokens * (size.tokens + size.text_len)
+    blocks = (size.depth * tokens * size.hidden + per_block) if checkpointing else size.depth * per_block
+    return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden)
 
 
-def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int) -> None:
+def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int, sequence_parallel: int = 1) -> None:
     """The job's shape, checked before anything is built: ``ConfigError`` naming the flag and the fix."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1 (ranks in the job), got {gpus}")
@@ -145,17 +150,21 @@ def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int) -> None
         lo = gpus // gpus_per_node * gpus_per_node
         raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of --gpus-per-node {gpus_per_node}; use "
                           f"--gpus {lo} or {lo + gpus_per_node}, or another --gpus-per-node")
+    if gpus % sequence_parallel:
+        raise ConfigError(f"train.sequence_parallel={sequence_parallel} does not divide --gpus {gpus}: use a multiple "
+                          f"of {sequence_parallel} GPUs, or a train.sequence_parallel that divides {gpus}")
 
 
 def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 8,
              size: ModelSize | None = None, attention_scores: bool = False) -> list[Estimate]:
     """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; bf16 activations when
     train.mixed_precision is bf16/fp16/auto, fp32 for "no")."""
-    check_plan_args(gpus, gpu_memory_gb, gpus_per_node)
-    size = size or model_size(cfg)
     t = cfg.train
+    check_plan_args(gpus, gpu_memory_gb, gpus_per_node, t.sequence_parallel)
+    size = size or model_size(cfg)
     act_bytes = 4 if t.mixed_precision == "no" else 2
-    act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores)
+    act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores,
+                           t.sequence_parallel)
     p = 4.0 * size.params  # one fp32 copy
     out = []
     for name in STRATEGIES:
@@ -190,8 +199,10 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
                f"{size.base / 1e6:.1f}M-parameter model" if size.base else
                f"{size.params / 1e6:.1f}M trainable parameters")
+    sp = cfg.train.sequence_parallel
     lines = [f"model: {trained} (hidden {size.hidden}, depth {size.depth}), "
-             f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample, "
+             f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample"
+             f"{f' ({size.tokens // sp} per rank: sequence parallel over {sp})' if sp > 1 else ''}, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
              f"{'on' if cfg.model.gradient_checkpointing else 'off'}",
              f"per-GPU memory in GiB with {gpus} GPUs of {gpu_memory_gb:g} GiB:",
@@ -202,8 +213,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
                      f"{gb(e.frozen)}{gb(e.total)}  {'yes' if e.fits else 'NO'}")
     fitting = [e.strategy for e in estimates if e.fits]
     lines.append(f"fits: {', '.join(fitting)}" if fitting else
-                 "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, or offload "
-                 "(train.offload_optimizer / train.offload_params)")
+                 "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, split long clips over "
+                 "ranks (train.sequence_parallel), or offload (train.offload_optimizer / train.offload_params)")
     if missing:
         lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add 4 bytes "
                      "per parameter of it, as for the VAE)")

@@ -11,6 +11,10 @@ and what will be sampled (size, latent tokens, sampler settings), with a warning
 one; then progress: a bar on a terminal, otherwise a line per batch.
 
 Each written file is one stdout line, ``PATH<TAB>PROMPT`` (slurm/sample.sbatch keeps them as its index.tsv).
+
+``--sequence-parallel N`` under a launcher of N processes (torchrun): every process runs the same sampling with each
+clip's tokens split over the N (dit/distributed/sequence.py), so a clip too long for one GPU's memory samples on N;
+rank 0 writes the files and the lines.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from data_pipelines.config import latent_frames
 from dit.config import ConfigError, SampleConfig
+from dit.distributed.setup import DistEnv
 from dit.export import resolve_checkpoint
 from dit.pipeline import check_size, default_suffix, generate, load_pipeline, resolve_sampler, to_uint8, write_media
 
@@ -170,6 +175,25 @@ def first_frame(args: argparse.Namespace, config: dict[str, Any], height: int, w
     return resize_crop(pixels[None], height, width).transpose(0, 1)  # [1, 3, height, width]
 
 
+def sequence_parallel(args: argparse.Namespace, config: dict[str, Any], n_tokens: int) -> DistEnv | None:
+    """--sequence-parallel N: checked against the model and clip, then the group of the launch's N processes (None
+    for N = 1: one process, as always)."""
+    sp = getattr(args, "sequence_parallel", 1)
+    if sp == 1:
+        return None
+    family, heads = config["experiment"]["model"].get("family", "dit"), config["dit"].get("num_heads", 0)
+    if sp < 1 or family != "dit" or heads % sp or n_tokens % sp:
+        raise ConfigError(f"--sequence-parallel {sp} must divide the model's attention heads ({heads}) and the clip's "
+                          f"{n_tokens} latent tokens, for our DiT (model.family=dit; this is {family})")
+    from dit.distributed.setup import setup_distributed
+
+    env = setup_distributed(sequence_parallel=sp)  # ConfigError when the launch's processes are not a multiple
+    if env.world_size != sp:
+        raise ConfigError(f"--sequence-parallel {sp} samples with one group of {sp} processes; this launch has "
+                          f"{env.world_size}: use torchrun --nproc-per-node {sp}")
+    return env
+
+
 def step_of(ckpt: Path) -> str:
     name = ckpt.name
     return str(int(name.split("-", 1)[1])) if name.startswith("step-") and name[5:].isdigit() else "unknown"
@@ -201,21 +225,22 @@ def run_sample(args: argparse.Namespace) -> None:
 
     n_tokens, trained = tokens(frames, height, width, patch, temporal, spatial), training_size(config)
     n_trained = tokens(*trained, patch, temporal, spatial)
-    print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width; {n_tokens} latent "
-          f"tokens each) with {opts['sampler']}, {opts['steps']} steps, cfg {opts['cfg']:g}, seed {args.seed}, "
-          f"batches of {args.batch_size}", file=sys.stderr)
-    if n_tokens > WARN_TOKENS * n_trained:
-        factor = n_tokens / n_trained
-        print(f"warning: that is {factor:.0f}x the {n_trained} tokens of the size the model was trained at "
-              f"({'x'.join(map(str, trained))}): quality there is untested, and each step costs {factor:.0f}x to "
-              f"{factor ** 2:.0f}x as much (attention grows with the square of the tokens)", file=sys.stderr)
+    env = sequence_parallel(args, config, n_tokens)
+    main = env is None or env.is_main  # the one process that reports and writes
+    if main:
+        report(args, opts, prompts, (frames, height, width), n_tokens, trained, n_trained)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = env.device if env else "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale)
-    print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}", file=sys.stderr, flush=True)
+    if env:
+        from dit.distributed.sequence import apply_sequence_parallel
+
+        apply_sequence_parallel(pipe.model, env.sp_group)  # every rank returns the whole prediction
+    if main:
+        print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}", file=sys.stderr, flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)
     bar = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and main:
         from tqdm import tqdm
 
         bar = tqdm(total=batches * opts["steps"], unit="step", desc="sampling", file=sys.stderr)
@@ -226,6 +251,8 @@ def run_sample(args: argparse.Namespace) -> None:
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
+        if not main:
+            continue
         for clip, path, prompt in zip(to_uint8(video), paths[start:], chunk):
             write_media(clip, path, fps=opts["fps"])
             print(f"{path}\t{prompt}", flush=True)
@@ -234,3 +261,21 @@ def run_sample(args: argparse.Namespace) -> None:
                   f"({time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
+    if env:
+        from dit.distributed.setup import teardown_distributed
+
+        teardown_distributed()
+
+
+def report(args: argparse.Namespace, opts: dict[str, Any], prompts: list[str], size: tuple[int, int, int],
+           n_tokens: int, trained: tuple[int, int, int], n_trained: int) -> None:
+    """What will be sampled, on stderr, with a warning for a size far beyond the training one."""
+    frames, height, width = size
+    print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width; {n_tokens} latent "
+          f"tokens each) with {opts['sampler']}, {opts['steps']} steps, cfg {opts['cfg']:g}, seed {args.seed}, "
+          f"batches of {args.batch_size}", file=sys.stderr)
+    if n_tokens > WARN_TOKENS * n_trained:
+        factor = n_tokens / n_trained
+        print(f"warning: that is {factor:.0f}x the {n_trained} tokens of the size the model was trained at "
+              f"({'x'.join(map(str, trained))}): quality there is untested, and each step costs {factor:.0f}x to "
+              f"{factor ** 2:.0f}x as much (attention grows with the square of the tokens)", file=sys.stderr)

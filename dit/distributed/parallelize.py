@@ -1,9 +1,11 @@
 """Parallelism applied from outside the model, in a fixed order (torchtitan's ``parallelize``): activation
-checkpointing, then compile, then the data-parallel strategy (DDP | DeepSpeed ZeRO | FSDP2, strategies.py).
+checkpointing, then compile, then sequence parallelism (sequence.py, train.sequence_parallel > 1), then the
+data-parallel strategy (DDP | DeepSpeed ZeRO | FSDP2, strategies.py) over all ranks.
 The model never knows. Parameter names and state-dict keys stay those of the plain model throughout."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -11,9 +13,12 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 
 from dit.config import TrainConfig
+from dit.distributed.sequence import apply_sequence_parallel
 from dit.distributed.setup import DistEnv
 from dit.distributed.strategies import Strategy, build_strategy
 from dit.training.ema import ModelEma
+
+log = logging.getLogger("dit.parallelize")
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
@@ -44,4 +49,8 @@ def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelE
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
+    if env.sequence_parallel > 1:  # after checkpointing: its recomputation must pass through the SP hooks again
+        apply_sequence_parallel(model, env.sp_group)
+        log.info("sequence parallel: groups of %d ranks share each clip's tokens; %d data-parallel replicas",
+                 env.sequence_parallel, env.dp_size)
     return build_strategy(model, env, cfg, ema=ema, make_optimizer=make_optimizer, mixed_precision=mixed_precision)

@@ -4,6 +4,7 @@ cross-attention to text, MLP) -> final layer -> unpatchify. Parallelism is appli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ class Attention(nn.Module):
         self.k_norm = RmsNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.backend = "sdpa"
+        # The attention kernel, q, k, v [B, H, N, d] -> [B, H, N, d]: an attribute, so that it can be wrapped from
+        # outside without touching the projections, norms and RoPE around it.
+        self.kernel: Callable[..., torch.Tensor] = attention
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -54,7 +58,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, mask=mask, backend=self.backend)  # [B, H, N, d]
+        out = self.kernel(q, k, v, mask=mask, backend=self.backend)  # [B, H, N, d]
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, D]
 
 

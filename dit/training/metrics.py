@@ -11,6 +11,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -52,8 +53,9 @@ class Throughput:
     def reset(self) -> None:
         self.t0, self.samples, self.tokens, self.flops, self.data_s = time.perf_counter(), 0, 0, 0.0, 0.0
 
-    def add(self, samples: int, tokens_per_sample: int, flops_per_token: float, data_s: float) -> None:
-        """One step on this rank: ``flops_per_token`` is the trained (forward + backward) count."""
+    def add(self, samples: float, tokens_per_sample: int, flops_per_token: float, data_s: float) -> None:
+        """One step on this rank: ``flops_per_token`` is the trained (forward + backward) count; ``samples`` is a
+        fraction of the batch under sequence parallelism (each rank of a group does its share of every clip)."""
         self.samples += samples
         self.tokens += samples * tokens_per_sample
         self.flops += samples * tokens_per_sample * flops_per_token
@@ -72,3 +74,20 @@ class Throughput:
         }
         self.reset()
         return out
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> tuple[Any, int]:
+    """``fn()`` and the bytes of the tensors autograd saves for backward while it runs (each storage once, those of
+    ``exclude``, e.g. the parameters, left out): the activation memory, whatever the allocator and the machine."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip and t.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())

@@ -108,12 +108,13 @@ class RandomStreams:
 
 
 def build_train_loader(cfg: Config, env: DistEnv) -> Any:
-    """The data loader of this rank; with train.parity_batch every rank reads the whole global batch as one
-    process would (and keeps its slice, see ``draw_batch``)."""
+    """The data loader of this rank, split by data-parallel rank (the ranks of a sequence-parallel group read the
+    same samples); with train.parity_batch every rank reads the whole global batch as one process would (and keeps
+    its slice, see ``draw_batch``)."""
     per_rank = cfg.train.batch_size * cfg.train.grad_accum_steps
-    if cfg.train.parity_batch and env.world_size > 1:
-        return build_loader(cfg.data, per_rank * env.world_size, seed=cfg.train.seed)
-    return build_loader(cfg.data, per_rank, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
+    if cfg.train.parity_batch and env.dp_size > 1:
+        return build_loader(cfg.data, per_rank * env.dp_size, seed=cfg.train.seed)
+    return build_loader(cfg.data, per_rank, rank=env.dp_rank, world_size=env.dp_size, seed=cfg.train.seed)
 
 
 @torch.no_grad()
@@ -218,6 +219,15 @@ def loaded_vae_config(vae_cfg: VAEConfig, vae: torch.nn.Module) -> VAEConfig:
     return dataclasses.replace(vae_cfg, **sizes)
 
 
+def data_positions(ranks: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loader states saved by the ranks, one per data-parallel rank (the ranks of a sequence-parallel group read
+    the same samples, so they saved the same position)."""
+    unique: dict[tuple[int, ...], dict[str, Any]] = {}
+    for state in ranks.values():
+        unique.setdefault(tuple(r["rank"] for r in state["loader"]["ranks"]), state["loader"])
+    return list(unique.values())
+
+
 def restore(ckpt: Path, strategy: Strategy, lr_schedule: Any, rng: RandomStreams, loader: Any, env: DistEnv,
             parity: bool) -> int:
     """The full state of checkpoint ``ckpt``: model, optimizer, EMA, LR schedule, this rank's RNG and data
@@ -232,10 +242,11 @@ def restore(ckpt: Path, strategy: Strategy, lr_schedule: Any, rng: RandomStreams
         rng.load_state_dict(mine)
     else:
         log.warning("rank %d has no RNG state in %s (more ranks than it was saved with): fresh seeds", env.rank, ckpt)
-    if parity or len(ranks) == 1:
+    positions = data_positions(ranks)
+    if parity or len(positions) == 1:
         loader.load_state_dict((mine or ranks[0])["loader"])
     else:  # every rank's position: the loader itself handles a changed world size
-        loader.load_state_dict(merge_states([r["loader"] for r in ranks.values()]))
+        loader.load_state_dict(merge_states(positions))
     log.info("resumed from %s at step %d", ckpt, state["step"])
     return state["step"]
 
@@ -351,7 +362,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     earlier run wrote into train.output_dir (else a folder holding another run is refused)."""
     check_inputs(cfg)
     out, t = Path(cfg.train.output_dir), cfg.train
-    env = setup_distributed(needs_group=t.strategy != "ddp")  # ZeRO and FSDP need a group, even for 1 process
+    # ZeRO and FSDP need a group, even for 1 process; train.sequence_parallel is checked against the world size here
+    env = setup_distributed(needs_group=t.strategy != "ddp", sequence_parallel=t.sequence_parallel)
     resume_from = start_point(cfg, env, overwrite)  # fails now on a bad train.resume or another run's folder
     if resume_from is not None and checkpoint_step(resume_from) >= t.steps:
         if env.is_main:
@@ -394,11 +406,12 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     noise_schedule = schedule_from_config(cfg.diffusion)
     noise_schedule_dev = noise_schedule.to(env.device)
 
-    # Randomness: each rank its own stream; with parity_batch all ranks draw the global batch and keep a slice.
-    parity = t.parity_batch and env.world_size > 1
+    # Randomness: each data-parallel rank its own stream (a sequence-parallel group draws the same timesteps and
+    # noise for its clips); with parity_batch all ranks draw the global batch and keep their slice.
+    parity = t.parity_batch and env.dp_size > 1
     accum, micro = t.grad_accum_steps, t.batch_size
-    keep = slice(env.rank * micro * accum, (env.rank + 1) * micro * accum) if parity else None
-    rng = RandomStreams(t.seed + (0 if parity else env.rank))
+    keep = slice(env.dp_rank * micro * accum, (env.dp_rank + 1) * micro * accum) if parity else None
+    rng = RandomStreams(t.seed + (0 if parity else env.dp_rank))
     step = restore(resume_from, strategy, lr_schedule, rng, loader, env, parity) if resume_from else 0
 
     run_log = RunLog(out, step, enabled=env.is_main)
@@ -406,6 +419,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                     diffusion=cfg.diffusion)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
     meter, guard, bad = Throughput(env.device, env.world_size), NonfiniteGuard(t.max_nonfinite), {}
+    share = 1 / env.sequence_parallel  # of each clip's work done on this rank (its sequence-parallel slice)
     flops_per_sample = None
     data_iter = iter(loader)
     strategy.model.train()
@@ -433,7 +447,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 latents, states = drawn[:2]
                 tokens = math.prod(s // p for s, p in zip(latents.shape[2:], strategy.module.patch))
                 flops_per_sample = (tokens, 3 * flops_per_token(strategy.module, tokens, states.shape[1]))
-            meter.add(drawn[0].shape[0], *flops_per_sample, data_time)
+            meter.add(drawn[0].shape[0] * share, *flops_per_sample, data_time)
             if step % t.log_every == 0 or step == t.steps:
                 watchdog.mark("logging (loss all-reduce)")
                 (loss,) = mean_over_ranks([float(result.loss)], env.device)  # every rank, same steps

@@ -52,3 +52,26 @@ def test_plan_orders_strategies_and_says_what_fits(capsys) -> None:
     with pytest.raises(SystemExit):
         dit(["plan", "--config", str(DEMO), "--gpus", "8", "--gpu-memory", "80", "train.strategy=zero9"])
     assert "train.strategy" in capsys.readouterr().err
+
+
+def test_plan_divides_the_token_work_by_sequence_parallel(capsys) -> None:
+    """train.sequence_parallel=8: activations per rank fall ~8x (the text's keys and values stay whole on every
+    rank), weights, gradients and optimizer state do not; the GPU count must be a multiple of it."""
+    from dit.config import ConfigError
+
+    long_clip = ["model.preset=DiT-XL/2", "model.patch_size=[1,2,2]", "data.frames=81", "data.height=720",
+                 "data.width=1280", "train.batch_size=1"]
+    one = {e.strategy: e for e in estimate(load_config(DEMO, long_clip), 8, 80)}
+    eight = {e.strategy: e for e in estimate(load_config(DEMO, [*long_clip, "train.sequence_parallel=8"]), 8, 80)}
+    for name, e in eight.items():
+        assert (e.weights, e.grads, e.optimizer, e.ema) == (one[name].weights, one[name].grads, one[name].optimizer,
+                                                           one[name].ema)
+        assert e.activations == pytest.approx(one[name].activations / 8, rel=0.01)
+    assert not one["fsdp"].fits and eight["fsdp"].fits  # 75,600 tokens of 720p fit 80 GB only split over 8 GPUs
+    with pytest.raises(ConfigError, match="train.sequence_parallel=8 does not divide --gpus 4"):
+        estimate(load_config(DEMO, [*long_clip, "train.sequence_parallel=8"]), 4, 80)
+
+    from dit.cli import main as dit
+
+    dit(["plan", "--config", str(DEMO), "--gpus", "8", "--gpu-memory", "80", *long_clip, "train.sequence_parallel=8"])
+    assert "75600 tokens/sample (9450 per rank: sequence parallel over 8)" in capsys.readouterr().out
