@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,24 @@ from runs import dit_train
 
 from data_pipelines.worker_crash import _cause
 
-FORKSERVER = "from multiprocessing.forkserver import main"
 
-
-def forkservers() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", FORKSERVER], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (the run, its forkserver and its workers inherit it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours
+            pass
+    return found
 
 
 def test_a_worker_killed_by_a_decoder_segfault_stops_the_run_with_its_sample(tmp_path: Path, small_shards: str,
                                                                             small_vae: Path) -> None:
-    before = forkservers()
     run = tmp_path / "run"
-    done = dit_train(run, small_shards, small_vae, hooks={"worker_fault": {"key": "000005", "signal": "SIGSEGV"}},
+    fault = {"key": "000005", "signal": "SIGSEGV", "tag": str(run)}  # the tag marks this run's processes
+    done = dit_train(run, small_shards, small_vae, hooks={"worker_fault": fault},
                      **{"data.num_workers": 2, "train.steps": 40})
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -41,7 +45,7 @@ def test_a_worker_killed_by_a_decoder_segfault_stops_the_run_with_its_sample(tmp
     pid = int(re.search(r"\(pid (\d+)\)", msg).group(1))
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert forkservers() <= before  # the workers' forkserver went with the run
+    assert not processes_with(str(run))  # the workers and their forkserver went with the run
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").glob(".tmp-*"))
 
 
