@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
+from dit.training.metrics import saved_tensor_bytes  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
 
@@ -239,21 +240,14 @@ class Trainer:
     def saved_activation_bytes(self, batch: Batch) -> int:
         """Bytes of the tensors autograd saves for backward in one forward (parameters excluded; storages counted
         once): the activation memory, independent of the allocator and of what ran before in this process."""
-        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params and t.device.type != "meta":
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def forward_loss() -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = torch.nn.functional.mse_loss(self.forward(batch).float(), batch["target"])
+                return torch.nn.functional.mse_loss(self.forward(batch).float(), batch["target"])
+
+        loss, nbytes = saved_tensor_bytes(forward_loss, exclude=self.model.parameters())
         loss.backward()
         self.model.zero_grad(set_to_none=True)
-        return sum(seen.values())
+        return nbytes
 
     def counted_forward_flops(self, batch: Batch) -> int:
         """FlopCounterMode's count of one forward; through torch SDPA (which it counts) rather than xformers."""
