@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from webdataset import tariterators
 
-from data_pipelines.config import SPATIAL, TEMPORAL, DataConfig
+from data_pipelines.config import SPATIAL, TEMPORAL, ConfigError, DataConfig
 from data_pipelines.shards import expand_shards
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
     """Before training: the first sample of each source's first shard is a latent sample when ``data.latents``
     (a raw one otherwise), coded by the VAE whose encoder digest is ``vae_encoder`` (``vae_path`` names it in
     messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length) when it holds
-    them. Raises ValueError naming the difference; returns whether text is stored."""
+    them. Raises ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text
+    is stored."""
     stored_text = True
     for spec, _ in data.sources():
         url = expand_shards(spec)[0]
@@ -100,21 +101,21 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
         exts = first["extensions"]
         if not data.latents:
             if MEAN in exts:
-                raise ValueError(f"{url} is a latent shard (KEY.{MEAN}, from `dit encode`) but data.latents is "
+                raise ConfigError(f"{url} is a latent shard (KEY.{MEAN}, from `dit encode`) but data.latents is "
                                  "false: set data.latents=true to train from it")
             continue
         if MEAN not in exts:
-            raise ValueError(f"data.latents=true but {url} holds no latent samples (its first has {exts}): make "
+            raise ConfigError(f"data.latents=true but {url} holds no latent samples (its first has {exts}): make "
                              "latent shards with `dit encode SHARDS OUT --config ...`, or set data.latents=false "
                              "to read raw shards")
         meta, shapes = first["meta"], first["shapes"]
         channels = (shapes.get(MEAN) or (None,))[0]
         if channels != latent_channels:
-            raise ValueError(f"{url}: latents have {channels} channels, vae.checkpoint={vae_path} has "
+            raise ConfigError(f"{url}: latents have {channels} channels, vae.checkpoint={vae_path} has "
                              f"{latent_channels}: re-encode with this VAE, or point vae.checkpoint at the one "
                              "that made them")
         if meta.get("vae_encoder") not in (None, vae_encoder):
-            raise ValueError(f"{url} was encoded by another VAE (encoder digest {meta['vae_encoder']}, from "
+            raise ConfigError(f"{url} was encoded by another VAE (encoder digest {meta['vae_encoder']}, from "
                              f"{meta.get('vae')}) than vae.checkpoint={vae_path} "
                              f"({vae_encoder}): re-encode, or point vae.checkpoint at that VAE")
         if TEXT not in exts:
@@ -129,7 +130,7 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
         if dim != text_dim:
             differ["text dim"] = (dim, text_dim)
         if differ:
-            raise ValueError(f"{url} holds text states of another text encoder than the config's: "
+            raise ConfigError(f"{url} holds text states of another text encoder than the config's: "
                              + ", ".join(f"{k} {a!r} (shards) vs {b!r} (config)" for k, (a, b) in differ.items())
                              + ". Set text.* as when encoding, or re-encode the latent shards")
         if text_encoder == "hf" and meta.get("text_name") not in (None, text_name):

@@ -478,8 +478,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
     if tp is str:
+        if key.endswith("mixed_precision") and value is False:  # YAML reads the documented value `no` as false
+            return "no"
         _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
-               f"expected a string, got {value!r}")
+               f"expected a string, got {value!r} (YAML reads yes/no/on/off as booleans: quote the value)")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
 

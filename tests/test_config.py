@@ -37,6 +37,14 @@ def test_bad_keys_and_values_fail_naming_the_key(override, key):
         load_config(None, [override])
 
 
+def test_yaml_booleans_in_string_keys() -> None:
+    """`no` is a documented value of train.mixed_precision that YAML reads as false; elsewhere the error says why."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision='no'"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"text\.encoder: expected a string, got False \(YAML reads yes/no"):
+        load_config(None, ["text.encoder=off"])
+
+
 def test_frames_error_names_nearest_valid():
     with pytest.raises(ConfigError, match=r"\[13, 17\]"):
         load_config(None, ["data.frames=16"])

@@ -10,7 +10,7 @@ import torch
 from runs import small_config
 
 from data_pipelines.latents import check_latent_shards
-from dit.config import Config
+from dit.config import Config, ConfigError
 from dit.encode import encode_shards
 from dit.models.text import HFTextEncoder, TextEncoder, build_text_encoder
 from dit.models.vae import CausalVAE, encoder_digest, load_vae, save_vae
@@ -59,21 +59,21 @@ def test_a_mismatch_with_the_shards_stops_before_training(tmp_path, small_shards
     cfg = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true"})
     assert check(cfg, vae, text) is True  # the VAE and text encoder that made them
 
-    with pytest.raises(ValueError, match=r"text.max_length 16 \(shards\) vs 8 \(config\)"):
+    with pytest.raises(ConfigError, match=r"text.max_length 16 \(shards\) vs 8 \(config\)"):
         short = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true", "text.max_length": 8})
         check(short, vae, build_text_encoder(short.text))
-    with pytest.raises(ValueError, match="text.encoder 'minilm' \\(shards\\) vs 'none'.*text dim 384"):
+    with pytest.raises(ConfigError, match="text.encoder 'minilm' \\(shards\\) vs 'none'.*text dim 384"):
         none = small_config(tmp_path, latent_shards, small_vae, **{"data.latents": "true", "text.encoder": "none"})
         check(none, vae, build_text_encoder(none.text))
     other = tmp_path / "other_vae"
     torch.manual_seed(1)
     save_vae(CausalVAE(latent_channels=vae.latent_channels, base_channels=8), other)
-    with pytest.raises(ValueError, match="encoded by another VAE"):
+    with pytest.raises(ConfigError, match="encoded by another VAE"):
         check(cfg, load_vae(other), text)
-    with pytest.raises(ValueError, match="holds no latent samples"):
+    with pytest.raises(ConfigError, match="holds no latent samples"):
         check(small_config(tmp_path, small_shards, small_vae, **{"data.latents": "true"}), vae, text)
-    with pytest.raises(ValueError, match="set data.latents=true"):
+    with pytest.raises(ConfigError, match="set data.latents=true"):
         check(small_config(tmp_path, latent_shards, small_vae), vae, text)
-    with pytest.raises(ValueError, match="encoded by another VAE"):  # train.main checks before any step
+    with pytest.raises(ConfigError, match="encoded by another VAE"):  # train.main checks before any step
         train.main(small_config(tmp_path / "run", latent_shards, other, **{"data.latents": "true"}))
     assert not (tmp_path / "run" / "checkpoints").exists()
