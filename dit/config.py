@@ -277,6 +277,9 @@ class TrainConfig:
     warmup_steps: int = 50
     lr_schedule: str = "constant"  # constant | cosine (after the linear warmup, down to 5% of lr at train.steps)
     grad_clip: float = 1.0
+    # AdamW as one fused kernel per parameter group (torch's fused=True; CPU and CUDA): the same update up to float
+    # rounding, less optimizer time (BENCHMARKS.md). train.strategy=ddp only: not tried under DeepSpeed or FSDP.
+    fused_adamw: bool = False
     ema_decay: float = 0.999
     mixed_precision: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | no
     output_dir: str = "runs/default"
@@ -337,6 +340,8 @@ class TrainConfig:
         _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
                f"unknown schedule {self.lr_schedule!r}; choose constant or cosine")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+        _check(not (self.fused_adamw and self.strategy != "ddp"), "train.fused_adamw",
+               f"is tried with train.strategy=ddp only; with {self.strategy} set train.fused_adamw=false")
         _check(self.mixed_precision in ("auto", "bf16", "fp16", "no"), "train.mixed_precision",
                "must be auto, bf16, fp16 or no")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")

@@ -16,6 +16,7 @@ import torch
 
 from data_pipelines.synthetic import BASE_COLORS, COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip, render_clip
 from dit.config import load_config
+from dit.encode import encode_shards
 from dit.pipeline import generate, load_pipeline, to_uint8, write_media
 from dit.training import train, train_vae
 
@@ -108,10 +109,15 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "di
           f"direction {vae_check['direction']:.2f} (the ceiling of the score)", flush=True)
     timings["vae_s"] = time.perf_counter() - t0 - sum(timings.values())
 
-    print(f"[demo] 3/4 training the DiT for {phase['dit_steps']} steps", flush=True)
-    dit_cfg = load_config(CONFIG, [*dit_settings, f"data.shards={out / 'data'}", f"train.output_dir={out / 'dit_run'}",
-                                   f"train.steps={phase['dit_steps']}", f"vae.checkpoint={vae_dir}",
-                                   f"train.seed={seed}", *size])
+    print(f"[demo] 3/4 encoding the DiT's clips once (`dit encode`: VAE posterior + text states) into "
+          f"{out / 'latents'}, then training the DiT for {phase['dit_steps']} steps on them", flush=True)
+    # Encoding once instead of in every step (the clips repeat ~120 times) is what makes this phase fast; training on
+    # latent shards draws the same random numbers as on raw shards (dit/training/train.py).
+    common = [*dit_settings, f"vae.checkpoint={vae_dir}", f"train.seed={seed}", *size]
+    shutil.rmtree(out / "latents", ignore_errors=True)  # latents of an earlier VAE would not match this one
+    encode_shards(str(out / "data"), out / "latents", load_config(CONFIG, common), batch_size=32)
+    dit_cfg = load_config(CONFIG, [*common, f"data.shards={out / 'latents'}", "data.latents=true",
+                                   f"train.output_dir={out / 'dit_run'}", f"train.steps={phase['dit_steps']}"])
     train.main(dit_cfg)
     timings["dit_s"] = time.perf_counter() - t0 - sum(timings.values())
 

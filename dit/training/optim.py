@@ -38,7 +38,8 @@ def lr_lambda(warmup: int, total: int, schedule: str = "constant", floor: float 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (the same update under every strategy, DeepSpeed included)."""
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=cfg.fused_adamw or None)
 
 
 def build_lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

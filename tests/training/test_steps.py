@@ -80,3 +80,26 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_shard
     b = load_training_state(list_checkpoints(runs["accum"])[-1])["model"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamw_trains_as_the_plain_one(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
+    """train.fused_adamw: one fused kernel, the same update up to float rounding (losses, weights, and the
+    optimizer state a resume reads); refused where it is untried."""
+    from dit.config import ConfigError
+    from dit.training.optim import build_optimizer
+
+    runs = {}
+    for fused in ("false", "true"):
+        runs[fused] = tmp_path / fused
+        train.main(small_config(runs[fused], small_shards, small_vae, **{
+            "train.steps": 5, "train.checkpoint_every": 5, "train.lr": 1e-3, "train.fused_adamw": fused}))
+    plain, fused_losses = ([r["loss"] for r in records(runs[k])] for k in ("false", "true"))
+    assert fused_losses == pytest.approx(plain, rel=1e-5)
+    a, b = (load_training_state(list_checkpoints(runs[k])[-1]) for k in ("false", "true"))
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    cfg = small_config(tmp_path / "x", small_shards, small_vae, **{"train.fused_adamw": "true"})
+    assert build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg.train).defaults["fused"] is True
+    with pytest.raises(ConfigError, match="train.fused_adamw"):
+        small_config(tmp_path / "y", small_shards, small_vae, **{"train.fused_adamw": "true", "train.strategy": "fsdp"})
