@@ -12,17 +12,17 @@ from pathlib import Path
 from runs import DEMO, ROOT, small_overrides
 
 
-def test_a_200_step_run_logged_to_a_file_writes_a_few_kb(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
+def test_a_100_step_run_logged_to_a_file_writes_a_few_kb(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
     log = tmp_path / "train.log"
     cmd = [sys.executable, "-m", "dit.cli", "train", "--config", str(DEMO),
-           *small_overrides(tmp_path / "run", small_shards, small_vae, **{"train.steps": 200, "train.log_every": 20,
-                                                                           "train.checkpoint_every": 100})]
+           *small_overrides(tmp_path / "run", small_shards, small_vae, **{"train.steps": 100, "train.log_every": 10,
+                                                                           "train.checkpoint_every": 50})]
     with open(log, "w") as f:  # not a terminal
         done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=f,
                               stderr=subprocess.STDOUT, timeout=900)
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
     assert "\r" not in text  # no redrawn bar
-    progress = re.findall(r"train step (\d+)/200 loss [\d.]+ \| [\d.]+ steps/s \| ETA \S+", text)
-    assert [int(s) for s in progress] == list(range(20, 201, 20))
+    progress = re.findall(r"train step (\d+)/100 loss [\d.]+ \| [\d.]+ steps/s \| ETA \S+", text)
+    assert [int(s) for s in progress] == list(range(10, 101, 10))
     assert log.stat().st_size < 6 * 1024, text
