@@ -56,6 +56,17 @@ def _npy(array: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def latent_sample(key: str, caption: str, mean: torch.Tensor, logvar: torch.Tensor, meta: dict[str, Any],
+                  text_states: torch.Tensor | None = None) -> dict[str, Any]:
+    """One latent shard sample as `dit encode` writes it: mean / logvar [C, t, h, w], the caption, its json
+    (``meta``, with key and caption added) and, when given, the real tokens' text states [n, D]."""
+    sample = {"__key__": key, "mean.npy": _npy(mean), "logvar.npy": _npy(logvar), "txt": caption,
+              "json": json.dumps({"key": key, "caption": caption, **meta})}
+    if text_states is not None:
+        sample["text.npy"] = _npy(text_states)
+    return sample
+
+
 def output_name(url: str) -> str:
     """The output file name of an input shard: its own file name (``.../00007.tar`` -> ``00007.tar``)."""
     name = url.rstrip("/").rsplit("/", 1)[-1].split()[-1]
@@ -149,12 +160,8 @@ def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | Pretrain
             states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
         frames, height, width = batch["video"].shape[2:]
         for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
-            meta = {"key": key, "caption": caption, "frames": frames, "height": height, "width": width,
-                    **made_by}
-            sample = {"__key__": key, "mean.npy": _npy(posterior.mean[i]),
-                      "logvar.npy": _npy(posterior.logvar[i]), "txt": caption, "json": json.dumps(meta)}
-            if keep_text:
-                sample["text.npy"] = _npy(states[i][mask[i]])
-            sink.write(sample)
+            meta = {"frames": frames, "height": height, "width": width, **made_by}
+            sink.write(latent_sample(key, caption, posterior.mean[i], posterior.logvar[i], meta,
+                                     states[i][mask[i]] if keep_text else None))
             written += 1
     return written

@@ -9,7 +9,6 @@ video is encoded nor decoded), ``small_vae`` an untrained VAE of the config's si
 from __future__ import annotations
 
 import importlib.util
-import io
 import itertools
 import json
 import os
@@ -80,20 +79,17 @@ def make_pooled_latent_shards(out: Path, *, num_clips: int, frames: int, height:
     first frame alone, then 4 frames; 8 x 8 pixels) and mixed into ``channels`` by a fixed random matrix; logvar -4.
     The latent keeps the clip's colour, position and motion, so a DiT has something to learn."""
     import numpy as np
+    import torch
 
     from data_pipelines.config import SPATIAL, TEMPORAL, latent_shape
     from data_pipelines.synthetic import BASE_COLORS, DIRECTIONS, SHAPES, render_clip
     from data_pipelines.writer import write_shards
+    from dit.encode import latent_sample
 
     t, h, w = latent_shape(frames, height, width)
     rng = random.Random(seed)
     mix = np.random.default_rng(seed).standard_normal((channels, 3)).astype(np.float32)
     combos = list(itertools.product(BASE_COLORS, SHAPES, DIRECTIONS))
-
-    def npy(array: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-        return buf.getvalue()
 
     def samples():
         order: list[tuple[str, str, str]] = []
@@ -105,13 +101,11 @@ def make_pooled_latent_shards(out: Path, *, num_clips: int, frames: int, height:
             groups = [x[:1]] + [x[1 + k * TEMPORAL : 1 + (k + 1) * TEMPORAL] for k in range(t - 1)]
             pooled = np.stack([g.mean(axis=0) for g in groups])  # [t, H, W, 3]
             pooled = pooled.reshape(t, h, SPATIAL, w, SPATIAL, 3).mean(axis=(2, 4))  # [t, h, w, 3]
-            mean = np.einsum("ck,thwk->cthw", mix, pooled)
-            key = f"{i:06d}"
-            info = {"key": key, "caption": meta["caption"], "frames": frames, "height": height, "width": width,
-                    "latent_channels": channels, "temporal_compression": TEMPORAL, "spatial_compression": SPATIAL,
-                    "text": "none", "made_by": "tests/training/runs.py: pooled pixels, no VAE"}
-            yield {"__key__": key, "mean.npy": npy(mean), "logvar.npy": npy(np.full_like(mean, -4.0)),
-                   "txt": meta["caption"], "json": info}
+            mean = torch.from_numpy(np.einsum("ck,thwk->cthw", mix, pooled))
+            info = {"frames": frames, "height": height, "width": width, "latent_channels": channels,
+                    "temporal_compression": TEMPORAL, "spatial_compression": SPATIAL, "text": "none",
+                    "made_by": "tests/training/runs.py: pooled pixels, no VAE"}
+            yield latent_sample(f"{i:06d}", meta["caption"], mean, torch.full_like(mean, -4.0), info)
 
     return write_shards(samples(), str(Path(out) / "%05d.tar"), clips_per_shard, mtime=1_700_000_000.0)
 
