@@ -147,6 +147,8 @@ class DataConfig:
     fps: float | None = None  # sample frames at this rate (re-timed by each video's real fps) instead of a stride
     caption_field: str | None = None  # take the caption from this KEY.json field (else KEY.txt)
     num_workers: int = 0
+    decode_cache_mb: float = 0  # MiB of whole decoded videos each reader keeps, so each is decoded once, not every
+    #                             epoch (data_pipelines/decoded_cache.py); 0: off
     shuffle_buffer: int = 64
     max_bad_fraction: float = 0.5  # stop when more than this fraction of samples fails to decode
     bad_samples_log: str | None = None  # append "key<TAB>reason<TAB>shard<TAB>detail" lines for skipped samples
@@ -160,6 +162,7 @@ class DataConfig:
         _check(self.fps is None or self.frame_stride == 1, "data.fps",
                "set either data.fps or data.frame_stride, not both")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.decode_cache_mb >= 0, "data.decode_cache_mb", "must be >= 0 (MiB; 0: off)")
         _check(0.0 < self.max_bad_fraction <= 1.0, "data.max_bad_fraction", "must be in (0, 1]")
         _check(not (self.shards and self.datasets), "data.datasets",
                "set either data.shards (one source) or data.datasets (several, with weights), not both")

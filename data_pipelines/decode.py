@@ -72,7 +72,7 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
-def _resolve(indices: Indices, num_frames: int, fps: float) -> list[int]:
+def resolve_indices(indices: Indices, num_frames: int, fps: float) -> list[int]:
     """The frame indices to read: all frames (None), a fixed list, ``indices(num_frames)``, or for a
     ``FramePicker`` ``indices(num_frames, fps)``."""
     if indices is None:
@@ -128,7 +128,7 @@ def _decode_decord(data: bytes, indices: Indices, num_threads: int) -> tuple[np.
     if n == 0:
         raise DecodeError("video has no frames")
     fps = float(vr.get_avg_fps())
-    idx = _resolve(indices, n, fps)  # TooShort propagates: it is a property of the clip, not of the decoder
+    idx = resolve_indices(indices, n, fps)  # TooShort propagates: it is a property of the clip, not of the decoder
     frames = vr.get_batch(idx).asnumpy()
     return frames, VideoInfo(n, fps, frames.shape[1], frames.shape[2], "decord")
 
@@ -144,7 +144,7 @@ def _decode_pyav(data: bytes, indices: Indices) -> tuple[np.ndarray, VideoInfo]:
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         n = stream.frames  # 0 when the container does not say
         if n > 0:  # decode up to the last needed frame only
-            idx = _resolve(indices, n, fps)
+            idx = resolve_indices(indices, n, fps)
             wanted, last, got = set(idx), max(idx), {}
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
@@ -158,7 +158,7 @@ def _decode_pyav(data: bytes, indices: Indices) -> tuple[np.ndarray, VideoInfo]:
         everything = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     if not everything:
         raise DecodeError("video has no frames")
-    idx = _resolve(indices, len(everything), fps)
+    idx = resolve_indices(indices, len(everything), fps)
     frames = np.stack([everything[i] for i in idx])
     return frames, VideoInfo(len(everything), fps, frames.shape[1], frames.shape[2], "pyav")
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
 from data_pipelines.config import ConfigError, DataConfig, pixel_shape
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
+from data_pipelines.decoded_cache import DecodedCache
 from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_compression, latent_kind, load_npy
 from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
@@ -131,6 +132,7 @@ class DecodeClips(wds.PipelineStage):
         self.pending = DataStats()  # counts not yet attached to a yielded sample
         self.tar_errors = 0  # broken shards not yet in the bad-fraction check's counts (see run)
         self.positions: WorkerPositions | None = None  # with workers: where each is, for a crash report
+        self.cache = DecodedCache(cfg.decode_cache_mb) if cfg.decode_cache_mb > 0 else None
 
     def skip_tar_error(self, url: str, exn: Exception) -> None:
         """Count a shard that broke off (``ReadSamples.shard_samples``), warn and log it."""
@@ -229,7 +231,10 @@ class DecodeClips(wds.PipelineStage):
             if video_ext is not None:
                 count = buckets.video_frames if buckets else cfg.frames
                 pick = FramePicker(count, cfg.frame_stride, cfg.fps, rng)  # only these frames are decoded
-                frames, _ = decode_video(sample[video_ext], pick)
+                if self.cache is not None:
+                    frames = self.cache.video(sample.get("__url__", "?"), sample["__key__"], sample[video_ext], pick)
+                else:
+                    frames, _ = decode_video(sample[video_ext], pick)
                 bucket = buckets.choose(len(frames), *frames.shape[1:3], image=False) if buckets else None
                 size = (bucket.height, bucket.width) if bucket else (cfg.height, cfg.width)
                 return resize_crop(frames, *size), caption, bucket

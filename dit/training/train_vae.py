@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from data_pipelines.loader import build_loader
 from dit.config import Config, ConfigError, save_config
 from dit.models.vae import CausalVAE, build_vae, save_vae, vae_loss
-from dit.training.optim import lr_lambda, mixed_precision
+from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
 
 log = logging.getLogger("dit.train_vae")
@@ -58,9 +58,8 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     vae = build_vae(cfg.vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
-                                                               cfg.train.lr_schedule))
+    opt = build_optimizer(vae.parameters(), cfg.train)  # train.fused_adamw: one fused kernel (the demo's)
+    sched = build_lr_schedule(opt, cfg.train)
     vae, opt = accelerator.prepare(vae, opt)
     gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
     writer = SummaryWriter(str(out / "tensorboard-vae")) if accelerator.is_main_process else None
