@@ -58,7 +58,7 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     vae = build_vae(cfg.vae)
-    opt = build_optimizer(vae.parameters(), cfg.train)  # train.fused_adamw: one fused kernel (the demo's)
+    opt = build_optimizer(vae.parameters(), cfg.train)  # the DiT's AdamW, train.fused_adamw included
     sched = build_lr_schedule(opt, cfg.train)
     vae, opt = accelerator.prepare(vae, opt)
     gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
