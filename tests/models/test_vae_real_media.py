@@ -4,12 +4,18 @@ flat-colour baseline once the VAE has trained briefly on them)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from data_pipelines.loader import build_loader
 from dit.config import DataConfig
-from dit.models.vae import CausalVAE, vae_loss
+from dit.models.vae import CausalVAE
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def real_batches(shards: dict, frames: int, height: int, width: int) -> list[dict]:
@@ -21,19 +27,40 @@ def real_batches(shards: dict, frames: int, height: int, width: int) -> list[dic
     return batches
 
 
+TRAIN = """
+import sys, torch
+from data_pipelines.loader import build_loader
+from dit.config import DataConfig
+from dit.models.vae import CausalVAE, vae_loss
+spec, out = sys.argv[1], sys.argv[2]
+loader = build_loader(DataConfig(shards=spec, frames=5, height=32, width=32, shuffle_buffer=1), 4, infinite=False,
+                      drop_last=False)
+data = torch.cat([b["video"] for b in loader])  # [11, 3, 5, 32, 32]
+torch.manual_seed(0)
+vae = CausalVAE(latent_channels=4, base_channels=16)
+opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+for step in range(200):
+    x = data[(torch.arange(4) + 4 * step) % len(data)]
+    recon, posterior = vae(x)
+    loss, _ = vae_loss(recon, x, posterior, 1e-6)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+torch.save(vae.state_dict(), out)
+"""
+
+
 @pytest.fixture(scope="module")
-def trained_vae(real_media_shards) -> CausalVAE:
-    torch.manual_seed(0)
+def trained_vae(real_media_shards, tmp_path_factory) -> CausalVAE:
+    """200 steps on the clips and photos, trained in a fresh process. In the test process the result depended on
+    what ran before it (0.75 of the flat baseline on 5x64x64 after tests/models' other files, passing alone; cause not
+    found); in a fresh process this training, repeated three times, gave the same ratio to 12 digits (0.586 at
+    9x48x80)."""
+    out = tmp_path_factory.mktemp("real_vae") / "vae.pt"
+    spec = ",".join(real_media_shards["video"] + real_media_shards["image"])
+    subprocess.run([sys.executable, "-c", TRAIN, spec, str(out)], check=True, cwd=ROOT, timeout=900)
     vae = CausalVAE(latent_channels=4, base_channels=16)
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    data = torch.cat([b["video"] for b in real_batches(real_media_shards, 5, 32, 32)])  # [11, 3, 5, 32, 32]
-    for step in range(200):
-        x = data[(torch.arange(4) + 4 * step) % len(data)]
-        recon, posterior = vae(x)
-        loss, _ = vae_loss(recon, x, posterior, 1e-6)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    vae.load_state_dict(torch.load(out, weights_only=True))
     return vae.eval()
 
 
