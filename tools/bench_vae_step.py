@@ -19,13 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit.config import load_config  # noqa: E402
+from dit.config import Config, load_config  # noqa: E402
 from dit.models.vae import build_vae, vae_loss  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def variant(cfg, fused: bool, channels_last: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def variant(cfg: Config, fused: bool, channels_last: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     vae = build_vae(cfg.vae)
     if channels_last:
