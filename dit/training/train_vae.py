@@ -51,7 +51,10 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
         raise ConfigError("data.latents: train-vae learns from pixels, so it reads raw shards; set data.latents=false "
                           "and point data.shards at the raw shards (latent shards are what `dit encode` makes with it)")
     out = Path(cfg.train.output_dir)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision))
+    # cpu=True where there is no GPU: without it accelerate forms no gloo group under torchrun, and every process
+    # trains alone on every shard and writes the same RUN_DIR (measured: 2 ranks logging the same losses)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision),
+                              cpu=not torch.cuda.is_available())
     loader = build_loader(cfg.data, cfg.train.batch_size, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, seed=cfg.train.seed)  # fails now on a missing shard
     set_seed(cfg.train.seed)
@@ -61,7 +64,8 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     opt = build_optimizer(vae.parameters(), cfg.train)  # the DiT's AdamW, train.fused_adamw included
     sched = build_lr_schedule(opt, cfg.train)
     vae, opt = accelerator.prepare(vae, opt)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
+    # posterior noise and image-phase frames: each rank its own draws (rank 0 draws what one process does)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed + accelerator.process_index)
     writer = SummaryWriter(str(out / "tensorboard-vae")) if accelerator.is_main_process else None
     data_iter = iter(loader)
     vae.train()
