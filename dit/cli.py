@@ -291,9 +291,22 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.fn(args)
+        _teardown()
     except (ConfigError, FileNotFoundError) as e:  # the user's to fix (ConfigError: a config, argument or data
         print(f"error: {error_line(e)}", file=sys.stderr)  # problem): one line, no traceback; bugs keep theirs
         raise SystemExit(2) from None
+    except SystemExit as e:
+        if type(e).__name__ == "Preempted":  # every rank stopped after the same step: the group can go too
+            _teardown()
+        raise
+
+
+def _teardown() -> None:
+    """A launched command's process group, destroyed before the interpreter exits (dit/distributed/setup.py)."""
+    if "torch.distributed" in sys.modules:
+        from dit.distributed.setup import teardown_distributed
+
+        teardown_distributed()
 
 
 def error_line(e: BaseException) -> str:

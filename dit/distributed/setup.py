@@ -8,6 +8,7 @@ within a node on GPUs, where all-to-all is fast); the world is DP x SP, and rank
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass, field
@@ -85,7 +86,12 @@ def setup_distributed(needs_group: bool = False, sequence_parallel: int = 1) -> 
 
 
 def teardown_distributed() -> None:
+    """Free what still holds the group (DDP reducers and hooks kept alive by reference cycles), then destroy it: a
+    gloo group, or a reducer, torn down during interpreter shutdown aborts the process (SIGABRT, 'terminate called
+    without an active exception') after a finished run. Call it on success only: a rank that failed mid-step
+    would wait here for peers that never come."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

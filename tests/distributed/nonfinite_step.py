@@ -18,7 +18,7 @@ from dit.config import ModelConfig, TrainConfig
 from dit.diffusion.objectives import training_loss
 from dit.diffusion.schedules import make_schedule
 from dit.distributed.parallelize import parallelize
-from dit.distributed.setup import DistEnv, setup_distributed
+from dit.distributed.setup import DistEnv, setup_distributed, teardown_distributed
 from dit.models.dit import build_dit
 from dit.training.ema import build_ema
 from dit.training.optim import build_optimizer
@@ -119,8 +119,7 @@ def main() -> None:
     if env.is_main:
         with open(args.out, "w") as f:
             json.dump(result, f)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":
