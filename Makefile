@@ -19,8 +19,8 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	# two workers, one test file each at a time (module fixtures built once): 17.5 min on 2 cores (2026-12-04);
-	# CI ran the suite serially in 32.5 min with the install
+	# two workers, one test file each at a time (module fixtures built once). `bash .ci/run` on a fresh clone,
+	# 2 cores, 2026-12-04: 17.1 min with the install (tests 15.4); serially CI took 32.5 min
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
