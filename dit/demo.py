@@ -103,7 +103,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "di
                                    f"train.steps={phase['vae_steps']}", "train.lr=2e-3", "train.batch_size=8",
                                    "train.warmup_steps=20", f"train.seed={seed}", *size, "vae.chroma_weight=4",
                                    f"data.frames={phase['vae_frames']}", f"vae.image_steps={phase['vae_image_steps']}",
-                                   "data.decode_cache_mb=64"])  # 480 tiny clips read 50 times: decoded once
+                                   "data.decode_cache_mb=64",  # 480 tiny clips read 50 times: decoded once
+                                   "vae.latent_channels=16"])  # 8 dropped white or magenta in some runs (README)
     vae_dir = train_vae.main(vae_cfg)
     vae_check = vae_round_trip(vae_dir, out / "vae_data", base.data.frames, base.data.height, base.data.width)
     print(f"[demo] VAE round trip on {vae_check['clips']} clips of every colour: colour {vae_check['color']:.2f}, "
