@@ -296,7 +296,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error_line(e)}", file=sys.stderr)  # problem): one line, no traceback; bugs keep theirs
         raise SystemExit(2) from None
     except SystemExit as e:
-        if type(e).__name__ == "Preempted":  # every rank stopped after the same step: the group can go too
+        from dit.distributed.preemption import Preempted
+
+        if isinstance(e, Preempted):  # every rank stopped after the same step: the group can go too
             _teardown()
         raise
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipelines.decode import resize_crop
 from data_pipelines.synthetic import COLORS, DIRECTIONS, SHAPES, measure_clip, render_clip
 from dit.models.vae import load_vae
+from dit.pipeline import to_uint8
 
 
 @torch.no_grad()
@@ -30,9 +32,8 @@ def colour_check(vae_dir: str | Path, frames: int = 9, height: int = 32, width: 
     for colour in COLORS:
         clips = [render_clip(colour, s, d, frames=frames, height=height, width=width, rng=rng)[0]
                  for s in SHAPES for d in DIRECTIONS]
-        x = torch.stack([torch.from_numpy(np.asarray(c)).permute(3, 0, 1, 2).float() / 127.5 - 1 for c in clips])
-        recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)  # [B, 3, T, H, W]
-        back = ((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        x = torch.stack([resize_crop(c, height, width) for c in clips])  # as the loader hands clips over
+        back = to_uint8(vae.decode(vae.encode(x).mode()))  # as the demo scores its samples
         measured = [measure_clip(clip) for clip in back]
         rgbs = [m["rgb"] for m in measured if m["rgb"] is not None]
         out[colour] = {"right": sum(m["color"] == colour for m in measured), "clips": len(measured),

@@ -28,4 +28,4 @@ def test_counts_every_clip_once_and_the_cli_writes_the_same(small_vae: Path, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(out.read_text()) == result  # deterministic: the same clips, the same VAE
     right = sum(r["right"] for r in result.values())
-    assert f"total {right}/{len(COLORS) * 12} in the right colour" in done.stdout
+    assert f"total {right}/{len(COLORS) * len(SHAPES) * len(DIRECTIONS)} in the right colour" in done.stdout
