@@ -76,7 +76,8 @@ def first_frames(prompts: list[str], frames: int, height: int, width: int, seed:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/demo")
-    ap.add_argument("--steps", type=int, default=None, help="DiT training steps (default: the demo's, 3600)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"DiT training steps (default: the demo's, {FULL['dit_steps']})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     ap.add_argument("--overrides", nargs="*", default=[], help="more dotted overrides for the DiT run")
