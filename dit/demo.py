@@ -24,7 +24,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # Phase settings on top of configs/demo.yaml (why these: the README's demo section); `quick` is a smoke test of
 # the same path. The VAE trains on 5-frame crops (it is fully convolutional, so it then codes the 9-frame clips).
-FULL = dict(clips=480, vae_steps=3000, vae_image_steps=1500, vae_frames=5, dit_steps=3000, sample_steps=50)
+FULL = dict(clips=480, vae_steps=3000, vae_image_steps=1500, vae_frames=5, dit_steps=3600, sample_steps=50)
 QUICK = dict(clips=64, vae_steps=10, vae_image_steps=5, vae_frames=5, dit_steps=10, sample_steps=5)
 
 
