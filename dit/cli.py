@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> VAE -> DiT -> clips -> prompt-following score")
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--objective", default="diffusion", choices=["diffusion", "flow"],
-                   help="the DiT's training objective (diffusion: eps + DDIM, as configs/demo.yaml; flow: rectified "
-                        "flow + flow_euler)")
+    p.add_argument("--objective", default="flow", choices=["flow", "diffusion"],
+                   help="the DiT's training objective (flow: rectified flow + flow_euler, 2400 steps; diffusion: eps + "
+                        "DDIM as configs/demo.yaml, 3600 steps)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; low score expected)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, both trainings and the samples")
     p.add_argument("--finetune", action="store_true", help="then teach the demo model a new colour (magenta) from a "

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dit.demo import run_objective
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,4 +34,6 @@ def test_demo_finetune_quick_runs_the_users_path(tmp_path: Path) -> None:
     config = json.loads((ckpt / "config.json").read_text())
     assert config["lora"]["base"] == {"init_from": str((out / "dit_run").resolve())}
     assert (ckpt / "pytorch_lora_weights.safetensors").is_file()
+    assert run_objective(out / "dit_run") == "flow"  # the demo's default
+    assert run_objective(out / "finetune_run") == "flow"  # fine-tuned with its base's objective, not demo.yaml's
     assert "magenta prompts" in done.stdout and "the 20 original prompts" in done.stdout

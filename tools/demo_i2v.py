@@ -77,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="outputs/demo")
     ap.add_argument("--steps", type=int, default=None,
-                    help=f"DiT training steps (default: the demo's, {FULL['dit_steps']})")
+                    help=f"DiT training steps (default: the eps demo's, {FULL['dit_steps']['diffusion']})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     ap.add_argument("--overrides", nargs="*", default=[], help="more dotted overrides for the DiT run")
@@ -88,7 +88,7 @@ def main() -> None:
     vae_dir = demo_vae(out, phase, args.seed)
     base = load_config(CONFIG, [])
     d, s = base.data, base.sample
-    steps = args.steps or phase["dit_steps"]
+    steps = args.steps or phase["dit_steps"]["diffusion"]  # configs/demo.yaml's objective
     print(f"[i2v] training the DiT with model.condition=first_frame for {steps} steps into {out / 'i2v_run'}",
           flush=True)
     t1 = time.perf_counter()
