@@ -1,6 +1,6 @@
 """`dit demo --finetune --quick`: the user's path end to end at smoke-test length (the score itself is measured by
 the full run, README): a folder of magenta mp4 clips with .txt captions, `dit make-shards`, a LoRA fine-tune from
-the demo model with train.init_from, and the scores before and after."""
+the demo model with train.init_from, and the scores before and after; and the demo with the eps objective."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def test_demo_finetune_quick_runs_the_users_path(tmp_path: Path) -> None:
     assert run_objective(out / "dit_run") == "flow"  # the demo's default
     assert run_objective(out / "finetune_run") == "flow"  # fine-tuned with its base's objective, not demo.yaml's
     assert "magenta prompts" in done.stdout and "the 20 original prompts" in done.stdout
+
+
+def test_demo_quick_with_the_eps_objective(tmp_path: Path) -> None:
+    """`dit demo --objective diffusion` keeps the eps recipe (configs/demo.yaml's objective) and samples with DDIM."""
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "dit.cli", "demo", "--quick", "--objective", "diffusion", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_objective(out / "dit_run") == "diffusion"
+    assert "training the DiT (diffusion) for 10 steps" in done.stdout
+    assert "sampling 20 clips (ddim, 5 steps" in done.stdout
+    result = json.loads((out / "score.json").read_text())
+    assert result["clips"] == 20 and 0.0 <= result["score"] <= 1.0
