@@ -126,3 +126,20 @@ def test_tools_import_without_media_libraries() -> None:
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("model", ["ours", "diffusers"])
+def test_profile_train_step_splits_the_step(tmp_path: Path, model: str) -> None:
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_train_step.py"), "--preset", "dit-tiny",
+                           "--shape", "5x32x32", "--batch", "2", "--model", model, "--steps", "1", "--warmup", "1",
+                           "--threads", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["model"] == model and r["threads"] == 1
+    assert set(r["share"]) == {"gemm", "attention", "other"} and abs(sum(r["share"].values()) - 1) < 1e-9
+    assert all(v > 0 for v in r["seconds_per_step"].values())  # a training step has all three kinds of work
+    ops = {row["op"] for row in r["top"]}
+    assert ops & {"aten::mm", "aten::addmm"}  # the linears' GEMMs are among the heaviest ops
+    assert f"{model}: " in proc.stdout and "gemm" in proc.stdout
