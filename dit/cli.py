@@ -88,7 +88,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from dit.demo import run_demo, run_finetune
 
     if args.finetune:
-        run_finetune(Path(args.out), quick=args.quick, seed=args.seed, rank=args.rank)
+        run_finetune(Path(args.out), quick=args.quick, seed=args.seed, rank=args.rank, objective=args.objective)
         return
     run_demo(Path(args.out), quick=args.quick, seed=args.seed, objective=args.objective)
 
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--objective", default="flow", choices=["flow", "diffusion"],
                    help="the DiT's training objective (flow: rectified flow + flow_euler, 2400 steps; diffusion: eps + "
-                        "DDIM as configs/demo.yaml, 3600 steps)")
+                        "DDIM as configs/demo.yaml, 3600 steps; with --finetune: of the base when it is trained first)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; low score expected)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, both trainings and the samples")
     p.add_argument("--finetune", action="store_true", help="then teach the demo model a new colour (magenta) from a "

@@ -196,10 +196,12 @@ def sample_score(run: Path, prompts: list[str], frames: int, height: int, width:
     return score_clips(list(to_uint8(video)), prompts)
 
 
-def run_finetune(out: Path, quick: bool = False, seed: int = 0, rank: int | None = None) -> dict[str, float]:
+def run_finetune(out: Path, quick: bool = False, seed: int = 0, rank: int | None = None,
+                 objective: str = "flow") -> dict[str, float]:
     """From the base demo model (reused from ``out`` when it holds one, else trained): a folder of magenta clips ->
     `dit make-shards` -> LoRA fine-tune with train.init_from -> the score of magenta prompts before and after, and of
-    the 20 original prompts after. ``rank`` 0: full fine-tuning instead of LoRA."""
+    the 20 original prompts after. ``rank`` 0: full fine-tuning instead of LoRA. ``objective``: of a base trained here;
+    the fine-tune always trains with its base's objective."""
     from data_pipelines.make_shards import make_shards
     from dit.export import checkpoint_dirs
 
@@ -221,11 +223,11 @@ def run_finetune(out: Path, quick: bool = False, seed: int = 0, rank: int | None
                   "training the base demo again", flush=True)
             for old in ("vae_run", "dit_run"):  # the demo's own folders; kept, they would be resumed as they are
                 shutil.rmtree(out / old)
-            run_demo(out, quick=quick, seed=seed)
+            run_demo(out, quick=quick, seed=seed, objective=objective)
             t0 = time.perf_counter()
     else:
         print(f"[finetune] no base demo model in {out}: training it first (`dit demo`)", flush=True)
-        run_demo(out, quick=quick, seed=seed)
+        run_demo(out, quick=quick, seed=seed, objective=objective)
         t0 = time.perf_counter()
     settings = OBJECTIVE_SETTINGS[run_objective(out / "dit_run")]  # fine-tune with the base's own objective
     base = load_config(CONFIG, settings)
