@@ -229,7 +229,11 @@ def run_finetune(out: Path, quick: bool = False, seed: int = 0, rank: int | None
         print(f"[finetune] no base demo model in {out}: training it first (`dit demo`)", flush=True)
         run_demo(out, quick=quick, seed=seed, objective=objective)
         t0 = time.perf_counter()
-    settings = OBJECTIVE_SETTINGS[run_objective(out / "dit_run")]  # fine-tune with the base's own objective
+    base_objective = run_objective(out / "dit_run")
+    if base_objective != objective:  # a base found in `out`: its objective wins (a fine-tune cannot switch it)
+        print(f"[finetune] the base demo in {out} was trained with --objective {base_objective}; fine-tuning with it "
+              f"(--objective {objective} applies to a base trained here)", flush=True)
+    settings = OBJECTIVE_SETTINGS[base_objective]  # fine-tune with the base's own objective
     base = load_config(CONFIG, settings)
     magenta, original = finetune_prompts(), demo_prompts()
     size = dict(frames=d.frames, height=d.height, width=d.width, steps=phase["sample_steps"],
