@@ -234,10 +234,10 @@ def run_finetune(out: Path, quick: bool = False, seed: int = 0, rank: int | None
         print(f"[finetune] the base demo in {out} was trained with --objective {base_objective}; fine-tuning with it "
               f"(--objective {objective} applies to a base trained here)", flush=True)
     settings = OBJECTIVE_SETTINGS[base_objective]  # fine-tune with the base's own objective
-    base = load_config(CONFIG, settings)
+    sample = load_config(CONFIG, settings).sample  # the sampler of that objective
     magenta, original = finetune_prompts(), demo_prompts()
     size = dict(frames=d.frames, height=d.height, width=d.width, steps=phase["sample_steps"],
-                sampler=base.sample.sampler, cfg=base.sample.cfg, seed=seed)
+                sampler=sample.sampler, cfg=sample.cfg, seed=seed)
     before, _ = sample_score(out / "dit_run", magenta, **size)
     name = f"LoRA rank {rank}" if rank else "full fine-tuning"
     run = out / ("finetune_run" if rank else "finetune_full_run")

@@ -262,6 +262,16 @@ class Trainer:
                 self.model.attention_backend = backend
 
 
+def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bool,
+                  fused_adamw: bool = False) -> Trainer:
+    """The step of our DiT ("ours") or of diffusers' Wan equivalent ("diffusers") at the same config."""
+    if name == "ours":
+        model = DiT(**cfg).to(device)
+        return Trainer("ours", model, dit_forward(model), device, bf16, fused_adamw)
+    model = wan_equivalent(cfg).to(device)
+    return Trainer("diffusers", model, wan_forward(model), device, bf16, fused_adamw)
+
+
 def summary(times: list[float], cpu_times: list[float], flops_per_step: float, batch: int, tokens: int,
             peak: float, vendor: float | None) -> dict[str, Any]:
     step = statistics.median(times)
@@ -326,12 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         reset = reset_peak_memory(device)
         memory_before = current_memory(device)
-        if name == "ours":
-            model = DiT(**cfg).to(device)
-            tr = Trainer("ours", model, dit_forward(model), device, bf16, args.fused_adamw)
-        else:
-            model = wan_equivalent(cfg).to(device)
-            tr = Trainer("diffusers", model, wan_forward(model), device, bf16, args.fused_adamw)
+        tr = build_trainer(name, cfg, device, bf16, args.fused_adamw)
+        model = tr.model
         tr.memory_before = memory_before
         tr.flops_counted = 3 * tr.counted_forward_flops(batch)  # eager, before any compile
         tr.activation_bytes = tr.saved_activation_bytes(batch)

@@ -22,8 +22,6 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bt  # noqa: E402
 
-from dit.models.dit import DiT  # noqa: E402
-
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
@@ -58,12 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = bt.synthetic_batch(args.batch, defaults.latent_channels, grid, defaults.text_len, defaults.text_dim,
                                device, 0)
     torch.manual_seed(0)
-    if args.model == "ours":
-        model = DiT(**cfg)
-        trainer = bt.Trainer("ours", model, bt.dit_forward(model), device, False)
-    else:
-        model = bt.wan_equivalent(cfg)
-        trainer = bt.Trainer("diffusers", model, bt.wan_forward(model), device, False)
+    trainer = bt.build_trainer(args.model, cfg, device, bf16=False)
     for _ in range(args.warmup):
         trainer.step(batch)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
