@@ -5,7 +5,11 @@ Image phase (``vae.image_steps``): the first steps train on one random frame of 
 (T = 1, the causal VAE's first-frame path, which shares every weight with the video path). A frame step is
 cheaper than a clip step, so the spatial code (colour, shape, position) gets more optimizer steps in the same
 time before the clip steps learn the temporal compression: the image-then-video recipe of Open-Sora-Plan's and
-CV-VAE's VAEs (the demo's measurements are in the README)."""
+CV-VAE's VAEs (the demo's measurements are in the README).
+
+With ``vae.checkpoint`` set to an earlier run's RUN_DIR/vae, training starts from that VAE (its sizes; a new
+optimizer and schedule) instead of a new one: `dit demo` trains a VAE further this way when it fails the colour
+check."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data_pipelines.loader import build_loader
 from dit.config import Config, ConfigError, save_config
-from dit.models.vae import CausalVAE, build_vae, save_vae, vae_loss
+from dit.models.vae import CONFIG_NAME, WEIGHTS_NAME, CausalVAE, build_vae, load_vae, save_vae, vae_loss
 from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
 
@@ -40,6 +44,23 @@ def image_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), :, pick].unsqueeze(2)
 
 
+def _start_from(checkpoint: str | None) -> CausalVAE | None:
+    """The VAE of an earlier `dit train-vae` that vae.checkpoint names, to train on (its own sizes, not vae.*'s);
+    None when unset. A path without one is a ConfigError, raised before any work."""
+    if not checkpoint:
+        return None
+    if not Path(checkpoint, CONFIG_NAME).is_file() or not Path(checkpoint, WEIGHTS_NAME).is_file():
+        raise ConfigError(f"vae.checkpoint={checkpoint} holds no {CONFIG_NAME} + {WEIGHTS_NAME}: point it at the "
+                          "RUN_DIR/vae folder of an earlier `dit train-vae` to train that VAE further, or drop it to "
+                          "train a new one")
+    vae = load_vae(checkpoint)
+    if not isinstance(vae, CausalVAE):
+        raise ConfigError(f"vae.checkpoint={checkpoint} records a pretrained family's VAE; train-vae trains our "
+                          "CausalVAE (drop vae.checkpoint to train a new one)")
+    log.info("train-vae: starting from the VAE in %s (its sizes: %s)", checkpoint, vae.config)
+    return vae.train()
+
+
 def main(cfg: Config, stats_batches: int = 4) -> Path:
     """Train the VAE for train.steps steps; returns the directory of the saved VAE (RUN_DIR/vae)."""
     if not cfg.data.shards and not cfg.data.datasets:
@@ -50,6 +71,7 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     if cfg.data.latents:
         raise ConfigError("data.latents: train-vae learns from pixels, so it reads raw shards; set data.latents=false "
                           "and point data.shards at the raw shards (latent shards are what `dit encode` makes with it)")
+    start = _start_from(cfg.vae.checkpoint)  # checked before any work
     out = Path(cfg.train.output_dir)
     # cpu=True where there is no GPU: without it accelerate forms no gloo group under torchrun, and every process
     # trains alone on every shard and writes the same RUN_DIR (measured: 2 ranks logging the same losses)
@@ -60,7 +82,7 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
     set_seed(cfg.train.seed)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    vae = build_vae(cfg.vae)
+    vae = start if start is not None else build_vae(cfg.vae)
     opt = build_optimizer(vae.parameters(), cfg.train)  # the DiT's AdamW, train.fused_adamw included
     sched = build_lr_schedule(opt, cfg.train)
     vae, opt = accelerator.prepare(vae, opt)

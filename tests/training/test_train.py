@@ -54,6 +54,33 @@ def test_vae_training_writes_a_loadable_vae_with_fitted_stats(vae_dir: Path) -> 
     assert (vae.latent_std > 0).all()
 
 
+def test_train_vae_from_a_checkpoint_trains_that_vae_further(tmp_path: Path, shards: str, vae_dir: Path) -> None:
+    """vae.checkpoint: train-vae starts from that VAE (its sizes, not vae.*'s), so 3 small steps stay near its
+    weights, where a new VAE would start far from them."""
+    from safetensors.torch import load_file
+
+    from dit.models.vae import CausalVAE, load_vae
+
+    start = load_vae(vae_dir)
+    cfg = demo_config(tmp_path / "more", shards, **{"train.steps": 3, "train.lr": 1e-4, "train.warmup_steps": 0,
+                                                    "vae.checkpoint": vae_dir, "vae.base_channels": 16,
+                                                    "vae.latent_channels": 8})
+    more = load_vae(train_vae.main(cfg))
+    assert more.config == start.config  # the checkpoint's sizes won over vae.base_channels / latent_channels
+    before, after = load_file(vae_dir / "vae.safetensors"), load_file(tmp_path / "more" / "vae" / "vae.safetensors")
+    moved = max((after[k] - before[k]).abs().max().item() for k in before if not k.startswith("latent_"))
+    assert 0 < moved < 1e-2, moved  # AdamW moves a weight ~lr a step
+    fresh = CausalVAE(**start.config).state_dict()
+    assert max((fresh[k] - before[k]).abs().max().item() for k in before if not k.startswith("latent_")) > 0.1
+
+
+def test_train_vae_from_a_folder_without_a_vae_stops_before_any_work(tmp_path: Path, shards: str) -> None:
+    cfg = demo_config(tmp_path / "run", shards, **{"vae.checkpoint": tmp_path})
+    with pytest.raises(ConfigError, match="holds no vae.json"):
+        train_vae.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_dit_loss_falls_well_below_its_start(tmp_path: Path, shards: str, vae_dir: Path) -> None:
     run = tmp_path / "dit"
     cfg = demo_config(run, shards, **{"train.steps": 150, "train.log_every": 10, "vae.checkpoint": vae_dir,
