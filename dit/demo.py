@@ -30,9 +30,10 @@ FULL = dict(clips=480, vae_steps=3000, vae_image_steps=1500, vae_frames=5, vae_m
             dit_steps=dict(flow=2400, diffusion=3600), sample_steps=50)
 QUICK = dict(clips=64, vae_steps=10, vae_image_steps=5, vae_frames=5, vae_more_steps=5,
              dit_steps=dict(flow=10, diffusion=10), sample_steps=5)
-# Below this share of its clips coded back in their colour, the demo trains its VAE vae_more_steps more (good VAEs
-# coded all 64 in the demos measured; seed 2's, which lost white's blue, 0.64).
+# Below this share of its clips coded back in their colour, the demo trains its VAE vae_more_steps more, at most
+# VAE_MORE_ROUNDS times (good VAEs coded all 64 in the demos measured; seed 2's, which lost white's blue, 0.64).
 VAE_COLOUR_FLOOR = 0.95
+VAE_MORE_ROUNDS = 2
 
 
 def demo_prompts() -> list[str]:
@@ -121,25 +122,26 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
                     "vae.latent_channels=16"]  # 8 dropped white or magenta in some runs (README)
     vae_dir = train_vae.main(load_config(CONFIG, [
         *vae_settings, f"train.output_dir={out / 'vae_run'}", f"train.steps={phase['vae_steps']}", "train.lr=2e-3",
-        f"vae.image_steps={phase['vae_image_steps']}",
-        "train.grad_clip=0.3"]))  # fewer runs stall before they draw white's blue than at 1.0 (BENCHMARKS.md)
+        f"vae.image_steps={phase['vae_image_steps']}"]))
     vae_check = vae_round_trip(vae_dir, out / "vae_data", base.data.frames, base.data.height, base.data.width)
     print(f"[demo] VAE round trip on {vae_check['clips']} clips of every colour: colour {vae_check['color']:.2f}, "
           f"direction {vae_check['direction']:.2f} (the ceiling of the score)", flush=True)
-    vae_first_check = None
-    if vae_check["color"] < VAE_COLOUR_FLOOR:
-        # Some runs stall before the VAE draws the blue of white and magenta; more steps from where it stopped,
-        # with a new warmup, fixed every such VAE measured (README: the demo).
-        print(f"[demo] the VAE drew {1 - vae_check['color']:.0%} of the clips in another colour; training it "
-              f"{phase['vae_more_steps']} steps more from where it stopped", flush=True)
+    vae_first_check, rounds = None, 0
+    while vae_check["color"] < VAE_COLOUR_FLOOR and rounds < VAE_MORE_ROUNDS:
+        # Some runs stall before the VAE draws the blue of white and magenta; more steps from where it stopped, with a
+        # new warmup, fixed 3 of 4 such VAEs in one round; the fourth drew white in 9 of 12 clips after two, 0 before.
         from dit.models.vae import load_vae, save_vae
 
-        vae_first_check = vae_check
+        rounds += 1
+        print(f"[demo] the VAE drew {1 - vae_check['color']:.0%} of the clips in another colour; training it "
+              f"{phase['vae_more_steps']} steps more from where it stopped (round {rounds} of at most "
+              f"{VAE_MORE_ROUNDS})", flush=True)
+        vae_first_check = vae_first_check or vae_check
         more = train_vae.main(load_config(CONFIG, [
             *vae_settings, f"train.output_dir={out / 'vae_more'}", f"train.steps={phase['vae_more_steps']}",
             "train.lr=1e-3", f"vae.checkpoint={vae_dir}"]))
         save_vae(load_vae(more), vae_dir)  # back where the demo's VAE lives (each file atomically); vae_more keeps
-        #                                   the config and logs of these steps
+        #                                   the config and logs of the last round
         vae_check = vae_round_trip(vae_dir, out / "vae_data", base.data.frames, base.data.height, base.data.width)
         print(f"[demo] VAE round trip after: colour {vae_check['color']:.2f}, direction "
               f"{vae_check['direction']:.2f}", flush=True)
@@ -175,7 +177,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
         mark = "ok " if r["match"] else "MISS"
         print(f"  {mark} {r['prompt']:<32} measured: {r['measured_color']} {r['measured_direction']}")
     result = dict(score=score, clips=len(rows), quick=quick, timings=timings, rows=rows, phase=phase,
-                  vae_round_trip=vae_check, vae_round_trip_before_more=vae_first_check)
+                  vae_round_trip=vae_check, vae_round_trip_before_more=vae_first_check, vae_more_rounds=rounds)
     (out / "score.json").write_text(json.dumps(result, indent=2))
     print(f"[demo] clips in {out / 'clips'}; TensorBoard logs: tensorboard --logdir {out}")
     print(f"[demo] prompt-following score: {score:.2f} ({sum(r['match'] for r in rows)}/{len(rows)} clips match "

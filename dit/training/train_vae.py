@@ -13,6 +13,7 @@ check."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from dit.config import Config, ConfigError, save_config
 from dit.models.vae import CONFIG_NAME, WEIGHTS_NAME, CausalVAE, build_vae, load_vae, save_vae, vae_loss
 from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
+from dit.training.train import loaded_vae_config
 
 log = logging.getLogger("dit.train_vae")
 
@@ -72,6 +74,8 @@ def main(cfg: Config, stats_batches: int = 4) -> Path:
         raise ConfigError("data.latents: train-vae learns from pixels, so it reads raw shards; set data.latents=false "
                           "and point data.shards at the raw shards (latent shards are what `dit encode` makes with it)")
     start = _start_from(cfg.vae.checkpoint)  # checked before any work
+    if start is not None:  # config.yaml records the sizes of the VAE trained, not the YAML's
+        cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, start))
     out = Path(cfg.train.output_dir)
     # cpu=True where there is no GPU: without it accelerate forms no gloo group under torchrun, and every process
     # trains alone on every shard and writes the same RUN_DIR (measured: 2 ranks logging the same losses)

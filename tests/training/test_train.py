@@ -67,6 +67,8 @@ def test_train_vae_from_a_checkpoint_trains_that_vae_further(tmp_path: Path, sha
                                                     "vae.latent_channels": 8})
     more = load_vae(train_vae.main(cfg))
     assert more.config == start.config  # the checkpoint's sizes won over vae.base_channels / latent_channels
+    recorded = load_config(tmp_path / "more" / "config.yaml", []).vae
+    assert (recorded.base_channels, recorded.latent_channels) == (start.config["base_channels"], start.latent_channels)
     before, after = load_file(vae_dir / "vae.safetensors"), load_file(tmp_path / "more" / "vae" / "vae.safetensors")
     moved = max((after[k] - before[k]).abs().max().item() for k in before if not k.startswith("latent_"))
     assert 0 < moved < 1e-2, moved  # AdamW moves a weight ~lr a step
