@@ -126,17 +126,16 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
     vae_check = vae_round_trip(vae_dir, out / "vae_data", base.data.frames, base.data.height, base.data.width)
     print(f"[demo] VAE round trip on {vae_check['clips']} clips of every colour: colour {vae_check['color']:.2f}, "
           f"direction {vae_check['direction']:.2f} (the ceiling of the score)", flush=True)
-    vae_first_check, rounds = None, 0
+    from dit.models.vae import load_vae, save_vae
+
+    first_check, rounds = vae_check, 0
     while vae_check["color"] < VAE_COLOUR_FLOOR and rounds < VAE_MORE_ROUNDS:
         # Some runs stall before the VAE draws the blue of white and magenta; more steps from where it stopped, with a
         # new warmup, fixed 3 of 4 such VAEs in one round; the fourth drew white in 9 of 12 clips after two, 0 before.
-        from dit.models.vae import load_vae, save_vae
-
         rounds += 1
         print(f"[demo] the VAE drew {1 - vae_check['color']:.0%} of the clips in another colour; training it "
               f"{phase['vae_more_steps']} steps more from where it stopped (round {rounds} of at most "
               f"{VAE_MORE_ROUNDS})", flush=True)
-        vae_first_check = vae_first_check or vae_check
         more = train_vae.main(load_config(CONFIG, [
             *vae_settings, f"train.output_dir={out / 'vae_more'}", f"train.steps={phase['vae_more_steps']}",
             "train.lr=1e-3", f"vae.checkpoint={vae_dir}"]))
@@ -177,7 +176,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
         mark = "ok " if r["match"] else "MISS"
         print(f"  {mark} {r['prompt']:<32} measured: {r['measured_color']} {r['measured_direction']}")
     result = dict(score=score, clips=len(rows), quick=quick, timings=timings, rows=rows, phase=phase,
-                  vae_round_trip=vae_check, vae_round_trip_before_more=vae_first_check, vae_more_rounds=rounds)
+                  vae_round_trip=vae_check, vae_round_trip_before_more=first_check if rounds else None,
+                  vae_more_rounds=rounds)
     (out / "score.json").write_text(json.dumps(result, indent=2))
     print(f"[demo] clips in {out / 'clips'}; TensorBoard logs: tensorboard --logdir {out}")
     print(f"[demo] prompt-following score: {score:.2f} ({sum(r['match'] for r in rows)}/{len(rows)} clips match "

@@ -14,6 +14,7 @@ check."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -51,14 +52,15 @@ def _start_from(checkpoint: str | None) -> CausalVAE | None:
     None when unset. A path without one is a ConfigError, raised before any work."""
     if not checkpoint:
         return None
-    if not Path(checkpoint, CONFIG_NAME).is_file() or not Path(checkpoint, WEIGHTS_NAME).is_file():
+    record = Path(checkpoint, CONFIG_NAME)
+    if record.is_file() and "family" in json.loads(record.read_text()):
+        raise ConfigError(f"vae.checkpoint={checkpoint} records a pretrained family's VAE; train-vae trains our "
+                          "CausalVAE (drop vae.checkpoint to train a new one)")
+    if not record.is_file() or not Path(checkpoint, WEIGHTS_NAME).is_file():
         raise ConfigError(f"vae.checkpoint={checkpoint} holds no {CONFIG_NAME} + {WEIGHTS_NAME}: point it at the "
                           "RUN_DIR/vae folder of an earlier `dit train-vae` to train that VAE further, or drop it to "
                           "train a new one")
     vae = load_vae(checkpoint)
-    if not isinstance(vae, CausalVAE):
-        raise ConfigError(f"vae.checkpoint={checkpoint} records a pretrained family's VAE; train-vae trains our "
-                          "CausalVAE (drop vae.checkpoint to train a new one)")
     log.info("train-vae: starting from the VAE in %s (its sizes: %s)", checkpoint, vae.config)
     return vae.train()
 

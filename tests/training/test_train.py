@@ -81,6 +81,10 @@ def test_train_vae_from_a_folder_without_a_vae_stops_before_any_work(tmp_path: P
     with pytest.raises(ConfigError, match="holds no vae.json"):
         train_vae.main(cfg)
     assert not (tmp_path / "run").exists()
+    (tmp_path / "vae.json").write_text(json.dumps({"family": "wan", "pretrained": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="pretrained family's VAE"):
+        train_vae.main(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_dit_loss_falls_well_below_its_start(tmp_path: Path, shards: str, vae_dir: Path) -> None:
