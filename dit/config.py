@@ -51,6 +51,8 @@ class ModelConfig:
     drop_path: float = 0.0
     attention: str = "auto"  # auto | sdpa | xformers
     gradient_checkpointing: bool = False
+    # with gradient_checkpointing: recompute every k-th block only (1: all), the rest keep their activations
+    gradient_checkpointing_every: int = 1
     compile: bool = False  # torch.compile each block in place (dit/distributed/parallelize.py); needs a C++ compiler
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
     family: str = "dit"  # dit (ours) | wan | cogvideox | ltx: a diffusers transformer behind our denoiser contract
@@ -78,6 +80,8 @@ class ModelConfig:
         _check(self.preset in PRESETS, "model.preset",
                f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         _check(self.attention in ("auto", "sdpa", "xformers"), "model.attention", "must be auto, sdpa or xformers")
+        _check(self.gradient_checkpointing_every >= 1, "model.gradient_checkpointing_every",
+               "must be >= 1 (1: every block is recomputed, k: every k-th block)")
         if self.patch_size is not None:
             _check(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size),
                    "model.patch_size", "must be three positive integers [pt, ph, pw]")

@@ -9,7 +9,8 @@ weights; FSDP also shards the EMA, ZeRO-3 keeps a full EMA replica); offload mov
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACT_PER_TOKEN x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
-checkpointing. The frozen VAE and text encoder count once per GPU. The optimizer step briefly needs one more
+checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs), and the backward needs
+one block's worth more. The frozen VAE and text encoder count once per GPU. The optimizer step briefly needs one more
 fp32 copy of its shard (foreach temporaries), which can set the peak when activations are small.
 With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
 tokens for 1/SP of the heads); parameters, gradients and optimizer state are unchanged (the strategies shard over
@@ -25,9 +26,9 @@ import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
 
-# Hidden-size values kept per token per block for backward. Counted like Korthikanti et al. (~34 for a GPT
-# block) plus what this block adds: cross-attention, qk-norm, RoPE and adaLN-Zero modulation temporaries;
-# 50 matches the measured CPU peak of an activation-bound run (tests/training/test_plan.py).
+# Hidden-size values per token per block that a block's activations take at the peak: fitted to the measured CPU
+# peaks of activation-bound runs with and without checkpointing (tests/training/test_plan.py). The tensors saved for
+# backward alone are 32 (saved_tensors_hooks, tests/models/test_dit.py); the rest is allocator and backward slack.
 ACT_PER_TOKEN = 50
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim
@@ -126,15 +127,20 @@ def model_size(cfg: Config) -> ModelSize:
 
 
 def activation_bytes(size: ModelSize, batch: int, bytes_per_value: int, checkpointing: bool,
-                     attention_scores: bool = False, sequence_parallel: int = 1) -> float:
+                     attention_scores: bool = False, sequence_parallel: int = 1, checkpoint_every: int = 1) -> float:
     """Activations kept for the backward pass of one micro-batch on one rank. ``attention_scores``: the attention
     kernel stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not.
-    ``sequence_parallel``: the rank holds 1/SP of the tokens (and attends all tokens with 1/SP of the heads)."""
+    ``sequence_parallel``: the rank holds 1/SP of the tokens (and attends all tokens with 1/SP of the heads).
+    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py)."""
     tokens = size.tokens / sequence_parallel  # this rank's tokens
     per_block = ACT_PER_TOKEN * tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
     if attention_scores:  # H/SP heads x N x N (self) + H x N/SP x L (cross)
         per_block += 2 * size.heads * tokens * (size.tokens + size.text_len)
-    blocks = (size.depth * tokens * size.hidden + per_block) if checkpointing else size.depth * per_block
+    recomputed = -(-size.depth // checkpoint_every) if checkpointing else 0  # blocks 0, k, 2k, ...
+    kept = size.depth - recomputed  # blocks that keep their activations until their backward
+    # the recomputed blocks' inputs; the kept blocks (or the one being recomputed); one more block's worth for the
+    # backward's gradients through a block
+    blocks = recomputed * tokens * size.hidden + (max(kept, 1 if recomputed else 0) + 1) * per_block
     return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden)
 
 
@@ -164,7 +170,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     size = size or model_size(cfg)
     act_bytes = 4 if t.mixed_precision == "no" else 2
     act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores,
-                           t.sequence_parallel)
+                           t.sequence_parallel, cfg.model.gradient_checkpointing_every)
     p = 4.0 * size.params  # one fp32 copy
     out = []
     for name in STRATEGIES:
@@ -193,6 +199,10 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     return out
 
 
+def checkpointing_text(on: bool, every: int) -> str:
+    return "off" if not on else "on" if every == 1 else f"on, every {every}th block"
+
+
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
     missing = cfg.text.encoder == "hf" and not (Path(cfg.text.path) / "config.json").is_file()
@@ -204,7 +214,7 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
              f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample"
              f"{f' ({size.tokens // sp} per rank: sequence parallel over {sp})' if sp > 1 else ''}, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
-             f"{'on' if cfg.model.gradient_checkpointing else 'off'}",
+             f"{checkpointing_text(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every)}",
              f"per-GPU memory in GiB with {gpus} GPUs of {gpu_memory_gb:g} GiB:",
              f"{'strategy':10}{'weights':>8}{'grads':>8}{'optim':>8}{'ema':>8}{'activ':>8}{'frozen':>8}"
              f"{'total':>8}  fits"]

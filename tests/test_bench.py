@@ -100,11 +100,16 @@ def test_bench_train_runs(tmp_path: Path) -> None:
 
 
 def test_bench_train_bf16_without_compare(tmp_path: Path) -> None:
-    r = _run_tool("bench_train", tmp_path, "--preset", "dit-tiny", "--shape", "1x16x16", "--batch", "1",
-                  "--dtype", "bf16", "--steps", "1", "--warmup", "1", "--matmul-size", "128")
+    args = ("--preset", "dit-tiny", "--shape", "1x16x16", "--batch", "1", "--dtype", "bf16", "--steps", "1",
+            "--warmup", "1", "--matmul-size", "128")
+    r = _run_tool("bench_train", tmp_path, *args)
     assert r["dtype"] == "bf16" and r["autocast"] is True and r["latent_shape"] == [4, 1, 2, 2]
     assert "ratio" not in r and "compare" not in r
     _positive(r, "samples_per_s", "achieved_tflops", "mfu")
+    # --checkpoint-every 2: blocks 0 and 2 of 4 recomputed, so fewer activations are saved; the same model FLOPs
+    k = _run_tool("bench_train", tmp_path / "k2", *args, "--checkpoint-every", "2")
+    assert k["checkpoint_every"] == 2 and r["checkpoint_every"] == 0
+    assert 0 < k["activation_gb"] < r["activation_gb"] and k["flops_per_step"] == r["flops_per_step"]
 
 
 def test_bench_sample_runs(tmp_path: Path) -> None:

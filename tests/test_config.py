@@ -31,6 +31,7 @@ def test_yaml_file_then_overrides(tmp_path):
     ("model.preset=DiT-Q/2", "model.preset"),
     ("text.encoder=hf", "text.path"),
     ("data.width=40", "data.width"),  # 40 is a multiple of 8 but not of 8 x patch 2
+    ("model.gradient_checkpointing_every=0", "model.gradient_checkpointing_every"),
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -20,6 +20,9 @@ any order and allocator).
 ``--compile ours|both`` compiles each transformer block in place (``block.compile()``, as ``model.compile=true``
 does in training) after the FLOPs are counted; the warm-up steps include the compilation.
 ``--fused-adamw`` uses AdamW(fused=True) for both models.
+``--checkpoint-every K`` recomputes every K-th block of our DiT in the backward pass (as
+``model.gradient_checkpointing=true model.gradient_checkpointing_every=K``): less activation memory for about
+1/K more forward work, which the FLOP count (model FLOPs) does not include.
 
 ``--compare diffusers`` builds diffusers' WanTransformer3DModel at the same width, depth, heads, MLP width, patch,
 latent channels and text width, and times it in the same process, dtype and autocast setting, one step of each
@@ -51,6 +54,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E402
+from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
 from dit.training.metrics import saved_tensor_bytes  # noqa: E402
@@ -302,10 +306,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile each transformer block (as model.compile=true) of our DiT, or of both models")
     p.add_argument("--fused-adamw", action="store_true",
                    help="AdamW(fused=True) for both models (default: torch's default, as dit/training/optim.py)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="activation checkpointing of every K-th block of our DiT (0: none)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint-every must be >= 0 (0: no checkpointing), got {args.checkpoint_every}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -339,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tr = build_trainer(name, cfg, device, bf16, args.fused_adamw)
         model = tr.model
         tr.memory_before = memory_before
+        if args.checkpoint_every and name == "ours":  # before compile, as in training
+            apply_activation_checkpointing(model, args.checkpoint_every)
         tr.flops_counted = 3 * tr.counted_forward_flops(batch)  # eager, before any compile
         tr.activation_bytes = tr.saved_activation_bytes(batch)
         if args.compile == "both" or (args.compile == "ours" and name == "ours"):
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=args.batch,
         tokens_per_sample=tokens, text_len=args.text_len, text_dim=args.text_dim, dtype=args.dtype,
         autocast=bf16, fused_adamw=args.fused_adamw, compile=args.compile, steps=args.steps,
+        checkpoint_every=args.checkpoint_every, attention=args.attention,
         warmup=args.warmup, params=ours.params,
         flops_per_step=flops, flops_per_step_counted=ours.flops_counted,
         flops_method="analytic (dit/models/flops.py): 3 x forward matmul FLOPs",

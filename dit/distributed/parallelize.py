@@ -42,11 +42,14 @@ def apply_compile(model: nn.Module) -> nn.Module:
 def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                 gradient_checkpointing: bool = False, compile: bool = False,
-                mixed_precision: str = "no") -> Strategy:
+                mixed_precision: str = "no", checkpoint_every: int = 1) -> Strategy:
     """The trainable ``model`` made ready to train under ``cfg.strategy``: the returned strategy owns the wrapped
-    model and its optimizer (built by ``make_optimizer`` from the parameters as the strategy holds them)."""
+    model and its optimizer (built by ``make_optimizer`` from the parameters as the strategy holds them).
+    ``checkpoint_every``: with ``gradient_checkpointing``, only every k-th block is recomputed."""
     if gradient_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, checkpoint_every)
+        log.info("activation checkpointing: %d of %d blocks recomputed in the backward pass",
+                 -(-len(model.blocks) // checkpoint_every), len(model.blocks))
     if compile:
         apply_compile(model)
     if env.sequence_parallel > 1:  # after checkpointing: its recomputation must pass through the SP hooks again

@@ -399,7 +399,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay, share_frozen=shared),
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
-                           mixed_precision=mixed_precision(t.mixed_precision))
+                           mixed_precision=mixed_precision(t.mixed_precision),
+                           checkpoint_every=cfg.model.gradient_checkpointing_every)
     if lora.rank:
         strategy.keep = is_lora_key  # checkpoints hold the adapter only; the base comes from train.init_from
     lr_schedule = build_lr_schedule(strategy.optimizer, t)

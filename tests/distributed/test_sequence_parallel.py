@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -120,7 +121,8 @@ def one_process(tmp_path_factory, small_shards: str, small_vae: Path) -> Path:
 # DDP with activation checkpointing (its recomputation passes through the sequence-parallel hooks again). FSDP (which
 # also shards the parameters over the group's two ranks), ZeRO-2/3 and 4 processes (DP 2 x SP 2) were checked by
 # hand (BENCHMARKS.md); kept out of CI for its time.
-@pytest.mark.parametrize("strategy,extra", [("ddp", {"model.gradient_checkpointing": True})],
+@pytest.mark.parametrize("strategy,extra", [("ddp", {"model.gradient_checkpointing": True,
+                                                     "model.gradient_checkpointing_every": 2})],
                          ids=["ddp-checkpointing"])
 def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, extra: dict, tmp_path: Path,
                                                                one_process: Path, small_shards: str,
@@ -133,6 +135,8 @@ def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, ex
                         **{**STEPS, **extra, "train.sequence_parallel": 2, "train.strategy": strategy})
     assert done.returncode == 0, done.stderr[-5000:]
     assert "sequence parallel: groups of 2 ranks" in done.stderr
+    found = re.search(r"activation checkpointing: (\d+) of (\d+) blocks", done.stderr)
+    assert found and int(found[1]) == -(-int(found[2]) // 2) < int(found[2]), done.stderr[-3000:]  # 0, 2, ...
     assert metrics(run, "loss") == pytest.approx(metrics(one_process, "loss"), rel=1e-4)
     assert metrics(run, "grad_norm") == pytest.approx(metrics(one_process, "grad_norm"), rel=1e-4)
     assert metrics(run, "samples_per_s")[-1] > 0

@@ -6,6 +6,7 @@ from dit.config import ModelConfig
 from dit.distributed.parallelize import apply_activation_checkpointing
 from dit.models.dit import DiT, build_dit, patchify, unpatchify
 from dit.models.embeddings import apply_rope, rope_3d, rope_axis_dims, sincos_3d
+from dit.training.metrics import saved_tensor_bytes
 
 
 def _inputs(b=2, grid=(3, 4, 6), c=4, L=5, d=16, seed=0):
@@ -90,13 +91,14 @@ def test_masked_text_tokens_do_not_matter_and_text_does():
     assert not torch.allclose(model(x, t, text3, mask), out, atol=1e-4)
 
 
-def test_gradient_checkpointing_gives_same_output_and_grads():
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_gives_same_output_and_grads(every: int):
     torch.manual_seed(0)
     a = DiT(text_dim=16)
     _randomize(a)
     b = DiT(text_dim=16)
     b.load_state_dict(a.state_dict())
-    apply_activation_checkpointing(b)
+    apply_activation_checkpointing(b, every)
     x, t, text, mask = _inputs()
     la, lb = a(x, t, text, mask).square().mean(), b(x, t, text, mask).square().mean()
     la.backward()
@@ -107,6 +109,22 @@ def test_gradient_checkpointing_gives_same_output_and_grads():
     assert list(b.state_dict()) == list(a.state_dict())
     for name, p in b.named_parameters():
         assert torch.allclose(p.grad, ga[name].grad, atol=1e-6), name
+
+
+def test_checkpointing_every_kth_block_keeps_the_other_blocks_activations():
+    """Blocks 0, k, 2k, ... are recomputed: saved activations fall with the share of recomputed blocks."""
+    x, t, text, mask = _inputs()
+    saved = {}
+    for every in (0, 1, 2, 4):
+        torch.manual_seed(0)
+        model = DiT(text_dim=16, depth=4)
+        if every:
+            apply_activation_checkpointing(model, every)
+        _, saved[every] = saved_tensor_bytes(lambda m=model: m(x, t, text, mask), exclude=list(model.parameters()))
+    per_block = (saved[0] - saved[1]) / 4  # what one block keeps, above its checkpointed input
+    assert per_block > 0
+    assert saved[2] == pytest.approx(saved[1] + 2 * per_block, rel=0.02)  # blocks 1, 3 keep theirs
+    assert saved[4] == pytest.approx(saved[1] + 3 * per_block, rel=0.02)  # blocks 1, 2, 3
 
 
 def test_presets_build_and_overrides_apply():

@@ -24,7 +24,11 @@ DEMO = ROOT / "configs" / "demo.yaml"
     # parameter-bound: 48M parameters, 2 tokens per sample
     ["model.hidden_size=512", "model.depth=8", "data.frames=5", "data.height=16", "data.width=16",
      "train.batch_size=2"],
-], ids=["activations", "parameters"])
+    # activation-bound with checkpointing: every block recomputed, or every 2nd (the others keep their activations)
+    *[["model.hidden_size=256", "model.depth=8", "model.patch_size=[1,1,1]", "data.frames=9", "data.height=64",
+       "data.width=64", "train.batch_size=8", "model.gradient_checkpointing=true",
+       f"model.gradient_checkpointing_every={every}"] for every in (1, 2)],
+], ids=["activations", "parameters", "checkpoint-all", "checkpoint-every-2"])
 def test_plan_is_within_25_percent_of_measured_peak_memory(model: list[str]) -> None:
     script = Path(__file__).with_name("measure_memory.py")
     done = subprocess.run([sys.executable, str(script), str(DEMO), "train.mixed_precision='no'", *model], cwd=ROOT,
