@@ -30,6 +30,8 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
     size_problems,
 )
 
+# model.attention: torch SDPA choosing its kernel, one SDPA kernel pinned, or xformers (dit/models/attention.py)
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
 
 
@@ -49,7 +51,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = True
     drop_path: float = 0.0
-    attention: str = "auto"  # auto | sdpa | xformers
+    # auto | sdpa (torch picks the kernel) | flash | efficient | cudnn | math (that SDPA kernel) | xformers
+    attention: str = "auto"
     gradient_checkpointing: bool = False
     # with gradient_checkpointing: recompute every k-th block only (1: all), the rest keep their activations
     gradient_checkpointing_every: int = 1
@@ -79,7 +82,8 @@ class ModelConfig:
 
         _check(self.preset in PRESETS, "model.preset",
                f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        _check(self.attention in ("auto", "sdpa", "xformers"), "model.attention", "must be auto, sdpa or xformers")
+        _check(self.attention in ATTENTION_BACKENDS, "model.attention",
+               f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         _check(self.gradient_checkpointing_every >= 1, "model.gradient_checkpointing_every",
                "must be >= 1 (1: every block is recomputed, k: every k-th block)")
         if self.patch_size is not None:

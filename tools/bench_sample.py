@@ -50,9 +50,11 @@ from bench_train import (  # noqa: E402
 )
 
 from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E402
+from dit.config import ATTENTION_BACKENDS  # noqa: E402
 from dit.diffusion.guidance import cfg_denoiser  # noqa: E402
 from dit.diffusion.samplers import ddim  # noqa: E402
 from dit.diffusion.schedules import make_schedule  # noqa: E402
+from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import dit_config, dit_forward_flops  # noqa: E402
 from dit.models.vae import CausalVAE  # noqa: E402
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed model forwards first")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast around the sampling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
+                   help="the DiT's attention kernel, as model.attention")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--latent-channels", type=int, default=4)
@@ -133,10 +137,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         decode_child(args)
         return None
     device = resolve_device(args.device)
+    try:  # a kernel this device lacks: one line, before any work
+        resolve_backend(args.attention, device)
+    except RuntimeError as e:
+        raise SystemExit(f"bench_sample: {e}") from None
     bf16 = args.dtype == "bf16"
     load_start = load_average()
     grid = clip_latent_shape(*args.shape)
-    cfg = dit_config(args.preset, in_channels=args.latent_channels, text_dim=args.text_dim)
+    cfg = dict(dit_config(args.preset, in_channels=args.latent_channels, text_dim=args.text_dim),
+               attention=args.attention)
     torch.manual_seed(args.seed)
     model = DiT(**cfg).to(device).eval()
     with torch.no_grad():  # adaLN-Zero starts at zero output: give the final layer weights (speed is the same)
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         load_average_start=load_start, load_average_end=load_average(),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=B,
         sampler="ddim", steps=args.steps, cfg=args.cfg, forward_batch=forward_batch, dtype=args.dtype,
+        attention=args.attention,
         repeats=args.repeats, sample_time_s=sample_s, model_time_s=model_s, step_times_s=step_times,
         model_times_s=model_times, overhead=(sample_s - model_s) / model_s, overheads=overheads,
         overhead_median_step=statistics.median(pairs) - 1,

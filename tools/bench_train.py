@@ -54,7 +54,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E402
+from dit.config import ATTENTION_BACKENDS  # noqa: E402
 from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: E402
+from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
 from dit.training.metrics import saved_tensor_bytes  # noqa: E402
@@ -301,7 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-dim", type=int, default=384, help="text encoder width (MiniLM's 384)")
     p.add_argument("--latent-channels", type=int, default=4)
     p.add_argument("--matmul-size", type=int, default=0, help="side of the peak matmul (0: 2048 CPU, 8192 CUDA)")
-    p.add_argument("--attention", default="auto", help="our DiT's attention backend: auto | sdpa | xformers")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
+                   help="our DiT's attention kernel, as model.attention")
     p.add_argument("--compile", choices=["none", "ours", "both"], default="none",
                    help="torch.compile each transformer block (as model.compile=true) of our DiT, or of both models")
     p.add_argument("--fused-adamw", action="store_true",
@@ -320,6 +323,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    try:  # a kernel this device lacks: one line, before any work
+        resolve_backend(args.attention, device)
+    except RuntimeError as e:
+        raise SystemExit(f"bench_train: {e}") from None
     bf16 = args.dtype == "bf16"
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -168,8 +168,8 @@ main() {
     local on_cpu=()
     [[ $MODE == cpu ]] && on_cpu=(env DIT_GPU_TESTS_ON_CPU=1)
     run_part pytest_gpu "$LIMIT_TESTS" - -- "${on_cpu[@]}" "$PY" -m pytest -m gpu tests/distributed/test_gpu.py \
-        tests/models/test_vae.py "${PYTEST_SELECT[@]}" -p no:cacheprovider -rA --basetemp "$SCRATCH/pytest" \
-        --junitxml "$OUT_DIR/pytest_gpu.xml"
+        tests/models/test_vae.py tests/models/test_attention.py "${PYTEST_SELECT[@]}" -p no:cacheprovider -rA \
+        --basetemp "$SCRATCH/pytest" --junitxml "$OUT_DIR/pytest_gpu.xml"
 
     echo
     "$PY" tools/gpu_env.py summary --parts "$PARTS_TSV" --env "$SCRATCH/env.json" --mode "$MODE" \

@@ -1,10 +1,14 @@
-"""Multi-head attention with pluggable kernels: torch SDPA (default) or xformers (CUDA only, when installed)."""
+"""Multi-head attention with pluggable kernels: torch SDPA (default: torch picks its kernel), one SDPA kernel named
+(flash, efficient, cudnn, math), or xformers (CUDA only, when installed)."""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional extra: pip install 'dit-video[xformers]'
     import xformers.ops as xops
@@ -12,11 +16,21 @@ except ImportError:  # pragma: no cover - depends on the environment
     xops = None
 
 
+# model.attention values that pin one SDPA kernel; which devices have it
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+CUDA_ONLY = ("efficient", "cudnn", "xformers")
+_SET_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """'auto' picks xformers on CUDA when it is installed, else SDPA (xformers has no CPU kernels)."""
-    if name == "xformers" and (xops is None or device.type != "cuda"):
-        raise RuntimeError("model.attention=xformers needs xformers installed and a CUDA device; "
+    if name == "xformers" and xops is None:
+        raise RuntimeError("model.attention=xformers needs xformers installed (pip install 'dit-video[xformers]'); "
                            "use model.attention=sdpa (or auto)")
+    if name in CUDA_ONLY and device.type != "cuda":
+        raise RuntimeError(f"model.attention={name} has kernels for CUDA only, and this runs on {device.type}; "
+                           "use model.attention=sdpa (or auto, flash, math)")
     if name == "auto":
         return "xformers" if xops is not None and device.type == "cuda" else "sdpa"
     return name
@@ -35,4 +49,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             rearrange(v, "b h m d -> b m h d"), attn_bias=bias)
         return rearrange(out, "b n h d -> b h n d")
     attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
+    if backend in SDPA_KERNELS:
+        # The named kernel; a call with a key mask (cross-attention) may fall back to one that takes masks
+        # (CUDA's flash takes none).
+        kernels = [SDPA_KERNELS[backend]]
+        if mask is not None:
+            kernels += [k for k in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k not in kernels]
+        with sdpa_kernel(kernels, set_priority=True) if _SET_PRIORITY else sdpa_kernel(kernels):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

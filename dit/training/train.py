@@ -40,6 +40,7 @@ from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ra
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
+from dit.models.attention import resolve_backend
 from dit.models.condition import draw_first_frame_condition
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, check_fit
@@ -357,6 +358,15 @@ class NonfiniteGuard:
                 "raise train.warmup_steps, or check the data, then resume.")
 
 
+def check_attention(model: ModelConfig, device: torch.device) -> None:
+    """model.attention names a kernel this device has (before any work), for our DiT (families use their own)."""
+    if model.family == "dit":
+        try:
+            resolve_backend(model.attention, device)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+
+
 def main(cfg: Config, overwrite: bool = False) -> Path:
     """Train a DiT as the config says; returns the newest checkpoint directory. ``overwrite``: first delete what an
     earlier run wrote into train.output_dir (else a folder holding another run is refused)."""
@@ -364,6 +374,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     out, t = Path(cfg.train.output_dir), cfg.train
     # ZeRO and FSDP need a group, even for 1 process; train.sequence_parallel is checked against the world size here
     env = setup_distributed(needs_group=t.strategy != "ddp", sequence_parallel=t.sequence_parallel)
+    check_attention(cfg.model, env.device)
     resume_from = start_point(cfg, env, overwrite)  # fails now on a bad train.resume or another run's folder
     if resume_from is not None and checkpoint_step(resume_from) >= t.steps:
         if env.is_main:
