@@ -16,6 +16,7 @@ from einops import rearrange
 
 from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
 from dit.config import DiffusionConfig, TextConfig
+from dit.diffusion.cuda_graphs import CudaGraphed
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
@@ -95,13 +96,15 @@ def resolve_sampler(objective: str, sampler: str | None) -> str:
 def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
              sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
              decode_chunk: int = 0, shift: float | None = None, callback: Callback = None,
-             image: torch.Tensor | None = None) -> torch.Tensor:
+             image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
     static shift; None uses the training one (diffusion.shift, or the dynamic shift for this size's token count).
     callback(i, x): called after each sampler step (progress). image: the first frame to continue (a checkpoint
-    trained with model.condition=first_frame), [B or 1, 3, height, width] uint8 or float in [-1, 1].
+    trained with model.condition=first_frame), [B or 1, 3, height, width] uint8 or float in [-1, 1]. dtype "bf16":
+    the denoiser under bf16 autocast (the sampler's arithmetic and the VAE stay fp32); cuda_graphs: replay the
+    denoiser from a CUDA graph (dit/diffusion/cuda_graphs.py).
     """
     vae = pipe.vae
     check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
@@ -119,8 +122,17 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
-                       shift=shift, callback=callback, image=image)
+                       shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs)
     return decode_latents(pipe, z, decode_chunk)
+
+
+def autocast_bf16(model: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
+    """model's forward under bf16 autocast, its output back in fp32 (guidance and sampler steps stay fp32)."""
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(*args, **kwargs).float()
+
+    return call
 
 
 @torch.no_grad()
@@ -128,16 +140,24 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
                    uncond: dict[str, torch.Tensor], *, steps: int, sampler: str | None = None, cfg: float = 5.0,
                    eta: float = 0.0, generator: torch.Generator | None = None,
                    shift: float | None = None, callback: Callback = None,
-                   image: torch.Tensor | None = None) -> torch.Tensor:
+                   image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
-    sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches."""
+    sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
+    ``dtype`` / ``cuda_graphs``: as ``generate``'s."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
     if image is not None:  # the same condition at every step, for the conditional and unconditional branch alike
         condition = image_condition(pipe, image, noise.shape)
         cond, uncond = {**cond, "condition": condition}, {**uncond, "condition": condition}
-    denoise = cfg_denoiser(pipe.model, cond, uncond, cfg)
+    model: Callable[..., torch.Tensor] = pipe.model
+    if cuda_graphs:
+        model = CudaGraphed(model)
+    if dtype == "bf16":
+        model = autocast_bf16(model, noise.device)
+    denoise = cfg_denoiser(model, cond, uncond, cfg)
     if objective == "flow":
         flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(noise.shape[2:], pipe.model.patch), shift)
         return SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu, callback=callback,

@@ -90,6 +90,11 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be >= 0, got {value}" + (" (1: the prompt alone, no guidance; above 1: "
                                                                      "follow it more closely)" if flag == "--cfg"
                                                                      else ""))
+    if getattr(args, "cuda_graphs", False):
+        if not torch.cuda.is_available():
+            raise ConfigError("--cuda-graphs needs a CUDA device, and torch sees none: sample without it")
+        if getattr(args, "sequence_parallel", 1) > 1:
+            raise ConfigError("--cuda-graphs does not capture --sequence-parallel's collectives: use one of them")
     if getattr(args, "image", None) is not None and not Path(args.image).is_file():
         raise ConfigError(f"--image {args.image!r} does not exist: give the first frame as an image file (png, jpg, "
                           "webp)")
@@ -250,6 +255,7 @@ def run_sample(args: argparse.Namespace) -> None:
         video = generate(pipe, chunk, frames=frames, height=height, width=width, steps=opts["steps"],
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
+                         dtype=getattr(args, "dtype", "fp32"), cuda_graphs=getattr(args, "cuda_graphs", False),
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
             continue

@@ -58,3 +58,39 @@ def test_a_size_flag_overrides_only_its_own_dimension(checkpoint: Path, tmp_path
     assert proc.returncode == 0, proc.stderr
     gif = Image.open(out)
     assert gif.n_frames == 9 and gif.size == (SIZE[2], SIZE[1])
+
+
+def test_bf16_sampling_follows_fp32(checkpoint: Path) -> None:
+    """--dtype bf16: the denoiser under bf16 autocast gives the fp32 latents to bf16 precision (and is not fp32)."""
+    from dit.pipeline import load_pipeline, sample_latents
+
+    pipe = load_pipeline(checkpoint)
+    torch.manual_seed(1)
+    with torch.no_grad():  # leave the adaLN-Zero init, so that the prediction is not all zeros
+        for p in pipe.model.parameters():
+            p.normal_(0, 0.05)
+    noise = torch.randn(2, 4, 2, 2, 4)
+    text = torch.randn(2, 3, 8)
+    cond = dict(text=text, text_mask=torch.ones(2, 3, dtype=torch.bool))
+    uncond = dict(text=torch.zeros_like(text), text_mask=torch.tensor([[True, False, False]] * 2))
+    fp32 = sample_latents(pipe, noise, cond, uncond, steps=4, cfg=3.0)
+    bf16 = sample_latents(pipe, noise, cond, uncond, steps=4, cfg=3.0, dtype="bf16")
+    assert bf16.dtype == torch.float32
+    err = (bf16 - fp32).norm() / fp32.norm()
+    assert 0 < err < 0.03, err
+    with pytest.raises(ValueError, match="dtype"):
+        sample_latents(pipe, noise, cond, uncond, steps=1, dtype="fp16")
+
+
+def test_sample_flags_for_the_gpu(checkpoint: Path, tmp_path: Path) -> None:
+    """--dtype bf16 samples on CPU too; --cuda-graphs without a CUDA device stops with the fix, before loading."""
+    out = tmp_path / "clip.gif"
+    proc = subprocess.run([DIT, "sample", "--checkpoint", str(checkpoint), "--prompt", "x", "--steps", "2",
+                           "--dtype", "bf16", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    if not torch.cuda.is_available():
+        proc = subprocess.run([DIT, "sample", "--checkpoint", str(checkpoint), "--prompt", "x", "--cuda-graphs",
+                               "--out", str(tmp_path / "g.gif")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "--cuda-graphs needs a CUDA device" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "g.gif").exists()

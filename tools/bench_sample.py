@@ -51,6 +51,7 @@ from bench_train import (  # noqa: E402
 
 from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E402
 from dit.config import ATTENTION_BACKENDS  # noqa: E402
+from dit.diffusion.cuda_graphs import CudaGraphed  # noqa: E402
 from dit.diffusion.guidance import cfg_denoiser  # noqa: E402
 from dit.diffusion.samplers import ddim  # noqa: E402
 from dit.diffusion.schedules import make_schedule  # noqa: E402
@@ -116,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="the DiT's attention kernel, as model.attention")
+    p.add_argument("--cuda-graphs", action="store_true", help="the sampler's model calls from a CUDA graph")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--latent-channels", type=int, default=4)
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         resolve_backend(args.attention, device)
     except RuntimeError as e:
         raise SystemExit(f"bench_sample: {e}") from None
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit(f"bench_sample: --cuda-graphs needs a CUDA device, not {device}")
     bf16 = args.dtype == "bf16"
     load_start = load_average()
     grid = clip_latent_shape(*args.shape)
@@ -159,7 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     empty[:, :2] = True  # the empty prompt: [CLS] [SEP]
     cond = dict(text=torch.randn(B, L, args.text_dim, generator=g).to(device), text_mask=mask)
     uncond = dict(text=torch.randn(B, L, args.text_dim, generator=g).to(device), text_mask=empty)
-    denoise = cfg_denoiser(model, cond, uncond, args.cfg)
+    # --cuda-graphs: the sampler's model calls replay a CUDA graph (as `dit sample --cuda-graphs`); the bare
+    # forwards stay eager, so the overhead shows what the graphs save (negative when they pay)
+    denoise = cfg_denoiser(CudaGraphed(model) if args.cuda_graphs else model, cond, uncond, args.cfg)
     # the bare model's inputs for the same call: the CFG batch [x; x] with cond and uncond text
     guided = args.cfg != 1
     model_x = torch.cat([noise, noise]) if guided else noise
@@ -231,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         load_average_start=load_start, load_average_end=load_average(),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=B,
         sampler="ddim", steps=args.steps, cfg=args.cfg, forward_batch=forward_batch, dtype=args.dtype,
-        attention=args.attention,
+        attention=args.attention, cuda_graphs=args.cuda_graphs,
         repeats=args.repeats, sample_time_s=sample_s, model_time_s=model_s, step_times_s=step_times,
         model_times_s=model_times, overhead=(sample_s - model_s) / model_s, overheads=overheads,
         overhead_median_step=statistics.median(pairs) - 1,

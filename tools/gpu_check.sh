@@ -7,10 +7,12 @@
 #   bash tools/gpu_check.sh --cpu               # dry run on CPU at tiny sizes: the same steps, minutes not spent
 #   bash tools/gpu_check.sh --cpu --only env,bench_train_B2 --out /tmp/x
 #
-# Writes into --out (default $OUT where set, else outputs/gpu_check), 7 files (the device tool brings back 8 at most):
+# Writes into --out (default $OUT where set, else outputs/gpu_check), 8 files (the device tool brings back 8 at most):
 #   gpu_check.log       everything printed
 #   summary.json        parts, status, seconds, the benchmarks' headline figures, the environment (env part)
 #   bench_train_B2.json, bench_train_XL2.json, bench_sample_B2.json, bench_sample_XL2.json  (tools/bench_*.py)
+#   bench_variants.json the same benchmarks with one option changed each (SDPA kernel, fused AdamW, compile, CUDA
+#                       graphs): what moves the MFU; run last, each only while the budget holds its limit
 #   pytest_gpu.xml      the tests' JUnit report
 #
 # The GPU machine is offline and lacks webdataset, braceexpand and diffusers (maybe pytest): tools/gpu_wheels.sh,
@@ -22,7 +24,8 @@
 #
 # Options: --cpu | --out DIR | --python PY (or PYTHON=...; default python3) | --wheels DIR (default wheelhouse)
 #          --only PART,... (env, wheels, bench_train_B2, bench_train_XL2, bench_sample_B2, bench_sample_XL2,
-#          pytest_gpu; wheels and env always run) | --budget SECONDS (default 480 on GPU, 900 with --cpu)
+#          pytest_gpu, variants or one variant_NAME; wheels and env always run)
+#          | --budget SECONDS (default 480 on GPU, 900 with --cpu)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,7 +36,7 @@ PY=${PYTHON:-python3}
 WHEELS=$ROOT/wheelhouse
 ONLY=""
 BUDGET=""
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
         --cpu) MODE=cpu ;;
@@ -68,18 +71,27 @@ if [[ $MODE == gpu ]]; then
     # stay well under the H200's 139 GiB: DiT-XL/2 batch 8 ~ 75 GiB.
     B2="DiT-B/2 33x256x256 16"
     XL2="DiT-XL/2 33x256x256 8"
+    TRAIN_EXTRA=()
     TRAIN_ARGS=(--dtype bf16 --steps 5 --warmup 2)
     SAMPLE_ARGS=(--dtype bf16 --batch 1 --steps 50 --cfg 5 --repeats 2 --warmup 2 --decode-repeats 2)
     LIMIT_TRAIN=150 LIMIT_SAMPLE=120 LIMIT_TESTS=240
     PYTEST_SELECT=()
+    # What moves the MFU and the sampling speed: run after everything else, each only if the budget still holds its
+    # limit. NAME|TOOL|SLOT|LIMIT|OPTIONS (bench_train with 3 timed steps, no --compare)
+    VARIANTS=("XL2_flash|bench_train|XL2|60|--attention flash" "XL2_cudnn|bench_train|XL2|60|--attention cudnn"
+              "XL2_fused_adamw|bench_train|XL2|60|--fused-adamw" "B2_cuda_graphs|bench_sample|B2|90|--cuda-graphs"
+              "XL2_compile|bench_train|XL2|150|--compile ours")
 else
     DEVICE=cpu
     B2="dit-tiny 5x32x32 2"
     XL2="DiT-S/2 5x32x32 1"
-    TRAIN_ARGS=(--dtype bf16 --steps 1 --warmup 1 --matmul-size 256 --threads 1)
+    TRAIN_EXTRA=(--matmul-size 256 --threads 1)
+    TRAIN_ARGS=(--dtype bf16 --steps 1 --warmup 1 "${TRAIN_EXTRA[@]}")
     SAMPLE_ARGS=(--dtype bf16 --batch 1 --steps 2 --cfg 5 --repeats 1 --warmup 1 --decode-repeats 1 --threads 1)
     LIMIT_TRAIN=180 LIMIT_SAMPLE=180 LIMIT_TESTS=300
     PYTEST_SELECT=(-k "ddp or cuda")  # DIT_GPU_TESTS_ON_CPU=1: test_gpu's ddp case on CPU (the others as on GPU)
+    VARIANTS=("B2_math|bench_train|B2|90|--attention math" "B2_checkpoint_every_2|bench_train|B2|90|--checkpoint-every 2"
+              "B2_sample_math|bench_sample|B2|90|--attention math")
 fi
 read -r p1 s1 _ <<<"$B2"
 read -r p2 s2 _ <<<"$XL2"
@@ -88,7 +100,10 @@ PLAN=("DiT-B/2:33x256x256" "DiT-XL/2:33x256x256" "$p1:$s1" "$p2:$s2")  # checked
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIT_TEST_MEDIA_FREE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-selected() { [[ -z $ONLY || $1 == env || $1 == wheels || ",$ONLY," == *",$1,"* ]]; }
+selected() {
+    [[ -z $ONLY || $1 == env || $1 == wheels || ",$ONLY," == *",$1,"* ]] ||
+        [[ $1 == variant_* && ",$ONLY," == *",variants,"* ]]
+}
 
 record() {  # NAME STATUS SECONDS NOTE
     printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$PARTS_TSV"
@@ -121,6 +136,31 @@ run_part() {
     record "$name" "$([[ $rc == 0 ]] && echo ok || echo FAIL)" $((SECONDS - t0)) "$note"
 }
 
+# run_variant NAME|TOOL|SLOT|LIMIT|OPTIONS: one benchmark with other options, into $SCRATCH/variants; skipped (not
+# failed) when less than LIMIT seconds of the budget are left
+run_variant() {
+    local name tool slot limit options preset shape batch
+    IFS='|' read -r name tool slot limit options <<<"$1"
+    name=variant_$name
+    selected "$name" || return 0
+    if ((BUDGET - SECONDS < limit)); then
+        record "$name" skip 0 "not run: $((BUDGET - SECONDS)) s of the budget left, it may take ${limit} s"
+        return 0
+    fi
+    read -r preset shape batch <<<"${!slot}"
+    local json=$SCRATCH/variants/$name.json args
+    mkdir -p "$SCRATCH/variants"
+    if [[ $tool == bench_train ]]; then
+        args=(--batch "$batch" --dtype bf16 --steps 3 --warmup 2 "${TRAIN_EXTRA[@]}")
+    else
+        args=("${SAMPLE_ARGS[@]}")
+    fi
+    # shellcheck disable=SC2086  # OPTIONS are words
+    run_part "$name" "$limit" "\"\$PY\" tools/gpu_env.py check $tool \"$json\" --device $DEVICE" \
+        -- "$PY" "tools/$tool.py" --preset "$preset" --shape "$shape" "${args[@]}" $options --device "$DEVICE" \
+        --json "$json"
+}
+
 main() {
     local commit="no git checkout"
     if commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
@@ -129,7 +169,8 @@ main() {
     echo "gpu_check.sh --$MODE: $(date -u +%Y-%m-%dT%H:%M:%SZ) on ${HOSTNAME:-?}, repo at $commit, out $OUT_DIR," \
         "budget $BUDGET s"
 
-    rm -f "$OUT_DIR"/bench_{train,sample}_{B2,XL2}.json "$OUT_DIR/pytest_gpu.xml" "$OUT_DIR/summary.json"
+    rm -f "$OUT_DIR"/bench_{train,sample}_{B2,XL2}.json "$OUT_DIR/bench_variants.json" "$OUT_DIR/pytest_gpu.xml" \
+        "$OUT_DIR/summary.json"
     local site=$SCRATCH/site
     if compgen -G "$WHEELS/*.whl" >/dev/null; then
         local whls=("$WHEELS"/*.whl)
@@ -171,17 +212,26 @@ main() {
         tests/models/test_vae.py tests/models/test_attention.py "${PYTEST_SELECT[@]}" -p no:cacheprovider -rA \
         --basetemp "$SCRATCH/pytest" --junitxml "$OUT_DIR/pytest_gpu.xml"
 
+    local variant
+    for variant in "${VARIANTS[@]}"; do
+        run_variant "$variant"
+    done
+    if compgen -G "$SCRATCH/variants/*.json" >/dev/null; then  # one file for all (the device tool brings back 8)
+        "$PY" -c 'import json, sys; json.dump({f.rsplit("/", 1)[-1][:-5]: json.load(open(f)) for f in sys.argv[2:]},
+                  open(sys.argv[1], "w"), indent=1)' "$OUT_DIR/bench_variants.json" "$SCRATCH"/variants/*.json
+    fi
+
     echo
     "$PY" tools/gpu_env.py summary --parts "$PARTS_TSV" --env "$SCRATCH/env.json" --mode "$MODE" \
-        --out "$OUT_DIR/summary.json" "$OUT_DIR"/bench_*.json 2>/dev/null || echo "(no summary.json: $PY failed)"
+        --out "$OUT_DIR/summary.json" "$OUT_DIR"/bench_{train,sample}_*.json "$SCRATCH"/variants/*.json 2>/dev/null || echo "(no summary.json: $PY failed)"
     echo
-    printf '%-18s %-6s %8s  %s\n' part status seconds note
+    printf '%-30s %-6s %8s  %s\n' part status seconds note
     local failed=0 name status seconds note
     while IFS=$'\t' read -r name status seconds note; do
-        printf '%-18s %-6s %8s  %s\n' "$name" "$status" "$seconds" "$note"
-        [[ $status == ok ]] || failed=1
+        printf '%-30s %-6s %8s  %s\n' "$name" "$status" "$seconds" "$note"
+        [[ $status == ok || $status == skip ]] || failed=1
     done <"$PARTS_TSV"
-    printf '%-18s %-6s %8s\n' total "$([[ $failed == 0 ]] && echo ok || echo FAIL)" "$SECONDS"
+    printf '%-30s %-6s %8s\n' total "$([[ $failed == 0 ]] && echo ok || echo FAIL)" "$SECONDS"
     return $failed
 }
 

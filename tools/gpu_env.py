@@ -307,6 +307,10 @@ def headline(r: dict[str, Any]) -> str:
     """One line of a benchmark's figures, for the log and the summary."""
     shape = "x".join(map(str, r.get("shape", [])))
     what = f"{r.get('preset')} {shape} {r.get('dtype')} batch {r.get('batch')}"
+    options = [f"{k} {r[k]}" for k, off in (("attention", "auto"), ("compile", "none"), ("checkpoint_every", 0))
+               if r.get(k, off) != off] + [k for k in ("fused_adamw", "cuda_graphs") if r.get(k)]
+    if options:
+        what += f" [{', '.join(options)}]"
     if r.get("tool") == "bench_train":
         line = (f"{what}: {r['samples_per_s']:.3g} samples/s, {r['tokens_per_s']:.4g} tokens/s, "
                 f"{r['achieved_tflops']:.3g} TFLOP/s, MFU {r['mfu']:.1%} of the measured "
@@ -354,8 +358,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     env = {}
     if args.env and Path(args.env).exists():
         env = json.loads(Path(args.env).read_text())
-    out = {"ok": all(p["status"] == "ok" for p in parts), "mode": args.mode, "parts": parts, "figures": figures,
-           "env": env}
+    out = {"ok": all(p["status"] in ("ok", "skip") for p in parts), "mode": args.mode, "parts": parts,
+           "figures": figures, "env": env}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for name, line in figures.items():
         print(f"{name}: {line}")

@@ -29,18 +29,27 @@ def positive(d: dict, *keys: str) -> None:
 
 
 def test_cpu_dry_run_writes_sane_figures(tmp_path: Path) -> None:
-    proc = gpu_check(tmp_path, "--only", "bench_train_B2,bench_sample_B2")
+    proc = gpu_check(tmp_path, "--only", "bench_train_B2,bench_sample_B2,variants")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "no wheelhouse at" in log and "using the packages already installed" in log
     assert log == proc.stdout  # everything printed is in the log
     table = log[log.rindex("part "):].splitlines()
+    variants = ["variant_B2_math", "variant_B2_checkpoint_every_2", "variant_B2_sample_math"]
     assert [line.split()[:2] for line in table[1:]] == [
-        ["wheels", "ok"], ["env", "ok"], ["bench_train_B2", "ok"], ["bench_sample_B2", "ok"], ["total", "ok"]]
+        ["wheels", "ok"], ["env", "ok"], ["bench_train_B2", "ok"], ["bench_sample_B2", "ok"],
+        *[[v, "ok"] for v in variants], ["total", "ok"]]
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is True and summary["mode"] == "cpu"
-    assert [p["part"] for p in summary["parts"]] == ["wheels", "env", "bench_train_B2", "bench_sample_B2"]
+    assert [p["part"] for p in summary["parts"]] == ["wheels", "env", "bench_train_B2", "bench_sample_B2", *variants]
+    # the variants: one file, each run with its one option, named in its figures line
+    runs = json.loads((tmp_path / "bench_variants.json").read_text())
+    assert sorted(runs) == sorted(variants)
+    assert (runs["variant_B2_math"]["attention"], runs["variant_B2_checkpoint_every_2"]["checkpoint_every"],
+            runs["variant_B2_sample_math"]["attention"]) == ("math", 2, "math")
+    assert "[attention math]" in summary["figures"]["variant_B2_math"]
+    assert "[checkpoint_every 2]" in summary["figures"]["variant_B2_checkpoint_every_2"]
     env = summary["env"]
     assert env["problems"] == [] and env["media_imports"] == "[]"  # no PyAV, decord or MiniLM imported
     assert env["cuda_available"] is False and env["modules"]["webdataset"]["ok"]
@@ -82,6 +91,17 @@ def test_every_part_is_reported_and_a_failure_exits_nonzero(tmp_path: Path) -> N
     assert "budget is spent" in table[2]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is False and len(summary["parts"]) == 3
+
+
+def test_a_variant_the_budget_cannot_hold_is_skipped_not_failed(tmp_path: Path) -> None:
+    proc = gpu_check(tmp_path, "--only", "variant_B2_math", "--budget", "60")  # it may take 90 s
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    table = proc.stdout[proc.stdout.rindex("part "):].splitlines()[1:]
+    assert [line.split()[:2] for line in table] == [
+        ["wheels", "ok"], ["env", "ok"], ["variant_B2_math", "skip"], ["total", "ok"]]
+    assert "s of the budget left, it may take 90 s" in table[2]
+    assert json.loads((tmp_path / "summary.json").read_text())["ok"] is True
+    assert not (tmp_path / "bench_variants.json").exists()
 
 
 def fake_wheel(folder: Path, name: str, tag: str, requires: str = "") -> Path:
