@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from data_pipelines.synthetic import BASE_COLORS, COLORS, DIRECTIONS, SHAPES, make_synthetic, measure_clip, render_clip
-from dit.config import load_config
+from dit.config import Config, load_config
 from dit.encode import encode_shards
 from dit.pipeline import generate, load_pipeline, to_uint8, write_media
 from dit.training import train, train_vae
@@ -91,17 +91,8 @@ def run_objective(run: Path) -> str:
     return load_config(run / "config.yaml", []).diffusion.objective
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "flow") -> float:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    phase = QUICK if quick else FULL
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    dit_settings = OBJECTIVE_SETTINGS[objective]
-    dit_steps = phase["dit_steps"][objective]
-    base = load_config(CONFIG, dit_settings)
-    size = [f"data.frames={base.data.frames}", f"data.height={base.data.height}", f"data.width={base.data.width}"]
-
+def write_demo_data(out: Path, phase: dict[str, Any], base: Config, seed: int) -> None:
+    """Phase 1: the DiT's synthetic clips into OUT/data and clips of every colour into OUT/vae_data."""
     print(f"[demo] 1/4 writing {phase['clips']} synthetic clips to {out / 'data'} (the DiT's: "
           f"{', '.join(BASE_COLORS)}) and {phase['clips']} of every colour to {out / 'vae_data'} (the VAE's)",
           flush=True)
@@ -111,8 +102,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
     # red (measured), and `--finetune` could not teach the DiT a colour its frozen VAE cannot draw.
     make_synthetic(out / "vae_data", num_clips=phase["clips"], frames=base.data.frames, height=base.data.height,
                    width=base.data.width, clips_per_shard=64, seed=seed + 1000, colors=tuple(COLORS))
-    timings["data_s"] = time.perf_counter() - t0
 
+
+def train_demo_vae(out: Path, phase: dict[str, Any], base: Config, seed: int) -> tuple[Path, dict, dict, int]:
+    """Phase 2: the causal VAE on OUT/vae_data, its round trip checked and, below VAE_COLOUR_FLOOR, trained further
+    (at most VAE_MORE_ROUNDS times). Returns (OUT/vae_run/vae, the last check, the first check, rounds run)."""
+    size = [f"data.frames={base.data.frames}", f"data.height={base.data.height}", f"data.width={base.data.width}"]
     print(f"[demo] 2/4 training the causal VAE for {phase['vae_steps']} steps (the first "
           f"{phase['vae_image_steps']} on single frames)", flush=True)
     shutil.rmtree(out / "vae_more", ignore_errors=True)  # an earlier run's: this VAE is new
@@ -144,6 +139,23 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
         vae_check = vae_round_trip(vae_dir, out / "vae_data", base.data.frames, base.data.height, base.data.width)
         print(f"[demo] VAE round trip after: colour {vae_check['color']:.2f}, direction "
               f"{vae_check['direction']:.2f}", flush=True)
+    return vae_dir, vae_check, first_check, rounds
+
+
+def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "flow") -> float:
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    phase = QUICK if quick else FULL
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    dit_settings = OBJECTIVE_SETTINGS[objective]
+    dit_steps = phase["dit_steps"][objective]
+    base = load_config(CONFIG, dit_settings)
+    size = [f"data.frames={base.data.frames}", f"data.height={base.data.height}", f"data.width={base.data.width}"]
+
+    write_demo_data(out, phase, base, seed)
+    timings["data_s"] = time.perf_counter() - t0
+    vae_dir, vae_check, first_check, rounds = train_demo_vae(out, phase, base, seed)
     timings["vae_s"] = time.perf_counter() - t0 - sum(timings.values())
 
     print(f"[demo] 3/4 encoding the DiT's clips once (`dit encode`: VAE posterior + text states) into "

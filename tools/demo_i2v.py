@@ -11,7 +11,8 @@ the `dit demo` clips, give it the first frame of a fresh clip for each of the 20
     .venv/bin/python tools/demo_i2v.py --out /tmp/q --quick          # a smoke test of the same path
 
 Without OUT/vae_run/vae it first writes the demo's synthetic clips and trains its VAE as `dit demo` does (phases 1
-and 2). The DiT trains into OUT/i2v_run; the numbers go to OUT/i2v_score.json and the clips to OUT/i2v_clips/.
+and 2, with its repair rounds). The DiT trains into OUT/i2v_run; the numbers go to OUT/i2v_score.json and the
+clips to OUT/i2v_clips/.
 """
 
 from __future__ import annotations
@@ -28,11 +29,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipelines.synthetic import make_synthetic, render_clip  # noqa: E402
+from data_pipelines.synthetic import render_clip  # noqa: E402
 from dit.config import load_config  # noqa: E402
-from dit.demo import CONFIG, FULL, QUICK, demo_prompts, parse_prompt, score_clips  # noqa: E402
+from dit.demo import (  # noqa: E402
+    CONFIG,
+    FULL,
+    QUICK,
+    demo_prompts,
+    parse_prompt,
+    score_clips,
+    train_demo_vae,
+    write_demo_data,
+)
 from dit.pipeline import generate, load_pipeline, to_uint8, write_media  # noqa: E402
-from dit.training import train, train_vae  # noqa: E402
+from dit.training import train  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,22 +52,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def demo_vae(out: Path, phase: dict, seed: int) -> Path:
-    """OUT/vae_run/vae, trained as `dit demo` trains it (phases 1 and 2) when it is not there yet."""
+    """OUT/vae_run/vae as `dit demo` makes it (its phases 1 and 2: the data, the VAE, its repair rounds), when it is
+    not there yet."""
     vae_dir = out / "vae_run" / "vae"
     if vae_dir.is_dir():
         print(f"[i2v] reusing the demo VAE {vae_dir} and data {out / 'data'}", flush=True)
         return vae_dir
     base = load_config(CONFIG, [])
-    d = base.data
-    print(f"[i2v] writing {phase['clips']} synthetic clips to {out / 'data'}", flush=True)
-    make_synthetic(out / "data", num_clips=phase["clips"], frames=d.frames, height=d.height, width=d.width,
-                   clips_per_shard=64, seed=seed)
-    print(f"[i2v] training the demo VAE for {phase['vae_steps']} steps", flush=True)
-    cfg = load_config(CONFIG, [f"data.shards={out / 'data'}", f"train.output_dir={out / 'vae_run'}",
-                               f"train.steps={phase['vae_steps']}", "train.lr=2e-3", "train.batch_size=8",
-                               "train.warmup_steps=20", f"train.seed={seed}", "vae.chroma_weight=4",
-                               f"data.frames={phase['vae_frames']}", f"vae.image_steps={phase['vae_image_steps']}"])
-    return train_vae.main(cfg)
+    write_demo_data(out, phase, base, seed)
+    return train_demo_vae(out, phase, base, seed)[0]
 
 
 def first_frames(prompts: list[str], frames: int, height: int, width: int, seed: int) -> torch.Tensor:
