@@ -169,7 +169,8 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
         kwargs["generator"] = generator
     if sampler in ("ddim", "dpm_solver") and pipe.diffusion.timestep_spacing:
         kwargs["timestep_spacing"] = pipe.diffusion.timestep_spacing
-    return SAMPLERS[sampler](denoise, noise, pipe.schedule, **kwargs)
+    # on the latents' device: else each step copies it to the GPU from pageable memory, and the host waits
+    return SAMPLERS[sampler](denoise, noise, pipe.schedule.to(noise.device), **kwargs)
 
 
 @torch.no_grad()

@@ -200,7 +200,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
 
 
 def checkpointing_text(on: bool, every: int) -> str:
-    return "off" if not on else "on" if every == 1 else f"on, every {every}th block"
+    return "off" if not on else "on" if every == 1 else f"on for blocks 0, {every}, {2 * every}, ..."
 
 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:

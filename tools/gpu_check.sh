@@ -78,8 +78,8 @@ if [[ $MODE == gpu ]]; then
     PYTEST_SELECT=()
     # What moves the MFU and the sampling speed: run after everything else, each only if the budget still holds its
     # limit. NAME|TOOL|SLOT|LIMIT|OPTIONS (bench_train with 3 timed steps, no --compare)
-    VARIANTS=("XL2_flash|bench_train|XL2|60|--attention flash" "XL2_cudnn|bench_train|XL2|60|--attention cudnn"
-              "XL2_fused_adamw|bench_train|XL2|60|--fused-adamw" "B2_cuda_graphs|bench_sample|B2|90|--cuda-graphs"
+    VARIANTS=("B2_cuda_graphs|bench_sample|B2|60|--cuda-graphs" "XL2_flash|bench_train|XL2|60|--attention flash"
+              "XL2_cudnn|bench_train|XL2|60|--attention cudnn" "XL2_fused_adamw|bench_train|XL2|60|--fused-adamw"
               "XL2_compile|bench_train|XL2|150|--compile ours")
 else
     DEVICE=cpu
@@ -209,7 +209,8 @@ main() {
     local on_cpu=()
     [[ $MODE == cpu ]] && on_cpu=(env DIT_GPU_TESTS_ON_CPU=1)
     run_part pytest_gpu "$LIMIT_TESTS" - -- "${on_cpu[@]}" "$PY" -m pytest -m gpu tests/distributed/test_gpu.py \
-        tests/models/test_vae.py tests/models/test_attention.py "${PYTEST_SELECT[@]}" -p no:cacheprovider -rA \
+        tests/models/test_vae.py tests/models/test_attention.py tests/diffusion/test_cuda_graphs.py \
+        "${PYTEST_SELECT[@]}" -p no:cacheprovider -rA \
         --basetemp "$SCRATCH/pytest" --junitxml "$OUT_DIR/pytest_gpu.xml"
 
     local variant

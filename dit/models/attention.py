@@ -40,21 +40,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               backend: str = "sdpa") -> torch.Tensor:
     """q [B, H, N, d], k/v [B, H, M, d], mask [B, M] bool (True = attend) -> [B, H, N, d]."""
     if backend == "xformers":
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the RMS-normed q, k come out fp32 (xformers won't mix)
         bias = None
-        if mask is not None:  # additive bias [B, H, N, M]; xformers wants it materialised and aligned
-            bias = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+        if mask is not None:  # additive bias [B, H, N, M]; xformers wants it materialised, its rows 8-aligned
+            m = k.shape[2]
+            bias = torch.zeros(q.shape[0], q.shape[1], q.shape[2], -(-m // 8) * 8, dtype=q.dtype, device=q.device)
+            bias = bias[..., :m].masked_fill(~mask[:, None, None, :], float("-inf"))
         out = xops.memory_efficient_attention(
             rearrange(q, "b h n d -> b n h d"), rearrange(k, "b h m d -> b m h d"),
             rearrange(v, "b h m d -> b m h d"), attn_bias=bias)
         return rearrange(out, "b n h d -> b h n d")
     attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, M]
     if backend in SDPA_KERNELS:
-        # The named kernel; a call with a key mask (cross-attention) may fall back to one that takes masks
-        # (CUDA's flash takes none).
+        # The named kernel first; where it cannot run, efficient then math: CUDA's flash takes no mask
+        # (cross-attention) and neither flash nor cuDNN takes fp32 (e.g. sampling without autocast).
         kernels = [SDPA_KERNELS[backend]]
-        if mask is not None:
-            kernels += [k for k in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k not in kernels]
+        kernels += [k for k in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k not in kernels]
         with sdpa_kernel(kernels, set_priority=True) if _SET_PRIORITY else sdpa_kernel(kernels):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

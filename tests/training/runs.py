@@ -145,8 +145,12 @@ def dit_torchrun(nproc: int, out: Path, shards: str, vae: Path | None, *, hooks:
                  **overrides: object) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N -m dit.cli train ...` on CPU (gloo), 1 thread per process
     (``hooks`` as in ``dit_train``, applied in every process)."""
+    import torch
+
     start, hook_env = entry(hooks)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *start, "train", "--config", str(config), *extra_args, *small_overrides(out, shards, vae, **overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", **hook_env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **hook_env}
+    if not torch.cuda.is_available():  # DeepSpeed on CPU; on a GPU it finds CUDA itself
+        env["DS_ACCELERATOR"] = "cpu"
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
