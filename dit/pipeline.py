@@ -43,6 +43,7 @@ class Pipeline:
     prediction: str
     config: dict[str, Any]
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # objective, flow shift (static / dynamic)
+    graphed: CudaGraphed | None = None  # the model's CUDA graphs (cuda_graphs=True), kept across calls: one capture
 
 
 def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
@@ -153,8 +154,10 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
         condition = image_condition(pipe, image, noise.shape)
         cond, uncond = {**cond, "condition": condition}, {**uncond, "condition": condition}
     model: Callable[..., torch.Tensor] = pipe.model
-    if cuda_graphs:
-        model = CudaGraphed(model)
+    if cuda_graphs:  # captured at the first call of each shape, replayed from then on (every batch of `dit sample`)
+        if pipe.graphed is None or pipe.graphed.model is not pipe.model:
+            pipe.graphed = CudaGraphed(pipe.model)
+        model = pipe.graphed
     if dtype == "bf16":
         model = autocast_bf16(model, noise.device)
     denoise = cfg_denoiser(model, cond, uncond, cfg)

@@ -58,3 +58,21 @@ def test_ddim_with_graphs_is_unchanged() -> None:
         graphed = ddim(cfg_denoiser(CudaGraphed(model), kw, uncond, 4.0), noise, schedule, steps=5)
     torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
 
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_sample_latents_captures_once_for_all_calls() -> None:
+    """`dit sample`'s path: the pipeline keeps its graphs, so a second batch of the same shape replays them."""
+    from dit.pipeline import Pipeline, sample_latents
+
+    model, kw = model_and_inputs("cuda")
+    pipe = Pipeline(model=model, vae=None, text=None, schedule=make_schedule("linear", 1000), prediction="eps",
+                    config={})
+    uncond = dict(text=torch.zeros_like(kw["text"]), text_mask=kw["text_mask"])
+    noise = torch.randn(2, 4, 2, 4, 4, device="cuda")
+    eager = sample_latents(pipe, noise, kw, uncond, steps=4, cfg=4.0)
+    for _ in range(2):
+        graphed = sample_latents(pipe, noise, kw, uncond, steps=4, cfg=4.0, cuda_graphs=True)
+        torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+    assert len(pipe.graphed.graphs) == 1
