@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit.config import ConfigError, ModelConfig, load_config
-from dit.models.attention import attention, resolve_backend
+from dit.config import ATTENTION_BACKENDS, ConfigError, ModelConfig, load_config
+from dit.models.attention import CUDA_ONLY, SDPA_KERNELS, attention, resolve_backend
 from dit.models.dit import DiT
 from dit.training.train import check_attention
 
@@ -59,6 +59,17 @@ def test_a_kernel_the_device_lacks_fails_before_any_work(backend: str) -> None:
     check_attention(ModelConfig(attention="flash"), torch.device("cpu"))  # CPU has this one
     with pytest.raises(ConfigError, match="model.attention"):
         load_config(None, ["model.attention=flash2"])
+
+
+def test_every_configurable_backend_is_known_to_the_kernel_code() -> None:
+    for name in ATTENTION_BACKENDS:  # the config's list and attention.py's tables agree
+        assert name in ("auto", "sdpa", "xformers") or name in SDPA_KERNELS
+        try:
+            resolved = resolve_backend(name, torch.device("cpu"))
+        except RuntimeError as e:
+            assert name in CUDA_ONLY and "model.attention=sdpa" in str(e)
+        else:
+            assert resolved in ("sdpa", *SDPA_KERNELS) and name not in CUDA_ONLY
 
 
 def test_dit_with_a_pinned_kernel_matches_the_default() -> None:
