@@ -224,7 +224,8 @@ main() {
 
     echo
     "$PY" tools/gpu_env.py summary --parts "$PARTS_TSV" --env "$SCRATCH/env.json" --mode "$MODE" \
-        --out "$OUT_DIR/summary.json" "$OUT_DIR"/bench_{train,sample}_*.json "$SCRATCH"/variants/*.json 2>/dev/null || echo "(no summary.json: $PY failed)"
+        --out "$OUT_DIR/summary.json" "$OUT_DIR"/bench_{train,sample}_*.json "$SCRATCH"/variants/*.json \
+        2>/dev/null || echo "(no summary.json: $PY failed)"
     echo
     printf '%-30s %-6s %8s  %s\n' part status seconds note
     local failed=0 name status seconds note
