@@ -5,6 +5,7 @@ sampling during training and by the demo; it reads exports (dit/export.py), neve
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.export import resolve_checkpoint
+from dit.models.attention import resolve_backend
 from dit.models.condition import first_frame_condition
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
@@ -31,6 +33,7 @@ from dit.weights import checkpoint_weights
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
                                                      "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver}
+log = logging.getLogger("dit.pipeline")
 OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver"), "flow": ("flow_euler", "flow_dpm_solver")}
 
 
@@ -65,6 +68,14 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     schedule = schedule_from_config(config["experiment"]["diffusion"])
     for m in (model, vae, text):
         m.to(device).eval().requires_grad_(False)
+    kernel = getattr(model, "attention_backend", None)  # our DiT's model.attention, as trained
+    if kernel is not None:
+        try:
+            resolve_backend(kernel, torch.device(device))
+        except RuntimeError:  # e.g. trained with cudnn on a GPU, sampled on a CPU: the same attention, other kernel
+            log.warning("this checkpoint was trained with model.attention=%s, which %s lacks: sampling with sdpa",
+                        kernel, torch.device(device).type)
+            model.attention_backend = "sdpa"
     diffusion = DiffusionConfig(**config["experiment"]["diffusion"])
     return Pipeline(model, vae, text, schedule, diffusion.prediction, config, diffusion)
 

@@ -94,3 +94,34 @@ def test_sample_flags_for_the_gpu(checkpoint: Path, tmp_path: Path) -> None:
                                "--out", str(tmp_path / "g.gif")], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "--cuda-graphs needs a CUDA device" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "g.gif").exists()
+
+
+def test_a_checkpoint_trained_with_a_cuda_only_kernel_samples_on_cpu(tmp_path: Path) -> None:
+    """model.attention=cudnn (a GPU run's choice) names a kernel, not a model: on a CPU the sampler uses sdpa, says
+    so, and draws what the default kernel draws."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU cudnn is there")
+    frames, height, width = SIZE
+    runs = {}
+    for kernel in ("cudnn", "auto"):
+        cfg = load_config(None, [f"data.frames={frames}", f"data.height={height}", f"data.width={width}",
+                                 "text.encoder=none", "model.preset=dit-tiny", f"model.attention={kernel}"])
+        torch.manual_seed(0)
+        vae = CausalVAE(latent_channels=4, base_channels=8, channel_mults=(1, 1, 1, 1))
+        save_vae(vae, tmp_path / kernel / "vae")
+        model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=8)
+        for p in model.parameters():  # not the adaLN-Zero init: the sample must depend on the attention
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+        ckpt = tmp_path / kernel / "run" / "checkpoints" / "step-00000001"
+        ckpt.mkdir(parents=True)
+        write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
+                     vae_dir=tmp_path / kernel / "vae")
+        out = tmp_path / f"{kernel}.png"
+        proc = subprocess.run([DIT, "sample", "--checkpoint", str(tmp_path / kernel / "run"), "--prompt", "x",
+                               "--frames", "1", "--steps", "2", "--out", str(out)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[kernel] = (proc.stderr, out.read_bytes())
+    assert "trained with model.attention=cudnn, which cpu lacks: sampling with sdpa" in runs["cudnn"][0]
+    assert "model.attention" not in runs["auto"][0]
+    assert runs["cudnn"][1] == runs["auto"][1]
