@@ -91,6 +91,11 @@ def run_objective(run: Path) -> str:
     return load_config(run / "config.yaml", []).diffusion.objective
 
 
+def size_overrides(base: Config) -> list[str]:
+    """The clip size of the demo's config as dotted overrides (the VAE phase then shortens the frames)."""
+    return [f"data.frames={base.data.frames}", f"data.height={base.data.height}", f"data.width={base.data.width}"]
+
+
 def write_demo_data(out: Path, phase: dict[str, Any], base: Config, seed: int) -> None:
     """Phase 1: the DiT's synthetic clips into OUT/data and clips of every colour into OUT/vae_data."""
     print(f"[demo] 1/4 writing {phase['clips']} synthetic clips to {out / 'data'} (the DiT's: "
@@ -107,7 +112,7 @@ def write_demo_data(out: Path, phase: dict[str, Any], base: Config, seed: int) -
 def train_demo_vae(out: Path, phase: dict[str, Any], base: Config, seed: int) -> tuple[Path, dict, dict, int]:
     """Phase 2: the causal VAE on OUT/vae_data, its round trip checked and, below VAE_COLOUR_FLOOR, trained further
     (at most VAE_MORE_ROUNDS times). Returns (OUT/vae_run/vae, the last check, the first check, rounds run)."""
-    size = [f"data.frames={base.data.frames}", f"data.height={base.data.height}", f"data.width={base.data.width}"]
+    size = size_overrides(base)
     print(f"[demo] 2/4 training the causal VAE for {phase['vae_steps']} steps (the first "
           f"{phase['vae_image_steps']} on single frames)", flush=True)
     shutil.rmtree(out / "vae_more", ignore_errors=True)  # an earlier run's: this VAE is new
@@ -151,7 +156,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, objective: str = "fl
     dit_settings = OBJECTIVE_SETTINGS[objective]
     dit_steps = phase["dit_steps"][objective]
     base = load_config(CONFIG, dit_settings)
-    size = [f"data.frames={base.data.frames}", f"data.height={base.data.height}", f"data.width={base.data.width}"]
+    size = size_overrides(base)
 
     write_demo_data(out, phase, base, seed)
     timings["data_s"] = time.perf_counter() - t0

@@ -18,22 +18,31 @@ DIT = str(Path(sys.executable).parent / "dit")
 SIZE = (5, 16, 32)  # frames, height, width: not the old CLI defaults (17 x 64 x 64)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint directory as the trainer writes it: weights, config.json, vae/."""
-    root = tmp_path_factory.mktemp("sample")
+def write_checkpoint(root: Path, *overrides: str, randomize: bool = False) -> Path:
+    """A run folder as the trainer writes it (weights, config.json, vae/) at SIZE with random weights; randomize:
+    draw every weight (not the adaLN-Zero init, whose prediction is all zeros)."""
     frames, height, width = SIZE
     cfg = load_config(None, [f"data.frames={frames}", f"data.height={height}", f"data.width={width}",
-                             "text.encoder=none", "model.preset=dit-tiny"])
+                             "text.encoder=none", "model.preset=dit-tiny", *overrides])
     torch.manual_seed(0)
     vae = CausalVAE(latent_channels=4, base_channels=8, channel_mults=(1, 1, 1, 1))
     save_vae(vae, root / "vae")
     model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=8)
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.05)
     ckpt = root / "run" / "checkpoints" / "step-00000001"
     ckpt.mkdir(parents=True)
     write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
                  vae_dir=root / "vae")
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint directory as the trainer writes it: weights, config.json, vae/."""
+    return write_checkpoint(tmp_path_factory.mktemp("sample"))
 
 
 def test_sample_without_size_flags_writes_the_trained_size(checkpoint: Path, tmp_path: Path) -> None:
@@ -101,25 +110,12 @@ def test_a_checkpoint_trained_with_a_cuda_only_kernel_samples_on_cpu(tmp_path: P
     so, and draws what the default kernel draws."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU cudnn is there")
-    frames, height, width = SIZE
     runs = {}
     for kernel in ("cudnn", "auto"):
-        cfg = load_config(None, [f"data.frames={frames}", f"data.height={height}", f"data.width={width}",
-                                 "text.encoder=none", "model.preset=dit-tiny", f"model.attention={kernel}"])
-        torch.manual_seed(0)
-        vae = CausalVAE(latent_channels=4, base_channels=8, channel_mults=(1, 1, 1, 1))
-        save_vae(vae, tmp_path / kernel / "vae")
-        model = build_dit(cfg.model, in_channels=vae.latent_channels, text_dim=8)
-        for p in model.parameters():  # not the adaLN-Zero init: the sample must depend on the attention
-            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
-        ckpt = tmp_path / kernel / "run" / "checkpoints" / "step-00000001"
-        ckpt.mkdir(parents=True)
-        write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
-                     vae_dir=tmp_path / kernel / "vae")
+        run = write_checkpoint(tmp_path / kernel, f"model.attention={kernel}", randomize=True)
         out = tmp_path / f"{kernel}.png"
-        proc = subprocess.run([DIT, "sample", "--checkpoint", str(tmp_path / kernel / "run"), "--prompt", "x",
-                               "--frames", "1", "--steps", "2", "--out", str(out)], capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run([DIT, "sample", "--checkpoint", str(run), "--prompt", "x", "--frames", "1", "--steps",
+                               "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         runs[kernel] = (proc.stderr, out.read_bytes())
     assert "trained with model.attention=cudnn, which cpu lacks: sampling with sdpa" in runs["cudnn"][0]
