@@ -9,9 +9,11 @@ weights; FSDP also shards the EMA, ZeRO-3 keeps a full EMA replica); offload mov
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACT_PER_TOKEN x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
-checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs), and the backward needs
-one block's worth more. The frozen VAE and text encoder count once per GPU. The optimizer step briefly needs one more
-fp32 copy of its shard (foreach temporaries), which can set the peak when activations are small.
+checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs). The frozen VAE and
+text encoder count once per GPU. The optimizer step briefly needs one more fp32 copy of its shard (foreach
+temporaries), which can set the peak when activations are small.
+The totals are tensor bytes, what ``torch.cuda.max_memory_allocated`` reports; "fits" leaves 1 - HEADROOM of the
+GPU for the CUDA context, kernel workspaces and the caching allocator's fragmentation.
 With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
 tokens for 1/SP of the heads); parameters, gradients and optimizer state are unchanged (the strategies shard over
 all ranks, whatever SP is), and the text's keys and values are computed on every rank.
@@ -26,10 +28,11 @@ import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
 
-# Hidden-size values per token per block that a block's activations take at the peak: fitted to the measured CPU
-# peaks of activation-bound runs with and without checkpointing (tests/training/test_plan.py). The tensors saved for
-# backward alone are 32 (saved_tensors_hooks, tests/models/test_dit.py); the rest is allocator and backward slack.
-ACT_PER_TOKEN = 50
+# Hidden-size values per token per block that a block's activations take at the peak: the tensors autograd saves
+# for backward (30.5-30.8 counted with saved_tensors_hooks), which the peak tensor bytes of activation-bound runs
+# with and without checkpointing confirm (tests/training/test_plan.py, BENCHMARKS.md).
+ACT_PER_TOKEN = 30
+HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim
 
@@ -138,9 +141,8 @@ def activation_bytes(size: ModelSize, batch: int, bytes_per_value: int, checkpoi
         per_block += 2 * size.heads * tokens * (size.tokens + size.text_len)
     recomputed = -(-size.depth // checkpoint_every) if checkpointing else 0  # blocks 0, k, 2k, ...
     kept = size.depth - recomputed  # blocks that keep their activations until their backward
-    # the recomputed blocks' inputs; the kept blocks (or the one being recomputed); one more block's worth for the
-    # backward's gradients through a block
-    blocks = recomputed * tokens * size.hidden + (max(kept, 1 if recomputed else 0) + 1) * per_block
+    # the recomputed blocks' inputs, and the kept blocks' activations (or the one block being recomputed)
+    blocks = recomputed * tokens * size.hidden + max(kept, 1 if recomputed else 0) * per_block
     return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden)
 
 
@@ -195,7 +197,8 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         frozen = 4.0 * size.frozen
         step_temp = optim / 2  # one fp32 copy of the optimizer's shard during the foreach AdamW step
         total = weights + grads + optim + ema + frozen + max(act, step_temp)
-        out.append(Estimate(name, weights, grads, optim, ema, act, frozen, total, total <= gpu_memory_gb * 2**30))
+        fits = total <= HEADROOM * gpu_memory_gb * 2**30
+        out.append(Estimate(name, weights, grads, optim, ema, act, frozen, total, fits))
     return out
 
 
@@ -228,6 +231,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     if missing:
         lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add 4 bytes "
                      "per parameter of it, as for the VAE)")
+    lines.append(f"(tensor bytes, as torch.cuda.max_memory_allocated counts them; fits: total <= {HEADROOM:.0%} "
+                 "of the GPU, the rest for the CUDA context, workspaces and fragmentation)")
     if gpus == 1:
         lines.append("(1 GPU: the ZeRO stages and FSDP shard over 1 rank, so they save nothing without offload)")
     return "\n".join(lines)

@@ -17,25 +17,29 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
+ACTIVATION_BOUND = ["model.hidden_size=256", "model.depth=8", "model.patch_size=[1,1,1]", "data.frames=9",
+                    "data.height=64", "data.width=64", "train.batch_size=8"]  # 192 tokens per sample, batch 8
+
+
 @pytest.mark.parametrize("model", [
-    # activation-bound: 192 tokens per sample, batch 8
-    ["model.hidden_size=256", "model.depth=8", "model.patch_size=[1,1,1]", "data.frames=9", "data.height=64",
-     "data.width=64", "train.batch_size=8"],
-    # parameter-bound: 48M parameters, 2 tokens per sample
-    ["model.hidden_size=512", "model.depth=8", "data.frames=5", "data.height=16", "data.width=16",
-     "train.batch_size=2"],
-    # activation-bound with checkpointing: every block recomputed, or every 2nd (the others keep their activations)
-    *[["model.hidden_size=256", "model.depth=8", "model.patch_size=[1,1,1]", "data.frames=9", "data.height=64",
-       "data.width=64", "train.batch_size=8", "model.gradient_checkpointing=true",
+    ["train.mixed_precision='no'", *ACTIVATION_BOUND],
+    # parameter-bound: 48M parameters, 2 tokens per sample (the foreach AdamW step's temporaries set the peak)
+    ["train.mixed_precision='no'", "model.hidden_size=512", "model.depth=8", "data.frames=5", "data.height=16",
+     "data.width=16", "train.batch_size=2"],
+    # with checkpointing: every block recomputed, or every 2nd (the others keep their activations)
+    *[["train.mixed_precision='no'", *ACTIVATION_BOUND, "model.gradient_checkpointing=true",
        f"model.gradient_checkpointing_every={every}"] for every in (1, 2)],
-], ids=["activations", "parameters", "checkpoint-all", "checkpoint-every-2"])
-def test_plan_is_within_25_percent_of_measured_peak_memory(model: list[str]) -> None:
+    ["train.mixed_precision=bf16", *ACTIVATION_BOUND],  # 2 bytes per activation under autocast
+], ids=["activations", "parameters", "checkpoint-all", "checkpoint-every-2", "bf16"])
+def test_plan_holds_the_measured_peak_tensor_bytes_within_15_percent(model: list[str]) -> None:
+    """Peak live tensor bytes of real training steps (measure_memory.py: torch's allocator, as
+    torch.cuda.max_memory_allocated counts on a GPU), against the plan: never under, at most 15% over."""
     script = Path(__file__).with_name("measure_memory.py")
-    done = subprocess.run([sys.executable, str(script), str(DEMO), "train.mixed_precision='no'", *model], cwd=ROOT,
+    done = subprocess.run([sys.executable, str(script), str(DEMO), *model], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    assert abs(r["estimated"] - r["measured"]) <= 0.25 * r["measured"], r
+    assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], r
 
 
 def test_plan_orders_strategies_and_says_what_fits(capsys) -> None:
