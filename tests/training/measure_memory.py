@@ -1,15 +1,17 @@
-"""Measure the memory of training steps for `dit plan`'s test: python measure_memory.py CONFIG OVERRIDES...
+"""The memory of training steps, for `dit plan`'s test: python measure_memory.py [--device cuda] CONFIG OVERRIDES...
 
-Prints JSON {"measured": bytes, "estimated": bytes, ...}: the peak of the tensor bytes live in torch's CPU allocator
+Prints JSON {"measured": bytes, "estimated": bytes, ...}: the peak of the tensor bytes live in torch's allocator
 over 3 real AdamW + EMA training steps (real frozen VAE and text encoder, random latents of the configured shape,
-bf16 autocast when train.mixed_precision says so), which is what ``torch.cuda.max_memory_allocated`` reports on a
-GPU; and `dit plan`'s estimate for 1 GPU with strategy ddp. (Not the process's resident memory: that holds
-glibc's and the BLAS libraries' caches and the profiler's own, and varied by 23% between two CPUs.)"""
+bf16 autocast when train.mixed_precision says so), plus the text encoder's weights (memory-mapped from their file on
+CPU, outside the allocator); and `dit plan`'s estimate for 1 GPU with strategy ddp. On CPU the peak comes from
+torch.profiler's memory events, the same count torch.cuda.max_memory_allocated gives on a GPU, where "reserved"
+(max_memory_reserved: the caching allocator's segments) is printed too. (Not the process's resident memory: that
+holds glibc's and the BLAS libraries' caches and the profiler's own, and varied by 23% between two CPUs.)"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from dit.config import load_config
+from dit.config import Config, load_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import apply_activation_checkpointing
 from dit.models.dit import build_dit
@@ -41,39 +43,62 @@ def peak_tensor_bytes(prof: profile) -> int:
     return max(n.extra_fields.total_allocated for n in events(tree) if n.tag == _EventType.Allocation)
 
 
+def train_steps(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """3 training steps as dit train takes them; returns the text encoder (its weights stay on the CPU)."""
+    autocast = torch.autocast(device.type, torch.bfloat16) if cfg.train.mixed_precision == "bf16" else nullcontext()
+    vae = build_vae(cfg.vae).requires_grad_(False).to(device)
+    text = build_text_encoder(cfg.text)
+    model = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text.dim).to(device)
+    if cfg.model.gradient_checkpointing:  # as dit/distributed/parallelize.py does in training
+        apply_activation_checkpointing(model, cfg.model.gradient_checkpointing_every)
+    ema = build_ema(model, 0.999)
+    # foreach, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's temporaries)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    schedule = schedule_from_config(cfg.diffusion)
+    b, c = cfg.train.batch_size, cfg.vae.latent_channels
+    shape = (b, c, 1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
+    states, mask = text.encode(["a red circle moving left"] * b)
+    kwargs = dict(text=states.to(device), text_mask=mask.to(device))
+    for step in range(3):
+        with autocast:
+            loss = training_loss(model, torch.randn(shape, device=device), schedule, model_kwargs=kwargs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model, step=step)
+    del vae
+    return text
+
+
 def main() -> None:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg, device = load_config(args.config, args.overrides), torch.device(args.device)
     torch.manual_seed(0)
-    autocast = torch.autocast("cpu", torch.bfloat16) if cfg.train.mixed_precision == "bf16" else nullcontext()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        vae = build_vae(cfg.vae).requires_grad_(False)
-        text = build_text_encoder(cfg.text)
-        model = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text.dim)
-        if cfg.model.gradient_checkpointing:  # as dit/distributed/parallelize.py does in training
-            apply_activation_checkpointing(model, cfg.model.gradient_checkpointing_every)
-        ema = build_ema(model, 0.999)
-        # foreach, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's temporaries)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        schedule = schedule_from_config(cfg.diffusion)
-        b, c = cfg.train.batch_size, cfg.vae.latent_channels
-        shape = (b, c, 1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
-        states, mask = text.encode(["a red circle moving left"] * b)
-        kwargs = dict(text=states, text_mask=mask)
-        for step in range(3):
-            with autocast:
-                loss = training_loss(model, torch.randn(shape), schedule, model_kwargs=kwargs)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model, step=step)
-        del vae
-    # the text encoder's weights are memory-mapped from its safetensors file, outside the allocator; on a GPU they
-    # are copied into it
+    reserved = None
+    if device.type == "cuda":
+        for dtype in (torch.float32, torch.bfloat16):  # cuBLAS's workspaces (tens of MiB), as the CUDA context, first
+            a = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
+            (a @ a).sum().backward()
+        del a
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, start_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        text = train_steps(cfg, device)
+        peak = torch.cuda.max_memory_allocated() - start
+        reserved = torch.cuda.max_memory_reserved() - start_reserved
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            text = train_steps(cfg, device)
+        peak = peak_tensor_bytes(prof)
     mapped = sum(p.numel() * p.element_size() for p in text.parameters())
     size = model_size(cfg)
     est = next(e for e in estimate(cfg, 1, 80, size=size) if e.strategy == "ddp")
-    print(json.dumps({"measured": peak_tensor_bytes(prof) + mapped, "estimated": est.total, "params": size.params,
-                      "activations": est.activations}))
+    print(json.dumps({"measured": peak + mapped, "estimated": est.total, "params": size.params,
+                      "activations": est.activations, "reserved": reserved and reserved + mapped}))
 
 
 if __name__ == "__main__":
