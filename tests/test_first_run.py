@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_errors import assert_one_error_line
 
 from data_pipelines.synthetic import make_synthetic
 from dit.models.vae import CausalVAE, save_vae
@@ -25,17 +26,6 @@ SMALL = ["data.frames=5", "data.height=32", "data.width=32", "train.batch_size=4
 def dit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([DIT, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """A user error: a non-zero exit and one ``error: ...`` line on stderr that says each of ``needles``."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from data_pipelines.config import ConfigError
-from data_pipelines.make_shards import make_shards
-from data_pipelines.synthetic import render_clip
-from data_pipelines.writer import encode_mp4
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli_errors import assert_one_error_line  # noqa: E402
+
+from data_pipelines.config import ConfigError  # noqa: E402
+from data_pipelines.make_shards import make_shards  # noqa: E402
+from data_pipelines.synthetic import render_clip  # noqa: E402
+from data_pipelines.writer import encode_mp4  # noqa: E402
 
 DIT = str(Path(sys.executable).parent / "dit")
 
 
 def dit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([DIT, *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """A user error: a non-zero exit and one ``error: ...`` line on stderr that says each of ``needles``."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def clip(path: Path, color: str) -> None:
