@@ -7,7 +7,7 @@ keep them): weights 4, gradients 4, AdamW's two moments 8, the EMA copy 4. Each 
 these by the number of ranks that share them (ZeRO-1: optimizer; ZeRO-2: + gradients; ZeRO-3 / FSDP: +
 weights; FSDP also shards the EMA, ZeRO-3 keeps a full EMA replica); offload moves them to host memory.
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
-ACT_PER_TOKEN x hidden values per token per block are kept for backward (scores are not stored with SDPA's
+ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
 checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs). The frozen VAE and
 text encoder count once per GPU. The optimizer step briefly needs one more fp32 copy of its shard (foreach
@@ -28,10 +28,10 @@ import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
 
-# Hidden-size values per token per block that a block's activations take at the peak: the tensors autograd saves
-# for backward (30.5-30.8 counted with saved_tensors_hooks), which the peak tensor bytes of activation-bound runs
-# with and without checkpointing confirm (tests/training/test_plan.py, BENCHMARKS.md).
-ACT_PER_TOKEN = 30
+# By model family: (hidden-size values per token that a block keeps for backward, bytes per value under bf16
+# autocast: over 2 where the blocks keep fp32 intermediates, as diffusers' Wan and LTX do). Fitted to the peak tensor
+# bytes of real training steps (tests/training/measure_memory.py; figures in BENCHMARKS.md).
+ACTIVATIONS = {"dit": (30.0, 2.25), "wan": (30.0, 3.0), "ltx": (30.0, 3.0), "cogvideox": (25.0, 2.25)}
 HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim
@@ -129,14 +129,16 @@ def model_size(cfg: Config) -> ModelSize:
                      text_len=cfg.text.max_length)
 
 
-def activation_bytes(size: ModelSize, batch: int, bytes_per_value: int, checkpointing: bool,
-                     attention_scores: bool = False, sequence_parallel: int = 1, checkpoint_every: int = 1) -> float:
+def activation_bytes(size: ModelSize, batch: int, bytes_per_value: float, checkpointing: bool,
+                     attention_scores: bool = False, sequence_parallel: int = 1, checkpoint_every: int = 1,
+                     per_token: float = ACTIVATIONS["dit"][0]) -> float:
     """Activations kept for the backward pass of one micro-batch on one rank. ``attention_scores``: the attention
     kernel stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not.
     ``sequence_parallel``: the rank holds 1/SP of the tokens (and attends all tokens with 1/SP of the heads).
-    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py)."""
+    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py).
+    ``per_token``: hidden-size values per token a block keeps (ACTIVATIONS)."""
     tokens = size.tokens / sequence_parallel  # this rank's tokens
-    per_block = ACT_PER_TOKEN * tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
+    per_block = per_token * tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
     if attention_scores:  # H/SP heads x N x N (self) + H x N/SP x L (cross)
         per_block += 2 * size.heads * tokens * (size.tokens + size.text_len)
     recomputed = -(-size.depth // checkpoint_every) if checkpointing else 0  # blocks 0, k, 2k, ...
@@ -165,14 +167,15 @@ def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int, sequenc
 
 def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 8,
              size: ModelSize | None = None, attention_scores: bool = False) -> list[Estimate]:
-    """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; bf16 activations when
-    train.mixed_precision is bf16/fp16/auto, fp32 for "no")."""
+    """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; half-precision activations,
+    ACTIVATIONS' bytes per value, when train.mixed_precision is bf16/fp16/auto, fp32 for "no")."""
     t = cfg.train
     check_plan_args(gpus, gpu_memory_gb, gpus_per_node, t.sequence_parallel)
     size = size or model_size(cfg)
-    act_bytes = 4 if t.mixed_precision == "no" else 2
+    per_token, bf16_bytes = ACTIVATIONS[cfg.model.family]
+    act_bytes = 4.0 if t.mixed_precision == "no" else bf16_bytes
     act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores,
-                           t.sequence_parallel, cfg.model.gradient_checkpointing_every)
+                           t.sequence_parallel, cfg.model.gradient_checkpointing_every, per_token)
     p = 4.0 * size.params  # one fp32 copy
     out = []
     for name in STRATEGIES:

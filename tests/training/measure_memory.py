@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from dit.config import Config, load_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import apply_activation_checkpointing
-from dit.models.dit import build_dit
+from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
 from dit.models.vae import build_vae
 from dit.pipeline import schedule_from_config
@@ -43,31 +43,46 @@ def peak_tensor_bytes(prof: profile) -> int:
     return max(n.extra_fields.total_allocated for n in events(tree) if n.tag == _EventType.Allocation)
 
 
-def train_steps(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """3 training steps as dit train takes them; returns the text encoder (its weights stay on the CPU)."""
+def forward_growth(prof: profile) -> int:
+    """The allocator's growth over the last forward (record_function "forward"): the activations it keeps."""
+    nodes = list(events(prof.profiler.kineto_results.experimental_event_tree()))
+    forward = max((n for n in nodes if n.name == "forward"), key=lambda n: n.start_time_ns)
+    totals = sorted((n.start_time_ns, n.extra_fields.total_allocated) for n in nodes if n.tag == _EventType.Allocation)
+    before = lambda t: max(((s, a) for s, a in totals if s < t), default=(0, 0))[1]  # noqa: E731
+    return before(forward.end_time_ns) - before(forward.start_time_ns)
+
+
+def train_steps(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """3 training steps as dit train takes them; returns the text encoder (its weights stay on the CPU) and, on
+    CUDA, the allocator's growth over the last forward."""
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.train.mixed_precision == "bf16" else nullcontext()
     vae = build_vae(cfg.vae).requires_grad_(False).to(device)
     text = build_text_encoder(cfg.text)
-    model = build_dit(cfg.model, in_channels=cfg.vae.latent_channels, text_dim=text.dim).to(device)
+    channels, temporal, spatial = cfg.vae.geometry()
+    model = build_denoiser(cfg.model, in_channels=channels, text_dim=text.dim, compression=(temporal, spatial))
+    model = model.to(device)
     if cfg.model.gradient_checkpointing:  # as dit/distributed/parallelize.py does in training
         apply_activation_checkpointing(model, cfg.model.gradient_checkpointing_every)
     ema = build_ema(model, 0.999)
     # foreach, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's temporaries)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     schedule = schedule_from_config(cfg.diffusion)
-    b, c = cfg.train.batch_size, cfg.vae.latent_channels
-    shape = (b, c, 1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
+    b = cfg.train.batch_size
+    shape = (b, channels, 1 + (cfg.data.frames - 1) // temporal, cfg.data.height // spatial, cfg.data.width // spatial)
     states, mask = text.encode(["a red circle moving left"] * b)
     kwargs = dict(text=states.to(device), text_mask=mask.to(device))
+    growth = 0
     for step in range(3):
-        with autocast:
+        before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        with autocast, torch.profiler.record_function("forward"):
             loss = training_loss(model, torch.randn(shape, device=device), schedule, model_kwargs=kwargs)
+        growth = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, step=step)
     del vae
-    return text
+    return text, growth
 
 
 def main() -> None:
@@ -87,18 +102,22 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start, start_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-        text = train_steps(cfg, device)
+        text, growth = train_steps(cfg, device)
         peak = torch.cuda.max_memory_allocated() - start
         reserved = torch.cuda.max_memory_reserved() - start_reserved
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            text = train_steps(cfg, device)
-        peak = peak_tensor_bytes(prof)
+            text, _ = train_steps(cfg, device)
+        peak, growth = peak_tensor_bytes(prof), forward_growth(prof)
     mapped = sum(p.numel() * p.element_size() for p in text.parameters())
     size = model_size(cfg)
     est = next(e for e in estimate(cfg, 1, 80, size=size) if e.strategy == "ddp")
+    # the forward's growth in values per token per hidden unit per block, at the precision's bytes per value
+    bytes_per_value = 4 if cfg.train.mixed_precision == "no" else 2
+    per_block = growth / (bytes_per_value * cfg.train.batch_size * size.tokens * size.hidden * size.depth)
     print(json.dumps({"measured": peak + mapped, "estimated": est.total, "params": size.params,
-                      "activations": est.activations, "reserved": reserved and reserved + mapped}))
+                      "activations": est.activations, "reserved": reserved and reserved + mapped,
+                      "forward_activations": growth, "values_per_token_per_block": round(per_block, 2)}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,19 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 ACTIVATION_BOUND = ["model.hidden_size=256", "model.depth=8", "model.patch_size=[1,1,1]", "data.frames=9",
                     "data.height=64", "data.width=64", "train.batch_size=8"]  # 192 tokens per sample, batch 8
+FLOW = ["diffusion.objective=flow", "diffusion.min_snr_gamma=null", "sample.sampler=flow_euler"]
+SIZES = ["model.family_config.num_attention_heads=4", "model.family_config.attention_head_dim=64",
+         "model.family_config.num_layers=8", "train.batch_size=8"]  # hidden 256, depth 8 as ACTIVATION_BOUND
+WAN = ["model.family=wan", *FLOW, *SIZES, "model.family_config.patch_size=[1,1,1]", "model.family_config.ffn_dim=1024",
+       "model.family_config.qk_norm=rms_norm_across_heads", "model.family_config.cross_attn_norm=true",
+       "data.frames=9", "data.height=64", "data.width=64"]
+LTX = ["model.family=ltx", "model.patch_size=null", *FLOW, *SIZES, "model.family_config.cross_attention_dim=256",
+       "data.frames=9", "data.height=64", "data.width=64"]
+COGVIDEOX = ["model.family=cogvideox", "diffusion.prediction=v", "model.patch_size=null", *SIZES,
+             "model.family_config.patch_size=2", "model.family_config.sample_frames=9",
+             "model.family_config.sample_height=16", "model.family_config.sample_width=16",
+             "model.family_config.max_text_seq_length=16", "text.padding=unmasked", "data.frames=9",
+             "data.height=128", "data.width=128"]  # patch 2 on 16 x 16 latents: the same 192 tokens
 
 
 @pytest.mark.parametrize("model", [
@@ -30,8 +43,11 @@ ACTIVATION_BOUND = ["model.hidden_size=256", "model.depth=8", "model.patch_size=
     # with checkpointing: every block recomputed, or every 2nd (the others keep their activations)
     *[["train.mixed_precision='no'", *ACTIVATION_BOUND, "model.gradient_checkpointing=true",
        f"model.gradient_checkpointing_every={every}"] for every in (1, 2)],
-    ["train.mixed_precision=bf16", *ACTIVATION_BOUND],  # 2 bytes per activation under autocast
-], ids=["activations", "parameters", "checkpoint-all", "checkpoint-every-2", "bf16"])
+    ["train.mixed_precision=bf16", *ACTIVATION_BOUND],  # 2.25 bytes per activation under autocast
+    # the pretrained families at the same sizes (random weights): their own activations and bf16 bytes
+    *[["train.mixed_precision=bf16", *family] for family in (WAN, COGVIDEOX, LTX)],
+], ids=["activations", "parameters", "checkpoint-all", "checkpoint-every-2", "bf16", "wan-bf16", "cogvideox-bf16",
+        "ltx-bf16"])
 def test_plan_holds_the_measured_peak_tensor_bytes_within_15_percent(model: list[str]) -> None:
     """Peak live tensor bytes of real training steps (measure_memory.py: torch's allocator, as
     torch.cuda.max_memory_allocated counts on a GPU), against the plan: never under, at most 15% over."""
