@@ -143,9 +143,11 @@ def activation_bytes(size: ModelSize, batch: int, bytes_per_value: float, checkp
         per_block += 2 * size.heads * tokens * (size.tokens + size.text_len)
     recomputed = -(-size.depth // checkpoint_every) if checkpointing else 0  # blocks 0, k, 2k, ...
     kept = size.depth - recomputed  # blocks that keep their activations until their backward
-    # the recomputed blocks' inputs, and the kept blocks' activations (or the one block being recomputed)
-    blocks = recomputed * tokens * size.hidden + max(kept, 1 if recomputed else 0) * per_block
-    return batch * bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden)
+    # the recomputed blocks' inputs: the residual stream, in the autocast dtype in all four families (measured)
+    inputs = recomputed * tokens * size.hidden * (4.0 if bytes_per_value >= 4 else 2.0)
+    # the kept blocks' activations (or the one block being recomputed)
+    blocks = max(kept, 1 if recomputed else 0) * per_block
+    return batch * (inputs + bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden))
 
 
 def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int, sequence_parallel: int = 1) -> None:
