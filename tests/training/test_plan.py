@@ -50,7 +50,8 @@ COGVIDEOX = ["model.family=cogvideox", "diffusion.prediction=v", "model.patch_si
         "ltx-bf16"])
 def test_plan_holds_the_measured_peak_tensor_bytes_within_15_percent(model: list[str]) -> None:
     """Peak live tensor bytes of real training steps (measure_memory.py: torch's allocator, as
-    torch.cuda.max_memory_allocated counts on a GPU), against the plan: never under, at most 15% over."""
+    torch.cuda.max_memory_allocated counts on a GPU), against the plan: at most 15% over, and not under beyond 0.5%
+    (the small tensors the plan leaves out: text states, timesteps, the loss; a parameter-bound run is 0.01% under)."""
     r = measure(model)
     assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], r
 
