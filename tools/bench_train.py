@@ -59,6 +59,7 @@ from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: 
 from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
+from dit.plan import ACTIVATIONS, ModelSize, activation_bytes  # noqa: E402
 from dit.training.metrics import saved_tensor_bytes  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -268,6 +269,16 @@ class Trainer:
                 self.model.attention_backend = backend
 
 
+def plan_activation_gb(family: str, cfg: dict[str, Any], tokens: int, text_len: int, batch: int, bf16: bool,
+                       checkpoint_every: int = 0) -> float:
+    """`dit plan`'s activation term (dit/plan.py) for this model and batch, to set beside the saved bytes."""
+    per_token, bf16_bytes = ACTIVATIONS[family]
+    size = ModelSize(params=0, frozen=0, hidden=cfg["hidden_size"], depth=cfg["depth"], heads=cfg["num_heads"],
+                     tokens=tokens, text_len=text_len)
+    return activation_bytes(size, batch, bf16_bytes if bf16 else 4.0, checkpoint_every > 0,
+                            checkpoint_every=max(checkpoint_every, 1), per_token=per_token) / 2**30
+
+
 def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bool,
                   fused_adamw: bool = False) -> Trainer:
     """The step of our DiT ("ours") or of diffusers' Wan equivalent ("diffusers") at the same config."""
@@ -392,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak_memory_bytes=ours.peak_memory, peak_memory_gb=ours.peak_memory / 2**30,
         peak_memory_added_gb=(ours.peak_memory - ours.memory_before) / 2**30,
         activation_gb=ours.activation_bytes / 2**30,
+        plan_activation_gb=plan_activation_gb("dit", cfg, tokens, args.text_len, args.batch, bf16,
+                                              args.checkpoint_every),
         activation_kind="tensors saved for backward in one eager forward (saved_tensors_hooks), parameters excluded",
         peak_memory_kind=("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process RSS high-water")
         + " over the warm-up steps; added = peak - memory before the model was built",
@@ -406,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             peak_memory_gb=theirs.peak_memory / 2**30 if theirs.peak_memory else None,
             peak_memory_added_gb=(theirs.peak_memory - theirs.memory_before) / 2**30 if theirs.peak_memory else None,
             activation_gb=theirs.activation_bytes / 2**30,
+            plan_activation_gb=plan_activation_gb("wan", cfg, tokens, args.text_len, args.batch, bf16),
             **other)
         result["ratio"] = mine["achieved_tflops"] / other["achieved_tflops"]
         result["ratio_method"] = ("both models' FLOPs from FlopCounterMode on one forward x 3 (same method), "
