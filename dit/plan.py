@@ -129,14 +129,16 @@ def model_size(cfg: Config) -> ModelSize:
                      text_len=cfg.text.max_length)
 
 
-def activation_bytes(size: ModelSize, batch: int, bytes_per_value: float, checkpointing: bool,
-                     attention_scores: bool = False, sequence_parallel: int = 1, checkpoint_every: int = 1,
-                     per_token: float = ACTIVATIONS["dit"][0]) -> float:
-    """Activations kept for the backward pass of one micro-batch on one rank. ``attention_scores``: the attention
+def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: bool = False,
+                     checkpointing: bool = False, attention_scores: bool = False, sequence_parallel: int = 1,
+                     checkpoint_every: int = 1) -> float:
+    """Activations kept for the backward pass of one micro-batch on one rank, for a model ``family`` (ACTIVATIONS),
+    in fp32 or, ``half``, under bf16/fp16 autocast. ``attention_scores``: the attention
     kernel stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not.
     ``sequence_parallel``: the rank holds 1/SP of the tokens (and attends all tokens with 1/SP of the heads).
-    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py).
-    ``per_token``: hidden-size values per token a block keeps (ACTIVATIONS)."""
+    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py)."""
+    per_token, half_bytes = ACTIVATIONS[family]
+    bytes_per_value = half_bytes if half else 4.0
     tokens = size.tokens / sequence_parallel  # this rank's tokens
     per_block = per_token * tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
     if attention_scores:  # H/SP heads x N x N (self) + H x N/SP x L (cross)
@@ -144,7 +146,7 @@ def activation_bytes(size: ModelSize, batch: int, bytes_per_value: float, checkp
     recomputed = -(-size.depth // checkpoint_every) if checkpointing else 0  # blocks 0, k, 2k, ...
     kept = size.depth - recomputed  # blocks that keep their activations until their backward
     # the recomputed blocks' inputs: the residual stream, in the autocast dtype in all four families (measured)
-    inputs = recomputed * tokens * size.hidden * (4.0 if bytes_per_value >= 4 else 2.0)
+    inputs = recomputed * tokens * size.hidden * (2.0 if half else 4.0)
     # the kept blocks' activations (or the one block being recomputed)
     blocks = max(kept, 1 if recomputed else 0) * per_block
     return batch * (inputs + bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden))
@@ -174,10 +176,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     t = cfg.train
     check_plan_args(gpus, gpu_memory_gb, gpus_per_node, t.sequence_parallel)
     size = size or model_size(cfg)
-    per_token, bf16_bytes = ACTIVATIONS[cfg.model.family]
-    act_bytes = 4.0 if t.mixed_precision == "no" else bf16_bytes
-    act = activation_bytes(size, t.batch_size, act_bytes, cfg.model.gradient_checkpointing, attention_scores,
-                           t.sequence_parallel, cfg.model.gradient_checkpointing_every, per_token)
+    act = activation_bytes(size, t.batch_size, cfg.model.family, t.mixed_precision != "no",
+                           cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
+                           cfg.model.gradient_checkpointing_every)
     p = 4.0 * size.params  # one fp32 copy
     out = []
     for name in STRATEGIES:

@@ -77,7 +77,7 @@ def plan_bytes(args: argparse.Namespace, sp: int) -> float:
     pt, ph, pw = p["patch_size"]
     size = ModelSize(params=0, frozen=0, hidden=p["hidden_size"], depth=args.depth or p["depth"],
                      heads=p["num_heads"], tokens=(t // pt) * (h // ph) * (w // pw), text_len=TEXT_LEN)
-    return activation_bytes(size, args.batch, 4, checkpointing=False, sequence_parallel=sp)
+    return activation_bytes(size, args.batch, sequence_parallel=sp)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: 
 from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
-from dit.plan import ACTIVATIONS, ModelSize, activation_bytes  # noqa: E402
+from dit.plan import ModelSize, activation_bytes  # noqa: E402
 from dit.training.metrics import saved_tensor_bytes  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -272,11 +272,10 @@ class Trainer:
 def plan_activation_gb(family: str, cfg: dict[str, Any], tokens: int, text_len: int, batch: int, bf16: bool,
                        checkpoint_every: int = 0) -> float:
     """`dit plan`'s activation term (dit/plan.py) for this model and batch, to set beside the saved bytes."""
-    per_token, bf16_bytes = ACTIVATIONS[family]
     size = ModelSize(params=0, frozen=0, hidden=cfg["hidden_size"], depth=cfg["depth"], heads=cfg["num_heads"],
                      tokens=tokens, text_len=text_len)
-    return activation_bytes(size, batch, bf16_bytes if bf16 else 4.0, checkpoint_every > 0,
-                            checkpoint_every=max(checkpoint_every, 1), per_token=per_token) / 2**30
+    return activation_bytes(size, batch, family, bf16, checkpoint_every > 0,
+                            checkpoint_every=max(checkpoint_every, 1)) / 2**30
 
 
 def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bool,

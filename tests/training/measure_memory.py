@@ -37,19 +37,17 @@ def events(nodes: list[Any]) -> Iterator[Any]:
         yield from events(node.children)
 
 
-def peak_tensor_bytes(prof: profile) -> int:
-    """The largest total of live allocator bytes the profiler saw (counted from its start), at any allocation."""
-    tree = prof.profiler.kineto_results.experimental_event_tree()
-    return max(n.extra_fields.total_allocated for n in events(tree) if n.tag == _EventType.Allocation)
-
-
-def forward_growth(prof: profile) -> int:
-    """The allocator's growth over the last forward (record_function "forward"): the activations it keeps."""
+def allocator_figures(prof: profile) -> tuple[int, int]:
+    """From the profiler's allocations (the allocator's running total, counted from the profiler's start): the
+    largest total, and the growth over the last forward (record_function "forward"), the activations it keeps."""
     nodes = list(events(prof.profiler.kineto_results.experimental_event_tree()))
-    forward = max((n for n in nodes if n.name == "forward"), key=lambda n: n.start_time_ns)
     totals = sorted((n.start_time_ns, n.extra_fields.total_allocated) for n in nodes if n.tag == _EventType.Allocation)
-    before = lambda t: max(((s, a) for s, a in totals if s < t), default=(0, 0))[1]  # noqa: E731
-    return before(forward.end_time_ns) - before(forward.start_time_ns)
+    forward = max((n for n in nodes if n.name == "forward"), key=lambda n: n.start_time_ns)
+
+    def before(t: int) -> int:
+        return max(((s, a) for s, a in totals if s < t), default=(0, 0))[1]
+
+    return max(a for _, a in totals), before(forward.end_time_ns) - before(forward.start_time_ns)
 
 
 def train_steps(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, int]:
@@ -108,7 +106,7 @@ def main() -> None:
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             text, _ = train_steps(cfg, device)
-        peak, growth = peak_tensor_bytes(prof), forward_growth(prof)
+        peak, growth = allocator_figures(prof)
     mapped = sum(p.numel() * p.element_size() for p in text.parameters())
     size = model_size(cfg)
     est = next(e for e in estimate(cfg, 1, 80, size=size) if e.strategy == "ddp")
