@@ -57,6 +57,8 @@ class ModelConfig:
     # with gradient_checkpointing: recompute every k-th block only (1: all), the rest keep their activations
     gradient_checkpointing_every: int = 1
     compile: bool = False  # torch.compile each block in place (dit/distributed/parallelize.py); needs a C++ compiler
+    # self-attention's q and kv projections as one linear layer (one GEMM); exports keep the plain q / kv layout
+    fused_qkv: bool = False
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
     family: str = "dit"  # dit (ours) | wan | cogvideox | ltx: a diffusers transformer behind our denoiser contract
     pretrained: str | None = None  # family: a local diffusers transformer folder (config.json + *.safetensors)
@@ -101,6 +103,8 @@ class ModelConfig:
 
         _check(self.family in FAMILY_NAMES, "model.family",
                f"unknown family {self.family!r}; choose one of {', '.join(FAMILY_NAMES)}")
+        _check(not self.fused_qkv, "model.fused_qkv",
+               f"is implemented for our DiT (model.family=dit), not the {self.family} adapter; set it to false")
         for key in ("hidden_size", "depth", "num_heads"):
             _check(getattr(self, key) is None, f"model.{key}",
                    f"sizes our DiT only; a {self.family} model takes its sizes from model.pretrained or "
@@ -405,6 +409,9 @@ class Config:
             _check(not bad, "data.buckets.frames", f"{list(bad)}: {'; '.join(bad.values())}")
         if self.train.sequence_parallel > 1:
             self._check_sequence_parallel(temporal, spatial)
+        _check(not (self.model.fused_qkv and self.train.lora.rank), "model.fused_qkv",
+               "cannot be combined with LoRA (train.lora.rank > 0): the adapters target the plain q and kv layers, "
+               "which fusing replaces; set model.fused_qkv=false")
         family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
         _check(family not in ("wan", "ltx") or d.objective == "flow", "diffusion.objective",
                f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")

@@ -114,6 +114,10 @@ def test_bench_train_bf16_without_compare(tmp_path: Path) -> None:
     k = _run_tool("bench_train", tmp_path / "k2", *args, "--checkpoint-every", "2")
     assert k["checkpoint_every"] == 2 and r["checkpoint_every"] == 0
     assert 0 < k["activation_gb"] < r["activation_gb"] and k["flops_per_step"] == r["flops_per_step"]
+    # --fused-qkv: one q/k/v layer, the same parameters and the same FLOPs as FlopCounterMode counts them
+    f = _run_tool("bench_train", tmp_path / "qkv", *args, "--fused-qkv")
+    assert f["fused_qkv"] is True and r["fused_qkv"] is False and f["params"] == r["params"]
+    assert f["flops_per_step_counted"] == r["flops_per_step_counted"]
 
 
 def test_bench_sample_runs(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ any order and allocator).
 ``--compile ours|both`` compiles each transformer block in place (``block.compile()``, as ``model.compile=true``
 does in training) after the FLOPs are counted; the warm-up steps include the compilation.
 ``--fused-adamw`` uses AdamW(fused=True) for both models.
+``--fused-qkv`` gives our DiT's self-attention one q/k/v projection (``model.fused_qkv=true``): the same FLOPs in one
+GEMM instead of two.
 ``--checkpoint-every K`` recomputes every K-th block of our DiT in the backward pass (as
 ``model.gradient_checkpointing=true model.gradient_checkpointing_every=K``): less activation memory for about
 1/K more forward work, which the FLOP count (model FLOPs) does not include.
@@ -279,10 +281,13 @@ def plan_activation_gb(family: str, cfg: dict[str, Any], tokens: int, text_len: 
 
 
 def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bool,
-                  fused_adamw: bool = False) -> Trainer:
-    """The step of our DiT ("ours") or of diffusers' Wan equivalent ("diffusers") at the same config."""
+                  fused_adamw: bool = False, fused_qkv: bool = False) -> Trainer:
+    """The step of our DiT ("ours") or of diffusers' Wan equivalent ("diffusers") at the same config;
+    ``fused_qkv``: our DiT's self-attention q and kv as one layer (model.fused_qkv)."""
     if name == "ours":
         model = DiT(**cfg).to(device)
+        if fused_qkv:
+            model.fuse_qkv()
         return Trainer("ours", model, dit_forward(model), device, bf16, fused_adamw)
     model = wan_equivalent(cfg).to(device)
     return Trainer("diffusers", model, wan_forward(model), device, bf16, fused_adamw)
@@ -319,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile each transformer block (as model.compile=true) of our DiT, or of both models")
     p.add_argument("--fused-adamw", action="store_true",
                    help="AdamW(fused=True) for both models (default: torch's default, as dit/training/optim.py)")
+    p.add_argument("--fused-qkv", action="store_true",
+                   help="our DiT's self-attention q and kv projections as one layer (model.fused_qkv=true)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="activation checkpointing of every K-th block of our DiT (0: none)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         reset = reset_peak_memory(device)
         memory_before = current_memory(device)
-        tr = build_trainer(name, cfg, device, bf16, args.fused_adamw)
+        tr = build_trainer(name, cfg, device, bf16, args.fused_adamw, args.fused_qkv)
         model = tr.model
         tr.memory_before = memory_before
         if args.checkpoint_every and name == "ours":  # before compile, as in training
@@ -391,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cpu_bf16=cpu_has("avx512_bf16") or cpu_has("amx_bf16"),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=args.batch,
         tokens_per_sample=tokens, text_len=args.text_len, text_dim=args.text_dim, dtype=args.dtype,
-        autocast=bf16, fused_adamw=args.fused_adamw, compile=args.compile, steps=args.steps,
+        autocast=bf16, fused_adamw=args.fused_adamw, fused_qkv=args.fused_qkv, compile=args.compile, steps=args.steps,
         checkpoint_every=args.checkpoint_every, attention=args.attention,
         warmup=args.warmup, params=ours.params,
         flops_per_step=flops, flops_per_step_counted=ours.flops_counted,

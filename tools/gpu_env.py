@@ -308,7 +308,7 @@ def headline(r: dict[str, Any]) -> str:
     shape = "x".join(map(str, r.get("shape", [])))
     what = f"{r.get('preset')} {shape} {r.get('dtype')} batch {r.get('batch')}"
     options = [f"{k} {r[k]}" for k, off in (("attention", "auto"), ("compile", "none"), ("checkpoint_every", 0))
-               if r.get(k, off) != off] + [k for k in ("fused_adamw", "cuda_graphs") if r.get(k)]
+               if r.get(k, off) != off] + [k for k in ("fused_adamw", "fused_qkv", "cuda_graphs") if r.get(k)]
     if options:
         what += f" [{', '.join(options)}]"
     if r.get("tool") == "bench_train":

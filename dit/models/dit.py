@@ -34,6 +34,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def _either_qkv_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook of Attention: state in the other layout (plain ``q`` + ``kv``, or fused ``qkv``) is converted
+    to the module's own, so an export loads into a fused model and a fused model's state into a plain one."""
+    for name in ("weight", "bias"):
+        plain, fused = (f"{prefix}q.{name}", f"{prefix}kv.{name}"), f"{prefix}qkv.{name}"
+        if module.fused and plain[0] in state_dict and plain[1] in state_dict:
+            state_dict[fused] = torch.cat([state_dict.pop(plain[0]), state_dict.pop(plain[1])])
+        elif not module.fused and fused in state_dict:
+            both = state_dict.pop(fused)
+            state_dict[plain[0]], state_dict[plain[1]] = both[: both.shape[0] // 3], both[both.shape[0] // 3:]
+
+
+def unfused_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every fused ``qkv`` projection (Attention.fuse_qkv) split back into ``q`` and ``kv``: the
+    layout of exports, which a plain DiT (and `dit sample`) loads."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, _, name = key.rpartition(".")
+        if head.endswith(".qkv") or head == "qkv":
+            base = head[: -len("qkv")]
+            third = value.shape[0] // 3  # own storage each: safetensors refuses tensors that share one
+            out[f"{base}q.{name}"], out[f"{base}kv.{name}"] = value[:third].clone(), value[third:].clone()
+        else:
+            out[key] = value
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm; self-attention (with RoPE) or cross-attention (with a key mask)."""
 
@@ -49,12 +76,34 @@ class Attention(nn.Module):
         # The attention kernel, q, k, v [B, H, N, d] -> [B, H, N, d]: an attribute, so that it can be wrapped from
         # outside without touching the projections, norms and RoPE around it.
         self.kernel: Callable[..., torch.Tensor] = attention
+        self.fused = False
+        self.register_load_state_dict_pre_hook(_either_qkv_layout)
+
+    def fuse_qkv(self) -> None:
+        """Self-attention only: q and kv as one linear layer ``qkv`` (one GEMM of width 3D instead of two), its
+        weight the two stacked ([q; kv]), so the output is the same. Exports keep the plain layout
+        (``unfused_state_dict``); this module loads either."""
+        if self.fused:
+            return
+        q, kv = self.q, self.kv
+        if q.in_features != kv.in_features:
+            raise ValueError("fuse_qkv: only a self-attention's projections share an input")
+        qkv = nn.Linear(q.in_features, q.out_features + kv.out_features, device=q.weight.device,
+                        dtype=q.weight.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.cat([q.weight, kv.weight]))
+            qkv.bias.copy_(torch.cat([q.bias, kv.bias]))
+        del self.q, self.kv
+        self.qkv, self.fused = qkv, True
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        ctx = x if context is None else context
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, H, N, d]
-        k, v = rearrange(self.kv(ctx), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)  # [B, H, M, d]
+        if self.fused:  # [B, H, N, d] each
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        else:
+            ctx = x if context is None else context
+            q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)  # [B, H, N, d]
+            k, v = rearrange(self.kv(ctx), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)  # [B, H, M, d]
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -153,6 +202,12 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final.adaLN[-1].bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
+
+    def fuse_qkv(self) -> DiT:
+        """Every block's self-attention q and kv projections as one linear layer (Attention.fuse_qkv), in place."""
+        for block in self.blocks:
+            block.attn.fuse_qkv()
+        return self
 
     def grid(self, x: torch.Tensor) -> tuple[int, int, int]:
         _, _, t, h, w = x.shape

@@ -60,6 +60,9 @@ RESUME_FILES = (*EXPORT_FILES, "training_state.pt")  # what a resumable checkpoi
 # The keys of the model config that shape its weights: a run resumed with another value of one cannot load them.
 ARCHITECTURE = ("family", "preset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "qk_norm",
                 "abs_pos", "family_config", "condition")
+# Model settings that change the training state's parameter layout (the optimizer's state follows it), with the value
+# runs recorded before the key existed had.
+STATE_LAYOUT = {"fused_qkv": False}
 # What `dit train` writes into a run folder (what --overwrite deletes; nothing else there is touched).
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "config.yaml", PREEMPTED_MARKER)
 
@@ -282,6 +285,8 @@ def refuse_mixed_runs(out: str | Path, resume_from: Path | None, model: dict[str
     recorded = json.loads((resume_from / "config.json").read_text()).get("experiment", {}).get("model", {})
     changed = [f"model.{k}={recorded[k]!r} there, {model.get(k)!r} here" for k in ARCHITECTURE
                if k in recorded and recorded[k] != model.get(k)]
+    changed += [f"model.{k}={recorded.get(k, old)!r} there, {model.get(k, old)!r} here"
+                for k, old in STATE_LAYOUT.items() if recorded.get(k, old) != model.get(k, old)]
     if changed:
         name = recorded.get("preset") if recorded.get("family", "dit") == "dit" else recorded["family"]
         where, fix = ("this run folder", "pick a new train.output_dir, or pass --overwrite to delete it and start "

@@ -42,7 +42,7 @@ from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
 from dit.models.condition import draw_first_frame_condition
-from dit.models.dit import flops_per_token
+from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import build_denoiser, check_fit
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_width
@@ -257,6 +257,8 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
     """Checkpoint ``step`` atomically: the EMA export (what `dit sample` loads), the training state and each rank's
     RNG and data position. Every rank calls it (the gathers and the sharded state are collectives)."""
     ema_weights = strategy.ema_state_dict()  # gathered (a collective under sharding)
+    if cfg.model.fused_qkv:  # exports in the plain layout, which any DiT loads (the fused model loads it too)
+        ema_weights = unfused_state_dict(ema_weights)
     finite = all(torch.isfinite(v).all() for v in ema_weights.values() if v.is_floating_point())
     if any_rank(env.is_main and not finite, env.device):
         raise RuntimeError(f"step {step}: the EMA weights are not finite; not writing a checkpoint")
@@ -400,6 +402,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                            compression=(vae.temporal_compression, vae.spatial_compression))
     if t.init_from and (resume_from is None or t.lora.rank):  # a LoRA run's base, also under its resumed adapter
         load_init_from(model, t.init_from)
+    if cfg.model.fused_qkv:  # after any init_from: the weights are stacked from the plain layout
+        model.fuse_qkv()
     lora = t.lora
     if lora.rank:
         modules = inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)

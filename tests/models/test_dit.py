@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 from einops import rearrange
 
 from dit.config import ModelConfig
 from dit.distributed.parallelize import apply_activation_checkpointing
-from dit.models.dit import DiT, build_dit, patchify, unpatchify
+from dit.models.dit import DiT, build_dit, patchify, unfused_state_dict, unpatchify
 from dit.models.embeddings import apply_rope, rope_3d, rope_axis_dims, sincos_3d
 from dit.training.metrics import saved_tensor_bytes
 
@@ -148,3 +150,48 @@ def test_sincos_positions_are_unique_and_per_axis() -> None:
     corner = cells[:2, :2, :2].reshape(8, 48)  # a smaller grid's positions are the larger grid's corner
     assert torch.equal(sincos_3d((2, 2, 2), 48), corner)
 
+
+
+def test_fused_qkv_computes_the_plain_outputs_and_gradients():
+    """model.fused_qkv: self-attention's q and kv as one layer whose weight is the two stacked; the same output, and
+    its gradient is the two gradients stacked."""
+    plain = DiT(text_dim=16)
+    _randomize(plain)
+    fused = copy.deepcopy(plain).fuse_qkv()
+    attn = fused.blocks[0].attn
+    assert attn.fused and not hasattr(attn, "q") and attn.qkv.weight.shape == (3 * 128, 128)
+    assert not fused.blocks[0].cross.fused  # cross-attention's q and kv read different inputs
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    x, t, text, mask = _inputs()
+    out_p, out_f = plain(x, t, text, mask), fused(x, t, text, mask)
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    out_p.square().mean().backward()
+    out_f.square().mean().backward()
+    for i, block in enumerate(plain.blocks):
+        stacked = torch.cat([block.attn.q.weight.grad, block.attn.kv.weight.grad])
+        torch.testing.assert_close(fused.blocks[i].attn.qkv.weight.grad, stacked, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(fused.blocks[i].attn.qkv.bias.grad,
+                                   torch.cat([block.attn.q.bias.grad, block.attn.kv.bias.grad]), atol=1e-6, rtol=1e-4)
+
+
+def test_fused_qkv_state_loads_either_layout_and_exports_the_plain_one():
+    plain = DiT(text_dim=16)
+    _randomize(plain, seed=1)
+    fused = DiT(text_dim=16).fuse_qkv()
+    fused.load_state_dict(plain.state_dict())  # an export (plain layout) into a fused model
+    x, t, text, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, text, mask), plain(x, t, text, mask), atol=1e-5, rtol=1e-5)
+    exported = unfused_state_dict(fused.state_dict())
+    assert sorted(exported) == sorted(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(exported[key], value), key
+    assert exported["blocks.0.attn.q.weight"].untyped_storage().data_ptr() != \
+        exported["blocks.0.attn.kv.weight"].untyped_storage().data_ptr()  # safetensors refuses shared storage
+    again = DiT(text_dim=16)
+    again.load_state_dict(fused.state_dict())  # a fused model's state into a plain one
+    for key, value in plain.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    twin = copy.deepcopy(fused)  # as the EMA is made: its loads convert too
+    twin.load_state_dict(plain.state_dict())
+    assert torch.equal(twin.blocks[1].attn.qkv.weight, fused.blocks[1].attn.qkv.weight)

@@ -103,3 +103,31 @@ def test_fused_adamw_trains_as_the_plain_one(tmp_path: Path, small_shards: str, 
     assert build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg.train).defaults["fused"] is True
     with pytest.raises(ConfigError, match="train.fused_adamw"):
         small_config(tmp_path / "y", small_shards, small_vae, **{"train.fused_adamw": "true", "train.strategy": "fsdp"})
+
+
+def test_fused_qkv_trains_as_the_plain_model_and_exports_its_layout(tmp_path: Path, small_shards: str,
+                                                                    small_vae: Path) -> None:
+    """model.fused_qkv: the same losses and weights up to float rounding; the export has the plain q / kv keys (what
+    `dit sample` and train.init_from load); a resume that would switch the layout is refused before any work."""
+    from dit.config import ConfigError
+    from dit.training.checkpoint import CheckpointError
+
+    runs = {}
+    for fused in ("false", "true"):
+        runs[fused] = tmp_path / fused
+        train.main(small_config(runs[fused], small_shards, small_vae, **{
+            "train.steps": 4, "train.checkpoint_every": 4, "train.lr": 1e-3, "model.fused_qkv": fused}))
+    plain, fused_losses = ([r["loss"] for r in records(runs[k])] for k in ("false", "true"))
+    assert fused_losses == pytest.approx(plain, rel=1e-5)
+    exports = {k: load_weights(list_checkpoints(runs[k])[-1])[0] for k in runs}
+    assert sorted(exports["true"]) == sorted(exports["false"])
+    assert not any(".qkv." in k for k in exports["true"])
+    for k, v in exports["false"].items():
+        torch.testing.assert_close(exports["true"][k], v, rtol=1e-4, atol=1e-6)
+    state = load_training_state(list_checkpoints(runs["true"])[-1])["model"]
+    assert "blocks.0.attn.qkv.weight" in state  # the training state keeps the fused layout, as the optimizer's
+    with pytest.raises(CheckpointError, match=r"model.fused_qkv=True there, False here"):
+        train.main(small_config(runs["true"], small_shards, small_vae,
+                                **{"train.steps": 6, "model.fused_qkv": "false"}))
+    with pytest.raises(ConfigError, match="model.fused_qkv"):
+        small_config(tmp_path / "y", small_shards, small_vae, **{"model.fused_qkv": "true", "train.lora.rank": 4})

@@ -86,6 +86,7 @@ def test_explicit_family_config_channels_must_match_the_vae():
     (["model.family=wan", "model.family_config.num_layerz=2"], r"\['num_layerz'\] are not WanTransformer3DModel "
                                                                 r"arguments; valid: .*num_layers"),
     (["model.family=wan", "model.hidden_size=64"], r"model.hidden_size: sizes our DiT only"),
+    (["model.family=wan", "model.fused_qkv=true"], r"model.fused_qkv: is implemented for our DiT"),
     (["model.family=ltx", "model.patch_size=[1,2,2]"], r"model.patch_size: \[1, 2, 2\] differs from the ltx "
                                                         r"transformer's patch \[1, 1, 1\]"),
 ])
