@@ -82,17 +82,23 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path, small_shard
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
 
 
+def plain_and_switched(tmp_path: Path, shards: str, vae: Path, switch: str, steps: int) -> dict[str, Path]:
+    """Two short runs, ``switch`` false then true, otherwise alike: their run folders by the switch's value."""
+    runs = {}
+    for value in ("false", "true"):
+        runs[value] = tmp_path / value
+        train.main(small_config(runs[value], shards, vae, **{
+            "train.steps": steps, "train.checkpoint_every": steps, "train.lr": 1e-3, switch: value}))
+    return runs
+
+
 def test_fused_adamw_trains_as_the_plain_one(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
     """train.fused_adamw: one fused kernel, the same update up to float rounding (losses, weights, and the
     optimizer state a resume reads); refused where it is untried."""
     from dit.config import ConfigError
     from dit.training.optim import build_optimizer
 
-    runs = {}
-    for fused in ("false", "true"):
-        runs[fused] = tmp_path / fused
-        train.main(small_config(runs[fused], small_shards, small_vae, **{
-            "train.steps": 5, "train.checkpoint_every": 5, "train.lr": 1e-3, "train.fused_adamw": fused}))
+    runs = plain_and_switched(tmp_path, small_shards, small_vae, "train.fused_adamw", steps=5)
     plain, fused_losses = ([r["loss"] for r in records(runs[k])] for k in ("false", "true"))
     assert fused_losses == pytest.approx(plain, rel=1e-5)
     a, b = (load_training_state(list_checkpoints(runs[k])[-1]) for k in ("false", "true"))
@@ -112,11 +118,7 @@ def test_fused_qkv_trains_as_the_plain_model_and_exports_its_layout(tmp_path: Pa
     from dit.config import ConfigError
     from dit.training.checkpoint import CheckpointError
 
-    runs = {}
-    for fused in ("false", "true"):
-        runs[fused] = tmp_path / fused
-        train.main(small_config(runs[fused], small_shards, small_vae, **{
-            "train.steps": 4, "train.checkpoint_every": 4, "train.lr": 1e-3, "model.fused_qkv": fused}))
+    runs = plain_and_switched(tmp_path, small_shards, small_vae, "model.fused_qkv", steps=4)
     plain, fused_losses = ([r["loss"] for r in records(runs[k])] for k in ("false", "true"))
     assert fused_losses == pytest.approx(plain, rel=1e-5)
     exports = {k: load_weights(list_checkpoints(runs[k])[-1])[0] for k in runs}
