@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sample.fps)")
     p.add_argument("--batch-size", type=int, default=8, help="clips sampled together")
     p.add_argument("--decode-chunk", type=int, default=0, help="latent frames per VAE decode chunk (0: all)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: the denoiser under bf16 autocast (faster on GPUs and on CPUs with bf16 instructions)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16: the denoiser under bf16 autocast (faster on GPUs and on CPUs with bf16 instructions); "
+                   "auto (default): bf16 on a CUDA GPU that has it, else fp32")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the denoiser from a CUDA graph at every step (CUDA only): fewer kernel launches")
     p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")

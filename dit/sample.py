@@ -78,6 +78,14 @@ def trained_size(config: dict, frames: int | None, height: int | None, width: in
             data["width"] if width is None else width)
 
 
+def sample_dtype(name: str, device: torch.device) -> str:
+    """``--dtype``: auto is bf16 on a CUDA GPU that computes in it (as diffusers' pipelines are run there), fp32
+    elsewhere: on CPU bf16 pays only with bf16 instructions (BENCHMARKS.md)."""
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """The checks that need no checkpoint: numbers in range and an output format (ConfigError naming the fix)."""
     positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--fps": args.fps, "--frames": args.frames,
@@ -241,8 +249,10 @@ def run_sample(args: argparse.Namespace) -> None:
         from dit.distributed.sequence import apply_sequence_parallel
 
         apply_sequence_parallel(pipe.model, env.sp_group)  # every rank returns the whole prediction
+    dtype = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device))
     if main:
-        print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}", file=sys.stderr, flush=True)
+        print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}, denoiser in {dtype}", file=sys.stderr,
+              flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)
     bar = None
     if sys.stderr.isatty() and main:
@@ -255,7 +265,7 @@ def run_sample(args: argparse.Namespace) -> None:
         video = generate(pipe, chunk, frames=frames, height=height, width=width, steps=opts["steps"],
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
-                         dtype=getattr(args, "dtype", "fp32"), cuda_graphs=getattr(args, "cuda_graphs", False),
+                         dtype=dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
             continue

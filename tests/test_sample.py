@@ -97,12 +97,22 @@ def test_sample_flags_for_the_gpu(checkpoint: Path, tmp_path: Path) -> None:
     proc = subprocess.run([DIT, "sample", "--checkpoint", str(checkpoint), "--prompt", "x", "--steps", "2",
                            "--dtype", "bf16", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert out.is_file()
+    assert out.is_file() and "denoiser in bf16" in proc.stderr
     if not torch.cuda.is_available():
         proc = subprocess.run([DIT, "sample", "--checkpoint", str(checkpoint), "--prompt", "x", "--cuda-graphs",
                                "--out", str(tmp_path / "g.gif")], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "--cuda-graphs needs a CUDA device" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "g.gif").exists()
+
+
+def test_dtype_auto_is_bf16_on_a_gpu_only() -> None:
+    from dit.sample import sample_dtype
+
+    assert sample_dtype("auto", torch.device("cpu")) == "fp32"  # bf16 pays on CPU only with bf16 instructions
+    assert sample_dtype("bf16", torch.device("cpu")) == "bf16" and sample_dtype("fp32", torch.device("cpu")) == "fp32"
+    if torch.cuda.is_available():
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        assert sample_dtype("auto", torch.device("cuda")) == expected
 
 
 def test_a_checkpoint_trained_with_a_cuda_only_kernel_samples_on_cpu(tmp_path: Path) -> None:
