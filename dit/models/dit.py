@@ -80,14 +80,12 @@ class Attention(nn.Module):
         self.register_load_state_dict_pre_hook(_either_qkv_layout)
 
     def fuse_qkv(self) -> None:
-        """Self-attention only: q and kv as one linear layer ``qkv`` (one GEMM of width 3D instead of two), its
+        """For self-attention: q and kv as one linear layer ``qkv`` (one GEMM of width 3D instead of two), its
         weight the two stacked ([q; kv]), so the output is the same. Exports keep the plain layout
         (``unfused_state_dict``); this module loads either."""
         if self.fused:
             return
         q, kv = self.q, self.kv
-        if q.in_features != kv.in_features:
-            raise ValueError("fuse_qkv: only a self-attention's projections share an input")
         qkv = nn.Linear(q.in_features, q.out_features + kv.out_features, device=q.weight.device,
                         dtype=q.weight.dtype)
         with torch.no_grad():
@@ -99,6 +97,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.fused:  # [B, H, N, d] each
+            if context is not None:
+                raise ValueError("this attention's q, k and v are fused (fuse_qkv): it is self-attention, no context")
             q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         else:
             ctx = x if context is None else context

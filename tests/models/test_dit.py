@@ -161,6 +161,8 @@ def test_fused_qkv_computes_the_plain_outputs_and_gradients():
     attn = fused.blocks[0].attn
     assert attn.fused and not hasattr(attn, "q") and attn.qkv.weight.shape == (3 * 128, 128)
     assert not fused.blocks[0].cross.fused  # cross-attention's q and kv read different inputs
+    with pytest.raises(ValueError, match="fused"):
+        attn(torch.randn(1, 4, 128), context=torch.randn(1, 3, 128))
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
     x, t, text, mask = _inputs()
     out_p, out_f = plain(x, t, text, mask), fused(x, t, text, mask)
