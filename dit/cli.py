@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto (default): bf16 on a CUDA GPU that has it, else fp32")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the denoiser from a CUDA graph at every step (CUDA only): fewer kernel launches")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each denoiser block in place (as model.compile=true in training): the first "
+                   "step compiles, the later ones run fused kernels; needs a C++ compiler (and triton on a GPU)")
     p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")
     p.add_argument("--image", default=None, help="image-to-video: the first frame to continue (png/jpg/webp, "
                    "resized and center-cropped to the sampling size); needs a model.condition=first_frame checkpoint")

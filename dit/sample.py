@@ -99,6 +99,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                                                                      "follow it more closely)" if flag == "--cfg"
                                                                      else ""))
     if getattr(args, "cuda_graphs", False):
+        if getattr(args, "compile", False):
+            raise ConfigError("--cuda-graphs and --compile: a graph captured while blocks still compile is not "
+                              "replayable; use one of them")
         if not torch.cuda.is_available():
             raise ConfigError("--cuda-graphs needs a CUDA device, and torch sees none: sample without it")
         if getattr(args, "sequence_parallel", 1) > 1:
@@ -245,14 +248,19 @@ def run_sample(args: argparse.Namespace) -> None:
 
     device = env.device if env else "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale)
+    if getattr(args, "compile", False):  # before sequence parallelism, as in training (parallelize.py)
+        from dit.distributed.parallelize import apply_compile
+
+        apply_compile(pipe.model)
     if env:
         from dit.distributed.sequence import apply_sequence_parallel
 
         apply_sequence_parallel(pipe.model, env.sp_group)  # every rank returns the whole prediction
     dtype = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device))
     if main:
-        print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}, denoiser in {dtype}", file=sys.stderr,
-              flush=True)
+        compiled = ", its blocks compiled (the first step compiles them)" if getattr(args, "compile", False) else ""
+        print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}, denoiser in {dtype}{compiled}",
+              file=sys.stderr, flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)
     bar = None
     if sys.stderr.isatty() and main:

@@ -130,6 +130,15 @@ def test_bench_sample_runs(tmp_path: Path) -> None:
     for key in ("decode_full", "decode_chunked"):
         _positive(r[key], "time_s", "peak_memory_added_bytes")
     assert r["decode_full"]["chunk_size"] == 0 and r["decode_chunked"]["chunk_size"] == 1
+    assert r["compile"] == "none"
+
+
+def test_bench_sample_compile(tmp_path: Path) -> None:
+    """--compile: the blocks compile in the warm-up; the run's figures as without it (a sample is drawn, finite)."""
+    r = _run_tool("bench_sample", tmp_path, "--preset", "dit-tiny", "--shape", "1x16x16", "--steps", "2",
+                  "--repeats", "1", "--warmup", "1", "--decode-repeats", "1", "--compile")
+    assert r["compile"] == "ours" and len(r["step_times_s"]) == 2
+    _positive(r, "clips_per_s", "sample_time_s", "model_time_s")
 
 
 def test_tools_import_without_media_libraries() -> None:

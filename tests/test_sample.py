@@ -105,6 +105,28 @@ def test_sample_flags_for_the_gpu(checkpoint: Path, tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr and not (tmp_path / "g.gif").exists()
 
 
+def test_sample_compile_draws_the_eager_image(tmp_path: Path) -> None:
+    """--compile: each block through torch.compile, the same image (to a uint8 step); refused with --cuda-graphs."""
+    import numpy as np
+    from PIL import Image
+
+    run = write_checkpoint(tmp_path / "ckpt", randomize=True)
+    images = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / f"{name}.png"
+        proc = subprocess.run([DIT, "sample", "--checkpoint", str(run), "--prompt", "a red circle", "--frames", "1",
+                               "--steps", "3", "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("its blocks compiled" in proc.stderr) == (name == "compiled")
+        images[name] = np.asarray(Image.open(out), dtype=np.int16)
+    assert images["eager"].std() > 0
+    assert np.abs(images["compiled"] - images["eager"]).max() <= 1
+    proc = subprocess.run([DIT, "sample", "--checkpoint", str(run), "--prompt", "x", "--compile", "--cuda-graphs",
+                           "--out", str(tmp_path / "g.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--cuda-graphs and --compile" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_dtype_auto_is_bf16_on_a_gpu_only() -> None:
     from dit.sample import sample_dtype
 

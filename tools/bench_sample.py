@@ -19,6 +19,9 @@ Reported:
   time, ``CausalVAE.decode(z, chunk_size=)`` as ``dit sample --decode-chunk``). On CUDA the peak is
   torch.cuda.max_memory_allocated above what was allocated before; on CPU each decode runs in a fresh process and
   the peak is its RSS high-water (VmHWM) above its resident set before the decode.
+
+``--compile`` runs each DiT block through torch.compile (as ``dit sample --compile``), compiled in the warm-up; the
+bare forwards use the compiled blocks too, so its gain is ``sample_time_s`` against a run without it.
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=ATTENTION_BACKENDS,
                    help="the DiT's attention kernel, as model.attention")
     p.add_argument("--cuda-graphs", action="store_true", help="the sampler's model calls from a CUDA graph")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each DiT block in place (as `dit sample --compile`); the warm-up compiles")
     p.add_argument("--text-len", type=int, default=32)
     p.add_argument("--text-dim", type=int, default=384)
     p.add_argument("--latent-channels", type=int, default=4)
@@ -145,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit(f"bench_sample: {e}") from None
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit(f"bench_sample: --cuda-graphs needs a CUDA device, not {device}")
+    if args.cuda_graphs and args.compile:
+        raise SystemExit("bench_sample: --cuda-graphs and --compile: use one of them (as `dit sample`)")
+    if args.compile and args.warmup < 1:
+        raise SystemExit("bench_sample: --compile needs --warmup >= 1 (the warm-up compiles, untimed)")
     bf16 = args.dtype == "bf16"
     load_start = load_average()
     grid = clip_latent_shape(*args.shape)
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     model = DiT(**cfg).to(device).eval()
     with torch.no_grad():  # adaLN-Zero starts at zero output: give the final layer weights (speed is the same)
         torch.nn.init.normal_(model.final.linear.weight, std=0.02)
+    if args.compile:  # as dit/distributed/parallelize.py's apply_compile: each block in place
+        for block in model.blocks:
+            block.compile()
     schedule = make_schedule("linear", 1000)
     B, L = args.batch, args.text_len
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         load_average_start=load_start, load_average_end=load_average(),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=B,
         sampler="ddim", steps=args.steps, cfg=args.cfg, forward_batch=forward_batch, dtype=args.dtype,
-        attention=args.attention, cuda_graphs=args.cuda_graphs,
+        attention=args.attention, cuda_graphs=args.cuda_graphs, compile="ours" if args.compile else "none",
         repeats=args.repeats, sample_time_s=sample_s, model_time_s=model_s, step_times_s=step_times,
         model_times_s=model_times, overhead=(sample_s - model_s) / model_s, overheads=overheads,
         overhead_median_step=statistics.median(pairs) - 1,

@@ -80,7 +80,8 @@ if [[ $MODE == gpu ]]; then
     # limit. NAME|TOOL|SLOT|LIMIT|OPTIONS (bench_train with 3 timed steps, no --compare)
     VARIANTS=("B2_cuda_graphs|bench_sample|B2|60|--cuda-graphs" "XL2_flash|bench_train|XL2|60|--attention flash"
               "XL2_cudnn|bench_train|XL2|60|--attention cudnn" "XL2_fused_adamw|bench_train|XL2|60|--fused-adamw"
-              "XL2_fused_qkv|bench_train|XL2|60|--fused-qkv" "XL2_compile|bench_train|XL2|150|--compile ours")
+              "XL2_fused_qkv|bench_train|XL2|60|--fused-qkv" "XL2_compile|bench_train|XL2|150|--compile ours"
+              "XL2_sample_compile|bench_sample|XL2|150|--compile")
 else
     DEVICE=cpu
     B2="dit-tiny 5x32x32 2"
