@@ -315,9 +315,11 @@ class RunLog:
             self.writer.close()
 
 
-def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step: int, env: DistEnv) -> None:
+def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step: int, env: DistEnv,
+                dtype: str = "fp32") -> None:
     """Sample the configured prompts with the EMA model, each rank its share, and log each clip (on rank 0) as a
-    strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather."""
+    strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
+    ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step)."""
     prompts = cfg.train.sample_prompts[:4]
     if not prompts:
         return
@@ -325,7 +327,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
     video = generate(pipe, [prompts[i] for i in mine or [0]], frames=cfg.data.frames, height=cfg.data.height,
                      width=cfg.data.width, steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler,
-                     cfg=cfg.sample.cfg, shift=cfg.sample.shift, seed=0)
+                     cfg=cfg.sample.cfg, shift=cfg.sample.shift, seed=0, dtype=dtype)
     clips = list(zip(mine, to_uint8(video)[:len(mine)]))
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size
@@ -410,11 +412,13 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
+    precision = mixed_precision(t.mixed_precision)  # auto resolved: bf16 on a GPU that has it
+    sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
     shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")  # ZeRO-3 / FSDP shard the EMA instead
     strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay, share_frozen=shared),
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
-                           mixed_precision=mixed_precision(t.mixed_precision),
+                           mixed_precision=precision,
                            checkpoint_every=cfg.model.gradient_checkpointing_every)
     if lora.rank:
         strategy.keep = is_lora_key  # checkpoints hold the adapter only; the base comes from train.init_from
@@ -480,7 +484,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 log.info("checkpoint %s", save(step, out, cfg, strategy, lr_schedule, rng, loader, env))
             if t.sample_every and step % t.sample_every == 0:
                 watchdog.mark("sampling")
-                log_samples(run_log.writer, pipe, cfg, step, env)
+                log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype)
             watchdog.mark("preemption check (all-reduce)")
             if step < t.steps and preempt.requested():  # every rank stops after this same step
                 if step % t.checkpoint_every != 0:
@@ -493,7 +497,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                             REQUEUE_EXIT_CODE)
                 raise Preempted(step)
     progress.close()
-    log_samples(run_log.writer, pipe, cfg, step, env)
+    log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype)
     run_log.close()
     if bad:
         log.warning("skipped bad samples by reason: %s", bad)

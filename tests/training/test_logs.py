@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from runs import DEMO, ROOT, small_overrides
+from runs import DEMO, ROOT, small_config, small_overrides
 
 
 def test_a_100_step_run_logged_to_a_file_writes_a_few_kb(tmp_path: Path, small_shards: str, small_vae: Path) -> None:
@@ -26,3 +26,29 @@ def test_a_100_step_run_logged_to_a_file_writes_a_few_kb(tmp_path: Path, small_s
     progress = re.findall(r"train step (\d+)/100 loss [\d.]+ \| [\d.]+ steps/s \| ETA \S+", text)
     assert [int(s) for s in progress] == list(range(10, 101, 10))
     assert log.stat().st_size < 6 * 1024, text
+
+
+def test_a_bf16_run_logs_its_samples_sampled_under_bf16(tmp_path: Path, small_shards: str, small_vae: Path,
+                                                        monkeypatch) -> None:
+    """The clips logged during training: drawn with the EMA model in the run's precision (bf16 autocast in a bf16
+    run: less activation memory at the sampling step), written to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dit.training import train
+
+    dtypes, real = [], train.generate
+
+    def generate(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype", "fp32"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "generate", generate)
+    for precision, expected in (("bf16", "bf16"), ("no", "fp32")):
+        run = tmp_path / precision
+        dtypes.clear()
+        train.main(small_config(run, small_shards, small_vae, **{
+            "train.steps": 2, "train.checkpoint_every": 2, "train.mixed_precision": precision,
+            "train.sample_prompts": '["a red circle moving left"]', "sample.steps": 2}))
+        assert dtypes == [expected]  # once, at the end of the run
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+        assert events.Tags()["images"] == ["samples/0"]
