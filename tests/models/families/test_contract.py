@@ -123,6 +123,29 @@ def test_activation_checkpointing_on_blocks_keeps_gradients(family, tiny_folder)
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_blocks_keep_outputs_and_gradients(family, tiny_folder):
+    """model.compile=true on a family: each diffusers block through torch.compile in place, after checkpointing (as
+    parallelize applies them): the eager output and gradients, and the same parameter names."""
+    from dit.distributed.parallelize import apply_compile
+
+    x, t, text, mask = inputs(grid=GRID[family])
+
+    def run(compiled: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = apply_activation_checkpointing(load(family, tiny_folder(family)).train())
+        if compiled:
+            apply_compile(model)
+        out = model(x, t, text, mask)
+        out.square().mean().backward()
+        return out.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+    (out_e, eager), (out_c, compiled) = run(False), run(True)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-4)
+    assert compiled.keys() == eager.keys() and any(k.startswith("transformer.") for k in eager)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_random_family_takes_the_vae_and_text_widths():
     """Without model.pretrained a family is built at family_config's sizes with the VAE's channels and text width."""
     model = build_denoiser(ModelConfig(family="wan", family_config=dict(TINY_WAN_SIZES)), in_channels=8, text_dim=24)
