@@ -430,11 +430,16 @@ class Config:
         from dit.models.presets import PRESETS
 
         sp, m = self.train.sequence_parallel, self.model
-        _check(m.family == "dit", "train.sequence_parallel",
-               f"is implemented for our DiT (model.family=dit), not the {m.family} adapter; set it to 1")
+        _check(m.family in ("dit", "wan"), "train.sequence_parallel",
+               f"is implemented for our DiT and Wan (model.family=dit, wan), not the {m.family} adapter; set it to 1")
         # stochastic depth draws its per-sample mask on each rank: the ranks of a group would drop different tokens
         _check(m.drop_path == 0, "model.drop_path", "must be 0 with train.sequence_parallel > 1")
-        heads = m.num_heads or PRESETS[m.preset]["num_heads"]
+        if m.family == "wan":
+            from dit.models.families import FAMILIES, family_config
+
+            heads = FAMILIES["wan"].sizes(family_config("wan", m.pretrained, m.family_config))["num_heads"]
+        else:
+            heads = m.num_heads or PRESETS[m.preset]["num_heads"]
         _check(heads % sp == 0, "train.sequence_parallel",
                f"{sp} does not divide the model's {heads} attention heads (model.num_heads): use one of "
                f"{[n for n in range(1, heads + 1) if heads % n == 0]}, or a model whose heads it divides")

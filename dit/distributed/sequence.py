@@ -128,7 +128,14 @@ def _block_inputs(signature: inspect.Signature, group: dist.ProcessGroup, first:
 def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     """Install sequence parallelism over ``group`` on our DiT in place. Call it after activation checkpointing
     (parallelize.py does): checkpoint's hooks then record the block's own inputs, and its recomputation passes
-    them through these hooks again, which cut them the same way."""
+    them through these hooks again, which cut them the same way. A Wan adapter gets sequence_wan.py's version."""
+    family = getattr(model, "family", "dit")
+    if family == "wan":
+        from dit.distributed.sequence_wan import apply_sequence_parallel_wan
+
+        return apply_sequence_parallel_wan(model, group)
+    if family != "dit":
+        raise ValueError(f"sequence parallelism is implemented for our DiT and Wan, not the {family} adapter")
     size = group.size()
     heads = model.config["num_heads"]
     if heads % size:

@@ -154,3 +154,24 @@ def dit_torchrun(nproc: int, out: Path, shards: str, vae: Path | None, *, hooks:
     if not torch.cuda.is_available():  # DeepSpeed on CPU; on a GPU it finds CUDA itself
         env["DS_ACCELERATOR"] = "cpu"
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def sample_both_ways(run: Path, tmp_path: Path, *size: str) -> None:
+    """`dit sample` of a run's checkpoint (one frame, ``size`` flags such as --height) in this process, then with
+    --sequence-parallel 2 on 2 processes: the same image (to a uint8 step), written by rank 0 alone."""
+    import numpy as np
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    args = ["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--frames", "1", "--steps", "3", *size]
+    dit([*args, "--out", str(tmp_path / "one.png")])  # 1 process, in this one
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dit.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, *args, "--out", str(tmp_path / "two.png"), "--sequence-parallel", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("two.png") == 1  # rank 0 alone writes and reports
+    one, two = (np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16) for name in ("one", "two"))
+    assert one.std() > 0 and one.shape == two.shape
+    assert np.abs(one - two).max() <= 1  # (rounding to uint8 may differ by one)

@@ -1,5 +1,5 @@
 """A pretrained-family model (a tiny diffusers Wan transformer on a tiny Wan VAE folder, rectified flow) under the
-sharded strategies: 2 CPU processes (gloo) with ZeRO-2 (3 steps, then resumed to 6) and FSDP
+sharded strategies: 2 CPU processes (gloo) with ZeRO-2 (3 steps, then resumed to 6), FSDP and sequence parallelism
 train like one process on the same global batch (train.parity_batch), and a 1-process run killed with SIGKILL and
 resumed with train.resume=auto ends bitwise equal to the uninterrupted one."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import DEMO, dit_torchrun, dit_train
+from runs import DEMO, dit_torchrun, dit_train, sample_both_ways
 from test_family_training import WAN
 from test_resume import kill_when, logged, steps_of
 
@@ -71,6 +71,24 @@ def test_a_wan_model_on_two_processes_matches_one(strategy: str, tmp_path: Path,
     assert config["dit"]["family"] == "wan" and a.keys() == b.keys()
     for k in a:  # the gathered EMA export equals the 1-process one (up to reduction order)
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
+def test_a_wan_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, one_process: Path,
+                                                                    small_shards: str, wan_yaml: Path) -> None:
+    """train.sequence_parallel=2 on a Wan model (dit/distributed/sequence_wan.py): 2 processes share each clip's
+    latent tokens (one data-parallel replica, the same batch as the 1-process run) and train as 1 process; its
+    checkpoint samples on 2 processes as on 1."""
+    run = tmp_path / "sp"
+    done = dit_torchrun(2, run, small_shards, None, config=wan_yaml, **{**COMMON, "train.sequence_parallel": 2})
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "sequence parallel: groups of 2 ranks" in done.stderr
+    assert losses(run) == pytest.approx(losses(one_process), rel=1e-4)
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in (one_process, run))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    # and `dit sample --sequence-parallel 2` of it draws the 1-process image (32 x 16 pixels: 2 latent tokens)
+    sample_both_ways(run, tmp_path, "--height", "32")
 
 
 def test_a_wan_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path,
