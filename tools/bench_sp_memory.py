@@ -1,5 +1,6 @@
 """Per-rank activation memory with sequence parallelism (a tool, not a test): one forward + backward of our DiT
-on a long clip, with train.sequence_parallel = 1, 2, ... ranks (real gloo processes on CPU, or NCCL on GPUs).
+(or, ``--family wan``, the Wan adapter) on a long clip, with train.sequence_parallel = 1, 2, ... ranks (real gloo
+processes on CPU, or NCCL on GPUs).
 
     .venv/bin/python tools/bench_sp_memory.py --preset DiT-S/2 --shape 33x256x256 --sp 1 2 --json sp_memory.json
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,12 +37,22 @@ from dit.training.metrics import saved_tensor_bytes  # noqa: E402
 CHANNELS, TEXT_DIM, TEXT_LEN = 16, 384, 32  # Wan-like latents, MiniLM-wide text states
 
 
-def build(args: argparse.Namespace) -> tuple[DiT, dict[str, torch.Tensor]]:
-    """The same model and inputs in every process (seeded)."""
+def build(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The same model and inputs in every process (seeded): our DiT, or (--family wan) the Wan adapter around
+    diffusers' WanTransformer3DModel of the preset's width, depth, heads and patch."""
     p = PRESETS[args.preset]
     torch.manual_seed(0)
-    model = DiT(in_channels=CHANNELS, text_dim=TEXT_DIM, hidden_size=p["hidden_size"], depth=args.depth or p["depth"],
-                num_heads=p["num_heads"], patch_size=tuple(p["patch_size"]))
+    sizes = dict(hidden_size=p["hidden_size"], depth=args.depth or p["depth"], num_heads=p["num_heads"],
+                 patch_size=tuple(p["patch_size"]))
+    if args.family == "wan":
+        from bench_train import wan_equivalent
+
+        from dit.models.families.wan import WanDenoiser
+
+        model: nn.Module = WanDenoiser(wan_equivalent(dict(sizes, in_channels=CHANNELS, text_dim=TEXT_DIM,
+                                                           mlp_ratio=4.0)))
+    else:
+        model = DiT(in_channels=CHANNELS, text_dim=TEXT_DIM, **sizes)
     for param in model.parameters():  # adaLN-Zero starts at zero output: give every path a value to compare
         if not param.any():
             torch.nn.init.normal_(param, std=0.02)
@@ -77,12 +89,14 @@ def plan_bytes(args: argparse.Namespace, sp: int) -> float:
     pt, ph, pw = p["patch_size"]
     size = ModelSize(params=0, frozen=0, hidden=p["hidden_size"], depth=args.depth or p["depth"],
                      heads=p["num_heads"], tokens=(t // pt) * (h // ph) * (w // pw), text_len=TEXT_LEN)
-    return activation_bytes(size, args.batch, sequence_parallel=sp)
+    return activation_bytes(size, args.batch, args.family, sequence_parallel=sp)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="DiT-S/2", choices=sorted(PRESETS))
+    ap.add_argument("--family", default="dit", choices=["dit", "wan"],
+                    help="our DiT, or diffusers' Wan transformer at the preset's sizes (model.family=wan)")
     ap.add_argument("--shape", default="33x256x256", help="FRAMESxHEIGHTxWIDTH of the clip (pixels)")
     ap.add_argument("--depth", type=int, default=None, help="fewer blocks than the preset (activations scale with it)")
     ap.add_argument("--batch", type=int, default=1)
@@ -111,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = rows[0]["saved_gib_max_rank"]
     for row in rows:
         row["ratio_vs_first"] = row["saved_gib_max_rank"] / base
-    result = {"preset": args.preset, "shape": list(args.shape), "depth": args.depth or PRESETS[args.preset]["depth"],
+    result = {"family": args.family, "preset": args.preset, "shape": list(args.shape),
+              "depth": args.depth or PRESETS[args.preset]["depth"],
               "batch": args.batch, "tokens": latent_tokens(args), "device": "cuda" if torch.cuda.is_available()
               else "cpu", "torch": torch.__version__, "rows": rows}
     if args.json:
