@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,20 @@ def test_profile_train_step_splits_the_step(tmp_path: Path, model: str) -> None:
     ops = {row["op"] for row in r["top"]}
     assert ops & {"aten::mm", "aten::addmm"}  # the linears' GEMMs are among the heaviest ops
     assert f"{model}: " in proc.stdout and "gemm" in proc.stdout
+
+
+@pytest.mark.parametrize("family", ["dit", "wan"])
+def test_bench_sp_memory_runs(tmp_path: Path, family: str) -> None:
+    """tools/bench_sp_memory.py on 2 gloo processes: each rank saves about 0.6 of one process at these 32 tokens (0.52
+    at 2,304, BENCHMARKS.md), and its gathered output is the 1-process one."""
+    out = tmp_path / "sp.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_sp_memory.py"), "--family", family, "--preset", "dit-tiny",
+           "--shape", "5x64x64", "--sp", "1", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["family"] == family and r["tokens"] == 32 and [row["sequence_parallel"] for row in r["rows"]] == [1, 2]
+    one, two = r["rows"]
+    assert 0.45 < two["ratio_vs_first"] < 0.7 and two["max_abs_diff_vs_first"] < 1e-4
+    assert len(two["saved_bytes_per_rank"]) == 2 and two["plan_gib_per_rank"] < one["plan_gib_per_rank"]
