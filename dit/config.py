@@ -430,14 +430,15 @@ class Config:
         from dit.models.presets import PRESETS
 
         sp, m = self.train.sequence_parallel, self.model
-        _check(m.family in ("dit", "wan"), "train.sequence_parallel",
-               f"is implemented for our DiT and Wan (model.family=dit, wan), not the {m.family} adapter; set it to 1")
+        _check(m.family in ("dit", "wan", "ltx"), "train.sequence_parallel",
+               f"is implemented for our DiT, Wan and LTX (model.family=dit, wan, ltx), not the {m.family} adapter; set "
+               "it to 1")
         # stochastic depth draws its per-sample mask on each rank: the ranks of a group would drop different tokens
         _check(m.drop_path == 0, "model.drop_path", "must be 0 with train.sequence_parallel > 1")
-        if m.family == "wan":
+        if m.family != "dit":
             from dit.models.families import FAMILIES, family_config
 
-            heads = FAMILIES["wan"].sizes(family_config("wan", m.pretrained, m.family_config))["num_heads"]
+            heads = FAMILIES[m.family].sizes(family_config(m.family, m.pretrained, m.family_config))["num_heads"]
         else:
             heads = m.num_heads or PRESETS[m.preset]["num_heads"]
         _check(heads % sp == 0, "train.sequence_parallel",

@@ -128,14 +128,11 @@ def _block_inputs(signature: inspect.Signature, group: dist.ProcessGroup, first:
 def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     """Install sequence parallelism over ``group`` on our DiT in place. Call it after activation checkpointing
     (parallelize.py does): checkpoint's hooks then record the block's own inputs, and its recomputation passes
-    them through these hooks again, which cut them the same way. A Wan adapter gets sequence_wan.py's version."""
-    family = getattr(model, "family", "dit")
-    if family == "wan":
-        from dit.distributed.sequence_wan import apply_sequence_parallel_wan
+    them through these hooks again, which cut them the same way. A family adapter gets sequence_families.py's."""
+    if getattr(model, "family", "dit") != "dit":
+        from dit.distributed.sequence_families import apply_sequence_parallel_family
 
-        return apply_sequence_parallel_wan(model, group)
-    if family != "dit":
-        raise ValueError(f"sequence parallelism is implemented for our DiT and Wan, not the {family} adapter")
+        return apply_sequence_parallel_family(model, group)
     size = group.size()
     heads = model.config["num_heads"]
     if heads % size:

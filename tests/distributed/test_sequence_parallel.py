@@ -82,30 +82,38 @@ def _dit_matches(group: dist.ProcessGroup, checkpointing: bool) -> None:
         torch.testing.assert_close(p.grad / group.size(), grads[name].grad, rtol=1e-5, atol=1e-9, msg=name)
 
 
-def _wan_matches(group: dist.ProcessGroup, checkpointing: bool) -> None:
-    """The Wan adapter with sequence parallelism (sequence_wan.py): every rank gets the full output, and the ranks'
-    gradients averaged are the 1-process ones; each keeps about half the activations; with checkpointing too."""
+FAMILY_SIZES = {  # tiny diffusers transformers with 4 heads (SP 2 splits them), 4 latent channels, text width 16
+    "wan": dict(num_attention_heads=4, attention_head_dim=12, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                freq_dim=32, patch_size=[1, 2, 2]),
+    "ltx": dict(num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32, num_layers=2,
+                caption_channels=16),
+}
+
+
+def _family_matches(group: dist.ProcessGroup, family: str, checkpointing: bool) -> None:
+    """A Wan or LTX adapter with sequence parallelism (sequence_families.py): every rank gets the full output, and
+    the ranks' gradients averaged are the 1-process ones; each keeps about half the activations; with checkpointing
+    too."""
     from dit.config import ModelConfig
     from dit.models.families import build_denoiser
 
-    sizes = dict(num_attention_heads=4, attention_head_dim=12, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-                 freq_dim=32, patch_size=[1, 2, 2])
-
-    def wan() -> torch.nn.Module:
-        return build_denoiser(ModelConfig(family="wan", family_config=sizes), in_channels=4, text_dim=16)
+    def denoiser() -> torch.nn.Module:
+        return build_denoiser(ModelConfig(family=family, family_config=FAMILY_SIZES[family]), in_channels=4,
+                              text_dim=16)
 
     torch.manual_seed(0)
-    plain = wan()
-    for p in plain.parameters():  # every branch (Wan's zero-free init aside) carries a gradient
+    plain = denoiser()
+    for p in plain.parameters():  # every branch carries a gradient
         torch.nn.init.normal_(p, std=0.1)
-    sp = wan()
+    sp = denoiser()
     sp.load_state_dict(plain.state_dict())
     if checkpointing:
         apply_activation_checkpointing(sp)
     apply_sequence_parallel(sp, group)
     assert sp.state_dict().keys() == plain.state_dict().keys()
     gen = torch.Generator().manual_seed(1)
-    x, target = (torch.randn(2, 4, 3, 4, 6, generator=gen) for _ in range(2))  # 3x2x3 = 18 tokens
+    grid = (3, 4, 6) if family == "wan" else (3, 2, 3)  # 18 tokens either way (patch 1x2x2, 1x1x1)
+    x, target = (torch.randn(2, 4, *grid, generator=gen) for _ in range(2))
     t, text = torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16, generator=gen)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     results, saved = [], []
@@ -116,8 +124,8 @@ def _wan_matches(group: dist.ProcessGroup, checkpointing: bool) -> None:
         saved.append(nbytes)
     assert results[0].std() > 0
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-6)
-    if not checkpointing:  # each rank keeps about half: 0.60 at these 18 tokens (text K/V and output stay whole)
-        assert 0.4 < saved[1] / saved[0] < 0.65, saved
+    if not checkpointing:  # each rank keeps about half (the text's keys and values and the output stay whole)
+        assert 0.4 < saved[1] / saved[0] < 0.65, (family, saved)
     grads = dict(plain.named_parameters())
     for name, p in sp.named_parameters():
         dist.all_reduce(p.grad, group=group)
@@ -132,8 +140,9 @@ def _worker(rank: int, init: str) -> None:
         _attention_matches(group)
         _dit_matches(group, checkpointing=False)
         _dit_matches(group, checkpointing=True)
-        _wan_matches(group, checkpointing=False)
-        _wan_matches(group, checkpointing=True)
+        for family in FAMILY_SIZES:
+            _family_matches(group, family, checkpointing=False)
+            _family_matches(group, family, checkpointing=True)
     finally:
         dist.destroy_process_group()
 
@@ -193,7 +202,7 @@ def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, ex
     (["train.sequence_parallel=3"], "does not divide the model's 4 attention heads"),
     (["train.sequence_parallel=2", "data.frames=9", "data.height=16", "data.width=16"],
      r"does not divide the 3 latent tokens of a clip \(grid 3x1x1 from data.frames=9"),
-    (["train.sequence_parallel=2", "model.family=ltx", "diffusion.objective=flow"], "not the ltx adapter"),
+    (["train.sequence_parallel=2", "model.family=cogvideox", "diffusion.prediction=v"], "not the cogvideox adapter"),
     (["train.sequence_parallel=3", "model.family=wan", "diffusion.objective=flow"],
      "does not divide the model's 40 attention heads"),
     (["train.sequence_parallel=2", "model.drop_path=0.1"], "model.drop_path"),

@@ -75,7 +75,7 @@ def test_a_wan_model_on_two_processes_matches_one(strategy: str, tmp_path: Path,
 
 def test_a_wan_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, one_process: Path,
                                                                     small_shards: str, wan_yaml: Path) -> None:
-    """train.sequence_parallel=2 on a Wan model (dit/distributed/sequence_wan.py): 2 processes share each clip's
+    """train.sequence_parallel=2 on a Wan model (dit/distributed/sequence_families.py): 2 processes share each clip's
     latent tokens (one data-parallel replica, the same batch as the 1-process run) and train as 1 process; its
     checkpoint samples on 2 processes as on 1."""
     run = tmp_path / "sp"
