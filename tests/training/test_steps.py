@@ -113,8 +113,9 @@ def test_fused_adamw_trains_as_the_plain_one(tmp_path: Path, small_shards: str, 
 
 def test_fused_qkv_trains_as_the_plain_model_and_exports_its_layout(tmp_path: Path, small_shards: str,
                                                                     small_vae: Path) -> None:
-    """model.fused_qkv: the same losses and weights up to float rounding; the export has the plain q / kv keys (what
-    `dit sample` and train.init_from load); a resume that would switch the layout is refused before any work."""
+    """model.fused_qkv: the same losses and weights up to float rounding, also after a resume; the export has the
+    plain q / kv keys (what `dit sample` and train.init_from load); a resume that would switch the layout is refused
+    before any work."""
     from dit.config import ConfigError
     from dit.training.checkpoint import CheckpointError
 
@@ -131,5 +132,13 @@ def test_fused_qkv_trains_as_the_plain_model_and_exports_its_layout(tmp_path: Pa
     with pytest.raises(CheckpointError, match=r"model.fused_qkv=True there, False here"):
         train.main(small_config(runs["true"], small_shards, small_vae,
                                 **{"train.steps": 6, "model.fused_qkv": "false"}))
+    for fused in runs:  # both resumed to step 6 (model, optimizer and EMA from their checkpoints): still alike
+        train.main(small_config(runs[fused], small_shards, small_vae, **{
+            "train.steps": 6, "train.checkpoint_every": 6, "train.lr": 1e-3, "model.fused_qkv": fused}))
+    plain, fused_losses = ([r["loss"] for r in records(runs[k])] for k in ("false", "true"))
+    assert len(plain) == 6 and fused_losses == pytest.approx(plain, rel=1e-5)
+    exports = {k: load_weights(list_checkpoints(runs[k])[-1])[0] for k in runs}
+    for k, v in exports["false"].items():
+        torch.testing.assert_close(exports["true"][k], v, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="model.fused_qkv"):
         small_config(tmp_path / "y", small_shards, small_vae, **{"model.fused_qkv": "true", "train.lora.rank": 4})
