@@ -110,9 +110,7 @@ def apply_sequence_parallel_family(model: nn.Module, group: dist.ProcessGroup) -
     if heads % size:
         raise ValueError(f"the {family} model's {heads} attention heads are not divisible by "
                          f"train.sequence_parallel={size}")
-    for i, block in enumerate(model.blocks):
-        if getattr(block.attn1, "add_k_proj", None) is not None:  # Wan I2V: an image context in the self-attention
-            raise ValueError("sequence parallelism does not take Wan image-to-video models (an image context)")
+    for i, block in enumerate(model.blocks):  # (cross-attention, attn2, needs nothing: its queries are the rank's)
         block.attn1.processor = UlyssesSelfAttention(group, family)
         hook = partial(_block_inputs, inspect.signature(block.forward), family, group, i == 0)
         block.register_forward_pre_hook(hook, with_kwargs=True)
