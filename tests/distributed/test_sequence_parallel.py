@@ -42,6 +42,27 @@ def _attention_matches(group: dist.ProcessGroup) -> None:
         torch.testing.assert_close(a.grad, b.grad[:, :, mine], rtol=1e-5, atol=1e-5)
 
 
+def _forward_backward(models: tuple[torch.nn.Module, ...], inputs: tuple, target: torch.Tensor
+                      ) -> tuple[list[torch.Tensor], list[int]]:
+    """Each model's output on ``inputs`` and the bytes it saved for backward; then the backward of an MSE loss."""
+    results, saved = [], []
+    for model in models:
+        out, nbytes = saved_tensor_bytes(partial(model, *inputs), exclude=model.parameters())
+        (out - target).square().mean().backward()
+        results.append(out.detach())
+        saved.append(nbytes)
+    return results, saved
+
+
+def _assert_grads_averaged(plain: torch.nn.Module, sp: torch.nn.Module, group: dist.ProcessGroup, rtol: float,
+                           atol: float) -> None:
+    """The SP model's gradients averaged over the group (as DDP / ZeRO / FSDP do) are the 1-process ones."""
+    grads = dict(plain.named_parameters())
+    for name, p in sp.named_parameters():
+        dist.all_reduce(p.grad, group=group)
+        torch.testing.assert_close(p.grad / group.size(), grads[name].grad, rtol=rtol, atol=atol, msg=name)
+
+
 def _dit(seed: int | None = None) -> DiT:
     if seed is not None:
         torch.manual_seed(seed)
@@ -65,21 +86,13 @@ def _dit_matches(group: dist.ProcessGroup, checkpointing: bool) -> None:
     x, target = (torch.randn(2, 4, 3, 4, 6, generator=gen, dtype=torch.float64) for _ in range(2))  # 3x2x3 = 18
     t, text = torch.tensor([10.0, 500.0], dtype=torch.float64), torch.randn(2, 5, 16, generator=gen).double()
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    results, saved = [], []
-    for model in (plain, sp):
-        out, nbytes = saved_tensor_bytes(partial(model, x, t, text, mask), exclude=model.parameters())
-        (out - target).square().mean().backward()
-        results.append(out.detach())
-        saved.append(nbytes)
+    results, saved = _forward_backward((plain, sp), (x, t, text, mask), target)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
     if not checkpointing:
         # each rank keeps about half: 0.56 at these 18 tokens (the text K/V and the gathered output stay whole),
         # 0.52 at 2,304 (tools/bench_sp_memory.py)
         assert 0.4 < saved[1] / saved[0] < 0.62, saved
-    grads = dict(plain.named_parameters())
-    for name, p in sp.named_parameters():
-        dist.all_reduce(p.grad, group=group)
-        torch.testing.assert_close(p.grad / group.size(), grads[name].grad, rtol=1e-5, atol=1e-9, msg=name)
+    _assert_grads_averaged(plain, sp, group, rtol=1e-5, atol=1e-9)
 
 
 FAMILY_SIZES = {  # tiny diffusers transformers with 4 heads (SP 2 splits them), 4 latent channels, text width 16
@@ -116,20 +129,12 @@ def _family_matches(group: dist.ProcessGroup, family: str, checkpointing: bool) 
     x, target = (torch.randn(2, 4, *grid, generator=gen) for _ in range(2))
     t, text = torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16, generator=gen)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    results, saved = [], []
-    for model in (plain, sp):
-        out, nbytes = saved_tensor_bytes(partial(model, x, t, text, mask), exclude=model.parameters())
-        (out - target).square().mean().backward()
-        results.append(out.detach())
-        saved.append(nbytes)
+    results, saved = _forward_backward((plain, sp), (x, t, text, mask), target)
     assert results[0].std() > 0
     torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-6)
     if not checkpointing:  # each rank keeps about half (the text's keys and values and the output stay whole)
         assert 0.4 < saved[1] / saved[0] < 0.65, (family, saved)
-    grads = dict(plain.named_parameters())
-    for name, p in sp.named_parameters():
-        dist.all_reduce(p.grad, group=group)
-        torch.testing.assert_close(p.grad / group.size(), grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_grads_averaged(plain, sp, group, rtol=1e-4, atol=1e-6)
 
 
 def _worker(rank: int, init: str) -> None:
