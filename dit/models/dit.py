@@ -34,6 +34,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def _split_qkv(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused qkv weight or bias [3D, ...] -> (q [D, ...], kv [2D, ...]), views of it."""
+    third = fused.shape[0] // 3
+    return fused[:third], fused[third:]
+
+
 def _either_qkv_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Load pre-hook of Attention: state in the other layout (plain ``q`` + ``kv``, or fused ``qkv``) is converted
     to the module's own, so an export loads into a fused model and a fused model's state into a plain one."""
@@ -42,8 +48,7 @@ def _either_qkv_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
         if module.fused and plain[0] in state_dict and plain[1] in state_dict:
             state_dict[fused] = torch.cat([state_dict.pop(plain[0]), state_dict.pop(plain[1])])
         elif not module.fused and fused in state_dict:
-            both = state_dict.pop(fused)
-            state_dict[plain[0]], state_dict[plain[1]] = both[: both.shape[0] // 3], both[both.shape[0] // 3:]
+            state_dict[plain[0]], state_dict[plain[1]] = _split_qkv(state_dict.pop(fused))
 
 
 def unfused_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,8 +59,8 @@ def unfused_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         head, _, name = key.rpartition(".")
         if head.endswith(".qkv") or head == "qkv":
             base = head[: -len("qkv")]
-            third = value.shape[0] // 3  # own storage each: safetensors refuses tensors that share one
-            out[f"{base}q.{name}"], out[f"{base}kv.{name}"] = value[:third].clone(), value[third:].clone()
+            q, kv = _split_qkv(value)  # own storage each: safetensors refuses tensors that share one
+            out[f"{base}q.{name}"], out[f"{base}kv.{name}"] = q.clone(), kv.clone()
         else:
             out[key] = value
     return out
