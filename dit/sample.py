@@ -81,11 +81,9 @@ def trained_size(config: dict, frames: int | None, height: int | None, width: in
 def sample_dtype(name: str, device: torch.device) -> str:
     """``--dtype``: auto is bf16 on a CUDA GPU that computes in it (as diffusers' pipelines are run there), fp32
     elsewhere: on CPU bf16 pays only with bf16 instructions (BENCHMARKS.md)."""
-    from dit.training.optim import mixed_precision  # the training's rule for auto: bf16 on a CUDA GPU with it
-
     if name != "auto":
         return name
-    return "bf16" if device.type == "cuda" and mixed_precision("auto") == "bf16" else "fp32"
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def check_arguments(args: argparse.Namespace) -> None:
