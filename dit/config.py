@@ -430,9 +430,6 @@ class Config:
         from dit.models.presets import PRESETS
 
         sp, m = self.train.sequence_parallel, self.model
-        _check(m.family in ("dit", "wan", "ltx"), "train.sequence_parallel",
-               f"is implemented for our DiT, Wan and LTX (model.family=dit, wan, ltx), not the {m.family} adapter; set "
-               "it to 1")
         # stochastic depth draws its per-sample mask on each rank: the ranks of a group would drop different tokens
         _check(m.drop_path == 0, "model.drop_path", "must be 0 with train.sequence_parallel > 1")
         if m.family != "dit":

@@ -198,10 +198,9 @@ def sequence_parallel(args: argparse.Namespace, config: dict[str, Any], n_tokens
     if sp == 1:
         return None
     family, heads = config["experiment"]["model"].get("family", "dit"), config["dit"].get("num_heads", 0)
-    if sp < 1 or family not in ("dit", "wan", "ltx") or heads % sp or n_tokens % sp:
-        raise ConfigError(f"--sequence-parallel {sp} must divide the model's attention heads ({heads}) and the clip's "
-                          f"{n_tokens} latent tokens, for our DiT, Wan or LTX (model.family=dit, wan, ltx; this is "
-                          f"{family})")
+    if sp < 1 or heads % sp or n_tokens % sp:
+        raise ConfigError(f"--sequence-parallel {sp} must divide the {family} model's attention heads ({heads}) and "
+                          f"the clip's {n_tokens} latent tokens")
     from dit.distributed.setup import setup_distributed
 
     env = setup_distributed(sequence_parallel=sp)  # ConfigError when the launch's processes are not a multiple

@@ -1,6 +1,8 @@
-"""Sequence parallelism for the Wan and LTX family adapters (dit/models/families), as sequence.py does it for our
-DiT: each rank of a group keeps 1/SP of a clip's latent tokens through the blocks; each block's self-attention swaps
-tokens for heads with one all-to-all and back; the text cross-attention and the FFN run on the rank's own tokens.
+"""Sequence parallelism for the Wan, LTX and CogVideoX family adapters (dit/models/families), as sequence.py does it
+for our DiT: each rank of a group keeps 1/SP of a clip's latent tokens through the blocks; each block's self-attention
+swaps tokens for heads with one all-to-all and back; the text cross-attention and the FFN run on the rank's own tokens.
+CogVideoX has no cross-attention: its text tokens join the video's in self-attention and FFN, so every rank carries
+the whole text stream, attends it in its own heads, and all-gathers the text's attention output over heads.
 
 Installed from outside on diffusers' own modules: a forward pre-hook on every block (its slice of the RoPE table, and
 of a per-token timestep embedding; the first block also cuts the tokens), our processor on each block's
@@ -15,6 +17,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,11 +35,12 @@ def wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-def ltx_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """LTX's rotary embedding on x [B, N, C] (all heads), in fp32: x cos + (x with each (even, odd) pair turned to
-    (-odd, even)) sin, with cos, sin [B, N, C]."""
-    real, imag = x.unflatten(2, (-1, 2)).unbind(-1)  # [B, N, C/2] each
-    turned = torch.stack([-imag, real], dim=-1).flatten(2)
+def pair_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LTX's and CogVideoX's rotary embedding (diffusers' apply_rotary_emb), in fp32: x cos + (x with each (even,
+    odd) pair of its last dim turned to (-odd, even)) sin. LTX: x, cos, sin [B, N, C] (all heads); CogVideoX: x
+    [B, H, N, d], cos, sin [N, d]."""
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    turned = torch.stack([-imag, real], dim=-1).flatten(-2)
     return (x.float() * cos + turned.float() * sin).to(x.dtype)
 
 
@@ -60,7 +64,7 @@ class UlyssesSelfAttention:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         q, k = attn.norm_q(q), attn.norm_k(k)  # [B, N/SP, H*d]
         if rotary is not None and self.family == "ltx":
-            q, k = ltx_rope(q, *rotary), ltx_rope(k, *rotary)
+            q, k = pair_rope(q, *rotary), pair_rope(k, *rotary)
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))  # [B, N/SP, H, d]
         if rotary is not None and self.family == "wan":
             q, k = wan_rope(q, *rotary), wan_rope(k, *rotary)
@@ -73,11 +77,78 @@ class UlyssesSelfAttention:
         return f"UlyssesSelfAttention({self.family}, sp={self.group.size()})"
 
 
-# Per family: the block's RoPE argument, and whether a timestep embedding is per token (Wan 2.2 TI2V [B, N, 6, D];
-# LTX [B, N, 6D] with per-token timesteps) and so must be cut like the tokens.
-ROPE_ARGUMENT = {"wan": "rotary_emb", "ltx": "image_rotary_emb"}
+class _GatherHeads(torch.autograd.Function):
+    """[B, H/SP, L, d] of this rank's heads -> [B, H, L, d] on every rank: CogVideoX's text attention output, which
+    every rank carries whole. Backward: the group's gradients summed (each rank's copy of the text stream carries
+    what flowed through its own heads; sequence.py's times-SP rule holds for the sum), then this rank's heads."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group, ctx.heads = group, x.shape[1]
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(1, ctx.group.rank() * ctx.heads, ctx.heads), None
+
+
+class UlyssesJointAttention:
+    """The processor of a CogVideoX block's self-attention (``attn1``), where the text and the clip's tokens attend
+    together: the clip's q, k, v of this rank's tokens go all-to-all to [B, H/SP, N, d]; the text's (the same on every
+    rank) are cut to this rank's heads; QK LayerNorm (per head) and RoPE (on the clip's tokens, with the whole
+    table) then apply as in CogVideoXAttnProcessor2_0, SDPA runs over text + clip for the rank's heads, the clip's
+    output goes back all-to-all and the text's is all-gathered over heads."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise ValueError("sequence-parallel self-attention takes no mask")
+        size, rank, text_len = self.group.size(), self.group.rank(), encoder_hidden_states.shape[1]
+        mine = slice(rank * attn.heads // size, (rank + 1) * attn.heads // size)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d]
+            return x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+        def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if getattr(attn, "fused_projections", False):
+                return attn.to_qkv(x).chunk(3, dim=-1)
+            return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+        text = [heads(x)[:, mine] for x in project(encoder_hidden_states)]  # [B, H/SP, L, d]
+        clip = [heads_to_tokens(heads(x), self.group) for x in project(hidden_states)]  # [B, H/SP, N, d]
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(text, clip))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:
+            q, k = (torch.cat([x[:, :, :text_len], pair_rope(x[:, :, text_len:], *image_rotary_emb)], dim=2)
+                    for x in (q, k))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H/SP, L + N, d]
+        text_out = _GatherHeads.apply(out[:, :, :text_len], self.group)  # [B, H, L, d]
+        clip_out = tokens_to_heads(out[:, :, text_len:], self.group)  # [B, H, N/SP, d]
+        clip_out, text_out = (attn.to_out[1](attn.to_out[0](x.transpose(1, 2).flatten(2, 3).type_as(q)))
+                              for x in (clip_out, text_out))
+        return clip_out, text_out
+
+    def __repr__(self) -> str:
+        return f"UlyssesJointAttention(cogvideox, sp={self.group.size()})"
+
+
+# Per family: the block's RoPE argument, cut to the rank's tokens (None: CogVideoX's processor applies the whole
+# table after the all-to-all), and whether a timestep embedding is per token (Wan 2.2 TI2V [B, N, 6, D]; LTX
+# [B, N, 6D] with per-token timesteps) and so must be cut like the tokens.
+ROPE_ARGUMENT = {"wan": "rotary_emb", "ltx": "image_rotary_emb", "cogvideox": None}
 PER_TOKEN_TEMB: dict[str, Callable[[torch.Tensor], bool]] = {"wan": lambda t: t.ndim == 4,
-                                                             "ltx": lambda t: t.shape[1] > 1}
+                                                             "ltx": lambda t: t.shape[1] > 1,
+                                                             "cogvideox": lambda t: False}
 
 
 def _block_inputs(signature: inspect.Signature, family: str, group: dist.ProcessGroup, first: bool,
@@ -86,9 +157,10 @@ def _block_inputs(signature: inspect.Signature, family: str, group: dist.Process
     also cuts the tokens themselves."""
     bound = signature.bind(*args, **kwargs)
     given, rope = bound.arguments, ROPE_ARGUMENT[family]
-    cos, sin = given[rope]  # [1 or B, N, ...]
-    mine = local_slice(cos.shape[1], group)
-    given[rope] = (cos[:, mine], sin[:, mine])
+    mine = local_slice(given["hidden_states"].shape[1] * (1 if first else group.size()), group)
+    if rope is not None:
+        cos, sin = given[rope]  # [1 or B, N, ...]
+        given[rope] = (cos[:, mine], sin[:, mine])
     if PER_TOKEN_TEMB[family](given["temb"]):
         given["temb"] = given["temb"][:, mine]
     if first:
@@ -102,16 +174,18 @@ def _gather_before_output(group: dist.ProcessGroup, module: nn.Module, args: tup
 
 
 def apply_sequence_parallel_family(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
-    """Install sequence parallelism over ``group`` on a Wan or LTX adapter in place (after activation
+    """Install sequence parallelism over ``group`` on a Wan, LTX or CogVideoX adapter in place (after activation
     checkpointing, as for our DiT: a recomputed block passes through these hooks again)."""
     family, size, heads = model.family, group.size(), model.config["num_heads"]
     if family not in ROPE_ARGUMENT:
-        raise ValueError(f"sequence parallelism is implemented for our DiT, Wan and LTX, not the {family} adapter")
+        raise ValueError(f"sequence parallelism is implemented for our DiT, Wan, LTX and CogVideoX, not the {family} "
+                         "adapter")
     if heads % size:
         raise ValueError(f"the {family} model's {heads} attention heads are not divisible by "
                          f"train.sequence_parallel={size}")
     for i, block in enumerate(model.blocks):  # (cross-attention, attn2, needs nothing: its queries are the rank's)
-        block.attn1.processor = UlyssesSelfAttention(group, family)
+        block.attn1.processor = UlyssesJointAttention(group) if family == "cogvideox" else \
+            UlyssesSelfAttention(group, family)
         hook = partial(_block_inputs, inspect.signature(block.forward), family, group, i == 0)
         block.register_forward_pre_hook(hook, with_kwargs=True)
     model.transformer.norm_out.register_forward_pre_hook(lambda m, a: _gather_before_output(group, m, a))

@@ -1,7 +1,8 @@
 """A pretrained-family model (a tiny diffusers Wan transformer on a tiny Wan VAE folder, rectified flow) under the
 sharded strategies: 2 CPU processes (gloo) with ZeRO-2 (3 steps, then resumed to 6), FSDP and sequence parallelism
 train like one process on the same global batch (train.parity_batch), and a 1-process run killed with SIGKILL and
-resumed with train.resume=auto ends bitwise equal to the uninterrupted one."""
+resumed with train.resume=auto ends bitwise equal to the uninterrupted one. A tiny CogVideoX (v-prediction) trains
+with sequence parallelism as on one process too."""
 
 from __future__ import annotations
 
@@ -89,6 +90,47 @@ def test_a_wan_model_with_sequence_parallelism_matches_one_process(tmp_path: Pat
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     # and `dit sample --sequence-parallel 2` of it draws the 1-process image (32 x 16 pixels: 2 latent tokens)
     sample_both_ways(run, tmp_path, "--height", "32")
+
+
+# CogVideoX 1.0 with RoPE (5B's layout) at the tiny test sizes: 2 heads of 16 (get_3d_rotary_pos_embed splits a head
+# 4:6:6 over t, h, w), RoPE's base grid 2x2 latents (patch 2: one token)
+COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=16, num_layers=2, patch_size=2,
+                 sample_frames=5, sample_height=2, sample_width=2, use_rotary_positional_embeddings=True)
+
+
+def test_a_cogvideox_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, small_shards: str) -> None:
+    """train.sequence_parallel=2 on a CogVideoX model, whose text joins the clip's tokens in self-attention
+    (sequence_families.UlyssesJointAttention): 2 processes train as 1 on the same batch, and its checkpoint samples on
+    2 processes as on 1."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_vaes import save_tiny_vae
+
+    save_tiny_vae("cogvideox", tmp_path / "vae")
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "cogvideox", "family_config": COGVIDEOX}
+    data["vae"] = {"family": "cogvideox", "pretrained": str(tmp_path / "vae")}
+    data["diffusion"] = {"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3}
+    data["sample"] = {"sampler": "ddim", "steps": 2, "cfg": 4.0}
+    (tmp_path / "cogvideox.yaml").write_text(yaml.safe_dump(data))
+    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
+    for sp, run in runs.items():
+        settings = {**COMMON, "train.sequence_parallel": sp}
+        done = (dit_torchrun(2, run, small_shards, None, config=tmp_path / "cogvideox.yaml", **settings) if sp > 1
+                else dit_train(run, small_shards, None, config=tmp_path / "cogvideox.yaml", **settings))
+        assert done.returncode == 0, done.stderr[-5000:]
+    assert "sequence parallel: groups of 2 ranks" in done.stderr
+    ref = losses(runs[1])
+    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
+    assert a.keys() == b.keys()
+    # (not the key norm's bias: a shift shared by all keys cancels in the softmax wherever RoPE leaves it unturned, here
+    # 12 of its 16 channels (h and w have one position each); their gradient is rounding noise, which AdamW turns into
+    # steps of +-lr in either run. The model test in tests/distributed checks its gradient in float64.)
+    for k in (k for k in a if not k.endswith("attn1.norm_k.bias")):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    sample_both_ways(runs[2], tmp_path, "--height", "32")  # 32 x 16 pixels: 2 latent tokens of patch 2
 
 
 def test_a_wan_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path,
