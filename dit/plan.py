@@ -16,7 +16,8 @@ The totals are tensor bytes, what ``torch.cuda.max_memory_allocated`` reports; "
 GPU for the CUDA context, kernel workspaces and the caching allocator's fragmentation.
 With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
 tokens for 1/SP of the heads); parameters, gradients and optimizer state are unchanged (the strategies shard over
-all ranks, whatever SP is), and the text's keys and values are computed on every rank.
+all ranks, whatever SP is), and the text's keys and values are computed on every rank (CogVideoX's whole text stream,
+which joins the clip's tokens in every block).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
 # By model family: (hidden-size values per token that a block keeps for backward, bytes per value under bf16
 # autocast: over 2 where the blocks keep fp32 intermediates, as diffusers' Wan and LTX do). Fitted to the peak tensor
 # bytes of real training steps (tests/training/measure_memory.py; figures in BENCHMARKS.md).
-ACTIVATIONS = {"dit": (30.0, 2.25), "wan": (30.0, 3.0), "ltx": (30.0, 3.0), "cogvideox": (25.0, 2.25)}
+# CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
+ACTIVATIONS = {"dit": (30.0, 2.25), "wan": (30.0, 3.0), "ltx": (30.0, 3.0), "cogvideox": (24.0, 2.25)}
+# Families whose text tokens run through every block beside the clip's (self-attention over both, no
+# cross-attention): the text is whole on every sequence-parallel rank.
+JOINT_TEXT = {"cogvideox"}
 HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim
@@ -140,13 +145,20 @@ def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: boo
     per_token, half_bytes = ACTIVATIONS[family]
     bytes_per_value = half_bytes if half else 4.0
     tokens = size.tokens / sequence_parallel  # this rank's tokens
-    per_block = per_token * tokens * size.hidden + 4 * size.text_len * size.hidden  # + text K/V
-    if attention_scores:  # H/SP heads x N x N (self) + H x N/SP x L (cross)
-        per_block += 2 * size.heads * tokens * (size.tokens + size.text_len)
+    if family in JOINT_TEXT:  # the whole text beside the rank's tokens; scores: H/SP heads x (N + L)^2
+        stream = tokens + size.text_len
+        per_block = per_token * stream * size.hidden
+        scores = size.heads / sequence_parallel * (size.tokens + size.text_len) ** 2
+    else:  # + the text's K/V for cross-attention; scores: H/SP heads x N x N (self) + H x N/SP x L (cross)
+        stream = tokens
+        per_block = per_token * tokens * size.hidden + 4 * size.text_len * size.hidden
+        scores = size.heads * tokens * (size.tokens + size.text_len)
+    if attention_scores:  # scores and probabilities
+        per_block += 2 * scores
     recomputed = -(-size.depth // checkpoint_every) if checkpointing else 0  # blocks 0, k, 2k, ...
     kept = size.depth - recomputed  # blocks that keep their activations until their backward
     # the recomputed blocks' inputs: the residual stream, in the autocast dtype in all four families (measured)
-    inputs = recomputed * tokens * size.hidden * (2.0 if half else 4.0)
+    inputs = recomputed * stream * size.hidden * (2.0 if half else 4.0)
     # the kept blocks' activations (or the one block being recomputed)
     blocks = max(kept, 1 if recomputed else 0) * per_block
     return batch * (inputs + bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden))

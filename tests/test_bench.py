@@ -168,10 +168,11 @@ def test_profile_train_step_splits_the_step(tmp_path: Path, model: str) -> None:
     assert f"{model}: " in proc.stdout and "gemm" in proc.stdout
 
 
-@pytest.mark.parametrize("family", ["dit", "wan"])
+@pytest.mark.parametrize("family", ["dit", "wan", "cogvideox"])
 def test_bench_sp_memory_runs(tmp_path: Path, family: str) -> None:
     """tools/bench_sp_memory.py on 2 gloo processes: each rank saves about 0.6 of one process at these 32 tokens (0.52
-    at 2,304, BENCHMARKS.md), and its gathered output is the 1-process one."""
+    at 2,304, BENCHMARKS.md), CogVideoX about 0.7 (its 32 text tokens stay whole on each rank, beside 16 of the
+    clip's), and its gathered output is the 1-process one."""
     out = tmp_path / "sp.json"
     cmd = [sys.executable, str(ROOT / "tools" / "bench_sp_memory.py"), "--family", family, "--preset", "dit-tiny",
            "--shape", "5x64x64", "--sp", "1", "2", "--json", str(out)]
@@ -181,5 +182,8 @@ def test_bench_sp_memory_runs(tmp_path: Path, family: str) -> None:
     r = json.loads(out.read_text())
     assert r["family"] == family and r["tokens"] == 32 and [row["sequence_parallel"] for row in r["rows"]] == [1, 2]
     one, two = r["rows"]
-    assert 0.45 < two["ratio_vs_first"] < 0.7 and two["max_abs_diff_vs_first"] < 1e-4
+    low, high = (0.6, 0.8) if family == "cogvideox" else (0.45, 0.7)
+    assert low < two["ratio_vs_first"] < high and two["max_abs_diff_vs_first"] < 1e-4
     assert len(two["saved_bytes_per_rank"]) == 2 and two["plan_gib_per_rank"] < one["plan_gib_per_rank"]
+    # dit plan divides as the measure does (0.55 against 0.60 for ours and Wan, 0.74 against 0.70 for CogVideoX)
+    assert abs(two["plan_gib_per_rank"] / one["plan_gib_per_rank"] - two["ratio_vs_first"]) < 0.08

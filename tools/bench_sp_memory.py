@@ -1,6 +1,6 @@
 """Per-rank activation memory with sequence parallelism (a tool, not a test): one forward + backward of our DiT
-(or, ``--family wan``, the Wan adapter) on a long clip, with train.sequence_parallel = 1, 2, ... ranks (real gloo
-processes on CPU, or NCCL on GPUs).
+(or, ``--family wan|cogvideox``, that adapter at the preset's sizes) on a long clip, with train.sequence_parallel =
+1, 2, ... ranks (real gloo processes on CPU, or NCCL on GPUs).
 
     .venv/bin/python tools/bench_sp_memory.py --preset DiT-S/2 --shape 33x256x256 --sp 1 2 --json sp_memory.json
 
@@ -44,6 +44,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor]]
     torch.manual_seed(0)
     sizes = dict(hidden_size=p["hidden_size"], depth=args.depth or p["depth"], num_heads=p["num_heads"],
                  patch_size=tuple(p["patch_size"]))
+    t, h, w = latent_shape(*args.shape)
     if args.family == "wan":
         from bench_train import wan_equivalent
 
@@ -51,13 +52,23 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, dict[str, torch.Tensor]]
 
         model: nn.Module = WanDenoiser(wan_equivalent(dict(sizes, in_channels=CHANNELS, text_dim=TEXT_DIM,
                                                            mlp_ratio=4.0)))
+    elif args.family == "cogvideox":  # CogVideoX 1.0 with RoPE (5B's layout), its RoPE base grid the clip's
+        from diffusers import CogVideoXTransformer3DModel
+
+        from dit.models.families.cogvideox import CogVideoXDenoiser
+
+        d, heads, (_, _, patch) = sizes["hidden_size"], sizes["num_heads"], sizes["patch_size"]
+        model = CogVideoXDenoiser(CogVideoXTransformer3DModel(
+            num_attention_heads=heads, attention_head_dim=d // heads, in_channels=CHANNELS, out_channels=CHANNELS,
+            time_embed_dim=d, text_embed_dim=TEXT_DIM, num_layers=sizes["depth"], patch_size=patch,
+            sample_frames=args.shape[0], sample_height=h, sample_width=w, max_text_seq_length=TEXT_LEN,
+            use_rotary_positional_embeddings=True))
     else:
         model = DiT(in_channels=CHANNELS, text_dim=TEXT_DIM, **sizes)
     for param in model.parameters():  # adaLN-Zero starts at zero output: give every path a value to compare
         if not param.any():
             torch.nn.init.normal_(param, std=0.02)
     gen = torch.Generator().manual_seed(1)
-    t, h, w = latent_shape(*args.shape)
     inputs = dict(x=torch.randn(args.batch, CHANNELS, t, h, w, generator=gen),
                   t=torch.randint(0, 1000, (args.batch,), generator=gen).float(),
                   text=torch.randn(args.batch, TEXT_LEN, TEXT_DIM, generator=gen),
@@ -95,8 +106,8 @@ def plan_bytes(args: argparse.Namespace, sp: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="DiT-S/2", choices=sorted(PRESETS))
-    ap.add_argument("--family", default="dit", choices=["dit", "wan"],
-                    help="our DiT, or diffusers' Wan transformer at the preset's sizes (model.family=wan)")
+    ap.add_argument("--family", default="dit", choices=["dit", "wan", "cogvideox"],
+                    help="our DiT, or diffusers' Wan or CogVideoX transformer at the preset's sizes (model.family)")
     ap.add_argument("--shape", default="33x256x256", help="FRAMESxHEIGHTxWIDTH of the clip (pixels)")
     ap.add_argument("--depth", type=int, default=None, help="fewer blocks than the preset (activations scale with it)")
     ap.add_argument("--batch", type=int, default=1)

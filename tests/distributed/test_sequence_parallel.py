@@ -60,6 +60,8 @@ def _assert_grads_averaged(plain: torch.nn.Module, sp: torch.nn.Module, group: d
     """The SP model's gradients averaged over the group (as DDP / ZeRO / FSDP do) are the 1-process ones."""
     grads = dict(plain.named_parameters())
     for name, p in sp.named_parameters():
+        if not p.requires_grad:  # (a LoRA model's frozen base)
+            continue
         dist.all_reduce(p.grad, group=group)
         torch.testing.assert_close(p.grad / group.size(), grads[name].grad, rtol=rtol, atol=atol, msg=name)
 
@@ -112,12 +114,15 @@ FAMILY_SIZES = {
 }
 
 
-def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool) -> None:
+def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lora: bool = False) -> None:
     """A Wan, LTX or CogVideoX adapter with sequence parallelism (sequence_families.py): every rank gets the full
     output, and the ranks' gradients averaged are the 1-process ones; each keeps about half the activations; with
-    checkpointing too. CogVideoX's text joins the self-attention, so its whole text stream runs on every rank."""
+    checkpointing too, and with LoRA (peft's layers in place of the projections the processors call; injected
+    before checkpointing and SP, as train.py does). CogVideoX's text joins the self-attention, so its whole text
+    stream runs on every rank."""
     from dit.config import ModelConfig
     from dit.models.families import build_denoiser
+    from dit.models.lora import inject_lora
 
     family, (sizes, grid) = name.split("-")[0], FAMILY_SIZES[name]
 
@@ -125,10 +130,13 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool) ->
         return build_denoiser(ModelConfig(family=family, family_config=sizes), in_channels=4, text_dim=16).double()
 
     torch.manual_seed(0)
-    plain = denoiser()
-    for p in plain.parameters():  # every branch carries a gradient
+    plain, sp = denoiser(), denoiser()
+    if lora:
+        trained = [inject_lora(model, rank=2) for model in (plain, sp)][0]
+        assert any(".attn1." in n for n in trained)  # the self-attention's projections are adapted too
+        plain.double(), sp.double()
+    for p in plain.parameters():  # every branch carries a gradient (LoRA's B too)
         torch.nn.init.normal_(p, std=0.1)
-    sp = denoiser()
     sp.load_state_dict(plain.state_dict())
     if checkpointing:
         apply_activation_checkpointing(sp)
@@ -142,8 +150,8 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool) ->
     assert results[0].std() > 0
     # float64: the text path's gradients are ~1e-5 of the largest, so a fault there shows only at tight tolerances
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
-    if not checkpointing:  # each rank keeps about half (the text's keys and values and the output stay whole)
-        assert 0.4 < saved[1] / saved[0] < 0.65, (name, saved)
+    if not checkpointing and not lora:  # each rank keeps about half (the text's keys and values and the output stay
+        assert 0.4 < saved[1] / saved[0] < 0.65, (name, saved)  # whole)
     # Wan keeps its time embedding and FP32LayerNorm in fp32 inside a float64 model: ~1e-9 off, where all else is ~1e-17
     _assert_grads_averaged(plain, sp, group, rtol=1e-7, atol=1e-8 if family == "wan" else 1e-14)
 
@@ -159,6 +167,7 @@ def _worker(rank: int, init: str) -> None:
         for name in FAMILY_SIZES:
             _family_matches(group, name, checkpointing=False)
             _family_matches(group, name, checkpointing=True)
+            _family_matches(group, name, checkpointing=True, lora=True)
     finally:
         dist.destroy_process_group()
 

@@ -27,7 +27,7 @@ from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
 from dit.models.vae import build_vae
 from dit.pipeline import schedule_from_config
-from dit.plan import estimate, model_size
+from dit.plan import JOINT_TEXT, estimate, model_size
 from dit.training.ema import build_ema
 
 
@@ -112,7 +112,8 @@ def main() -> None:
     est = next(e for e in estimate(cfg, 1, 80, size=size) if e.strategy == "ddp")
     # the forward's growth in values per token per hidden unit per block, at the precision's bytes per value
     bytes_per_value = 4 if cfg.train.mixed_precision == "no" else 2
-    per_block = growth / (bytes_per_value * cfg.train.batch_size * size.tokens * size.hidden * size.depth)
+    stream = size.tokens + (size.text_len if cfg.model.family in JOINT_TEXT else 0)  # CogVideoX: text tokens too
+    per_block = growth / (bytes_per_value * cfg.train.batch_size * stream * size.hidden * size.depth)
     print(json.dumps({"measured": peak + mapped, "estimated": est.total, "params": size.params,
                       "activations": est.activations, "reserved": reserved and reserved + mapped,
                       "forward_activations": growth, "values_per_token_per_block": round(per_block, 2)}))
