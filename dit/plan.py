@@ -231,9 +231,10 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
                f"{size.base / 1e6:.1f}M-parameter model" if size.base else
                f"{size.params / 1e6:.1f}M trainable parameters")
     sp = cfg.train.sequence_parallel
+    text = f" beside all {size.text_len} text tokens" if cfg.model.family in JOINT_TEXT else ""
     lines = [f"model: {trained} (hidden {size.hidden}, depth {size.depth}), "
              f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample"
-             f"{f' ({size.tokens // sp} per rank: sequence parallel over {sp})' if sp > 1 else ''}, "
+             f"{f' ({size.tokens // sp} per rank{text}: sequence parallel over {sp})' if sp > 1 else ''}, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
              f"{checkpointing_text(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every)}",
              f"per-GPU memory in GiB with {gpus} GPUs of {gpu_memory_gb:g} GiB:",

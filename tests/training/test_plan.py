@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dit.config import load_config
-from dit.plan import HEADROOM, estimate
+from dit.plan import HEADROOM, estimate, model_size
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -121,3 +121,23 @@ def test_plan_divides_the_token_work_by_sequence_parallel(capsys) -> None:
 
     dit(["plan", "--config", str(DEMO), "--gpus", "8", "--gpu-memory", "80", *long_clip, "train.sequence_parallel=8"])
     assert "75600 tokens/sample (9450 per rank: sequence parallel over 8)" in capsys.readouterr().out
+
+
+def test_plan_keeps_cogvideox_text_whole_on_every_sequence_parallel_rank(capsys) -> None:
+    """CogVideoX's text tokens join the clip's in every block (no cross-attention), so with train.sequence_parallel=N
+    a rank holds N/SP clip tokens beside all of the text: its activations fall by less than N (measured by
+    tools/bench_sp_memory.py --family cogvideox, BENCHMARKS.md)."""
+    clip = [*COGVIDEOX, "model.gradient_checkpointing=false", "train.mixed_precision='no'"]
+    one, two = (next(e for e in estimate(load_config(DEMO, [*clip, f"train.sequence_parallel={sp}"]), 2, 80)
+                     if e.strategy == "ddp") for sp in (1, 2))
+    size = model_size(load_config(DEMO, clip))
+    assert (size.tokens, size.text_len) == (192, 16)
+    # 24 values per token per block over the rank's stream: 192 + 16 tokens on one process, 96 + 16 on each of two
+    blocks = lambda stream: 8 * 24.0 * stream * 256 * 4 * 8  # depth x values x stream x hidden x fp32 x batch
+    assert one.activations - two.activations == pytest.approx(blocks(208) - blocks(112) + 12 * 96 * 256 * 4 * 8)
+
+    from dit.cli import main as dit
+
+    dit(["plan", "--config", str(DEMO), "--gpus", "2", "--gpu-memory", "80", *clip, "train.sequence_parallel=2"])
+    assert "192 tokens/sample (96 per rank beside all 16 text tokens: sequence parallel over 2)" in \
+        capsys.readouterr().out
