@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from runs import dit_torchrun, dit_train, sample_both_ways
 
 from dit.config import ConfigError, load_config
-from dit.distributed.parallelize import apply_activation_checkpointing
+from dit.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from dit.distributed.sequence import UlyssesAttention, apply_sequence_parallel, local_slice
 from dit.distributed.setup import setup_distributed
 from dit.export import list_checkpoints
@@ -114,12 +114,14 @@ FAMILY_SIZES = {
 }
 
 
-def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lora: bool = False) -> None:
+def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lora: bool = False,
+                    compile: bool = False) -> None:
     """A Wan, LTX or CogVideoX adapter with sequence parallelism (sequence_families.py): every rank gets the full
     output, and the ranks' gradients averaged are the 1-process ones; each keeps about half the activations; with
     checkpointing too, and with LoRA (peft's layers in place of the projections the processors call; injected
-    before checkpointing and SP, as train.py does). CogVideoX's text joins the self-attention, so its whole text
-    stream runs on every rank."""
+    before checkpointing and SP, as train.py does), and with compiled blocks (parallelize.py's order: checkpointing,
+    compile, SP: the processor and its collectives then run inside the compiled block). CogVideoX's text joins the
+    self-attention, so its whole text stream runs on every rank."""
     from dit.config import ModelConfig
     from dit.models.families import build_denoiser
     from dit.models.lora import inject_lora
@@ -140,14 +142,18 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lo
     sp.load_state_dict(plain.state_dict())
     if checkpointing:
         apply_activation_checkpointing(sp)
+    if compile:
+        apply_compile(sp)
     apply_sequence_parallel(sp, group)
     assert sp.state_dict().keys() == plain.state_dict().keys()
     gen = torch.Generator().manual_seed(1)
     x, target = (torch.randn(2, 4, *grid, generator=gen, dtype=torch.float64) for _ in range(2))
     t, text = torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     results, saved = _forward_backward((plain, sp), (x, t, text, mask), target)
     assert results[0].std() > 0
+    assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == compile  # compiled, or eager
     # float64: the text path's gradients are ~1e-5 of the largest, so a fault there shows only at tight tolerances
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
     if not checkpointing and not lora:  # each rank keeps about half (the text's keys and values and the output stay
@@ -168,6 +174,7 @@ def _worker(rank: int, init: str) -> None:
             _family_matches(group, name, checkpointing=False)
             _family_matches(group, name, checkpointing=True)
             _family_matches(group, name, checkpointing=True, lora=True)
+        _family_matches(group, "cogvideox", checkpointing=True, compile=True)  # (one: the compile takes ~20 s)
     finally:
         dist.destroy_process_group()
 
