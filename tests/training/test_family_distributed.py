@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import DEMO, dit_torchrun, dit_train, sample_both_ways
+from runs import DEMO, dit_torchrun, dit_train, sample_both_ways, small_config
 from test_family_training import WAN
 from test_resume import kill_when, logged, steps_of
 
 from dit.export import list_checkpoints, load_weights
+from dit.models.lora import is_lora_key
+from dit.models.text import text_width
 from dit.training.checkpoint import load_training_state
 
 STEPS = 6
@@ -98,11 +100,15 @@ COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=16
                  sample_frames=5, sample_height=2, sample_width=2, use_rotary_positional_embeddings=True)
 
 
-def test_a_cogvideox_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, small_shards: str) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-checkpointing"])
+def test_a_cogvideox_model_with_sequence_parallelism_matches_one_process(lora: bool, tmp_path: Path,
+                                                                          small_shards: str) -> None:
     """train.sequence_parallel=2 on a CogVideoX model, whose text joins the clip's tokens in self-attention
     (sequence_families.UlyssesJointAttention): 2 processes train as 1 on the same batch, and its checkpoint samples on
-    2 processes as on 1."""
+    2 processes as on 1. Also as a LoRA fine-tune of a saved transformer folder, with activation checkpointing."""
     import sys
+
+    from diffusers import CogVideoXTransformer3DModel
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tiny_vaes import save_tiny_vae
@@ -110,13 +116,21 @@ def test_a_cogvideox_model_with_sequence_parallelism_matches_one_process(tmp_pat
     save_tiny_vae("cogvideox", tmp_path / "vae")
     data = yaml.safe_load(DEMO.read_text())
     data["model"] = {"family": "cogvideox", "family_config": COGVIDEOX}
+    extra = {}
+    if lora:  # the base: a transformer folder for the tiny VAE's 4 channels and the text encoder's width
+        torch.manual_seed(0)
+        text_dim = text_width(small_config(tmp_path, small_shards, None).text)  # MiniLM's, or media-free's
+        CogVideoXTransformer3DModel(**COGVIDEOX, in_channels=4, out_channels=4, text_embed_dim=text_dim
+                                    ).save_pretrained(tmp_path / "base")
+        data["model"] = {"family": "cogvideox", "pretrained": str(tmp_path / "base")}
+        extra = {"train.lora.rank": 4, "model.gradient_checkpointing": True}
     data["vae"] = {"family": "cogvideox", "pretrained": str(tmp_path / "vae")}
     data["diffusion"] = {"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3}
     data["sample"] = {"sampler": "ddim", "steps": 2, "cfg": 4.0}
     (tmp_path / "cogvideox.yaml").write_text(yaml.safe_dump(data))
     runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
     for sp, run in runs.items():
-        settings = {**COMMON, "train.sequence_parallel": sp}
+        settings = {**COMMON, **extra, "train.sequence_parallel": sp}
         done = (dit_torchrun(2, run, small_shards, None, config=tmp_path / "cogvideox.yaml", **settings) if sp > 1
                 else dit_train(run, small_shards, None, config=tmp_path / "cogvideox.yaml", **settings))
         assert done.returncode == 0, done.stderr[-5000:]
@@ -124,7 +138,7 @@ def test_a_cogvideox_model_with_sequence_parallelism_matches_one_process(tmp_pat
     ref = losses(runs[1])
     assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
     a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and all(is_lora_key(k) for k in a) == lora
     # (not the key norm's bias: a shift shared by all keys cancels in the softmax wherever RoPE leaves it unturned, here
     # 12 of its 16 channels (h and w have one position each); their gradient is rounding noise, which AdamW turns into
     # steps of +-lr in either run. The model test in tests/distributed checks its gradient in float64.)
