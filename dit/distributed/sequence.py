@@ -43,6 +43,13 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad, ctx.group), None
 
 
+def all_gather_cat(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """The group's ``x`` concatenated along ``dim`` in rank order, on every rank (no autograd)."""
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
 class _GatherTokens(torch.autograd.Function):
     """[B, N/SP, C] slices -> [B, N, C] on every rank of the group. Backward: this rank's slice of the (identical)
     output gradient, times SP, because the strategies average gradients over the group's ranks (module docstring)."""
@@ -50,9 +57,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group, ctx.n = group, x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(group.size())]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
+        return all_gather_cat(x, group, dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

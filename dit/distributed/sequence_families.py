@@ -24,7 +24,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dit.distributed.sequence import gather_tokens, heads_to_tokens, local_slice, scatter_tokens, tokens_to_heads
+from dit.distributed.sequence import (
+    all_gather_cat,
+    gather_tokens,
+    heads_to_tokens,
+    local_slice,
+    scatter_tokens,
+    tokens_to_heads,
+)
 
 
 def wan_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -85,9 +92,7 @@ class _GatherHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.group, ctx.heads = group, x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(group.size())]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
+        return all_gather_cat(x, group, dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
