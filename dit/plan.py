@@ -28,15 +28,16 @@ from pathlib import Path
 import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
+from dit.models.families import FAMILIES
 
 # By model family: (hidden-size values per token that a block keeps for backward, bytes per value under bf16
 # autocast: over 2 where the blocks keep fp32 intermediates, as diffusers' Wan and LTX do). Fitted to the peak tensor
 # bytes of real training steps (tests/training/measure_memory.py; figures in BENCHMARKS.md).
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.25), "wan": (30.0, 3.0), "ltx": (30.0, 3.0), "cogvideox": (24.0, 2.25)}
-# Families whose text tokens run through every block beside the clip's (self-attention over both, no
-# cross-attention): the text is whole on every sequence-parallel rank.
-JOINT_TEXT = {"cogvideox"}
+# Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
+# sequence-parallel rank.
+JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
 HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim

@@ -40,6 +40,8 @@ class FamilyDenoiser(nn.Module):
     text_key: ClassVar[str]  # the diffusers config key of the text encoder width
     prediction: ClassVar[str]  # the family's native prediction: "flow" (velocity eps - x0) or "v"
     option_keys: ClassVar[tuple[str, ...]] = ()  # adapter settings (not diffusers') kept in the config
+    # the text tokens run through every block beside the clip's (self-attention over both, no cross-attention)
+    joint_text: ClassVar[bool] = False
 
     def __init__(self, transformer: nn.Module, **options: Any) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ class CogVideoXDenoiser(FamilyDenoiser):
     blocks_attr = "transformer_blocks"
     text_key = "text_embed_dim"
     prediction = "v"
+    joint_text = True
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
