@@ -265,9 +265,14 @@ class LoraConfig:
     alpha: float | None = None  # the update is (alpha / rank) B A; None: alpha = rank (scale 1)
     dropout: float = 0.0
     targets: list[str] | None = None  # module-name regexes (full match); None: every block's attention and MLP
+    # auto: under DDP in a bf16 run the blocks' frozen linear layers are held in bf16 (autocast computes them in bf16
+    # anyway: the same numbers, half the bytes; DeepSpeed's bf16 holds the whole model in bf16 itself); fp32: as loaded
+    base_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "train.lora.rank", f"must be >= 0 (0: no LoRA), got {self.rank}")
+        _check(self.base_dtype in ("auto", "fp32"), "train.lora.base_dtype", f"must be auto or fp32, got "
+               f"{self.base_dtype!r}")
         _check(self.alpha is None or self.alpha > 0, "train.lora.alpha", "must be > 0 or null (= rank)")
         _check(0.0 <= self.dropout < 1.0, "train.lora.dropout", "must be in [0, 1)")
         _check(self.targets is None or self.rank > 0, "train.lora.targets",

@@ -53,6 +53,7 @@ class ModelSize:
     tokens: int  # latent tokens per sample
     text_len: int
     base: int = 0  # LoRA: the denoiser's own (frozen) parameters, held beside the adapter; params is the adapter
+    base_linear: int = 0  # LoRA: those of the blocks' linear layers (bf16 under DDP in a bf16 run: lora.base_dtype)
 
 
 @dataclass
@@ -120,7 +121,7 @@ def model_size(cfg: Config) -> ModelSize:
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = (t // pt) * (h // ph) * (w // pw)
-    lora, base = cfg.train.lora, 0
+    lora, base, base_linear = cfg.train.lora, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
         from dit.models.lora import target_modules
 
@@ -128,7 +129,10 @@ def model_size(cfg: Config) -> ModelSize:
         adapter = sum(lora.rank * (modules[n].in_features + modules[n].out_features)
                       for n in target_modules(dit, lora.targets))
         base = sum(p.numel() for p in dit.parameters())
+        base_linear = sum(p.numel() for m in dit.blocks.modules() if isinstance(m, torch.nn.Linear)
+                          for p in m.parameters(recurse=False))
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
+                     base_linear=base_linear,
                      frozen=vae_params + text_params,
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
@@ -193,6 +197,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
                            cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
                            cfg.model.gradient_checkpointing_every)
     p = 4.0 * size.params  # one fp32 copy
+    bf16_base = t.lora.base_dtype == "auto" and t.mixed_precision in ("bf16", "auto")  # ("auto": bf16 on a GPU)
     out = []
     for name in STRATEGIES:
         n = max(gpus, 1)
@@ -201,6 +206,8 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         if size.base:  # LoRA: the frozen base sits in the model with the adapter; the EMA shares it except
             weights = p + 4.0 * size.base  # under ZeRO-3 / FSDP, which shard a copy of it (dit/training/ema.py)
             ema = p + 4.0 * size.base if name in ("zero3", "fsdp") else p
+            if name == "ddp" and bf16_base:  # the blocks' frozen linear layers in bf16 (train.lora.base_dtype)
+                weights -= 2.0 * size.base_linear
         if name == "zero1":
             optim /= n
         elif name == "zero2":

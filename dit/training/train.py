@@ -62,7 +62,13 @@ from dit.training.checkpoint import (
     set_rng_state,
 )
 from dit.training.ema import build_ema
-from dit.training.finetune import check_finetune, load_init_from, meta_model_config, write_adapter
+from dit.training.finetune import (
+    check_finetune,
+    frozen_block_linears_to_bf16,
+    load_init_from,
+    meta_model_config,
+    write_adapter,
+)
 from dit.training.metrics import Throughput
 from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
@@ -413,6 +419,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
     precision = mixed_precision(t.mixed_precision)  # auto resolved: bf16 on a GPU that has it
+    if lora.rank and lora.base_dtype == "auto" and precision == "bf16" and t.strategy == "ddp":
+        log.info("LoRA base: the blocks' frozen linear layers held in bf16, as autocast computes them (%.2f GiB less;"
+                 " train.lora.base_dtype=fp32 keeps them as loaded)", frozen_block_linears_to_bf16(model) / 2**30)
     sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
     shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")  # ZeRO-3 / FSDP shard the EMA instead
     strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay, share_frozen=shared),

@@ -112,3 +112,68 @@ def test_bad_fine_tune_inputs_fail_before_any_work(tmp_path: Path, small_shards:
         checkpoint_weights(other, lora=lora_run)
     with pytest.raises(ConfigError, match="is not a LoRA checkpoint"):
         merge_lora_run(base_run, tmp_path / "m")
+
+
+def test_a_bf16_lora_run_holds_its_frozen_base_in_bf16_with_the_same_losses(tmp_path: Path, small_shards: str,
+                                                                               small_vae: Path, base_run: Path,
+                                                                               caplog) -> None:
+    """train.lora.base_dtype=auto (the default) in a bf16 DDP run keeps the blocks' frozen linear layers in bf16,
+    which is what autocast computes them in: the losses, gradient norms and adapter equal those of a run that keeps
+    the base in fp32 (train.lora.base_dtype=fp32), and the log says how much memory it saved."""
+    import logging
+
+    runs = {}
+    for base_dtype in ("auto", "fp32"):
+        runs[base_dtype] = tmp_path / base_dtype
+        with caplog.at_level(logging.INFO, logger="dit.train"):
+            train.main(small_config(runs[base_dtype], small_shards, small_vae, **{
+                **LORA, "train.init_from": str(base_run), "train.mixed_precision": "bf16",
+                "train.lora.base_dtype": base_dtype, "model.gradient_checkpointing": True}))
+        held = "blocks' frozen linear layers held in bf16" in caplog.text
+        assert held == (base_dtype == "auto"), base_dtype
+        caplog.clear()
+    metrics = {k: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+               for k, r in runs.items()}
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in metrics["auto"]] == [m[key] for m in metrics["fp32"]], key
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".lora_B." in k and a[k].abs().max() > 0 for k in a)  # the adapter trained
+
+
+def test_the_frozen_base_in_bf16_is_what_autocast_computes() -> None:
+    """frozen_block_linears_to_bf16 casts only the blocks' frozen linear layers (not the adapters, norms or the
+    layers outside the blocks), and under bf16 autocast the model's output and the adapter's gradients are
+    unchanged, bit for bit."""
+    from dit.models.dit import DiT
+    from dit.models.lora import inject_lora
+    from dit.training.finetune import frozen_block_linears_to_bf16
+
+    torch.manual_seed(0)
+    model = DiT(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
+    inject_lora(model, rank=4)
+    for name, p in model.named_parameters():  # LoRA's B starts at zero: give the adapter an effect
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.1)
+    x, t, text = torch.randn(2, 4, 3, 4, 4), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def forward_backward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, text, mask)
+        out.float().square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before, grads = forward_backward()
+    saved = frozen_block_linears_to_bf16(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    half = [n for n, d in dtypes.items() if d == torch.bfloat16]
+    assert half and all(n.startswith("blocks.") and ".lora_" not in n for n in half)
+    assert all(dtypes[n] == torch.float32 for n in dtypes
+               if ".lora_" in n or "norm" in n or not n.startswith("blocks."))
+    assert any("norm" in n and n.startswith("blocks.") for n in dtypes)  # (the QK norms' weights: stay fp32)
+    assert saved == 2 * sum(p.numel() for n, p in model.named_parameters() if n in half)
+    after, grads_after = forward_backward()
+    assert torch.equal(after, before)
+    assert grads.keys() == grads_after.keys() and all(torch.equal(grads[n], grads_after[n]) for n in grads)

@@ -104,3 +104,28 @@ def test_plan_counts_a_lora_fine_tune():
     assert b["ddp"].optimizer == pytest.approx(8 * size_lora.params) and b["ddp"].optimizer < a["ddp"].optimizer / 50
     assert b["ddp"].ema == pytest.approx(4 * size_lora.params)  # the EMA shares the frozen base under DDP
     assert b["ddp"].total < a["ddp"].total and b["fsdp"].total < a["fsdp"].total
+
+
+def test_plan_counts_a_bf16_lora_base_under_ddp_as_the_run_casts_it():
+    """In a bf16 LoRA run under DDP the blocks' frozen linear layers are held in bf16 (train.lora.base_dtype=auto):
+    `dit plan` takes 2 bytes off each of their parameters, which are the ones frozen_block_linears_to_bf16 casts on
+    the real model; fp32 (or another strategy: DeepSpeed and FSDP hold the base their own way) keeps 4 bytes."""
+    from dit.models.families import build_denoiser
+    from dit.training.finetune import frozen_block_linears_to_bf16
+
+    wan = ["model.family_config.num_attention_heads=2", "model.family_config.attention_head_dim=16",
+           "model.family_config.num_layers=2", "model.family_config.ffn_dim=64", "train.lora.rank=4"]
+    for family, overrides in (("dit", ["model.preset=dit-tiny", "train.lora.rank=4"]),
+                              ("wan", ["model.family=wan", "model.patch_size=null", "diffusion.objective=flow",
+                                      "diffusion.min_snr_gamma=null", "sample.sampler=flow_euler", *wan])):
+        cfg = load_config(CONFIGS / "demo.yaml", [*overrides, "train.mixed_precision=bf16"])
+        size = model_size(cfg)
+        model = build_denoiser(cfg.model, in_channels=8, text_dim=384)
+        inject_lora(model, rank=4)
+        assert 0 < 2 * size.base_linear == frozen_block_linears_to_bf16(model) < 2 * size.base, family
+        half = {e.strategy: e for e in estimate(cfg, gpus=1, gpu_memory_gb=80, size=size)}
+        fp32_cfg = load_config(CONFIGS / "demo.yaml", [*overrides, "train.mixed_precision=bf16",
+                                                      "train.lora.base_dtype=fp32"])
+        full = {e.strategy: e for e in estimate(fp32_cfg, gpus=1, gpu_memory_gb=80, size=size)}
+        assert full["ddp"].weights - half["ddp"].weights == pytest.approx(2 * size.base_linear)
+        assert all(full[s].weights == half[s].weights for s in full if s != "ddp")
