@@ -141,21 +141,40 @@ def test_a_bf16_lora_run_holds_its_frozen_base_in_bf16_with_the_same_losses(tmp_
     assert any(".lora_B." in k and a[k].abs().max() > 0 for k in a)  # the adapter trained
 
 
-def test_the_frozen_base_in_bf16_is_what_autocast_computes() -> None:
+TINY = {  # 4 latent channels, text width 16; (family_config, latent grid)
+    "dit": (None, (3, 4, 4)),
+    "wan": (dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                 freq_dim=32, patch_size=[1, 2, 2]), (3, 4, 4)),
+    "ltx": (dict(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
+                 caption_channels=16), (3, 2, 2)),
+    "cogvideox": (dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=16, num_layers=2,
+                       sample_frames=9, sample_height=4, sample_width=4, max_text_seq_length=5, patch_size=2),
+                  (3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_the_frozen_base_in_bf16_is_what_autocast_computes(family: str) -> None:
     """frozen_block_linears_to_bf16 casts only the blocks' frozen linear layers (not the adapters, norms or the
     layers outside the blocks), and under bf16 autocast the model's output and the adapter's gradients are
-    unchanged, bit for bit."""
+    unchanged, bit for bit: our DiT and the three families."""
+    from dit.config import ModelConfig
     from dit.models.dit import DiT
+    from dit.models.families import build_denoiser
     from dit.models.lora import inject_lora
     from dit.training.finetune import frozen_block_linears_to_bf16
 
     torch.manual_seed(0)
-    model = DiT(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
+    sizes, grid = TINY[family]
+    model = (DiT(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
+             if family == "dit" else
+             build_denoiser(ModelConfig(family=family, family_config=sizes), in_channels=4, text_dim=16))
     inject_lora(model, rank=4)
-    for name, p in model.named_parameters():  # LoRA's B starts at zero: give the adapter an effect
-        if ".lora_B." in name:
-            torch.nn.init.normal_(p, std=0.1)
-    x, t, text = torch.randn(2, 4, 3, 4, 4), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16)
+    for p in model.parameters():  # every path carries a value (LoRA's B and adaLN-Zero start at zero)
+        torch.nn.init.normal_(p, std=0.1)
+    gen = torch.Generator().manual_seed(1)
+    x, t, text = torch.randn(2, 4, *grid, generator=gen), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 16,
+                                                                                                  generator=gen)
     mask = torch.ones(2, 5, dtype=torch.bool)
 
     def forward_backward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -166,14 +185,14 @@ def test_the_frozen_base_in_bf16_is_what_autocast_computes() -> None:
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     before, grads = forward_backward()
+    blocks = {id(p) for p in model.blocks.parameters()}
+    frozen_linear = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear)
+                     for p in m.parameters(recurse=False) if not p.requires_grad and id(p) in blocks}
     saved = frozen_block_linears_to_bf16(model)
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    half = [n for n, d in dtypes.items() if d == torch.bfloat16]
-    assert half and all(n.startswith("blocks.") and ".lora_" not in n for n in half)
-    assert all(dtypes[n] == torch.float32 for n in dtypes
-               if ".lora_" in n or "norm" in n or not n.startswith("blocks."))
-    assert any("norm" in n and n.startswith("blocks.") for n in dtypes)  # (the QK norms' weights: stay fp32)
-    assert saved == 2 * sum(p.numel() for n, p in model.named_parameters() if n in half)
+    half = {id(p) for p in model.parameters() if p.dtype == torch.bfloat16}
+    assert half == frozen_linear and len(half) < len(blocks)  # the blocks' norms, tables and adapters stay fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if id(p) not in half)
+    assert saved == 2 * sum(p.numel() for p in model.parameters() if id(p) in half)
     after, grads_after = forward_backward()
     assert torch.equal(after, before)
     assert grads.keys() == grads_after.keys() and all(torch.equal(grads[n], grads_after[n]) for n in grads)
