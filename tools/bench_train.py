@@ -22,6 +22,8 @@ does in training) after the FLOPs are counted; the warm-up steps include the com
 ``--fused-adamw`` uses AdamW(fused=True) for both models.
 ``--fused-qkv`` gives our DiT's self-attention one q/k/v projection (``model.fused_qkv=true``): the same FLOPs in one
 GEMM instead of two.
+``--lora R`` trains rank-R adapters on our DiT instead of all its weights; ``--lora-base bf16`` holds the frozen
+base's block linears in bf16 (train.lora.base_dtype=auto in a bf16 DDP run): what that saves per step.
 ``--checkpoint-every K`` recomputes every K-th block of our DiT in the backward pass (as
 ``model.gradient_checkpointing=true model.gradient_checkpointing_every=K``): less activation memory for about
 1/K more forward work, which the FLOP count (model FLOPs) does not include.
@@ -61,7 +63,9 @@ from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: 
 from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
+from dit.models.lora import inject_lora  # noqa: E402
 from dit.plan import ModelSize, activation_bytes  # noqa: E402
+from dit.training.finetune import frozen_block_linears_to_bf16  # noqa: E402
 from dit.training.metrics import saved_tensor_bytes  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -230,6 +234,7 @@ class Trainer:
         self.times: list[float] = []
         self.cpu_times: list[float] = []  # process CPU seconds (all threads) per step
         self.params = sum(p.numel() for p in model.parameters())
+        self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.flops_counted = 0
         self.memory_before, self.peak_memory = 0, None
         self.activation_bytes = 0
@@ -281,13 +286,19 @@ def plan_activation_gb(family: str, cfg: dict[str, Any], tokens: int, text_len: 
 
 
 def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bool,
-                  fused_adamw: bool = False, fused_qkv: bool = False) -> Trainer:
+                  fused_adamw: bool = False, fused_qkv: bool = False, lora: int = 0,
+                  lora_base: str = "fp32") -> Trainer:
     """The step of our DiT ("ours") or of diffusers' Wan equivalent ("diffusers") at the same config;
-    ``fused_qkv``: our DiT's self-attention q and kv as one layer (model.fused_qkv)."""
+    ``fused_qkv``: our DiT's self-attention q and kv as one layer (model.fused_qkv); ``lora``: rank of adapters on
+    our DiT's default targets (train.lora.rank), its frozen base in ``lora_base`` (train.lora.base_dtype)."""
     if name == "ours":
         model = DiT(**cfg).to(device)
         if fused_qkv:
             model.fuse_qkv()
+        if lora:
+            inject_lora(model, lora)
+            if lora_base == "bf16":
+                frozen_block_linears_to_bf16(model)
         return Trainer("ours", model, dit_forward(model), device, bf16, fused_adamw)
     model = wan_equivalent(cfg).to(device)
     return Trainer("diffusers", model, wan_forward(model), device, bf16, fused_adamw)
@@ -326,6 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="AdamW(fused=True) for both models (default: torch's default, as dit/training/optim.py)")
     p.add_argument("--fused-qkv", action="store_true",
                    help="our DiT's self-attention q and kv projections as one layer (model.fused_qkv=true)")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="LoRA adapters of rank R on our DiT (train.lora.rank); FLOPs stay the 3 x forward count")
+    p.add_argument("--lora-base", choices=["fp32", "bf16"], default="fp32",
+                   help="with --lora: the frozen base as loaded, or its blocks' linear layers in bf16 (bf16 only)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="activation checkpointing of every K-th block of our DiT (0: none)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -334,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.checkpoint_every < 0:
         p.error(f"--checkpoint-every must be >= 0 (0: no checkpointing), got {args.checkpoint_every}")
+    if args.lora_base == "bf16" and not (args.lora and args.dtype == "bf16"):
+        p.error("--lora-base bf16 holds the base as bf16 autocast computes it: give --lora R and --dtype bf16")
     return args
 
 
@@ -369,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         reset = reset_peak_memory(device)
         memory_before = current_memory(device)
-        tr = build_trainer(name, cfg, device, bf16, args.fused_adamw, args.fused_qkv)
+        tr = build_trainer(name, cfg, device, bf16, args.fused_adamw, args.fused_qkv, args.lora, args.lora_base)
         model = tr.model
         tr.memory_before = memory_before
         if args.checkpoint_every and name == "ours":  # before compile, as in training
@@ -399,8 +416,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=args.batch,
         tokens_per_sample=tokens, text_len=args.text_len, text_dim=args.text_dim, dtype=args.dtype,
         autocast=bf16, fused_adamw=args.fused_adamw, fused_qkv=args.fused_qkv, compile=args.compile, steps=args.steps,
+        lora=args.lora, lora_base=args.lora_base if args.lora else None,
         checkpoint_every=args.checkpoint_every, attention=args.attention,
-        warmup=args.warmup, params=ours.params,
+        warmup=args.warmup, params=ours.params, param_bytes=ours.param_bytes,
         flops_per_step=flops, flops_per_step_counted=ours.flops_counted,
         flops_method="analytic (dit/models/flops.py): 3 x forward matmul FLOPs",
         peak_tflops_measured=peak / 1e12, peak_matmul=f"{args.dtype} {matmul_size}x{matmul_size}, best of the runs "
