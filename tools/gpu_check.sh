@@ -12,7 +12,8 @@
 #   summary.json        parts, status, seconds, the benchmarks' headline figures, the environment (env part)
 #   bench_train_B2.json, bench_train_XL2.json, bench_sample_B2.json, bench_sample_XL2.json  (tools/bench_*.py)
 #   bench_variants.json the same benchmarks with one option changed each (SDPA kernel, fused AdamW, fused QKV,
-#                       compile, CUDA graphs): what moves the MFU; run last, each only while the budget holds its limit
+#                       compile, CUDA graphs, LoRA with the base in fp32 or bf16): what moves the MFU; run last, each
+#                       only while the budget holds its limit
 #   pytest_gpu.xml      the tests' JUnit report
 #
 # The GPU machine is offline and lacks webdataset, braceexpand and diffusers (maybe pytest): tools/gpu_wheels.sh,
@@ -81,7 +82,8 @@ if [[ $MODE == gpu ]]; then
     VARIANTS=("B2_cuda_graphs|bench_sample|B2|60|--cuda-graphs" "XL2_flash|bench_train|XL2|60|--attention flash"
               "XL2_cudnn|bench_train|XL2|60|--attention cudnn" "XL2_fused_adamw|bench_train|XL2|60|--fused-adamw"
               "XL2_fused_qkv|bench_train|XL2|60|--fused-qkv" "XL2_compile|bench_train|XL2|150|--compile ours"
-              "XL2_sample_compile|bench_sample|XL2|150|--compile")
+              "XL2_sample_compile|bench_sample|XL2|150|--compile" "XL2_lora16|bench_train|XL2|60|--lora 16"
+              "XL2_lora16_bf16_base|bench_train|XL2|60|--lora 16 --lora-base bf16")
 else
     DEVICE=cpu
     B2="dit-tiny 5x32x32 2"
@@ -92,7 +94,8 @@ else
     LIMIT_TRAIN=180 LIMIT_SAMPLE=180 LIMIT_TESTS=300
     PYTEST_SELECT=(-k "ddp or cuda")  # DIT_GPU_TESTS_ON_CPU=1: test_gpu's ddp case on CPU (the others as on GPU)
     VARIANTS=("B2_math|bench_train|B2|90|--attention math" "B2_checkpoint_every_2|bench_train|B2|90|--checkpoint-every 2"
-              "B2_fused_qkv|bench_train|B2|90|--fused-qkv" "B2_sample_math|bench_sample|B2|90|--attention math")
+              "B2_fused_qkv|bench_train|B2|90|--fused-qkv" "B2_sample_math|bench_sample|B2|90|--attention math"
+              "B2_lora_bf16_base|bench_train|B2|90|--lora 4 --lora-base bf16")
 fi
 read -r p1 s1 _ <<<"$B2"
 read -r p2 s2 _ <<<"$XL2"

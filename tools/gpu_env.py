@@ -307,7 +307,8 @@ def headline(r: dict[str, Any]) -> str:
     """One line of a benchmark's figures, for the log and the summary."""
     shape = "x".join(map(str, r.get("shape", [])))
     what = f"{r.get('preset')} {shape} {r.get('dtype')} batch {r.get('batch')}"
-    options = [f"{k} {r[k]}" for k, off in (("attention", "auto"), ("compile", "none"), ("checkpoint_every", 0))
+    options = [f"{k} {r[k]}" for k, off in (("attention", "auto"), ("compile", "none"), ("checkpoint_every", 0),
+                                            ("lora", 0), ("lora_base", None))
                if r.get(k, off) != off] + [k for k in ("fused_adamw", "fused_qkv", "cuda_graphs") if r.get(k)]
     if options:
         what += f" [{', '.join(options)}]"

@@ -35,7 +35,8 @@ def test_cpu_dry_run_writes_sane_figures(tmp_path: Path) -> None:
     assert "no wheelhouse at" in log and "using the packages already installed" in log
     assert log == proc.stdout  # everything printed is in the log
     table = log[log.rindex("part "):].splitlines()
-    variants = ["variant_B2_math", "variant_B2_checkpoint_every_2", "variant_B2_fused_qkv", "variant_B2_sample_math"]
+    variants = ["variant_B2_math", "variant_B2_checkpoint_every_2", "variant_B2_fused_qkv", "variant_B2_sample_math",
+                "variant_B2_lora_bf16_base"]
     assert [line.split()[:2] for line in table[1:]] == [
         ["wheels", "ok"], ["env", "ok"], ["bench_train_B2", "ok"], ["bench_sample_B2", "ok"],
         *[[v, "ok"] for v in variants], ["total", "ok"]]
@@ -50,6 +51,7 @@ def test_cpu_dry_run_writes_sane_figures(tmp_path: Path) -> None:
             runs["variant_B2_fused_qkv"]["fused_qkv"], runs["variant_B2_sample_math"]["attention"]) == (
         "math", 2, True, "math")
     assert "[fused_qkv]" in summary["figures"]["variant_B2_fused_qkv"]
+    assert "[lora 4, lora_base bf16]" in summary["figures"]["variant_B2_lora_bf16_base"]
     assert "[attention math]" in summary["figures"]["variant_B2_math"]
     assert "[checkpoint_every 2]" in summary["figures"]["variant_B2_checkpoint_every_2"]
     env = summary["env"]
