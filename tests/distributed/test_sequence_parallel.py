@@ -136,7 +136,8 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lo
     if lora:
         trained = [inject_lora(model, rank=2) for model in (plain, sp)][0]
         assert any(".attn1." in n for n in trained)  # the self-attention's projections are adapted too
-        plain.double(), sp.double()
+        for model in (plain, sp):  # (peft's layers arrive in float32)
+            model.double()
     for p in plain.parameters():  # every branch carries a gradient (LoRA's B too)
         torch.nn.init.normal_(p, std=0.1)
     sp.load_state_dict(plain.state_dict())
