@@ -284,6 +284,11 @@ class LoraConfig:
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
+    def base_in_bf16(self, precision: str, strategy: str) -> bool:
+        """Whether the run holds the blocks' frozen linear layers in bf16 (base_dtype): a LoRA run in ``precision``
+        bf16 under ``strategy`` DDP, the one strategy that keeps the base whole in the dtype we give it."""
+        return bool(self.rank) and self.base_dtype == "auto" and precision == "bf16" and strategy == "ddp"
+
 
 @dataclass
 class TrainConfig:

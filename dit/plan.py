@@ -197,7 +197,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
                            cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
                            cfg.model.gradient_checkpointing_every)
     p = 4.0 * size.params  # one fp32 copy
-    bf16_base = t.lora.base_dtype == "auto" and t.mixed_precision in ("bf16", "auto")  # ("auto": bf16 on a GPU)
+    precision = "bf16" if t.mixed_precision == "auto" else t.mixed_precision  # "auto": bf16 on a GPU
     out = []
     for name in STRATEGIES:
         n = max(gpus, 1)
@@ -206,7 +206,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         if size.base:  # LoRA: the frozen base sits in the model with the adapter; the EMA shares it except
             weights = p + 4.0 * size.base  # under ZeRO-3 / FSDP, which shard a copy of it (dit/training/ema.py)
             ema = p + 4.0 * size.base if name in ("zero3", "fsdp") else p
-            if name == "ddp" and bf16_base:  # the blocks' frozen linear layers in bf16 (train.lora.base_dtype)
+            if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers in bf16 (train.py)
                 weights -= 2.0 * size.base_linear
         if name == "zero1":
             optim /= n

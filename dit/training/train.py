@@ -419,7 +419,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
     precision = mixed_precision(t.mixed_precision)  # auto resolved: bf16 on a GPU that has it
-    if lora.rank and lora.base_dtype == "auto" and precision == "bf16" and t.strategy == "ddp":
+    if lora.base_in_bf16(precision, t.strategy):
         log.info("LoRA base: the blocks' frozen linear layers held in bf16, as autocast computes them (%.2f GiB less;"
                  " train.lora.base_dtype=fp32 keeps them as loaded)", frozen_block_linears_to_bf16(model) / 2**30)
     sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
