@@ -2,16 +2,21 @@
 
     dit plan --config configs/tiny.yaml --gpus 8 --gpu-memory 80
 
-Bytes per trainable parameter (fp32 master weights, as Accelerate's autocast and our DeepSpeed/FSDP setups
-keep them): weights 4, gradients 4, AdamW's two moments 8, the EMA copy 4. Each strategy divides some of
-these by the number of ranks that share them (ZeRO-1: optimizer; ZeRO-2: + gradients; ZeRO-3 / FSDP: +
-weights; FSDP also shards the EMA, ZeRO-3 keeps a full EMA replica); offload moves them to host memory.
+Bytes per trainable parameter under DDP and FSDP (fp32 weights, as autocast keeps them): weights 4, gradients 4
+(DDP's are views into its all-reduce buckets), AdamW's two moments 8, the EMA copy 4. FSDP shards all of them over
+the ranks and gathers two blocks at a time (in bf16 in a bf16 run: its mixed precision policy). DeepSpeed holds the
+module in the run's half dtype (2 bytes; fp32 runs 4) and 12 bytes of fp32 master weights and moments over the ranks
+(ZeRO-1: gradients whole until the backward ends; ZeRO-2: reduced per bucket into the partition; ZeRO-3: weights
+and gradients partitioned too, a full EMA replica), plus its reduce bucket (reduce_bucket_size elements of the
+DeepSpeed JSON); offload moves the optimizer (and ZeRO-3's weights) to host memory. Under DDP in a half-precision
+run autocast keeps a half copy of every trained weight from the forward to the backward (2 bytes).
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
 checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs). The frozen VAE and
 text encoder count once per GPU. The optimizer step briefly needs one more fp32 copy of its shard (foreach
-temporaries), which can set the peak when activations are small.
+temporaries; DeepSpeed 8 bytes per trained parameter of its partition), which can set the peak when activations
+are small.
 The totals are tensor bytes, what ``torch.cuda.max_memory_allocated`` reports; "fits" leaves 1 - HEADROOM of the
 GPU for the CUDA context, kernel workspaces and the caching allocator's fragmentation.
 With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
@@ -22,6 +27,7 @@ which joins the clip's tokens in every block).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +38,10 @@ from dit.models.families import FAMILIES
 
 # By model family: (hidden-size values per token that a block keeps for backward, bytes per value under bf16
 # autocast: over 2 where the blocks keep fp32 intermediates, as diffusers' Wan and LTX do). Fitted to the peak tensor
-# bytes of real training steps (tests/training/measure_memory.py; figures in BENCHMARKS.md).
+# bytes of real training steps (tests/training/measure_memory.py; figures in BENCHMARKS.md), autocast's bf16 copies
+# of the weights counted apart.
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
-ACTIVATIONS = {"dit": (30.0, 2.25), "wan": (30.0, 3.0), "ltx": (30.0, 3.0), "cogvideox": (24.0, 2.25)}
+ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0)}
 # Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
 # sequence-parallel rank.
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
@@ -63,6 +70,7 @@ class Estimate:
     grads: float
     optimizer: float
     ema: float
+    buffers: float  # DeepSpeed's gradient reduce bucket (configs/deepspeed: reduce_bucket_size)
     activations: float
     frozen: float
     total: float
@@ -186,6 +194,17 @@ def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int, sequenc
                           f"of {sequence_parallel} GPUs, or a train.sequence_parallel that divides {gpus}")
 
 
+def deepspeed_buckets(cfg: Config, strategy: str) -> tuple[int, int]:
+    """From the DeepSpeed JSON of ``strategy`` (configs/deepspeed/zero{N}.json, or train.deepspeed_config): the
+    elements of the gradient reduce bucket (ZeRO-1/2 allocate it at every backward, ZeRO-3 once) and, for ZeRO-3,
+    of the parameters gathered at once (prefetch bucket + live parameters)."""
+    from dit.distributed.strategies import deepspeed_json
+
+    zero = json.loads(deepspeed_json(cfg.train, int(strategy[-1])).read_text()).get("zero_optimization", {})
+    gathered = zero.get("stage3_prefetch_bucket_size", 5e7) + zero.get("stage3_max_live_parameters", 1e9)
+    return int(zero.get("reduce_bucket_size", 5e8)), int(gathered)
+
+
 def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 8,
              size: ModelSize | None = None, attention_scores: bool = False) -> list[Estimate]:
     """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; half-precision activations,
@@ -196,35 +215,64 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     act = activation_bytes(size, t.batch_size, cfg.model.family, t.mixed_precision != "no",
                            cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
                            cfg.model.gradient_checkpointing_every)
-    p = 4.0 * size.params  # one fp32 copy
+    P, base = float(size.params), float(size.base)
+    every = cfg.model.gradient_checkpointing_every
+    kept_blocks = size.depth - (-(-size.depth // every) if cfg.model.gradient_checkpointing else 0)
     precision = "bf16" if t.mixed_precision == "auto" else t.mixed_precision  # "auto": bf16 on a GPU
+    half = precision in ("bf16", "fp16")
     out = []
     for name in STRATEGIES:
         n = max(gpus, 1)
         shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
-        weights, grads, optim, ema = p, p, 2 * p, p
-        if size.base:  # LoRA: the frozen base sits in the model with the adapter; the EMA shares it except
-            weights = p + 4.0 * size.base  # under ZeRO-3 / FSDP, which shard a copy of it (dit/training/ema.py)
-            ema = p + 4.0 * size.base if name in ("zero3", "fsdp") else p
-            if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers in bf16 (train.py)
-                weights -= 2.0 * size.base_linear
-        if name == "zero1":
-            optim /= n
-        elif name == "zero2":
-            optim, grads = optim / n, grads / n
-        elif name == "zero3":
-            optim, grads, weights = optim / n, grads / n, weights / n
-        elif name == "fsdp":
-            weights, grads, optim, ema = weights / shard, grads / shard, optim / shard, ema / shard
-        if t.offload_optimizer and name.startswith("zero"):
-            optim = 0.0
-        if t.offload_params and name in ("zero3", "fsdp"):
-            weights = 0.0
+        # the EMA shares a LoRA run's frozen base except under ZeRO-3 / FSDP, which shard a copy (dit/training/ema.py)
+        ema = 4.0 * (P + base if name in ("zero3", "fsdp") else P)
+        buffers = 0.0  # DeepSpeed's reduce bucket
         frozen = 4.0 * size.frozen
-        step_temp = optim / 2  # one fp32 copy of the optimizer's shard during the foreach AdamW step
-        total = weights + grads + optim + ema + frozen + max(act, step_temp)
+        if name.startswith("zero"):
+            # DeepSpeed casts the whole module to the run's half dtype and keeps fp32 master weights of its
+            # partition beside AdamW's moments (12 bytes per trained parameter over the ranks); its optimizer step
+            # takes 8 bytes per trained parameter of the partition (its gradients, fp32 copies, temporaries)
+            lp = 2.0 if half else 4.0
+            bucket, gathered = deepspeed_buckets(cfg, name)
+            weights, optim = lp * (P + base), 12.0 * P / n
+            buffers = lp * bucket
+            step_temp = 0.0 if t.offload_optimizer else 8.0 * P / n
+            if t.offload_optimizer:
+                optim = 0.0
+            if name == "zero3":
+                weights = 0.0 if t.offload_params else weights / n
+                grads = lp * P / n  # the partition's gradient buffer, as the reduce bucket: allocated once
+                # the gathered weights, and the gradients in flight with their reduce-scatter copies (fitted with
+                # configs/deepspeed's buckets: tests/training/measure_memory.py under torchrun, BENCHMARKS.md)
+                work = lp * (min(P + base, gathered) + 2 * min(P, bucket))
+                total = weights + grads + optim + ema + buffers + frozen + max(act + work, step_temp)
+            else:
+                # the backward holds all gradients until ZeRO-1 reduces them after it (ZeRO-2: each full bucket,
+                # into its partition), beside the reduce bucket, allocated at every backward
+                grads = lp * (P if name == "zero1" else min(P, bucket) + P / n)
+                total = weights + optim + ema + frozen + max(act + grads + buffers, step_temp)
+        else:
+            weights, grads, optim = 4.0 * (P + base), 4.0 * P, 8.0 * P
+            casts = 0.0  # autocast's half copies of fp32 weights, kept for the backward
+            if half and name == "ddp":
+                # trained weights: in autocast's cache until the forward ends; a frozen LoRA base: saved by the blocks
+                # that keep their activations (recomputed blocks drop theirs)
+                frozen_fp32 = base
+                if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers held in bf16 (train.py)
+                    weights -= 2.0 * size.base_linear
+                    frozen_fp32 -= size.base_linear
+                casts = 2.0 * P + 2.0 * frozen_fp32 * kept_blocks / size.depth
+            if name == "fsdp":
+                weights, grads, optim, ema = weights / shard, grads / shard, optim / shard, ema / shard
+                if t.offload_params:
+                    weights = 0.0
+                # two blocks unsharded: weights gathered (in the half dtype: mp_policy) and the gradients in the
+                # reduce-scatter (fp32), the block at work and the one prefetched or in flight
+                casts = 2 * (P + base) / size.depth * ((2.0 if half else 4.0) + 4.0)
+            step_temp = optim / 2  # one fp32 copy of the optimizer's shard during the foreach AdamW step
+            total = weights + grads + optim + ema + frozen + max(act + casts, step_temp)
         fits = total <= HEADROOM * gpu_memory_gb * 2**30
-        out.append(Estimate(name, weights, grads, optim, ema, act, frozen, total, fits))
+        out.append(Estimate(name, weights, grads, optim, ema, buffers, act, frozen, total, fits))
     return out
 
 
@@ -246,11 +294,11 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
              f"{checkpointing_text(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every)}",
              f"per-GPU memory in GiB with {gpus} GPUs of {gpu_memory_gb:g} GiB:",
-             f"{'strategy':10}{'weights':>8}{'grads':>8}{'optim':>8}{'ema':>8}{'activ':>8}{'frozen':>8}"
-             f"{'total':>8}  fits"]
+             f"{'strategy':10}{'weights':>8}{'grads':>8}{'optim':>8}{'ema':>8}{'buffers':>8}{'activ':>8}"
+             f"{'frozen':>8}{'total':>8}  fits"]
     for e in estimates:
-        lines.append(f"{e.strategy:10}{gb(e.weights)}{gb(e.grads)}{gb(e.optimizer)}{gb(e.ema)}{gb(e.activations)}"
-                     f"{gb(e.frozen)}{gb(e.total)}  {'yes' if e.fits else 'NO'}")
+        lines.append(f"{e.strategy:10}{gb(e.weights)}{gb(e.grads)}{gb(e.optimizer)}{gb(e.ema)}{gb(e.buffers)}"
+                     f"{gb(e.activations)}{gb(e.frozen)}{gb(e.total)}  {'yes' if e.fits else 'NO'}")
     fitting = [e.strategy for e in estimates if e.fits]
     lines.append(f"fits: {', '.join(fitting)}" if fitting else
                  "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, split long clips over "

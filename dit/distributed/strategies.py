@@ -68,7 +68,8 @@ class Strategy:
         if self.env.world_size == 1:
             return model
         ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # gradients as views into DDP's all-reduce buckets: one fp32 copy of them per rank, not two
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def build_optimizer(self, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
         return make_optimizer(self.module.parameters())
@@ -155,12 +156,16 @@ class Strategy:
             self.scaler.load_state_dict(state["scaler"])
 
 
+def deepspeed_json(cfg: TrainConfig, stage: int) -> Path:
+    """train.deepspeed_config, or the packaged configs/deepspeed/zero{stage}.json."""
+    return Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_CONFIGS / f"zero{stage}.json"
+
+
 def deepspeed_config(cfg: TrainConfig, mixed_precision: str) -> dict[str, Any]:
     """configs/deepspeed/zero{N}.json (or train.deepspeed_config), with the batch, clipping, precision and
     offload settings taken from the experiment config so the two never disagree."""
     stage = int(cfg.strategy[-1])
-    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_CONFIGS / f"zero{stage}.json"
-    ds = json.loads(path.read_text())
+    ds = json.loads(deepspeed_json(cfg, stage).read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accum_steps
     ds.pop("train_batch_size", None)
@@ -286,10 +291,21 @@ class FSDPStrategy(Strategy):
             log.info("train.offload_params: the parameters already live on the CPU (no GPU); nothing to offload")
         for m in (model, self.ema.module):
             m.to(self.env.device)
+            # the trained model gathers its weights in the run's half precision: autocast would otherwise keep a
+            # bf16 copy of every gathered (unsharded) weight for the backward, a whole model per rank
+            mp = {"mp_policy": self.mixed_precision_policy()} if m is model and self.mixed_precision in DTYPES else {}
             for block in m.blocks:
-                fully_shard(block, **kwargs)
-            fully_shard(m, **kwargs)
+                fully_shard(block, **kwargs, **mp)
+            fully_shard(m, **kwargs, **mp)
         return model
+
+    def mixed_precision_policy(self) -> Any:
+        """Compute in the half dtype, reduce gradients in fp32 into the fp32 shards; inputs are left as they come
+        (autocast casts what it computes in half precision; timesteps and RoPE tables stay fp32)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=DTYPES[self.mixed_precision], reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
 
     @contextmanager
     def no_sync(self, accumulating: bool) -> Iterator[None]:

@@ -1,19 +1,21 @@
 """The memory of training steps, for `dit plan`'s test: python measure_memory.py [--device cuda] CONFIG OVERRIDES...
 
 Prints JSON {"measured": bytes, "estimated": bytes, ...}: the peak of the tensor bytes live in torch's allocator
-over 3 real AdamW + EMA training steps (real frozen VAE and text encoder, random latents of the configured shape,
-bf16 autocast when train.mixed_precision says so), plus the text encoder's weights (memory-mapped from their file on
-CPU, outside the allocator); and `dit plan`'s estimate for 1 GPU with strategy ddp. On CPU the peak comes from
-torch.profiler's memory events, the same count torch.cuda.max_memory_allocated gives on a GPU, where "reserved"
-(max_memory_reserved: the caching allocator's segments) is printed too. (Not the process's resident memory: that
-holds glibc's and the BLAS libraries' caches and the profiler's own, and varied by 23% between two CPUs.)"""
+over 3 real AdamW + EMA training steps through train.strategy, as dit train takes them (real frozen VAE and text
+encoder, random latents of the configured shape, bf16 autocast when train.mixed_precision says so), plus the text
+encoder's weights (memory-mapped from their file on CPU, outside the allocator); and `dit plan`'s estimate for that
+strategy over the launched processes (torchrun --nproc-per-node N measure_memory.py ...: rank 0 prints). On CPU
+the peak comes from torch.profiler's memory events, the same count torch.cuda.max_memory_allocated gives on a GPU,
+where "reserved" (max_memory_reserved: the caching allocator's segments) is printed too. (Not the process's resident
+memory: that holds glibc's and the BLAS libraries' caches and the profiler's own, and varied by 23% between two
+CPUs.)"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Iterator
-from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,13 +24,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from dit.config import Config, load_config
 from dit.diffusion.objectives import training_loss
-from dit.distributed.parallelize import apply_activation_checkpointing
+from dit.distributed.parallelize import parallelize
+from dit.distributed.setup import DistEnv, setup_distributed, teardown_distributed
 from dit.models.families import build_denoiser
+from dit.models.lora import inject_lora
 from dit.models.text import build_text_encoder
 from dit.models.vae import build_vae
 from dit.pipeline import schedule_from_config
 from dit.plan import JOINT_TEXT, estimate, model_size
 from dit.training.ema import build_ema
+from dit.training.finetune import frozen_block_linears_to_bf16
+from dit.training.step import train_step
 
 
 def events(nodes: list[Any]) -> Iterator[Any]:
@@ -50,35 +56,46 @@ def allocator_figures(prof: profile) -> tuple[int, int]:
     return max(a for _, a in totals), before(forward.end_time_ns) - before(forward.start_time_ns)
 
 
-def train_steps(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, int]:
-    """3 training steps as dit train takes them; returns the text encoder (its weights stay on the CPU) and, on
-    CUDA, the allocator's growth over the last forward."""
-    autocast = torch.autocast(device.type, torch.bfloat16) if cfg.train.mixed_precision == "bf16" else nullcontext()
+def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
+    """3 training steps as dit train takes them, through the strategy train.strategy names; returns the text
+    encoder (its weights stay on the CPU) and, on CUDA, the allocator's growth over the last forward."""
+    device = env.device
     vae = build_vae(cfg.vae).requires_grad_(False).to(device)
     text = build_text_encoder(cfg.text)
     channels, temporal, spatial = cfg.vae.geometry()
     model = build_denoiser(cfg.model, in_channels=channels, text_dim=text.dim, compression=(temporal, spatial))
-    model = model.to(device)
-    if cfg.model.gradient_checkpointing:  # as dit/distributed/parallelize.py does in training
-        apply_activation_checkpointing(model, cfg.model.gradient_checkpointing_every)
-    ema = build_ema(model, 0.999)
-    # foreach, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's temporaries)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    lora, t = cfg.train.lora, cfg.train
+    if lora.rank:  # as dit train sets up a LoRA run: the adapter, its base's linears in bf16, the EMA sharing the base
+        inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        if lora.base_in_bf16(t.mixed_precision, t.strategy):
+            frozen_block_linears_to_bf16(model)
+    shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")
+    # foreach AdamW, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's
+    # temporaries)
+    strategy = parallelize(model, env, cfg.train, ema=build_ema(model, 0.999, share_frozen=shared),
+                           make_optimizer=lambda params: torch.optim.AdamW([p for p in params if p.requires_grad],
+                                                                           lr=1e-4, foreach=True),
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           mixed_precision=cfg.train.mixed_precision,
+                           checkpoint_every=cfg.model.gradient_checkpointing_every)
     schedule = schedule_from_config(cfg.diffusion)
     b = cfg.train.batch_size
     shape = (b, channels, 1 + (cfg.data.frames - 1) // temporal, cfg.data.height // spatial, cfg.data.width // spatial)
     states, mask = text.encode(["a red circle moving left"] * b)
     kwargs = dict(text=states.to(device), text_mask=mask.to(device))
     growth = 0
-    for step in range(3):
+
+    def micro_loss(_: int) -> torch.Tensor:
+        nonlocal growth
         before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        with autocast, torch.profiler.record_function("forward"):
-            loss = training_loss(model, torch.randn(shape, device=device), schedule, model_kwargs=kwargs)
+        with torch.profiler.record_function("forward"):
+            loss = training_loss(strategy.model, torch.randn(shape, device=device), schedule, model_kwargs=kwargs)
         growth = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model, step=step)
+        return loss
+
+    for step in range(3):
+        if train_step(strategy, micro_loss).applied:
+            strategy.update_ema(step)
     del vae
     return text, growth
 
@@ -90,6 +107,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg, device = load_config(args.config, args.overrides), torch.device(args.device)
+    # ZeRO and FSDP need a group (one process without a launcher; torchrun for more), as dit train makes it
+    env = replace(setup_distributed(needs_group=cfg.train.strategy != "ddp"), device=device)
     torch.manual_seed(0)
     reserved = None
     if device.type == "cuda":
@@ -100,23 +119,25 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start, start_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-        text, growth = train_steps(cfg, device)
+        text, growth = train_steps(cfg, env)
         peak = torch.cuda.max_memory_allocated() - start
         reserved = torch.cuda.max_memory_reserved() - start_reserved
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            text, _ = train_steps(cfg, device)
+            text, _ = train_steps(cfg, env)
         peak, growth = allocator_figures(prof)
     mapped = sum(p.numel() * p.element_size() for p in text.parameters())
     size = model_size(cfg)
-    est = next(e for e in estimate(cfg, 1, 80, size=size) if e.strategy == "ddp")
+    est = next(e for e in estimate(cfg, env.world_size, 80, size=size) if e.strategy == cfg.train.strategy)
     # the forward's growth in values per token per hidden unit per block, at the precision's bytes per value
     bytes_per_value = 4 if cfg.train.mixed_precision == "no" else 2
     stream = size.tokens + (size.text_len if cfg.model.family in JOINT_TEXT else 0)  # CogVideoX: text tokens too
     per_block = growth / (bytes_per_value * cfg.train.batch_size * stream * size.hidden * size.depth)
-    print(json.dumps({"measured": peak + mapped, "estimated": est.total, "params": size.params,
-                      "activations": est.activations, "reserved": reserved and reserved + mapped,
-                      "forward_activations": growth, "values_per_token_per_block": round(per_block, 2)}))
+    if env.is_main:
+        print(json.dumps({"measured": peak + mapped, "estimated": est.total, "params": size.params,
+                          "activations": est.activations, "reserved": reserved and reserved + mapped,
+                          "forward_activations": growth, "values_per_token_per_block": round(per_block, 2)}))
+    teardown_distributed()
 
 
 if __name__ == "__main__":
