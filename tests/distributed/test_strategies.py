@@ -172,6 +172,30 @@ def test_a_nan_in_the_last_micro_batch_drops_the_whole_window_under_deepspeed(
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
+BF16 = {"train.steps": 6, "train.checkpoint_every": 6, "train.lr_schedule": "constant", "train.mixed_precision": "bf16"}
+
+
+def test_bf16_under_fsdp_and_deepspeed_trains_like_one_process(tmp_path: Path, small_shards: str,
+                                                                 small_vae: Path) -> None:
+    """bf16 on 2 processes: FSDP gathers its weights in bf16 (mixed precision policy, gradients reduced in fp32) and
+    DeepSpeed holds a bf16 module beside fp32 masters, where the 1-process run keeps fp32 weights under autocast.
+    The half-precision copies round the same weights to the same bf16 values before each matmul; what differs is
+    the ops autocast leaves in fp32 (norms, modulation) seeing bf16 weights, and the reduction order: measured
+    4.5e-5 (FSDP) and 1.0e-4 (ZeRO-2) apart over 6 steps, against 3.4e-5 for DDP."""
+    pytest.importorskip("deepspeed")
+    one = tmp_path / "one"
+    done = dit_train(one, small_shards, small_vae, **{**BF16, "train.batch_size": 4})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for strategy, rel in (("fsdp", 1e-4), ("zero2", 3e-4)):
+        run = tmp_path / strategy
+        done = dit_torchrun(2, run, small_shards, small_vae, **{**BF16, "train.batch_size": 2,
+                                                               "train.parity_batch": True, "train.strategy": strategy})
+        assert done.returncode == 0, done.stderr[-5000:]
+        assert losses(run) == pytest.approx(losses(one), rel=rel), (strategy, losses(one), losses(run))
+    weights, _ = load_weights(list_checkpoints(tmp_path / "fsdp")[-1])  # exported in fp32, as trained
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+
+
 def test_sampling_during_training_is_spread_over_ranks_under_fsdp(tmp_path: Path, small_shards: str,
                                                                   small_vae: Path) -> None:
     """Each rank samples its share of the prompts with the sharded EMA model (its forward gathers weights, so a
