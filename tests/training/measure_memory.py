@@ -34,6 +34,7 @@ from dit.pipeline import schedule_from_config
 from dit.plan import JOINT_TEXT, estimate, model_size
 from dit.training.ema import build_ema
 from dit.training.finetune import frozen_block_linears_to_bf16
+from dit.training.optim import mixed_precision
 from dit.training.step import train_step
 
 
@@ -65,9 +66,10 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
     channels, temporal, spatial = cfg.vae.geometry()
     model = build_denoiser(cfg.model, in_channels=channels, text_dim=text.dim, compression=(temporal, spatial))
     lora, t = cfg.train.lora, cfg.train
+    precision = mixed_precision(t.mixed_precision)  # auto resolved, as dit train does
     if lora.rank:  # as dit train sets up a LoRA run: the adapter, its base's linears in bf16, the EMA sharing the base
         inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        if lora.base_in_bf16(t.mixed_precision, t.strategy):
+        if lora.base_in_bf16(precision, t.strategy):
             frozen_block_linears_to_bf16(model)
     shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")
     # foreach AdamW, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's
@@ -76,7 +78,7 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
                            make_optimizer=lambda params: torch.optim.AdamW([p for p in params if p.requires_grad],
                                                                            lr=1e-4, foreach=True),
                            gradient_checkpointing=cfg.model.gradient_checkpointing,
-                           mixed_precision=cfg.train.mixed_precision,
+                           mixed_precision=precision,
                            checkpoint_every=cfg.model.gradient_checkpointing_every)
     schedule = schedule_from_config(cfg.diffusion)
     b = cfg.train.batch_size
