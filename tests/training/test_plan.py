@@ -98,7 +98,9 @@ def test_fsdp_gathers_the_weights_in_bf16_for_a_bf16_run() -> None:
     ["train.mixed_precision=bf16", *ACTIVATION_BOUND],
     ["train.mixed_precision=bf16", *ACTIVATION_BOUND, "model.gradient_checkpointing=true",
      "model.gradient_checkpointing_every=2"],
-], ids=["bf16", "bf16-checkpoint-every-2"])
+    # FSDP on one GPU (NCCL): its bf16 gathers, which gloo's copies blur on CPU
+    ["train.mixed_precision=bf16", *ACTIVATION_BOUND, "train.strategy=fsdp"],
+], ids=["bf16", "bf16-checkpoint-every-2", "fsdp-bf16"])
 def test_plan_on_cuda_holds_max_memory_allocated_and_fits_reserved(model: list[str]) -> None:
     """On a GPU: the plan against torch.cuda.max_memory_allocated as on CPU, and the caching allocator's reserved
     peak within the total / HEADROOM that "fits" allows for (no MiniLM on the GPU machine: no text encoder)."""
