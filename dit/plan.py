@@ -309,5 +309,6 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     lines.append(f"(tensor bytes, as torch.cuda.max_memory_allocated counts them; fits: total <= {HEADROOM:.0%} "
                  "of the GPU, the rest for the CUDA context, workspaces and fragmentation)")
     if gpus == 1:
-        lines.append("(1 GPU: the ZeRO stages and FSDP shard over 1 rank, so they save nothing without offload)")
+        lines.append("(1 GPU: the ZeRO stages and FSDP shard over 1 rank; they differ from DDP only in what they hold "
+                     "in bf16 (DeepSpeed: the module, beside fp32 masters) and in their buffers, unless they offload)")
     return "\n".join(lines)
