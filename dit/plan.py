@@ -9,7 +9,7 @@ module in the run's half dtype (2 bytes; fp32 runs 4) and 12 bytes of fp32 maste
 (ZeRO-1: gradients whole until the backward ends; ZeRO-2: reduced per bucket into the partition; ZeRO-3: weights
 and gradients partitioned too, a full EMA replica), plus its reduce bucket (reduce_bucket_size elements of the
 DeepSpeed JSON); offload moves the optimizer (and ZeRO-3's weights) to host memory. Under DDP in a half-precision
-run autocast keeps a half copy of every trained weight from the forward to the backward (2 bytes).
+run autocast's half copies of the weights live from the forward to the backward (2 bytes per trained parameter).
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
@@ -255,8 +255,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
             weights, grads, optim = 4.0 * (P + base), 4.0 * P, 8.0 * P
             casts = 0.0  # autocast's half copies of fp32 weights, kept for the backward
             if half and name == "ddp":
-                # trained weights: in autocast's cache until the forward ends; a frozen LoRA base: saved by the blocks
-                # that keep their activations (recomputed blocks drop theirs)
+                # saved for the backward by the blocks that keep their activations (recomputed blocks drop theirs:
+                # the strategies' autocast keeps no cast cache); a trained weight's counted whole, as the backward's
+                # peak (gradients growing beside a recomputed block) takes their place (measure_memory.py)
                 frozen_fp32 = base
                 if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers held in bf16 (train.py)
                     weights -= 2.0 * size.base_linear

@@ -77,7 +77,9 @@ class Strategy:
     # --- one step
     def autocast(self) -> AbstractContextManager:
         dtype = DTYPES.get(self.mixed_precision)
-        return torch.autocast(self.env.device.type, dtype=dtype) if dtype else nullcontext()
+        # no cast cache: each weight is used once per forward, so caching saves no cast, and it would hold a half
+        # copy of every trained weight until the forward ends, recomputed (checkpointed) blocks' included
+        return torch.autocast(self.env.device.type, dtype=dtype, cache_enabled=False) if dtype else nullcontext()
 
     def no_sync(self, accumulating: bool) -> AbstractContextManager:
         """While ``accumulating`` (a micro-batch before the last), keep gradients local: no all-reduce."""
