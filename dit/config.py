@@ -289,6 +289,11 @@ class LoraConfig:
         bf16 under ``strategy`` DDP, the one strategy that keeps the base whole in the dtype we give it."""
         return bool(self.rank) and self.base_dtype == "auto" and precision == "bf16" and strategy == "ddp"
 
+    def ema_shares_base(self, strategy: str) -> bool:
+        """Whether the EMA shares the model's frozen base (a LoRA run under DDP / ZeRO-1 / ZeRO-2): ZeRO-3 and FSDP
+        shard a copy of it with the EMA instead (dit/training/ema.py)."""
+        return bool(self.rank) and strategy in ("ddp", "zero1", "zero2")
+
 
 @dataclass
 class TrainConfig:

@@ -224,8 +224,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     for name in STRATEGIES:
         n = max(gpus, 1)
         shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
-        # the EMA shares a LoRA run's frozen base except under ZeRO-3 / FSDP, which shard a copy (dit/training/ema.py)
-        ema = 4.0 * (P + base if name in ("zero3", "fsdp") else P)
+        ema = 4.0 * (P if t.lora.ema_shares_base(name) else P + base)  # (base is 0 without LoRA)
         buffers = 0.0  # DeepSpeed's reduce bucket
         frozen = 4.0 * size.frozen
         if name.startswith("zero"):

@@ -423,8 +423,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         log.info("LoRA base: the blocks' frozen linear layers held in bf16, as autocast computes them (%.2f GiB less;"
                  " train.lora.base_dtype=fp32 keeps them as loaded)", frozen_block_linears_to_bf16(model) / 2**30)
     sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
-    shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")  # ZeRO-3 / FSDP shard the EMA instead
-    strategy = parallelize(model, env, t, ema=build_ema(model, t.ema_decay, share_frozen=shared),
+    ema = build_ema(model, t.ema_decay, share_frozen=lora.ema_shares_base(t.strategy))
+    strategy = parallelize(model, env, t, ema=ema,
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
                            mixed_precision=precision,

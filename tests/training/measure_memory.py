@@ -71,10 +71,10 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
         inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
         if lora.base_in_bf16(precision, t.strategy):
             frozen_block_linears_to_bf16(model)
-    shared = bool(lora.rank) and t.strategy in ("ddp", "zero1", "zero2")
     # foreach AdamW, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's
     # temporaries)
-    strategy = parallelize(model, env, cfg.train, ema=build_ema(model, 0.999, share_frozen=shared),
+    ema = build_ema(model, 0.999, share_frozen=lora.ema_shares_base(t.strategy))
+    strategy = parallelize(model, env, cfg.train, ema=ema,
                            make_optimizer=lambda params: torch.optim.AdamW([p for p in params if p.requires_grad],
                                                                            lr=1e-4, foreach=True),
                            gradient_checkpointing=cfg.model.gradient_checkpointing,
