@@ -2,7 +2,7 @@
 sharded strategies: 2 CPU processes (gloo) with ZeRO-2 (3 steps, then resumed to 6), FSDP and sequence parallelism
 train like one process on the same global batch (train.parity_batch), and a 1-process run killed with SIGKILL and
 resumed with train.resume=auto ends bitwise equal to the uninterrupted one. A tiny CogVideoX (v-prediction) LoRA
-fine-tune trains with sequence parallelism as on one process too."""
+fine-tune and a tiny LTX-Video model train with sequence parallelism as on one process too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import DEMO, dit_torchrun, dit_train, sample_both_ways, small_config
+from runs import DEMO, MEDIA_FREE, dit_torchrun, dit_train, sample_both_ways, small_config
 from test_family_training import WAN
 from test_resume import kill_when, logged, steps_of
 
@@ -139,6 +139,49 @@ def test_a_cogvideox_lora_fine_tune_with_sequence_parallelism_matches_one_proces
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
     sample_both_ways(runs[2], tmp_path, "--height", "32")  # 32 x 16 pixels: 2 latent tokens of patch 2
+
+
+# LTX-Video at the tiny test sizes (tests/finetune/test_lora.py's): patch 1, so each latent is a token
+LTX = dict(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2)
+
+
+@pytest.mark.skipif(MEDIA_FREE, reason="LTX's VAE needs 8k+1-frame clips of 32-pixel multiples: encoded mp4 shards")
+def test_an_ltx_model_with_sequence_parallelism_matches_one_process(tmp_path: Path) -> None:
+    """train.sequence_parallel=2 on an LTX-Video model (packed tokens of patch 1, RoPE passed as image_rotary_emb:
+    sequence_families cuts it like the tokens) through `dit train`, on a tiny LTX VAE (8x time, 32x space): 2
+    processes train as 1 on the same batch, and its checkpoint samples on 2 processes as on 1."""
+    import sys
+
+    from data_pipelines.synthetic import make_synthetic
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_vaes import save_tiny_vae
+
+    save_tiny_vae("ltx", tmp_path / "vae")
+    shards = tmp_path / "shards"
+    make_synthetic(shards, num_clips=16, frames=9, height=32, width=64, clips_per_shard=8, seed=5)
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "ltx", "family_config": LTX, "patch_size": None}
+    data["vae"] = {"family": "ltx", "pretrained": str(tmp_path / "vae")}
+    data["diffusion"] = {"objective": "flow", "timestep_sampling": "logit_normal", "shift": 3.0, "prompt_dropout": 0.3}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
+    (tmp_path / "ltx.yaml").write_text(yaml.safe_dump(data))
+    # 9 frames of 32 x 64 pixels: latents 2 x 1 x 2, so 4 tokens per clip, 2 on each rank
+    clip = {"data.frames": 9, "data.height": 32, "data.width": 64, "data.shuffle_buffer": 4}
+    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
+    for sp, run in runs.items():
+        settings = {**COMMON, **clip, "train.sequence_parallel": sp}
+        done = (dit_torchrun(2, run, str(shards), None, config=tmp_path / "ltx.yaml", **settings) if sp > 1
+                else dit_train(run, str(shards), None, config=tmp_path / "ltx.yaml", **settings))
+        assert done.returncode == 0, done.stderr[-5000:]
+    assert "sequence parallel: groups of 2 ranks" in done.stderr
+    ref = losses(runs[1])
+    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    sample_both_ways(runs[2], tmp_path, "--height", "32", "--width", "64")  # one frame: 1 x 2 latent tokens
 
 
 def test_a_wan_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path,
