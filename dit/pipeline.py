@@ -191,7 +191,7 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
 def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """A first frame [B or 1, 3, H, W] (uint8, or float in [-1, 1]) -> the DiT's image-to-video condition for latents
     of ``shape`` [B, C, t, h, w]: the image encoded by the VAE as a 1-frame clip (posterior mean, normalized) at
-    latent frame 0, zeros after it, and the mask channel (dit/models/condition.py)."""
+    latent frame 0, zeros after it, and the mask channel where the model takes one (dit/models/condition.py)."""
     if not getattr(pipe.model, "condition_channels", 0):
         raise ValueError("this checkpoint was not trained to continue a first frame (model.condition=none): sample "
                          "without an image, or train with model.condition=first_frame")
@@ -205,7 +205,8 @@ def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] 
     device = next(pipe.model.parameters()).device
     x = x.to(device).expand(b, -1, -1, -1)  # [B, 3, H, W]
     first = pipe.vae.normalize(pipe.vae.encode(x[:, :, None]).mode())  # [B, C, 1, h, w]
-    return first_frame_condition(first, t)  # [B, C + 1, t, h, w]
+    first = first * getattr(pipe.vae, "condition_scale", 1.0)  # (CogVideoX 1.5's VAE: see vae_families)
+    return first_frame_condition(first, t, mask=getattr(pipe.model, "condition_mask", True))  # [B, C (+ 1), t, h, w]
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ four mask channels, one per pixel frame folded into a latent frame).
 
 A sample without a condition (training's dropped share, or text-to-video sampling) gets all zeros, the mask too:
 the model tells "no image" from "a black image" by the mask. ``None`` in the DiT means that.
+
+A pretrained CogVideoX-I2V transformer takes the same condition without the mask channel ([B, C, t, h, w]: the
+image latent at frame 0, zeros after it, CogVideoXImageToVideoPipeline's ``image_latents``), so ``mask=False``
+builds that form; which form a denoiser takes is its ``condition_mask`` attribute.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from torch import Tensor
 CONDITIONS = ("none", "first_frame")
 
 
+def condition_mask(family: str) -> bool:
+    """Whether a model.family's image condition has the mask channel (our DiT) or not (CogVideoX-I2V)."""
+    return family == "dit"
+
+
 def condition_channels(condition: str, latent_channels: int) -> int:
     """Channels the condition adds to the DiT's input: 0 for none, C + 1 (latent + mask) for first_frame."""
     if condition not in CONDITIONS:
@@ -27,23 +36,26 @@ def condition_channels(condition: str, latent_channels: int) -> int:
     return 0 if condition == "none" else latent_channels + 1
 
 
-def first_frame_condition(first: Tensor, latent_frames: int, keep: Tensor | None = None) -> Tensor:
+def first_frame_condition(first: Tensor, latent_frames: int, keep: Tensor | None = None,
+                          mask: bool = True) -> Tensor:
     """The first-frame latent [B, C, 1, h, w] (normalized) -> the condition [B, C + 1, latent_frames, h, w]: the
-    latent at t = 0 and zeros after it, then the mask channel (1 at t = 0). ``keep`` [B] bool: rows where it is False
-    get no condition (all zeros, the mask too)."""
+    latent at t = 0 and zeros after it, then the mask channel (1 at t = 0); ``mask=False``: no mask channel
+    ([B, C, t, h, w], CogVideoX-I2V's form). ``keep`` [B] bool: rows where it is False get no condition (all zeros,
+    the mask too)."""
     if first.ndim != 5 or first.shape[2] != 1:
         raise ValueError(f"expected a first-frame latent [B, C, 1, h, w], got {tuple(first.shape)}")
     b, c, _, h, w = first.shape
-    cond = first.new_zeros(b, c + 1, latent_frames, h, w)  # [B, C + 1, t, h, w]
+    cond = first.new_zeros(b, c + int(mask), latent_frames, h, w)  # [B, C (+ 1), t, h, w]
     cond[:, :c, :1] = first  # the latent at t = 0
-    cond[:, c, 0] = 1.0  # the mask
+    if mask:
+        cond[:, c, 0] = 1.0
     if keep is not None:
         cond = cond * keep.to(device=cond.device, dtype=cond.dtype).view(b, 1, 1, 1, 1)
     return cond
 
 
 def draw_first_frame_condition(first: Tensor, latent_frames: int, prob: float, noise_std: float,
-                               generator: torch.Generator) -> Tensor:
+                               generator: torch.Generator, mask: bool = True) -> Tensor:
     """Training's condition for a batch: each row keeps its first frame with probability ``prob`` (else zeros, so
     the model stays a text-to-video model too), and its latent gets Gaussian noise of a std drawn uniformly from
     [0, noise_std] per row (noise augmentation, as CogVideoX-I2V draws one per sample around e^-3 ~ 0.05; the range
@@ -54,4 +66,4 @@ def draw_first_frame_condition(first: Tensor, latent_frames: int, prob: float, n
     std = torch.rand(b, generator=generator) * noise_std  # [B]
     noise = torch.randn(first.shape, generator=generator)  # [B, C, 1, h, w]
     noisy = first + (std.view(b, 1, 1, 1, 1) * noise).to(device=first.device, dtype=first.dtype)
-    return first_frame_condition(noisy, latent_frames, keep)
+    return first_frame_condition(noisy, latent_frames, keep, mask)

@@ -51,6 +51,9 @@ class PretrainedVAE(nn.Module):
         self.register_buffer("latents_mean", mean.float().view(1, c, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", std.float().view(1, c, 1, 1, 1), persistent=False)
         self.scaling_factor = float(scale)
+        # An image-to-video condition's latents over the normalized ones: CogVideoX 1.5's VAE (invert_scale_latents)
+        # has CogVideoXImageToVideoPipeline divide the image latents by the scaling factor instead of multiplying.
+        self.condition_scale = 1.0 / float(scale) ** 2 if config.get("invert_scale_latents") else 1.0
         if tiling:
             vae.enable_tiling()
 

@@ -41,7 +41,7 @@ from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
-from dit.models.condition import draw_first_frame_condition
+from dit.models.condition import condition_mask, draw_first_frame_condition
 from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import build_denoiser, check_fit
 from dit.models.lora import inject_lora, is_lora_key
@@ -170,8 +170,9 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
     if model is not None and model.condition == "first_frame":
-        drawn += (draw_first_frame_condition(latents[:, :, :1], latents.shape[2], model.condition_prob,
-                                             model.condition_noise, rng.gen),)  # [B, C + 1, t, h, w]
+        first = latents[:, :, :1] * getattr(vae, "condition_scale", 1.0)  # (CogVideoX 1.5's VAE: see vae_families)
+        drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
+                                             rng.gen, condition_mask(model.family)),)  # [B, C (+ 1), t, h, w]
     return drawn if keep is None else tuple(x[keep] for x in drawn)
 
 

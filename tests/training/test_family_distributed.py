@@ -141,6 +141,53 @@ def test_a_cogvideox_lora_fine_tune_with_sequence_parallelism_matches_one_proces
     sample_both_ways(runs[2], tmp_path, "--height", "32")  # 32 x 16 pixels: 2 latent tokens of patch 2
 
 
+def test_a_cogvideox_i2v_model_with_sequence_parallelism_matches_one_process(tmp_path: Path,
+                                                                              small_shards: str) -> None:
+    """model.condition=first_frame on a CogVideoX-I2V transformer (random weights at the tiny sizes: in_channels
+    2C, the first frame's latents beside the noisy ones) through `dit train`, with and without sequence
+    parallelism: the condition is drawn the same way on every rank of the group, so 2 processes train as 1, and
+    `dit sample --image` of the checkpoint draws the same image on 2 processes as on 1."""
+    import sys
+
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_vaes import save_tiny_vae
+
+    from dit.export import load_weights
+
+    save_tiny_vae("cogvideox", tmp_path / "vae")
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "cogvideox", "family_config": COGVIDEOX, "condition": "first_frame",
+                     "condition_prob": 0.75}
+    data["vae"] = {"family": "cogvideox", "pretrained": str(tmp_path / "vae")}
+    data["diffusion"] = {"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3}
+    data["sample"] = {"sampler": "ddim", "steps": 2, "cfg": 4.0}
+    (tmp_path / "i2v.yaml").write_text(yaml.safe_dump(data))
+    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
+    for sp, run in runs.items():
+        settings = {**COMMON, "train.sequence_parallel": sp}
+        done = (dit_torchrun(2, run, small_shards, None, config=tmp_path / "i2v.yaml", **settings) if sp > 1
+                else dit_train(run, small_shards, None, config=tmp_path / "i2v.yaml", **settings))
+        assert done.returncode == 0, done.stderr[-5000:]
+    ref = losses(runs[1])
+    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
+    _, config = load_weights(list_checkpoints(runs[1])[-1])
+    c = config["dit"]["diffusers"]["out_channels"]
+    assert config["dit"]["condition_channels"] == c and config["dit"]["diffusers"]["in_channels"] == 2 * c
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
+    # (not the keys' LayerNorm bias: its exact gradient is zero, since a bias shared by every key shifts all of a
+    # query's logits alike, so AdamW steps on rounding noise there, which differs with the order of the sums)
+    kept = [k for k in a if not k.endswith("norm_k.bias")]
+    assert a.keys() == b.keys() and len(kept) == len(a) - 2
+    for k in kept:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    gen = torch.Generator().manual_seed(2)
+    Image.fromarray(torch.randint(0, 256, (32, 16, 3), generator=gen, dtype=torch.uint8).numpy()).save(
+        tmp_path / "first.png")
+    sample_both_ways(runs[2], tmp_path, "--height", "32", "--image", str(tmp_path / "first.png"))
+
+
 # LTX-Video at the tiny test sizes (tests/finetune/test_lora.py's): patch 1, so each latent is a token
 LTX = dict(num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2)
 

@@ -103,8 +103,9 @@ def test_config_checks_the_condition_and_refuses_it_for_the_families() -> None:
                        ({"condition_noise": -0.1}, "condition_noise")]:
         with pytest.raises(ConfigError, match=match):
             ModelConfig(**bad)
-    with pytest.raises(ConfigError, match="implemented for our DiT only"):
-        ModelConfig(family="wan", condition="first_frame")
+    for family in ("wan", "ltx"):
+        with pytest.raises(ConfigError, match="implemented for our DiT and CogVideoX-I2V"):
+            ModelConfig(family=family, condition="first_frame")
 
 
 # ----------------------------------------------------------------------------- training and sampling

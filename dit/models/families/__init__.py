@@ -61,7 +61,7 @@ def check_fit(model_cfg: Any, in_channels: int, text_dim: int) -> None:
     family = getattr(model_cfg, "family", "dit")
     if family in FAMILIES:
         dcfg = _fill(FAMILIES[family], model_cfg, in_channels, text_dim)
-        _check_fit(FAMILIES[family], dcfg, _where(model_cfg), in_channels, text_dim)
+        _check_fit(FAMILIES[family], dcfg, model_cfg, in_channels, text_dim)
 
 
 def _where(model_cfg: Any) -> str:
@@ -73,19 +73,35 @@ def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim:
     model.family_config sets them."""
     dcfg = family_config(cls.family, model_cfg.pretrained, model_cfg.family_config)
     if not model_cfg.pretrained:
-        fill = {"in_channels": in_channels, cls.text_key: text_dim}
+        given = model_cfg.family_config
+        i2v = cls.concat_condition and getattr(model_cfg, "condition", "none") == "first_frame"
+        fill = {"in_channels": 2 * in_channels if i2v else in_channels, cls.text_key: text_dim}
         if "out_channels" in dcfg:
-            fill["out_channels"] = model_cfg.family_config.get("in_channels", in_channels)
-        dcfg.update({k: v for k, v in fill.items() if k not in model_cfg.family_config})
+            fill["out_channels"] = in_channels if i2v else given.get("in_channels", in_channels)
+        dcfg.update({k: v for k, v in fill.items() if k not in given})
     return dcfg
 
 
-def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], where: str, in_channels: int, text_dim: int) -> None:
-    """The transformer must take the VAE's latent channels and the text encoder's width."""
-    if int(dcfg["in_channels"]) != in_channels:
-        raise ConfigError(f"{where}: the {cls.family} transformer takes {dcfg['in_channels']} latent channels but "
+def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, in_channels: int,
+               text_dim: int) -> None:
+    """The transformer must take the VAE's latent channels and the text encoder's width, and an image condition
+    exactly when model.condition=first_frame."""
+    where = _where(model_cfg)
+    extra = cls.condition_width(dcfg)
+    latent = int(dcfg["in_channels"]) - extra
+    if latent != in_channels:
+        takes = f"{latent} latent channels (+ {extra} of an image condition)" if extra else f"{latent} latent channels"
+        raise ConfigError(f"{where}: the {cls.family} transformer takes {takes} but "
                           f"the VAE gives {in_channels}; use the VAE this transformer was trained with "
                           f"(vae.family / vae.pretrained){'' if 'pretrained' in where else ' or change in_channels'}")
+    condition = getattr(model_cfg, "condition", "none")
+    if extra and condition != "first_frame":
+        raise ConfigError(f"{where}: an image-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} ="
+                          f" {latent} latent + {extra} image-condition channels): set model.condition=first_frame")
+    if not extra and condition == "first_frame":
+        raise ConfigError(f"{where}: a text-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} = "
+                          f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
+                          f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
     if int(dcfg[cls.text_key]) != text_dim:
         raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
                           f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
@@ -115,7 +131,7 @@ def build_denoiser(model_cfg: Any, in_channels: int, text_dim: int, *, compressi
         raise ConfigError(f"model.family: unknown family {family!r}; choose one of {', '.join(FAMILY_NAMES)}")
     cls, pretrained = FAMILIES[family], model_cfg.pretrained
     dcfg = _fill(cls, model_cfg, in_channels, text_dim)
-    _check_fit(cls, dcfg, _where(model_cfg), in_channels, text_dim)
+    _check_fit(cls, dcfg, model_cfg, in_channels, text_dim)
     tcls = cls.transformer_class()
     if pretrained and load_weights:
         transformer = tcls.from_pretrained(pretrained, torch_dtype=torch.float32)

@@ -42,17 +42,48 @@ class FamilyDenoiser(nn.Module):
     option_keys: ClassVar[tuple[str, ...]] = ()  # adapter settings (not diffusers') kept in the config
     # the text tokens run through every block beside the clip's (self-attention over both, no cross-attention)
     joint_text: ClassVar[bool] = False
+    # image-to-video (model.condition=first_frame): whether the family has a transformer that takes the first-frame
+    # latent concatenated to its input channels (in_channels = 2 x out_channels: CogVideoX-I2V), without a mask
+    # channel (dit/models/condition.py)
+    concat_condition: ClassVar[bool] = False
+    condition_mask: ClassVar[bool] = False
 
     def __init__(self, transformer: nn.Module, **options: Any) -> None:
         super().__init__()
         self.transformer = transformer
         dcfg = jsonable(transformer.config)
-        self.in_channels, self.text_dim = int(dcfg["in_channels"]), int(dcfg[self.text_key])
+        # in_channels: the latent channels (the VAE's); condition_channels: what an image-to-video transformer takes
+        # beside them (0: text-to-video)
+        self.condition_channels = self.condition_width(dcfg)
+        self.in_channels = int(dcfg["in_channels"]) - self.condition_channels
+        self.text_dim = int(dcfg[self.text_key])
         sizes = self.sizes(dcfg)
         self.patch: tuple[int, int, int] = tuple(sizes["patch_size"])
         self.config: dict[str, Any] = dict(family=self.family, diffusers=dcfg, in_channels=self.in_channels,
                                            text_dim=self.text_dim, prediction=self.prediction, **sizes,
                                            **{k: options[k] for k in self.option_keys})
+        if self.condition_channels:
+            self.config["condition_channels"] = self.condition_channels
+
+    @classmethod
+    def condition_width(cls, dcfg: dict[str, Any]) -> int:
+        """Input channels beyond the output's: an image-to-video transformer's condition (0 for text-to-video)."""
+        if not cls.concat_condition:
+            return 0
+        return int(dcfg["in_channels"]) - int(dcfg.get("out_channels") or dcfg["in_channels"])
+
+    def with_condition(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """x [B, C, t, h, w] with the image condition concatenated on channels (zeros when None: no image)."""
+        if not self.condition_channels:
+            if condition is not None:
+                raise ValueError(f"this {self.family} transformer takes no image condition (a text-to-video model)")
+            return x
+        if condition is None:
+            condition = x.new_zeros(x.shape[0], self.condition_channels, *x.shape[2:])
+        if condition.shape[1] != self.condition_channels or condition.shape[2:] != x.shape[2:]:
+            raise ValueError(f"image condition of shape {tuple(condition.shape)} does not fit latents of shape "
+                             f"{tuple(x.shape)} ({self.condition_channels} condition channels)")
+        return torch.cat([x, condition.to(x.dtype)], dim=1)  # [B, C + C_cond, t, h, w]
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -21,6 +21,7 @@ class CogVideoXDenoiser(FamilyDenoiser):
     text_key = "text_embed_dim"
     prediction = "v"
     joint_text = True
+    concat_condition = True  # CogVideoX-I2V: the image latents beside the noisy ones (in_channels 2C)
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +49,10 @@ class CogVideoXDenoiser(FamilyDenoiser):
                                        temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
                                        max_size=(base_h, base_w), device=device)  # CogVideoX 1.5
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``condition``: an I2V transformer's image latents [B, C, t, h, w] (CogVideoXImageToVideoPipeline's
+        ``image_latents``), concatenated to x on channels; None gives zeros."""
         self.grid(x)
         c = self.config["diffusers"]
         if not c["use_rotary_positional_embeddings"] and text.shape[1] != c["max_text_seq_length"]:
@@ -57,7 +61,10 @@ class CogVideoXDenoiser(FamilyDenoiser):
                              f"{c['max_text_seq_length']}")
         dtype = self.dtype_in()
         _, _, f, h, w = x.shape
-        out = self.transformer(hidden_states=rearrange(x, "b c f h w -> b f c h w").to(dtype),
-                               encoder_hidden_states=text.to(dtype), timestep=t,
+        # CogVideoX 1.5 I2V's offset embedding: the pipeline passes 2.0 whenever the model has one
+        ofs = None if c.get("ofs_embed_dim") is None else x.new_full((1,), 2.0, dtype=dtype)
+        out = self.transformer(hidden_states=rearrange(self.with_condition(x, condition), "b c f h w -> b f c h w"
+                                                       ).to(dtype),
+                               encoder_hidden_states=text.to(dtype), timestep=t, ofs=ofs,
                                image_rotary_emb=self.rotary(f, h, w, x.device), return_dict=False)[0]  # [B, t, C, h, w]
         return rearrange(out, "b f c h w -> b c f h w").to(x.dtype)  # [B, C, t, h, w]

@@ -156,3 +156,45 @@ def test_train_refuses_a_text_encoder_of_another_width_before_loading_anything(t
     with pytest.raises(ConfigError, match=r"takes text states of width 16 \(text_dim\) but the text encoder gives 384"):
         train.main(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_image_to_video_needs_an_i2v_transformer_and_the_condition(tmp_path, tiny_folder):
+    """model.condition=first_frame and an image-to-video CogVideoX folder (in_channels 2C) go together, checked
+    from the configs before any weights load; the adapter refuses a condition a text-to-video model cannot take."""
+    from tiny_families import tiny_transformer
+
+    tiny_transformer("cogvideox", in_channels=8, out_channels=4).save_pretrained(tmp_path / "i2v")
+    t2v = ModelConfig(family="cogvideox", pretrained=str(tiny_folder("cogvideox")), condition="first_frame")
+    with pytest.raises(ConfigError, match=r"a text-to-video cogvideox transformer \(in_channels 4 = the VAE's latent "
+                                          r"channels\) cannot take model.condition=first_frame; use an image-to-video"):
+        check_fit(t2v, 4, 16)
+    i2v = ModelConfig(family="cogvideox", pretrained=str(tmp_path / "i2v"))
+    with pytest.raises(ConfigError, match=r"an image-to-video cogvideox transformer \(in_channels 8 = 4 latent \+ 4 "
+                                          r"image-condition channels\): set model.condition=first_frame"):
+        check_fit(i2v, 4, 16)
+    with pytest.raises(ConfigError, match=r"takes 4 latent channels \(\+ 4 of an image condition\) but the VAE "
+                                          r"gives 16"):
+        check_fit(ModelConfig(family="cogvideox", pretrained=str(tmp_path / "i2v"), condition="first_frame"), 16, 16)
+    model = build_denoiser(ModelConfig(family="cogvideox", pretrained=str(tmp_path / "i2v"), condition="first_frame"),
+                           in_channels=4, text_dim=16)
+    assert (model.in_channels, model.condition_channels, model.config["condition_channels"]) == (4, 4, 4)
+    x, t, text = torch.randn(1, 4, 3, 4, 6), torch.tensor([500]), torch.randn(1, 6, 16)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"image condition of shape \(1, 5, 3, 4, 6\) does not fit latents"):
+        model(x, t, text, mask, condition=torch.zeros(1, 5, 3, 4, 6))
+    with torch.no_grad():  # no condition means zeros, and the condition reaches the output
+        plain = model(x, t, text, mask)
+        assert torch.equal(plain, model(x, t, text, mask, condition=torch.zeros(1, 4, 3, 4, 6)))
+        assert (model(x, t, text, mask, condition=torch.randn(1, 4, 3, 4, 6)) - plain).abs().max() > 1e-3
+    text_only = build_denoiser(ModelConfig(family="cogvideox", pretrained=str(tiny_folder("cogvideox"))),
+                               in_channels=4, text_dim=16)
+    with pytest.raises(ValueError, match="takes no image condition"):
+        text_only(x, t, text, mask, condition=torch.zeros(1, 4, 3, 4, 6))
+    # random weights (model.family_config): first_frame builds the I2V layout from the VAE's channels
+    sizes = {k: v for k, v in TINY["cogvideox"].items() if k not in ("in_channels", "out_channels")}
+    made = build_denoiser(ModelConfig(family="cogvideox", condition="first_frame", family_config=sizes),
+                          in_channels=4, text_dim=16)
+    assert (made.transformer.config.in_channels, made.transformer.config.out_channels) == (8, 4)
+    assert (made.in_channels, made.condition_channels) == (4, 4)
+    plain = build_denoiser(ModelConfig(family="cogvideox", family_config=sizes), in_channels=4, text_dim=16)
+    assert (plain.transformer.config.in_channels, plain.condition_channels) == (4, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from einops import rearrange
 from tiny_vaes import save_tiny_vae
@@ -144,3 +145,62 @@ def test_cogvideox_matches_cogvideoxpipeline(tiny_folder, tmp_path):
                  height=32, width=48, num_frames=9, output_type="pt").frames
     assert frames.shape == (2, 9, 3, 32, 48)
     torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.5"])
+@torch.no_grad()
+def test_cogvideox_i2v_matches_cogvideoximagetovideopipeline(tmp_path, version, monkeypatch):
+    """An image-to-video CogVideoX transformer (in_channels 2C: the first frame's latents beside the noisy ones,
+    model.condition=first_frame) samples from an image as CogVideoXImageToVideoPipeline does. 1.5: temporal patch 2,
+    the offset embedding (ofs 2.0) and a VAE with invert_scale_latents (the image latents divided by the scaling
+    factor). Both take the image's posterior mean (the pipeline samples it: patched to its mode here)."""
+    import diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video as i2v
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from tiny_families import tiny_transformer
+
+    from dit.pipeline import image_condition
+
+    v15 = version == "1.5"
+    extra = dict(patch_size_t=2, ofs_embed_dim=2, sample_frames=13) if v15 else {}  # (ofs width = time_embed_dim)
+    frames_in = 13 if v15 else 9  # latent frames 4 (even, for the temporal patch 2) or 3
+    tiny_transformer("cogvideox", in_channels=8, out_channels=4, **extra).save_pretrained(tmp_path / "tr")
+    settings = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
+                    snr_shift_scale=3.0)
+    pipe, vae_folder = exported(tmp_path, "cogvideox", tmp_path / "tr", [
+        "diffusion.schedule=scaled_linear", "diffusion.beta_start=0.00085", "diffusion.beta_end=0.012",
+        "diffusion.zero_terminal_snr=true", "diffusion.snr_shift_scale=3.0", "diffusion.prediction=v",
+        "diffusion.timestep_spacing=trailing", "model.condition=first_frame"], (frames_in, 32, 48),
+        invert_scale_latents=v15)
+    assert pipe.model.condition_channels == 4 and pipe.model.in_channels == 4
+    image = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1  # [B, 3, H, W] in [-1, 1]
+    noise = latents((2, 4, 4 if v15 else 3, 4, 6))
+    cond, uncond = prompts()
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=image)
+    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+    # the condition itself: the image's latents at frame 0, scaled as the pipeline scales them, zeros after
+    vae = AutoencoderKLCogVideoX.from_pretrained(vae_folder)
+    z0 = vae.encode(image[:, :, None]).latent_dist.mode()  # [B, 4, 1, h, w]
+    sf = vae.config.scaling_factor
+    condition = image_condition(pipe, image, noise.shape)
+    torch.testing.assert_close(condition[:, :, :1], z0 / sf if v15 else z0 * sf, atol=1e-5, rtol=1e-5)
+    assert condition.shape == noise.shape and not condition[:, :, 1:].any()
+
+    monkeypatch.setattr(i2v, "retrieve_latents", lambda out, generator=None: out.latent_dist.mode())
+    ref = CogVideoXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                        scheduler=CogVideoXDDIMScheduler(**settings),
+                                        transformer=CogVideoXTransformer3DModel.from_pretrained(tmp_path / "tr"))
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(image=(image + 1) / 2, **embeds(prompt_embeds=1, negative_prompt_embeds=1),
+                 latents=rearrange(noise, "b c f h w -> b f c h w"), num_inference_steps=STEPS, guidance_scale=CFG,
+                 height=32, width=48, num_frames=frames_in, output_type="pt").frames
+    # (CogVideoX's VAE decodes an even number of latent frames to 4k frames: 16 for 1.5's 4, as the pipeline does)
+    assert frames.shape == (2, 16 if v15 else 9, 3, 32, 48)
+    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
+    # and the image matters: without it (zeros) the same noise gives other frames
+    assert (sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG) - z).abs().mean() > 1e-2
