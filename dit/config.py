@@ -65,7 +65,8 @@ class ModelConfig:
     family_config: dict = field(default_factory=dict)  # family without pretrained: diffusers constructor overrides
     frame_rate: float = 25.0  # ltx: the frames per second its RoPE time axis is scaled by (LTXPipeline's frame_rate)
     # Image-to-video (dit/models/condition.py): none | first_frame (the first frame's latent + a mask, concatenated to
-    # the noisy latents' channels; our DiT, and CogVideoX-I2V without the mask). Training gives the condition to
+    # the noisy latents' channels; our DiT, CogVideoX-I2V without the mask; Wan and LTX replace the first latent
+    # frame, as Wan 2.2 TI2V and LTXImageToVideoPipeline). Training gives the condition to
     # condition_prob of the samples (the rest get zeros: text-to-video) with Gaussian noise of std up to
     # condition_noise on its latent.
     condition: str = "none"
@@ -77,9 +78,6 @@ class ModelConfig:
 
         self._check_family()
         _check(self.condition in ("none", "first_frame"), "model.condition", "must be none or first_frame")
-        _check(self.condition == "none" or self.family in ("dit", "cogvideox"), "model.condition",
-               f"first_frame is implemented for our DiT and CogVideoX-I2V (model.family=dit or cogvideox); the "
-               f"{self.family} adapter takes no image condition yet: use model.condition=none")
         _check(0.0 <= self.condition_prob <= 1.0, "model.condition_prob", "must be in [0, 1]")
         _check(self.condition_noise >= 0.0, "model.condition_noise", "must be >= 0")
 

@@ -161,9 +161,20 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
     sampler = resolve_sampler(objective, sampler)
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    condition = None
     if image is not None:  # the same condition at every step, for the conditional and unconditional branch alike
         condition = image_condition(pipe, image, noise.shape)
         cond, uncond = {**cond, "condition": condition}, {**uncond, "condition": condition}
+    z = _sample(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=generator,
+                shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs)
+    finish = getattr(pipe.model, "finish_sample", None)  # (Wan: the image back in place of frame 0)
+    return finish(z, condition) if finish is not None else z
+
+
+def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], *,
+            steps: int, sampler: str, cfg: float, eta: float, generator: torch.Generator | None,
+            shift: float | None, callback: Callback, dtype: str, cuda_graphs: bool) -> torch.Tensor:
+    objective = pipe.diffusion.objective
     model: Callable[..., torch.Tensor] = pipe.model
     if cuda_graphs:  # captured at the first call of each shape, replayed from then on (every batch of `dit sample`)
         if pipe.graphed is None or pipe.graphed.model is not pipe.model:

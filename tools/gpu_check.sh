@@ -3,7 +3,8 @@
 # DiT-B/2 and DiT-XL/2 sizes in bf16, within 8 minutes on one GPU; every part runs (each under a time limit), then
 # a table of part -> ok/FAIL and seconds; exit 1 if any part failed.
 #
-#   bash tools/gpu_check.sh                     # on the GPU machine (through the device tool: carry ["wheelhouse"])
+#   DIT_COMMIT=abc1234 bash tools/gpu_check.sh  # on the GPU machine (through the device tool: carry ["wheelhouse"];
+#                                               # its copy has no .git, so the log names the commit given here)
 #   bash tools/gpu_check.sh --cpu               # dry run on CPU at tiny sizes: the same steps, minutes not spent
 #   bash tools/gpu_check.sh --cpu --only env,bench_train_B2 --out /tmp/x
 #
@@ -37,7 +38,7 @@ PY=${PYTHON:-python3}
 WHEELS=$ROOT/wheelhouse
 ONLY=""
 BUDGET=""
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
     case $1 in
         --cpu) MODE=cpu ;;
@@ -166,9 +167,11 @@ run_variant() {
 }
 
 main() {
-    local commit="no git checkout"
+    local commit
     if commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
         git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit+=" with changes"
+    else  # the device tool's copy has no .git: the caller names it (DIT_COMMIT=$(git rev-parse --short HEAD) here)
+        commit=${DIT_COMMIT:-"no git checkout"}
     fi
     echo "gpu_check.sh --$MODE: $(date -u +%Y-%m-%dT%H:%M:%SZ) on ${HOSTNAME:-?}, repo at $commit, out $OUT_DIR," \
         "budget $BUDGET s"

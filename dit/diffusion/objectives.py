@@ -59,12 +59,13 @@ def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: Schedule, 
 
 
 def flow_loss(model: Callable[..., Tensor], x0: Tensor, *, sigma: Tensor, noise: Tensor,
-              model_kwargs: dict[str, Any] | None = None) -> Tensor:
+              model_kwargs: dict[str, Any] | None = None, weight: Tensor | None = None) -> Tensor:
     """Rectified-flow loss: scalar MSE between model(x_t, σ·1000, **model_kwargs) and the velocity ε - x0.
 
     x_t = (1 - σ) x0 + σ ε with σ [B] in [0, 1] (dit.diffusion.flow.sample_sigmas) and noise like x0, both moved to
     x0's device; x_t is formed in at least float32 and given to the model in x0's dtype, with float32 timesteps [B].
     The squared error is averaged in at least float32 over the non-batch dims, then over the batch (as training_loss).
+    ``weight`` (broadcastable to x0, 0 or 1): each sample's mean over the elements where it is 1 alone.
     """
     dtype = torch.promote_types(x0.dtype, torch.float32)  # bf16 data: mix and compare in float32
     x0_f, noise_f = x0.to(dtype), noise.to(device=x0.device, dtype=dtype)
@@ -72,5 +73,10 @@ def flow_loss(model: Callable[..., Tensor], x0: Tensor, *, sigma: Tensor, noise:
     x_t = ((1 - s) * x0_f + s * noise_f).to(x0.dtype)  # [B, ...]
     t = sigma.to(device=x0.device, dtype=torch.float32) * FLOW_TIMESTEPS  # [B]
     pred = model(x_t, t, **(model_kwargs or {}))
-    per_sample = (pred.to(dtype) - (noise_f - x0_f)).square().reshape(x0.shape[0], -1).mean(dim=1)  # [B]
+    err = (pred.to(dtype) - (noise_f - x0_f)).square()
+    if weight is None:
+        per_sample = err.reshape(x0.shape[0], -1).mean(dim=1)  # [B]
+    else:
+        w = weight.to(device=x0.device, dtype=dtype).expand_as(err)
+        per_sample = (err * w).reshape(x0.shape[0], -1).sum(dim=1) / w.reshape(x0.shape[0], -1).sum(dim=1)
     return per_sample.mean()

@@ -13,7 +13,10 @@ the model tells "no image" from "a black image" by the mask. ``None`` in the DiT
 
 A pretrained CogVideoX-I2V transformer takes the same condition without the mask channel ([B, C, t, h, w]: the
 image latent at frame 0, zeros after it, CogVideoXImageToVideoPipeline's ``image_latents``), so ``mask=False``
-builds that form; which form a denoiser takes is its ``condition_mask`` attribute.
+builds that form; which form a denoiser takes is its ``condition_mask`` attribute. Wan and LTX models take the form
+with the mask, but put the latent in place of the noisy first frame and give its tokens timestep 0 (Wan 2.2 TI2V,
+LTX's image-to-video; dit/models/families/base.py ``replaced``), so the loss leaves that frame out where an image
+was given.
 """
 
 from __future__ import annotations
@@ -25,8 +28,14 @@ CONDITIONS = ("none", "first_frame")
 
 
 def condition_mask(family: str) -> bool:
-    """Whether a model.family's image condition has the mask channel (our DiT) or not (CogVideoX-I2V)."""
-    return family == "dit"
+    """Whether a model.family's image condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V)."""
+    return family in ("dit", "wan", "ltx")
+
+
+def condition_replaces(family: str) -> bool:
+    """Whether a model.family takes the condition in place of the first latent frame (Wan as Wan 2.2 TI2V, LTX),
+    so that frame is left out of the loss where an image was given (its velocity target means nothing there)."""
+    return family in ("wan", "ltx")
 
 
 def condition_channels(condition: str, latent_channels: int) -> int:

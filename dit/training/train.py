@@ -41,7 +41,7 @@ from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
-from dit.models.condition import condition_mask, draw_first_frame_condition
+from dit.models.condition import condition_mask, condition_replaces, draw_first_frame_condition
 from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import build_denoiser, check_fit
 from dit.models.lora import inject_lora, is_lora_key
@@ -186,13 +186,18 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
     def loss(i: int) -> torch.Tensor:
         r = slice(i * b, (i + 1) * b) if cfg.train.grad_accum_steps > 1 else slice(None)  # (buckets vary B)
         kwargs = dict(text=states[r], text_mask=mask[r])
+        weight = None
         if condition is not None:
             # The loss covers every latent frame, the conditioned frame 0 too: the model itself must draw the
             # given first frame (sampling decodes its output, nothing is pasted in), the rows whose condition was
             # dropped need frame 0 in the loss anyway, and the default (condition none) loss stays as it was.
+            # Except where the model takes the image in place of frame 0 (Wan): there it is left out.
             kwargs["condition"] = condition[r]
+            if condition_replaces(cfg.model.family):
+                weight = 1 - condition[r][:, -1:]  # [B, 1, t, h, w]: 0 where the image stands
         if cfg.diffusion.objective == "flow":
-            return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs)
+            return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs,
+                             weight=weight)
         return training_loss(strategy.model, latents[r], noise_schedule, model_kwargs=kwargs,
                              prediction=cfg.diffusion.prediction, t=t[r], noise=noise[r],
                              min_snr_gamma=cfg.diffusion.min_snr_gamma)

@@ -145,3 +145,22 @@ def test_flow_loss_bf16_data_float32_arithmetic_and_gradients():
     assert seen == [torch.bfloat16] and low.dtype == torch.float32
     exact = (noise.bfloat16().float() - x0.bfloat16().float()).square().mean()
     torch.testing.assert_close(low, exact)
+
+
+def test_flow_loss_weight_averages_each_sample_over_its_kept_elements():
+    """weight 0 at frame 0 of the first sample (where Wan takes the image in its place): that sample's loss is the
+    mean over frames 1.., whatever the model predicts at frame 0; the second (weight 1) is the plain mean."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise, pred = (torch.randn(2, 3, 4, 2, 2, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.3, 0.8])
+    weight = torch.ones(2, 1, 4, 1, 1)
+    weight[0, :, 0] = 0
+    err = (pred - (noise - x0)).square()
+    want = (err[0, :, 1:].mean() + err[1].mean()) / 2
+    got = flow_loss(lambda x, t: pred, x0, sigma=sigma, noise=noise, weight=weight)
+    torch.testing.assert_close(got, want)
+    moved = pred.clone()
+    moved[0, :, 0] += 100.0
+    torch.testing.assert_close(flow_loss(lambda x, t: moved, x0, sigma=sigma, noise=noise, weight=weight), want)
+    torch.testing.assert_close(flow_loss(lambda x, t: pred, x0, sigma=sigma, noise=noise, weight=torch.ones(1)),
+                               flow_loss(lambda x, t: pred, x0, sigma=sigma, noise=noise))

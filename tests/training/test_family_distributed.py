@@ -94,6 +94,29 @@ def test_a_wan_model_with_sequence_parallelism_matches_one_process(tmp_path: Pat
     sample_both_ways(run, tmp_path, "--height", "32")
 
 
+def test_a_wan_first_frame_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, small_shards: str,
+                                                                              wan_yaml: Path) -> None:
+    """model.condition=first_frame on a Wan model (Wan 2.2 TI2V's form: the image's latent in place of frame 0,
+    per-token timesteps, 0 there, which sequence parallelism cuts like the tokens; frame 0 out of the loss where
+    the image stands) trains on 2 processes with train.sequence_parallel=2 as on 1, and its checkpoint samples from
+    text alone (TI2V's text-to-video: per-token timesteps, all t) on 2 processes as on 1. (A one-frame sample with
+    an image would be the image itself; the image path is the pipeline test's, tests/models/families.)"""
+    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
+    for sp, run in runs.items():
+        settings = {**COMMON, "model.condition": "first_frame", "model.condition_prob": 0.75,
+                    "train.sequence_parallel": sp}
+        done = (dit_torchrun(2, run, small_shards, None, config=wan_yaml, **settings) if sp > 1
+                else dit_train(run, small_shards, None, config=wan_yaml, **settings))
+        assert done.returncode == 0, done.stderr[-5000:]
+    ref = losses(runs[1])
+    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    sample_both_ways(runs[2], tmp_path, "--height", "32")
+
+
 # CogVideoX 1.0 with RoPE (5B's layout) at the tiny test sizes: 2 heads of 16 (get_3d_rotary_pos_embed splits a head
 # 4:6:6 over t, h, w), RoPE's base grid 2x2 latents (patch 2: one token)
 COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=16, num_layers=2, patch_size=2,

@@ -98,14 +98,12 @@ def test_the_default_dit_is_unchanged_and_refuses_a_condition() -> None:
               condition=torch.zeros(1, C + 1, 1, 4, 4))
 
 
-def test_config_checks_the_condition_and_refuses_it_for_the_families() -> None:
+def test_config_checks_the_condition() -> None:
+    """(Which transformer folders take the condition: tests/models/families/test_errors.py.)"""
     for bad, match in [({"condition": "last_frame"}, "model.condition"), ({"condition_prob": 1.5}, "condition_prob"),
                        ({"condition_noise": -0.1}, "condition_noise")]:
         with pytest.raises(ConfigError, match=match):
             ModelConfig(**bad)
-    for family in ("wan", "ltx"):
-        with pytest.raises(ConfigError, match="implemented for our DiT and CogVideoX-I2V"):
-            ModelConfig(family=family, condition="first_frame")
 
 
 # ----------------------------------------------------------------------------- training and sampling

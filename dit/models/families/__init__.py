@@ -87,6 +87,10 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     """The transformer must take the VAE's latent channels and the text encoder's width, and an image condition
     exactly when model.condition=first_frame."""
     where = _where(model_cfg)
+    if dcfg.get("image_dim"):  # Wan 2.1 I2V: CLIP image tokens beside 36 input channels
+        raise ConfigError(f"{where}: a Wan 2.1 image-to-video transformer (image_dim {dcfg['image_dim']}: it takes "
+                          f"CLIP image tokens) is not supported; fine-tune a Wan text-to-video or Wan 2.2 TI2V "
+                          f"transformer (model.condition=first_frame replaces the first latent frame)")
     extra = cls.condition_width(dcfg)
     latent = int(dcfg["in_channels"]) - extra
     if latent != in_channels:
@@ -98,7 +102,7 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     if extra and condition != "first_frame":
         raise ConfigError(f"{where}: an image-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} ="
                           f" {latent} latent + {extra} image-condition channels): set model.condition=first_frame")
-    if not extra and condition == "first_frame":
+    if not extra and condition == "first_frame" and not cls.replace_condition:
         raise ConfigError(f"{where}: a text-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} = "
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
@@ -109,8 +113,12 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
 
 
 def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, int] | None) -> dict[str, Any]:
+    first_frame = getattr(model_cfg, "condition", "none") == "first_frame"
     if cls is LTXDenoiser:
-        return dict(rope_interpolation_scale=rope_interpolation_scale(compression, model_cfg.frame_rate))
+        return dict(rope_interpolation_scale=rope_interpolation_scale(compression, model_cfg.frame_rate),
+                    first_frame=first_frame)
+    if cls is WanDenoiser:
+        return dict(first_frame=first_frame)
     return {}
 
 
@@ -158,7 +166,7 @@ def denoiser_from_config(config: dict[str, Any], weights: dict[str, torch.Tensor
         else:
             cls = FAMILIES[family]
             model = cls(cls.transformer_class().from_config(config["diffusers"]),
-                        **{k: config[k] for k in cls.option_keys})
+                        **{k: config[k] for k in cls.option_keys if k in config})  # (older: defaults)
     if weights is not None:
         model.load_state_dict(weights, strict=True, assign=True)
     return model

@@ -47,6 +47,9 @@ class FamilyDenoiser(nn.Module):
     # channel (dit/models/condition.py)
     concat_condition: ClassVar[bool] = False
     condition_mask: ClassVar[bool] = False
+    # or whether it replaces the first latent frame by the image's and gives its tokens timestep 0 (Wan 2.2 TI2V's
+    # expand_timesteps); the condition then carries the mask channel, which says where (``replaced``)
+    replace_condition: ClassVar[bool] = False
 
     def __init__(self, transformer: nn.Module, **options: Any) -> None:
         super().__init__()
@@ -71,6 +74,31 @@ class FamilyDenoiser(nn.Module):
         if not cls.concat_condition:
             return 0
         return int(dcfg["in_channels"]) - int(dcfg.get("out_channels") or dcfg["in_channels"])
+
+    def replaced(self, x: torch.Tensor, t: torch.Tensor,
+                 condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The replace form: x [B, C, t, h, w] with the condition's latent where its mask is 1 (frame 0 of the rows
+        given an image), and per-token timesteps [B, N] (token order f, h, w): t, and 0 on the replaced tokens."""
+        c = self.in_channels
+        if condition is None:
+            keep = torch.zeros_like(x[:, :1], dtype=torch.float32)  # [B, 1, t, h, w]
+        else:
+            if condition.shape[1] != c + 1 or condition.shape[2:] != x.shape[2:]:
+                raise ValueError(f"image condition of shape {tuple(condition.shape)} does not fit latents of shape "
+                                 f"{tuple(x.shape)} ({c} latent channels and the mask)")
+            keep = condition[:, c:].float()
+            x = (x.float() * (1 - keep) + condition[:, :c].float() * keep).to(x.dtype)
+        pt, ph, pw = self.patch
+        ts = t.float().view(-1, 1, 1, 1) * (1 - keep[:, 0])  # [B, t, h, w]
+        return x, ts[:, ::pt, ::ph, ::pw].flatten(1)  # (a patch's tokens share its first latent's timestep)
+
+    def finish_sample(self, z: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """The sampled latents as the family's pipeline decodes them: the replace form puts the condition back
+        where it stood in for them (the sampler also moved those latents, by predictions nothing used)."""
+        if not self.replace_condition or condition is None:
+            return z
+        keep = condition[:, self.in_channels:]
+        return z * (1 - keep) + condition[:, :self.in_channels] * keep
 
     def with_condition(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """x [B, C, t, h, w] with the image condition concatenated on channels (zeros when None: no image)."""

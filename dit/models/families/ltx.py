@@ -29,11 +29,19 @@ class LTXDenoiser(FamilyDenoiser):
     blocks_attr = "transformer_blocks"
     text_key = "caption_channels"
     prediction = "flow"
-    option_keys = ("rope_interpolation_scale",)
+    option_keys = ("rope_interpolation_scale", "first_frame")
+    replace_condition = True  # image-to-video as LTXImageToVideoPipeline (model.condition=first_frame)
+    condition_mask = True
 
-    def __init__(self, transformer: torch.nn.Module, rope_interpolation_scale: list[float]) -> None:
-        super().__init__(transformer, rope_interpolation_scale=list(rope_interpolation_scale))
+    def __init__(self, transformer: torch.nn.Module, rope_interpolation_scale: list[float],
+                 first_frame: bool = False) -> None:
+        super().__init__(transformer, rope_interpolation_scale=list(rope_interpolation_scale),
+                         first_frame=bool(first_frame))
         self.rope_scale = tuple(rope_interpolation_scale)
+        self.first_frame = bool(first_frame)
+        if self.first_frame:  # the condition: the latent and the mask (dit/models/condition.py)
+            self.condition_channels = self.in_channels + 1
+            self.config["condition_channels"] = self.condition_channels
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -41,10 +49,17 @@ class LTXDenoiser(FamilyDenoiser):
                     num_heads=dcfg["num_attention_heads"], mlp_ratio=4.0,  # diffusers' FeedForward: 4 x hidden
                     patch_size=[dcfg["patch_size_t"], dcfg["patch_size"], dcfg["patch_size"]])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``condition`` (first_frame): the image's latent in place of frame 0 and its tokens at timestep 0, the
+        pipeline's conditioning mask (LTXImageToVideoPipeline); without an image every token gets t."""
         f, h, w = self.grid(x)
         pt, ph, pw = self.patch
         dtype = self.dtype_in()
+        if self.first_frame:
+            x, t = self.replaced(x, t, condition)  # t: [B, N]
+        elif condition is not None:
+            raise ValueError("this ltx model takes no image condition (trained with model.condition=none)")
         tokens = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)  # [B, N, C']
         out = self.transformer(hidden_states=tokens.to(dtype), encoder_hidden_states=text.to(dtype), timestep=t,
                                encoder_attention_mask=text_mask, num_frames=f, height=h, width=w,

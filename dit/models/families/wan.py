@@ -11,13 +11,27 @@ from dit.models.families.base import FamilyDenoiser
 
 
 class WanDenoiser(FamilyDenoiser):
-    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000."""
+    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000.
+
+    ``first_frame`` (model.condition=first_frame): image-to-video as Wan 2.2 TI2V does it (WanImageToVideoPipeline
+    with expand_timesteps): the first latent frame replaced by the image's, and per-token timesteps, 0 on its
+    tokens; without an image every token gets t, as WanPipeline calls TI2V for text-to-video."""
 
     family = "wan"
     class_name = "WanTransformer3DModel"
     blocks_attr = "blocks"
     text_key = "text_dim"
     prediction = "flow"
+    option_keys = ("first_frame",)
+    replace_condition = True
+    condition_mask = True
+
+    def __init__(self, transformer: torch.nn.Module, first_frame: bool = False) -> None:
+        super().__init__(transformer, first_frame=bool(first_frame))
+        self.first_frame = bool(first_frame)
+        if self.first_frame:  # the condition: the latent and the mask (dit/models/condition.py)
+            self.condition_channels = self.in_channels + 1
+            self.config["condition_channels"] = self.condition_channels
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -25,9 +39,14 @@ class WanDenoiser(FamilyDenoiser):
         return dict(hidden_size=hidden, depth=dcfg["num_layers"], num_heads=dcfg["num_attention_heads"],
                     mlp_ratio=dcfg["ffn_dim"] / hidden, patch_size=[int(p) for p in dcfg["patch_size"]])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         self.grid(x)
         dtype = self.dtype_in()
+        if self.first_frame:
+            x, t = self.replaced(x, t, condition)  # t: [B, N]
+        elif condition is not None:
+            raise ValueError("this wan model takes no image condition (trained with model.condition=none)")
         text = text * text_mask[..., None].to(text.dtype)  # [B, L, D]: zeros after the prompt, as WanPipeline pads
         out = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
                                return_dict=False)[0]  # [B, C, t, h, w]

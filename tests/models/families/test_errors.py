@@ -198,3 +198,27 @@ def test_image_to_video_needs_an_i2v_transformer_and_the_condition(tmp_path, tin
     assert (made.in_channels, made.condition_channels) == (4, 4)
     plain = build_denoiser(ModelConfig(family="cogvideox", family_config=sizes), in_channels=4, text_dim=16)
     assert (plain.transformer.config.in_channels, plain.condition_channels) == (4, 0)
+
+
+def test_wan_first_frame_takes_a_text_to_video_folder_and_refuses_wan21_i2v(tmp_path, tiny_folder):
+    """Wan's image-to-video replaces the first latent frame (Wan 2.2 TI2V), so a text-to-video folder takes
+    model.condition=first_frame (and is recorded so); a Wan 2.1 I2V folder (CLIP image tokens) is refused."""
+    from tiny_families import tiny_transformer
+
+    model = build_denoiser(ModelConfig(family="wan", pretrained=str(tiny_folder("wan")), condition="first_frame"),
+                           in_channels=4, text_dim=16)
+    assert model.first_frame and model.config["first_frame"] and model.condition_channels == 5
+    assert denoiser_from_config(model.config, model.state_dict()).first_frame
+    old = {k: v for k, v in model.config.items() if k not in ("first_frame", "condition_channels")}
+    assert not denoiser_from_config(old, model.state_dict()).first_frame  # a checkpoint from before the option
+    x, t, text = torch.randn(1, 4, 3, 4, 6), torch.tensor([500.0]), torch.randn(1, 6, 16)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"does not fit latents .*\(4 latent channels and the mask\)"):
+        model(x, t, text, mask, condition=torch.zeros(1, 4, 3, 4, 6))
+    with pytest.raises(ValueError, match="takes no image condition"):
+        build_denoiser(ModelConfig(family="wan", pretrained=str(tiny_folder("wan"))), in_channels=4,
+                       text_dim=16)(x, t, text, mask, condition=torch.zeros(1, 5, 3, 4, 6))
+    tiny_transformer("wan", in_channels=12, image_dim=8).save_pretrained(tmp_path / "wan21_i2v")
+    with pytest.raises(ConfigError, match=r"a Wan 2.1 image-to-video transformer \(image_dim 8: it takes CLIP image "
+                                          r"tokens\) is not supported"):
+        check_fit(ModelConfig(family="wan", pretrained=str(tmp_path / "wan21_i2v")), 4, 16)

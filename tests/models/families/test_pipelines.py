@@ -204,3 +204,101 @@ def test_cogvideox_i2v_matches_cogvideoximagetovideopipeline(tmp_path, version, 
     torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
     # and the image matters: without it (zeros) the same noise gives other frames
     assert (sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG) - z).abs().mean() > 1e-2
+
+
+@torch.no_grad()
+def test_wan_first_frame_matches_wan22_ti2v_pipelines(tiny_folder, tmp_path, monkeypatch):
+    """model.condition=first_frame on a Wan transformer is Wan 2.2 TI2V's image-to-video: WanImageToVideoPipeline
+    with expand_timesteps (the image's latent in place of the first latent frame, its tokens at timestep 0, pasted
+    back before decoding); without an image it is WanPipeline with expand_timesteps (per-token timesteps, all t)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+
+    from dit.pipeline import image_condition
+
+    g = torch.Generator().manual_seed(5)
+    stats = dict(latents_mean=torch.randn(4, generator=g).tolist(), latents_std=(torch.rand(4, generator=g) + 0.5
+                                                                                  ).tolist())
+    pipe, vae_folder = exported(tmp_path, "wan", tiny_folder("wan"), ["diffusion.objective=flow",
+                                                                      "diffusion.shift=3.0",
+                                                                      "model.condition=first_frame"], (9, 32, 48),
+                                z_dim=4, **stats)
+    assert pipe.model.first_frame and pipe.model.condition_channels == 5
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(6))  # [1, 3, H, W] in [0, 1]
+    noise = latents()
+    cond, uncond = prompts()
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=image * 2 - 1)
+    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+    condition = image_condition(pipe, image * 2 - 1, noise.shape)
+    assert torch.equal(z[:, :, :1], condition[:, :4, :1])  # the image's latent is frame 0 of what is decoded
+    parts = dict(tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
+                 transformer=WanTransformer3DModel.from_pretrained(tiny_folder("wan")),
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    ref = WanImageToVideoPipeline(**parts, expand_timesteps=True)
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(image=image, **embeds(prompt_embeds=1, negative_prompt_embeds=1), latents=noise.clone(),
+                 num_inference_steps=STEPS, guidance_scale=CFG, height=32, width=48, num_frames=9,
+                 output_type="pt").frames  # [B, T, 3, H, W] in [0, 1]
+    assert frames.shape == (2, 9, 3, 32, 48)
+    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
+    plain = WanPipeline(**parts, expand_timesteps=True)
+    plain.set_progress_bar_config(disable=True)
+    frames = plain(**embeds(prompt_embeds=1, negative_prompt_embeds=1), latents=noise.clone(),
+                   num_inference_steps=STEPS, guidance_scale=CFG, height=32, width=48, num_frames=9,
+                   output_type="pt").frames
+    torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_ltx_first_frame_matches_ltximagetovideopipeline(tiny_folder, tmp_path):
+    """model.condition=first_frame on an LTX transformer is LTXImageToVideoPipeline: the image's latent as frame 0
+    with the conditioning mask (its tokens at timestep 0, only the other frames stepped). Given latents, the
+    pipeline takes them as they are, so its latents hold our condition at frame 0; that condition is checked
+    against the pipeline's own normalization of the image's latent (posterior mode) beside. The VAE's scaling factor
+    is LTX-Video's 1.0: the pipeline normalizes the image's latent without it, and decodes with it."""
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXImageToVideoPipeline,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    from dit.pipeline import image_condition
+
+    settings = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+                    max_image_seq_len=4096, shift_terminal=0.1)
+    pipe, vae_folder = exported(tmp_path, "ltx", tiny_folder("ltx"), [
+        "diffusion.objective=flow", "diffusion.dynamic_shift=true", "diffusion.base_shift=0.95",
+        "diffusion.max_shift=2.05", "diffusion.base_seq_len=1024", "diffusion.max_seq_len=4096",
+        "diffusion.shift_terminal=0.1", "diffusion.flow_grid=steps", "model.condition=first_frame"],
+        (17, 128, 192), latent_channels=4, scaling_factor=1.0)
+    assert pipe.model.first_frame and pipe.model.condition_channels == 5
+    image = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(6))  # [B, 3, H, W] in [0, 1]
+    noise = latents()
+    cond, uncond = prompts()
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=image * 2 - 1)
+    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+    vae = AutoencoderKLLTXVideo.from_pretrained(vae_folder)
+    first = LTXImageToVideoPipeline._normalize_latents(vae.encode(image[:, :, None] * 2 - 1).latent_dist.mode(),
+                                                       vae.latents_mean, vae.latents_std)  # [B, 4, 1, h, w]
+    condition = image_condition(pipe, image * 2 - 1, noise.shape)
+    torch.testing.assert_close(condition[:, :4, :1], first, atol=1e-5, rtol=1e-5)
+    assert torch.equal(z[:, :, :1], condition[:, :4, :1])
+    start = noise.clone()
+    start[:, :, :1] = first  # what the pipeline's prepare_latents puts there when it draws the noise itself
+    ref = LTXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(**settings),
+                                  transformer=LTXVideoTransformer3DModel.from_pretrained(tiny_folder("ltx")))
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(image=image, **embeds(prompt_embeds=1, prompt_attention_mask=1, negative_prompt_embeds=1,
+                                       negative_prompt_attention_mask=1),
+                 latents=LTXPipeline._pack_latents(start), num_inference_steps=STEPS, guidance_scale=CFG,
+                 height=128, width=192, num_frames=17, output_type="pt").frames
+    assert frames.shape == (2, 17, 3, 128, 192)
+    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
