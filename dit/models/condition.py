@@ -28,14 +28,24 @@ CONDITIONS = ("none", "first_frame")
 
 
 def condition_mask(family: str) -> bool:
-    """Whether a model.family's image condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V)."""
-    return family in ("dit", "wan", "ltx")
+    """Whether a model.family's image condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V):
+    the family adapter's ``condition_mask``."""
+    if family == "dit":
+        return True
+    from dit.models.families import FAMILIES
+
+    return FAMILIES[family].condition_mask
 
 
 def condition_replaces(family: str) -> bool:
     """Whether a model.family takes the condition in place of the first latent frame (Wan as Wan 2.2 TI2V, LTX),
-    so that frame is left out of the loss where an image was given (its velocity target means nothing there)."""
-    return family in ("wan", "ltx")
+    so that frame is left out of the loss where an image was given (its velocity target means nothing there): the
+    family adapter's ``replace_condition``."""
+    if family == "dit":
+        return False
+    from dit.models.families import FAMILIES
+
+    return FAMILIES[family].replace_condition
 
 
 def condition_channels(condition: str, latent_channels: int) -> int:

@@ -65,8 +65,21 @@ class FamilyDenoiser(nn.Module):
         self.config: dict[str, Any] = dict(family=self.family, diffusers=dcfg, in_channels=self.in_channels,
                                            text_dim=self.text_dim, prediction=self.prediction, **sizes,
                                            **{k: options[k] for k in self.option_keys})
+        # the replace form's setting (model.condition=first_frame, an adapter option): its condition is the latent
+        # and the mask (dit/models/condition.py)
+        self.first_frame = self.replace_condition and bool(options.get("first_frame", False))
+        if self.first_frame:
+            self.condition_channels = self.in_channels + 1
         if self.condition_channels:
             self.config["condition_channels"] = self.condition_channels
+
+    def image_inputs(self, x: torch.Tensor, t: torch.Tensor,
+                     condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the transformer is given for latents x, timesteps t [B] and an image condition (None: none): the
+        concatenated input (CogVideoX-I2V), or the replaced frame with per-token timesteps [B, N] (Wan, LTX)."""
+        if self.first_frame:
+            return self.replaced(x, t, condition)
+        return self.with_condition(x, condition), t
 
     @classmethod
     def condition_width(cls, dcfg: dict[str, Any]) -> int:
@@ -104,7 +117,8 @@ class FamilyDenoiser(nn.Module):
         """x [B, C, t, h, w] with the image condition concatenated on channels (zeros when None: no image)."""
         if not self.condition_channels:
             if condition is not None:
-                raise ValueError(f"this {self.family} transformer takes no image condition (a text-to-video model)")
+                raise ValueError(f"this {self.family} model takes no image condition (a text-to-video model, trained "
+                                 "with model.condition=none)")
             return x
         if condition is None:
             condition = x.new_zeros(x.shape[0], self.condition_channels, *x.shape[2:])

@@ -63,8 +63,8 @@ class CogVideoXDenoiser(FamilyDenoiser):
         _, _, f, h, w = x.shape
         # CogVideoX 1.5 I2V's offset embedding: the pipeline passes 2.0 whenever the model has one
         ofs = None if c.get("ofs_embed_dim") is None else x.new_full((1,), 2.0, dtype=dtype)
-        out = self.transformer(hidden_states=rearrange(self.with_condition(x, condition), "b c f h w -> b f c h w"
-                                                       ).to(dtype),
+        x_in, t = self.image_inputs(x, t, condition)
+        out = self.transformer(hidden_states=rearrange(x_in, "b c f h w -> b f c h w").to(dtype),
                                encoder_hidden_states=text.to(dtype), timestep=t, ofs=ofs,
                                image_rotary_emb=self.rotary(f, h, w, x.device), return_dict=False)[0]  # [B, t, C, h, w]
         return rearrange(out, "b f c h w -> b c f h w").to(x.dtype)  # [B, C, t, h, w]

@@ -38,10 +38,6 @@ class LTXDenoiser(FamilyDenoiser):
         super().__init__(transformer, rope_interpolation_scale=list(rope_interpolation_scale),
                          first_frame=bool(first_frame))
         self.rope_scale = tuple(rope_interpolation_scale)
-        self.first_frame = bool(first_frame)
-        if self.first_frame:  # the condition: the latent and the mask (dit/models/condition.py)
-            self.condition_channels = self.in_channels + 1
-            self.config["condition_channels"] = self.condition_channels
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +52,7 @@ class LTXDenoiser(FamilyDenoiser):
         f, h, w = self.grid(x)
         pt, ph, pw = self.patch
         dtype = self.dtype_in()
-        if self.first_frame:
-            x, t = self.replaced(x, t, condition)  # t: [B, N]
-        elif condition is not None:
-            raise ValueError("this ltx model takes no image condition (trained with model.condition=none)")
+        x, t = self.image_inputs(x, t, condition)  # first_frame: t [B, N]
         tokens = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)  # [B, N, C']
         out = self.transformer(hidden_states=tokens.to(dtype), encoder_hidden_states=text.to(dtype), timestep=t,
                                encoder_attention_mask=text_mask, num_frames=f, height=h, width=w,

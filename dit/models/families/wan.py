@@ -28,10 +28,6 @@ class WanDenoiser(FamilyDenoiser):
 
     def __init__(self, transformer: torch.nn.Module, first_frame: bool = False) -> None:
         super().__init__(transformer, first_frame=bool(first_frame))
-        self.first_frame = bool(first_frame)
-        if self.first_frame:  # the condition: the latent and the mask (dit/models/condition.py)
-            self.condition_channels = self.in_channels + 1
-            self.config["condition_channels"] = self.condition_channels
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -43,10 +39,7 @@ class WanDenoiser(FamilyDenoiser):
                 condition: torch.Tensor | None = None) -> torch.Tensor:
         self.grid(x)
         dtype = self.dtype_in()
-        if self.first_frame:
-            x, t = self.replaced(x, t, condition)  # t: [B, N]
-        elif condition is not None:
-            raise ValueError("this wan model takes no image condition (trained with model.condition=none)")
+        x, t = self.image_inputs(x, t, condition)  # first_frame: t [B, N]
         text = text * text_mask[..., None].to(text.dtype)  # [B, L, D]: zeros after the prompt, as WanPipeline pads
         out = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
                                return_dict=False)[0]  # [B, C, t, h, w]
