@@ -39,13 +39,7 @@ def wan_yaml(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("wan")
     save_tiny_vae("wan", root / "vae")
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "wan", "family_config": WAN}
-    data["vae"] = {"family": "wan", "pretrained": str(root / "vae")}
-    data["diffusion"] = {"objective": "flow", "timestep_sampling": "logit_normal", "shift": 3.0, "prompt_dropout": 0.3}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
-    (root / "wan.yaml").write_text(yaml.safe_dump(data))
-    return root / "wan.yaml"
+    return family_yaml(root / "wan.yaml", {"family": "wan", "family_config": WAN}, root / "vae", FLOW)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +70,48 @@ def test_a_wan_model_on_two_processes_matches_one(strategy: str, tmp_path: Path,
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
+V_DDIM = ({"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3},
+          {"sampler": "ddim", "steps": 2, "cfg": 4.0})  # CogVideoX's (diffusion, sample) sections
+FLOW = ({"objective": "flow", "timestep_sampling": "logit_normal", "shift": 3.0, "prompt_dropout": 0.3},
+        {"sampler": "flow_euler", "steps": 2, "cfg": 4.0})  # Wan's and LTX's
+
+
+def family_yaml(path: Path, model: dict, vae: Path, sections: tuple[dict, dict]) -> Path:
+    """configs/demo.yaml with a family's model section, its tiny VAE folder (a folder named after the family) and
+    its (diffusion, sample) sections, written to ``path``."""
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = model
+    data["vae"] = {"family": model["family"], "pretrained": str(vae)}
+    data["diffusion"], data["sample"] = sections
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def sp_pair(tmp_path: Path, shards: str, config: Path, **settings: object) -> tuple[Path, Path]:
+    """The same run on 1 process and on 2 with train.sequence_parallel=2 (one data-parallel replica: the same
+    batch): both succeed and log the same losses (1e-4), which differ from step to step."""
+    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
+    for sp, run in runs.items():
+        every = {**COMMON, **settings, "train.sequence_parallel": sp}
+        done = (dit_torchrun(2, run, shards, None, config=config, **every) if sp > 1
+                else dit_train(run, shards, None, config=config, **every))
+        assert done.returncode == 0, done.stderr[-5000:]
+    assert "sequence parallel: groups of 2 ranks" in done.stderr
+    ref = losses(runs[1])
+    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
+    return runs[1], runs[2]
+
+
+def same_trained_weights(one: Path, two: Path, skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The two runs' last trained weights agree (1e-4; keys ending in ``skip`` left out); returns the first's."""
+    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in (one, two))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        if skip is None or not k.endswith(skip):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    return a
+
+
 def test_a_wan_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, one_process: Path,
                                                                     small_shards: str, wan_yaml: Path) -> None:
     """train.sequence_parallel=2 on a Wan model (dit/distributed/sequence_families.py): 2 processes share each clip's
@@ -101,20 +137,10 @@ def test_a_wan_first_frame_model_with_sequence_parallelism_matches_one_process(t
     the image stands) trains on 2 processes with train.sequence_parallel=2 as on 1, and its checkpoint samples from
     text alone (TI2V's text-to-video: per-token timesteps, all t) on 2 processes as on 1. (A one-frame sample with
     an image would be the image itself; the image path is the pipeline test's, tests/models/families.)"""
-    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
-    for sp, run in runs.items():
-        settings = {**COMMON, "model.condition": "first_frame", "model.condition_prob": 0.75,
-                    "train.sequence_parallel": sp}
-        done = (dit_torchrun(2, run, small_shards, None, config=wan_yaml, **settings) if sp > 1
-                else dit_train(run, small_shards, None, config=wan_yaml, **settings))
-        assert done.returncode == 0, done.stderr[-5000:]
-    ref = losses(runs[1])
-    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
-    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-    sample_both_ways(runs[2], tmp_path, "--height", "32")
+    one, two = sp_pair(tmp_path, small_shards, wan_yaml, **{"model.condition": "first_frame",
+                                                            "model.condition_prob": 0.75})
+    same_trained_weights(one, two)
+    sample_both_ways(two, tmp_path, "--height", "32")
 
 
 # CogVideoX 1.0 with RoPE (5B's layout) at the tiny test sizes: 2 heads of 16 (get_3d_rotary_pos_embed splits a head
@@ -142,26 +168,11 @@ def test_a_cogvideox_lora_fine_tune_with_sequence_parallelism_matches_one_proces
     text_dim = text_width(small_config(tmp_path, small_shards, None).text)  # MiniLM's, or media-free's
     CogVideoXTransformer3DModel(**COGVIDEOX, in_channels=4, out_channels=4, text_embed_dim=text_dim
                                 ).save_pretrained(tmp_path / "base")
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "cogvideox", "pretrained": str(tmp_path / "base"), "gradient_checkpointing": True}
-    data["vae"] = {"family": "cogvideox", "pretrained": str(tmp_path / "vae")}
-    data["diffusion"] = {"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3}
-    data["sample"] = {"sampler": "ddim", "steps": 2, "cfg": 4.0}
-    (tmp_path / "cogvideox.yaml").write_text(yaml.safe_dump(data))
-    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
-    for sp, run in runs.items():
-        settings = {**COMMON, "train.lora.rank": 4, "train.sequence_parallel": sp}
-        done = (dit_torchrun(2, run, small_shards, None, config=tmp_path / "cogvideox.yaml", **settings) if sp > 1
-                else dit_train(run, small_shards, None, config=tmp_path / "cogvideox.yaml", **settings))
-        assert done.returncode == 0, done.stderr[-5000:]
-    assert "sequence parallel: groups of 2 ranks" in done.stderr
-    ref = losses(runs[1])
-    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
-    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
-    assert a.keys() == b.keys() and a and all(is_lora_key(k) for k in a)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-    sample_both_ways(runs[2], tmp_path, "--height", "32")  # 32 x 16 pixels: 2 latent tokens of patch 2
+    config = family_yaml(tmp_path / "cogvideox.yaml", {"family": "cogvideox", "pretrained": str(tmp_path / "base"),
+                                                        "gradient_checkpointing": True}, tmp_path / "vae", V_DDIM)
+    one, two = sp_pair(tmp_path, small_shards, config, **{"train.lora.rank": 4})
+    assert all(is_lora_key(k) for k in same_trained_weights(one, two))
+    sample_both_ways(two, tmp_path, "--height", "32")  # 32 x 16 pixels: 2 latent tokens of patch 2
 
 
 def test_a_cogvideox_i2v_model_with_sequence_parallelism_matches_one_process(tmp_path: Path,
@@ -180,35 +191,20 @@ def test_a_cogvideox_i2v_model_with_sequence_parallelism_matches_one_process(tmp
     from dit.export import load_weights
 
     save_tiny_vae("cogvideox", tmp_path / "vae")
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "cogvideox", "family_config": COGVIDEOX, "condition": "first_frame",
-                     "condition_prob": 0.75}
-    data["vae"] = {"family": "cogvideox", "pretrained": str(tmp_path / "vae")}
-    data["diffusion"] = {"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3}
-    data["sample"] = {"sampler": "ddim", "steps": 2, "cfg": 4.0}
-    (tmp_path / "i2v.yaml").write_text(yaml.safe_dump(data))
-    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
-    for sp, run in runs.items():
-        settings = {**COMMON, "train.sequence_parallel": sp}
-        done = (dit_torchrun(2, run, small_shards, None, config=tmp_path / "i2v.yaml", **settings) if sp > 1
-                else dit_train(run, small_shards, None, config=tmp_path / "i2v.yaml", **settings))
-        assert done.returncode == 0, done.stderr[-5000:]
-    ref = losses(runs[1])
-    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
-    _, config = load_weights(list_checkpoints(runs[1])[-1])
-    c = config["dit"]["diffusers"]["out_channels"]
-    assert config["dit"]["condition_channels"] == c and config["dit"]["diffusers"]["in_channels"] == 2 * c
-    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
+    config = family_yaml(tmp_path / "i2v.yaml", {"family": "cogvideox", "family_config": COGVIDEOX,
+                                                 "condition": "first_frame", "condition_prob": 0.75},
+                         tmp_path / "vae", V_DDIM)
+    one, two = sp_pair(tmp_path, small_shards, config)
+    _, exported = load_weights(list_checkpoints(one)[-1])
+    c = exported["dit"]["diffusers"]["out_channels"]
+    assert exported["dit"]["condition_channels"] == c and exported["dit"]["diffusers"]["in_channels"] == 2 * c
     # (not the keys' LayerNorm bias: its exact gradient is zero, since a bias shared by every key shifts all of a
     # query's logits alike, so AdamW steps on rounding noise there, which differs with the order of the sums)
-    kept = [k for k in a if not k.endswith("norm_k.bias")]
-    assert a.keys() == b.keys() and len(kept) == len(a) - 2
-    for k in kept:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    same_trained_weights(one, two, skip="norm_k.bias")
     gen = torch.Generator().manual_seed(2)
     Image.fromarray(torch.randint(0, 256, (32, 16, 3), generator=gen, dtype=torch.uint8).numpy()).save(
         tmp_path / "first.png")
-    sample_both_ways(runs[2], tmp_path, "--height", "32", "--image", str(tmp_path / "first.png"))
+    sample_both_ways(two, tmp_path, "--height", "32", "--image", str(tmp_path / "first.png"))
 
 
 # LTX-Video at the tiny test sizes (tests/finetune/test_lora.py's): patch 1, so each latent is a token
@@ -230,28 +226,13 @@ def test_an_ltx_model_with_sequence_parallelism_matches_one_process(tmp_path: Pa
     save_tiny_vae("ltx", tmp_path / "vae")
     shards = tmp_path / "shards"
     make_synthetic(shards, num_clips=16, frames=9, height=32, width=64, clips_per_shard=8, seed=5)
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "ltx", "family_config": LTX, "patch_size": None}
-    data["vae"] = {"family": "ltx", "pretrained": str(tmp_path / "vae")}
-    data["diffusion"] = {"objective": "flow", "timestep_sampling": "logit_normal", "shift": 3.0, "prompt_dropout": 0.3}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
-    (tmp_path / "ltx.yaml").write_text(yaml.safe_dump(data))
+    config = family_yaml(tmp_path / "ltx.yaml", {"family": "ltx", "family_config": LTX, "patch_size": None},
+                         tmp_path / "vae", FLOW)
     # 9 frames of 32 x 64 pixels: latents 2 x 1 x 2, so 4 tokens per clip, 2 on each rank
-    clip = {"data.frames": 9, "data.height": 32, "data.width": 64, "data.shuffle_buffer": 4}
-    runs = {sp: tmp_path / f"sp{sp}" for sp in (1, 2)}
-    for sp, run in runs.items():
-        settings = {**COMMON, **clip, "train.sequence_parallel": sp}
-        done = (dit_torchrun(2, run, str(shards), None, config=tmp_path / "ltx.yaml", **settings) if sp > 1
-                else dit_train(run, str(shards), None, config=tmp_path / "ltx.yaml", **settings))
-        assert done.returncode == 0, done.stderr[-5000:]
-    assert "sequence parallel: groups of 2 ranks" in done.stderr
-    ref = losses(runs[1])
-    assert len({round(x, 6) for x in ref}) == STEPS and losses(runs[2]) == pytest.approx(ref, rel=1e-4)
-    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in runs.values())
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-    sample_both_ways(runs[2], tmp_path, "--height", "32", "--width", "64")  # one frame: 1 x 2 latent tokens
+    one, two = sp_pair(tmp_path, str(shards), config, **{"data.frames": 9, "data.height": 32, "data.width": 64,
+                                                         "data.shuffle_buffer": 4})
+    same_trained_weights(one, two)
+    sample_both_ways(two, tmp_path, "--height", "32", "--width", "64")  # one frame: 1 x 2 latent tokens
 
 
 def test_a_wan_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path,

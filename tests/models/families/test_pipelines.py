@@ -20,6 +20,12 @@ from dit.models.text import NoText
 from dit.pipeline import Pipeline, decode_latents, load_pipeline, sample_latents
 
 STEPS, CFG = 5, 4.0
+# LTX-Video's scheduler (Lightricks/LTX-Video scheduler_config.json), and the same as diffusion.* settings of ours
+LTX_SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+                     max_image_seq_len=4096, shift_terminal=0.1)
+LTX_SETTINGS = ["diffusion.objective=flow", "diffusion.dynamic_shift=true", "diffusion.base_shift=0.95",
+                "diffusion.max_shift=2.05", "diffusion.base_seq_len=1024", "diffusion.max_seq_len=4096",
+                "diffusion.shift_terminal=0.1", "diffusion.flow_grid=steps"]
 
 
 def prompts(length: int = 6, seed: int = 3) -> tuple[dict, dict]:
@@ -103,15 +109,10 @@ def test_ltx_matches_ltxpipeline(tiny_folder, tmp_path):
         LTXVideoTransformer3DModel,
     )
 
-    settings = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
-                    max_image_seq_len=4096, shift_terminal=0.1)
-    pipe, vae_folder = exported(tmp_path, "ltx", tiny_folder("ltx"), [
-        "diffusion.objective=flow", "diffusion.dynamic_shift=true", "diffusion.base_shift=0.95",
-        "diffusion.max_shift=2.05", "diffusion.base_seq_len=1024", "diffusion.max_seq_len=4096",
-        "diffusion.shift_terminal=0.1", "diffusion.flow_grid=steps"], (17, 128, 192), latent_channels=4)
+    pipe, vae_folder = exported(tmp_path, "ltx", tiny_folder("ltx"), LTX_SETTINGS, (17, 128, 192), latent_channels=4)
     noise = latents()
     ref = LTXPipeline(tokenizer=None, text_encoder=None, vae=AutoencoderKLLTXVideo.from_pretrained(vae_folder),
-                      scheduler=FlowMatchEulerDiscreteScheduler(**settings),
+                      scheduler=FlowMatchEulerDiscreteScheduler(**LTX_SCHEDULER),
                       transformer=LTXVideoTransformer3DModel.from_pretrained(tiny_folder("ltx")))
     ref.set_progress_bar_config(disable=True)
     frames = ref(**embeds(prompt_embeds=1, prompt_attention_mask=1, negative_prompt_embeds=1,
@@ -271,13 +272,8 @@ def test_ltx_first_frame_matches_ltximagetovideopipeline(tiny_folder, tmp_path):
 
     from dit.pipeline import image_condition
 
-    settings = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
-                    max_image_seq_len=4096, shift_terminal=0.1)
-    pipe, vae_folder = exported(tmp_path, "ltx", tiny_folder("ltx"), [
-        "diffusion.objective=flow", "diffusion.dynamic_shift=true", "diffusion.base_shift=0.95",
-        "diffusion.max_shift=2.05", "diffusion.base_seq_len=1024", "diffusion.max_seq_len=4096",
-        "diffusion.shift_terminal=0.1", "diffusion.flow_grid=steps", "model.condition=first_frame"],
-        (17, 128, 192), latent_channels=4, scaling_factor=1.0)
+    pipe, vae_folder = exported(tmp_path, "ltx", tiny_folder("ltx"), [*LTX_SETTINGS, "model.condition=first_frame"],
+                                (17, 128, 192), latent_channels=4, scaling_factor=1.0)
     assert pipe.model.first_frame and pipe.model.condition_channels == 5
     image = torch.rand(2, 3, 128, 192, generator=torch.Generator().manual_seed(6))  # [B, 3, H, W] in [0, 1]
     noise = latents()
@@ -293,7 +289,7 @@ def test_ltx_first_frame_matches_ltximagetovideopipeline(tiny_folder, tmp_path):
     start = noise.clone()
     start[:, :, :1] = first  # what the pipeline's prepare_latents puts there when it draws the noise itself
     ref = LTXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae,
-                                  scheduler=FlowMatchEulerDiscreteScheduler(**settings),
+                                  scheduler=FlowMatchEulerDiscreteScheduler(**LTX_SCHEDULER),
                                   transformer=LTXVideoTransformer3DModel.from_pretrained(tiny_folder("ltx")))
     ref.set_progress_bar_config(disable=True)
     frames = ref(image=image, **embeds(prompt_embeds=1, prompt_attention_mask=1, negative_prompt_embeds=1,
