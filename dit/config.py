@@ -121,6 +121,9 @@ class VAEConfig:
     pretrained: str | None = None  # a family: a local diffusers VAE folder, e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae
     #                                (unset: `dit plan` takes the released model's sizes; train / encode need it)
     tiling: bool = False  # a family: diffusers' tiled encode/decode (enable_tiling) for large frames
+    # a family without vae.pretrained: diffusers VAE constructor overrides for another release's sizes (`dit plan`,
+    # e.g. Wan 2.2's z_dim 48 and 16x space); with a folder its config.json must agree
+    family_config: dict = field(default_factory=dict)
     checkpoint: str | None = None  # a directory written by `dit train-vae` (vae.safetensors + vae.json)
     latent_channels: int = 4
     base_channels: int = 32
@@ -147,14 +150,13 @@ class VAEConfig:
         if self.family == "ours":
             _check(self.pretrained is None, "vae.pretrained", "is for vae.family=wan|cogvideox|hunyuan|ltx; our "
                    "CausalVAE loads vae.checkpoint: set vae.family or drop vae.pretrained")
+            _check(not self.family_config, "vae.family_config", "is for vae.family=wan|cogvideox|hunyuan|ltx")
             return
         _check(self.checkpoint is None, "vae.checkpoint", f"is our CausalVAE (a `dit train-vae` output), while "
                f"vae.family={self.family} loads vae.pretrained: drop vae.checkpoint")
-        if not self.pretrained:  # `dit plan` sizes it from the family's defaults; loading weights needs the folder
-            return
-        try:
-            vae_geometry(self.family, self.pretrained)  # the folder is checked before any work
-        except FileNotFoundError as e:
+        try:  # the folder (or, without one, the family_config keys) checked before any work
+            vae_geometry(self.family, self.pretrained, self.family_config)
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(str(e)) from None
 
     def geometry(self) -> tuple[int, int, int]:
@@ -165,7 +167,7 @@ class VAEConfig:
         from dit.models.vae_folder import vae_geometry
 
         if self.family != "ours":
-            return tuple(vae_geometry(self.family, self.pretrained))
+            return tuple(vae_geometry(self.family, self.pretrained, self.family_config))
         channels = self.latent_channels
         if self.checkpoint and Path(self.checkpoint, "vae.json").is_file():  # the trained VAE's own size
             channels = json.loads(Path(self.checkpoint, "vae.json").read_text()).get("latent_channels", channels)

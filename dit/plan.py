@@ -93,15 +93,17 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
 
 
 def family_vae(vae_cfg: VAEConfig) -> torch.nn.Module:
-    """The family's diffusers VAE built from its folder's config (or the released model's defaults): call it on the
-    meta device."""
+    """The family's diffusers VAE built from its folder's config (or the released model's defaults, with
+    vae.family_config): call it on the meta device."""
     import diffusers
 
     from dit.models.vae_folder import FAMILIES, family_config
 
     spec = FAMILIES[vae_cfg.family]
     cls = getattr(diffusers, spec.class_name)
-    return cls.from_config(family_config(vae_cfg.family, vae_cfg.pretrained)) if vae_cfg.pretrained else cls()
+    if vae_cfg.pretrained:
+        return cls.from_config(family_config(vae_cfg.family, vae_cfg.pretrained))
+    return cls(**vae_cfg.family_config)  # the released sizes: the constructor's defaults, or another release's
 
 
 def family_text_dim(model_cfg: ModelConfig) -> int:

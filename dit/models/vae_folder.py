@@ -75,9 +75,24 @@ def geometry_of(family: str, config: dict[str, Any]) -> VAEGeometry:
     return VAEGeometry(int(config[spec.channels_key]), int(temporal), int(spatial))
 
 
-def vae_geometry(family: str, path: str | os.PathLike | None) -> VAEGeometry:
+def vae_geometry(family: str, path: str | os.PathLike | None,
+                 overrides: dict[str, Any] | None = None) -> VAEGeometry:
     """The latent channels and compression of the family's VAE in PATH, from its config.json (no weights read);
-    PATH None: of the diffusers constructor's defaults, which are the released model's (Wan 2.1, CogVideoX, LTX)."""
+    PATH None: of the diffusers constructor's defaults, which are the released model's (Wan 2.1, CogVideoX, LTX),
+    with ``overrides`` (vae.family_config: another release's sizes, e.g. Wan 2.2's VAE), which a folder must agree
+    with. ValueError naming an unknown key or a disagreement."""
+    overrides = overrides or {}
+    defaults = _defaults(FAMILIES[family].class_name)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"vae.family_config: {unknown} are not {FAMILIES[family].class_name} arguments; valid: "
+                         f"{', '.join(sorted(defaults))}")
     if path is None:
-        return geometry_of(family, _defaults(FAMILIES[family].class_name))
-    return geometry_of(family, family_config(family, path))
+        return geometry_of(family, {**defaults, **overrides})
+    config = family_config(family, path)
+    differ = {k: (v, config.get(k)) for k, v in overrides.items() if config.get(k) != v}
+    if differ:
+        listed = ", ".join(f"{k}={want} but the folder has {have}" for k, (want, have) in differ.items())
+        raise ValueError(f"vae.family_config: {listed} ({path}/config.json): that folder holds another VAE than the "
+                         "config describes; point vae.pretrained at the right one, or drop vae.family_config")
+    return geometry_of(family, config)

@@ -18,14 +18,37 @@ RELEASED = {
     "wan2.1-t2v-1.3b": (1.42, 1536, 30, 21 * 30 * 52),  # 81 x 480 x 832: 21 latent frames, 60 x 104 / patch 2
     "cogvideox-2b": (1.69, 1920, 30, 13 * 30 * 45),  # 49 x 480 x 720: 13 latent frames, 60 x 90 / patch 2
     "ltx-video": (1.92, 2048, 28, 16 * 15 * 22),  # 121 x 480 x 704: 16 latent frames, 15 x 22 (32x, patch 1)
+    # published as "5B"; 121 x 704 x 1280 through Wan 2.2's 16x VAE: 31 latent frames, 44 x 80 / patch 2
+    "wan2.2-ti2v-5b": (5.00, 3072, 30, 31 * 22 * 40),
 }
 
 
 def test_family_vae_defaults_are_the_released_geometry():
-    """(latent channels, temporal, spatial) without a folder: the diffusers constructor defaults."""
+    """(latent channels, temporal, spatial) without a folder: the diffusers constructor defaults, or another
+    release's sizes in vae.family_config (Wan 2.2's VAE)."""
     assert VAEConfig(family="wan").geometry() == (16, 4, 8)
     assert VAEConfig(family="cogvideox").geometry() == (16, 4, 8)
     assert VAEConfig(family="ltx").geometry() == (128, 8, 32)
+    assert load_config(CONFIGS / "wan2.2-ti2v-5b.yaml", []).vae.geometry() == (48, 4, 16)
+
+
+def test_vae_family_config_is_checked_before_any_work(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tiny_vaes import save_tiny_vae
+
+    from dit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"vae.family_config: \['z_dims'\] are not AutoencoderKLWan arguments"):
+        VAEConfig(family="wan", family_config={"z_dims": 48})
+    with pytest.raises(ConfigError, match=r"vae.family_config: is for vae.family=wan"):
+        VAEConfig(family_config={"z_dim": 48})
+    save_tiny_vae("wan", tmp_path / "vae")  # z_dim 16
+    with pytest.raises(ConfigError, match=r"vae.family_config: z_dim=48 but the folder has 16 .*: that folder holds "
+                                          r"another VAE than the config describes"):
+        VAEConfig(family="wan", pretrained=str(tmp_path / "vae"), family_config={"z_dim": 48})
+    assert VAEConfig(family="wan", pretrained=str(tmp_path / "vae"), family_config={"z_dim": 16}).geometry()[0] == 16
 
 
 @pytest.mark.parametrize("name", RELEASED)
