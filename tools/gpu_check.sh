@@ -170,7 +170,7 @@ main() {
     local commit
     if commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null); then
         git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit+=" with changes"
-    else  # the device tool's copy has no .git: the caller names it (DIT_COMMIT=$(git rev-parse --short HEAD) here)
+    else  # the device tool's copy has no .git: the command names it (DIT_COMMIT=<hash from this side's git>)
         commit=${DIT_COMMIT:-"no git checkout"}
     fi
     echo "gpu_check.sh --$MODE: $(date -u +%Y-%m-%dT%H:%M:%SZ) on ${HOSTNAME:-?}, repo at $commit, out $OUT_DIR," \
