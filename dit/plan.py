@@ -47,6 +47,11 @@ ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogv
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
 HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
+# Per-token timesteps (Wan and LTX with model.condition=first_frame): bytes per token per hidden unit that each
+# block keeps for its backward (its fp32 [6, D] modulation sum and the scales made from it), and that the step holds
+# once (the per-token timestep embeddings and their gradient), in fp32 and bf16 runs alike: measured beside the same
+# runs without the condition, Wan and LTX alike (tests/training/measure_memory.py; BENCHMARKS.md).
+PER_TOKEN_TEMB = (34.0, 41.0)
 MINILM = (22_713_216, 384)  # the packaged all-MiniLM-L6-v2: parameters, output dim
 
 
@@ -151,12 +156,14 @@ def model_size(cfg: Config) -> ModelSize:
 
 def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: bool = False,
                      checkpointing: bool = False, attention_scores: bool = False, sequence_parallel: int = 1,
-                     checkpoint_every: int = 1) -> float:
+                     checkpoint_every: int = 1, per_token_timesteps: bool = False) -> float:
     """Activations kept for the backward pass of one micro-batch on one rank, for a model ``family`` (ACTIVATIONS),
     in fp32 or, ``half``, under bf16/fp16 autocast. ``attention_scores``: the attention
     kernel stores its scores and probabilities (the math path, e.g. on CPU); fused GPU kernels do not.
     ``sequence_parallel``: the rank holds 1/SP of the tokens (and attends all tokens with 1/SP of the heads).
-    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py)."""
+    ``checkpoint_every``: with ``checkpointing``, blocks 0, k, 2k, ... are recomputed (parallelize.py).
+    ``per_token_timesteps``: each token has its own timestep embedding (PER_TOKEN_TEMB; the held part is computed
+    for the whole clip on every sequence-parallel rank)."""
     per_token, half_bytes = ACTIVATIONS[family]
     bytes_per_value = half_bytes if half else 4.0
     tokens = size.tokens / sequence_parallel  # this rank's tokens
@@ -176,7 +183,11 @@ def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: boo
     inputs = recomputed * stream * size.hidden * (2.0 if half else 4.0)
     # the kept blocks' activations (or the one block being recomputed)
     blocks = max(kept, 1 if recomputed else 0) * per_block
-    return batch * (inputs + bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden))
+    temb = 0.0
+    if per_token_timesteps:
+        block_bytes, held_bytes = PER_TOKEN_TEMB
+        temb = (block_bytes * max(kept, 1 if recomputed else 0) * tokens + held_bytes * size.tokens) * size.hidden
+    return batch * (inputs + temb + bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden))
 
 
 def check_plan_args(gpus: int, gpu_memory_gb: float, gpus_per_node: int, sequence_parallel: int = 1) -> None:
@@ -214,9 +225,12 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     t = cfg.train
     check_plan_args(gpus, gpu_memory_gb, gpus_per_node, t.sequence_parallel)
     size = size or model_size(cfg)
+    family = FAMILIES.get(cfg.model.family)
     act = activation_bytes(size, t.batch_size, cfg.model.family, t.mixed_precision != "no",
                            cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
-                           cfg.model.gradient_checkpointing_every)
+                           cfg.model.gradient_checkpointing_every,
+                           per_token_timesteps=cfg.model.condition == "first_frame" and bool(family)
+                           and family.replace_condition)
     P, base = float(size.params), float(size.base)
     every = cfg.model.gradient_checkpointing_every
     kept_blocks = size.depth - (-(-size.depth // every) if cfg.model.gradient_checkpointing else 0)

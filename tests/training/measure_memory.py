@@ -26,6 +26,7 @@ from dit.config import Config, load_config
 from dit.diffusion.objectives import training_loss
 from dit.distributed.parallelize import parallelize
 from dit.distributed.setup import DistEnv, setup_distributed, teardown_distributed
+from dit.models.condition import condition_mask, first_frame_condition
 from dit.models.families import build_denoiser
 from dit.models.lora import inject_lora
 from dit.models.text import build_text_encoder
@@ -85,6 +86,9 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
     shape = (b, channels, 1 + (cfg.data.frames - 1) // temporal, cfg.data.height // spatial, cfg.data.width // spatial)
     states, mask = text.encode(["a red circle moving left"] * b)
     kwargs = dict(text=states.to(device), text_mask=mask.to(device))
+    if cfg.model.condition == "first_frame":  # every row given an image: Wan's and LTX's per-token timesteps
+        first = torch.randn(b, channels, 1, *shape[3:])
+        kwargs["condition"] = first_frame_condition(first, shape[2], mask=condition_mask(cfg.model.family)).to(device)
     growth = 0
 
     def micro_loss(_: int) -> torch.Tensor:

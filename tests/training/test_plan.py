@@ -49,8 +49,11 @@ COGVIDEOX = ["model.family=cogvideox", "diffusion.prediction=v", "model.patch_si
     *[["train.mixed_precision=bf16", *family] for family in (WAN, COGVIDEOX, LTX)],
     # LoRA rank 16 as dit train sets it up (its base's block linears in bf16, the EMA sharing the base), checkpointed
     ["train.mixed_precision=bf16", *ACTIVATION_BOUND, "train.lora.rank=16", "model.gradient_checkpointing=true"],
+    # Wan's image-to-video: per-token timesteps, each block's fp32 modulation per token (PER_TOKEN_TEMB; without
+    # the term the plan was 11.5% under)
+    ["train.mixed_precision=bf16", *WAN, "model.condition=first_frame"],
 ], ids=["activations", "parameters", "checkpoint-all", "checkpoint-every-2", "bf16", "wan-bf16", "cogvideox-bf16",
-        "ltx-bf16", "lora-bf16"])
+        "ltx-bf16", "lora-bf16", "wan-first-frame-bf16"])
 def test_plan_holds_the_measured_peak_tensor_bytes_within_15_percent(model: list[str]) -> None:
     """Peak live tensor bytes of real training steps (measure_memory.py: torch's allocator, as
     torch.cuda.max_memory_allocated counts on a GPU), against the plan: at most 15% over, and not under beyond 0.5%
