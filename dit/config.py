@@ -154,6 +154,8 @@ class VAEConfig:
             return
         _check(self.checkpoint is None, "vae.checkpoint", f"is our CausalVAE (a `dit train-vae` output), while "
                f"vae.family={self.family} loads vae.pretrained: drop vae.checkpoint")
+        if not self.pretrained and not self.family_config:  # `dit plan` takes the family's defaults (no import)
+            return
         try:  # the folder (or, without one, the family_config keys) checked before any work
             vae_geometry(self.family, self.pretrained, self.family_config)
         except (FileNotFoundError, ValueError) as e:
