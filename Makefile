@@ -20,7 +20,7 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	# two workers, one test file each at a time (module fixtures built once). `bash .ci/run` on a fresh clone,
-	# 2 cores, 2026-12-04: 17.1, 18.6 and 17.5 min with the install (tests 15.4, 16.6, 16.1); the CI of that day 17.3 min; serially 32.5
+	# 2 cores, the machine otherwise idle, 2026-12-06: 27.3 min with the install (tests 25.8); 22.7 min a stop earlier
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
