@@ -216,8 +216,8 @@ def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] 
     device = next(pipe.model.parameters()).device
     x = x.to(device).expand(b, -1, -1, -1)  # [B, 3, H, W]
     first = pipe.vae.normalize(pipe.vae.encode(x[:, :, None]).mode())  # [B, C, 1, h, w]
-    first = first * getattr(pipe.vae, "condition_scale", 1.0)  # (CogVideoX 1.5's VAE: see vae_families)
-    return first_frame_condition(first, t, mask=getattr(pipe.model, "condition_mask", True))  # [B, C (+ 1), t, h, w]
+    first = first * pipe.vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
+    return first_frame_condition(first, t, mask=pipe.model.condition_mask)  # [B, C (+ 1), t, h, w]
 
 
 @torch.no_grad()

@@ -29,12 +29,8 @@ CONDITIONS = ("none", "first_frame")
 
 def condition_mask(family: str) -> bool:
     """Whether a model.family's image condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V):
-    the family adapter's ``condition_mask``."""
-    if family == "dit":
-        return True
-    from dit.models.families import FAMILIES
-
-    return FAMILIES[family].condition_mask
+    a family's has it in the replace form (its adapter's ``condition_mask``)."""
+    return family == "dit" or condition_replaces(family)
 
 
 def condition_replaces(family: str) -> bool:

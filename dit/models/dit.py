@@ -160,6 +160,8 @@ class DiT(nn.Module):
     ``condition_channels`` > 0 (image-to-video, dit/models/condition.py): forward also takes ``condition``
     [B, condition_channels, t, h, w], concatenated to x before the patch embedding (None: zeros, no condition)."""
 
+    condition_mask = True  # the condition carries the mask channel (dit/models/condition.py)
+
     def __init__(self, in_channels: int = 4, text_dim: int = 384, hidden_size: int = 128, depth: int = 4,
                  num_heads: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), mlp_ratio: float = 4.0,
                  qk_norm: bool = True, drop_path: float = 0.0, attention: str = "auto",

@@ -226,6 +226,7 @@ class CausalVAE(nn.Module):
     """Video [B, 3, T, H, W] in [-1, 1], T = 4k + 1 <-> latents [B, C, 1 + k, H/8, W/8]."""
 
     temporal_compression = frame_rule.TEMPORAL  # the two temporal downsamples: 4 frames per latent frame
+    condition_scale = 1.0  # an image condition's latents are the normalized ones (vae_families: CogVideoX 1.5's differ)
     spatial_compression = frame_rule.SPATIAL  # the three spatial stride-2 downsamples
 
     def __init__(

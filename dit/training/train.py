@@ -170,7 +170,7 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
     if model is not None and model.condition == "first_frame":
-        first = latents[:, :, :1] * getattr(vae, "condition_scale", 1.0)  # (CogVideoX 1.5's VAE: see vae_families)
+        first = latents[:, :, :1] * vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
         drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
                                              rng.gen, condition_mask(model.family)),)  # [B, C (+ 1), t, h, w]
     return drawn if keep is None else tuple(x[keep] for x in drawn)

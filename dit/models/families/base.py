@@ -46,7 +46,6 @@ class FamilyDenoiser(nn.Module):
     # latent concatenated to its input channels (in_channels = 2 x out_channels: CogVideoX-I2V), without a mask
     # channel (dit/models/condition.py)
     concat_condition: ClassVar[bool] = False
-    condition_mask: ClassVar[bool] = False
     # or whether it replaces the first latent frame by the image's and gives its tokens timestep 0 (Wan 2.2 TI2V's
     # expand_timesteps); the condition then carries the mask channel, which says where (``replaced``)
     replace_condition: ClassVar[bool] = False
@@ -72,6 +71,11 @@ class FamilyDenoiser(nn.Module):
             self.condition_channels = self.in_channels + 1
         if self.condition_channels:
             self.config["condition_channels"] = self.condition_channels
+
+    @property
+    def condition_mask(self) -> bool:
+        """Whether the image condition carries the mask channel: the replace form's does (it says where)."""
+        return self.replace_condition
 
     def image_inputs(self, x: torch.Tensor, t: torch.Tensor,
                      condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +112,7 @@ class FamilyDenoiser(nn.Module):
     def finish_sample(self, z: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         """The sampled latents as the family's pipeline decodes them: the replace form puts the condition back
         where it stood in for them (the sampler also moved those latents, by predictions nothing used)."""
-        if not self.replace_condition or condition is None:
+        if not self.first_frame or condition is None:
             return z
         keep = condition[:, self.in_channels:]
         return z * (1 - keep) + condition[:, :self.in_channels] * keep

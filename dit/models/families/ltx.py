@@ -31,7 +31,6 @@ class LTXDenoiser(FamilyDenoiser):
     prediction = "flow"
     option_keys = ("rope_interpolation_scale", "first_frame")
     replace_condition = True  # image-to-video as LTXImageToVideoPipeline (model.condition=first_frame)
-    condition_mask = True
 
     def __init__(self, transformer: torch.nn.Module, rope_interpolation_scale: list[float],
                  first_frame: bool = False) -> None:

@@ -24,7 +24,6 @@ class WanDenoiser(FamilyDenoiser):
     prediction = "flow"
     option_keys = ("first_frame",)
     replace_condition = True
-    condition_mask = True
 
     def __init__(self, transformer: torch.nn.Module, first_frame: bool = False) -> None:
         super().__init__(transformer, first_frame=bool(first_frame))
