@@ -33,6 +33,7 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
 # model.attention: torch SDPA choosing its kernel, one SDPA kernel pinned, or xformers (dit/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
+FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
 
 
 def _installed(module: str) -> bool:
@@ -124,6 +125,8 @@ class VAEConfig:
     # a family without vae.pretrained: diffusers VAE constructor overrides for another release's sizes (`dit plan`,
     # e.g. Wan 2.2's z_dim 48 and 16x space); with a folder its config.json must agree
     family_config: dict = field(default_factory=dict)
+    # a family's frozen weights: fp32 | bf16 | fp16 (CogVideoX and LTX pipelines run their VAE in bf16, Wan's in fp32)
+    dtype: str = "fp32"
     checkpoint: str | None = None  # a directory written by `dit train-vae` (vae.safetensors + vae.json)
     latent_channels: int = 4
     base_channels: int = 32
@@ -147,7 +150,11 @@ class VAEConfig:
 
         _check(self.family == "ours" or self.family in FAMILIES, "vae.family",
                f"unknown family {self.family!r}; choose ours or one of {', '.join(FAMILIES)}")
+        _check(self.dtype in FROZEN_DTYPES, "vae.dtype", f"must be one of {', '.join(FROZEN_DTYPES)}, got "
+               f"{self.dtype!r}")
         if self.family == "ours":
+            _check(self.dtype == "fp32", "vae.dtype", "is for vae.family=wan|cogvideox|hunyuan|ltx (our CausalVAE "
+                   "stays fp32: it is small); remove it")
             _check(self.pretrained is None, "vae.pretrained", "is for vae.family=wan|cogvideox|hunyuan|ltx; our "
                    "CausalVAE loads vae.checkpoint: set vae.family or drop vae.pretrained")
             _check(not self.family_config, "vae.family_config", "is for vae.family=wan|cogvideox|hunyuan|ltx")
@@ -184,6 +191,7 @@ class TextConfig:
     padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
     #                        the encoder sees the padding (CogVideoX, LTX); as each pipeline's _get_t5_prompt_embeds
     clean: bool = False  # WanPipeline's prompt_clean (HTML unescape, whitespace collapsed) before tokenizing
+    dtype: str = "fp32"  # the frozen encoder's weights: fp32 | bf16 | fp16 (the pipelines' T5 / UMT5 run in bf16)
 
     def __post_init__(self) -> None:
         _check(self.encoder in ("minilm", "hf", "none"), "text.encoder", "must be minilm, hf or none")
@@ -192,6 +200,8 @@ class TextConfig:
         _check(self.max_length >= 1, "text.max_length", "must be >= 1")
         _check(self.padding in ("mask", "zeros", "unmasked"), "text.padding",
                "must be mask, zeros (Wan) or unmasked (CogVideoX, LTX)")
+        _check(self.dtype in FROZEN_DTYPES, "text.dtype", f"must be one of {', '.join(FROZEN_DTYPES)}, got "
+               f"{self.dtype!r}")
 
 
 @dataclass

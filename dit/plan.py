@@ -14,9 +14,9 @@ Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to 
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
 checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs). The frozen VAE and
-text encoder count once per GPU. The optimizer step briefly needs one more fp32 copy of its shard (foreach
-temporaries; DeepSpeed 8 bytes per trained parameter of its partition), which can set the peak when activations
-are small.
+text encoder count once per GPU, in vae.dtype and text.dtype. The optimizer step briefly needs one more fp32 copy
+of its shard (foreach temporaries; DeepSpeed 8 bytes per trained parameter of its partition), which can set the
+peak when activations are small.
 The totals are tensor bytes, what ``torch.cuda.max_memory_allocated`` reports; "fits" leaves 1 - HEADROOM of the
 GPU for the CUDA context, kernel workspaces and the caching allocator's fragmentation.
 With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
+from dit.models.diffusers_folder import DTYPE_BYTES
 from dit.models.families import FAMILIES
 
 # By model family: (hidden-size values per token that a block keeps for backward, bytes per value under bf16
@@ -66,6 +67,7 @@ class ModelSize:
     text_len: int
     base: int = 0  # LoRA: the denoiser's own (frozen) parameters, held beside the adapter; params is the adapter
     base_linear: int = 0  # LoRA: those of the blocks' linear layers (bf16 under DDP in a bf16 run: lora.base_dtype)
+    frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype)
 
 
 @dataclass
@@ -149,6 +151,7 @@ def model_size(cfg: Config) -> ModelSize:
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
                      base_linear=base_linear,
                      frozen=vae_params + text_params,
+                     frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + text_params * DTYPE_BYTES[cfg.text.dtype],
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
                      text_len=cfg.text.max_length)
@@ -242,7 +245,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
         ema = 4.0 * (P if t.lora.ema_shares_base(name) else P + base)  # (base is 0 without LoRA)
         buffers = 0.0  # DeepSpeed's reduce bucket
-        frozen = 4.0 * size.frozen
+        frozen = size.frozen_bytes
         if name.startswith("zero"):
             # DeepSpeed casts the whole module to the run's half dtype and keeps fp32 master weights of its
             # partition beside AdamW's moments (12 bytes per trained parameter over the ranks); its optimizer step
@@ -320,8 +323,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
                  "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, split long clips over "
                  "ranks (train.sequence_parallel), or offload (train.offload_optimizer / train.offload_params)")
     if missing:
-        lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add 4 bytes "
-                     "per parameter of it, as for the VAE)")
+        lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add "
+                     f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")
     lines.append(f"(tensor bytes, as torch.cuda.max_memory_allocated counts them; fits: total <= {HEADROOM:.0%} "
                  "of the GPU, the rest for the CUDA context, workspaces and fragmentation)")
     if gpus == 1:

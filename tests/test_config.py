@@ -32,6 +32,9 @@ def test_yaml_file_then_overrides(tmp_path):
     ("text.encoder=hf", "text.path"),
     ("data.width=40", "data.width"),  # 40 is a multiple of 8 but not of 8 x patch 2
     ("model.gradient_checkpointing_every=0", "model.gradient_checkpointing_every"),
+    ("text.dtype=fp8", "text.dtype"),
+    ("vae.dtype=float16", "vae.dtype"),
+    ("vae.dtype=bf16", "vae.dtype"),  # our CausalVAE stays fp32
 ])
 def test_bad_keys_and_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

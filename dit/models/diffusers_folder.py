@@ -45,3 +45,13 @@ def read_diffusers_folder(path: str | os.PathLike, *, key: str, class_name: str,
         raise ConfigError(f"{key}: {str(p)!r} has no *.safetensors weights (pickled .bin weights are not loaded); "
                           "save the model with save_pretrained(..., safe_serialization=True)")
     return config
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # text.dtype / vae.dtype: bytes per frozen parameter
+
+
+def frozen_dtype(name: str) -> Any:
+    """The torch dtype of a text.dtype / vae.dtype setting (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

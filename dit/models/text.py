@@ -11,6 +11,7 @@ The empty prompt "" is the unconditional input for classifier-free guidance. Pro
 padded positions hold, as each family's pipeline (``_get_t5_prompt_embeds``) makes its prompt embeddings:
 ``mask`` (the encoder masks the padding), ``zeros`` (Wan: masked, and the states after the real tokens are zeros)
 or ``unmasked`` (CogVideoX, LTX: the encoder runs over the padding too). The mask returned is the tokenizer's.
+``dtype`` (text.dtype) is what the weights are held in (bf16 halves a T5-XXL's 19 GB); the states come back fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from dit.models.diffusers_folder import frozen_dtype
 
 
 class TextEncoder(nn.Module):
@@ -56,7 +59,7 @@ class HFTextEncoder(TextEncoder):
     """A frozen Hugging Face encoder loaded from a local folder (never from a hub)."""
 
     def __init__(self, path: str | Path, max_length: int = 32, cache_size: int = 4096, padding: str = "mask",
-                 clean: bool = False) -> None:
+                 clean: bool = False, dtype: str = "fp32") -> None:
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,7 +77,7 @@ class HFTextEncoder(TextEncoder):
             raise ValueError(f"padding must be mask, zeros or unmasked, got {padding!r}")
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True)
-        self.model = self._load_model(folder, config.model_type).eval().requires_grad_(False)
+        self.model = self._load_model(folder, config.model_type, frozen_dtype(dtype)).eval().requires_grad_(False)
         self.dim = int(getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
                        or config.text_config.hidden_size)
         self.name, self.max_length, self.cache_size = str(folder), max_length, cache_size
@@ -82,15 +85,14 @@ class HFTextEncoder(TextEncoder):
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @staticmethod
-    def _load_model(folder: Path, model_type: str) -> nn.Module:
+    def _load_model(folder: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
+        """The encoder in ``dtype`` (transformers keeps the modules a model lists in _keep_in_fp32_modules in fp32,
+        as for T5's feed-forward output under fp16)."""
         from transformers import AutoModel, CLIPTextModel, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
 
         encoders = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}  # encoder only
-        if model_type in encoders:
-            return encoders[model_type].from_pretrained(folder, local_files_only=True)
-        if model_type in ("clip", "clip_text_model"):
-            return CLIPTextModel.from_pretrained(folder, local_files_only=True)
-        return AutoModel.from_pretrained(folder, local_files_only=True)
+        cls = encoders.get(model_type) or (CLIPTextModel if model_type in ("clip", "clip_text_model") else AutoModel)
+        return cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
 
     def train(self, mode: bool = True) -> HFTextEncoder:  # always frozen in eval mode
         return super().train(False)
@@ -166,10 +168,10 @@ def text_width(text_cfg: object) -> int:
 
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:
-    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean)."""
+    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
     path = minilm_path() if kind == "minilm" else Path(text_cfg.path)
     return HFTextEncoder(path, max_length=text_cfg.max_length, padding=text_cfg.padding,
-                         clean=text_cfg.clean)
+                         clean=text_cfg.clean, dtype=text_cfg.dtype)

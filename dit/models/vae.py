@@ -372,7 +372,10 @@ def vae_loss(
 
 def encoder_digest(vae: VAE) -> str:
     """A short digest of the VAE encoder's weights: what the stored posteriors depend on (not the decoder, nor
-    the latent statistics, which may be refitted)."""
+    the latent statistics, which may be refitted). A pretrained family held in another vae.dtype than fp32 gives
+    the digest of its fp32 weights, taken when it was loaded (``digest``)."""
+    if getattr(vae, "digest", None):
+        return vae.digest
     h = hashlib.sha256()
     for name, tensor in sorted(vae.encoder.state_dict().items()):
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -410,14 +413,15 @@ class VAE(Protocol):
 
 def load_vae(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> CausalVAE | PretrainedVAE:
     """The VAE a folder records, in eval mode: save_vae's CausalVAE (weights, no pickle), or export_vae's record of
-    a pretrained family (vae.json {"family", "pretrained", "tiling"}: the diffusers folder is loaded from there)."""
+    a pretrained family (vae.json {"family", "pretrained", "tiling", "dtype"}: the diffusers folder is loaded from
+    there)."""
     directory = os.fspath(directory)
     config = json.loads(Path(directory, CONFIG_NAME).read_text())
     if "family" in config:
         from dit.models.vae_families import load_family_vae
 
-        return load_family_vae(config["family"], config["pretrained"], tiling=config.get("tiling", False)).to(
-            map_location)
+        return load_family_vae(config["family"], config["pretrained"], tiling=config.get("tiling", False),
+                               dtype=config.get("dtype", "fp32")).to(map_location)
     vae = CausalVAE(**config)
     vae.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device="cpu"))
     return vae.to(map_location).eval()
@@ -436,7 +440,7 @@ def load_vae_from_config(vae_cfg: VAEConfig) -> CausalVAE | PretrainedVAE:
     if not vae_cfg.pretrained:
         raise ConfigError(f"vae.family={vae_cfg.family} needs vae.pretrained=/path/to/a/diffusers/vae/folder "
                           "(config.json + safetensors), e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae")
-    return load_family_vae(vae_cfg.family, vae_cfg.pretrained, tiling=vae_cfg.tiling)
+    return load_family_vae(vae_cfg.family, vae_cfg.pretrained, tiling=vae_cfg.tiling, dtype=vae_cfg.dtype)
 
 
 def export_vae(vae_cfg: VAEConfig, directory: str | os.PathLike) -> None:
@@ -447,6 +451,7 @@ def export_vae(vae_cfg: VAEConfig, directory: str | os.PathLike) -> None:
         shutil.copytree(vae_cfg.checkpoint, directory)
         return
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"family": vae_cfg.family, "pretrained": str(Path(vae_cfg.pretrained).resolve()), "tiling": vae_cfg.tiling}
+    record = {"family": vae_cfg.family, "pretrained": str(Path(vae_cfg.pretrained).resolve()), "tiling": vae_cfg.tiling,
+              "dtype": vae_cfg.dtype}
     with atomic_file(directory / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(record, indent=2))

@@ -27,19 +27,21 @@ import torch
 from torch import Tensor, nn
 
 import data_pipelines.config as frame_rule
-from dit.models.vae import DiagonalGaussian
+from dit.models.diffusers_folder import frozen_dtype
+from dit.models.vae import DiagonalGaussian, encoder_digest
 from dit.models.vae_folder import FAMILIES, family_config, geometry_of
 
 
 class PretrainedVAE(nn.Module):
     """A diffusers video VAE: video [B, 3, T, H, W] in [-1, 1] <-> latents [B, C, t, h, w] (not normalised)."""
 
-    def __init__(self, family: str, vae: nn.Module, pretrained: str, tiling: bool = False) -> None:
+    def __init__(self, family: str, vae: nn.Module, pretrained: str, tiling: bool = False,
+                 dtype: str = "fp32") -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         config = dict(vae.config)
         self.latent_channels, self.temporal_compression, self.spatial_compression = geometry_of(family, config)
-        self.config = {"family": family, "pretrained": pretrained, "tiling": tiling}
+        self.config = {"family": family, "pretrained": pretrained, "tiling": tiling, "dtype": dtype}
         c = self.latent_channels
         if family == "wan":
             mean, std, scale = torch.tensor(config["latents_mean"]), torch.tensor(config["latents_std"]), 1.0
@@ -56,6 +58,10 @@ class PretrainedVAE(nn.Module):
         self.condition_scale = 1.0 / float(scale) ** 2 if config.get("invert_scale_latents") else 1.0
         if tiling:
             vae.enable_tiling()
+        # Stored posteriors are the weights', whatever dtype they are held in: a cast VAE keeps its fp32 weights'
+        # digest (the cast ones hash differently), so shards encoded in fp32 serve a bf16 run and the other way round.
+        self.digest = encoder_digest(self) if dtype != "fp32" else None
+        self.vae.to(frozen_dtype(dtype))
 
     @property
     def family(self) -> str:
@@ -87,11 +93,13 @@ class PretrainedVAE(nn.Module):
             raise ValueError(f"expected [B, 3, T, H, W], got {tuple(x.shape)}")
         self.latent_shape(*x.shape[2:])  # validates T, H, W against this VAE's compression
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist  # mean, logvar [B, C, t, h, w]
-        return DiagonalGaussian(dist.mean, dist.logvar)
+        return DiagonalGaussian(dist.mean.float(), dist.logvar.float())  # fp32 whatever vae.dtype
 
     def decode(self, z: Tensor, chunk_size: int = 0) -> Tensor:
-        """Latents [B, C, t, h, w] (not normalised) -> video [B, 3, 1 + temporal(t-1), spatial h, spatial w]."""
-        z = z.to(self.vae.dtype)
+        """Latents [B, C, t, h, w] (not normalised) -> video [B, 3, 1 + temporal(t-1), spatial h, spatial w], fp32."""
+        return self._decode(z.to(self.vae.dtype), chunk_size).float()
+
+    def _decode(self, z: Tensor, chunk_size: int) -> Tensor:
         if self.family == "cogvideox" and chunk_size > 0:
             default, self.vae.num_latent_frames_batch_size = self.vae.num_latent_frames_batch_size, chunk_size
             try:
@@ -113,12 +121,14 @@ class PretrainedVAE(nn.Module):
         return z * std / self.scaling_factor + mean
 
 
-def load_family_vae(family: str, pretrained: str | os.PathLike, tiling: bool = False) -> PretrainedVAE:
-    """The family's diffusers VAE from a local folder (safetensors only), checked first (vae_folder.family_config)."""
+def load_family_vae(family: str, pretrained: str | os.PathLike, tiling: bool = False,
+                    dtype: str = "fp32") -> PretrainedVAE:
+    """The family's diffusers VAE from a local folder (safetensors only), checked first (vae_folder.family_config),
+    held in ``dtype`` (vae.dtype)."""
     import diffusers
 
     family_config(family, pretrained)  # names the path and the fix before any weights are read
     folder = Path(pretrained).resolve()
     cls = getattr(diffusers, FAMILIES[family].class_name)
     vae = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    return PretrainedVAE(family, vae, str(folder), tiling=tiling).eval()
+    return PretrainedVAE(family, vae, str(folder), tiling=tiling, dtype=dtype).eval()

@@ -132,3 +132,32 @@ def test_hf_encoder_without_a_tokenizer_names_the_fix(tmp_path):
         (folder / name).unlink()
     with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*text_encoder.* nor in .*tokenizer"):
         HFTextEncoder(folder)
+
+
+def test_text_dtype_holds_the_encoder_as_the_pipelines_load_it(tmp_path):
+    from diffusers import WanPipeline
+    from transformers import UMT5EncoderModel
+
+    folder = tiny_t5_folder(tmp_path / "umt5", "umt5", tokenizer_beside=False)
+    settings = dict(encoder="hf", path=str(folder), max_length=24, padding="zeros", clean=True)
+    enc = build_text_encoder(TextConfig(**settings, dtype="bf16"))
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
+    states, _ = enc.encode(PROMPTS)
+    assert states.dtype == torch.float32  # what the denoiser and the latent shards take, whatever text.dtype
+    umt5 = UMT5EncoderModel.from_pretrained(folder, dtype=torch.bfloat16)  # as WanPipeline(torch_dtype=bf16) has it
+    pipe = WanPipeline(tokenizer=enc.tokenizer, text_encoder=umt5, transformer=None, vae=None, scheduler=None)
+    with torch.no_grad():  # as inside the pipeline's __call__ (with grad on, SDPA takes another bf16 kernel)
+        ref = pipe._get_t5_prompt_embeds(PROMPTS, max_sequence_length=24, device=torch.device("cpu"))
+    assert ref.dtype == torch.bfloat16
+    torch.testing.assert_close(states, ref.float(), rtol=0, atol=0)
+    full, _ = build_text_encoder(TextConfig(**settings)).encode(PROMPTS)
+    assert not torch.equal(states, full)  # bf16 took effect, and stays near the fp32 encoder
+    torch.testing.assert_close(states, full, rtol=0.05, atol=0.05)
+
+    # fp16: transformers keeps T5's feed-forward output layers (its _keep_in_fp32_modules) in fp32, against overflow
+    t5 = tiny_t5_folder(tmp_path / "t5", "t5", tokenizer_beside=True)
+    half = build_text_encoder(TextConfig(encoder="hf", path=str(t5), max_length=20, padding="unmasked", dtype="fp16"))
+    dtypes = {n: p.dtype for n, p in half.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith(".wo.weight")} == {torch.float32}
+    assert dtypes["shared.weight"] == torch.float16
+    assert torch.isfinite(half.encode(PROMPTS)[0]).all()

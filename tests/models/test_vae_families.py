@@ -3,6 +3,7 @@ through our VAE contract, exactly what diffusers' own VAE and pipelines give; th
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -161,7 +162,7 @@ def test_a_checkpoint_records_its_vae_and_load_vae_reads_either_form(tiny, tmp_p
     export_vae(VAEConfig(family="wan", pretrained=str(folder)), tmp_path / "ckpt" / "vae")
     assert [p.name for p in (tmp_path / "ckpt" / "vae").iterdir()] == ["vae.json"]  # no multi-GB copy
     record = json.loads((tmp_path / "ckpt" / "vae" / "vae.json").read_text())
-    assert record == {"family": "wan", "pretrained": str(folder.resolve()), "tiling": False}
+    assert record == {"family": "wan", "pretrained": str(folder.resolve()), "tiling": False, "dtype": "fp32"}
     vae = load_vae(tmp_path / "ckpt" / "vae")
     z = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -178,6 +179,35 @@ def test_a_checkpoint_records_its_vae_and_load_vae_reads_either_form(tiny, tmp_p
     assert isinstance(ours, CausalVAE)
     for k, v in load_vae(tmp_path / "ours").state_dict().items():
         assert torch.equal(ours.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx"])
+def test_vae_dtype_holds_the_weights_in_it_and_gives_fp32(family: str, tiny, tmp_path: Path) -> None:
+    folder, ref = tiny(family)
+    vae = load_vae_from_config(VAEConfig(family=family, pretrained=str(folder), dtype="bf16"))
+    assert {p.dtype for p in vae.vae.parameters()} == {torch.bfloat16}
+    half = copy.deepcopy(ref).to(torch.bfloat16)  # diffusers' VAE as a pipeline loaded with torch_dtype=bf16 holds it
+    x = video(*SIZE[family])
+    with torch.no_grad():
+        posterior, expected = vae.encode(x), half.encode(x.to(torch.bfloat16)).latent_dist
+        assert posterior.mean.dtype == posterior.logvar.dtype == torch.float32
+        torch.testing.assert_close(posterior.mean, expected.mean.float(), rtol=0, atol=0)
+        z = posterior.mode()
+        out = vae.decode(z)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, half.decode(z.to(torch.bfloat16)).sample.float(), rtol=0, atol=0)
+        full = ref.encode(x).latent_dist.mean
+    assert not torch.equal(posterior.mean, full)  # bf16 took effect, and stays near the fp32 VAE
+    torch.testing.assert_close(posterior.mean, full, rtol=0.05, atol=0.05)
+    # latent shards record the fp32 weights' digest: those encoded in one dtype serve a run in the other
+    assert encoder_digest(vae) == encoder_digest(load_family_vae(family, folder))
+    export_vae(VAEConfig(family=family, pretrained=str(folder), dtype="bf16"), tmp_path / "vae")
+    again = load_vae(tmp_path / "vae")
+    assert again.config["dtype"] == "bf16" and next(again.vae.parameters()).dtype == torch.bfloat16
+    record = json.loads((tmp_path / "vae" / "vae.json").read_text())
+    del record["dtype"]  # a checkpoint written before vae.dtype existed loads as it was: fp32
+    (tmp_path / "vae" / "vae.json").write_text(json.dumps(record))
+    assert next(load_vae(tmp_path / "vae").vae.parameters()).dtype == torch.float32
 
 
 def test_tiling_switch_gives_diffusers_tiled_decode(tiny) -> None:

@@ -68,6 +68,20 @@ def test_a_wan_model_trains_from_raw_and_latent_shards_alike_and_samples(tmp_pat
     assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
 
+    # The frozen parts in bf16 (vae.dtype, text.dtype) train on the same fp32-encoded shards (the VAE digest is its
+    # fp32 weights'); only the dropped prompts' states (the text encoder's, in bf16) differ
+    half_run = tmp_path / "half"
+    half = train.main(wan_config(tmp_path, half_run, str(latents), wan_vae, **common,
+                                 **{"data.latents": "true", "vae.dtype": "bf16", "text.dtype": "bf16"}))
+    assert json.loads((half / "vae" / "vae.json").read_text())["dtype"] == "bf16"
+    from dit.pipeline import load_pipeline
+
+    pipe = load_pipeline(half_run)
+    assert next(pipe.vae.parameters()).dtype == next(pipe.text.parameters()).dtype == torch.bfloat16
+    c = losses(half_run)
+    assert c != b
+    torch.testing.assert_close(torch.tensor(c), torch.tensor(b), rtol=2e-2, atol=0)
+
     from dit.cli import main as dit
 
     out = tmp_path / "clip.gif"
@@ -77,6 +91,9 @@ def test_a_wan_model_trains_from_raw_and_latent_shards_alike_and_samples(tmp_pat
 
     gif = Image.open(out)
     assert (gif.n_frames, gif.size) == (5, (16, 16))  # the trained size, through the Wan VAE's decoder
+    dit(["sample", "--checkpoint", str(half_run), "--prompt", "a red circle moving left", "--steps", "2",
+         "--out", str(tmp_path / "half.gif")])
+    assert Image.open(tmp_path / "half.gif").n_frames == 5
 
 
 def test_a_wan_model_refuses_the_diffusion_objective(tmp_path: Path, small_shards: str, wan_vae: Path) -> None:

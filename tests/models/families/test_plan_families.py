@@ -4,10 +4,11 @@ compression and the family's patch."""
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny_families import TINY, tiny_transformer
 
 from dit.config import load_config
-from dit.plan import estimate, model_size
+from dit.plan import MINILM, estimate, family_vae, model_size
 
 SIZES = ("num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "rope_max_seq_len", "patch_size")
 DATA = ["text.encoder=none", "data.frames=9", "data.height=32", "data.width=48"]  # latents 3 x 4 x 6, text width 8
@@ -38,3 +39,20 @@ def test_plan_counts_an_ltx_model():
     size = model_size(cfg)
     assert size.params == sum(p.numel() for p in tiny_transformer("ltx", caption_channels=8).parameters())
     assert size.tokens == 3 * 4 * 6
+
+
+def test_plan_counts_the_frozen_parts_in_their_dtypes():
+    """The VAE in vae.dtype, the text encoder in text.dtype: 2 bytes a parameter in bf16, 4 in fp32."""
+    base = ["model.family=ltx", "diffusion.objective=flow", "vae.family=ltx", "text.encoder=minilm", *DATA[1:],
+            *[f"model.family_config.{k}={TINY['ltx'][k]}" for k in ("num_attention_heads", "attention_head_dim",
+                                                                   "num_layers")]]
+    frozen = {}
+    for vae, text in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")):
+        cfg = load_config(None, [*base, f"vae.dtype={vae}", f"text.dtype={text}", "data.height=64", "data.width=64"])
+        size = model_size(cfg)
+        frozen[vae, text] = next(e for e in estimate(cfg, gpus=1, gpu_memory_gb=80, size=size)).frozen
+    with torch.device("meta"):
+        vae_params = sum(p.numel() for p in family_vae(cfg.vae).parameters())  # LTX-Video's released VAE
+    assert frozen["fp32", "fp32"] == 4 * (vae_params + MINILM[0])
+    assert frozen["bf16", "fp32"] == 2 * vae_params + 4 * MINILM[0]
+    assert frozen["bf16", "bf16"] == 2 * (vae_params + MINILM[0])
