@@ -81,7 +81,7 @@ class HFTextEncoder(TextEncoder):
         self.dim = int(getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
                        or config.text_config.hidden_size)
         self.name, self.max_length, self.cache_size = str(folder), max_length, cache_size
-        self.padding, self.clean = padding, clean
+        self.padding, self.clean, self.text_dtype = padding, clean, dtype
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @staticmethod
@@ -106,6 +106,9 @@ class HFTextEncoder(TextEncoder):
         mask = tok["attention_mask"]  # [B, L], 1 on the real tokens
         out = self.model(input_ids=tok["input_ids"], attention_mask=None if self.padding == "unmasked" else mask)
         states = out.last_hidden_state.float()  # [B, L, D]
+        if not torch.isfinite(states).all():  # e.g. a T5 overflowing fp16: every step would train on NaN
+            raise ValueError(f"the text encoder {self.name} gave non-finite states in text.dtype={self.text_dtype} for "
+                             f"{prompts[:3]}...: use text.dtype=bf16 or fp32")
         if self.padding == "zeros":
             states = states * mask[..., None].to(states)  # Wan: zeros after the real tokens
         return states, mask.bool()  # [B, L, D], [B, L]

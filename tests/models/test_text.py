@@ -161,3 +161,20 @@ def test_text_dtype_holds_the_encoder_as_the_pipelines_load_it(tmp_path):
     assert {d for n, d in dtypes.items() if n.endswith(".wo.weight")} == {torch.float32}
     assert dtypes["shared.weight"] == torch.float16
     assert torch.isfinite(half.encode(PROMPTS)[0]).all()
+
+
+def test_an_encoder_overflowing_its_dtype_stops_with_the_fix(tmp_path):
+    """A T5 whose embedding exceeds fp16's range gives finite states in fp32 (its RMS norm rescales them) and infinite
+    ones in fp16: the first encode names text.dtype instead of handing NaN states to every step."""
+    from transformers import T5EncoderModel
+
+    folder = tiny_t5_folder(tmp_path, "t5", tokenizer_beside=True)
+    model = T5EncoderModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.shared.weight.mul_(1e6)  # beyond fp16's 65504
+    model.save_pretrained(folder)
+    settings = dict(encoder="hf", path=str(folder), max_length=20, padding="unmasked")
+    states, _ = build_text_encoder(TextConfig(**settings)).encode(PROMPTS)
+    assert torch.isfinite(states).all()
+    with pytest.raises(ValueError, match=r"non-finite states in text\.dtype=fp16 .*use text\.dtype=bf16 or fp32"):
+        build_text_encoder(TextConfig(**settings, dtype="fp16")).encode(PROMPTS)
