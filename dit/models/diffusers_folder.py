@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_pipelines.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def read_diffusers_folder(path: str | os.PathLike, *, key: str, class_name: str, subfolder: str,
@@ -50,7 +53,7 @@ def read_diffusers_folder(path: str | os.PathLike, *, key: str, class_name: str,
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # text.dtype / vae.dtype: bytes per frozen parameter
 
 
-def frozen_dtype(name: str) -> Any:
+def frozen_dtype(name: str) -> torch.dtype:
     """The torch dtype of a text.dtype / vae.dtype setting (fp32, bf16, fp16)."""
     import torch
 
