@@ -77,9 +77,10 @@ def cmd_encode(args: argparse.Namespace) -> None:
     opts = argparse.ArgumentParser(prog="dit encode SHARDS OUT")
     opts.add_argument("--config", default=None)
     opts.add_argument("--batch-size", type=int, default=8)
+    opts.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N")
     opts.add_argument("overrides", nargs="*")
     rest = opts.parse_intermixed_args(args.rest)
-    counts = encode_shards(args.shards, args.out, _config(rest), batch_size=rest.batch_size)
+    counts = encode_shards(args.shards, args.out, _config(rest), batch_size=rest.batch_size, device=rest.device)
     print(f"encoded {counts['encoded']} shards ({counts['samples']} samples), skipped {counts['skipped']} "
           f"finished ones, into {args.out}")
 
@@ -224,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("encode", help="raw shards -> latent shards (VAE posterior + text states), one per input")
     p.add_argument("shards", help="shard spec (brace pattern, directory, comma list)")
     p.add_argument("out", help="output folder; shards already there are skipped")
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[--config YAML] [--batch-size N] [key=value ...]",
+    p.add_argument("rest", nargs=argparse.REMAINDER,
+                   metavar="[--config YAML] [--batch-size N] [--device auto|cpu|cuda[:N]] [key=value ...]",
                    help="the experiment config (data size, vae.checkpoint, text encoder) and dotted overrides")
     p.set_defaults(fn=cmd_encode)
 

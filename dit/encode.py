@@ -2,6 +2,7 @@
 
     dit encode 'data/{00000..00099}.tar' latents/ --config configs/tiny.yaml vae.checkpoint=runs/vae/vae
     dit encode ... vae.family=wan vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae
+    dit encode ... --device cpu     (default auto: the first CUDA GPU when there is one)
 
 Each clip is decoded and sampled exactly as training reads it (data.frames / height / width / fps), then
 coded by the frozen VAE and the caption by the text encoder. Per sample the output shard holds
@@ -86,9 +87,28 @@ class _NoSamples(Exception):
     """Raised inside an output shard's atomic write when nothing was encoded: the temporary file is removed."""
 
 
+def encode_device(device: str) -> torch.device:
+    """Where `dit encode` runs the VAE and text encoder: ``auto`` is the first CUDA GPU when there is one (an array
+    task of slurm/encode.sbatch sees its own), else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: no such CUDA GPU is visible here ({torch.cuda.device_count()} are); "
+                          "use --device cpu, or run on a GPU node (sbatch --gpus=1)")
+    return dev
+
+
 @torch.no_grad()
-def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int = 8) -> dict[str, int]:
-    """Encode every shard of ``shards`` into ``out_dir``; returns counts (``encoded``, ``skipped``, ``samples``).
+def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int = 8,
+                  device: str = "auto") -> dict[str, int]:
+    """Encode every shard of ``shards`` into ``out_dir`` on ``device`` (``encode_device``); returns counts
+    (``encoded``, ``skipped``, ``samples``).
 
     An input shard that gives no sample (unreadable, every sample bad, or more than data.max_bad_fraction bad) is
     written nowhere; after the other shards, ``ConfigError`` names each such shard and why."""
@@ -97,14 +117,16 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                           "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    dev = encode_device(device)
     urls = expand_shards(shards, name="SHARDS")  # fails now on a missing shard
     out = Path(out_dir)
     names = [output_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise ConfigError("two input shards have the same file name; encode them into different output folders")
     out.mkdir(parents=True, exist_ok=True)
-    vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False)
-    text = build_text_encoder(cfg.text)
+    vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
+    text = build_text_encoder(cfg.text).to(dev)
+    log.info("encoding on %s", dev)
     made_by = {"vae": str(cfg.vae.checkpoint or cfg.vae.pretrained), "vae_family": cfg.vae.family,
                "vae_encoder": encoder_digest(vae), "latent_channels": vae.latent_channels,
                "temporal_compression": vae.temporal_compression, "spatial_compression": vae.spatial_compression,
@@ -129,7 +151,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         try:
             with atomic_file(final) as tmp:
                 with wds.TarWriter(str(tmp)) as sink:
-                    written = _encode_shard(loader, sink, vae, text, made_by, keep_text)
+                    written = _encode_shard(loader, sink, vae, text, made_by, keep_text, dev)
                 if written == 0:
                     raise _NoSamples
         except _NoSamples:
@@ -151,11 +173,11 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
 
 
 def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | PretrainedVAE, text: TextEncoder,
-                  made_by: dict[str, Any], keep_text: bool) -> int:
+                  made_by: dict[str, Any], keep_text: bool, device: torch.device) -> int:
     """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many."""
     written = 0
     for batch in loader:
-        posterior = vae.encode(batch["video"])  # mean, logvar [B, C, t, h, w]
+        posterior = vae.encode(batch["video"].to(device))  # mean, logvar [B, C, t, h, w]
         if keep_text:
             states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
         frames, height, width = batch["video"].shape[2:]

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 
 from data_pipelines.loader import build_loader
-from dit.config import load_config
+from dit.config import ConfigError, load_config
 from dit.encode import encode_shards
 from dit.models.text import build_text_encoder
 from dit.models.vae import CausalVAE, encoder_digest, load_vae, save_vae
@@ -110,3 +110,26 @@ def test_a_pretrained_family_encodes_real_shards_at_its_compression(real_media_s
     (read, *_) = list(loader)  # pixel size from the recorded compression: every sample fits data.frames x H x W
     assert read["key"] == batch["key"] and not dict(loader.stats.bad)
     torch.testing.assert_close(read["mean"], posterior.mean)
+
+
+def test_encode_device_is_checked_before_any_work(synthetic_shards, vae_dir, tmp_path, capsys) -> None:
+    """auto picks the first CUDA GPU or the CPU; a device that is not here stops the command in one line, before a
+    shard is read or an output folder made (the CUDA path itself runs only where a GPU is: not on CI)."""
+    from dit.cli import main as dit
+    from dit.encode import encode_device
+
+    assert encode_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert encode_device("cpu") == torch.device("cpu")
+    cfg = load_config(None, [f"vae.checkpoint={vae_dir}", "data.frames=9", "data.height=32", "data.width=32"])
+    for device, problem in (("mps", "'mps': use auto, cpu, cuda or cuda:N"), ("gpu0", "is not a device"),
+                            (f"cuda:{torch.cuda.device_count()}", "no such CUDA GPU is visible here")):
+        with pytest.raises(ConfigError, match=problem):
+            encode_shards(synthetic_shards[0], tmp_path / "out", cfg, device=device)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as stop:
+        dit(["encode", synthetic_shards[0], str(tmp_path / "out"), "--device", "tpu", f"vae.checkpoint={vae_dir}",
+             "data.frames=9", "data.height=32", "data.width=32"])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip() == (
+        "error: --device 'tpu' is not a device; use auto, cpu, cuda or cuda:N")
+    counts = encode_shards(synthetic_shards[0], tmp_path / "cpu", cfg, device="cpu")
+    assert counts == {"encoded": 1, "skipped": 0, "samples": 16}
