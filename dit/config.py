@@ -192,6 +192,9 @@ class TextConfig:
     #                        the encoder sees the padding (CogVideoX, LTX); as each pipeline's _get_t5_prompt_embeds
     clean: bool = False  # WanPipeline's prompt_clean (HTML unescape, whitespace collapsed) before tokenizing
     dtype: str = "fp32"  # the frozen encoder's weights: fp32 | bf16 | fp16 (the pipelines' T5 / UMT5 run in bf16)
+    # auto: on the training device | cpu: held and run in host memory (Wan's --t5_cpu), its states moved to the
+    # device; with latent shards that store the text states it runs only for "" and the sample prompts
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.encoder in ("minilm", "hf", "none"), "text.encoder", "must be minilm, hf or none")
@@ -202,6 +205,8 @@ class TextConfig:
                "must be mask, zeros (Wan) or unmasked (CogVideoX, LTX)")
         _check(self.dtype in FROZEN_DTYPES, "text.dtype", f"must be one of {', '.join(FROZEN_DTYPES)}, got "
                f"{self.dtype!r}")
+        _check(self.device in ("auto", "cpu"), "text.device", f"must be auto (the training device) or cpu, got "
+               f"{self.device!r}")
 
 
 @dataclass

@@ -42,7 +42,7 @@ from data_pipelines.loader import Loader, TooManyBadSamples, build_loader
 from data_pipelines.shards import expand_shards
 from dit.config import Config, ConfigError
 from dit.fileio import atomic_file
-from dit.models.text import TextEncoder, build_text_encoder
+from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, encoder_digest, load_vae_from_config
 
 if TYPE_CHECKING:
@@ -125,8 +125,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         raise ConfigError("two input shards have the same file name; encode them into different output folders")
     out.mkdir(parents=True, exist_ok=True)
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
-    text = build_text_encoder(cfg.text).to(dev)
-    log.info("encoding on %s", dev)
+    text = build_text_encoder(cfg.text).to(text_device(cfg.text, dev))
+    log.info("encoding on %s (text encoder on %s)", dev, text_device(cfg.text, dev))
     made_by = {"vae": str(cfg.vae.checkpoint or cfg.vae.pretrained), "vae_family": cfg.vae.family,
                "vae_encoder": encoder_digest(vae), "latent_channels": vae.latent_channels,
                "temporal_compression": vae.temporal_compression, "spatial_compression": vae.spatial_compression,

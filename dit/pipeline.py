@@ -27,7 +27,7 @@ from dit.models.attention import resolve_backend
 from dit.models.condition import first_frame_condition
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
-from dit.models.text import TextEncoder, build_text_encoder
+from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, load_vae
 from dit.weights import checkpoint_weights
 
@@ -66,8 +66,9 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     vae = load_vae(ckpt / "vae")
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))
     schedule = schedule_from_config(config["experiment"]["diffusion"])
-    for m in (model, vae, text):
+    for m in (model, vae):
         m.to(device).eval().requires_grad_(False)
+    text.to(text_device(TextConfig(**config["experiment"]["text"]), device)).eval().requires_grad_(False)
     kernel = getattr(model, "attention_backend", None)  # our DiT's model.attention, as trained
     if kernel is not None:
         try:

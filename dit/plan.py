@@ -14,9 +14,9 @@ Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to 
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
 checkpointing (model.gradient_checkpointing_every=k: the other blocks keep all of theirs). The frozen VAE and
-text encoder count once per GPU, in vae.dtype and text.dtype. The optimizer step briefly needs one more fp32 copy
-of its shard (foreach temporaries; DeepSpeed 8 bytes per trained parameter of its partition), which can set the
-peak when activations are small.
+text encoder count once per GPU, in vae.dtype and text.dtype (the text encoder not at all with text.device=cpu).
+The optimizer step briefly needs one more fp32 copy of its shard (foreach temporaries; DeepSpeed 8 bytes per
+trained parameter of its partition), which can set the peak when activations are small.
 The totals are tensor bytes, what ``torch.cuda.max_memory_allocated`` reports; "fits" leaves 1 - HEADROOM of the
 GPU for the CUDA context, kernel workspaces and the caching allocator's fragmentation.
 With train.sequence_parallel=SP each rank keeps the activations of 1/SP of every clip's tokens (attention too: all
@@ -151,7 +151,8 @@ def model_size(cfg: Config) -> ModelSize:
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
                      base_linear=base_linear,
                      frozen=vae_params + text_params,
-                     frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + text_params * DTYPE_BYTES[cfg.text.dtype],
+                     frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] +  # text.device=cpu: in host memory
+                     (text_params * DTYPE_BYTES[cfg.text.dtype] if cfg.text.device != "cpu" else 0),
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
                      text_len=cfg.text.max_length)
@@ -301,7 +302,8 @@ def checkpointing_text(on: bool, every: int) -> str:
 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
-    missing = cfg.text.encoder == "hf" and not (Path(cfg.text.path) / "config.json").is_file()
+    missing = (cfg.text.encoder == "hf" and cfg.text.device != "cpu"
+               and not (Path(cfg.text.path) / "config.json").is_file())
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
                f"{size.base / 1e6:.1f}M-parameter model" if size.base else
                f"{size.params / 1e6:.1f}M trainable parameters")
@@ -325,6 +327,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     if missing:
         lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add "
                      f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")
+    if cfg.text.device == "cpu":
+        lines.append("(text encoder not counted: text.device=cpu holds it in host memory)")
     lines.append(f"(tensor bytes, as torch.cuda.max_memory_allocated counts them; fits: total <= {HEADROOM:.0%} "
                  "of the GPU, the rest for the CUDA context, workspaces and fragmentation)")
     if gpus == 1:

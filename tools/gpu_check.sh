@@ -217,7 +217,7 @@ main() {
     [[ $MODE == cpu ]] && on_cpu=(env DIT_GPU_TESTS_ON_CPU=1)
     run_part pytest_gpu "$LIMIT_TESTS" - -- "${on_cpu[@]}" "$PY" -m pytest -m gpu tests/distributed/test_gpu.py \
         tests/models/test_vae.py tests/models/test_attention.py tests/diffusion/test_cuda_graphs.py \
-        tests/training/test_plan.py \
+        tests/training/test_plan.py tests/training/test_text_device.py \
         "${PYTEST_SELECT[@]}" -p no:cacheprovider -rA \
         --basetemp "$SCRATCH/pytest" --junitxml "$OUT_DIR/pytest_gpu.xml"
 

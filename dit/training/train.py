@@ -45,7 +45,7 @@ from dit.models.condition import condition_mask, condition_replaces, draw_first_
 from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import build_denoiser, check_fit
 from dit.models.lora import inject_lora, is_lora_key
-from dit.models.text import build_text_encoder, text_width
+from dit.models.text import build_text_encoder, text_device, text_width
 from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, generate, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
@@ -129,7 +129,7 @@ def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Modul
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Text states from latent shards (stored without their padding) -> [B, L, D] + mask [B, L], padded to the
     encoder's length; a dropped prompt ("") takes the encoder's unconditional states, as ``text.encode`` gives."""
-    uncond, uncond_mask = text.encode([""])  # [1, L, D], [1, L]
+    uncond, uncond_mask = (x.to(device) for x in text.encode([""]))  # [1, L, D], [1, L] (text.device may be cpu)
     stored, stored_mask = batch["text"].to(device), batch["text_mask"].to(device)  # [B, n, D], [B, n]
     (b, n, _), length = stored.shape, uncond.shape[1]
     if n > length:
@@ -161,7 +161,10 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         posterior = vae.encode(batch["video"].to(device))
     latents = vae.normalize(posterior.sample(rng.gen))  # [B, C, t, h, w]
     captions = ["" if rng.py.random() < diffusion.prompt_dropout else c for c in batch["caption"]]  # CFG's uncond
-    states, mask = stored_text(batch, captions, text, device) if "text" in batch else text.encode(captions)
+    if "text" in batch:
+        states, mask = stored_text(batch, captions, text, device)
+    else:
+        states, mask = (x.to(device) for x in text.encode(captions))  # [B, L, D], [B, L]
     if diffusion.objective == "flow":
         tokens = latent_tokens(latents.shape[2:], patch) if diffusion.dynamic_shift else None
         t = sample_sigmas(latents.shape[0], rng.gen, diffusion, tokens).to(device)  # σ [B]
@@ -402,7 +405,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     # The frozen encoders, before any strategy exists (DeepSpeed ZeRO-3 would shard them too).
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
     cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
-    text = build_text_encoder(cfg.text).to(env.device)
+    text = build_text_encoder(cfg.text).to(text_device(cfg.text, env.device))
     check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
