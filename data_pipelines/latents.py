@@ -1,7 +1,8 @@
 """Latent shards (written by ``dit encode``), as the loader reads them with ``data.latents: true``.
 
 Per sample: ``KEY.mean.npy`` and ``KEY.logvar.npy`` (the VAE posterior, ``[C, t, h, w]`` float32, not
-normalised), ``KEY.text.npy`` (the caption's text states without padding, ``[L, D]``; optional), ``KEY.txt``
+normalised), ``KEY.text.npy`` (the caption's text states without padding, ``[n, D]``; optional; with
+text.padding=unmasked all ``[L, D]`` of them and ``KEY.text_mask.npy`` ``[L]``, 1 on the real tokens), ``KEY.txt``
 and ``KEY.json`` (what made it). Arrays are read with ``allow_pickle=False``: nothing is unpickled.
 
 The pixel shape a latent stands for is its shape times the VAE's compression (``pixel_shape`` in
@@ -25,7 +26,7 @@ from data_pipelines.config import SPATIAL, TEMPORAL, ConfigError, DataConfig
 from data_pipelines.shards import expand_shards
 
 log = logging.getLogger(__name__)
-MEAN, LOGVAR, TEXT = "mean.npy", "logvar.npy", "text.npy"
+MEAN, LOGVAR, TEXT, TEXT_MASK = "mean.npy", "logvar.npy", "text.npy", "text_mask.npy"
 
 
 def load_npy(data: bytes) -> torch.Tensor:
@@ -86,12 +87,13 @@ def first_sample(url: str) -> dict[str, Any] | None:
 
 
 def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channels: int, vae_encoder: str,
-                        text_encoder: str, text_max_length: int, text_dim: int, text_name: str | None) -> bool:
+                        text_encoder: str, text_max_length: int, text_dim: int, text_name: str | None,
+                        text_padding: str | None = None) -> bool:
     """Before training: the first sample of each source's first shard is a latent sample when ``data.latents``
     (a raw one otherwise), coded by the VAE whose encoder digest is ``vae_encoder`` (``vae_path`` names it in
-    messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length) when it holds
-    them. Raises ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text
-    is stored."""
+    messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length; and whether
+    the encoder saw the padding, ``text_padding`` unmasked, which changes every state) when it holds them. Raises
+    ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text is stored."""
     stored_text = True
     for spec, _ in data.sources():
         url = expand_shards(spec)[0]
@@ -127,6 +129,9 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
         if text_encoder == "none":  # (no tokens, so no max_length)
             del made["text.max_length"], want["text.max_length"]
         differ = {k: (made[k], want[k]) for k in made if made[k] is not None and made[k] != want[k]}
+        padding = meta.get("text_padding")
+        if text_padding is not None and padding is not None and (padding == "unmasked") != (text_padding == "unmasked"):
+            differ["text.padding"] = (padding, text_padding)
         if dim != text_dim:
             differ["text dim"] = (dim, text_dim)
         if differ:

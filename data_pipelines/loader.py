@@ -36,7 +36,7 @@ from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
 from data_pipelines.config import ConfigError, DataConfig, pixel_shape
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
 from data_pipelines.decoded_cache import DecodedCache
-from data_pipelines.latents import LOGVAR, MEAN, TEXT, latent_compression, latent_kind, load_npy
+from data_pipelines.latents import LOGVAR, MEAN, TEXT, TEXT_MASK, latent_compression, latent_kind, load_npy
 from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
@@ -193,13 +193,19 @@ class DecodeClips(wds.PipelineStage):
             fields = {"mean": load_npy(sample[MEAN]), "logvar": load_npy(sample[LOGVAR])}
             if TEXT in sample:
                 fields["text"] = load_npy(sample[TEXT])
+                if TEXT_MASK in sample:  # all the states (text.padding=unmasked): which are real tokens
+                    fields["text_mask"] = load_npy(sample[TEXT_MASK])
         except (ValueError, OSError, EOFError) as e:
             raise _Skip("decode_error", f"not a plain .npy array: {str(e)[:300]}") from e
         mean, logvar, text = fields["mean"], fields["logvar"], fields.get("text")
-        if mean.ndim != 4 or mean.shape != logvar.shape or (text is not None and text.ndim != 2):
+        text_mask = fields.get("text_mask")
+        if (mean.ndim != 4 or mean.shape != logvar.shape or (text is not None and text.ndim != 2)
+                or (text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:1]))):
             shapes = {k: tuple(v.shape) for k, v in fields.items()}
-            raise _Skip("decode_error", f"expected mean and logvar [C, t, h, w] of one shape (and text [L, D]), "
-                                        f"got {shapes}")
+            raise _Skip("decode_error", f"expected mean and logvar [C, t, h, w] of one shape (and text [L, D], "
+                                        f"text_mask [L]), got {shapes}")
+        if text_mask is not None:
+            fields["text_mask"] = text_mask > 0.5
         temporal, spatial = latent_compression(sample)  # the VAE's that coded it (dit encode records it)
         frames, height, width = pixel_shape(*mean.shape[1:], temporal=temporal, spatial=spatial)
         if self.buckets is not None:
@@ -324,8 +330,8 @@ class Batch(wds.PipelineStage):
                 lengths = [s["text"].shape[0] for s in samples]
                 out["text"] = torch.zeros(len(samples), max(lengths), samples[0]["text"].shape[1])
                 out["text_mask"] = torch.zeros(len(samples), max(lengths), dtype=torch.bool)
-                for i, (s, n) in enumerate(zip(samples, lengths)):
-                    out["text"][i, :n], out["text_mask"][i, :n] = s["text"], True
+                for i, (s, n) in enumerate(zip(samples, lengths)):  # the stored mask, or all real
+                    out["text"][i, :n], out["text_mask"][i, :n] = s["text"], s.get("text_mask", True)
             out["caption"] = [s["caption"] for s in samples]
             out["key"] = [s["key"] for s in samples]
             if samples[0]["bucket"] is not None:

@@ -9,8 +9,10 @@ coded by the frozen VAE and the caption by the text encoder. Per sample the outp
 
     KEY.mean.npy     posterior mean   [C, t, h, w] float32 (not normalised: vae.normalize at training time)
     KEY.logvar.npy   posterior logvar [C, t, h, w] float32 (so training can draw z = mean + std * noise)
-    KEY.text.npy     text states of the real tokens [L, D] float32 (the padding is dropped; not written with
-                     text.padding=unmasked, whose padded states are not zeros: training then encodes the caption)
+    KEY.text.npy     text states of the real tokens [n, D] float32 (the padding is dropped: training puts it back
+                     as the encoder gives it); with text.padding=unmasked, whose padded states are not zeros, all
+                     text.max_length states [L, D], and
+    KEY.text_mask.npy  which of them are real tokens [L] (1.0 / 0.0; only with text.padding=unmasked)
     KEY.txt          the caption
     KEY.json         key, caption, frames, height, width (of this clip: with buckets they differ), the VAE
                      (path, family, latent channels, temporal / spatial compression, a digest of its encoder
@@ -58,13 +60,16 @@ def _npy(array: torch.Tensor) -> bytes:
 
 
 def latent_sample(key: str, caption: str, mean: torch.Tensor, logvar: torch.Tensor, meta: dict[str, Any],
-                  text_states: torch.Tensor | None = None) -> dict[str, Any]:
+                  text_states: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> dict[str, Any]:
     """One latent shard sample as `dit encode` writes it: mean / logvar [C, t, h, w], the caption, its json
-    (``meta``, with key and caption added) and, when given, the real tokens' text states [n, D]."""
+    (``meta``, with key and caption added) and, when given, text states: the real tokens' [n, D], or all of them
+    [L, D] with ``text_mask`` [L] saying which are real (text.padding=unmasked)."""
     sample = {"__key__": key, "mean.npy": _npy(mean), "logvar.npy": _npy(logvar), "txt": caption,
               "json": json.dumps({"key": key, "caption": caption, **meta})}
     if text_states is not None:
         sample["text.npy"] = _npy(text_states)
+    if text_mask is not None:
+        sample["text_mask.npy"] = _npy(text_mask)
     return sample
 
 
@@ -132,7 +137,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                "temporal_compression": vae.temporal_compression, "spatial_compression": vae.spatial_compression,
                "text": cfg.text.encoder, "text_name": text.name, "text_dim": text.dim,
                "text_max_length": cfg.text.max_length, "text_padding": cfg.text.padding}
-    keep_text = cfg.text.padding != "unmasked"  # real-token states + zero padding rebuild the others exactly
+    # real-token states + zero padding rebuild the others exactly; the unmasked padding's states are kept whole
+    full_text = cfg.text.padding == "unmasked"
     counts = {"encoded": 0, "skipped": 0, "samples": 0}
     failed: list[str] = []  # "URL: why" of the input shards that gave no sample
     for url, name in zip(urls, names):
@@ -151,7 +157,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         try:
             with atomic_file(final) as tmp:
                 with wds.TarWriter(str(tmp)) as sink:
-                    written = _encode_shard(loader, sink, vae, text, made_by, keep_text, dev)
+                    written = _encode_shard(loader, sink, vae, text, made_by, full_text, dev)
                 if written == 0:
                     raise _NoSamples
         except _NoSamples:
@@ -173,17 +179,18 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
 
 
 def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | PretrainedVAE, text: TextEncoder,
-                  made_by: dict[str, Any], keep_text: bool, device: torch.device) -> int:
-    """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many."""
+                  made_by: dict[str, Any], full_text: bool, device: torch.device) -> int:
+    """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many.
+    ``full_text``: all the states and the mask (text.padding=unmasked), else the real tokens' states."""
     written = 0
     for batch in loader:
         posterior = vae.encode(batch["video"].to(device))  # mean, logvar [B, C, t, h, w]
-        if keep_text:
-            states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
+        states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
         frames, height, width = batch["video"].shape[2:]
         for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
             meta = {"frames": frames, "height": height, "width": width, **made_by}
-            sink.write(latent_sample(key, caption, posterior.mean[i], posterior.logvar[i], meta,
-                                     states[i][mask[i]] if keep_text else None))
+            text_states = states[i] if full_text else states[i][mask[i]]  # [L, D] or [n, D]
+            sink.write(latent_sample(key, caption, posterior.mean[i], posterior.logvar[i], meta, text_states,
+                                     mask[i] if full_text else None))
             written += 1
     return written

@@ -409,7 +409,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
-                        text_name=text.name)
+                        text_name=text.name, text_padding=cfg.text.padding)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         save_config(cfg, out / "config.yaml")

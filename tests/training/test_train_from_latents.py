@@ -77,3 +77,41 @@ def test_a_mismatch_with_the_shards_stops_before_training(tmp_path, small_shards
     with pytest.raises(ConfigError, match="encoded by another VAE"):  # train.main checks before any step
         train.main(small_config(tmp_path / "run", latent_shards, other, **{"data.latents": "true"}))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unmasked_text_states_are_stored_whole_and_train_like_the_raw_shards(tmp_path, small_shards, small_vae,
+                                                                           monkeypatch):
+    """text.padding=unmasked (CogVideoX, LTX: the encoder sees the padding, so the states there are not zeros):
+    `dit encode` keeps all text.max_length states and the mask, so the latent run codes no caption either."""
+    import webdataset as wds
+
+    from data_pipelines.latents import load_npy
+
+    common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5,
+              "text.padding": "unmasked"}
+    latents = tmp_path / "latents"
+    cfg = small_config(latents, small_shards, small_vae, **{"text.padding": "unmasked"})
+    assert encode_shards(small_shards, latents, cfg, batch_size=8)["samples"] == 64
+    sample = next(iter(wds.WebDataset(str(sorted(latents.glob("*.tar"))[0]), shardshuffle=False)))
+    text = build_text_encoder(cfg.text)
+    states, mask = text.encode([sample["txt"].decode()])  # [1, L, D], [1, L]
+    stored, stored_mask = load_npy(sample["text.npy"]), load_npy(sample["text_mask.npy"])
+    assert stored.shape == (cfg.text.max_length, text.dim) and 0 < stored_mask.sum() < cfg.text.max_length
+    torch.testing.assert_close(stored, states[0])
+    assert torch.equal(stored_mask, mask[0].float()) and torch.count_nonzero(stored[~mask[0]]) > 0
+
+    raw_run, latent_run = tmp_path / "raw", tmp_path / "latent"
+    train.main(small_config(raw_run, small_shards, small_vae, **common))
+    prompts: list[str] = []
+    original = HFTextEncoder._encode_uncached
+    monkeypatch.setattr(HFTextEncoder, "_encode_uncached", lambda self, p: (prompts.extend(p), original(self, p))[1])
+    train.main(small_config(latent_run, str(latents), small_vae, **common, **{"data.latents": "true"}))
+    assert set(prompts) == {""}
+    torch.testing.assert_close(torch.tensor(losses(latent_run)), torch.tensor(losses(raw_run)), rtol=1e-5, atol=1e-6)
+
+    masked = small_config(tmp_path, str(latents), small_vae, **{"data.latents": "true"})  # text.padding=mask
+    with pytest.raises(ConfigError, match=r"text.padding 'unmasked' \(shards\) vs 'mask' \(config\)"):
+        check_latent_shards(masked.data, vae_path=str(small_vae), latent_channels=load_vae(small_vae).latent_channels,
+                            vae_encoder=encoder_digest(load_vae(small_vae)), text_encoder="minilm",
+                            text_max_length=masked.text.max_length, text_dim=text.dim, text_name=text.name,
+                            text_padding="mask")
