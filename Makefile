@@ -19,8 +19,9 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	# two workers, one test file each at a time (module fixtures built once). `bash .ci/run` on a fresh clone,
-	# 2 cores, the machine otherwise idle, 2026-12-06: 27.3 min with the install (tests 25.8); 22.7 min a stop earlier
+	# two workers, one test file each at a time (module fixtures built once), one OpenMP thread each (tests/conftest.py).
+	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 20.9 min with the install
+	# (tests 19.6); 27.9 min before the threads were shared out
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install
