@@ -310,7 +310,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     sp = cfg.train.sequence_parallel
     text = f" beside all {size.text_len} text tokens" if cfg.model.family in JOINT_TEXT else ""
     lines = [f"model: {trained} (hidden {size.hidden}, depth {size.depth}), "
-             f"{size.frozen / 1e6:.1f}M frozen (VAE + text); {size.tokens} tokens/sample"
+             f"{size.frozen / 1e6:.1f}M frozen (VAE {cfg.vae.dtype} + text {cfg.text.dtype}"
+             f"{' on the CPU' if cfg.text.device == 'cpu' else ''}); {size.tokens} tokens/sample"
              f"{f' ({size.tokens // sp} per rank{text}: sequence parallel over {sp})' if sp > 1 else ''}, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
              f"{checkpointing_text(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every)}",
