@@ -130,8 +130,9 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         raise ConfigError("two input shards have the same file name; encode them into different output folders")
     out.mkdir(parents=True, exist_ok=True)
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
-    text = build_text_encoder(cfg.text).to(text_device(cfg.text, dev))
-    log.info("encoding on %s (text encoder on %s)", dev, text_device(cfg.text, dev))
+    text_dev = text_device(cfg.text, dev)
+    text = build_text_encoder(cfg.text).to(text_dev)
+    log.info("encoding on %s (text encoder on %s)", dev, text_dev)
     made_by = {"vae": str(cfg.vae.checkpoint or cfg.vae.pretrained), "vae_family": cfg.vae.family,
                "vae_encoder": encoder_digest(vae), "latent_channels": vae.latent_channels,
                "temporal_compression": vae.temporal_compression, "spatial_compression": vae.spatial_compression,

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
+from dit.models.condition import condition_replaces
 from dit.models.diffusers_folder import DTYPE_BYTES
 from dit.models.families import FAMILIES
 
@@ -185,12 +186,12 @@ def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: boo
     kept = size.depth - recomputed  # blocks that keep their activations until their backward
     # the recomputed blocks' inputs: the residual stream, in the autocast dtype in all four families (measured)
     inputs = recomputed * stream * size.hidden * (2.0 if half else 4.0)
-    # the kept blocks' activations (or the one block being recomputed)
-    blocks = max(kept, 1 if recomputed else 0) * per_block
+    live = max(kept, 1 if recomputed else 0)  # the kept blocks (or the one block being recomputed)
+    blocks = live * per_block
     temb = 0.0
     if per_token_timesteps:
         block_bytes, held_bytes = PER_TOKEN_TEMB
-        temb = (block_bytes * max(kept, 1 if recomputed else 0) * tokens + held_bytes * size.tokens) * size.hidden
+        temb = (block_bytes * live * tokens + held_bytes * size.tokens) * size.hidden
     return batch * (inputs + temb + bytes_per_value * (blocks + OUTSIDE_BLOCKS * tokens * size.hidden))
 
 
@@ -229,12 +230,11 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     t = cfg.train
     check_plan_args(gpus, gpu_memory_gb, gpus_per_node, t.sequence_parallel)
     size = size or model_size(cfg)
-    family = FAMILIES.get(cfg.model.family)
     act = activation_bytes(size, t.batch_size, cfg.model.family, t.mixed_precision != "no",
                            cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
                            cfg.model.gradient_checkpointing_every,
-                           per_token_timesteps=cfg.model.condition == "first_frame" and bool(family)
-                           and family.replace_condition)
+                           per_token_timesteps=cfg.model.condition == "first_frame"
+                           and condition_replaces(cfg.model.family))
     P, base = float(size.params), float(size.base)
     every = cfg.model.gradient_checkpointing_every
     kept_blocks = size.depth - (-(-size.depth // every) if cfg.model.gradient_checkpointing else 0)

@@ -172,7 +172,7 @@ def text_width(text_cfg: object) -> int:
 
 def text_device(text_cfg: object, device: torch.device | str) -> torch.device:
     """Where the frozen encoder is held and run: ``device`` (the model's), or the CPU with text.device=cpu."""
-    return torch.device("cpu" if getattr(text_cfg, "device", "auto") == "cpu" else device)
+    return torch.device("cpu" if text_cfg.device == "cpu" else device)
 
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:

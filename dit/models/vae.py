@@ -227,6 +227,7 @@ class CausalVAE(nn.Module):
 
     temporal_compression = frame_rule.TEMPORAL  # the two temporal downsamples: 4 frames per latent frame
     condition_scale = 1.0  # an image condition's latents are the normalized ones (vae_families: CogVideoX 1.5's differ)
+    digest = None  # encoder_digest hashes the live weights (a cast pretrained VAE keeps its fp32 weights' digest)
     spatial_compression = frame_rule.SPATIAL  # the three spatial stride-2 downsamples
 
     def __init__(
@@ -374,7 +375,7 @@ def encoder_digest(vae: VAE) -> str:
     """A short digest of the VAE encoder's weights: what the stored posteriors depend on (not the decoder, nor
     the latent statistics, which may be refitted). A pretrained family held in another vae.dtype than fp32 gives
     the digest of its fp32 weights, taken when it was loaded (``digest``)."""
-    if getattr(vae, "digest", None):
+    if vae.digest:
         return vae.digest
     h = hashlib.sha256()
     for name, tensor in sorted(vae.encoder.state_dict().items()):
@@ -403,6 +404,7 @@ class VAE(Protocol):
     spatial_compression: int
     config: dict
     encoder: nn.Module  # what the posterior depends on (encoder_digest)
+    digest: str | None  # a fixed encoder_digest, or None: hash the weights
 
     def encode(self, x: Tensor) -> DiagonalGaussian: ...  # [B, 3, T, H, W] in [-1, 1] -> posterior [B, C, t, h, w]
     def decode(self, z: Tensor, chunk_size: int = 0) -> Tensor: ...  # not normalised [B, C, t, h, w] -> video

@@ -35,6 +35,8 @@ from dit.models.vae_folder import FAMILIES, family_config, geometry_of
 class PretrainedVAE(nn.Module):
     """A diffusers video VAE: video [B, 3, T, H, W] in [-1, 1] <-> latents [B, C, t, h, w] (not normalised)."""
 
+    digest: str | None = None  # encoder_digest: set when the weights are cast (below)
+
     def __init__(self, family: str, vae: nn.Module, pretrained: str, tiling: bool = False,
                  dtype: str = "fp32") -> None:
         super().__init__()
@@ -60,7 +62,8 @@ class PretrainedVAE(nn.Module):
             vae.enable_tiling()
         # Stored posteriors are the weights', whatever dtype they are held in: a cast VAE keeps its fp32 weights'
         # digest (the cast ones hash differently), so shards encoded in fp32 serve a bf16 run and the other way round.
-        self.digest = encoder_digest(self) if dtype != "fp32" else None
+        if dtype != "fp32":
+            self.digest = encoder_digest(self)
         self.vae.to(frozen_dtype(dtype))
 
     @property

@@ -80,7 +80,7 @@ def test_a_wan_model_trains_from_raw_and_latent_shards_alike_and_samples(tmp_pat
     assert next(pipe.vae.parameters()).dtype == next(pipe.text.parameters()).dtype == torch.bfloat16
     c = losses(half_run)
     assert c != b
-    torch.testing.assert_close(torch.tensor(c), torch.tensor(b), rtol=2e-2, atol=0)
+    torch.testing.assert_close(torch.tensor(c), torch.tensor(b), rtol=1e-3, atol=0)  # measured 1.9e-5 apart
 
     from dit.cli import main as dit
 
