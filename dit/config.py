@@ -73,6 +73,9 @@ class ModelConfig:
     condition: str = "none"
     condition_prob: float = 0.9
     condition_noise: float = 0.05
+    # a Wan 2.1 I2V transformer (image_dim): its CLIP image encoder, a local CLIPVisionModel folder (the Diffusers
+    # download's image_encoder/, with image_processor/ beside it)
+    image_encoder: str | None = None
 
     def __post_init__(self) -> None:
         from dit.models.presets import PRESETS
@@ -95,6 +98,12 @@ class ModelConfig:
 
     def _check_family(self) -> None:
         """A family's folder and sizes are checked here, before any work; its patch fills model.patch_size."""
+        _check(self.image_encoder is None or self.family == "wan", "model.image_encoder",
+               "is for a Wan 2.1 image-to-video transformer (model.family=wan); remove it")
+        if self.image_encoder:
+            from dit.models.image_encoder import read_image_encoder
+
+            read_image_encoder(self.image_encoder)
         if self.family == "dit":
             _check(self.pretrained is None, "model.pretrained", "needs model.family=wan, cogvideox or ltx")
             _check(not self.family_config, "model.family_config", "needs model.family=wan, cogvideox or ltx")

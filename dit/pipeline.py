@@ -24,9 +24,10 @@ from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_so
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.export import resolve_checkpoint
 from dit.models.attention import resolve_backend
-from dit.models.condition import first_frame_condition
+from dit.models.condition import clip_mask, first_frame_condition, image_code
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
+from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, load_vae
 from dit.weights import checkpoint_weights
@@ -47,6 +48,7 @@ class Pipeline:
     config: dict[str, Any]
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # objective, flow shift (static / dynamic)
     graphed: CudaGraphed | None = None  # the model's CUDA graphs (cuda_graphs=True), kept across calls: one capture
+    image: ImageEncoder | None = None  # Wan 2.1 I2V's CLIP image encoder (model.image_encoder)
 
 
 def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
@@ -78,7 +80,10 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
                         kernel, torch.device(device).type)
             model.attention_backend = "sdpa"
     diffusion = DiffusionConfig(**config["experiment"]["diffusion"])
-    return Pipeline(model, vae, text, schedule, diffusion.prediction, config, diffusion)
+    image = build_image_encoder(config["experiment"]["model"].get("image_encoder"))
+    if image is not None:
+        image.to(device)
+    return Pipeline(model, vae, text, schedule, diffusion.prediction, config, diffusion, image=image)
 
 
 def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int], *, temporal: int = TEMPORAL,
@@ -165,7 +170,10 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
     condition = None
     if image is not None:  # the same condition at every step, for the conditional and unconditional branch alike
         condition = image_condition(pipe, image, noise.shape)
-        cond, uncond = {**cond, "condition": condition}, {**uncond, "condition": condition}
+        extra = {"condition": condition}
+        if getattr(pipe.model, "clip_image", False):  # Wan 2.1 I2V: and the image's CLIP states
+            extra["image_states"] = image_states(pipe, image, noise.shape[0])
+        cond, uncond = {**cond, **extra}, {**uncond, **extra}
     z = _sample(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=generator,
                 shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs)
     finish = getattr(pipe.model, "finish_sample", None)  # (Wan: the image back in place of frame 0)
@@ -216,9 +224,25 @@ def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] 
                          f"{tuple(image.shape)}")
     device = next(pipe.model.parameters()).device
     x = x.to(device).expand(b, -1, -1, -1)  # [B, 3, H, W]
+    if getattr(pipe.model, "clip_image", False):  # Wan 2.1 I2V: the mask, then the code of [image, grey...]
+        temporal = pipe.vae.temporal_compression
+        code = image_code(pipe.vae, x, (t - 1) * temporal + 1)  # [B, C, t, h, w]
+        return torch.cat([clip_mask(t, h, w, temporal).to(code).expand(b, -1, -1, -1, -1), code], dim=1)
     first = pipe.vae.normalize(pipe.vae.encode(x[:, :, None]).mode())  # [B, C, 1, h, w]
     first = first * pipe.vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
     return first_frame_condition(first, t, mask=pipe.model.condition_mask)  # [B, C (+ 1), t, h, w]
+
+
+@torch.no_grad()
+def image_states(pipe: Pipeline, image: torch.Tensor, batch: int) -> torch.Tensor:
+    """A Wan 2.1 I2V model's CLIP states of the image [B or 1, 3, H, W] -> [batch, tokens, D] (the same image for
+    every row when one is given)."""
+    if pipe.image is None:
+        raise ValueError("this Wan 2.1 I2V checkpoint's model.image_encoder was not loaded (the pipeline has no CLIP "
+                         "image encoder); load it with load_pipeline from the run's checkpoint")
+    x = image if image.ndim == 4 else image[None]
+    states = pipe.image.encode(x)  # [B or 1, n, D]
+    return states.to(next(pipe.model.parameters()).device).expand(batch, -1, -1)
 
 
 @torch.no_grad()

@@ -234,7 +234,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
                            cfg.model.gradient_checkpointing, attention_scores, t.sequence_parallel,
                            cfg.model.gradient_checkpointing_every,
                            per_token_timesteps=cfg.model.condition == "first_frame"
-                           and condition_replaces(cfg.model.family))
+                           and condition_replaces(cfg.model))
     P, base = float(size.params), float(size.base)
     every = cfg.model.gradient_checkpointing_every
     kept_blocks = size.depth - (-(-size.depth // every) if cfg.model.gradient_checkpointing else 0)

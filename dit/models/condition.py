@@ -17,9 +17,17 @@ builds that form; which form a denoiser takes is its ``condition_mask`` attribut
 with the mask, but put the latent in place of the noisy first frame and give its tokens timestep 0 (Wan 2.2 TI2V,
 LTX's image-to-video; dit/models/families/base.py ``replaced``), so the loss leaves that frame out where an image
 was given.
+
+A Wan 2.1 image-to-video transformer (its config has ``image_dim``) takes the third form, WanImageToVideoPipeline's
+without expand_timesteps: a mask of ``temporal`` channels (one per pixel frame folded into a latent frame: all 1 at
+latent frame 0), then the VAE code (posterior mode, normalized) of the whole clip [image, grey, grey, ...] (zeros in
+[-1, 1]), [B, temporal + C, t, h, w]; beside it go the image's CLIP states (dit/models/image_encoder.py). That code
+carries the image into every latent frame, so it is coded from pixels, not cut from the clip's own latents.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,21 +35,31 @@ from torch import Tensor
 CONDITIONS = ("none", "first_frame")
 
 
-def condition_mask(family: str) -> bool:
-    """Whether a model.family's image condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V):
+def clip_condition(model_cfg: Any) -> bool:
+    """Whether model_cfg (a ModelConfig) conditions on an image as Wan 2.1 I2V does: its transformer has
+    ``image_dim`` (CLIP states beside the clip's code) and model.condition=first_frame."""
+    if getattr(model_cfg, "condition", "none") != "first_frame" or model_cfg.family != "wan":
+        return False
+    from dit.models.families import family_config
+
+    return bool(family_config("wan", model_cfg.pretrained, model_cfg.family_config).get("image_dim"))
+
+
+def condition_mask(model_cfg: Any) -> bool:
+    """Whether model_cfg's first-frame condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V):
     a family's has it in the replace form (its adapter's ``condition_mask``)."""
-    return family == "dit" or condition_replaces(family)
+    return model_cfg.family == "dit" or condition_replaces(model_cfg)
 
 
-def condition_replaces(family: str) -> bool:
-    """Whether a model.family takes the condition in place of the first latent frame (Wan as Wan 2.2 TI2V, LTX),
+def condition_replaces(model_cfg: Any) -> bool:
+    """Whether model_cfg's model takes the condition in place of the first latent frame (Wan as Wan 2.2 TI2V, LTX),
     so that frame is left out of the loss where an image was given (its velocity target means nothing there): the
-    family adapter's ``replace_condition``."""
-    if family == "dit":
+    family adapter's ``replace_condition``, except Wan 2.1 I2V's transformer (``clip_condition``)."""
+    if model_cfg.family == "dit":
         return False
     from dit.models.families import FAMILIES
 
-    return FAMILIES[family].replace_condition
+    return FAMILIES[model_cfg.family].replace_condition and not clip_condition(model_cfg)
 
 
 def condition_channels(condition: str, latent_channels: int) -> int:
@@ -82,3 +100,37 @@ def draw_first_frame_condition(first: Tensor, latent_frames: int, prob: float, n
     noise = torch.randn(first.shape, generator=generator)  # [B, C, 1, h, w]
     noisy = first + (std.view(b, 1, 1, 1, 1) * noise).to(device=first.device, dtype=first.dtype)
     return first_frame_condition(noisy, latent_frames, keep, mask)
+
+
+def clip_mask(latent_frames: int, h: int, w: int, temporal: int) -> Tensor:
+    """Wan 2.1 I2V's mask [1, temporal, t, h, w]: 1 on every channel of latent frame 0 (the given image, repeated
+    once per pixel frame a latent frame folds), 0 after it."""
+    mask = torch.zeros(1, temporal, latent_frames, h, w)
+    mask[:, :, 0] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def image_code(vae: Any, first: Tensor, frames: int) -> Tensor:
+    """Wan 2.1 I2V's image code: first frames [B, 3, H, W] in [-1, 1] followed by ``frames`` - 1 zero frames, coded
+    by the VAE (posterior mode, normalized) -> [B, C, t, h, w] (fp32), as WanImageToVideoPipeline.prepare_latents."""
+    b, _, h, w = first.shape
+    clip = torch.cat([first[:, :, None].float(), first.new_zeros(b, 3, frames - 1, h, w, dtype=torch.float32)], 2)
+    return vae.normalize(vae.encode(clip).mode()).float()
+
+
+def draw_clip_condition(code: Tensor, temporal: int, prob: float, noise_std: float,
+                        generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Training's Wan 2.1 I2V condition from the image codes [B, C, t, h, w] (``image_code``) -> (condition
+    [B, temporal + C, t, h, w]: the mask first, as the pipeline has it; keep [B] bool). Rows keep it with
+    probability ``prob`` (else all zeros: the caller zeroes their CLIP states too) and get noise of a std drawn in
+    [0, noise_std], with the same three draws as ``draw_first_frame_condition``."""
+    b, _, t, h, w = code.shape
+    keep = torch.rand(b, generator=generator) < prob  # [B]
+    std = torch.rand(b, generator=generator) * noise_std  # [B]
+    noise = torch.randn(code.shape, generator=generator)  # [B, C, t, h, w]
+    noisy = code + (std.view(b, 1, 1, 1, 1) * noise).to(device=code.device, dtype=code.dtype)
+    mask = clip_mask(t, h, w, temporal).to(device=code.device, dtype=code.dtype).expand(b, -1, -1, -1, -1)
+    cond = torch.cat([mask, noisy], dim=1)  # [B, temporal + C, t, h, w]
+    keep = keep.to(code.device)
+    return cond * keep.to(cond.dtype).view(b, 1, 1, 1, 1), keep

@@ -41,9 +41,18 @@ from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
-from dit.models.condition import condition_mask, condition_replaces, draw_first_frame_condition
+from dit.models.condition import (
+    clip_condition,
+    condition_mask,
+    condition_replaces,
+    draw_clip_condition,
+    draw_first_frame_condition,
+    image_code,
+)
 from dit.models.dit import flops_per_token, unfused_state_dict
-from dit.models.families import build_denoiser, check_fit
+from dit.models.families import WAN_MASK_CHANNELS, build_denoiser, check_fit
+from dit.models.families.wan import WAN_TEXT_TOKENS
+from dit.models.image_encoder import build_image_encoder
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
 from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
@@ -87,6 +96,8 @@ def check_inputs(cfg: Config) -> None:
                           "folder, e.g. vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae")
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
+    if clip_condition(cfg.model):
+        check_wan_i2v(cfg)
     if t.init_from or t.lora.rank:  # the base exists and fits this model: from configs, a meta-device model
         channels, temporal, spatial = cfg.vae.geometry()
         built = meta_model_config(cfg, channels, text_width(cfg.text), (temporal, spatial)) if t.init_from else None
@@ -95,6 +106,24 @@ def check_inputs(cfg: Config) -> None:
         log.warning("model.pretrained is not set: the %s transformer starts from random weights", cfg.model.family)
     if not cfg.data.shards and not cfg.data.datasets:
         raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+
+
+def check_wan_i2v(cfg: Config) -> None:
+    """A Wan 2.1 I2V run has what its transformer needs: the CLIP encoder, 512-token text, the mask's width."""
+    if not cfg.model.image_encoder:
+        raise ConfigError("model.image_encoder is not set: a Wan 2.1 image-to-video transformer takes the first "
+                          "frame's CLIP states; pass model.image_encoder=$WAN21_I2V/image_encoder")
+    if cfg.text.max_length != WAN_TEXT_TOKENS:
+        raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
+                          f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "
+                          f"set text.max_length={WAN_TEXT_TOKENS}")
+    if cfg.data.latents:
+        raise ConfigError("data.latents: latent shards do not hold Wan 2.1 I2V's image code and CLIP states yet; "
+                          "train this model from the raw shards (data.latents=false)")
+    _, temporal, _ = cfg.vae.geometry()
+    if temporal != WAN_MASK_CHANNELS:
+        raise ConfigError(f"vae: a Wan 2.1 I2V transformer's mask has {WAN_MASK_CHANNELS} channels, one per frame "
+                          f"a latent frame folds, but this VAE folds {temporal}; use Wan's VAE")
 
 
 class RandomStreams:
@@ -146,7 +175,8 @@ def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Modul
 @torch.no_grad()
 def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, diffusion: DiffusionConfig,
                patch: tuple[int, int, int], rng: RandomStreams, device: torch.device,
-               keep: slice | None, model: ModelConfig | None = None) -> tuple[torch.Tensor, ...]:
+               keep: slice | None, model: ModelConfig | None = None,
+               image_encoder: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
     """Latents, text states + mask, timesteps (integer steps; for flow σ in [0, 1]) and noise for a batch; ``keep``
     slices a global batch to this rank. A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the
     VAE encoder (and the text encoder) but draws the same random numbers in the same order, so it trains exactly as
@@ -154,7 +184,9 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     condition (dit/models/condition.py), drawn after everything else, from the clip's own latent frame 0 (the VAE
     codes pixel frame 0 alone there, so it is a latent of the first frame by itself; the same draw the target
     holds, so frame 0 of the target is the condition up to its noise augmentation. Sampling gives the image's
-    posterior mean: a trained VAE's posterior std is far below model.condition_noise)."""
+    posterior mean: a trained VAE's posterior std is far below model.condition_noise). A Wan 2.1 I2V model
+    (``image_encoder``: its CLIP encoder) gets its own condition, the code of [first frame, grey...], and a
+    seventh tensor, the first frame's CLIP states (zeros in the rows whose condition was dropped)."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
@@ -172,10 +204,17 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
-    if model is not None and model.condition == "first_frame":
+    if image_encoder is not None:  # Wan 2.1 I2V (dit/models/condition.py)
+        video = batch["video"].to(device)  # [B, 3, T, H, W]
+        code = image_code(vae, video[:, :, 0], video.shape[2])  # [B, C, t, h, w]
+        condition, kept = draw_clip_condition(code, vae.temporal_compression, model.condition_prob,
+                                              model.condition_noise, rng.gen)
+        states_img = image_encoder.encode(video[:, :, 0]).to(device)  # [B, n, D]
+        drawn += (condition, states_img * kept.to(states_img.dtype).view(-1, 1, 1))
+    elif model is not None and model.condition == "first_frame":
         first = latents[:, :, :1] * vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
         drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
-                                             rng.gen, condition_mask(model.family)),)  # [B, C (+ 1), t, h, w]
+                                             rng.gen, condition_mask(model)),)  # [B, C (+ 1), t, h, w]
     return drawn if keep is None else tuple(x[keep] for x in drawn)
 
 
@@ -184,6 +223,7 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
     """The loss of micro-batch ``i`` (train.batch_size rows) of a drawn batch, for ``train_step``."""
     latents, states, mask, t, noise = drawn[:5]
     condition = drawn[5] if len(drawn) > 5 else None  # image-to-video (model.condition=first_frame)
+    image_states = drawn[6] if len(drawn) > 6 else None  # Wan 2.1 I2V's CLIP states
     b = cfg.train.batch_size
 
     def loss(i: int) -> torch.Tensor:
@@ -196,7 +236,9 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
             # dropped need frame 0 in the loss anyway, and the default (condition none) loss stays as it was.
             # Except where the model takes the image in place of frame 0 (Wan): there it is left out.
             kwargs["condition"] = condition[r]
-            if condition_replaces(cfg.model.family):
+            if image_states is not None:
+                kwargs["image_states"] = image_states[r]
+            if condition_replaces(cfg.model):
                 weight = 1 - condition[r][:, -1:]  # [B, 1, t, h, w]: 0 where the image stands
         if cfg.diffusion.objective == "flow":
             return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs,
@@ -336,7 +378,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
     ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step)."""
     prompts = cfg.train.sample_prompts[:4]
-    if not prompts:
+    if not prompts or getattr(pipe.model, "clip_image", False):  # (Wan 2.1 I2V samples from an image only)
         return
     share = math.ceil(len(prompts) / env.world_size)
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
@@ -406,6 +448,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
     cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
     text = build_text_encoder(cfg.text).to(text_device(cfg.text, env.device))
+    image_encoder = build_image_encoder(cfg.model.image_encoder)  # Wan 2.1 I2V's CLIP (else None)
+    if image_encoder is not None:
+        image_encoder.to(env.device)
     check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
@@ -454,7 +499,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     run_log = RunLog(out, step, enabled=env.is_main)
     pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {},
-                    diffusion=cfg.diffusion)
+                    diffusion=cfg.diffusion, image=image_encoder)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
     meter, guard, bad = Throughput(env.device, env.world_size), NonfiniteGuard(t.max_nonfinite), {}
     share = 1 / env.sequence_parallel  # of each clip's work done on this rank (its sequence-parallel slice)
@@ -473,7 +518,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
             watchdog.mark("forward/backward/optimizer step")
             drawn = draw_batch(batch, vae, text, cfg.diffusion, strategy.module.patch, rng, env.device, keep,
-                               cfg.model)
+                               cfg.model, image_encoder)
             result = train_step(strategy, micro_loss(strategy, drawn, noise_schedule_dev, cfg), accum)
             lr_schedule.step()
             step += 1

@@ -88,7 +88,7 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
     kwargs = dict(text=states.to(device), text_mask=mask.to(device))
     if cfg.model.condition == "first_frame":  # every row given an image: Wan's and LTX's per-token timesteps
         first = torch.randn(b, channels, 1, *shape[3:])
-        kwargs["condition"] = first_frame_condition(first, shape[2], mask=condition_mask(cfg.model.family)).to(device)
+        kwargs["condition"] = first_frame_condition(first, shape[2], mask=condition_mask(cfg.model)).to(device)
     growth = 0
 
     def micro_loss(_: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ from dit.models.families.cogvideox import CogVideoXDenoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
 from dit.models.families.wan import WanDenoiser
 
+WAN_MASK_CHANNELS = 4  # Wan 2.1 I2V's mask: one channel per pixel frame a latent frame folds (its VAE's 4)
+
 FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser}
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
@@ -74,10 +76,13 @@ def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim:
     dcfg = family_config(cls.family, model_cfg.pretrained, model_cfg.family_config)
     if not model_cfg.pretrained:
         given = model_cfg.family_config
-        i2v = cls.concat_condition and getattr(model_cfg, "condition", "none") == "first_frame"
-        fill = {"in_channels": 2 * in_channels if i2v else in_channels, cls.text_key: text_dim}
+        first_frame = getattr(model_cfg, "condition", "none") == "first_frame"
+        i2v = cls.concat_condition and first_frame
+        clip = bool(dcfg.get("image_dim")) and first_frame  # Wan 2.1 I2V: latents + a 4-channel mask + the code
+        fill = {"in_channels": 2 * in_channels + WAN_MASK_CHANNELS if clip else 2 * in_channels if i2v
+                else in_channels, cls.text_key: text_dim}
         if "out_channels" in dcfg:
-            fill["out_channels"] = in_channels if i2v else given.get("in_channels", in_channels)
+            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels", in_channels)
         dcfg.update({k: v for k, v in fill.items() if k not in given})
     return dcfg
 
@@ -87,10 +92,18 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     """The transformer must take the VAE's latent channels and the text encoder's width, and an image condition
     exactly when model.condition=first_frame."""
     where = _where(model_cfg)
-    if dcfg.get("image_dim"):  # Wan 2.1 I2V: CLIP image tokens beside 36 input channels
-        raise ConfigError(f"{where}: a Wan 2.1 image-to-video transformer (image_dim {dcfg['image_dim']}: it takes "
-                          f"CLIP image tokens) is not supported; fine-tune a Wan text-to-video or Wan 2.2 TI2V "
-                          f"transformer (model.condition=first_frame replaces the first latent frame)")
+    image_encoder = getattr(model_cfg, "image_encoder", None)
+    if dcfg.get("image_dim") and image_encoder:  # Wan 2.1 I2V: its CLIP states' width
+        from dit.models.image_encoder import image_encoder_width
+
+        width = image_encoder_width(image_encoder)
+        if width != int(dcfg["image_dim"]):
+            raise ConfigError(f"{where}: the Wan 2.1 I2V transformer takes CLIP states of width {dcfg['image_dim']} "
+                              f"(image_dim) but model.image_encoder {image_encoder!r} gives {width}; use the "
+                              "image_encoder/ folder of the same Wan 2.1 I2V download")
+    elif image_encoder:
+        raise ConfigError(f"model.image_encoder is set but {where} is not a Wan 2.1 image-to-video transformer (no "
+                          "image_dim); remove model.image_encoder")
     extra = cls.condition_width(dcfg)
     latent = int(dcfg["in_channels"]) - extra
     if latent != in_channels:

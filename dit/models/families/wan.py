@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video: diffusers' WanTransformer3DModel behind our denoiser contract, called as WanPipeline
+"""Wan 2.1 and 2.2: diffusers' WanTransformer3DModel behind our denoiser contract, called as WanPipeline
 calls it (latents [B, C, t, h, w] as they are, float timesteps sigma*1000, text states zero after the prompt)."""
 
 from __future__ import annotations
@@ -9,13 +9,20 @@ import torch
 
 from dit.models.families.base import FamilyDenoiser
 
+WAN_TEXT_TOKENS = 512  # the text length WanAttnProcessor assumes when it splits CLIP states from the text
+
 
 class WanDenoiser(FamilyDenoiser):
     """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000.
 
     ``first_frame`` (model.condition=first_frame): image-to-video as Wan 2.2 TI2V does it (WanImageToVideoPipeline
     with expand_timesteps): the first latent frame replaced by the image's, and per-token timesteps, 0 on its
-    tokens; without an image every token gets t, as WanPipeline calls TI2V for text-to-video."""
+    tokens; without an image every token gets t, as WanPipeline calls TI2V for text-to-video.
+
+    A Wan 2.1 I2V transformer (``image_dim`` in its config, in_channels 36 = 16 + a 4-channel mask + 16) takes the
+    condition concatenated on channels and the image's CLIP states (``image_states``) before the text in its
+    cross-attention, as WanImageToVideoPipeline calls it; its attention takes the last 512 text tokens as the text
+    (diffusers hard-codes UMT5's 512), so the text comes padded to 512 tokens (text.max_length)."""
 
     family = "wan"
     class_name = "WanTransformer3DModel"
@@ -26,7 +33,16 @@ class WanDenoiser(FamilyDenoiser):
     replace_condition = True
 
     def __init__(self, transformer: torch.nn.Module, first_frame: bool = False) -> None:
-        super().__init__(transformer, first_frame=bool(first_frame))
+        clip = bool(transformer.config.get("image_dim"))
+        super().__init__(transformer, first_frame=bool(first_frame) and not clip)  # (2.1 I2V: concatenated)
+        self.clip_image = clip
+
+    @classmethod
+    def condition_width(cls, dcfg: dict[str, Any]) -> int:
+        """Wan 2.1 I2V's mask and image code (in_channels - out_channels); 0 for text-to-video and TI2V."""
+        if not dcfg.get("image_dim"):
+            return 0
+        return int(dcfg["in_channels"]) - int(dcfg.get("out_channels") or dcfg["in_channels"])
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -35,11 +51,32 @@ class WanDenoiser(FamilyDenoiser):
                     mlp_ratio=dcfg["ffn_dim"] / hidden, patch_size=[int(p) for p in dcfg["patch_size"]])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                condition: torch.Tensor | None = None) -> torch.Tensor:
+                condition: torch.Tensor | None = None, image_states: torch.Tensor | None = None) -> torch.Tensor:
         self.grid(x)
         dtype = self.dtype_in()
-        x, t = self.image_inputs(x, t, condition)  # first_frame: t [B, N]
+        x_in, t = self.image_inputs(x, t, condition)  # first_frame: t [B, N]; 2.1 I2V: [B, 36, t, h, w]
         text = text * text_mask[..., None].to(text.dtype)  # [B, L, D]: zeros after the prompt, as WanPipeline pads
-        out = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
-                               return_dict=False)[0]  # [B, C, t, h, w]
+        extra = {}
+        if self.clip_image:
+            extra["encoder_hidden_states_image"] = self.clip_states(image_states, text).to(dtype)
+        elif image_states is not None:
+            raise ValueError("this Wan transformer takes no CLIP image states (not a Wan 2.1 I2V transformer)")
+        out = self.transformer(hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
+                               return_dict=False, **extra)[0]  # [B, C, t, h, w]
         return out.to(x.dtype)
+
+    def clip_states(self, image_states: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        """The CLIP states a 2.1 I2V transformer is given, checked: its attention splits them from the text by
+        counting 512 text tokens from the end."""
+        if text.shape[1] != WAN_TEXT_TOKENS:
+            raise ValueError(f"a Wan 2.1 I2V transformer takes text states of {WAN_TEXT_TOKENS} tokens (diffusers "
+                             f"splits image from text by that count), got {text.shape[1]}: set text.max_length="
+                             f"{WAN_TEXT_TOKENS}")
+        if image_states is None:
+            raise ValueError("a Wan 2.1 I2V transformer needs the image's CLIP states: sample with an image "
+                             "(--image), as it has no text-to-video mode")
+        width = self.transformer.config.image_dim
+        if image_states.ndim != 3 or image_states.shape[0] != text.shape[0] or image_states.shape[2] != width:
+            raise ValueError(f"CLIP image states of shape {tuple(image_states.shape)} do not fit: expected "
+                             f"[{text.shape[0]}, tokens, {width}] (image_dim)")
+        return image_states

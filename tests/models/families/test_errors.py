@@ -200,9 +200,9 @@ def test_image_to_video_needs_an_i2v_transformer_and_the_condition(tmp_path, tin
     assert (plain.transformer.config.in_channels, plain.condition_channels) == (4, 0)
 
 
-def test_wan_first_frame_takes_a_text_to_video_folder_and_refuses_wan21_i2v(tmp_path, tiny_folder):
+def test_wan_first_frame_takes_a_text_to_video_folder_and_wan21_i2v_needs_it(tmp_path, tiny_folder):
     """Wan's image-to-video replaces the first latent frame (Wan 2.2 TI2V), so a text-to-video folder takes
-    model.condition=first_frame (and is recorded so); a Wan 2.1 I2V folder (CLIP image tokens) is refused."""
+    model.condition=first_frame (and is recorded so); a Wan 2.1 I2V folder (CLIP image tokens) needs it set."""
     from tiny_families import tiny_transformer
 
     model = build_denoiser(ModelConfig(family="wan", pretrained=str(tiny_folder("wan")), condition="first_frame"),
@@ -219,6 +219,6 @@ def test_wan_first_frame_takes_a_text_to_video_folder_and_refuses_wan21_i2v(tmp_
         build_denoiser(ModelConfig(family="wan", pretrained=str(tiny_folder("wan"))), in_channels=4,
                        text_dim=16)(x, t, text, mask, condition=torch.zeros(1, 5, 3, 4, 6))
     tiny_transformer("wan", in_channels=12, image_dim=8).save_pretrained(tmp_path / "wan21_i2v")
-    with pytest.raises(ConfigError, match=r"a Wan 2.1 image-to-video transformer \(image_dim 8: it takes CLIP image "
-                                          r"tokens\) is not supported"):
+    with pytest.raises(ConfigError, match=r"an image-to-video wan transformer \(in_channels 12 = 4 latent \+ 8 "
+                                          r"image-condition channels\): set model.condition=first_frame"):
         check_fit(ModelConfig(family="wan", pretrained=str(tmp_path / "wan21_i2v")), 4, 16)

@@ -1,0 +1,124 @@
+"""Wan 2.1 image-to-video (a WanTransformer3DModel with image_dim; model.condition=first_frame and
+model.image_encoder): `load_pipeline` + `sample_latents` + `decode_latents` give WanImageToVideoPipeline's frames
+(without expand_timesteps) from the same image, latents and prompt embeddings; the condition and the CLIP states
+are the pipeline's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+from test_pipelines import CFG, STEPS, exported, latents, prompts
+from tiny_clip import WIDTH, save_tiny_clip
+from tiny_families import tiny_transformer
+
+from dit.config import ConfigError, load_config
+from dit.models.families import build_denoiser, check_fit
+from dit.pipeline import decode_latents, image_condition, image_states, sample_latents
+
+TEXT = 512  # Wan 2.1 I2V's attention counts this many text tokens
+
+
+def i2v_transformer(folder, **overrides) -> None:
+    """A tiny Wan 2.1 I2V transformer: 4 latent channels + a 4-channel mask + 4 of the image code; CLIP width 8."""
+    tiny_transformer("wan", in_channels=12, out_channels=4, image_dim=WIDTH, added_kv_proj_dim=24,
+                     **overrides).save_pretrained(folder)
+
+
+@pytest.fixture
+def wan_i2v(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    stats = dict(latents_mean=torch.randn(4, generator=g).tolist(),
+                 latents_std=(torch.rand(4, generator=g) + 0.5).tolist())
+    i2v_transformer(tmp_path / "transformer")
+    clip = save_tiny_clip(tmp_path)
+    pipe, vae_folder = exported(tmp_path, "wan", tmp_path / "transformer",
+                                ["diffusion.objective=flow", "diffusion.shift=3.0", "model.condition=first_frame",
+                                 f"model.image_encoder={clip}"], (9, 32, 48), z_dim=4, **stats)
+    return pipe, vae_folder, tmp_path
+
+
+@torch.no_grad()
+def test_wan21_i2v_matches_wanimagetovideopipeline(wan_i2v):
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    pipe, vae_folder, root = wan_i2v
+    assert pipe.model.clip_image and not pipe.model.first_frame
+    assert pipe.model.in_channels == 4 and pipe.model.condition_channels == 8
+    pixels = torch.randint(0, 256, (1, 3, 32, 48), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
+    noise = latents()
+    cond, uncond = prompts(TEXT)
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=pixels)
+    assert (z - noise).abs().mean() > 0.1
+    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+
+    ref = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
+        transformer=WanTransformer3DModel.from_pretrained(root / "transformer"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_encoder=CLIPVisionModel.from_pretrained(root / "image_encoder"),
+        image_processor=CLIPImageProcessor.from_pretrained(root / "image_processor"))
+    ref.set_progress_bar_config(disable=True)
+    picture = Image.fromarray(pixels[0].permute(1, 2, 0).numpy())  # what a user gives the pipeline
+    # the parts: the CLIP states and the condition (the mask, then the code of [image, zeros...])
+    torch.testing.assert_close(image_states(pipe, pixels, 2), ref.encode_image(picture, "cpu").expand(2, -1, -1))
+    processed = ref.video_processor.preprocess(picture, height=32, width=48)
+    _, condition = ref.prepare_latents(processed, 2, 4, 32, 48, 9, torch.float32, "cpu", None, noise.clone())
+    ours_condition = image_condition(pipe, pixels, noise.shape)
+    assert condition.shape == ours_condition.shape == (2, 8, 3, 4, 6)
+    torch.testing.assert_close(ours_condition, condition, atol=1e-5, rtol=1e-5)
+    assert ours_condition[:, 4:, 1:].abs().mean() > 0.01  # the code of the grey frames is not zero
+
+    frames = ref(image=picture, prompt_embeds=cond["text"], negative_prompt_embeds=uncond["text"],
+                 latents=noise.clone(), num_inference_steps=STEPS, guidance_scale=CFG, height=32, width=48,
+                 num_frames=9, output_type="pt").frames  # [B, T, 3, H, W] in [0, 1]
+    assert frames.shape == (2, 9, 3, 32, 48)
+    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
+    # the image matters: another one gives other latents
+    other = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=255 - pixels)
+    assert (other - z).abs().mean() > 1e-2
+
+
+@torch.no_grad()
+def test_wan21_i2v_needs_an_image_and_512_text_tokens(wan_i2v):
+    pipe, _, _ = wan_i2v
+    noise = latents()
+    with pytest.raises(ValueError, match="--image"):
+        sample_latents(pipe, noise, *prompts(TEXT), steps=1, cfg=CFG)
+    pixels = torch.zeros(1, 3, 32, 48, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="text.max_length=512"):
+        sample_latents(pipe, noise, *prompts(6), steps=1, cfg=CFG, image=pixels)
+
+
+def test_wan21_i2v_config_errors(tmp_path):
+    i2v_transformer(tmp_path / "transformer")
+    clip = save_tiny_clip(tmp_path)
+    base = ["model.family=wan", f"model.pretrained={tmp_path / 'transformer'}", "model.condition=first_frame",
+            "diffusion.objective=flow"]
+    cfg = load_config(None, [*base, f"model.image_encoder={clip}"])
+    check_fit(cfg.model, 4, 16)  # fits: 4 latent channels, CLIP width 8
+    with pytest.raises(ConfigError, match="set model.condition=first_frame"):
+        check_fit(load_config(None, [*base[:2], base[3]]).model, 4, 16)
+    # a CLIP of another width
+    (tmp_path / "wide").mkdir()
+    wide = save_tiny_clip(tmp_path / "wide")
+    cfg_json = (wide / "config.json").read_text().replace(f'"hidden_size": {WIDTH}', '"hidden_size": 16')
+    (wide / "config.json").write_text(cfg_json)
+    with pytest.raises(ConfigError, match="width 8 .image_dim. but model.image_encoder"):
+        build_denoiser(load_config(None, [*base, f"model.image_encoder={wide}"]).model, 4, 16)
+    with pytest.raises(ConfigError, match="not a CLIP vision model folder.*point at its image_encoder"):
+        load_config(None, [*base, f"model.image_encoder={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.image_encoder: is for a Wan 2.1"):
+        load_config(None, [f"model.image_encoder={clip}"])
+    (tmp_path / "t2v").mkdir()
+    tiny_transformer("wan").save_pretrained(tmp_path / "t2v")
+    with pytest.raises(ConfigError, match="not a Wan 2.1 image-to-video transformer"):
+        check_fit(load_config(None, ["model.family=wan", f"model.pretrained={tmp_path / 't2v'}",
+                                     "diffusion.objective=flow", f"model.image_encoder={clip}"]).model, 4, 16)
