@@ -1,0 +1,100 @@
+"""A Wan 2.1 I2V transformer (image_dim; model.condition=first_frame, model.image_encoder) trains from raw shards
+through the same loop: each row's condition is WanImageToVideoPipeline.prepare_latents's for its first frame and the
+CLIP states its encode_image's (zeros where the condition is dropped), and the checkpoint samples from an image."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from runs import MEDIA_FREE
+from test_family_training import losses, wan_config, wan_vae  # noqa: F401 (a fixture)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_clip import WIDTH, save_tiny_clip  # noqa: E402
+
+from dit.config import ConfigError  # noqa: E402
+from dit.export import load_weights  # noqa: E402
+from dit.models.image_encoder import ImageEncoder  # noqa: E402
+from dit.models.vae import load_vae_from_config  # noqa: E402
+from dit.models.text import NoText  # noqa: E402
+from dit.training import train  # noqa: E402
+
+SEED = 1  # draw_batch's stream: it keeps some rows' condition and drops others'
+pytestmark = pytest.mark.skipif(MEDIA_FREE, reason="Wan 2.1 I2V trains from raw shards (pixels), absent here")
+I2V = {"model.condition": "first_frame", "text.max_length": 512, "model.family_config.image_dim": WIDTH,
+       "model.family_config.added_kv_proj_dim": 24}  # (beside the tiny WAN sizes of wan_config)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("wan21_i2v"))
+
+
+def test_the_drawn_condition_is_the_pipelines(tmp_path: Path, small_shards: str, wan_vae: Path, clip: Path) -> None:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    cfg = wan_config(tmp_path, tmp_path / "run", small_shards, wan_vae, **I2V, **{
+        "model.image_encoder": clip, "model.condition_prob": 0.5, "model.condition_noise": 0.0})
+    vae = load_vae_from_config(cfg.vae).eval()
+    encoder = ImageEncoder(clip)
+    video = torch.rand(4, 3, 5, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [B, 3, T, H, W]
+    batch = {"video": video, "caption": ["a", "b", "c", "d"]}
+    drawn = train.draw_batch(batch, vae, NoText(16), cfg.diffusion, (1, 2, 2), train.RandomStreams(SEED),
+                             torch.device("cpu"), None, cfg.model, encoder)
+    condition, states = drawn[5], drawn[6]
+    kept = condition.flatten(1).abs().amax(1) > 0  # [B]
+    assert 0 < kept.sum() < 4  # (this seed keeps some rows and drops some)
+    ref = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, transformer=None,
+                                  vae=AutoencoderKLWan.from_pretrained(wan_vae),
+                                  scheduler=FlowMatchEulerDiscreteScheduler(), image_encoder=encoder.model,
+                                  image_processor=encoder.processor)
+    noise = torch.zeros_like(drawn[0])
+    for i in torch.nonzero(kept).flatten().tolist():
+        first = video[i:i + 1, :, 0]  # [1, 3, H, W]
+        pixels = ((first + 1) * 127.5).round() / 127.5 - 1  # the 8-bit image a user would give
+        _, want = ref.prepare_latents(first, 1, 16, 16, 16, 5, torch.float32, "cpu", None, noise[i:i + 1])
+        torch.testing.assert_close(condition[i:i + 1], want, atol=1e-5, rtol=1e-5)
+        from PIL import Image
+
+        picture = Image.fromarray(((pixels[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        torch.testing.assert_close(states[i:i + 1], ref.encode_image(picture, "cpu"))
+    assert not condition[~kept].any() and not states[~kept].any()
+
+
+def test_a_wan21_i2v_model_trains_and_samples_from_an_image(tmp_path: Path, small_shards: str, wan_vae: Path,
+                                                           clip: Path) -> None:
+    run = tmp_path / "run"
+    ckpt = train.main(wan_config(tmp_path, run, small_shards, wan_vae, **I2V, **{
+        "model.image_encoder": clip, "train.steps": 3, "train.checkpoint_every": 3}))
+    weights, config = load_weights(ckpt)
+    assert config["dit"]["diffusers"]["image_dim"] == WIDTH and config["dit"]["condition_channels"] == 20
+    assert config["experiment"]["model"]["image_encoder"] == str(clip)
+    assert any("add_k_proj" in k for k in weights) and all(torch.isfinite(w).all() for w in weights.values())
+    a = losses(run)
+    assert len(a) == 3 and all(torch.isfinite(torch.tensor(a)))
+
+    from dit.pipeline import generate, load_pipeline
+
+    pipe = load_pipeline(run)
+    assert pipe.image is not None and pipe.model.clip_image
+    image = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    video = generate(pipe, ["a red circle"], frames=5, height=16, width=16, steps=2, image=image)
+    assert video.shape == (1, 3, 5, 16, 16) and torch.isfinite(video).all()
+    with pytest.raises(ValueError, match="--image"):
+        generate(pipe, ["a red circle"], frames=5, height=16, width=16, steps=2)
+
+
+def test_a_wan21_i2v_run_refuses_what_it_cannot_train(tmp_path: Path, small_shards: str, wan_vae: Path,
+                                                      clip: Path) -> None:
+    def refused(match: str, **extra: object) -> None:
+        with pytest.raises(ConfigError, match=match):
+            train.main(wan_config(tmp_path, tmp_path / "run", small_shards, wan_vae, **{**I2V, **extra}))
+
+    refused("model.image_encoder is not set")
+    refused("text.max_length=32: .* set text.max_length=512", **{"model.image_encoder": clip,
+                                                                "text.max_length": 32})
+    refused("data.latents: latent shards do not hold", **{"model.image_encoder": clip, "data.latents": "true"})
+    assert not (tmp_path / "run").exists()  # refused before anything was written
