@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
-from dit.models.condition import condition_replaces
+from dit.models.condition import clip_condition, condition_replaces
 from dit.models.diffusers_folder import DTYPE_BYTES
 from dit.models.families import FAMILIES
 
@@ -100,6 +100,20 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
     return sum(p.numel() for p in enc.parameters()), int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
 
 
+def image_encoder_size(model_cfg: ModelConfig) -> int:
+    """Parameters of model.image_encoder (Wan 2.1 I2V's CLIP, held in fp32), built on the meta device; 0 without."""
+    if not model_cfg.image_encoder:
+        return 0
+    import transformers
+
+    from dit.models.image_encoder import VISION_CLASSES, read_image_encoder
+
+    cls = next(c for c in VISION_CLASSES if c in read_image_encoder(model_cfg.image_encoder)["architectures"])
+    with torch.device("meta"):
+        enc = getattr(transformers, cls)(transformers.CLIPVisionConfig.from_pretrained(model_cfg.image_encoder))
+    return sum(p.numel() for p in enc.parameters())
+
+
 def family_vae(vae_cfg: VAEConfig) -> torch.nn.Module:
     """The family's diffusers VAE built from its folder's config (or the released model's defaults, with
     vae.family_config): call it on the meta device."""
@@ -130,6 +144,7 @@ def model_size(cfg: Config) -> ModelSize:
     from dit.models.vae import build_vae
 
     text_params, text_dim = text_encoder_size(cfg)
+    image_params = image_encoder_size(cfg.model)
     channels, temporal, spatial = cfg.vae.geometry()
     with torch.device("meta"):
         vae_params = sum(p.numel() for p in (build_vae(cfg.vae) if cfg.vae.family == "ours" else
@@ -151,8 +166,9 @@ def model_size(cfg: Config) -> ModelSize:
                           for p in m.parameters(recurse=False))
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
                      base_linear=base_linear,
-                     frozen=vae_params + text_params,
-                     frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] +  # text.device=cpu: in host memory
+                     frozen=vae_params + text_params + image_params,
+                     frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + image_params * DTYPE_BYTES["fp32"] +
+                     # text.device=cpu: in host memory
                      (text_params * DTYPE_BYTES[cfg.text.dtype] if cfg.text.device != "cpu" else 0),
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
@@ -311,7 +327,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     text = f" beside all {size.text_len} text tokens" if cfg.model.family in JOINT_TEXT else ""
     lines = [f"model: {trained} (hidden {size.hidden}, depth {size.depth}), "
              f"{size.frozen / 1e6:.1f}M frozen (VAE {cfg.vae.dtype} + text {cfg.text.dtype}"
-             f"{' on the CPU' if cfg.text.device == 'cpu' else ''}); {size.tokens} tokens/sample"
+             f"{' on the CPU' if cfg.text.device == 'cpu' else ''}{' + CLIP fp32' if cfg.model.image_encoder else ''}"
+             f"); {size.tokens} tokens/sample"
              f"{f' ({size.tokens // sp} per rank{text}: sequence parallel over {sp})' if sp > 1 else ''}, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "
              f"{checkpointing_text(cfg.model.gradient_checkpointing, cfg.model.gradient_checkpointing_every)}",
@@ -325,6 +342,9 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     lines.append(f"fits: {', '.join(fitting)}" if fitting else
                  "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, split long clips over "
                  "ranks (train.sequence_parallel), or offload (train.offload_optimizer / train.offload_params)")
+    if clip_condition(cfg.model) and not cfg.model.image_encoder:
+        lines.append("(CLIP image encoder not counted: set model.image_encoder to its folder; Wan 2.1's ViT-H/14 "
+                     "adds 2.35 GiB in fp32)")
     if missing:
         lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add "
                      f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")

@@ -29,10 +29,11 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer."
 ADAPTER = "default"  # the peft adapter name while training
 
-# Every block's attention q/k/v/out and MLP projections (full-match regexes on the denoiser's module names).
+# Every block's attention q/k/v/out and MLP projections (full-match regexes on the denoiser's module names); Wan 2.1
+# I2V's image key / value projections in its cross-attention too.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "dit": [r"blocks\.\d+\.(attn|cross)\.(q|kv|proj)", r"blocks\.\d+\.mlp\.(fc1|fc2)"],
-    "wan": [r"transformer\.blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",
+    "wan": [r"transformer\.blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)",
             r"transformer\.blocks\.\d+\.ffn\.net\.(0\.proj|2)"],
     "cogvideox": [r"transformer\.transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)",
                   r"transformer\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"],

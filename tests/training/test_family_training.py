@@ -14,7 +14,6 @@ import yaml
 from runs import DEMO, small_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_vaes import save_tiny_vae  # noqa: E402
 
 from dit.config import ConfigError, load_config  # noqa: E402
 from dit.encode import encode_shards  # noqa: E402
@@ -40,13 +39,6 @@ def wan_config(tmp: Path, out: Path, shards: str, vae: Path, **extra: object):
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def wan_vae(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("wan_vae")
-    save_tiny_vae("wan", folder)
-    return folder
 
 
 def test_a_wan_model_trains_from_raw_and_latent_shards_alike_and_samples(tmp_path: Path, small_shards: str,

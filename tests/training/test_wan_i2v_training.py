@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from runs import MEDIA_FREE
-from test_family_training import losses, wan_config, wan_vae  # noqa: F401 (a fixture)
+from test_family_training import losses, wan_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_clip import WIDTH, save_tiny_clip  # noqa: E402
@@ -18,8 +18,8 @@ from tiny_clip import WIDTH, save_tiny_clip  # noqa: E402
 from dit.config import ConfigError  # noqa: E402
 from dit.export import load_weights  # noqa: E402
 from dit.models.image_encoder import ImageEncoder  # noqa: E402
-from dit.models.vae import load_vae_from_config  # noqa: E402
 from dit.models.text import NoText  # noqa: E402
+from dit.models.vae import load_vae_from_config  # noqa: E402
 from dit.training import train  # noqa: E402
 
 SEED = 1  # draw_batch's stream: it keeps some rows' condition and drops others'
@@ -98,3 +98,53 @@ def test_a_wan21_i2v_run_refuses_what_it_cannot_train(tmp_path: Path, small_shar
                                                                 "text.max_length": 32})
     refused("data.latents: latent shards do not hold", **{"model.image_encoder": clip, "data.latents": "true"})
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_lora_run_adapts_the_image_projections_as_diffusers_loads_them(tmp_path: Path, small_shards: str,
+                                                                       wan_vae: Path, clip: Path) -> None:
+    """LoRA on a Wan 2.1 I2V folder trains the image key / value projections too; diffusers' own transformer with
+    the adapter file (load_lora_adapter) gives our output, CLIP states and condition included."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "families"))
+    from tiny_families import tiny_transformer
+
+    from dit.export import list_checkpoints
+    from dit.models.lora import LORA_FILE
+    from dit.pipeline import load_pipeline
+
+    folder = tmp_path / "transformer"
+    tiny_transformer("wan", in_channels=36, out_channels=16, text_dim=384, image_dim=WIDTH,
+                     added_kv_proj_dim=24).save_pretrained(folder)
+    run = tmp_path / "run"
+    cfg = wan_config(tmp_path, run, small_shards, wan_vae, **{
+        "model.condition": "first_frame", "text.max_length": 512, "model.image_encoder": clip,
+        "model.pretrained": folder, "train.steps": 2, "train.checkpoint_every": 2, "train.lr": 3e-2,
+        "train.ema_decay": 0.0, "train.lora.rank": 4})
+    train.main(cfg)
+    ckpt = list_checkpoints(run)[-1]
+    from safetensors import safe_open
+
+    with safe_open(ckpt / LORA_FILE, "pt") as f:
+        keys = list(f.keys())
+    assert any("attn2.add_k_proj.lora_A" in k for k in keys) and any("attn2.add_v_proj.lora_B" in k for k in keys)
+
+    compare_with_diffusers(load_pipeline(run, text=NoText(384)), folder, ckpt)
+
+
+@torch.no_grad()
+def compare_with_diffusers(ours, folder: Path, ckpt: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    from dit.models.lora import LORA_FILE
+
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 16, 2, 2, 2, generator=g), torch.randn(2, 20, 2, 2, 2, generator=g)
+    text, states = torch.randn(2, 512, 384, generator=g), torch.randn(2, 17, WIDTH, generator=g)
+    t = torch.tensor([800.0, 250.0])
+    adapted = WanTransformer3DModel.from_pretrained(folder).eval()
+    adapted.load_lora_adapter(str(ckpt), weight_name=LORA_FILE, prefix="transformer")
+    theirs = adapted(torch.cat([x, cond], 1), t, text, encoder_hidden_states_image=states, return_dict=False)[0]
+    plain = WanTransformer3DModel.from_pretrained(folder).eval()
+    base = plain(torch.cat([x, cond], 1), t, text, encoder_hidden_states_image=states, return_dict=False)[0]
+    mine = ours.model(x, t, text, torch.ones(2, 512, dtype=torch.bool), condition=cond, image_states=states)
+    assert (theirs - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)

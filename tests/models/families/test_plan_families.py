@@ -56,3 +56,27 @@ def test_plan_counts_the_frozen_parts_in_their_dtypes():
     assert frozen["fp32", "fp32"] == 4 * (vae_params + MINILM[0])
     assert frozen["bf16", "fp32"] == 2 * vae_params + 4 * MINILM[0]
     assert frozen["bf16", "bf16"] == 2 * (vae_params + MINILM[0])
+
+
+def test_plan_counts_a_wan21_i2v_model_and_its_clip(tmp_path):
+    """Wan 2.1 I2V: the transformer with its image projections (in_channels 2C + 4), and the CLIP encoder's
+    parameters among the frozen ones, in fp32; without model.image_encoder the plan says it is not counted."""
+    from tiny_clip import WIDTH, save_tiny_clip
+    from transformers import CLIPVisionModel
+
+    from dit.plan import format_plan
+
+    clip = save_tiny_clip(tmp_path)
+    reference = tiny_transformer("wan", text_dim=8, in_channels=12, out_channels=4, image_dim=WIDTH,
+                                 added_kv_proj_dim=24)
+    reference.save_pretrained(tmp_path / "transformer")
+    base = ["model.family=wan", "diffusion.objective=flow", f"model.pretrained={tmp_path / 'transformer'}",
+            "model.condition=first_frame", *DATA]
+    plain, with_clip = (load_config(None, base + extra) for extra in ([], [f"model.image_encoder={clip}"]))
+    size, sized = model_size(plain), model_size(with_clip)
+    assert size.params == sized.params == sum(p.numel() for p in reference.parameters())
+    clip_params = sum(p.numel() for p in CLIPVisionModel.from_pretrained(clip).parameters())
+    assert sized.frozen - size.frozen == clip_params and sized.frozen_bytes - size.frozen_bytes == 4 * clip_params
+    assert "CLIP image encoder not counted" in format_plan(plain, 1, 80, estimate(plain, 1, 80, size=size), size)
+    text = format_plan(with_clip, 1, 80, estimate(with_clip, 1, 80, size=sized), sized)
+    assert "+ CLIP fp32" in text and "not counted: set model.image_encoder" not in text
