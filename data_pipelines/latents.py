@@ -3,7 +3,9 @@
 Per sample: ``KEY.mean.npy`` and ``KEY.logvar.npy`` (the VAE posterior, ``[C, t, h, w]`` float32, not
 normalised), ``KEY.text.npy`` (the caption's text states without padding, ``[n, D]``; optional; with
 text.padding=unmasked all ``[L, D]`` of them and ``KEY.text_mask.npy`` ``[L]``, 1 on the real tokens), ``KEY.txt``
-and ``KEY.json`` (what made it). Arrays are read with ``allow_pickle=False``: nothing is unpickled.
+and ``KEY.json`` (what made it); for a Wan 2.1 I2V model also ``KEY.image_code.npy`` (the normalized VAE code of
+[first frame, grey...], ``[C, t, h, w]``) and ``KEY.image_states.npy`` (the first frame's CLIP states, ``[n, D]``).
+Arrays are read with ``allow_pickle=False``: nothing is unpickled.
 
 The pixel shape a latent stands for is its shape times the VAE's compression (``pixel_shape`` in
 data_pipelines/config.py): the first frame alone, then ``temporal`` frames per latent frame, and ``spatial`` x in
@@ -27,6 +29,8 @@ from data_pipelines.shards import expand_shards
 
 log = logging.getLogger(__name__)
 MEAN, LOGVAR, TEXT, TEXT_MASK = "mean.npy", "logvar.npy", "text.npy", "text_mask.npy"
+# Wan 2.1 I2V's inputs (dit/models/condition.py): the normalized code of [first frame, grey...] and its CLIP states
+IMAGE_CODE, IMAGE_STATES = "image_code.npy", "image_states.npy"
 
 
 def load_npy(data: bytes) -> torch.Tensor:
@@ -88,12 +92,14 @@ def first_sample(url: str) -> dict[str, Any] | None:
 
 def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channels: int, vae_encoder: str,
                         text_encoder: str, text_max_length: int, text_dim: int, text_name: str | None,
-                        text_padding: str | None = None) -> bool:
+                        text_padding: str | None = None, image_width: int = 0) -> bool:
     """Before training: the first sample of each source's first shard is a latent sample when ``data.latents``
     (a raw one otherwise), coded by the VAE whose encoder digest is ``vae_encoder`` (``vae_path`` names it in
     messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length; and whether
     the encoder saw the padding, ``text_padding`` unmasked, which changes every state) when it holds them. Raises
-    ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text is stored."""
+    ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text is stored.
+    ``image_width`` > 0 (a Wan 2.1 I2V run: its CLIP states' width): the shards hold the image code and CLIP states
+    of that width."""
     stored_text = True
     for spec, _ in data.sources():
         url = expand_shards(spec)[0]
@@ -120,6 +126,15 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
             raise ConfigError(f"{url} was encoded by another VAE (encoder digest {meta['vae_encoder']}, from "
                              f"{meta.get('vae')}) than vae.checkpoint={vae_path} "
                              f"({vae_encoder}): re-encode, or point vae.checkpoint at that VAE")
+        if image_width:
+            states = shapes.get(IMAGE_STATES) or (None, None)
+            if IMAGE_CODE not in exts or IMAGE_STATES not in exts:
+                raise ConfigError(f"{url} holds no Wan 2.1 I2V image inputs (KEY.{IMAGE_CODE}, KEY.{IMAGE_STATES}): "
+                                 "re-encode with this run's config (`dit encode SHARDS OUT --config ...` with "
+                                 "model.image_encoder set), or train from the raw shards (data.latents=false)")
+            if states[1] != image_width:
+                raise ConfigError(f"{url} holds CLIP states of width {states[1]}, model.image_encoder gives "
+                                 f"{image_width}: re-encode with this run's model.image_encoder")
         if TEXT not in exts:
             stored_text = False
             continue

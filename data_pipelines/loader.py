@@ -36,7 +36,17 @@ from data_pipelines.buckets import Bucket, BucketChooser, NoBucket
 from data_pipelines.config import ConfigError, DataConfig, pixel_shape
 from data_pipelines.decode import IMAGE_EXTS, VIDEO_EXTS, DecodeError, decode_image, decode_video, resize_crop
 from data_pipelines.decoded_cache import DecodedCache
-from data_pipelines.latents import LOGVAR, MEAN, TEXT, TEXT_MASK, latent_compression, latent_kind, load_npy
+from data_pipelines.latents import (
+    IMAGE_CODE,
+    IMAGE_STATES,
+    LOGVAR,
+    MEAN,
+    TEXT,
+    TEXT_MASK,
+    latent_compression,
+    latent_kind,
+    load_npy,
+)
 from data_pipelines.reader import KindSchedule, ReadSamples, SharedEpoch, seeded, worker_info
 from data_pipelines.sampling import FramePicker, TooShort
 from data_pipelines.shards import expand_shards
@@ -195,15 +205,20 @@ class DecodeClips(wds.PipelineStage):
                 fields["text"] = load_npy(sample[TEXT])
                 if TEXT_MASK in sample:  # all the states (text.padding=unmasked): which are real tokens
                     fields["text_mask"] = load_npy(sample[TEXT_MASK])
+            if IMAGE_CODE in sample and IMAGE_STATES in sample:  # Wan 2.1 I2V's image inputs
+                fields["image_code"] = load_npy(sample[IMAGE_CODE])
+                fields["image_states"] = load_npy(sample[IMAGE_STATES])
         except (ValueError, OSError, EOFError) as e:
             raise _Skip("decode_error", f"not a plain .npy array: {str(e)[:300]}") from e
         mean, logvar, text = fields["mean"], fields["logvar"], fields.get("text")
         text_mask = fields.get("text_mask")
+        code, states = fields.get("image_code"), fields.get("image_states")
         if (mean.ndim != 4 or mean.shape != logvar.shape or (text is not None and text.ndim != 2)
-                or (text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:1]))):
+                or (text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:1]))
+                or (code is not None and (code.shape != mean.shape or states.ndim != 2))):
             shapes = {k: tuple(v.shape) for k, v in fields.items()}
             raise _Skip("decode_error", f"expected mean and logvar [C, t, h, w] of one shape (and text [L, D], "
-                                        f"text_mask [L]), got {shapes}")
+                                        f"text_mask [L], image_code as mean, image_states [n, D]), got {shapes}")
         if text_mask is not None:
             fields["text_mask"] = text_mask > 0.5
         temporal, spatial = latent_compression(sample)  # the VAE's that coded it (dit encode records it)
@@ -302,7 +317,8 @@ class Batch(wds.PipelineStage):
     """Stack samples into ``{"video": [B, 3, T, H, W], "caption", "key", "seen", "bad_counts", "worker", "pos",
     "draws", "pending", "batches"}`` (and ``"bucket"`` with buckets: a queue per bucket, each with its batch size).
     Latent samples give ``"mean"``, ``"logvar"`` ``[B, C, t, h, w]`` instead of ``"video"``, and, when every sample
-    has them, ``"text"`` ``[B, L, D]`` (zero-padded to the longest) with ``"text_mask"`` ``[B, L]``.
+    has them, ``"text"`` ``[B, L, D]`` (zero-padded to the longest) with ``"text_mask"`` ``[B, L]``, and Wan 2.1
+    I2V's ``"image_code"`` ``[B, C, t, h, w]`` and ``"image_states"`` ``[B, n, D]``.
 
     ``seen`` and ``bad_counts`` count what this reader read since its previous batch; ``pos`` and
     ``draws`` say where the reader is; ``pending`` lists the samples still waiting in bucket queues;
@@ -325,6 +341,9 @@ class Batch(wds.PipelineStage):
         if samples:
             for name in ("video", "mean", "logvar"):
                 if name in samples[0]:
+                    out[name] = torch.stack([s[name] for s in samples])
+            for name in ("image_code", "image_states"):  # (Wan 2.1 I2V's, when every sample has them)
+                if all(name in s for s in samples):
                     out[name] = torch.stack([s[name] for s in samples])
             if all("text" in s for s in samples):  # [L_i, D] each -> [B, L, D] + mask
                 lengths = [s["text"].shape[0] for s in samples]
@@ -363,7 +382,8 @@ class Batch(wds.PipelineStage):
 # ----------------------------------------------------------------------------- loader
 
 
-BATCH_KEYS = ("video", "mean", "logvar", "text", "text_mask", "caption", "key", "seen", "bad_counts", "bucket")
+BATCH_KEYS = ("video", "mean", "logvar", "text", "text_mask", "image_code", "image_states", "caption", "key", "seen",
+              "bad_counts", "bucket")
 
 
 class Loader:

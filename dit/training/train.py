@@ -52,7 +52,7 @@ from dit.models.condition import (
 from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import WAN_MASK_CHANNELS, build_denoiser, check_fit
 from dit.models.families.wan import WAN_TEXT_TOKENS
-from dit.models.image_encoder import build_image_encoder
+from dit.models.image_encoder import build_image_encoder, image_encoder_width
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
 from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
@@ -117,9 +117,6 @@ def check_wan_i2v(cfg: Config) -> None:
         raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
                           f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "
                           f"set text.max_length={WAN_TEXT_TOKENS}")
-    if cfg.data.latents:
-        raise ConfigError("data.latents: latent shards do not hold Wan 2.1 I2V's image code and CLIP states yet; "
-                          "train this model from the raw shards (data.latents=false)")
     _, temporal, _ = cfg.vae.geometry()
     if temporal != WAN_MASK_CHANNELS:
         raise ConfigError(f"vae: a Wan 2.1 I2V transformer's mask has {WAN_MASK_CHANNELS} channels, one per frame "
@@ -185,8 +182,9 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     codes pixel frame 0 alone there, so it is a latent of the first frame by itself; the same draw the target
     holds, so frame 0 of the target is the condition up to its noise augmentation. Sampling gives the image's
     posterior mean: a trained VAE's posterior std is far below model.condition_noise). A Wan 2.1 I2V model
-    (``image_encoder``: its CLIP encoder) gets its own condition, the code of [first frame, grey...], and a
-    seventh tensor, the first frame's CLIP states (zeros in the rows whose condition was dropped)."""
+    (``image_encoder``: its CLIP encoder; or latent shards holding what it gives) gets its own condition, the code
+    of [first frame, grey...], and a seventh tensor, the first frame's CLIP states (zeros in the rows whose
+    condition was dropped)."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
@@ -204,12 +202,16 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
-    if image_encoder is not None:  # Wan 2.1 I2V (dit/models/condition.py)
-        video = batch["video"].to(device)  # [B, 3, T, H, W]
-        code = image_code(vae, video[:, :, 0], video.shape[2])  # [B, C, t, h, w]
+    if image_encoder is not None or "image_code" in batch:  # Wan 2.1 I2V (dit/models/condition.py): stored, or
+        # coded from the first frames
+        if "image_code" in batch:
+            code, states_img = batch["image_code"].to(device), batch["image_states"].to(device)
+        else:
+            video = batch["video"].to(device)  # [B, 3, T, H, W]
+            code = image_code(vae, video[:, :, 0], video.shape[2])  # [B, C, t, h, w]
+            states_img = image_encoder.encode(video[:, :, 0]).to(device)  # [B, n, D]
         condition, kept = draw_clip_condition(code, vae.temporal_compression, model.condition_prob,
                                               model.condition_noise, rng.gen)
-        states_img = image_encoder.encode(video[:, :, 0]).to(device)  # [B, n, D]
         drawn += (condition, states_img * kept.to(states_img.dtype).view(-1, 1, 1))
     elif model is not None and model.condition == "first_frame":
         first = latents[:, :, :1] * vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
@@ -448,13 +450,15 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
     cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
     text = build_text_encoder(cfg.text).to(text_device(cfg.text, env.device))
-    image_encoder = build_image_encoder(cfg.model.image_encoder)  # Wan 2.1 I2V's CLIP (else None)
+    # Wan 2.1 I2V's CLIP encoder: for raw shards (latent shards hold its states: checked here)
+    image_encoder = build_image_encoder(cfg.model.image_encoder if not cfg.data.latents else None)
     if image_encoder is not None:
         image_encoder.to(env.device)
     check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
-                        text_name=text.name, text_padding=cfg.text.padding)
+                        text_name=text.name, text_padding=cfg.text.padding,
+                        image_width=image_encoder_width(cfg.model.image_encoder) if clip_condition(cfg.model) else 0)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         save_config(cfg, out / "config.yaml")

@@ -5,6 +5,7 @@ CLIP states its encode_image's (zeros where the condition is dropped), and the c
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from test_family_training import losses, wan_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_clip import WIDTH, save_tiny_clip  # noqa: E402
 
+from data_pipelines.loader import build_loader  # noqa: E402
 from dit.config import ConfigError  # noqa: E402
+from dit.encode import encode_shards  # noqa: E402
 from dit.export import load_weights  # noqa: E402
 from dit.models.image_encoder import ImageEncoder  # noqa: E402
 from dit.models.text import NoText  # noqa: E402
@@ -64,17 +67,30 @@ def test_the_drawn_condition_is_the_pipelines(tmp_path: Path, small_shards: str,
     assert not condition[~kept].any() and not states[~kept].any()
 
 
-def test_a_wan21_i2v_model_trains_and_samples_from_an_image(tmp_path: Path, small_shards: str, wan_vae: Path,
-                                                           clip: Path) -> None:
+def test_a_wan21_i2v_model_trains_from_raw_and_latent_shards_alike_and_samples(tmp_path: Path, small_shards: str,
+                                                                             wan_vae: Path, clip: Path) -> None:
+    """From raw shards the image code and CLIP states are made each step; `dit encode` stores them (the latent run
+    then loads no CLIP encoder) and the losses are the same."""
+    common = {**I2V, "model.image_encoder": clip, "train.steps": 3, "train.checkpoint_every": 3,
+              "model.condition_prob": 0.75}
     run = tmp_path / "run"
-    ckpt = train.main(wan_config(tmp_path, run, small_shards, wan_vae, **I2V, **{
-        "model.image_encoder": clip, "train.steps": 3, "train.checkpoint_every": 3}))
+    ckpt = train.main(wan_config(tmp_path, run, small_shards, wan_vae, **common))
     weights, config = load_weights(ckpt)
     assert config["dit"]["diffusers"]["image_dim"] == WIDTH and config["dit"]["condition_channels"] == 20
     assert config["experiment"]["model"]["image_encoder"] == str(clip)
     assert any("add_k_proj" in k for k in weights) and all(torch.isfinite(w).all() for w in weights.values())
     a = losses(run)
     assert len(a) == 3 and all(torch.isfinite(torch.tensor(a)))
+
+    latents = tmp_path / "latents"
+    cfg = wan_config(tmp_path, tmp_path / "enc", small_shards, wan_vae, **common)
+    assert encode_shards(small_shards, latents, cfg, batch_size=8)["samples"] == 64
+    sample = next(iter(build_loader(replace(cfg.data, shards=str(latents), latents=True, shuffle_buffer=1), 2,
+                                    infinite=False)))
+    assert sample["image_code"].shape == sample["mean"].shape and sample["image_states"].shape == (2, 17, WIDTH)
+    latent_run = tmp_path / "latent"
+    train.main(wan_config(tmp_path, latent_run, str(latents), wan_vae, **common, **{"data.latents": "true"}))
+    torch.testing.assert_close(torch.tensor(losses(latent_run)), torch.tensor(a), rtol=1e-5, atol=1e-6)
 
     from dit.pipeline import generate, load_pipeline
 
@@ -86,6 +102,16 @@ def test_a_wan21_i2v_model_trains_and_samples_from_an_image(tmp_path: Path, smal
     with pytest.raises(ValueError, match="--image"):
         generate(pipe, ["a red circle"], frames=5, height=16, width=16, steps=2)
 
+    # latent shards made for a text-to-video Wan hold no image inputs: refused before any work
+    plain = tmp_path / "plain"
+    encode_shards(small_shards, plain, wan_config(tmp_path, tmp_path / "enc2", small_shards, wan_vae), batch_size=8)
+    with pytest.raises(ConfigError, match="holds no Wan 2.1 I2V image inputs"):
+        train.main(wan_config(tmp_path, tmp_path / "refused", str(plain), wan_vae, **common,
+                              **{"data.latents": "true"}))
+    with pytest.raises(ConfigError, match="model.image_encoder is not set"):
+        encode_shards(small_shards, tmp_path / "nothing", wan_config(tmp_path, tmp_path / "enc3", small_shards,
+                                                                     wan_vae, **I2V))
+
 
 def test_a_wan21_i2v_run_refuses_what_it_cannot_train(tmp_path: Path, small_shards: str, wan_vae: Path,
                                                       clip: Path) -> None:
@@ -96,7 +122,6 @@ def test_a_wan21_i2v_run_refuses_what_it_cannot_train(tmp_path: Path, small_shar
     refused("model.image_encoder is not set")
     refused("text.max_length=32: .* set text.max_length=512", **{"model.image_encoder": clip,
                                                                 "text.max_length": 32})
-    refused("data.latents: latent shards do not hold", **{"model.image_encoder": clip, "data.latents": "true"})
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
