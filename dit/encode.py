@@ -134,7 +134,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if clip_condition(cfg.model) and not cfg.model.image_encoder:
         raise ConfigError("model.image_encoder is not set: latent shards for a Wan 2.1 image-to-video model hold "
-                          "each first frame's CLIP states; pass model.image_encoder=$WAN21_I2V/image_encoder")
+                          "each first frame's CLIP states; pass "
+                          "model.image_encoder=.../Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
     dev = encode_device(device)
     urls = expand_shards(shards, name="SHARDS")  # fails now on a missing shard
     out = Path(out_dir)

@@ -174,8 +174,12 @@ def training_size(config: dict[str, Any]) -> tuple[int, int, int]:
 
 def first_frame(args: argparse.Namespace, config: dict[str, Any], height: int, width: int) -> torch.Tensor | None:
     """--image read, resized (shorter side) and center-cropped to the sampling size: [1, 3, height, width] in
-    [-1, 1]; None without --image. Refused for a checkpoint not trained with model.condition=first_frame."""
+    [-1, 1]; None without --image. Refused for a checkpoint not trained with model.condition=first_frame, and its
+    absence for a Wan 2.1 I2V checkpoint (no text-to-video mode)."""
     if getattr(args, "image", None) is None:
+        if config["dit"].get("diffusers", {}).get("image_dim"):
+            raise ConfigError("this checkpoint is a Wan 2.1 image-to-video model, which has no text-to-video mode: "
+                              "give the first frame with --image FILE")
         return None
     condition = config["experiment"].get("model", {}).get("condition", "none")
     if condition != "first_frame":

@@ -112,7 +112,8 @@ def check_wan_i2v(cfg: Config) -> None:
     """A Wan 2.1 I2V run has what its transformer needs: the CLIP encoder, 512-token text, the mask's width."""
     if not cfg.model.image_encoder:
         raise ConfigError("model.image_encoder is not set: a Wan 2.1 image-to-video transformer takes the first "
-                          "frame's CLIP states; pass model.image_encoder=$WAN21_I2V/image_encoder")
+                          "frame's CLIP states; pass "
+                          "model.image_encoder=.../Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
     if cfg.text.max_length != WAN_TEXT_TOKENS:
         raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
                           f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "

@@ -5,6 +5,8 @@ are the pipeline's own."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from einops import rearrange
@@ -15,6 +17,7 @@ from tiny_families import tiny_transformer
 from dit.config import ConfigError, load_config
 from dit.models.families import build_denoiser, check_fit
 from dit.pipeline import decode_latents, image_condition, image_states, sample_latents
+from dit.sample import first_frame
 
 TEXT = 512  # Wan 2.1 I2V's attention counts this many text tokens
 
@@ -92,6 +95,8 @@ def test_wan21_i2v_needs_an_image_and_512_text_tokens(wan_i2v):
     noise = latents()
     with pytest.raises(ValueError, match="--image"):
         sample_latents(pipe, noise, *prompts(TEXT), steps=1, cfg=CFG)
+    with pytest.raises(ConfigError, match="no text-to-video mode: give the first frame with --image"):
+        first_frame(argparse.Namespace(image=None), pipe.config, 32, 48)  # `dit sample` without --image
     pixels = torch.zeros(1, 3, 32, 48, dtype=torch.uint8)
     with pytest.raises(ValueError, match="text.max_length=512"):
         sample_latents(pipe, noise, *prompts(6), steps=1, cfg=CFG, image=pixels)
