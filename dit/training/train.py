@@ -534,7 +534,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
             if flops_per_sample is None:
                 latents, states = drawn[:2]
                 tokens = math.prod(s // p for s, p in zip(latents.shape[2:], strategy.module.patch))
-                flops_per_sample = (tokens, 3 * flops_per_token(strategy.module, tokens, states.shape[1]))
+                # (Wan 2.1 I2V's CLIP tokens are attended beside the text, at the same cost per token)
+                context = states.shape[1] + (drawn[6].shape[1] if len(drawn) > 6 else 0)
+                flops_per_sample = (tokens, 3 * flops_per_token(strategy.module, tokens, context))
             meter.add(drawn[0].shape[0] * share, *flops_per_sample, data_time)
             if step % t.log_every == 0 or step == t.steps:
                 watchdog.mark("logging (loss all-reduce)")
