@@ -127,3 +127,8 @@ def test_wan21_i2v_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a Wan 2.1 image-to-video transformer"):
         check_fit(load_config(None, ["model.family=wan", f"model.pretrained={tmp_path / 't2v'}",
                                      "diffusion.objective=flow", f"model.image_encoder={clip}"]).model, 4, 16)
+    tiny_transformer("wan", in_channels=12, out_channels=4, image_dim=WIDTH, added_kv_proj_dim=24,
+                     pos_embed_seq_len=34).save_pretrained(tmp_path / "flf2v")
+    with pytest.raises(ConfigError, match="first-last-frame transformer .pos_embed_seq_len 34"):
+        check_fit(load_config(None, ["model.family=wan", f"model.pretrained={tmp_path / 'flf2v'}",
+                                     "model.condition=first_frame", "diffusion.objective=flow"]).model, 4, 16)
