@@ -245,8 +245,15 @@ class DiffusionConfig:
     shift_terminal: float | None = None  # flow sampling: stretch the shifted σ grid to end here (LTX-Video: 0.1)
     timestep_spacing: str | None = None  # ddim / dpm_solver: leading | trailing (CogVideoX) | linspace; None: theirs
     flow_grid: str = "table"  # flow sampling: table (diffusers' default) | steps (linspace(1, 1/N, N), LTXPipeline)
+    # flow training: only noise levels σ (after the shift) in [sigma_min, sigma_max], drawn by the same law restricted
+    # there; one expert of Wan 2.2 A14B: [boundary, 1] for the high-noise one, [0, boundary] for the low-noise one
+    sigma_min: float = 0.0
+    sigma_max: float = 1.0
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.sigma_min < self.sigma_max <= 1.0, "diffusion.sigma_min",
+               f"and diffusion.sigma_max must satisfy 0 <= sigma_min < sigma_max <= 1, got {self.sigma_min} and "
+               f"{self.sigma_max}")
         _check(self.schedule in ("linear", "cosine", "scaled_linear"), "diffusion.schedule",
                "must be linear, cosine or scaled_linear")
         _check(self.prediction in ("eps", "v"), "diffusion.prediction", "must be eps or v")
@@ -278,7 +285,8 @@ class DiffusionConfig:
                    "is for diffusion.objective=diffusion (eps / v targets); set it to null for flow")
         else:
             flow_only = {"timestep_sampling": self.timestep_sampling != "uniform", "shift": self.shift != 1.0,
-                         "dynamic_shift": self.dynamic_shift}
+                         "dynamic_shift": self.dynamic_shift,
+                         "sigma_min": self.sigma_min != 0.0, "sigma_max": self.sigma_max != 1.0}
             for key, changed in flow_only.items():
                 _check(not changed, f"diffusion.{key}",
                        "is only used by the flow objective: set diffusion.objective=flow or drop it")
@@ -412,8 +420,10 @@ class SampleConfig:
     eta: float = 0.0
     fps: int = 8
     shift: float | None = None  # flow samplers: a static shift; null: the training one (diffusion.shift / dynamic)
+    cfg_low: float | None = None  # with two experts (`dit sample --expert`): the low-noise one's scale; null: cfg
 
     def __post_init__(self) -> None:
+        _check(self.cfg_low is None or self.cfg_low >= 0, "sample.cfg_low", "must be >= 0 or null (sample.cfg)")
         _check(self.sampler in (None, "ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver"), "sample.sampler",
                "must be ddim, ddpm, dpm_solver (diffusion), flow_euler, flow_dpm_solver (flow) or null")
         _check(self.steps >= 1, "sample.steps", "must be >= 1")

@@ -118,6 +118,8 @@ def sample_sigmas(n: int, generator: torch.Generator | None, cfg: DiffusionConfi
     cfg.dynamic_shift time_shift(dynamic_mu(num_tokens, ...)). σ is continuous (not rounded to 1000 levels).
     """
     device = generator.device if generator is not None else None
+    if cfg.sigma_min > 0.0 or cfg.sigma_max < 1.0:
+        return _sigmas_in_range(n, generator, cfg, num_tokens)
     if cfg.timestep_sampling == "uniform":
         u = torch.rand(n, generator=generator, device=device)
     elif cfg.timestep_sampling == "logit_normal":
@@ -132,6 +134,46 @@ def sample_sigmas(n: int, generator: torch.Generator | None, cfg: DiffusionConfi
     if num_tokens is None:
         raise ValueError("diffusion.dynamic_shift needs the latent token count (num_tokens)")
     return time_shift(dynamic_mu(num_tokens, cfg.base_shift, cfg.max_shift, cfg.base_seq_len, cfg.max_seq_len), u)
+
+
+def _sigma_of(v: Tensor, cfg: DiffusionConfig, num_tokens: int | None) -> Tensor:
+    """σ of cfg's law for base uniforms v in (0, 1): a monotone map (uniform and logit_normal increase, the SD3 mode
+    map decreases for mode_scale <= 1.75), so a range of σ is a range of v."""
+    if cfg.timestep_sampling == "uniform":
+        u = v
+    elif cfg.timestep_sampling == "logit_normal":  # N(mean, std) by its inverse CDF
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * math.sqrt(2) * torch.erfinv(2 * v - 1))
+    else:
+        u = 1 - v - cfg.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+    if not cfg.dynamic_shift:
+        return shift_sigmas(u, cfg.shift)
+    if num_tokens is None:
+        raise ValueError("diffusion.dynamic_shift needs the latent token count (num_tokens)")
+    return time_shift(dynamic_mu(num_tokens, cfg.base_shift, cfg.max_shift, cfg.base_seq_len, cfg.max_seq_len), u)
+
+
+def _v_at(sigma: float, cfg: DiffusionConfig, num_tokens: int | None) -> float:
+    """The base uniform v whose σ is ``sigma`` (bisection on the monotone map, in float64)."""
+    lo, hi = 0.0, 1.0
+    rising = float(_sigma_of(torch.tensor([0.75], dtype=torch.float64), cfg, num_tokens)) > \
+        float(_sigma_of(torch.tensor([0.25], dtype=torch.float64), cfg, num_tokens))
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        above = float(_sigma_of(torch.tensor([mid], dtype=torch.float64), cfg, num_tokens)) > sigma
+        lo, hi = (lo, mid) if above == rising else (mid, hi)
+    return (lo + hi) / 2
+
+
+def _sigmas_in_range(n: int, generator: torch.Generator | None, cfg: DiffusionConfig,
+                     num_tokens: int | None) -> Tensor:
+    """σ [n] of cfg's law restricted to [sigma_min, sigma_max]: its base uniform drawn in the matching interval
+    (one draw of n uniforms, as the uniform law draws)."""
+    a, b = (_v_at(s, cfg, num_tokens) for s in (cfg.sigma_min, cfg.sigma_max))
+    a, b = min(a, b), max(a, b)
+    device = generator.device if generator is not None else None
+    v = a + (b - a) * torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    sigma = _sigma_of(v.clamp(1e-12, 1 - 1e-12), cfg, num_tokens)
+    return sigma.clamp(cfg.sigma_min, cfg.sigma_max).float()
 
 
 def sampling_grid(cfg: DiffusionConfig) -> dict[str, object]:

@@ -314,3 +314,23 @@ def test_latent_tokens_and_sampling_shift():
     assert sampling_shift(static, 1024) == (3.0, None)
     assert sampling_shift(dynamic, 1024) == (1.0, pytest.approx(dynamic_mu(1024)))
     assert sampling_shift(dynamic, 1024, 5.0) == (5.0, None)  # sample.shift wins
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+@pytest.mark.parametrize("shift", [dict(shift=5.0), dict(dynamic_shift=True)])
+def test_sigma_range_draws_the_same_law_restricted(sampling: str, shift: dict) -> None:
+    """diffusion.sigma_min / sigma_max (one Wan 2.2 A14B expert's noise levels): every draw is in the range, and its
+    quantiles are those of the unrestricted law's draws that fall there (as rejecting the others would give)."""
+    from dit.config import DiffusionConfig
+
+    full = sample_sigmas(400_000, torch.Generator().manual_seed(0),
+                         DiffusionConfig(objective="flow", timestep_sampling=sampling, **shift), 4000)
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    for lo, hi in [(0.875, 1.0), (0.0, 0.875), (0.3, 0.6)]:
+        cfg = DiffusionConfig(objective="flow", timestep_sampling=sampling, sigma_min=lo, sigma_max=hi, **shift)
+        got = sample_sigmas(20_000, torch.Generator().manual_seed(1), cfg, 4000)
+        assert got.dtype == torch.float32 and got.min() >= lo and got.max() <= hi
+        kept = full[(full >= lo) & (full <= hi)]
+        torch.testing.assert_close(torch.quantile(got, q), torch.quantile(kept, q), atol=6e-3, rtol=0)
+        if (sampling, lo) == ("logit_normal", 0.0):  # not merely uniform over the range
+            assert (torch.quantile(lo + (hi - lo) * torch.rand(20_000), q) - torch.quantile(kept, q)).abs().max() > 0.05
