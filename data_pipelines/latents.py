@@ -92,14 +92,14 @@ def first_sample(url: str) -> dict[str, Any] | None:
 
 def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channels: int, vae_encoder: str,
                         text_encoder: str, text_max_length: int, text_dim: int, text_name: str | None,
-                        text_padding: str | None = None, image_width: int = 0) -> bool:
+                        text_padding: str | None = None, image_code: bool = False, image_width: int = 0) -> bool:
     """Before training: the first sample of each source's first shard is a latent sample when ``data.latents``
     (a raw one otherwise), coded by the VAE whose encoder digest is ``vae_encoder`` (``vae_path`` names it in
     messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length; and whether
     the encoder saw the padding, ``text_padding`` unmasked, which changes every state) when it holds them. Raises
     ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text is stored.
-    ``image_width`` > 0 (a Wan 2.1 I2V run: its CLIP states' width): the shards hold the image code and CLIP states
-    of that width."""
+    ``image_code`` (a Wan I2V run of the code form): the shards hold the image code; ``image_width`` > 0 (Wan 2.1
+    I2V: its CLIP states' width): and CLIP states of that width."""
     stored_text = True
     for spec, _ in data.sources():
         url = expand_shards(spec)[0]
@@ -126,13 +126,14 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
             raise ConfigError(f"{url} was encoded by another VAE (encoder digest {meta['vae_encoder']}, from "
                              f"{meta.get('vae')}) than vae.checkpoint={vae_path} "
                              f"({vae_encoder}): re-encode, or point vae.checkpoint at that VAE")
-        if image_width:
+        if image_code or image_width:
             states = shapes.get(IMAGE_STATES) or (None, None)
-            if IMAGE_CODE not in exts or IMAGE_STATES not in exts:
-                raise ConfigError(f"{url} holds no Wan 2.1 I2V image inputs (KEY.{IMAGE_CODE}, KEY.{IMAGE_STATES}): "
-                                 "re-encode with this run's config (`dit encode SHARDS OUT --config ...` with "
-                                 "model.image_encoder set), or train from the raw shards (data.latents=false)")
-            if states[1] != image_width:
+            if IMAGE_CODE not in exts or (image_width and IMAGE_STATES not in exts):
+                wanted = f"KEY.{IMAGE_CODE}" + (f", KEY.{IMAGE_STATES}" if image_width else "")
+                raise ConfigError(f"{url} holds no Wan I2V image inputs ({wanted}): re-encode with this run's config "
+                                 "(`dit encode SHARDS OUT --config ...`), or train from the raw shards "
+                                 "(data.latents=false)")
+            if image_width and states[1] != image_width:
                 raise ConfigError(f"{url} holds CLIP states of width {states[1]}, model.image_encoder gives "
                                  f"{image_width}: re-encode with this run's model.image_encoder")
         if TEXT not in exts:

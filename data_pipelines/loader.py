@@ -205,9 +205,10 @@ class DecodeClips(wds.PipelineStage):
                 fields["text"] = load_npy(sample[TEXT])
                 if TEXT_MASK in sample:  # all the states (text.padding=unmasked): which are real tokens
                     fields["text_mask"] = load_npy(sample[TEXT_MASK])
-            if IMAGE_CODE in sample and IMAGE_STATES in sample:  # Wan 2.1 I2V's image inputs
+            if IMAGE_CODE in sample:  # Wan I2V's image code (and Wan 2.1's CLIP states)
                 fields["image_code"] = load_npy(sample[IMAGE_CODE])
-                fields["image_states"] = load_npy(sample[IMAGE_STATES])
+                if IMAGE_STATES in sample:
+                    fields["image_states"] = load_npy(sample[IMAGE_STATES])
         except (ValueError, OSError, EOFError) as e:
             raise _Skip("decode_error", f"not a plain .npy array: {str(e)[:300]}") from e
         mean, logvar, text = fields["mean"], fields["logvar"], fields.get("text")
@@ -215,7 +216,7 @@ class DecodeClips(wds.PipelineStage):
         code, states = fields.get("image_code"), fields.get("image_states")
         if (mean.ndim != 4 or mean.shape != logvar.shape or (text is not None and text.ndim != 2)
                 or (text_mask is not None and tuple(text_mask.shape) != tuple(text.shape[:1]))
-                or (code is not None and (code.shape != mean.shape or states.ndim != 2))):
+                or (code is not None and code.shape != mean.shape) or (states is not None and states.ndim != 2)):
             shapes = {k: tuple(v.shape) for k, v in fields.items()}
             raise _Skip("decode_error", f"expected mean and logvar [C, t, h, w] of one shape (and text [L, D], "
                                         f"text_mask [L], image_code as mean, image_states [n, D]), got {shapes}")

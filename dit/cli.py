@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, metavar="RUN", help="apply a LoRA run's adapter (its newest checkpoint, a "
                    "checkpoint dir or a *lora*.safetensors file) to --checkpoint")
     p.add_argument("--lora-scale", type=float, default=1.0, help="scale of --lora's update (0: the base alone)")
+    p.add_argument("--expert", default=None, metavar="PATH", help="Wan 2.2 A14B: the other expert of a checkpoint "
+                   "trained as one (diffusion.sigma_min / sigma_max): a run, checkpoint dir or diffusers transformer "
+                   "folder (e.g. the download's transformer_2/); the two switch at the boundary of their ranges")
+    p.add_argument("--cfg-low", type=float, default=None, help="with --expert: the low-noise expert's guidance scale "
+                   "(default: --cfg), as the pipelines' guidance_scale_2")
     p.add_argument("--sequence-parallel", type=int, default=1, metavar="N", help="split each clip's tokens over the N "
                    "processes of a launch (torchrun --nproc-per-node N ... -m dit.cli sample ...): long clips on "
                    "several GPUs; rank 0 writes the files")

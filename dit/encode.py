@@ -13,8 +13,8 @@ coded by the frozen VAE and the caption by the text encoder. Per sample the outp
                      as the encoder gives it); with text.padding=unmasked, whose padded states are not zeros, all
                      text.max_length states [L, D], and
     KEY.text_mask.npy  which of them are real tokens [L] (1.0 / 0.0; only with text.padding=unmasked)
-    KEY.image_code.npy    a Wan 2.1 I2V model's (model.image_encoder set): the normalized VAE code of [first frame,
-                     grey...] [C, t, h, w] float32, and
+    KEY.image_code.npy    a Wan I2V model's of the code form (Wan 2.1 I2V, Wan 2.2 I2V A14B): the normalized VAE
+                     code of [first frame, grey...] [C, t, h, w] float32, and for Wan 2.1 I2V
     KEY.image_states.npy  the first frame's CLIP states [n, D] float32 (dit/models/condition.py)
     KEY.txt          the caption
     KEY.json         key, caption, frames, height, width (of this clip: with buckets they differ), the VAE
@@ -48,7 +48,7 @@ from data_pipelines.loader import Loader, TooManyBadSamples, build_loader
 from data_pipelines.shards import expand_shards
 from dit.config import Config, ConfigError
 from dit.fileio import atomic_file
-from dit.models.condition import clip_condition, image_code
+from dit.models.condition import clip_condition, code_condition, image_code
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, encoder_digest, load_vae_from_config
@@ -67,11 +67,11 @@ def _npy(array: torch.Tensor) -> bytes:
 
 def latent_sample(key: str, caption: str, mean: torch.Tensor, logvar: torch.Tensor, meta: dict[str, Any],
                   text_states: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                  image: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+                  image: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, Any]:
     """One latent shard sample as `dit encode` writes it: mean / logvar [C, t, h, w], the caption, its json
     (``meta``, with key and caption added) and, when given, text states: the real tokens' [n, D], or all of them
-    [L, D] with ``text_mask`` [L] saying which are real (text.padding=unmasked); ``image``: Wan 2.1 I2V's image
-    code [C, t, h, w] and CLIP states [n, D]."""
+    [L, D] with ``text_mask`` [L] saying which are real (text.padding=unmasked); ``image``: a Wan I2V model's image
+    code [C, t, h, w] and (Wan 2.1 I2V) CLIP states [n, D] or None."""
     sample = {"__key__": key, "mean.npy": _npy(mean), "logvar.npy": _npy(logvar), "txt": caption,
               "json": json.dumps({"key": key, "caption": caption, **meta})}
     if text_states is not None:
@@ -79,7 +79,9 @@ def latent_sample(key: str, caption: str, mean: torch.Tensor, logvar: torch.Tens
     if text_mask is not None:
         sample["text_mask.npy"] = _npy(text_mask)
     if image is not None:
-        sample[IMAGE_CODE], sample[IMAGE_STATES] = _npy(image[0]), _npy(image[1])
+        sample[IMAGE_CODE] = _npy(image[0])
+        if image[1] is not None:
+            sample[IMAGE_STATES] = _npy(image[1])
     return sample
 
 
@@ -146,6 +148,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
     text_dev = text_device(cfg.text, dev)
     text = build_text_encoder(cfg.text).to(text_dev)
+    code = code_condition(cfg.model)  # the code form's image code; Wan 2.1 I2V's CLIP states beside it
     image_encoder = build_image_encoder(cfg.model.image_encoder) if clip_condition(cfg.model) else None
     if image_encoder is not None:
         image_encoder.to(dev)
@@ -177,7 +180,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         try:
             with atomic_file(final) as tmp:
                 with wds.TarWriter(str(tmp)) as sink:
-                    written = _encode_shard(loader, sink, vae, text, made_by, full_text, dev, image_encoder)
+                    written = _encode_shard(loader, sink, vae, text, made_by, full_text, dev, code, image_encoder)
                 if written == 0:
                     raise _NoSamples
         except _NoSamples:
@@ -199,11 +202,12 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
 
 
 def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | PretrainedVAE, text: TextEncoder,
-                  made_by: dict[str, Any], full_text: bool, device: torch.device,
+                  made_by: dict[str, Any], full_text: bool, device: torch.device, code: bool = False,
                   image_encoder: ImageEncoder | None = None) -> int:
     """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many.
     ``full_text``: all the states and the mask (text.padding=unmasked), else the real tokens' states;
-    ``image_encoder``: Wan 2.1 I2V's image code and CLIP states of each clip's first frame too."""
+    ``code``: the image code of each clip's first frame too (Wan I2V's code form), and with ``image_encoder`` its
+    CLIP states."""
     written = 0
     for batch in loader:
         video = batch["video"].to(device)  # [B, 3, T, H, W]
@@ -211,13 +215,15 @@ def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | Pretrain
         states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
         frames, height, width = batch["video"].shape[2:]
         image = None
-        if image_encoder is not None:  # as draw_batch codes it from raw shards
-            image = (image_code(vae, video[:, :, 0], frames), image_encoder.encode(video[:, :, 0]))
+        if code:  # as draw_batch codes it from raw shards
+            image = (image_code(vae, video[:, :, 0], frames),
+                     image_encoder.encode(video[:, :, 0]) if image_encoder is not None else None)
         for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
             meta = {"frames": frames, "height": height, "width": width, **made_by}
             text_states = states[i] if full_text else states[i][mask[i]]  # [L, D] or [n, D]
             sink.write(latent_sample(key, caption, posterior.mean[i], posterior.logvar[i], meta, text_states,
                                      mask[i] if full_text else None,
-                                     None if image is None else (image[0][i], image[1][i])))
+                                     None if image is None else
+                                     (image[0][i], None if image[1] is None else image[1][i])))
             written += 1
     return written

@@ -22,6 +22,7 @@ from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
 from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
 from dit.diffusion.schedules import Schedule, make_schedule
+from dit.experts import Experts, load_expert, switch
 from dit.export import resolve_checkpoint
 from dit.models.attention import resolve_backend
 from dit.models.condition import clip_mask, first_frame_condition, image_code
@@ -49,6 +50,7 @@ class Pipeline:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # objective, flow shift (static / dynamic)
     graphed: CudaGraphed | None = None  # the model's CUDA graphs (cuda_graphs=True), kept across calls: one capture
     image: ImageEncoder | None = None  # Wan 2.1 I2V's CLIP image encoder (model.image_encoder)
+    experts: Experts | None = None  # the other expert of a Wan 2.2 A14B pair (dit/experts.py)
 
 
 def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
@@ -58,12 +60,15 @@ def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None,
-                  lora: str | Path | None = None, lora_scale: float = 1.0) -> Pipeline:
+                  lora: str | Path | None = None, lora_scale: float = 1.0,
+                  expert: str | Path | None = None) -> Pipeline:
     """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory. A
     LoRA run samples its base with its adapter merged; ``lora`` (a LoRA run, checkpoint or adapter file) adds
-    another adapter at ``lora_scale``."""
+    another adapter at ``lora_scale``. ``expert``: the other expert of a checkpoint trained as one of two (a run,
+    checkpoint or diffusers transformer folder; dit/experts.py)."""
     ckpt = resolve_checkpoint(path)
     weights, config = checkpoint_weights(ckpt, lora, lora_scale)
+    experts = load_expert(config, expert, device) if expert is not None else None  # checked before the rest loads
     model = denoiser_from_config(config["dit"], weights)  # our DiT or a pretrained family, as the checkpoint says
     vae = load_vae(ckpt / "vae")
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))
@@ -83,7 +88,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
     image = build_image_encoder(config["experiment"]["model"].get("image_encoder"))
     if image is not None:
         image.to(device)
-    return Pipeline(model, vae, text, schedule, diffusion.prediction, config, diffusion, image=image)
+    return Pipeline(model, vae, text, schedule, diffusion.prediction, config, diffusion, image=image,
+                    experts=experts)
 
 
 def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int], *, temporal: int = TEMPORAL,
@@ -114,7 +120,8 @@ def resolve_sampler(objective: str, sampler: str | None) -> str:
 def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
              sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
              decode_chunk: int = 0, shift: float | None = None, callback: Callback = None,
-             image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False) -> torch.Tensor:
+             image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
+             cfg_low: float | None = None) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
@@ -122,7 +129,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     callback(i, x): called after each sampler step (progress). image: the first frame to continue (a checkpoint
     trained with model.condition=first_frame), [B or 1, 3, height, width] uint8 or float in [-1, 1]. dtype "bf16":
     the denoiser under bf16 autocast (the sampler's arithmetic and the VAE stay fp32); cuda_graphs: replay the
-    denoiser from a CUDA graph (dit/diffusion/cuda_graphs.py).
+    denoiser from a CUDA graph (dit/diffusion/cuda_graphs.py). cfg_low: with two experts, the low-noise expert's
+    guidance scale (None: cfg), as the pipelines' guidance_scale_2.
     """
     vae = pipe.vae
     check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
@@ -140,7 +148,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
-                       shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs)
+                       shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs,
+                       cfg_low=cfg_low)
     return decode_latents(pipe, z, decode_chunk)
 
 
@@ -158,11 +167,12 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
                    uncond: dict[str, torch.Tensor], *, steps: int, sampler: str | None = None, cfg: float = 5.0,
                    eta: float = 0.0, generator: torch.Generator | None = None,
                    shift: float | None = None, callback: Callback = None,
-                   image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False) -> torch.Tensor:
+                   image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
+                   cfg_low: float | None = None) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
     sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
-    ``dtype`` / ``cuda_graphs``: as ``generate``'s."""
+    ``dtype`` / ``cuda_graphs`` / ``cfg_low``: as ``generate``'s."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     if dtype not in ("fp32", "bf16"):
@@ -175,16 +185,19 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
             extra["image_states"] = image_states(pipe, image, noise.shape[0])
         cond, uncond = {**cond, **extra}, {**uncond, **extra}
     z = _sample(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=generator,
-                shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs)
+                shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs, cfg_low=cfg_low)
     finish = getattr(pipe.model, "finish_sample", None)  # (Wan: the image back in place of frame 0)
     return finish(z, condition) if finish is not None else z
 
 
 def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], *,
             steps: int, sampler: str, cfg: float, eta: float, generator: torch.Generator | None,
-            shift: float | None, callback: Callback, dtype: str, cuda_graphs: bool) -> torch.Tensor:
+            shift: float | None, callback: Callback, dtype: str, cuda_graphs: bool,
+            cfg_low: float | None = None) -> torch.Tensor:
     objective = pipe.diffusion.objective
     model: Callable[..., torch.Tensor] = pipe.model
+    if pipe.experts is not None and (cuda_graphs or objective != "flow"):
+        raise ValueError("two experts sample with the flow samplers, without CUDA graphs")
     if cuda_graphs:  # captured at the first call of each shape, replayed from then on (every batch of `dit sample`)
         if pipe.graphed is None or pipe.graphed.model is not pipe.model:
             pipe.graphed = CudaGraphed(pipe.model)
@@ -192,6 +205,16 @@ def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], 
     if dtype == "bf16":
         model = autocast_bf16(model, noise.device)
     denoise = cfg_denoiser(model, cond, uncond, cfg)
+    if pipe.experts is not None:  # Wan 2.2 A14B: cfg guides the high-noise expert, cfg_low the low-noise one
+        other: Callable[..., torch.Tensor] = pipe.experts.other
+        if dtype == "bf16":
+            other = autocast_bf16(other, noise.device)
+        low_cfg = cfg if cfg_low is None else cfg_low
+        if pipe.experts.other_high:
+            high, low = cfg_denoiser(other, cond, uncond, cfg), cfg_denoiser(model, cond, uncond, low_cfg)
+        else:
+            high, low = denoise, cfg_denoiser(other, cond, uncond, low_cfg)
+        denoise = switch(high, low, pipe.experts.boundary)
     if objective == "flow":
         flow_shift, mu = sampling_shift(pipe.diffusion, latent_tokens(noise.shape[2:], pipe.model.patch), shift)
         return SAMPLERS[sampler](denoise, noise, steps=steps, shift=flow_shift, mu=mu, callback=callback,
@@ -224,7 +247,7 @@ def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] 
                          f"{tuple(image.shape)}")
     device = next(pipe.model.parameters()).device
     x = x.to(device).expand(b, -1, -1, -1)  # [B, 3, H, W]
-    if getattr(pipe.model, "clip_image", False):  # Wan 2.1 I2V: the mask, then the code of [image, grey...]
+    if getattr(pipe.model, "code_condition", False):  # Wan's code form: the mask, then the code of [image, grey...]
         temporal = pipe.vae.temporal_compression
         code = image_code(pipe.vae, x, (t - 1) * temporal + 1)  # [B, C, t, h, w]
         return torch.cat([clip_mask(t, h, w, temporal).to(code).expand(b, -1, -1, -1, -1), code], dim=1)

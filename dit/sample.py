@@ -93,11 +93,20 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    for flag, value in {"--cfg": args.cfg, "--eta": args.eta, "--decode-chunk": args.decode_chunk}.items():
+    guidance = {"--cfg": args.cfg, "--cfg-low": getattr(args, "cfg_low", None)}
+    for flag, value in {**guidance, "--eta": args.eta, "--decode-chunk": args.decode_chunk}.items():
         if value is not None and not value >= 0:  # (not >= : NaN too)
             raise ConfigError(f"{flag} must be >= 0, got {value}" + (" (1: the prompt alone, no guidance; above 1: "
-                                                                     "follow it more closely)" if flag == "--cfg"
+                                                                     "follow it more closely)" if flag in guidance
                                                                      else ""))
+    expert = getattr(args, "expert", None)
+    if expert is None and getattr(args, "cfg_low", None) is not None:  # (sample.cfg_low of a run: unused then)
+        raise ConfigError("--cfg-low guides the low-noise expert of --expert; without --expert use --cfg")
+    if expert is not None and not Path(expert).exists():
+        raise ConfigError(f"--expert {expert!r} does not exist: give the other expert's run, checkpoint directory or "
+                          "diffusers transformer folder")
+    if expert is not None and getattr(args, "cuda_graphs", False):
+        raise ConfigError("--cuda-graphs captures one denoiser; with --expert sample without it")
     if getattr(args, "cuda_graphs", False):
         if getattr(args, "compile", False):
             raise ConfigError("--cuda-graphs and --compile: a graph captured while blocks still compile is not "
@@ -126,9 +135,9 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     against the run's objective."""
     run = config["experiment"].get("sample") or {}
     out = {f.name: run.get(f.name, f.default) for f in fields(SampleConfig)}
-    for name in ("sampler", "steps", "cfg", "eta", "fps"):
-        if getattr(args, name) is not None:
-            out[name] = getattr(args, name)
+    for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low"):
+        if getattr(args, name, None) is not None:
+            out[name] = getattr(args, name, None)
     try:
         out["sampler"] = resolve_sampler(config["experiment"]["diffusion"].get("objective", "diffusion"),
                                          out["sampler"])
@@ -177,9 +186,11 @@ def first_frame(args: argparse.Namespace, config: dict[str, Any], height: int, w
     [-1, 1]; None without --image. Refused for a checkpoint not trained with model.condition=first_frame, and its
     absence for a Wan 2.1 I2V checkpoint (no text-to-video mode)."""
     if getattr(args, "image", None) is None:
-        if config["dit"].get("diffusers", {}).get("image_dim"):
-            raise ConfigError("this checkpoint is a Wan 2.1 image-to-video model, which has no text-to-video mode: "
-                              "give the first frame with --image FILE")
+        dcfg = config["dit"].get("diffusers", {})
+        if config["dit"].get("family") == "wan" and dcfg.get("in_channels") != (dcfg.get("out_channels") or
+                                                                               dcfg.get("in_channels")):
+            raise ConfigError("this checkpoint is a Wan image-to-video model (Wan 2.1 I2V, Wan 2.2 I2V A14B), which "
+                              "has no text-to-video mode: give the first frame with --image FILE")
         return None
     condition = config["experiment"].get("model", {}).get("condition", "none")
     if condition != "first_frame":
@@ -251,15 +262,18 @@ def run_sample(args: argparse.Namespace) -> None:
         report(args, opts, prompts, (frames, height, width), n_tokens, trained, n_trained)
 
     device = env.device if env else "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale)
+    pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale,
+                         expert=getattr(args, "expert", None))
     if getattr(args, "compile", False):  # before sequence parallelism, as in training (parallelize.py)
         from dit.distributed.parallelize import apply_compile
 
-        apply_compile(pipe.model)
+        for model in (pipe.model, *([pipe.experts.other] if pipe.experts else [])):
+            apply_compile(model)
     if env:
         from dit.distributed.sequence import apply_sequence_parallel
 
-        apply_sequence_parallel(pipe.model, env.sp_group)  # every rank returns the whole prediction
+        for model in (pipe.model, *([pipe.experts.other] if pipe.experts else [])):
+            apply_sequence_parallel(model, env.sp_group)  # every rank returns the whole prediction
     dtype = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device))
     if main:
         compiled = ", its blocks compiled (the first step compiles them)" if getattr(args, "compile", False) else ""
@@ -278,6 +292,7 @@ def run_sample(args: argparse.Namespace) -> None:
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          dtype=dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
+                         cfg_low=opts["cfg_low"],
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
             continue

@@ -18,11 +18,12 @@ with the mask, but put the latent in place of the noisy first frame and give its
 LTX's image-to-video; dit/models/families/base.py ``replaced``), so the loss leaves that frame out where an image
 was given.
 
-A Wan 2.1 image-to-video transformer (its config has ``image_dim``) takes the third form, WanImageToVideoPipeline's
-without expand_timesteps: a mask of ``temporal`` channels (one per pixel frame folded into a latent frame: all 1 at
-latent frame 0), then the VAE code (posterior mode, normalized) of the whole clip [image, grey, grey, ...] (zeros in
-[-1, 1]), [B, temporal + C, t, h, w]; beside it go the image's CLIP states (dit/models/image_encoder.py). That code
-carries the image into every latent frame, so it is coded from pixels, not cut from the clip's own latents.
+A Wan image-to-video transformer that takes more input channels than it gives (Wan 2.1 I2V, Wan 2.2 I2V A14B: 36 =
+16 + 4 + 16) takes the third form, the code form, WanImageToVideoPipeline's without expand_timesteps: a mask of
+``temporal`` channels (one per pixel frame folded into a latent frame: all 1 at latent frame 0), then the VAE code
+(posterior mode, normalized) of the whole clip [image, grey, grey, ...] (zeros in [-1, 1]), [B, temporal + C, t, h,
+w]. Wan 2.1's (its config has ``image_dim``) also takes the image's CLIP states (dit/models/image_encoder.py). That
+code carries the image into every latent frame, so it is coded from pixels, not cut from the clip's own latents.
 """
 
 from __future__ import annotations
@@ -35,14 +36,28 @@ from torch import Tensor
 CONDITIONS = ("none", "first_frame")
 
 
-def clip_condition(model_cfg: Any) -> bool:
-    """Whether model_cfg (a ModelConfig) conditions on an image as Wan 2.1 I2V does: its transformer has
-    ``image_dim`` (CLIP states beside the clip's code) and model.condition=first_frame."""
+def _wan_config(model_cfg: Any) -> dict[str, Any] | None:
+    """The diffusers config of model_cfg's Wan transformer under model.condition=first_frame, else None."""
     if getattr(model_cfg, "condition", "none") != "first_frame" or model_cfg.family != "wan":
-        return False
+        return None
     from dit.models.families import family_config
 
-    return bool(family_config("wan", model_cfg.pretrained, model_cfg.family_config).get("image_dim"))
+    return family_config("wan", model_cfg.pretrained, model_cfg.family_config)
+
+
+def code_condition(model_cfg: Any) -> bool:
+    """Whether model_cfg (a ModelConfig) conditions on an image in the code form (Wan 2.1 I2V, Wan 2.2 I2V A14B:
+    a transformer with more input channels than output ones) under model.condition=first_frame."""
+    dcfg = _wan_config(model_cfg)
+    return dcfg is not None and (bool(dcfg.get("image_dim")) or
+                                 int(dcfg.get("in_channels", 0)) != int(dcfg.get("out_channels") or
+                                                                        dcfg.get("in_channels", 0)))
+
+
+def clip_condition(model_cfg: Any) -> bool:
+    """Whether model_cfg's image condition also takes the image's CLIP states (Wan 2.1 I2V: ``image_dim``)."""
+    dcfg = _wan_config(model_cfg)
+    return dcfg is not None and bool(dcfg.get("image_dim"))
 
 
 def condition_mask(model_cfg: Any) -> bool:
@@ -54,12 +69,12 @@ def condition_mask(model_cfg: Any) -> bool:
 def condition_replaces(model_cfg: Any) -> bool:
     """Whether model_cfg's model takes the condition in place of the first latent frame (Wan as Wan 2.2 TI2V, LTX),
     so that frame is left out of the loss where an image was given (its velocity target means nothing there): the
-    family adapter's ``replace_condition``, except Wan 2.1 I2V's transformer (``clip_condition``)."""
+    family adapter's ``replace_condition``, except a Wan transformer of the code form (``code_condition``)."""
     if model_cfg.family == "dit":
         return False
     from dit.models.families import FAMILIES
 
-    return FAMILIES[model_cfg.family].replace_condition and not clip_condition(model_cfg)
+    return FAMILIES[model_cfg.family].replace_condition and not code_condition(model_cfg)
 
 
 def condition_channels(condition: str, latent_channels: int) -> int:
@@ -103,7 +118,7 @@ def draw_first_frame_condition(first: Tensor, latent_frames: int, prob: float, n
 
 
 def clip_mask(latent_frames: int, h: int, w: int, temporal: int) -> Tensor:
-    """Wan 2.1 I2V's mask [1, temporal, t, h, w]: 1 on every channel of latent frame 0 (the given image, repeated
+    """The code form's mask [1, temporal, t, h, w]: 1 on every channel of latent frame 0 (the given image, repeated
     once per pixel frame a latent frame folds), 0 after it."""
     mask = torch.zeros(1, temporal, latent_frames, h, w)
     mask[:, :, 0] = 1.0
@@ -112,7 +127,7 @@ def clip_mask(latent_frames: int, h: int, w: int, temporal: int) -> Tensor:
 
 @torch.no_grad()
 def image_code(vae: Any, first: Tensor, frames: int) -> Tensor:
-    """Wan 2.1 I2V's image code: first frames [B, 3, H, W] in [-1, 1] followed by ``frames`` - 1 zero frames, coded
+    """The code form's image code: first frames [B, 3, H, W] in [-1, 1] followed by ``frames`` - 1 zero frames, coded
     by the VAE (posterior mode, normalized) -> [B, C, t, h, w] (fp32), as WanImageToVideoPipeline.prepare_latents."""
     b, _, h, w = first.shape
     clip = torch.cat([first[:, :, None].float(), first.new_zeros(b, 3, frames - 1, h, w, dtype=torch.float32)], 2)
@@ -121,7 +136,7 @@ def image_code(vae: Any, first: Tensor, frames: int) -> Tensor:
 
 def draw_clip_condition(code: Tensor, temporal: int, prob: float, noise_std: float,
                         generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Training's Wan 2.1 I2V condition from the image codes [B, C, t, h, w] (``image_code``) -> (condition
+    """Training's code-form condition from the image codes [B, C, t, h, w] (``image_code``) -> (condition
     [B, temporal + C, t, h, w]: the mask first, as the pipeline has it; keep [B] bool). Rows keep it with
     probability ``prob`` (else all zeros: the caller zeroes their CLIP states too) and get noise of a std drawn in
     [0, noise_std], with the same three draws as ``draw_first_frame_condition``."""

@@ -43,6 +43,7 @@ from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
 from dit.models.condition import (
     clip_condition,
+    code_condition,
     condition_mask,
     condition_replaces,
     draw_clip_condition,
@@ -96,7 +97,7 @@ def check_inputs(cfg: Config) -> None:
                           "folder, e.g. vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae")
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
-    if clip_condition(cfg.model):
+    if code_condition(cfg.model):
         check_wan_i2v(cfg)
     if t.init_from or t.lora.rank:  # the base exists and fits this model: from configs, a meta-device model
         channels, temporal, spatial = cfg.vae.geometry()
@@ -109,7 +110,14 @@ def check_inputs(cfg: Config) -> None:
 
 
 def check_wan_i2v(cfg: Config) -> None:
-    """A Wan 2.1 I2V run has what its transformer needs: the CLIP encoder, 512-token text, the mask's width."""
+    """A Wan I2V run of the code form has what its transformer needs: the mask's width; Wan 2.1's the CLIP encoder
+    and 512-token text."""
+    _, temporal, _ = cfg.vae.geometry()
+    if temporal != WAN_MASK_CHANNELS:
+        raise ConfigError(f"vae: a Wan image-to-video transformer's mask has {WAN_MASK_CHANNELS} channels, one per "
+                          f"frame a latent frame folds, but this VAE folds {temporal}; use Wan's VAE")
+    if not clip_condition(cfg.model):
+        return
     if not cfg.model.image_encoder:
         raise ConfigError("model.image_encoder is not set: a Wan 2.1 image-to-video transformer takes the first "
                           "frame's CLIP states; pass "
@@ -118,10 +126,6 @@ def check_wan_i2v(cfg: Config) -> None:
         raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
                           f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "
                           f"set text.max_length={WAN_TEXT_TOKENS}")
-    _, temporal, _ = cfg.vae.geometry()
-    if temporal != WAN_MASK_CHANNELS:
-        raise ConfigError(f"vae: a Wan 2.1 I2V transformer's mask has {WAN_MASK_CHANNELS} channels, one per frame "
-                          f"a latent frame folds, but this VAE folds {temporal}; use Wan's VAE")
 
 
 class RandomStreams:
@@ -173,7 +177,7 @@ def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Modul
 @torch.no_grad()
 def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, diffusion: DiffusionConfig,
                patch: tuple[int, int, int], rng: RandomStreams, device: torch.device,
-               keep: slice | None, model: ModelConfig | None = None,
+               keep: slice | None, model: ModelConfig | None = None, code: bool = False,
                image_encoder: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
     """Latents, text states + mask, timesteps (integer steps; for flow σ in [0, 1]) and noise for a batch; ``keep``
     slices a global batch to this rank. A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the
@@ -182,10 +186,10 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     condition (dit/models/condition.py), drawn after everything else, from the clip's own latent frame 0 (the VAE
     codes pixel frame 0 alone there, so it is a latent of the first frame by itself; the same draw the target
     holds, so frame 0 of the target is the condition up to its noise augmentation. Sampling gives the image's
-    posterior mean: a trained VAE's posterior std is far below model.condition_noise). A Wan 2.1 I2V model
-    (``image_encoder``: its CLIP encoder; or latent shards holding what it gives) gets its own condition, the code
-    of [first frame, grey...], and a seventh tensor, the first frame's CLIP states (zeros in the rows whose
-    condition was dropped)."""
+    posterior mean: a trained VAE's posterior std is far below model.condition_noise). A Wan I2V model of the code
+    form (``code``) gets its own condition, the code of [first frame, grey...] (stored in latent shards, or coded
+    here), and Wan 2.1 I2V's (``image_encoder``: its CLIP encoder, or latent shards holding what it gives) a seventh
+    tensor, the first frame's CLIP states (zeros in the rows whose condition was dropped)."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
@@ -203,17 +207,15 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
-    if image_encoder is not None or "image_code" in batch:  # Wan 2.1 I2V (dit/models/condition.py): stored, or
-        # coded from the first frames
-        if "image_code" in batch:
-            code, states_img = batch["image_code"].to(device), batch["image_states"].to(device)
-        else:
-            video = batch["video"].to(device)  # [B, 3, T, H, W]
-            code = image_code(vae, video[:, :, 0], video.shape[2])  # [B, C, t, h, w]
-            states_img = image_encoder.encode(video[:, :, 0]).to(device)  # [B, n, D]
-        condition, kept = draw_clip_condition(code, vae.temporal_compression, model.condition_prob,
-                                              model.condition_noise, rng.gen)
-        drawn += (condition, states_img * kept.to(states_img.dtype).view(-1, 1, 1))
+    if code:  # the code form (dit/models/condition.py): stored, or coded from the first frames
+        first = None if "image_code" in batch else batch["video"][:, :, 0].to(device)  # [B, 3, H, W]
+        codes = batch["image_code"].to(device) if first is None else image_code(vae, first, batch["video"].shape[2])
+        condition, kept = draw_clip_condition(codes, vae.temporal_compression, model.condition_prob,
+                                              model.condition_noise, rng.gen)  # [B, 4 + C, t, h, w]
+        drawn += (condition,)
+        if "image_states" in batch or image_encoder is not None:  # Wan 2.1 I2V's CLIP states [B, n, D]
+            states_img = batch["image_states"].to(device) if first is None else image_encoder.encode(first).to(device)
+            drawn += (states_img * kept.to(states_img.dtype).view(-1, 1, 1),)
     elif model is not None and model.condition == "first_frame":
         first = latents[:, :, :1] * vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
         drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
@@ -381,8 +383,8 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
     ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step)."""
     prompts = cfg.train.sample_prompts[:4]
-    if not prompts or getattr(pipe.model, "clip_image", False):  # (Wan 2.1 I2V samples from an image only)
-        return
+    if not prompts or getattr(pipe.model, "code_condition", False) or expert_run(cfg):
+        return  # (Wan's code form samples from an image only; one expert of two cannot sample alone)
     share = math.ceil(len(prompts) / env.world_size)
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
     video = generate(pipe, [prompts[i] for i in mine or [0]], frames=cfg.data.frames, height=cfg.data.height,
@@ -422,6 +424,11 @@ class NonfiniteGuard:
                 "raise train.warmup_steps, or check the data, then resume.")
 
 
+def expert_run(cfg: Config) -> bool:
+    """Whether the run trains one expert of two (Wan 2.2 A14B: diffusion.sigma_min / sigma_max)."""
+    return cfg.diffusion.sigma_min > 0.0 or cfg.diffusion.sigma_max < 1.0
+
+
 def check_attention(model: ModelConfig, device: torch.device) -> None:
     """model.attention names a kernel this device has (before any work), for our DiT (families use their own)."""
     if model.family == "dit":
@@ -436,6 +443,10 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     earlier run wrote into train.output_dir (else a folder holding another run is refused)."""
     check_inputs(cfg)
     out, t = Path(cfg.train.output_dir), cfg.train
+    if t.sample_prompts and expert_run(cfg):
+        log.warning("train.sample_prompts: this run trains one expert (noise levels [%g, %g]), which cannot sample "
+                    "alone; no samples are logged (sample with `dit sample --checkpoint RUN --expert OTHER`)",
+                    cfg.diffusion.sigma_min, cfg.diffusion.sigma_max)
     # ZeRO and FSDP need a group, even for 1 process; train.sequence_parallel is checked against the world size here
     env = setup_distributed(needs_group=t.strategy != "ddp", sequence_parallel=t.sequence_parallel)
     check_attention(cfg.model, env.device)
@@ -451,7 +462,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
     cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
     text = build_text_encoder(cfg.text).to(text_device(cfg.text, env.device))
-    # Wan 2.1 I2V's CLIP encoder: for raw shards (latent shards hold its states: checked here)
+    # Wan I2V's code form; Wan 2.1 I2V's CLIP encoder for raw shards (latent shards hold its states: checked here)
+    code = code_condition(cfg.model)
     image_encoder = build_image_encoder(cfg.model.image_encoder if not cfg.data.latents else None)
     if image_encoder is not None:
         image_encoder.to(env.device)
@@ -459,6 +471,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
                         text_name=text.name, text_padding=cfg.text.padding,
+                        image_code=code,
                         image_width=image_encoder_width(cfg.model.image_encoder) if clip_condition(cfg.model) else 0)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
@@ -523,7 +536,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
             watchdog.mark("forward/backward/optimizer step")
             drawn = draw_batch(batch, vae, text, cfg.diffusion, strategy.module.patch, rng, env.device, keep,
-                               cfg.model, image_encoder)
+                               cfg.model, code, image_encoder)
             result = train_step(strategy, micro_loss(strategy, drawn, noise_schedule_dev, cfg), accum)
             lr_schedule.step()
             step += 1

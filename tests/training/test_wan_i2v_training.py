@@ -46,7 +46,7 @@ def test_the_drawn_condition_is_the_pipelines(tmp_path: Path, small_shards: str,
     video = torch.rand(4, 3, 5, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [B, 3, T, H, W]
     batch = {"video": video, "caption": ["a", "b", "c", "d"]}
     drawn = train.draw_batch(batch, vae, NoText(16), cfg.diffusion, (1, 2, 2), train.RandomStreams(SEED),
-                             torch.device("cpu"), None, cfg.model, encoder)
+                             torch.device("cpu"), None, cfg.model, True, encoder)
     condition, states = drawn[5], drawn[6]
     kept = condition.flatten(1).abs().amax(1) > 0  # [B]
     assert 0 < kept.sum() < 4  # (this seed keeps some rows and drops some)
@@ -105,7 +105,7 @@ def test_a_wan21_i2v_model_trains_from_raw_and_latent_shards_alike_and_samples(t
     # latent shards made for a text-to-video Wan hold no image inputs: refused before any work
     plain = tmp_path / "plain"
     encode_shards(small_shards, plain, wan_config(tmp_path, tmp_path / "enc2", small_shards, wan_vae), batch_size=8)
-    with pytest.raises(ConfigError, match="holds no Wan 2.1 I2V image inputs"):
+    with pytest.raises(ConfigError, match=r"holds no Wan I2V image inputs \(KEY.image_code.npy, KEY.image_states.npy\)"):
         train.main(wan_config(tmp_path, tmp_path / "refused", str(plain), wan_vae, **common,
                               **{"data.latents": "true"}))
     with pytest.raises(ConfigError, match="model.image_encoder is not set"):
@@ -173,3 +173,21 @@ def compare_with_diffusers(ours, folder: Path, ckpt: Path) -> None:
     mine = ours.model(x, t, text, torch.ones(2, 512, dtype=torch.bool), condition=cond, image_states=states)
     assert (theirs - base).abs().max() > 1e-3  # the adapter changes the output
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+
+
+def test_an_expert_run_draws_its_noise_levels_only(tmp_path: Path, small_shards: str, wan_vae: Path) -> None:
+    """Wan 2.2 A14B's experts: diffusion.sigma_min / sigma_max bound the training noise levels (the law restricted:
+    tests/diffusion/test_flow.py), and an I2V transformer of the code form without CLIP (Wan 2.2 I2V A14B) draws
+    its condition with no seventh tensor."""
+    video = torch.rand(4, 3, 5, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    batch = {"video": video, "caption": ["a", "b", "c", "d"]}
+    for lo, hi in ((0.9, 1.0), (0.0, 0.9)):
+        cfg = wan_config(tmp_path, tmp_path / "run", small_shards, wan_vae, **{
+            "model.condition": "first_frame", "model.family_config.in_channels": 36,
+            "model.family_config.out_channels": 16, "diffusion.sigma_min": lo, "diffusion.sigma_max": hi})
+        vae = load_vae_from_config(cfg.vae).eval()
+        drawn = train.draw_batch(batch, vae, NoText(16), cfg.diffusion, (1, 2, 2), train.RandomStreams(SEED),
+                                 torch.device("cpu"), None, cfg.model, code=True)
+        t = drawn[3]
+        assert len(drawn) == 6 and drawn[5].shape == (4, 20, 2, 2, 2)
+        assert ((t >= lo) & (t <= hi)).all() and t.max() - t.min() > 0.01 * (hi - lo)

@@ -115,6 +115,10 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
         raise ConfigError(f"{where}: the {cls.family} transformer takes {takes} but "
                           f"the VAE gives {in_channels}; use the VAE this transformer was trained with "
                           f"(vae.family / vae.pretrained){'' if 'pretrained' in where else ' or change in_channels'}")
+    if cls is WanDenoiser and extra and extra != latent + WAN_MASK_CHANNELS:
+        raise ConfigError(f"{where}: a Wan image-to-video transformer takes {latent} latent channels + a "
+                          f"{WAN_MASK_CHANNELS}-channel mask + {latent} of the image's code = "
+                          f"{2 * latent + WAN_MASK_CHANNELS} input channels, not {dcfg['in_channels']}")
     condition = getattr(model_cfg, "condition", "none")
     if extra and condition != "first_frame":
         raise ConfigError(f"{where}: an image-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} ="

@@ -49,8 +49,9 @@ class FamilyDenoiser(nn.Module):
     # or whether it replaces the first latent frame by the image's and gives its tokens timestep 0 (Wan 2.2 TI2V's
     # expand_timesteps); the condition then carries the mask channel, which says where (``replaced``)
     replace_condition: ClassVar[bool] = False
-    # a Wan 2.1 I2V transformer: the condition is the code of [image, black...] and its forward takes CLIP states
-    clip_image: bool = False
+    # a Wan I2V transformer of the code form (dit/models/condition.py): the condition is the code of [image, grey...]
+    code_condition: bool = False
+    clip_image: bool = False  # and its forward takes the image's CLIP states (Wan 2.1 I2V)
 
     def __init__(self, transformer: nn.Module, **options: Any) -> None:
         super().__init__()

@@ -19,10 +19,11 @@ class WanDenoiser(FamilyDenoiser):
     with expand_timesteps): the first latent frame replaced by the image's, and per-token timesteps, 0 on its
     tokens; without an image every token gets t, as WanPipeline calls TI2V for text-to-video.
 
-    A Wan 2.1 I2V transformer (``image_dim`` in its config, in_channels 36 = 16 + a 4-channel mask + 16) takes the
-    condition concatenated on channels and the image's CLIP states (``image_states``) before the text in its
-    cross-attention, as WanImageToVideoPipeline calls it; its attention takes the last 512 text tokens as the text
-    (diffusers hard-codes UMT5's 512), so the text comes padded to 512 tokens (text.max_length)."""
+    A Wan 2.1 I2V or Wan 2.2 I2V A14B transformer (in_channels 36 = 16 + a 4-channel mask + 16 of the image's code)
+    takes the condition concatenated on channels (``code_condition``), as WanImageToVideoPipeline calls it. Wan 2.1's
+    (``image_dim`` in its config) also takes the image's CLIP states (``image_states``) before the text in its
+    cross-attention; its attention takes the last 512 text tokens as the text (diffusers hard-codes UMT5's 512), so
+    the text comes padded to 512 tokens (text.max_length)."""
 
     family = "wan"
     class_name = "WanTransformer3DModel"
@@ -33,15 +34,14 @@ class WanDenoiser(FamilyDenoiser):
     replace_condition = True
 
     def __init__(self, transformer: torch.nn.Module, first_frame: bool = False) -> None:
-        clip = bool(transformer.config.get("image_dim"))
-        super().__init__(transformer, first_frame=bool(first_frame) and not clip)  # (2.1 I2V: concatenated)
-        self.clip_image = clip
+        code = self.condition_width(dict(transformer.config)) > 0
+        super().__init__(transformer, first_frame=bool(first_frame) and not code)  # (the code form: concatenated)
+        self.code_condition = code
+        self.clip_image = bool(transformer.config.get("image_dim"))
 
     @classmethod
     def condition_width(cls, dcfg: dict[str, Any]) -> int:
-        """Wan 2.1 I2V's mask and image code (in_channels - out_channels); 0 for text-to-video and TI2V."""
-        if not dcfg.get("image_dim"):
-            return 0
+        """The code form's mask and image code (in_channels - out_channels); 0 for text-to-video and TI2V."""
         return int(dcfg["in_channels"]) - int(dcfg.get("out_channels") or dcfg["in_channels"])
 
     @classmethod
@@ -61,6 +61,9 @@ class WanDenoiser(FamilyDenoiser):
             extra["encoder_hidden_states_image"] = self.clip_states(image_states, text).to(dtype)
         elif image_states is not None:
             raise ValueError("this Wan transformer takes no CLIP image states (not a Wan 2.1 I2V transformer)")
+        elif self.code_condition and condition is None:
+            raise ValueError("a Wan image-to-video transformer of the code form (Wan 2.1 I2V, Wan 2.2 I2V A14B) has "
+                             "no text-to-video mode: sample with an image (--image)")
         out = self.transformer(hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
                                return_dict=False, **extra)[0]  # [B, C, t, h, w]
         return out.to(x.dtype)
