@@ -48,7 +48,7 @@ from data_pipelines.loader import Loader, TooManyBadSamples, build_loader
 from data_pipelines.shards import expand_shards
 from dit.config import Config, ConfigError
 from dit.fileio import atomic_file
-from dit.models.condition import clip_condition, code_condition, image_code
+from dit.models.condition import check_code_condition, clip_condition, code_condition, image_code
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, encoder_digest, load_vae_from_config
@@ -134,10 +134,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                           "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if clip_condition(cfg.model) and not cfg.model.image_encoder:
-        raise ConfigError("model.image_encoder is not set: latent shards for a Wan 2.1 image-to-video model hold "
-                          "each first frame's CLIP states; pass "
-                          "model.image_encoder=.../Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
+    if code_condition(cfg.model):  # (a Wan I2V model's shards hold its image inputs: what they need is checked)
+        check_code_condition(cfg)
     dev = encode_device(device)
     urls = expand_shards(shards, name="SHARDS")  # fails now on a missing shard
     out = Path(out_dir)

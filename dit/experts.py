@@ -28,6 +28,11 @@ class Experts:
     other_high: bool  # whether ``other`` serves σ >= boundary
 
 
+def one_expert(diffusion: Any) -> bool:
+    """Whether a run of these diffusion settings trains one expert of two (diffusion.sigma_min / sigma_max)."""
+    return diffusion.sigma_min > 0.0 or diffusion.sigma_max < 1.0
+
+
 def expert_range(config: dict[str, Any]) -> tuple[float, float]:
     """[sigma_min, sigma_max] a checkpoint was trained on (its config.json)."""
     diffusion = config["experiment"]["diffusion"]

@@ -60,6 +60,29 @@ def clip_condition(model_cfg: Any) -> bool:
     return dcfg is not None and bool(dcfg.get("image_dim"))
 
 
+def check_code_condition(cfg: Any) -> None:
+    """A run (a Config) of a Wan I2V transformer of the code form has what it needs: a VAE of the mask's width; Wan
+    2.1's the CLIP encoder and 512-token text. ConfigError names what is missing."""
+    from dit.config import ConfigError
+    from dit.models.families import WAN_MASK_CHANNELS
+    from dit.models.families.wan import WAN_TEXT_TOKENS
+
+    _, temporal, _ = cfg.vae.geometry()
+    if temporal != WAN_MASK_CHANNELS:
+        raise ConfigError(f"vae: a Wan image-to-video transformer's mask has {WAN_MASK_CHANNELS} channels, one per "
+                          f"frame a latent frame folds, but this VAE folds {temporal}; use Wan's VAE")
+    if not clip_condition(cfg.model):
+        return
+    if not cfg.model.image_encoder:
+        raise ConfigError("model.image_encoder is not set: a Wan 2.1 image-to-video transformer takes the first "
+                          "frame's CLIP states; pass "
+                          "model.image_encoder=.../Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
+    if cfg.text.max_length != WAN_TEXT_TOKENS:
+        raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
+                          f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "
+                          f"set text.max_length={WAN_TEXT_TOKENS}")
+
+
 def condition_mask(model_cfg: Any) -> bool:
     """Whether model_cfg's first-frame condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V):
     a family's has it in the replace form (its adapter's ``condition_mask``)."""

@@ -39,9 +39,11 @@ from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Pree
 from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ranks, setup_distributed
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
+from dit.experts import one_expert
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
 from dit.models.condition import (
+    check_code_condition,
     clip_condition,
     code_condition,
     condition_mask,
@@ -51,8 +53,7 @@ from dit.models.condition import (
     image_code,
 )
 from dit.models.dit import flops_per_token, unfused_state_dict
-from dit.models.families import WAN_MASK_CHANNELS, build_denoiser, check_fit
-from dit.models.families.wan import WAN_TEXT_TOKENS
+from dit.models.families import build_denoiser, check_fit
 from dit.models.image_encoder import build_image_encoder, image_encoder_width
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
@@ -98,7 +99,7 @@ def check_inputs(cfg: Config) -> None:
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
     if code_condition(cfg.model):
-        check_wan_i2v(cfg)
+        check_code_condition(cfg)
     if t.init_from or t.lora.rank:  # the base exists and fits this model: from configs, a meta-device model
         channels, temporal, spatial = cfg.vae.geometry()
         built = meta_model_config(cfg, channels, text_width(cfg.text), (temporal, spatial)) if t.init_from else None
@@ -107,25 +108,6 @@ def check_inputs(cfg: Config) -> None:
         log.warning("model.pretrained is not set: the %s transformer starts from random weights", cfg.model.family)
     if not cfg.data.shards and not cfg.data.datasets:
         raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
-
-
-def check_wan_i2v(cfg: Config) -> None:
-    """A Wan I2V run of the code form has what its transformer needs: the mask's width; Wan 2.1's the CLIP encoder
-    and 512-token text."""
-    _, temporal, _ = cfg.vae.geometry()
-    if temporal != WAN_MASK_CHANNELS:
-        raise ConfigError(f"vae: a Wan image-to-video transformer's mask has {WAN_MASK_CHANNELS} channels, one per "
-                          f"frame a latent frame folds, but this VAE folds {temporal}; use Wan's VAE")
-    if not clip_condition(cfg.model):
-        return
-    if not cfg.model.image_encoder:
-        raise ConfigError("model.image_encoder is not set: a Wan 2.1 image-to-video transformer takes the first "
-                          "frame's CLIP states; pass "
-                          "model.image_encoder=.../Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
-    if cfg.text.max_length != WAN_TEXT_TOKENS:
-        raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
-                          f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "
-                          f"set text.max_length={WAN_TEXT_TOKENS}")
 
 
 class RandomStreams:
@@ -383,7 +365,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
     ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step)."""
     prompts = cfg.train.sample_prompts[:4]
-    if not prompts or getattr(pipe.model, "code_condition", False) or expert_run(cfg):
+    if not prompts or getattr(pipe.model, "code_condition", False) or one_expert(cfg.diffusion):
         return  # (Wan's code form samples from an image only; one expert of two cannot sample alone)
     share = math.ceil(len(prompts) / env.world_size)
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
@@ -424,11 +406,6 @@ class NonfiniteGuard:
                 "raise train.warmup_steps, or check the data, then resume.")
 
 
-def expert_run(cfg: Config) -> bool:
-    """Whether the run trains one expert of two (Wan 2.2 A14B: diffusion.sigma_min / sigma_max)."""
-    return cfg.diffusion.sigma_min > 0.0 or cfg.diffusion.sigma_max < 1.0
-
-
 def check_attention(model: ModelConfig, device: torch.device) -> None:
     """model.attention names a kernel this device has (before any work), for our DiT (families use their own)."""
     if model.family == "dit":
@@ -443,7 +420,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     earlier run wrote into train.output_dir (else a folder holding another run is refused)."""
     check_inputs(cfg)
     out, t = Path(cfg.train.output_dir), cfg.train
-    if t.sample_prompts and expert_run(cfg):
+    if t.sample_prompts and one_expert(cfg.diffusion):
         log.warning("train.sample_prompts: this run trains one expert (noise levels [%g, %g]), which cannot sample "
                     "alone; no samples are logged (sample with `dit sample --checkpoint RUN --expert OTHER`)",
                     cfg.diffusion.sigma_min, cfg.diffusion.sigma_max)
