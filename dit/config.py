@@ -444,7 +444,8 @@ class Config:
     def __post_init__(self) -> None:
         pt, ph, pw = self.patch_size()
         _, temporal, spatial = self.vae.geometry()  # the chosen VAE's compression: its frame and size rule
-        for name, problem in size_problems(self.data.frames, self.data.height, self.data.width, patch=(pt, ph, pw),
+        ft = self.frame_patch()  # (1 where the model pads the latent frames its temporal patch does not divide)
+        for name, problem in size_problems(self.data.frames, self.data.height, self.data.width, patch=(ft, ph, pw),
                                            temporal=temporal, spatial=spatial).items():  # the DiT's patch on it
             _check(False, f"data.{name}", problem)
         b = self.data.buckets
@@ -456,7 +457,7 @@ class Config:
             _check(b.multiple % m == 0, "data.buckets.multiple",
                    f"{b.multiple} is not a multiple of {m} ({spatial} x the spatial patch); nearest valid: "
                    f"{nearest_multiple(b.multiple, m)}")
-            bad = {f: frames_problem(f, temporal=temporal, patch=pt) for f in b.frames}  # the VAE's rule, the patch
+            bad = {f: frames_problem(f, temporal=temporal, patch=ft) for f in b.frames}  # the VAE's rule, the patch
             bad = {f: problem for f, problem in bad.items() if problem}
             _check(not bad, "data.buckets.frames", f"{list(bad)}: {'; '.join(bad.values())}")
         if self.train.sequence_parallel > 1:
@@ -494,7 +495,7 @@ class Config:
                f"{sp} does not divide the model's {heads} attention heads (model.num_heads): use one of "
                f"{[n for n in range(1, heads + 1) if heads % n == 0]}, or a model whose heads it divides")
         (pt, ph, pw), d = self.patch_size(), self.data
-        grid = ((d.frames - 1) // temporal + 1) // pt, d.height // spatial // ph, d.width // spatial // pw
+        grid = -(-((d.frames - 1) // temporal + 1) // pt), d.height // spatial // ph, d.width // spatial // pw
         tokens = math.prod(grid)
         _check(d.buckets.enabled or tokens % sp == 0, "train.sequence_parallel",
                f"{sp} does not divide the {tokens} latent tokens of a clip (grid {'x'.join(map(str, grid))} from "
@@ -507,6 +508,16 @@ class Config:
 
         p = self.model.patch_size or PRESETS[self.model.preset]["patch_size"]
         return int(p[0]), int(p[1]), int(p[2])
+
+    def frame_patch(self) -> int:
+        """The temporal patch the frame rule divides by: 1 for a model that pads its latent frames instead
+        (CogVideoX 1.5: dit/models/families ``frame_pad``)."""
+        pt = self.patch_size()[0]
+        if self.model.family == "dit":
+            return pt
+        from dit.models.families import frame_pad
+
+        return pt if frame_pad(self.model.family, 1, pt) == 0 else 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

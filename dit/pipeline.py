@@ -93,9 +93,10 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
 
 
 def check_size(frames: int, height: int, width: int, patch: tuple[int, int, int], *, temporal: int = TEMPORAL,
-               spatial: int = SPATIAL) -> None:
+               spatial: int = SPATIAL, pads: bool = False) -> None:
     """Refuse a size the VAE (of this compression) and the patch grid cannot represent, naming the nearest valid
-    values."""
+    values; ``pads``: the model pads latent frames its temporal patch does not divide (CogVideoX 1.5)."""
+    patch = (1, *patch[1:]) if pads else patch
     problems = size_problems(frames, height, width, patch=patch, temporal=temporal, spatial=spatial)
     if problems:
         raise ValueError("invalid sample size: " + "; ".join(problems.values()))
@@ -133,15 +134,20 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     guidance scale (None: cfg), as the pipelines' guidance_scale_2.
     """
     vae = pipe.vae
+    pads = getattr(pipe.model, "pads_frames", False)
     check_size(frames, height, width, pipe.model.patch, temporal=vae.temporal_compression,
-               spatial=vae.spatial_compression)
+               spatial=vae.spatial_compression, pads=pads)
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     if shift is not None and objective != "flow":
         raise ValueError(f"shift={shift} is for flow samplers; this checkpoint's objective is {objective}")
     device = next(pipe.model.parameters()).device
     b = len(prompts)
-    shape = (b, vae.latent_channels, *vae.latent_shape(frames, height, width))  # [B, C, t, h, w]
+    t, h, w = vae.latent_shape(frames, height, width)
+    # CogVideoX 1.5 at an odd latent count: one more frame of noise at the front, dropped before decoding (as its
+    # pipelines do)
+    pad = (-t) % pipe.model.patch[0] if pads else 0
+    shape = (b, vae.latent_channels, t + pad, h, w)  # [B, C, t (+ pad), h, w]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=gen).to(device)
     states, mask = pipe.text.encode(list(prompts) + [""] * b)  # one call: cond and uncond share the padding
@@ -150,7 +156,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
                        shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs,
                        cfg_low=cfg_low)
-    return decode_latents(pipe, z, decode_chunk)
+    return decode_latents(pipe, z[:, :, pad:], decode_chunk)
 
 
 def autocast_bf16(model: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:

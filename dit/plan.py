@@ -153,7 +153,7 @@ def model_size(cfg: Config) -> ModelSize:
                              compression=(temporal, spatial), load_weights=False)  # any family, no weights
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
-    tokens = (t // pt) * (h // ph) * (w // pw)
+    tokens = -(-t // pt) * (h // ph) * (w // pw)  # (CogVideoX 1.5 pads an odd latent frame count at the front)
     lora, base, base_linear = cfg.train.lora, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
         from dit.models.lora import target_modules

@@ -166,10 +166,18 @@ def geometry(ckpt: Path, config: dict[str, Any]) -> tuple[tuple[int, int, int], 
     return (int(patch[0]), int(patch[1]), int(patch[2])), temporal, spatial
 
 
+def pads_frames(config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's model pads latent frames its temporal patch does not divide (CogVideoX 1.5)."""
+    from dit.models.families import FAMILIES
+
+    family = config["dit"].get("family", "dit")
+    return family in FAMILIES and FAMILIES[family].pads_frames
+
+
 def tokens(frames: int, height: int, width: int, patch: tuple[int, int, int], temporal: int, spatial: int) -> int:
-    """Latent tokens of one clip: the latent grid divided by the patch."""
+    """Latent tokens of one clip: the latent grid divided by the patch (frames a model pads count too)."""
     t, h, w = latent_frames(frames, temporal), height // spatial, width // spatial
-    return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
+    return -(-t // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
 def training_size(config: dict[str, Any]) -> tuple[int, int, int]:
@@ -245,7 +253,7 @@ def run_sample(args: argparse.Namespace) -> None:
     frames, height, width = trained_size(config, frames, args.height, args.width)
     patch, temporal, spatial = geometry(ckpt, config)
     try:
-        check_size(frames, height, width, patch, temporal=temporal, spatial=spatial)
+        check_size(frames, height, width, patch, temporal=temporal, spatial=spatial, pads=pads_frames(config))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     image = first_frame(args, config, height, width)

@@ -53,7 +53,7 @@ from dit.models.condition import (
     image_code,
 )
 from dit.models.dit import flops_per_token, unfused_state_dict
-from dit.models.families import build_denoiser, check_fit
+from dit.models.families import build_denoiser, check_fit, frame_pad
 from dit.models.image_encoder import build_image_encoder, image_encoder_width
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
@@ -177,6 +177,9 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     else:
         posterior = vae.encode(batch["video"].to(device))
     latents = vae.normalize(posterior.sample(rng.gen))  # [B, C, t, h, w]
+    pad = frame_pad(model.family, latents.shape[2], patch[0]) if model is not None else 0
+    if pad:  # CogVideoX 1.5 at an odd latent count: latent frame 0 repeated in front, as its fine-tuning does
+        latents = torch.cat([latents[:, :, :1].expand(-1, -1, pad, -1, -1), latents], dim=2)
     captions = ["" if rng.py.random() < diffusion.prompt_dropout else c for c in batch["caption"]]  # CFG's uncond
     if "text" in batch:
         states, mask = stored_text(batch, captions, text, device)

@@ -25,6 +25,14 @@ FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": Co
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
+def frame_pad(family: str, latent_frames: int, patch_t: int) -> int:
+    """Latent frames a model pads at the front of a clip so its temporal patch divides them: CogVideoX 1.5's
+    pipelines draw and drop that many extra frames, and its fine-tuning repeats latent frame 0 (0 for a count the
+    patch divides, and for families that refuse it)."""
+    pads = family in FAMILIES and FAMILIES[family].pads_frames
+    return (-latent_frames) % patch_t if pads else 0
+
+
 def family_of_class(class_name: str | None) -> str | None:
     """The family whose diffusers class is ``class_name`` (for error hints)."""
     return next((name for name, cls in FAMILIES.items() if cls.class_name == class_name), None)

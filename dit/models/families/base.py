@@ -49,6 +49,9 @@ class FamilyDenoiser(nn.Module):
     # or whether it replaces the first latent frame by the image's and gives its tokens timestep 0 (Wan 2.2 TI2V's
     # expand_timesteps); the condition then carries the mask channel, which says where (``replaced``)
     replace_condition: ClassVar[bool] = False
+    # latent frames the temporal patch does not divide are padded at the front, as the family's pipelines and
+    # fine-tuning do (CogVideoX 1.5 at 81 frames: 21 latent frames, 22 with the pad; ``frame_pad``)
+    pads_frames: ClassVar[bool] = False
     # a Wan I2V transformer of the code form (dit/models/condition.py): the condition is the code of [image, grey...]
     code_condition: bool = False
     clip_image: bool = False  # and its forward takes the image's CLIP states (Wan 2.1 I2V)
