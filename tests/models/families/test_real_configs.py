@@ -25,6 +25,8 @@ RELEASED = {
     "wan2.1-i2v-14b-480p": (16.39, 5120, 40, 21 * 30 * 52),
     "wan2.2-t2v-a14b": (14.29, 5120, 40, 21 * 30 * 52),
     "wan2.2-i2v-a14b": (14.29, 5120, 40, 21 * 30 * 52),
+    # LoRA at its native 81 x 768 x 1360: 21 latent frames padded to 22 for the temporal patch 2, 96 x 170 / patch 2
+    "cogvideox1.5-5b": (5.57, 3072, 42, 11 * 48 * 85),
 }
 
 
@@ -68,7 +70,7 @@ def test_released_model_configs_plan(name):
     assert fsdp_many.weights == pytest.approx(fsdp_one.weights / 64)  # FSDP shards the weights over 64 ranks
     assert fsdp_one.total > 16 * size.params  # fp32 weights, grads, AdamW moments and EMA: 20 bytes a parameter
     if cfg.train.lora.rank:  # the adapter trains on a frozen base, which one GPU holds in bf16 under DDP
-        assert size.params < 0.02 * size.base and next(e for e in one if e.strategy == "ddp").fits
+        assert size.params < 0.06 * size.base and next(e for e in one if e.strategy == "ddp").fits  # (rank 128: 5.3%)
 
 
 def test_dit_plan_command_on_the_wan_config():
