@@ -129,6 +129,11 @@ def sample_sigmas(n: int, generator: torch.Generator | None, cfg: DiffusionConfi
         u = 1 - u - cfg.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     else:
         raise ValueError(f"unknown timestep_sampling {cfg.timestep_sampling!r}; expected one of {TIMESTEP_SAMPLING}")
+    return _shifted(u, cfg, num_tokens)
+
+
+def _shifted(u: Tensor, cfg: DiffusionConfig, num_tokens: int | None) -> Tensor:
+    """u in [0, 1] -> σ by the static shift, or with cfg.dynamic_shift the shift of this latent token count."""
     if not cfg.dynamic_shift:
         return shift_sigmas(u, cfg.shift)
     if num_tokens is None:
@@ -145,11 +150,7 @@ def _sigma_of(v: Tensor, cfg: DiffusionConfig, num_tokens: int | None) -> Tensor
         u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * math.sqrt(2) * torch.erfinv(2 * v - 1))
     else:
         u = 1 - v - cfg.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
-    if not cfg.dynamic_shift:
-        return shift_sigmas(u, cfg.shift)
-    if num_tokens is None:
-        raise ValueError("diffusion.dynamic_shift needs the latent token count (num_tokens)")
-    return time_shift(dynamic_mu(num_tokens, cfg.base_shift, cfg.max_shift, cfg.base_seq_len, cfg.max_seq_len), u)
+    return _shifted(u, cfg, num_tokens)
 
 
 def _v_at(sigma: float, cfg: DiffusionConfig, num_tokens: int | None) -> float:
