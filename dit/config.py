@@ -351,6 +351,9 @@ class TrainConfig:
     keep_last: int = 3
     sample_every: int = 0  # steps between sample clips in TensorBoard (0: only at the end)
     sample_prompts: list[str] = field(default_factory=list)
+    # image-to-video (model.condition=first_frame): the first frame of each sample prompt's clip (image files, one per
+    # prompt), resized and center-cropped to the training size; none: the logged clips are drawn from text alone
+    sample_images: list[str] = field(default_factory=list)
     # Distributed strategy (dit/distributed/strategies.py); the launcher (torchrun / accelerate launch) sets N.
     strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step (every strategy)
@@ -476,6 +479,19 @@ class Config:
                f"{self.sample.sampler} does not sample a diffusion.objective={self.diffusion.objective} model; use "
                f"one of {', '.join(fits)} (or null for {fits[0]})")
         _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
+        self._check_sample_images()
+
+    def _check_sample_images(self) -> None:
+        """train.sample_images: one existing image per sample prompt, for an image-to-video model."""
+        images, prompts = self.train.sample_images, self.train.sample_prompts
+        if not images:
+            return
+        _check(self.model.condition == "first_frame", "train.sample_images",
+               "are first frames for an image-to-video model: set model.condition=first_frame, or remove them")
+        _check(len(images) == len(prompts), "train.sample_images",
+               f"has {len(images)} images for {len(prompts)} train.sample_prompts: give one first frame per prompt")
+        missing = [p for p in images if not Path(p).is_file()]
+        _check(not missing, "train.sample_images", f"{missing} do not exist: give image files (png, jpg, webp)")
 
     def _check_sequence_parallel(self, temporal: int, spatial: int) -> None:
         """Heads and the clip's tokens must split evenly over the sequence-parallel ranks (bucketed or latent-shard

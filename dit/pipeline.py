@@ -274,6 +274,18 @@ def image_states(pipe: Pipeline, image: torch.Tensor, batch: int) -> torch.Tenso
     return states.to(next(pipe.model.parameters()).device).expand(batch, -1, -1)
 
 
+def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file as a first frame: decoded, resized (shorter side) and center-cropped to height x width, [1, 3,
+    height, width] in [-1, 1]; ValueError naming the file when it cannot be decoded."""
+    from data_pipelines.decode import DecodeError, decode_image, resize_crop
+
+    try:
+        pixels = decode_image(Path(path).read_bytes())  # uint8 [H, W, 3]
+    except (OSError, DecodeError) as e:
+        raise ValueError(f"{str(path)!r}: {e}") from None
+    return resize_crop(pixels[None], height, width).transpose(0, 1)  # [1, 3, height, width]
+
+
 @torch.no_grad()
 def decode_latents(pipe: Pipeline, z: torch.Tensor, decode_chunk: int = 0) -> torch.Tensor:
     """Normalized latents [B, C, t, h, w] -> frames [B, 3, T, H, W] in [-1, 1] through the checkpoint's VAE."""

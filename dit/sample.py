@@ -34,7 +34,16 @@ from data_pipelines.config import latent_frames
 from dit.config import ConfigError, SampleConfig
 from dit.distributed.setup import DistEnv
 from dit.export import resolve_checkpoint
-from dit.pipeline import check_size, default_suffix, generate, load_pipeline, resolve_sampler, to_uint8, write_media
+from dit.pipeline import (
+    check_size,
+    default_suffix,
+    generate,
+    load_pipeline,
+    read_image,
+    resolve_sampler,
+    to_uint8,
+    write_media,
+)
 
 SUFFIXES = (".mp4", ".gif", ".png")
 WARN_TOKENS = 4  # warn when a clip has this many times the latent tokens of the training size
@@ -205,13 +214,10 @@ def first_frame(args: argparse.Namespace, config: dict[str, Any], height: int, w
         raise ConfigError(f"--image: this checkpoint was trained with model.condition={condition}, so it cannot "
                           "continue a given first frame; sample without --image, or train with "
                           "model.condition=first_frame")
-    from data_pipelines.decode import DecodeError, decode_image, resize_crop
-
     try:
-        pixels = decode_image(Path(args.image).read_bytes())  # uint8 [H, W, 3]
-    except (OSError, DecodeError) as e:
-        raise ConfigError(f"--image {args.image!r}: {e}") from None
-    return resize_crop(pixels[None], height, width).transpose(0, 1)  # [1, 3, height, width]
+        return read_image(args.image, height, width)
+    except ValueError as e:
+        raise ConfigError(f"--image {e}") from None
 
 
 def sequence_parallel(args: argparse.Namespace, config: dict[str, Any], n_tokens: int) -> DistEnv | None:

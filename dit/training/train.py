@@ -58,7 +58,7 @@ from dit.models.image_encoder import build_image_encoder, image_encoder_width
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
 from dit.models.vae import CausalVAE, DiagonalGaussian, encoder_digest, export_vae, load_vae_from_config
-from dit.pipeline import Pipeline, generate, schedule_from_config, to_uint8
+from dit.pipeline import Pipeline, generate, read_image, schedule_from_config, to_uint8
 from dit.training.checkpoint import (
     agreed_problem,
     atomic_checkpoint,
@@ -367,14 +367,17 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     """Sample the configured prompts with the EMA model, each rank its share, and log each clip (on rank 0) as a
     strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
     ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step)."""
-    prompts = cfg.train.sample_prompts[:4]
-    if not prompts or getattr(pipe.model, "code_condition", False) or one_expert(cfg.diffusion):
-        return  # (Wan's code form samples from an image only; one expert of two cannot sample alone)
+    prompts, images = cfg.train.sample_prompts[:4], cfg.train.sample_images[:4]
+    if not prompts or one_expert(cfg.diffusion) or (getattr(pipe.model, "code_condition", False) and not images):
+        return  # (one expert of two cannot sample alone; Wan's code form samples from an image only)
     share = math.ceil(len(prompts) / env.world_size)
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
-    video = generate(pipe, [prompts[i] for i in mine or [0]], frames=cfg.data.frames, height=cfg.data.height,
-                     width=cfg.data.width, steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler,
-                     cfg=cfg.sample.cfg, shift=cfg.sample.shift, seed=0, dtype=dtype)
+    d = cfg.data
+    # train.sample_images: each prompt's first frame, at the training size
+    first = torch.cat([read_image(images[i], d.height, d.width) for i in mine or [0]]) if images else None
+    video = generate(pipe, [prompts[i] for i in mine or [0]], frames=d.frames, height=d.height, width=d.width,
+                     steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler, cfg=cfg.sample.cfg,
+                     shift=cfg.sample.shift, seed=0, dtype=dtype, image=first)
     clips = list(zip(mine, to_uint8(video)[:len(mine)]))
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size
@@ -443,8 +446,10 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
     text = build_text_encoder(cfg.text).to(text_device(cfg.text, env.device))
     # Wan I2V's code form; Wan 2.1 I2V's CLIP encoder for raw shards (latent shards hold its states: checked here)
+    # and for samples from train.sample_images
     code = code_condition(cfg.model)
-    image_encoder = build_image_encoder(cfg.model.image_encoder if not cfg.data.latents else None)
+    clip_needed = not cfg.data.latents or bool(t.sample_images)
+    image_encoder = build_image_encoder(cfg.model.image_encoder if clip_needed else None)
     if image_encoder is not None:
         image_encoder.to(env.device)
     check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,

@@ -230,3 +230,43 @@ def test_dit_sample_image_is_refused_before_loading_for_a_text_to_video_run(
     with pytest.raises(ConfigError, match="does not exist"):
         dit.sample.run_sample(sample_args("--checkpoint", str(run), "--prompt", "x", "--image",
                                           str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.mp4")))
+
+
+def test_a_first_frame_run_logs_samples_from_its_sample_images(tmp_path: Path, small_shards: str, small_vae: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.sample_images: the clips logged during training continue each prompt's image, resized and cropped to
+    the training size as `dit sample --image` does; the config refuses a count that differs from the prompts', a
+    missing file, and images for a text-to-video model."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dit.pipeline import read_image
+    from dit.training import train
+
+    image = np.repeat(np.repeat(first_frame_of("red", "circle", "left"), 4, axis=0), 6, axis=1)  # 64 x 96
+    Image.fromarray(image).save(tmp_path / "first.png")
+    given, real = [], train.generate
+
+    def generate(*args, **kwargs):
+        given.append(kwargs.get("image"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "generate", generate)
+    settings = {"model.condition": "first_frame", "train.sample_prompts": '["a red circle moving left"]',
+                "sample.steps": 2, "train.steps": 1}
+    run = tmp_path / "run"
+    train.main(small_config(run, small_shards, small_vae, **settings,
+                            **{"train.sample_images": f'["{tmp_path / "first.png"}"]'}))
+    assert len(given) == 1 and given[0].shape == (1, 3, 16, 16)
+    torch.testing.assert_close(given[0], read_image(tmp_path / "first.png", 16, 16))
+    assert given[0].float().std() > 0.1  # the picture, not a blank
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["samples/0"]
+
+    for extra, match in ((f'["{tmp_path / "first.png"}", "{tmp_path / "first.png"}"]', "has 2 images for 1"),
+                         (f'["{tmp_path / "missing.png"}"]', "do not exist"),):
+        with pytest.raises(ConfigError, match=match):
+            small_config(run, small_shards, small_vae, **settings, **{"train.sample_images": extra})
+    with pytest.raises(ConfigError, match="set model.condition=first_frame"):
+        small_config(run, small_shards, small_vae, **{**settings, "model.condition": "none",
+                                                      "train.sample_images": f'["{tmp_path / "first.png"}"]'})

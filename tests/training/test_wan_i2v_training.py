@@ -89,8 +89,17 @@ def test_a_wan21_i2v_model_trains_from_raw_and_latent_shards_alike_and_samples(t
                                     infinite=False)))
     assert sample["image_code"].shape == sample["mean"].shape and sample["image_states"].shape == (2, 17, WIDTH)
     latent_run = tmp_path / "latent"
-    train.main(wan_config(tmp_path, latent_run, str(latents), wan_vae, **common, **{"data.latents": "true"}))
+    from PIL import Image  # (the latent run also logs a sample from an image: it loads CLIP for that alone)
+
+    Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy()).save(tmp_path / "first.png")
+    train.main(wan_config(tmp_path, latent_run, str(latents), wan_vae, **common, **{
+        "data.latents": "true", "train.sample_prompts": '["a red circle"]', "sample.steps": 2,
+        "train.sample_images": f'["{tmp_path / "first.png"}"]'}))
     torch.testing.assert_close(torch.tensor(losses(latent_run)), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(latent_run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["samples/0"]
 
     from dit.pipeline import generate, load_pipeline
 
