@@ -246,7 +246,9 @@ class DeepSpeedStrategy(Strategy):
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
 
-            return safe_get_local_fp32_param(p)  # this rank's partition
+            local = safe_get_local_fp32_param(p)  # this rank's partition of the fp32 master weights
+            # a frozen parameter (LoRA's base) has no master copy: its partition of the module's weights
+            return local if local is not None else p.ds_tensor
         return p.data
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:

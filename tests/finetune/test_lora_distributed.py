@@ -1,5 +1,5 @@
 """LoRA runs under the sharded strategies and after kill -9: 2 CPU processes (gloo) with ZeRO-2 (3 steps, then
-resumed to 6) and FSDP train like one process on the same global batch (train.parity_batch) within 1e-4, and a
+resumed to 6), ZeRO-3 and FSDP train like one process on the same global batch (train.parity_batch) within 1e-4, and a
 1-process LoRA run killed with SIGKILL and resumed with train.resume=auto ends with the same adapter, optimizer
 state and log, bit for bit."""
 
@@ -36,10 +36,10 @@ def one_process(tmp_path_factory, small_shards: str, small_vae: Path, base_run: 
     return run
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "fsdp"])
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp"])
 def test_lora_on_two_processes_matches_one(strategy: str, tmp_path: Path, one_process: Path, small_shards: str,
                                           small_vae: Path, base_run: Path) -> None:
-    if strategy == "zero2":
+    if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     run = tmp_path / strategy
     two = {**common(base_run), "train.batch_size": 2, "train.parity_batch": True, "train.strategy": strategy}
@@ -52,8 +52,12 @@ def test_lora_on_two_processes_matches_one(strategy: str, tmp_path: Path, one_pr
     a, _ = load_weights(list_checkpoints(one_process)[-1])
     b, config = load_weights(list_checkpoints(run)[-1])
     assert config["lora"]["rank"] == 4 and a.keys() == b.keys() and all(".lora_" in k for k in a)
-    for k in a:  # the adapter (EMA) equals the 1-process one (up to reduction order)
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    # the adapter (EMA) equals the 1-process one up to reduction order; ZeRO-3's partitioned reduce-scatter sums in
+    # another order than ZeRO-2's buckets, which AdamW (lr 1e-2) turns into up to 3.6e-5 (measured) where a gradient
+    # is near zero, a few thousandths of one step
+    atol = 1e-4 if strategy == "zero3" else 1e-5
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=atol, msg=k)
 
 
 def test_lora_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path, small_shards: str,
