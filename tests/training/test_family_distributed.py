@@ -67,7 +67,7 @@ def test_a_wan_model_on_two_processes_matches_one(strategy: str, tmp_path: Path,
     b, config = load_weights(list_checkpoints(run)[-1])
     assert config["dit"]["family"] == "wan" and a.keys() == b.keys()
     for k in a:  # the gathered EMA export equals the 1-process one (up to reduction order)
-        print("DIFF", k, float((b[k] - a[k]).abs().max()), float(a[k].abs().max()))
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
 V_DDIM = ({"objective": "diffusion", "prediction": "v", "prompt_dropout": 0.3},
