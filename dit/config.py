@@ -325,9 +325,9 @@ class LoraConfig:
         return bool(self.rank) and self.base_dtype == "auto" and precision == "bf16" and strategy == "ddp"
 
     def ema_shares_base(self, strategy: str) -> bool:
-        """Whether the EMA shares the model's frozen base (a LoRA run under DDP / ZeRO-1 / ZeRO-2): FSDP shards a
-        copy of it with the EMA instead, and ZeRO-3's EMA is a full replica on every rank (dit/training/ema.py)."""
-        return bool(self.rank) and strategy in ("ddp", "zero1", "zero2")
+        """Whether the EMA shares the model's frozen base (a LoRA run under DDP / ZeRO): FSDP shards a copy of it
+        with the EMA instead (dit/training/ema.py)."""
+        return bool(self.rank) and strategy in ("ddp", "zero1", "zero2", "zero3")
 
 
 @dataclass

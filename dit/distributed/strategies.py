@@ -109,6 +109,10 @@ class Strategy:
     def update_ema(self, step: int) -> None:
         self.ema.update(self.module, step=step)
 
+    def sampling(self) -> AbstractContextManager:
+        """What sampling with the EMA model needs around it (ZeRO-3: its gathered parameters)."""
+        return nullcontext()
+
     # --- state
     def local_params(self) -> dict[str, float]:
         """This rank's own copy of the parameters: element count and float64 sum. Replicated strategies give
@@ -231,16 +235,27 @@ class DeepSpeedStrategy(Strategy):
         applied = self.model.was_step_applied()
         return StepReport(float(norm) if norm is not None else float("nan"), applied)
 
-    def _gathered(self) -> AbstractContextManager:
+    def _gathered(self, trained_only: bool = False) -> AbstractContextManager:
         if self.stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            params = [p for p in self.module.parameters() if p.requires_grad or not trained_only]
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
 
     def update_ema(self, step: int) -> None:
-        with self._gathered():  # ZeRO-3: the full parameters, for a full EMA replica on every rank
+        # ZeRO-3: the trained parameters whole, for the EMA's replica of them on every rank (a LoRA run's frozen
+        # base is shared with the EMA: dit/training/ema.py)
+        with self._gathered(trained_only=bool(self.ema.shared)):
             self.ema.update(self.module, step=step)
+
+    def sampling(self) -> AbstractContextManager:
+        """ZeRO-3: the EMA model's partitioned parameters (a LoRA run's shared base) gathered while it samples."""
+        if self.stage == 3 and self.ema.shared:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.ema.module.parameters()), modifier_rank=None)
+        return nullcontext()
 
     def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
         if self.stage == 3:

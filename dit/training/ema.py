@@ -1,8 +1,8 @@
 """EMA of the trained weights, a full copy of the plain model made before any parallelism is applied; FSDP shards
 it like the model (dit/distributed/strategies.py), so its update is a shard-local lerp there. With
-``share_frozen`` (LoRA under DDP / ZeRO-1 / ZeRO-2) the EMA model holds the very same frozen parameters as the
-model: an average of weights that never change is those weights, so only the adapter is copied (a 1.3B base is
-not held twice).
+``share_frozen`` (LoRA under DDP and ZeRO) the EMA model holds the very same frozen parameters as the model: an
+average of weights that never change is those weights, so only the adapter is copied (a 14B base is not held twice;
+under ZeRO-3 the shared base is partitioned with the model's, and sampling gathers it) and updated.
 
 ``ModelEma`` computes what timm's ``ModelEmaV3(model, decay, use_warmup=True)`` computes (the warmup decay and the
 foreach lerp over the state dict; tests/training/test_ema.py holds it bitwise to timm's), without importing timm,
@@ -26,6 +26,7 @@ class ModelEma(nn.Module):
         self.module.eval()
         self.decay = decay
         self.warmup_power = warmup_power
+        self.shared: frozenset[str] = frozenset()  # state-dict keys of the model's own frozen tensors: not averaged
 
     def get_decay(self, step: int | None = None) -> float:
         if step is None:
@@ -39,7 +40,9 @@ class ModelEma(nn.Module):
     def update(self, model: nn.Module, step: int | None = None) -> None:
         weight = 1.0 - self.get_decay(step)
         ema_values, model_values = [], []
-        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+        for (key, ema_v), model_v in zip(self.module.state_dict().items(), model.state_dict().values()):
+            if key in self.shared:
+                continue
             if ema_v.is_floating_point():
                 ema_values.append(ema_v)
                 model_values.append(model_v)
@@ -70,4 +73,5 @@ def build_ema(model: nn.Module, decay: float, share_frozen: bool = False) -> Mod
     for name, p in frozen:
         owner, _, attr = name.rpartition(".")
         setattr(ema.module.get_submodule(owner), attr, p)
+    ema.shared = frozenset(name for name, _ in frozen)
     return ema

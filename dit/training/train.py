@@ -20,6 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -363,10 +364,11 @@ class RunLog:
 
 
 def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step: int, env: DistEnv,
-                dtype: str = "fp32") -> None:
+                dtype: str = "fp32", around: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """Sample the configured prompts with the EMA model, each rank its share, and log each clip (on rank 0) as a
     strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
-    ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step)."""
+    ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step);
+    ``around``: the context the sampling runs in (the strategy's: ZeRO-3 gathers a LoRA run's shared base)."""
     prompts, images = cfg.train.sample_prompts[:4], cfg.train.sample_images[:4]
     if not prompts or one_expert(cfg.diffusion) or (getattr(pipe.model, "code_condition", False) and not images):
         return  # (one expert of two cannot sample alone; Wan's code form samples from an image only)
@@ -375,9 +377,10 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     d = cfg.data
     # train.sample_images: each prompt's first frame, at the training size
     first = torch.cat([read_image(images[i], d.height, d.width) for i in mine or [0]]) if images else None
-    video = generate(pipe, [prompts[i] for i in mine or [0]], frames=d.frames, height=d.height, width=d.width,
-                     steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler, cfg=cfg.sample.cfg,
-                     shift=cfg.sample.shift, seed=0, dtype=dtype, image=first)
+    with around():
+        video = generate(pipe, [prompts[i] for i in mine or [0]], frames=d.frames, height=d.height, width=d.width,
+                         steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler, cfg=cfg.sample.cfg,
+                         shift=cfg.sample.shift, seed=0, dtype=dtype, image=first)
     clips = list(zip(mine, to_uint8(video)[:len(mine)]))
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size
@@ -552,7 +555,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 log.info("checkpoint %s", save(step, out, cfg, strategy, lr_schedule, rng, loader, env))
             if t.sample_every and step % t.sample_every == 0:
                 watchdog.mark("sampling")
-                log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype)
+                log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype, strategy.sampling)
             watchdog.mark("preemption check (all-reduce)")
             if step < t.steps and preempt.requested():  # every rank stops after this same step
                 if step % t.checkpoint_every != 0:
@@ -565,7 +568,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                             REQUEUE_EXIT_CODE)
                 raise Preempted(step)
     progress.close()
-    log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype)
+    log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype, strategy.sampling)
     run_log.close()
     if bad:
         log.warning("skipped bad samples by reason: %s", bad)

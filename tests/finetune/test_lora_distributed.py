@@ -43,6 +43,8 @@ def test_lora_on_two_processes_matches_one(strategy: str, tmp_path: Path, one_pr
         pytest.importorskip("deepspeed")
     run = tmp_path / strategy
     two = {**common(base_run), "train.batch_size": 2, "train.parity_batch": True, "train.strategy": strategy}
+    if strategy == "zero3":  # the EMA shares the partitioned base: sampling gathers it (after the last step)
+        two.update({"train.sample_prompts": '["a red circle moving left"]', "sample.steps": 2})
     for steps in (STEPS // 2, STEPS) if strategy == "zero2" else (STEPS,):  # ZeRO-2: a sharded-state resume too
         done = dit_torchrun(2, run, small_shards, small_vae, **{**two, "train.steps": steps})
         assert done.returncode == 0, done.stderr[-5000:]
@@ -58,6 +60,11 @@ def test_lora_on_two_processes_matches_one(strategy: str, tmp_path: Path, one_pr
     atol = 1e-4 if strategy == "zero3" else 1e-5
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=atol, msg=k)
+    if strategy == "zero3":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+        assert events.Tags()["images"] == ["samples/0"]
 
 
 def test_lora_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, one_process: Path, small_shards: str,

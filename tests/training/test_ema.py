@@ -69,3 +69,10 @@ def test_share_frozen_holds_the_models_frozen_parameters() -> None:
     assert ema.module.a.weight is model.a.weight  # not copied
     assert ema.module.b.weight is not model.b.weight
     assert torch.equal(ema.module.b.weight, model.b.weight)
+    # the shared tensors are left out of the average (under ZeRO-3 they are partitioned, not gathered, in the update)
+    assert ema.shared == {k for k in model.state_dict() if k.startswith("a.")}
+    before = ema.module.b.weight.detach().clone()
+    with torch.no_grad():
+        model.b.weight.add_(1.0)
+    ema.update(model, step=10)
+    assert not torch.equal(ema.module.b.weight, before) and ema.module.a.weight is model.a.weight
