@@ -178,7 +178,8 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
     sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
-    ``dtype`` / ``cuda_graphs`` / ``cfg_low``: as ``generate``'s."""
+    ``dtype`` / ``cuda_graphs`` / ``cfg_low``: as ``generate``'s. A CogVideoX 1.5 clip of an odd latent count comes
+    and goes with its front pad frame (``generate`` adds it to the noise and drops it before decoding)."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     if dtype not in ("fp32", "bf16"):
