@@ -61,10 +61,13 @@ class ModelConfig:
     # self-attention's q and kv projections as one linear layer (one GEMM); exports keep the plain q / kv layout
     fused_qkv: bool = False
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
-    family: str = "dit"  # dit (ours) | wan | cogvideox | ltx: a diffusers transformer behind our denoiser contract
+    family: str = "dit"  # dit (ours) | wan | cogvideox | ltx | hunyuan: a diffusers transformer behind our contract
     pretrained: str | None = None  # family: a local diffusers transformer folder (config.json + *.safetensors)
     family_config: dict = field(default_factory=dict)  # family without pretrained: diffusers constructor overrides
     frame_rate: float = 25.0  # ltx: the frames per second its RoPE time axis is scaled by (LTXPipeline's frame_rate)
+    # hunyuan: the embedded guidance scale a guidance-distilled transformer is trained at (finetrainers' and
+    # musubi-tuner's 1.0); sampling uses sample.guidance
+    guidance: float = 1.0
     # Image-to-video (dit/models/condition.py): none | first_frame (the first frame's latent + a mask, concatenated to
     # the noisy latents' channels; our DiT, CogVideoX-I2V without the mask; Wan and LTX replace the first latent
     # frame, as Wan 2.2 TI2V and LTXImageToVideoPipeline). Training gives the condition to
@@ -105,8 +108,8 @@ class ModelConfig:
 
             read_image_encoder(self.image_encoder)
         if self.family == "dit":
-            _check(self.pretrained is None, "model.pretrained", "needs model.family=wan, cogvideox or ltx")
-            _check(not self.family_config, "model.family_config", "needs model.family=wan, cogvideox or ltx")
+            _check(self.pretrained is None, "model.pretrained", "needs model.family=wan, cogvideox, ltx or hunyuan")
+            _check(not self.family_config, "model.family_config", "needs model.family=wan, cogvideox, ltx or hunyuan")
             return
         from dit.models.families import FAMILY_NAMES, family_patch
 
@@ -119,6 +122,7 @@ class ModelConfig:
                    f"sizes our DiT only; a {self.family} model takes its sizes from model.pretrained or "
                    "model.family_config")
         _check(self.frame_rate > 0, "model.frame_rate", "must be > 0")
+        _check(self.guidance >= 0, "model.guidance", "must be >= 0")
         patch = family_patch(self.family, self.pretrained, self.family_config)
         _check(self.patch_size in (None, patch), "model.patch_size",
                f"{self.patch_size} differs from the {self.family} transformer's patch {patch}; remove it")
@@ -194,8 +198,11 @@ class VAEConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "minilm"  # minilm (packaged, offline) | hf (a local folder) | none
-    path: str | None = None  # local Hugging Face folder for encoder=hf
+    # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | none
+    encoder: str = "minilm"
+    path: str | None = None  # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/)
+    path_2: str | None = None  # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside)
+    crop_start: int = 95  # hunyuan: the prompt template's tokens, cut off the Llama states (the pipeline's 95)
     max_length: int = 32  # tokens per prompt (padded): Wan 512, CogVideoX 226, LTX 128
     padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
     #                        the encoder sees the padding (CogVideoX, LTX); as each pipeline's _get_t5_prompt_embeds
@@ -206,9 +213,14 @@ class TextConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.encoder in ("minilm", "hf", "none"), "text.encoder", "must be minilm, hf or none")
-        _check(self.encoder != "hf" or bool(self.path), "text.path",
-               "text.encoder=hf needs text.path=/local/folder/of/a/huggingface/encoder")
+        _check(self.encoder in ("minilm", "hf", "hunyuan", "none"), "text.encoder",
+               "must be minilm, hf, hunyuan or none")
+        _check(self.encoder not in ("hf", "hunyuan") or bool(self.path), "text.path",
+               f"text.encoder={self.encoder} needs text.path=/local/folder/of/a/huggingface/encoder")
+        _check(self.encoder != "hunyuan" or bool(self.path_2), "text.path_2",
+               "text.encoder=hunyuan needs text.path_2=/local/HunyuanVideo/text_encoder_2 (its CLIP text encoder)")
+        _check(self.path_2 is None or self.encoder == "hunyuan", "text.path_2", "is for text.encoder=hunyuan")
+        _check(self.crop_start >= 0, "text.crop_start", "must be >= 0")
         _check(self.max_length >= 1, "text.max_length", "must be >= 1")
         _check(self.padding in ("mask", "zeros", "unmasked"), "text.padding",
                "must be mask, zeros (Wan) or unmasked (CogVideoX, LTX)")
@@ -244,7 +256,8 @@ class DiffusionConfig:
     max_seq_len: int = 4096
     shift_terminal: float | None = None  # flow sampling: stretch the shifted σ grid to end here (LTX-Video: 0.1)
     timestep_spacing: str | None = None  # ddim / dpm_solver: leading | trailing (CogVideoX) | linspace; None: theirs
-    flow_grid: str = "table"  # flow sampling: table (diffusers' default) | steps (linspace(1, 1/N, N), LTXPipeline)
+    # flow sampling: table (diffusers' default) | steps (linspace(1, 1/N, N): LTXPipeline, HunyuanVideoPipeline)
+    flow_grid: str = "table"
     # flow training: only noise levels σ (after the shift) in [sigma_min, sigma_max], drawn by the same law restricted
     # there; one expert of Wan 2.2 A14B: [boundary, 1] for the high-noise one, [0, boundary] for the low-noise one
     sigma_min: float = 0.0
@@ -424,6 +437,9 @@ class SampleConfig:
     fps: int = 8
     shift: float | None = None  # flow samplers: a static shift; null: the training one (diffusion.shift / dynamic)
     cfg_low: float | None = None  # with two experts (`dit sample --expert`): the low-noise one's scale; null: cfg
+    # a guidance-distilled HunyuanVideo: the embedded guidance scale its transformer is given; null: 6.0, as
+    # HunyuanVideoPipeline (its sample.cfg is then 1: no unconditional pass)
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.cfg_low is None or self.cfg_low >= 0, "sample.cfg_low", "must be >= 0 or null (sample.cfg)")
@@ -432,6 +448,7 @@ class SampleConfig:
         _check(self.steps >= 1, "sample.steps", "must be >= 1")
         _check(self.cfg >= 0, "sample.cfg", "must be >= 0")
         _check(self.shift is None or self.shift > 0, "sample.shift", "must be > 0 or null (the training shift)")
+        _check(self.guidance is None or self.guidance >= 0, "sample.guidance", "must be >= 0 or null (6.0)")
 
 
 @dataclass
@@ -469,10 +486,17 @@ class Config:
                "cannot be combined with LoRA (train.lora.rank > 0): the adapters target the plain q and kv layers, "
                "which fusing replaces; set model.fused_qkv=false")
         family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
-        _check(family not in ("wan", "ltx") or d.objective == "flow", "diffusion.objective",
+        _check(family not in ("wan", "ltx", "hunyuan") or d.objective == "flow", "diffusion.objective",
                f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
         _check(family != "cogvideox" or (d.objective == "diffusion" and d.prediction == "v"), "diffusion.prediction",
                "model.family=cogvideox predicts v: set diffusion.objective=diffusion diffusion.prediction=v")
+        hunyuan = family == "hunyuan"  # its text is the Llama states and CLIP's pooled embedding, in one
+        _check(hunyuan == (self.text.encoder == "hunyuan"), "text.encoder",
+               "model.family=hunyuan takes text.encoder=hunyuan (text.path: the Llama text_encoder/, text.path_2: the "
+               "CLIP text_encoder_2/)" if hunyuan else "hunyuan is HunyuanVideo's pair of encoders: set "
+               "model.family=hunyuan, or another text.encoder")
+        _check(family == "hunyuan" or self.sample.guidance is None, "sample.guidance",
+               "is the embedded guidance of a guidance-distilled HunyuanVideo (model.family=hunyuan); use sample.cfg")
         flow = self.diffusion.objective == "flow"  # the sampler must fit the objective, found before training
         fits = ("flow_euler", "flow_dpm_solver") if flow else ("ddim", "ddpm", "dpm_solver")
         _check(self.sample.sampler in (None, *fits), "sample.sampler",
@@ -499,6 +523,8 @@ class Config:
         from dit.models.presets import PRESETS
 
         sp, m = self.train.sequence_parallel, self.model
+        _check(m.family != "hunyuan", "train.sequence_parallel",
+               "is not built for HunyuanVideo (its dual- and single-stream blocks); set train.sequence_parallel=1")
         # stochastic depth draws its per-sample mask on each rank: the ranks of a group would drop different tokens
         _check(m.drop_path == 0, "model.drop_path", "must be 0 with train.sequence_parallel > 1")
         if m.family != "dit":

@@ -28,6 +28,7 @@ from dit.models.attention import resolve_backend
 from dit.models.condition import clip_mask, first_frame_condition, image_code
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
+from dit.models.families.hunyuan import SAMPLE_GUIDANCE
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, load_vae
@@ -122,7 +123,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
              sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
              decode_chunk: int = 0, shift: float | None = None, callback: Callback = None,
              image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
-             cfg_low: float | None = None) -> torch.Tensor:
+             cfg_low: float | None = None, guidance: float | None = None) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
@@ -131,7 +132,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     trained with model.condition=first_frame), [B or 1, 3, height, width] uint8 or float in [-1, 1]. dtype "bf16":
     the denoiser under bf16 autocast (the sampler's arithmetic and the VAE stay fp32); cuda_graphs: replay the
     denoiser from a CUDA graph (dit/diffusion/cuda_graphs.py). cfg_low: with two experts, the low-noise expert's
-    guidance scale (None: cfg), as the pipelines' guidance_scale_2.
+    guidance scale (None: cfg), as the pipelines' guidance_scale_2. guidance: a guidance-distilled HunyuanVideo's
+    embedded guidance scale (None: 6.0, as HunyuanVideoPipeline's guidance_scale); other models take none.
     """
     vae = pipe.vae
     pads = getattr(pipe.model, "pads_frames", False)
@@ -151,12 +153,24 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(shape, generator=gen).to(device)
     states, mask = pipe.text.encode(list(prompts) + [""] * b)  # one call: cond and uncond share the padding
-    cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device))
-    uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device))
+    embedded = embedded_guidance(pipe.model, guidance)  # (the same for both halves of the guidance)
+    cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device), **embedded)
+    uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device), **embedded)
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
                        shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs,
                        cfg_low=cfg_low)
     return decode_latents(pipe, z[:, :, pad:], decode_chunk)
+
+
+def embedded_guidance(model: torch.nn.Module, guidance: float | None) -> dict[str, float]:
+    """The denoiser keyword a guidance-distilled HunyuanVideo takes: its embedded guidance scale (None: 6.0, as its
+    pipeline); nothing for other models, which refuse a scale."""
+    if getattr(model, "distilled", False):
+        return {"guidance": SAMPLE_GUIDANCE if guidance is None else float(guidance)}
+    if guidance is not None:
+        raise ValueError(f"guidance={guidance} is the embedded guidance scale of a guidance-distilled HunyuanVideo; "
+                         "this checkpoint's model takes none: use cfg (classifier-free guidance)")
+    return {}
 
 
 def autocast_bf16(model: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:

@@ -95,9 +95,12 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
     if not (Path(cfg.text.path) / "config.json").is_file():  # not downloaded yet: the family's width, not counted
         return 0, 0
     hf = AutoConfig.from_pretrained(cfg.text.path)
+    # hunyuan: and its CLIP text encoder (text.path_2), when that folder is here too
+    folders = [cfg.text.path_2] if cfg.text.encoder == "hunyuan" else []
+    configs = [hf, *(AutoConfig.from_pretrained(f) for f in folders if (Path(f) / "config.json").is_file())]
     with torch.device("meta"):
-        enc = AutoModel.from_config(hf)
-    return sum(p.numel() for p in enc.parameters()), int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
+        params = sum(p.numel() for c in configs for p in AutoModel.from_config(c).parameters())
+    return params, int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
 
 
 def image_encoder_size(model_cfg: ModelConfig) -> int:

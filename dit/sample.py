@@ -102,7 +102,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    guidance = {"--cfg": args.cfg, "--cfg-low": getattr(args, "cfg_low", None)}
+    guidance = {"--cfg": args.cfg, "--cfg-low": getattr(args, "cfg_low", None),
+                "--guidance": getattr(args, "guidance", None)}
     for flag, value in {**guidance, "--eta": args.eta, "--decode-chunk": args.decode_chunk}.items():
         if value is not None and not value >= 0:  # (not >= : NaN too)
             raise ConfigError(f"{flag} must be >= 0, got {value}" + (" (1: the prompt alone, no guidance; above 1: "
@@ -144,7 +145,7 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     against the run's objective."""
     run = config["experiment"].get("sample") or {}
     out = {f.name: run.get(f.name, f.default) for f in fields(SampleConfig)}
-    for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low"):
+    for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low", "guidance"):
         if getattr(args, name, None) is not None:
             out[name] = getattr(args, name, None)
     try:
@@ -306,7 +307,7 @@ def run_sample(args: argparse.Namespace) -> None:
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          dtype=dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
-                         cfg_low=opts["cfg_low"],
+                         cfg_low=opts["cfg_low"], guidance=opts["guidance"],
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
             continue

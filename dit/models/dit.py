@@ -271,7 +271,9 @@ def flops_per_token(model: nn.Module, num_tokens: int, text_len: int) -> float:
     if getattr(model, "joint_text", False):  # CogVideoX: the text's tokens go through QKVO, attention and MLP too
         stream = (num_tokens + text_len) / max(num_tokens, 1)  # tokens in a block per clip token
         per_block = 2 * stream * (4 * d * d + mlp) + 2 * 2 * stream * (num_tokens + text_len) * d
-        return cfg["depth"] * per_block
+        # HunyuanVideo's token refiner: blocks of self-attention and a 4x MLP over the text alone
+        refiner = cfg.get("refiner_layers", 0) * text_len * 2 * (12 * d * d + 2 * text_len * d)
+        return cfg["depth"] * per_block + refiner / max(num_tokens, 1)
     per_block = 2 * (4 * d * d + mlp + 2 * d * d + 2 * d * d * text_len / max(num_tokens, 1))
     per_block += 2 * 2 * num_tokens * d + 2 * 2 * text_len * d  # attention scores and weighted sums
     return cfg["depth"] * per_block

@@ -39,6 +39,11 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
                   r"transformer\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"],
     "ltx": [r"transformer\.transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",
             r"transformer\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)"],
+    # HunyuanVideo: both streams of the dual-stream blocks, and the single-stream blocks' q/k/v, MLP-in and output
+    "hunyuan": [r"transformer\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                r"add_v_proj|to_add_out)",
+                r"transformer\.transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+                r"transformer\.single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)"],
 }
 
 

@@ -4,6 +4,7 @@
 - ``hf``: any Hugging Face encoder in a local folder (T5 -> T5EncoderModel, UMT5 -> UMT5EncoderModel, CLIP ->
   CLIPTextModel, else AutoModel): encoder-only, frozen; the tokenizer from the same folder or, in a diffusers
   pipeline folder (text_encoder/ beside tokenizer/), from the sibling tokenizer/;
+- ``hunyuan``: HunyuanVideo's Llama and CLIP text encoders (dit/models/text_hunyuan.py);
 - ``none``: an unconditional model (one zero token).
 
 The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
@@ -140,7 +141,10 @@ def tokenizer_folder(folder: Path) -> Path:
     names = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.txt")
     if any((folder / n).is_file() for n in names):
         return folder
-    sibling = folder.parent / "tokenizer"
+    # a diffusers pipeline's text_encoder/ has tokenizer/ beside it, text_encoder_2/ tokenizer_2/ (HunyuanVideo)
+    sibling = folder.parent / folder.name.replace("text_encoder", "tokenizer", 1)
+    if sibling == folder or not sibling.is_dir():
+        sibling = folder.parent / "tokenizer"
     if sibling.is_dir():
         return sibling
     raise FileNotFoundError(f"no tokenizer in {str(folder)!r} nor in {str(sibling)!r}: put the tokenizer files "
@@ -176,10 +180,16 @@ def text_device(text_cfg: object, device: torch.device | str) -> torch.device:
 
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:
-    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype)."""
+    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype; path_2 and
+    crop_start for hunyuan)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
+    if kind == "hunyuan":
+        from dit.models.text_hunyuan import HunyuanTextEncoder
+
+        return HunyuanTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length,
+                                  crop_start=text_cfg.crop_start, dtype=text_cfg.dtype)
     path = minilm_path() if kind == "minilm" else Path(text_cfg.path)
     return HFTextEncoder(path, max_length=text_cfg.max_length, padding=text_cfg.padding,
                          clean=text_cfg.clean, dtype=text_cfg.dtype)

@@ -1,6 +1,7 @@
 """The denoiser families in one registry: our DiT ("dit") or a pretrained diffusers transformer behind the same
-contract (Wan, CogVideoX, LTX). ``build_denoiser`` makes one from a ModelConfig (a local diffusers folder, or random
-weights at the family's sizes); ``denoiser_from_config`` rebuilds one from a checkpoint's config.json "dit" entry.
+contract (Wan, CogVideoX, LTX, HunyuanVideo). ``build_denoiser`` makes one from a ModelConfig (a local diffusers
+folder, or random weights at the family's sizes); ``denoiser_from_config`` rebuilds one from a checkpoint's
+config.json "dit" entry.
 
 Every mismatch (missing folder, not a diffusers model, another class, latent channels or text width that differ
 from the VAE's and the text encoder's) raises ConfigError or FileNotFoundError before any weights load."""
@@ -16,12 +17,14 @@ from torch import nn
 from dit.config import ConfigError
 from dit.models.families.base import FamilyDenoiser, jsonable, read_folder
 from dit.models.families.cogvideox import CogVideoXDenoiser
+from dit.models.families.hunyuan import HunyuanVideoDenoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
 from dit.models.families.wan import WanDenoiser
 
 WAN_MASK_CHANNELS = 4  # Wan 2.1 I2V's mask: one channel per pixel frame a latent frame folds (its VAE's 4)
 
-FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser}
+FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser,
+                                             "hunyuan": HunyuanVideoDenoiser}
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
@@ -116,6 +119,9 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     elif image_encoder:
         raise ConfigError(f"model.image_encoder is set but {where} is not a Wan 2.1 image-to-video transformer (no "
                           "image_dim); remove model.image_encoder")
+    if dcfg.get("image_condition_type"):  # HunyuanVideo-I2V: the image's latent concatenated or in place of frame 0
+        raise ConfigError(f"{where}: a HunyuanVideo image-to-video transformer (image_condition_type "
+                          f"{dcfg['image_condition_type']!r}) is not supported; fine-tune the text-to-video one")
     extra = cls.condition_width(dcfg)
     latent = int(dcfg["in_channels"]) - extra
     if latent != in_channels:
@@ -148,6 +154,8 @@ def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, 
                     first_frame=first_frame)
     if cls is WanDenoiser:
         return dict(first_frame=first_frame)
+    if cls is HunyuanVideoDenoiser:
+        return dict(guidance=model_cfg.guidance)
     return {}
 
 

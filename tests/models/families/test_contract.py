@@ -16,9 +16,9 @@ from dit.distributed.parallelize import apply_activation_checkpointing
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, denoiser_from_config
 
-FAMILIES = ["wan", "ltx", "cogvideox"]
-GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6)}
-TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16}
+FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan"]
+GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6), "hunyuan": (3, 4, 6)}
+TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10}
 TINY_WAN_SIZES = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
 
 
@@ -35,6 +35,10 @@ def pipeline_call(family: str, model: torch.nn.Module, x, t, text, mask) -> torc
                     encoder_attention_mask=mask, num_frames=f, height=h, width=w,
                     rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
         return LTXPipeline._unpack_latents(out, f, h, w)
+    if family == "hunyuan":  # the Llama states and mask, the pooled row split off, embedded guidance 1.0 x 1000
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text[:, :-1],
+                     encoder_attention_mask=mask[:, :-1], pooled_projections=text[:, -1, :8],
+                     guidance=torch.full((x.shape[0],), 1000.0), return_dict=False)[0]
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline  # [B, F, C, H, W]; rope from the pipeline
 
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
@@ -77,10 +81,13 @@ def test_wan_padding_is_ignored_like_the_pipeline(tiny_folder):
 def test_attributes_and_state_dict_keys(family, tiny_folder):
     adapter = load(family, tiny_folder(family))
     inner = adapter.transformer
-    assert adapter.blocks is getattr(inner, "blocks" if family == "wan" else "transformer_blocks")
+    if family == "hunyuan":  # the dual-stream blocks, then the single-stream ones
+        assert list(adapter.blocks) == [*inner.transformer_blocks, *inner.single_transformer_blocks]
+    else:
+        assert adapter.blocks is getattr(inner, "blocks" if family == "wan" else "transformer_blocks")
     assert len(adapter.blocks) == 2
     assert adapter.in_channels == 4 and adapter.text_dim == 16
-    assert adapter.patch == {"wan": (1, 2, 2), "ltx": (1, 1, 1), "cogvideox": (1, 2, 2)}[family]
+    assert adapter.patch == {"wan": (1, 2, 2), "ltx": (1, 1, 1), "cogvideox": (1, 2, 2), "hunyuan": (1, 2, 2)}[family]
     assert list(adapter.state_dict()) == [f"transformer.{k}" for k in inner.state_dict()]
     c = adapter.config
     assert c["family"] == family and c["depth"] == 2 and c["num_heads"] == 2
@@ -189,6 +196,8 @@ FLOP_SIZES = {  # hidden 128, 2 blocks; 192 clip tokens (768 for LTX's patch 1) 
                 caption_channels=64),
     "cogvideox": dict(num_attention_heads=4, attention_head_dim=32, time_embed_dim=128, num_layers=2,
                       sample_frames=9, sample_height=16, sample_width=16, max_text_seq_length=64, patch_size=2),
+    "hunyuan": dict(num_attention_heads=4, attention_head_dim=32, num_layers=1, num_single_layers=1,
+                    num_refiner_layers=1, rope_axes_dim=(8, 12, 12), text_embed_dim=64, pooled_projection_dim=32),
 }
 
 

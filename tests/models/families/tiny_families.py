@@ -14,9 +14,13 @@ TINY: dict[str, dict] = {
     "cogvideox": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
                       text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
                       temporal_compression_ratio=4, max_text_seq_length=6, use_rotary_positional_embeddings=True),
+    # one dual-stream and one single-stream block (depth 2); the packed text's last row carries the pooled embedding
+    "hunyuan": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+                    num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+                    pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), guidance_embeds=True),
 }
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
-           "cogvideox": "CogVideoXTransformer3DModel"}
+           "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel"}
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

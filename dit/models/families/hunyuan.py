@@ -1,0 +1,74 @@
+"""HunyuanVideo: diffusers' HunyuanVideoTransformer3DModel behind our denoiser contract, called as
+HunyuanVideoPipeline calls it (latents [B, C, t, h, w] as they are, float timesteps sigma*1000, the Llama states
+with their mask, CLIP's pooled embedding, and the embedded guidance scale x 1000 of the guidance-distilled release).
+
+The text comes from text.encoder=hunyuan (dit/models/text_hunyuan.py): the Llama states followed by one row that
+holds the pooled embedding; ``forward`` splits it off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit.models.families.base import FamilyDenoiser
+from dit.models.text_hunyuan import split_pooled
+
+SAMPLE_GUIDANCE = 6.0  # HunyuanVideoPipeline's default guidance_scale (the embedded one)
+
+
+class HunyuanVideoDenoiser(FamilyDenoiser):
+    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000.
+
+    ``guidance``: the embedded guidance scale a guidance-distilled transformer (guidance_embeds) is given in
+    training, 1.0 as finetrainers and musubi-tuner fine-tune it; sampling passes its own (``forward``'s
+    ``guidance``, sample.guidance: 6.0 by default, as the pipeline)."""
+
+    family = "hunyuan"
+    class_name = "HunyuanVideoTransformer3DModel"
+    blocks_attr = "transformer_blocks"  # then single_transformer_blocks (``blocks``)
+    text_key = "text_embed_dim"
+    prediction = "flow"
+    option_keys = ("guidance",)
+    joint_text = True  # the text tokens run through every block beside the clip's
+
+    def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
+        super().__init__(transformer, guidance=float(guidance))
+        self.guidance = float(guidance)
+        self.distilled = bool(transformer.config.guidance_embeds)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The dual-stream blocks, then the single-stream ones: what checkpointing, compile and FSDP act on."""
+        t = self.transformer
+        return nn.ModuleList([*t.transformer_blocks, *t.single_transformer_blocks])
+
+    @classmethod
+    def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
+        return dict(hidden_size=dcfg["num_attention_heads"] * dcfg["attention_head_dim"],
+                    depth=dcfg["num_layers"] + dcfg["num_single_layers"], num_heads=dcfg["num_attention_heads"],
+                    mlp_ratio=float(dcfg["mlp_ratio"]), refiner_layers=dcfg["num_refiner_layers"],
+                    patch_size=[dcfg["patch_size_t"], dcfg["patch_size"], dcfg["patch_size"]])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                guidance: float | None = None) -> torch.Tensor:
+        """``text`` [B, L + 1, D]: the Llama states and the pooled row; ``guidance``: the embedded guidance scale
+        (None: the training one)."""
+        self.grid(x)
+        pooled_dim = int(self.transformer.config.pooled_projection_dim)
+        if text.shape[-1] < pooled_dim or text.shape[1] < 2:
+            raise ValueError(f"HunyuanVideo takes text.encoder=hunyuan's states (the Llama states and a row with "
+                             f"CLIP's pooled embedding of width {pooled_dim}), got text of shape {tuple(text.shape)}")
+        dtype = self.dtype_in()
+        states, mask, pooled = split_pooled(text, text_mask, pooled_dim)
+        if guidance is not None and not self.distilled:
+            raise ValueError("this HunyuanVideo transformer has no embedded guidance (guidance_embeds false): "
+                             "sample without sample.guidance, with sample.cfg")
+        g = None
+        if self.distilled:
+            g = x.new_full((x.shape[0],), 1000.0 * (self.guidance if guidance is None else guidance), dtype=dtype)
+        out = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
+                               encoder_attention_mask=mask, pooled_projections=pooled.to(dtype), guidance=g,
+                               return_dict=False)[0]  # [B, C, t, h, w]
+        return out.to(x.dtype)
