@@ -43,7 +43,8 @@ from dit.models.families import FAMILIES
 # bytes of real training steps (tests/training/measure_memory.py; figures in BENCHMARKS.md), autocast's bf16 copies
 # of the weights counted apart.
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
-ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0)}
+ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
+               "hunyuan": (24.0, 2.6)}
 # Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
 # sequence-parallel rank.
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
@@ -92,15 +93,14 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
         return MINILM
     from transformers import AutoConfig, AutoModel
 
-    if not (Path(cfg.text.path) / "config.json").is_file():  # not downloaded yet: the family's width, not counted
-        return 0, 0
-    hf = AutoConfig.from_pretrained(cfg.text.path)
-    # hunyuan: and its CLIP text encoder (text.path_2), when that folder is here too
-    folders = [cfg.text.path_2] if cfg.text.encoder == "hunyuan" else []
-    configs = [hf, *(AutoConfig.from_pretrained(f) for f in folders if (Path(f) / "config.json").is_file())]
+    # the folders here (one not downloaded yet is not counted; without the first, the family's width is used);
+    # hunyuan: and its CLIP text encoder (text.path_2)
+    folders = [cfg.text.path, *([cfg.text.path_2] if cfg.text.encoder == "hunyuan" else [])]
+    configs = [AutoConfig.from_pretrained(f) if (Path(f) / "config.json").is_file() else None for f in folders]
     with torch.device("meta"):
-        params = sum(p.numel() for c in configs for p in AutoModel.from_config(c).parameters())
-    return params, int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
+        params = sum(p.numel() for c in configs if c is not None for p in AutoModel.from_config(c).parameters())
+    hf = configs[0]
+    return params, 0 if hf is None else int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
 
 
 def image_encoder_size(model_cfg: ModelConfig) -> int:
@@ -321,8 +321,8 @@ def checkpointing_text(on: bool, every: int) -> str:
 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
-    missing = (cfg.text.encoder == "hf" and cfg.text.device != "cpu"
-               and not (Path(cfg.text.path) / "config.json").is_file())
+    folders = {"hf": [cfg.text.path], "hunyuan": [cfg.text.path, cfg.text.path_2]}.get(cfg.text.encoder, [])
+    missing = [f for f in folders if cfg.text.device != "cpu" and not (Path(f) / "config.json").is_file()]
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
                f"{size.base / 1e6:.1f}M-parameter model" if size.base else
                f"{size.params / 1e6:.1f}M trainable parameters")
@@ -349,7 +349,7 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
         lines.append("(CLIP image encoder not counted: set model.image_encoder to its folder; Wan 2.1's ViT-H/14 "
                      "adds 2.35 GiB in fp32)")
     if missing:
-        lines.append(f"(text encoder not counted: no config.json in text.path={cfg.text.path}; add "
+        lines.append(f"(text encoder not counted: no config.json in {' nor '.join(missing)}; add "
                      f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")
     if cfg.text.device == "cpu":
         lines.append("(text encoder not counted: text.device=cpu holds it in host memory)")

@@ -44,7 +44,21 @@ def test_default_targets_are_every_blocks_attention_and_mlp():
     assert "blocks.0.attn.q" in names and f"blocks.{depth - 1}.mlp.fc2" in names and "final.linear" not in names
     with pytest.raises(ValueError, match=r"train.lora.targets: '.*nope' matches no linear layer"):
         target_modules(model, [r"blocks\.\d+\.nope"])
-    assert set(DEFAULT_TARGETS) == {"dit", "wan", "cogvideox", "ltx"}
+    assert set(DEFAULT_TARGETS) == {"dit", "wan", "cogvideox", "ltx", "hunyuan"}
+
+
+def test_hunyuan_default_targets_are_both_streams_and_the_single_blocks():
+    from dit.models.families import build_denoiser
+
+    sizes = dict(num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=3,
+                 num_refiner_layers=1, rope_axes_dim=[2, 4, 4], pooled_projection_dim=8)
+    model = build_denoiser(ModelConfig(family="hunyuan", family_config=sizes), in_channels=4, text_dim=16)
+    names = target_modules(model)
+    # dual-stream: q k v out of both streams and both MLPs (8 + 4); single-stream: q k v, MLP in, output (5)
+    assert len(names) == 2 * 12 + 3 * 5
+    assert "transformer.transformer_blocks.1.attn.to_add_out" in names
+    assert "transformer.single_transformer_blocks.2.proj_out" in names
+    assert not any("refiner" in n or "norm" in n or "embed" in n for n in names)  # the blocks alone
 
 
 @torch.no_grad()

@@ -62,6 +62,29 @@ def test_plan_holds_the_measured_peak_tensor_bytes_within_15_percent(model: list
     assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], r
 
 
+def test_plan_holds_hunyuans_measured_peak(tmp_path) -> None:
+    """HunyuanVideo's dual- and single-stream blocks (2 + 6, hidden 256, 768 clip tokens beside 16 of text) with its
+    two text encoders, fp32 and bf16: within the same bounds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_hunyuan import crop_start, save_tiny_text
+    from tiny_vaes import save_tiny_vae
+    from transformers import AutoTokenizer
+
+    llama, clip = save_tiny_text(tmp_path)
+    save_tiny_vae("hunyuan", tmp_path / "vae")
+    crop = crop_start(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"))
+    hunyuan = ["model.family=hunyuan", "model.patch_size=null", *FLOW, "model.family_config.num_attention_heads=4",
+               "model.family_config.attention_head_dim=64", "model.family_config.num_layers=2",
+               "model.family_config.num_single_layers=6", "model.family_config.patch_size=1",
+               "model.family_config.pooled_projection_dim=8", "model.family_config.rope_axes_dim=[16,24,24]",
+               "vae.family=hunyuan", f"vae.pretrained={tmp_path / 'vae'}", "text.encoder=hunyuan",
+               f"text.path={llama}", f"text.path_2={clip}", "text.max_length=16", f"text.crop_start={crop}",
+               "train.batch_size=4", "data.frames=9", "data.height=128", "data.width=128"]  # 3 x 16 x 16 tokens
+    for precision in ("'no'", "bf16"):
+        r = measure([f"train.mixed_precision={precision}", *hunyuan])
+        assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
+
+
 def measure(model: list[str], *device: str, processes: int = 1) -> dict:
     script = Path(__file__).with_name("measure_memory.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

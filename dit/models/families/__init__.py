@@ -142,9 +142,10 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
     if int(dcfg[cls.text_key]) != text_dim:
+        encoder = "hunyuan" if cls.family == "hunyuan" else "hf"
         raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
                           f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
-                          f"trained with (text.encoder=hf, text.path=...)")
+                          f"trained with (text.encoder={encoder}, text.path=...)")
 
 
 def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, int] | None) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""HunyuanVideo trains through the same loop as the other families: a tiny HunyuanVideoTransformer3DModel folder
+on a tiny HunyuanVideo VAE, with its two text encoders (text.encoder=hunyuan), from raw shards and from `dit encode`
+latent shards alike (the pooled row stored with the text); its checkpoint samples with `dit sample`; a LoRA run's
+adapter loads into diffusers' own transformer and HunyuanVideoPipeline with our outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from runs import DEMO, MEDIA_FREE, small_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "families"))
+from tiny_families import tiny_transformer  # noqa: E402
+from tiny_hunyuan import POOLED, WIDTH, crop_start, save_tiny_text  # noqa: E402
+from tiny_vaes import save_tiny_vae  # noqa: E402
+
+from dit.config import load_config  # noqa: E402
+from dit.encode import encode_shards  # noqa: E402
+from dit.export import list_checkpoints  # noqa: E402
+from dit.models.lora import LORA_FILE  # noqa: E402
+from dit.training import train  # noqa: E402
+
+LENGTH = 12  # Llama tokens after the template
+# raw runs decode clips (PyAV) and read the MiniLM tokenizer files the tiny encoders use
+pytestmark = pytest.mark.skipif(MEDIA_FREE, reason="needs PyAV and the MiniLM package (not media-free mode)")
+
+
+@pytest.fixture(scope="module")
+def hunyuan(tmp_path_factory) -> Path:
+    """A folder laid out as the HunyuanVideo Diffusers download (tiny random parts) and a config for it."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("hunyuan")
+    llama, clip = save_tiny_text(root)
+    save_tiny_vae("hunyuan", root / "vae", seed=1)
+    tiny_transformer("hunyuan").save_pretrained(root / "transformer")
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "hunyuan", "pretrained": str(root / "transformer")}
+    data["vae"] = {"family": "hunyuan", "pretrained": str(root / "vae")}
+    data["text"] = {"encoder": "hunyuan", "path": str(llama), "path_2": str(clip), "max_length": LENGTH,
+                    "crop_start": crop_start(AutoTokenizer.from_pretrained(root / "tokenizer"))}
+    data["diffusion"] = {"objective": "flow", "shift": 7.0, "flow_grid": "steps", "prompt_dropout": 0.5}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0}
+    (root / "hunyuan.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(root: Path, run: Path, shards: str, **extra: object):
+    common = {"train.steps": 4, "train.checkpoint_every": 4, **extra}
+    return load_config(root / "hunyuan.yaml", small_overrides(run, shards, None, **common))
+
+
+def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, small_shards: str, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    ckpt = train.main(config(hunyuan, raw, small_shards))
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["dit"]["family"] == "hunyuan" and saved["dit"]["guidance"] == 1.0
+
+    latents = tmp_path / "latents"
+    assert encode_shards(small_shards, latents, config(hunyuan, tmp_path / "enc", small_shards),
+                         batch_size=8)["samples"] == 64
+    with tarfile.open(sorted(latents.glob("*.tar"))[0]) as tar:  # the text states keep the pooled row
+        member = next(m for m in tar.getmembers() if m.name.endswith(".text.npy"))
+        text = np.load(io.BytesIO(tar.extractfile(member).read()))
+    assert text.shape == (LENGTH + 1, WIDTH) and np.count_nonzero(text[-1, :POOLED]) == POOLED
+    latent_run = tmp_path / "latent"
+    train.main(config(hunyuan, latent_run, str(latents), **{"data.latents": "true"}))
+    a, b = losses(raw), losses(latent_run)
+    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    for guidance in ([], ["--guidance", "3.5"]):
+        out = tmp_path / f"clip{len(guidance)}.gif"
+        dit(["sample", "--checkpoint", str(raw), "--prompt", "a red circle moving left", "--steps", "2",
+             "--out", str(out), *guidance])
+        gif = Image.open(out)
+        assert (gif.n_frames, gif.size) == (5, (16, 16))
+    assert Image.open(tmp_path / "clip0.gif").tobytes() != Image.open(tmp_path / "clip2.gif").tobytes()
+
+
+def test_a_lora_adapter_loads_into_diffusers(hunyuan: Path, small_shards: str, tmp_path: Path) -> None:
+    run = tmp_path / "lora"
+    train.main(config(hunyuan, run, small_shards, **{"train.steps": 3, "train.checkpoint_every": 3,
+                                                       "train.lr": 3e-2, "train.ema_decay": 0.0,
+                                                       "train.lora.rank": 4, "train.lora.alpha": 8}))
+    with torch.no_grad():
+        check_adapter(hunyuan, run)
+
+
+def check_adapter(hunyuan: Path, run: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    from dit.pipeline import load_pipeline, sample_latents
+
+    ckpt = list_checkpoints(run)[-1]
+    ours = load_pipeline(run)  # base + adapter, as `dit sample --checkpoint RUN` samples
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 3, 4, 6, generator=g), torch.tensor([800.0, 250.0])
+    text, pooled = torch.randn(2, LENGTH, WIDTH, generator=g), torch.randn(2, POOLED, generator=g)
+    mask = torch.ones(2, LENGTH, dtype=torch.bool)
+    mask[1, 5:] = False
+    guidance = torch.full((2,), 6000.0)
+    packed = torch.cat([text, torch.nn.functional.pad(pooled, (0, WIDTH - POOLED))[:, None]], 1)
+    packed_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+
+    def call(model):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_attention_mask=mask,
+                     pooled_projections=pooled, guidance=guidance, return_dict=False)[0]
+
+    base_out = call(HunyuanVideoTransformer3DModel.from_pretrained(hunyuan / "transformer").eval())
+    adapted = HunyuanVideoTransformer3DModel.from_pretrained(hunyuan / "transformer").eval()
+    adapted.load_lora_adapter(str(ckpt), weight_name=LORA_FILE, prefix="transformer")
+    theirs = call(adapted)
+    assert (theirs - base_out).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(ours.model(x, t, packed, packed_mask, guidance=6.0), theirs, atol=1e-4, rtol=0)
+
+    pipe = HunyuanVideoPipeline(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None, vae=None,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                transformer=HunyuanVideoTransformer3DModel.from_pretrained(hunyuan / "transformer"))
+    pipe.load_lora_weights(str(ckpt))  # finds pytorch_lora_weights.safetensors, as for any diffusers LoRA
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt_embeds=text, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, latents=x.clone(),
+               num_inference_steps=3, guidance_scale=6.0, height=32, width=48, num_frames=9,
+               output_type="latent").frames
+    got = sample_latents(ours, x, dict(text=packed, text_mask=packed_mask, guidance=6.0),
+                         dict(text=packed, text_mask=packed_mask, guidance=6.0), steps=3, cfg=1.0)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
