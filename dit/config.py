@@ -523,8 +523,6 @@ class Config:
         from dit.models.presets import PRESETS
 
         sp, m = self.train.sequence_parallel, self.model
-        _check(m.family != "hunyuan", "train.sequence_parallel",
-               "is not built for HunyuanVideo (its dual- and single-stream blocks); set train.sequence_parallel=1")
         # stochastic depth draws its per-sample mask on each rank: the ranks of a group would drop different tokens
         _check(m.drop_path == 0, "model.drop_path", "must be 0 with train.sequence_parallel > 1")
         if m.family != "dit":

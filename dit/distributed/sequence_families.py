@@ -1,8 +1,10 @@
-"""Sequence parallelism for the Wan, LTX and CogVideoX family adapters (dit/models/families), as sequence.py does it
-for our DiT: each rank of a group keeps 1/SP of a clip's latent tokens through the blocks; each block's self-attention
-swaps tokens for heads with one all-to-all and back; the text cross-attention and the FFN run on the rank's own tokens.
+"""Sequence parallelism for the Wan, LTX, CogVideoX and HunyuanVideo family adapters (dit/models/families), as
+sequence.py does it for our DiT: each rank of a group keeps 1/SP of a clip's latent tokens through the blocks; each
+block's self-attention swaps tokens for heads with one all-to-all and back; the text cross-attention and the FFN run
+on the rank's own tokens.
 CogVideoX has no cross-attention: its text tokens join the video's in self-attention and FFN, so every rank carries
-the whole text stream, attends it in its own heads, and all-gathers the text's attention output over heads.
+the whole text stream, attends it in its own heads, and all-gathers the text's attention output over heads; so does
+HunyuanVideo, whose dual- and single-stream blocks both attend text and clip together.
 
 Installed from outside on diffusers' own modules: a forward pre-hook on every block (its slice of the RoPE table, and
 of a per-token timestep embedding; the first block also cuts the tokens), our processor on each block's
@@ -147,6 +149,72 @@ class UlyssesJointAttention:
         return f"UlyssesJointAttention(cogvideox, sp={self.group.size()})"
 
 
+class UlyssesHunyuanAttention:
+    """The processor of a HunyuanVideo block's attention (``attn``, dual- and single-stream alike), where the text and
+    the clip's tokens attend together: as HunyuanVideoAttnProcessor2_0, the clip's q, k, v of this rank's tokens (QK
+    RMS-norm per head, RoPE with this rank's slice of the table) go all-to-all to [B, H/SP, N, d]; the text's (the
+    same on every rank: ``add_*_proj`` and their norms in a dual-stream block, the shared projections in a
+    single-stream one) are cut to this rank's heads; SDPA runs over clip + text with the whole clip's text mask; the
+    clip's output goes back all-to-all and the text's is all-gathered over heads."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        size, rank, heads = self.group.size(), self.group.rank(), attn.heads
+        mine = slice(rank * heads // size, (rank + 1) * heads // size)
+        dual = attn.add_q_proj is not None
+
+        def qkv(x: torch.Tensor, text: bool) -> list[torch.Tensor]:  # [B, n, D] -> 3 x [B, n, H, d], normed
+            added = text and dual
+            q, k, v = ((attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if added else
+                       (attn.to_q, attn.to_k, attn.to_v))
+            q, k, v = (f(x).unflatten(2, (heads, -1)) for f, x in ((q, x), (k, x), (v, x)))
+            norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
+            return [q if norm_q is None else norm_q(q), k if norm_k is None else norm_k(k), v]
+
+        clip = qkv(hidden_states, text=False)  # [B, N/SP, H, d]
+        if image_rotary_emb is not None:
+            clip[:2] = [apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in clip[:2]]
+        clip = [heads_to_tokens(x.transpose(1, 2), self.group) for x in clip]  # [B, H/SP, N, d]
+        text = [x.transpose(1, 2)[:, mine] for x in qkv(encoder_hidden_states, text=True)]  # [B, H/SP, L, d]
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(clip, text))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # [B, H/SP, N + L, d]
+        n = clip[0].shape[2]
+        clip_out = tokens_to_heads(out[:, :, :n], self.group).transpose(1, 2).flatten(2, 3).type_as(q)
+        text_out = _GatherHeads.apply(out[:, :, n:], self.group).transpose(1, 2).flatten(2, 3).type_as(q)
+        if getattr(attn, "to_out", None) is not None:  # (a single-stream block projects after its MLP)
+            clip_out = attn.to_out[1](attn.to_out[0](clip_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return clip_out, text_out  # [B, N/SP, D], [B, L, D]
+
+    def __repr__(self) -> str:
+        return f"UlyssesHunyuanAttention(sp={self.group.size()})"
+
+
+def _hunyuan_block_inputs(signature: inspect.Signature, group: dist.ProcessGroup, first: bool, module: nn.Module,
+                          args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a HunyuanVideo block: its RoPE table ([N, d] cos and sin: ``freqs_cis`` in a dual-stream
+    block, ``image_rotary_emb`` in a single-stream one) cut to this rank's tokens; the first block also cuts the
+    tokens."""
+    bound = signature.bind(*args, **kwargs)
+    given = bound.arguments
+    rope = "freqs_cis" if "freqs_cis" in given else "image_rotary_emb"
+    mine = local_slice(given["hidden_states"].shape[1] * (1 if first else group.size()), group)
+    if given.get(rope) is not None:
+        cos, sin = given[rope]
+        given[rope] = (cos[mine], sin[mine])
+    if first:
+        given["hidden_states"] = scatter_tokens(given["hidden_states"], group)  # [B, N/SP, D]
+    return bound.args, bound.kwargs
+
+
 # Per family: the block's RoPE argument, cut to the rank's tokens (None: CogVideoX's processor applies the whole
 # table after the all-to-all), and whether a timestep embedding is per token (Wan 2.2 TI2V [B, N, 6, D]; LTX
 # [B, N, 6D] with per-token timesteps) and so must be cut like the tokens.
@@ -179,15 +247,22 @@ def _gather_before_output(group: dist.ProcessGroup, module: nn.Module, args: tup
 
 
 def apply_sequence_parallel_family(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
-    """Install sequence parallelism over ``group`` on a Wan, LTX or CogVideoX adapter in place (after activation
-    checkpointing, as for our DiT: a recomputed block passes through these hooks again)."""
+    """Install sequence parallelism over ``group`` on a Wan, LTX, CogVideoX or HunyuanVideo adapter in place (after
+    activation checkpointing, as for our DiT: a recomputed block passes through these hooks again)."""
     family, size, heads = model.family, group.size(), model.config["num_heads"]
-    if family not in ROPE_ARGUMENT:
-        raise ValueError(f"sequence parallelism is implemented for our DiT, Wan, LTX and CogVideoX, not the {family} "
-                         "adapter")
+    if family not in (*ROPE_ARGUMENT, "hunyuan"):
+        raise ValueError(f"sequence parallelism is implemented for our DiT, Wan, LTX, CogVideoX and HunyuanVideo, not "
+                         f"the {family} adapter")
     if heads % size:
         raise ValueError(f"the {family} model's {heads} attention heads are not divisible by "
                          f"train.sequence_parallel={size}")
+    if family == "hunyuan":  # dual-stream blocks, then single-stream ones, the text whole on every rank
+        for i, block in enumerate(model.blocks):
+            block.attn.processor = UlyssesHunyuanAttention(group)
+            hook = partial(_hunyuan_block_inputs, inspect.signature(block.forward), group, i == 0)
+            block.register_forward_pre_hook(hook, with_kwargs=True)
+        model.transformer.norm_out.register_forward_pre_hook(lambda m, a: _gather_before_output(group, m, a))
+        return model
     for i, block in enumerate(model.blocks):  # (cross-attention, attn2, needs nothing: its queries are the rank's)
         block.attn1.processor = UlyssesJointAttention(group) if family == "cogvideox" else \
             UlyssesSelfAttention(group, family)

@@ -115,6 +115,9 @@ FAMILY_SIZES = {
     "cogvideox-2b": (COGVIDEOX | dict(use_rotary_positional_embeddings=False), (3, 4, 6)),
     "cogvideox-1.5": (COGVIDEOX | dict(use_rotary_positional_embeddings=True, patch_size_t=2, sample_frames=21),
                       (6, 4, 6)),
+    # a dual-stream and a single-stream block; the text's last row is the pooled embedding (text.encoder=hunyuan)
+    "hunyuan": (dict(num_attention_heads=4, attention_head_dim=10, num_layers=1, num_single_layers=1,
+                     num_refiner_layers=1, rope_axes_dim=[2, 4, 4], pooled_projection_dim=8), (3, 4, 6)),
 }
 
 
@@ -142,7 +145,7 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lo
     plain, sp = denoiser(), denoiser()
     if lora:
         trained = [inject_lora(model, rank=2) for model in (plain, sp)][0]
-        assert any(".attn1." in n for n in trained)  # the self-attention's projections are adapted too
+        assert any(".attn1." in n or ".attn." in n for n in trained)  # the self-attention's projections too
         for model in (plain, sp):  # (peft's layers arrive in float32)
             model.double()
     for p in plain.parameters():  # every branch carries a gradient (LoRA's B too)
@@ -170,9 +173,10 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lo
     # float64: the text path's gradients are ~1e-5 of the largest, so a fault there shows only at tight tolerances
     torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
     # each rank keeps about half (the text's keys and values and the output stay whole; I2V's 517 text and image
-    # tokens outweigh its 18 video tokens)
+    # tokens outweigh its 18 video tokens; HunyuanVideo keeps 0.67: its 5 text tokens of 23 are whole on every rank
+    # through both kinds of block, and its token refiner's text activations beside them)
     if not checkpointing and not lora and not i2v:
-        assert 0.4 < saved[1] / saved[0] < 0.65, (name, saved)
+        assert 0.4 < saved[1] / saved[0] < (0.7 if family == "hunyuan" else 0.65), (name, saved)
     # Wan keeps its time embedding and FP32LayerNorm in fp32 inside a float64 model: ~1e-9 off, where all else is ~1e-17
     _assert_grads_averaged(plain, sp, group, rtol=1e-7, atol=1e-8 if family == "wan" else 1e-14)
 

@@ -127,8 +127,6 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         load_config(None, [s for s in base if not s.startswith("text.path_2")])
     with pytest.raises(ConfigError, match="set model.family=hunyuan"):
         load_config(None, ["text.encoder=hunyuan", "text.path=/x", "text.path_2=/y"])
-    with pytest.raises(ConfigError, match="sequence_parallel.*HunyuanVideo"):
-        load_config(None, [*base, "train.sequence_parallel=2"])
     with pytest.raises(ConfigError, match="sample.guidance.*HunyuanVideo"):
         load_config(None, ["sample.guidance=6"])
     with pytest.raises(ConfigError, match="objective=flow"):
