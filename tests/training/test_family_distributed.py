@@ -283,3 +283,52 @@ def test_a_wan21_i2v_model_under_fsdp_matches_one_process(tmp_path: Path, small_
     for k in a:
         loose = any(part in k for part in text_qk)
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=5e-4 if loose else 1e-5, msg=k)
+
+
+# HunyuanVideo at tiny sizes: a dual-stream and a single-stream block, 2 heads, text of its two tiny encoders
+HUNYUAN = dict(num_attention_heads=2, attention_head_dim=10, num_layers=1, num_single_layers=1, num_refiner_layers=1,
+               rope_axes_dim=[2, 4, 4], pooled_projection_dim=8)
+
+
+def test_a_hunyuan_model_with_sequence_parallelism_and_under_fsdp_matches_one_process(tmp_path: Path,
+                                                                                     small_shards: str) -> None:
+    """HunyuanVideo (text.encoder=hunyuan: the Llama states and the pooled row) with activation checkpointing:
+    train.sequence_parallel=2 on 2 processes (sequence_families.UlyssesHunyuanAttention on its dual- and
+    single-stream blocks) and FSDP on 2 processes (each of its blocks sharded) train as 1 process on the same batch,
+    and the checkpoint samples with --sequence-parallel 2 as on 1 process."""
+    import sys
+
+    if MEDIA_FREE:
+        pytest.skip("the tiny text encoders use the MiniLM package's tokenizer, absent in media-free mode")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_hunyuan import crop_start, save_tiny_text
+    from tiny_vaes import save_tiny_vae
+    from transformers import AutoTokenizer
+
+    llama, clip = save_tiny_text(tmp_path)
+    save_tiny_vae("hunyuan", tmp_path / "vae")
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "hunyuan", "family_config": HUNYUAN, "gradient_checkpointing": True}
+    data["vae"] = {"family": "hunyuan", "pretrained": str(tmp_path / "vae")}
+    data["text"] = {"encoder": "hunyuan", "path": str(llama), "path_2": str(clip), "max_length": 8,
+                    "crop_start": crop_start(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"))}
+    data["diffusion"] = {**FLOW[0], "shift": 7.0, "flow_grid": "steps"}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0, "guidance": 6.0}
+    config = tmp_path / "hunyuan.yaml"
+    config.write_text(yaml.safe_dump(data))
+    one, two = sp_pair(tmp_path, small_shards, config)  # 5 x 16 x 16 clips: 2 tokens, one on each rank
+    # (not the token refiner's key bias: its attention has no QK norm, so a bias shared by every key shifts all of a
+    # query's logits alike and its exact gradient is zero, 2e-23 in float64 against 1e-6 for the blocks' key biases;
+    # AdamW steps on rounding noise there)
+    refiner_key_bias = "refiner_blocks.0.attn.to_k.bias"
+    same_trained_weights(one, two, skip=refiner_key_bias)
+    sample_both_ways(two, tmp_path, "--height", "32")  # one frame of 32 x 16: 2 tokens of patch 2
+
+    fsdp = dit_torchrun(2, tmp_path / "fsdp", small_shards, None, config=config,
+                        **{**COMMON, "train.batch_size": 2, "train.parity_batch": True, "train.strategy": "fsdp"})
+    assert fsdp.returncode == 0, fsdp.stderr[-5000:]
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(one), rel=1e-4)
+    a, b = (load_weights(list_checkpoints(r)[-1])[0] for r in (one, tmp_path / "fsdp"))
+    assert a.keys() == b.keys() and any("single_transformer_blocks" in k for k in a)
+    for k in (k for k in a if not k.endswith(refiner_key_bias)):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
