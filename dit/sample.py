@@ -148,6 +148,10 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low", "guidance"):
         if getattr(args, name, None) is not None:
             out[name] = getattr(args, name, None)
+    distilled = config["dit"].get("diffusers", {}).get("guidance_embeds", False)  # (HunyuanVideo's)
+    if getattr(args, "guidance", None) is not None and not distilled:
+        raise ConfigError(f"--guidance is the embedded guidance scale of a guidance-distilled HunyuanVideo; this "
+                          f"checkpoint's {config['dit'].get('family', 'dit')} model takes none: use --cfg")
     try:
         out["sampler"] = resolve_sampler(config["experiment"]["diffusion"].get("objective", "diffusion"),
                                          out["sampler"])

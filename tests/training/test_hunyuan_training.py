@@ -94,6 +94,23 @@ def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, smal
     assert Image.open(tmp_path / "clip0.gif").tobytes() != Image.open(tmp_path / "clip2.gif").tobytes()
 
 
+def test_guidance_of_a_model_without_it_is_refused_before_sampling(tmp_path: Path, small_shards: str,
+                                                                   small_vae: Path) -> None:
+    """`dit sample --guidance` on a checkpoint whose model has no embedded guidance: one line, exit 2."""
+    import subprocess
+
+    from runs import ROOT, small_config
+
+    run = tmp_path / "dit"
+    train.main(small_config(run, small_shards, small_vae, **{"train.steps": 1, "train.checkpoint_every": 1}))
+    done = subprocess.run([sys.executable, "-m", "dit.cli", "sample", "--checkpoint", str(run), "--prompt", "x",
+                           "--guidance", "6", "--out", str(tmp_path / "x.gif")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--guidance is the embedded guidance scale of a guidance-distilled HunyuanVideo" in done.stderr
+    assert not (tmp_path / "x.gif").exists()
+
+
 def test_a_lora_adapter_loads_into_diffusers(hunyuan: Path, small_shards: str, tmp_path: Path) -> None:
     run = tmp_path / "lora"
     train.main(config(hunyuan, run, small_shards, **{"train.steps": 3, "train.checkpoint_every": 3,
