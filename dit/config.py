@@ -552,12 +552,9 @@ class Config:
     def frame_patch(self) -> int:
         """The temporal patch the frame rule divides by: 1 for a model that pads its latent frames instead
         (CogVideoX 1.5: dit/models/families ``frame_pad``)."""
-        pt = self.patch_size()[0]
-        if self.model.family == "dit":
-            return pt
-        from dit.models.families import frame_pad
+        from dit.models.families import pads_frames
 
-        return pt if frame_pad(self.model.family, 1, pt) == 0 else 1
+        return 1 if pads_frames(self.model.family) else self.patch_size()[0]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

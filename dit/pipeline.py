@@ -123,7 +123,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
              sampler: str | None = None, cfg: float = 5.0, eta: float = 0.0, seed: int = 0,
              decode_chunk: int = 0, shift: float | None = None, callback: Callback = None,
              image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
-             cfg_low: float | None = None, guidance: float | None = None) -> torch.Tensor:
+             cfg_low: float | None = None, guidance: float | None = None,
+             clip_image: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
@@ -134,6 +135,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     denoiser from a CUDA graph (dit/diffusion/cuda_graphs.py). cfg_low: with two experts, the low-noise expert's
     guidance scale (None: cfg), as the pipelines' guidance_scale_2. guidance: a guidance-distilled HunyuanVideo's
     embedded guidance scale (None: 6.0, as HunyuanVideoPipeline's guidance_scale); other models take none.
+    clip_image: Wan 2.1 I2V's CLIP input, the first frame as given before resizing (``read_pixels``), as
+    WanImageToVideoPipeline gives it to CLIP; None: ``image``.
     """
     vae = pipe.vae
     pads = getattr(pipe.model, "pads_frames", False)
@@ -158,7 +161,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device), **embedded)
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
                        shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs,
-                       cfg_low=cfg_low)
+                       cfg_low=cfg_low, clip_image=clip_image)
     return decode_latents(pipe, z[:, :, pad:], decode_chunk)
 
 
@@ -188,12 +191,13 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
                    eta: float = 0.0, generator: torch.Generator | None = None,
                    shift: float | None = None, callback: Callback = None,
                    image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
-                   cfg_low: float | None = None) -> torch.Tensor:
+                   cfg_low: float | None = None, clip_image: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
     sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
-    ``dtype`` / ``cuda_graphs`` / ``cfg_low``: as ``generate``'s. A CogVideoX 1.5 clip of an odd latent count comes
-    and goes with its front pad frame (``generate`` adds it to the noise and drops it before decoding)."""
+    ``dtype`` / ``cuda_graphs`` / ``cfg_low`` / ``clip_image``: as ``generate``'s. A CogVideoX 1.5 clip of an odd
+    latent count comes and goes with its front pad frame (``generate`` adds it to the noise and drops it before
+    decoding)."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     if dtype not in ("fp32", "bf16"):
@@ -203,7 +207,7 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
         condition = image_condition(pipe, image, noise.shape)
         extra = {"condition": condition}
         if getattr(pipe.model, "clip_image", False):  # Wan 2.1 I2V: and the image's CLIP states
-            extra["image_states"] = image_states(pipe, image, noise.shape[0])
+            extra["image_states"] = image_states(pipe, image if clip_image is None else clip_image, noise.shape[0])
         cond, uncond = {**cond, **extra}, {**uncond, **extra}
     z = _sample(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=generator,
                 shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs, cfg_low=cfg_low)
@@ -289,16 +293,24 @@ def image_states(pipe: Pipeline, image: torch.Tensor, batch: int) -> torch.Tenso
     return states.to(next(pipe.model.parameters()).device).expand(batch, -1, -1)
 
 
-def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """An image file as a first frame: decoded, resized (shorter side) and center-cropped to height x width, [1, 3,
-    height, width] in [-1, 1]; ValueError naming the file when it cannot be decoded."""
-    from data_pipelines.decode import DecodeError, decode_image, resize_crop
+def read_pixels(path: str | Path) -> torch.Tensor:
+    """An image file decoded as it is: uint8 [1, 3, H, W]; ValueError naming the file when it cannot be decoded."""
+    from data_pipelines.decode import DecodeError, decode_image
 
     try:
         pixels = decode_image(Path(path).read_bytes())  # uint8 [H, W, 3]
     except (OSError, DecodeError) as e:
         raise ValueError(f"{str(path)!r}: {e}") from None
-    return resize_crop(pixels[None], height, width).transpose(0, 1)  # [1, 3, height, width]
+    return torch.as_tensor(pixels).permute(2, 0, 1)[None]
+
+
+def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file as a first frame: decoded, resized (shorter side) and center-cropped to height x width, [1, 3,
+    height, width] in [-1, 1]; ValueError naming the file when it cannot be decoded."""
+    from data_pipelines.decode import resize_crop
+
+    pixels = read_pixels(path).permute(0, 2, 3, 1)  # uint8 [1, H, W, 3]
+    return resize_crop(pixels, height, width).transpose(0, 1)  # [1, 3, height, width]
 
 
 @torch.no_grad()

@@ -34,12 +34,14 @@ from data_pipelines.config import latent_frames
 from dit.config import ConfigError, SampleConfig
 from dit.distributed.setup import DistEnv
 from dit.export import resolve_checkpoint
+from dit.models.families import pads_frames
 from dit.pipeline import (
     check_size,
     default_suffix,
     generate,
     load_pipeline,
     read_image,
+    read_pixels,
     resolve_sampler,
     to_uint8,
     write_media,
@@ -180,14 +182,6 @@ def geometry(ckpt: Path, config: dict[str, Any]) -> tuple[tuple[int, int, int], 
     return (int(patch[0]), int(patch[1]), int(patch[2])), temporal, spatial
 
 
-def pads_frames(config: dict[str, Any]) -> bool:
-    """Whether a checkpoint's model pads latent frames its temporal patch does not divide (CogVideoX 1.5)."""
-    from dit.models.families import FAMILIES
-
-    family = config["dit"].get("family", "dit")
-    return family in FAMILIES and FAMILIES[family].pads_frames
-
-
 def tokens(frames: int, height: int, width: int, patch: tuple[int, int, int], temporal: int, spatial: int) -> int:
     """Latent tokens of one clip: the latent grid divided by the patch (frames a model pads count too)."""
     t, h, w = latent_frames(frames, temporal), height // spatial, width // spatial
@@ -264,10 +258,14 @@ def run_sample(args: argparse.Namespace) -> None:
     frames, height, width = trained_size(config, frames, args.height, args.width)
     patch, temporal, spatial = geometry(ckpt, config)
     try:
-        check_size(frames, height, width, patch, temporal=temporal, spatial=spatial, pads=pads_frames(config))
+        check_size(frames, height, width, patch, temporal=temporal, spatial=spatial,
+                   pads=pads_frames(config["dit"].get("family", "dit")))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     image = first_frame(args, config, height, width)
+    # Wan 2.1 I2V's CLIP sees the image as given, before the resize and crop (as WanImageToVideoPipeline's does)
+    clip_image = read_pixels(args.image) if image is not None and config["dit"].get("diffusers", {}).get(
+        "image_dim") else None
     paths = output_paths(args.out, len(prompts), frames)
     if frames > 1 and paths[0].suffix == ".png":
         raise ConfigError(f"--out {args.out!r}: a .png holds one frame, but {frames} frames would be sampled (the "
@@ -311,7 +309,7 @@ def run_sample(args: argparse.Namespace) -> None:
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          dtype=dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
-                         cfg_low=opts["cfg_low"], guidance=opts["guidance"],
+                         cfg_low=opts["cfg_low"], guidance=opts["guidance"], clip_image=clip_image,
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
             continue

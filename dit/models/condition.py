@@ -157,7 +157,7 @@ def image_code(vae: Any, first: Tensor, frames: int) -> Tensor:
     return vae.normalize(vae.encode(clip).mode()).float()
 
 
-def draw_clip_condition(code: Tensor, temporal: int, prob: float, noise_std: float,
+def draw_code_condition(code: Tensor, temporal: int, prob: float, noise_std: float,
                         generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Training's code-form condition from the image codes [B, C, t, h, w] (``image_code``) -> (condition
     [B, temporal + C, t, h, w]: the mask first, as the pipeline has it; keep [B] bool). Rows keep it with

@@ -49,7 +49,7 @@ from dit.models.condition import (
     code_condition,
     condition_mask,
     condition_replaces,
-    draw_clip_condition,
+    draw_code_condition,
     draw_first_frame_condition,
     image_code,
 )
@@ -196,7 +196,7 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     if code:  # the code form (dit/models/condition.py): stored, or coded from the first frames
         first = None if "image_code" in batch else batch["video"][:, :, 0].to(device)  # [B, 3, H, W]
         codes = batch["image_code"].to(device) if first is None else image_code(vae, first, batch["video"].shape[2])
-        condition, kept = draw_clip_condition(codes, vae.temporal_compression, model.condition_prob,
+        condition, kept = draw_code_condition(codes, vae.temporal_compression, model.condition_prob,
                                               model.condition_noise, rng.gen)  # [B, 4 + C, t, h, w]
         drawn += (condition,)
         if "image_states" in batch or image_encoder is not None:  # Wan 2.1 I2V's CLIP states [B, n, D]

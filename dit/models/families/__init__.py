@@ -28,12 +28,17 @@ FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": Co
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
+def pads_frames(family: str) -> bool:
+    """Whether a model family pads the latent frames its temporal patch does not divide, instead of refusing such
+    clips (CogVideoX 1.5 at 81 frames)."""
+    return family in FAMILIES and FAMILIES[family].pads_frames
+
+
 def frame_pad(family: str, latent_frames: int, patch_t: int) -> int:
     """Latent frames a model pads at the front of a clip so its temporal patch divides them: CogVideoX 1.5's
     pipelines draw and drop that many extra frames, and its fine-tuning repeats latent frame 0 (0 for a count the
     patch divides, and for families that refuse it)."""
-    pads = family in FAMILIES and FAMILIES[family].pads_frames
-    return (-latent_frames) % patch_t if pads else 0
+    return (-latent_frames) % patch_t if pads_frames(family) else 0
 
 
 def family_of_class(class_name: str | None) -> str | None:

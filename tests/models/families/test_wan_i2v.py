@@ -90,6 +90,36 @@ def test_wan21_i2v_matches_wanimagetovideopipeline(wan_i2v):
 
 
 @torch.no_grad()
+def test_clip_sees_the_image_as_given_as_in_the_pipeline(wan_i2v, tmp_path):
+    """An image of another size than the sampling one: the VAE's condition takes it resized and cropped, and CLIP
+    takes it as given (`dit sample --image` reads both), as WanImageToVideoPipeline gives CLIP the user's image."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from dit.pipeline import read_image, read_pixels
+
+    pipe, _, root = wan_i2v
+    array = torch.randint(0, 256, (40, 70, 3), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    Image.fromarray(array.numpy()).save(tmp_path / "first.png")
+    given, resized = read_pixels(tmp_path / "first.png"), read_image(tmp_path / "first.png", 32, 48)
+    assert given.shape == (1, 3, 40, 70) and resized.shape == (1, 3, 32, 48)
+    fed = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, a, k: fed.append(k["image_states"]), with_kwargs=True)
+    try:
+        sample_latents(pipe, latents(), *prompts(TEXT), steps=1, cfg=CFG, image=resized, clip_image=given)
+    finally:
+        hook.remove()
+    ref = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=None, scheduler=None,
+                                  image_encoder=CLIPVisionModel.from_pretrained(root / "image_encoder"),
+                                  image_processor=CLIPImageProcessor.from_pretrained(root / "image_processor"))
+    want = ref.encode_image(Image.open(tmp_path / "first.png"), "cpu")  # [1, tokens, D]
+    assert fed and fed[0].shape[0] == 2 * 2  # the batch [cond; uncond]
+    torch.testing.assert_close(fed[0], want.expand(4, -1, -1), atol=1e-6, rtol=1e-5)
+    assert (image_states(pipe, resized, 1) - want).abs().max() > 1e-3  # the resized image would differ
+
+
+@torch.no_grad()
 def test_wan21_i2v_needs_an_image_and_512_text_tokens(wan_i2v):
     pipe, _, _ = wan_i2v
     noise = latents()
