@@ -94,6 +94,30 @@ def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, smal
     assert Image.open(tmp_path / "clip0.gif").tobytes() != Image.open(tmp_path / "clip2.gif").tobytes()
 
 
+def test_a_skyreels_image_to_video_model_trains_and_samples_from_an_image(hunyuan: Path, small_shards: str,
+                                                                          tmp_path: Path) -> None:
+    """model.condition=first_frame on a SkyReels V1 transformer (in_channels 2C): the first frame's latents beside
+    the noisy ones in training, and `dit sample --image` continues a given frame (another image, other frames)."""
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    tiny_transformer("hunyuan", in_channels=8, out_channels=4).save_pretrained(tmp_path / "skyreels")
+    run = tmp_path / "run"
+    ckpt = train.main(config(hunyuan, run, small_shards, **{"model.pretrained": tmp_path / "skyreels",
+                                                              "model.condition": "first_frame"}))
+    assert json.loads((ckpt / "config.json").read_text())["dit"]["condition_channels"] == 4
+    assert len(set(losses(run))) == 4 and all(np.isfinite(losses(run)))
+    gen = torch.Generator().manual_seed(2)
+    for name in ("a", "b"):
+        pixels = torch.randint(0, 256, (16, 16, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        dit(["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--steps", "2", "--cfg", "3",
+             "--guidance", "1", "--image", str(tmp_path / f"{name}.png"), "--out", str(tmp_path / f"{name}.gif")])
+    a, b = (Image.open(tmp_path / f"{n}.gif") for n in ("a", "b"))
+    assert a.n_frames == 5 and a.tobytes() != b.tobytes()
+
+
 def test_guidance_of_a_model_without_it_is_refused_before_sampling(tmp_path: Path, small_shards: str,
                                                                    small_vae: Path) -> None:
     """`dit sample --guidance` on a checkpoint whose model has no embedded guidance: one line, exit 2."""

@@ -32,6 +32,9 @@ class HunyuanVideoDenoiser(FamilyDenoiser):
     prediction = "flow"
     option_keys = ("guidance",)
     joint_text = True  # the text tokens run through every block beside the clip's
+    # SkyReels V1 (HunyuanSkyreelsImageToVideoPipeline): an image-to-video transformer of in_channels 2C takes the
+    # first frame's latents beside the noisy ones, zeros after frame 0, without a mask
+    concat_condition = True
 
     def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
         super().__init__(transformer, guidance=float(guidance))
@@ -52,9 +55,10 @@ class HunyuanVideoDenoiser(FamilyDenoiser):
                     patch_size=[dcfg["patch_size_t"], dcfg["patch_size"], dcfg["patch_size"]])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                guidance: float | None = None) -> torch.Tensor:
-        """``text`` [B, L + 1, D]: the Llama states and the pooled row; ``guidance``: the embedded guidance scale
-        (None: the training one)."""
+                condition: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+        """``text`` [B, L + 1, D]: the Llama states and the pooled row; ``condition``: a SkyReels V1 transformer's
+        image latents [B, C, t, h, w] (None: zeros); ``guidance``: the embedded guidance scale (None: the training
+        one)."""
         self.grid(x)
         pooled_dim = int(self.transformer.config.pooled_projection_dim)
         if text.shape[-1] < pooled_dim or text.shape[1] < 2:
@@ -68,7 +72,8 @@ class HunyuanVideoDenoiser(FamilyDenoiser):
         g = None
         if self.distilled:
             g = x.new_full((x.shape[0],), 1000.0 * (self.guidance if guidance is None else guidance), dtype=dtype)
-        out = self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
+        x_in = self.with_condition(x, condition)  # [B, C (+ C), t, h, w]
+        out = self.transformer(hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
                                encoder_attention_mask=mask, pooled_projections=pooled.to(dtype), guidance=g,
                                return_dict=False)[0]  # [B, C, t, h, w]
         return out.to(x.dtype)

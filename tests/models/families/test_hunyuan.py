@@ -156,3 +156,47 @@ def test_guidance_of_a_model_without_it_is_refused(folders, tmp_path):
     assert model(x, torch.tensor([500.0]), text, mask).shape == x.shape
     with pytest.raises(ValueError, match="no embedded guidance"):
         model(x, torch.tensor([500.0]), text, mask, guidance=6.0)
+
+
+@torch.no_grad()
+def test_skyreels_image_to_video_matches_its_pipeline(folders, tmp_path, monkeypatch):
+    """A SkyReels V1 transformer (HunyuanVideo's with in_channels 2C: the first frame's latents beside the noisy
+    ones) under model.condition=first_frame gives HunyuanSkyreelsImageToVideoPipeline's frames with its defaults:
+    true CFG 6 with "" (sample.cfg) and embedded guidance 1 (sample.guidance). The pipeline samples the image's
+    posterior; it is given the mode here, as ours takes it."""
+    import diffusers.pipelines.hunyuan_video.pipeline_hunyuan_skyreels_image2video as skyreels
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanSkyreelsImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from tiny_families import tiny_transformer
+
+    i2v = tmp_path / "skyreels"
+    tiny_transformer("hunyuan", in_channels=8, out_channels=4).save_pretrained(i2v)
+    ckpt = export(tmp_path, {**folders, "transformer": i2v}, "model.condition=first_frame")
+    pipe = load_pipeline(ckpt)
+    assert pipe.model.condition_channels == 4 and pipe.model.in_channels == 4
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1  # [-1, 1]
+    seed = 3
+    ours = generate(pipe, PROMPTS, frames=9, height=32, width=48, steps=STEPS, cfg=6.0, guidance=1.0, seed=seed,
+                    image=image)
+    noise = torch.randn((2, 4, 3, 4, 6), generator=torch.Generator().manual_seed(seed))
+
+    monkeypatch.setattr(skyreels, "retrieve_latents", lambda out, generator=None: out.latent_dist.mode())
+    parts = reference_pipeline(folders).components
+    ref = HunyuanSkyreelsImageToVideoPipeline(
+        **{k: parts[k] for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")},
+        transformer=HunyuanVideoTransformer3DModel.from_pretrained(i2v),
+        vae=AutoencoderKLHunyuanVideo.from_pretrained(folders["vae"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(image=((image + 1) / 2).expand(2, -1, -1, -1), prompt=PROMPTS, negative_prompt="",
+                 prompt_template=template(folders),
+                 latents=noise, num_inference_steps=STEPS, height=32, width=48, num_frames=9,
+                 max_sequence_length=LENGTH, output_type="pt").frames  # true_cfg_scale 6, guidance_scale 1
+    assert frames.shape == (2, 9, 3, 32, 48)
+    torch.testing.assert_close((ours.permute(0, 2, 1, 3, 4) + 1) / 2, frames, atol=1e-4, rtol=0)
+    text_only = generate(pipe, PROMPTS, frames=9, height=32, width=48, steps=STEPS, cfg=6.0, guidance=1.0, seed=seed)
+    assert (text_only - ours).abs().mean() > 1e-2  # the image matters
