@@ -27,6 +27,10 @@ RELEASED = {
     "wan2.2-i2v-a14b": (14.29, 5120, 40, 21 * 30 * 52),
     # LoRA at its native 81 x 768 x 1360: 21 latent frames padded to 22 for the temporal patch 2, 96 x 170 / patch 2
     "cogvideox1.5-5b": (5.57, 3072, 42, 11 * 48 * 85),
+    # HunyuanVideo ("13B": 20 dual- + 40 single-stream blocks) LoRA at 49 x 512 x 768: 13 latent frames, 64 x 96 / 2;
+    # SkyReels V1 I2V (its wider patch embedding: +0.2M) at 49 x 544 x 960: 68 x 120 / 2
+    "hunyuanvideo": (12.82, 3072, 60, 13 * 32 * 48),
+    "skyreels-v1-hunyuan-i2v": (12.82, 3072, 60, 13 * 34 * 60),
 }
 
 
