@@ -92,14 +92,16 @@ def first_sample(url: str) -> dict[str, Any] | None:
 
 def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channels: int, vae_encoder: str,
                         text_encoder: str, text_max_length: int, text_dim: int, text_name: str | None,
-                        text_padding: str | None = None, image_code: bool = False, image_width: int = 0) -> bool:
+                        text_padding: str | None = None, image_code: bool = False, image_width: int = 0,
+                        image_frames: str | None = None) -> bool:
     """Before training: the first sample of each source's first shard is a latent sample when ``data.latents``
     (a raw one otherwise), coded by the VAE whose encoder digest is ``vae_encoder`` (``vae_path`` names it in
     messages) with ``latent_channels``, with text states of this text encoder (kind, dim, max_length; and whether
     the encoder saw the padding, ``text_padding`` unmasked, which changes every state) when it holds them. Raises
     ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text is stored.
     ``image_code`` (a Wan I2V run of the code form): the shards hold the image code; ``image_width`` > 0 (Wan 2.1
-    I2V: its CLIP states' width): and CLIP states of that width."""
+    I2V: its CLIP states' width): and CLIP states of that width; ``image_frames``: of those frames ("first", or
+    "first_last" for FLF2V; shards that do not say hold "first")."""
     stored_text = True
     for spec, _ in data.sources():
         url = expand_shards(spec)[0]
@@ -133,6 +135,11 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
                 raise ConfigError(f"{url} holds no Wan I2V image inputs ({wanted}): re-encode with this run's config "
                                  "(`dit encode SHARDS OUT --config ...`), or train from the raw shards "
                                  "(data.latents=false)")
+            made = meta.get("image_frames", "first")
+            if image_frames and made != image_frames:
+                raise ConfigError(f"{url} holds the image inputs of the {made.replace('_', ' and ')} frame, this run's "
+                                 f"model takes the {image_frames.replace('_', ' and ')} frame: re-encode with this "
+                                 "run's config (`dit encode SHARDS OUT --config ...`)")
             if image_width and states[1] != image_width:
                 raise ConfigError(f"{url} holds CLIP states of width {states[1]}, model.image_encoder gives "
                                  f"{image_width}: re-encode with this run's model.image_encoder")

@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/sample.mp4", help=".mp4/.gif/.png file, or a folder for many prompts")
     p.add_argument("--image", default=None, help="image-to-video: the first frame to continue (png/jpg/webp, "
                    "resized and center-cropped to the sampling size); needs a model.condition=first_frame checkpoint")
+    p.add_argument("--last-image", default=None, help="Wan 2.1 FLF2V: the last frame to reach (with --image, the "
+                   "first); resized and center-cropped as --image")
     p.add_argument("--lora", default=None, metavar="RUN", help="apply a LoRA run's adapter (its newest checkpoint, a "
                    "checkpoint dir or a *lora*.safetensors file) to --checkpoint")
     p.add_argument("--lora-scale", type=float, default=1.0, help="scale of --lora's update (0: the base alone)")

@@ -48,7 +48,14 @@ from data_pipelines.loader import Loader, TooManyBadSamples, build_loader
 from data_pipelines.shards import expand_shards
 from dit.config import Config, ConfigError
 from dit.fileio import atomic_file
-from dit.models.condition import check_code_condition, clip_condition, code_condition, image_code
+from dit.models.condition import (
+    check_code_condition,
+    clip_condition,
+    clip_states_of,
+    code_condition,
+    image_code,
+    image_frames,
+)
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, encoder_digest, load_vae_from_config
@@ -146,7 +153,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
     text_dev = text_device(cfg.text, dev)
     text = build_text_encoder(cfg.text).to(text_dev)
-    code = code_condition(cfg.model)  # the code form's image code; Wan 2.1 I2V's CLIP states beside it
+    # the code form's image code ("first", or "first_last" for FLF2V; "" without); Wan 2.1 I2V's CLIP states beside
+    code = image_frames(cfg.model) if code_condition(cfg.model) else ""
     image_encoder = build_image_encoder(cfg.model.image_encoder) if clip_condition(cfg.model) else None
     if image_encoder is not None:
         image_encoder.to(dev)
@@ -158,6 +166,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                "text_max_length": cfg.text.max_length, "text_padding": cfg.text.padding}
     if image_encoder is not None:
         made_by["image_encoder"] = str(cfg.model.image_encoder)
+    if code:
+        made_by["image_frames"] = code
     # real-token states + zero padding rebuild the others exactly; the unmasked padding's states are kept whole
     full_text = cfg.text.padding == "unmasked"
     counts = {"encoded": 0, "skipped": 0, "samples": 0}
@@ -200,12 +210,12 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
 
 
 def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | PretrainedVAE, text: TextEncoder,
-                  made_by: dict[str, Any], full_text: bool, device: torch.device, code: bool = False,
+                  made_by: dict[str, Any], full_text: bool, device: torch.device, code: str = "",
                   image_encoder: ImageEncoder | None = None) -> int:
     """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many.
     ``full_text``: all the states and the mask (text.padding=unmasked), else the real tokens' states;
-    ``code``: the image code of each clip's first frame too (Wan I2V's code form), and with ``image_encoder`` its
-    CLIP states."""
+    ``code``: the image code of each clip's first frame too (Wan I2V's code form; "first_last": and its last frame,
+    FLF2V), and with ``image_encoder`` their CLIP states."""
     written = 0
     for batch in loader:
         video = batch["video"].to(device)  # [B, 3, T, H, W]
@@ -213,9 +223,10 @@ def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | Pretrain
         states, mask = text.encode(batch["caption"])  # [B, L, D], [B, L]
         frames, height, width = batch["video"].shape[2:]
         image = None
-        if code:  # as draw_batch codes it from raw shards
-            image = (image_code(vae, video[:, :, 0], frames),
-                     image_encoder.encode(video[:, :, 0]) if image_encoder is not None else None)
+        if code:  # as draw_batch codes it from raw shards (FLF2V: the last frame too)
+            first, last = video[:, :, 0], video[:, :, -1] if code == "first_last" else None
+            image = (image_code(vae, first, frames, last),
+                     clip_states_of(image_encoder, first, last) if image_encoder is not None else None)
         for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
             meta = {"frames": frames, "height": height, "width": width, **made_by}
             text_states = states[i] if full_text else states[i][mask[i]]  # [L, D] or [n, D]

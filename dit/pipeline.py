@@ -25,7 +25,7 @@ from dit.diffusion.schedules import Schedule, make_schedule
 from dit.experts import Experts, load_expert, switch
 from dit.export import resolve_checkpoint
 from dit.models.attention import resolve_backend
-from dit.models.condition import clip_mask, first_frame_condition, image_code
+from dit.models.condition import clip_mask, clip_states_of, first_frame_condition, image_code
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
 from dit.models.families.hunyuan import SAMPLE_GUIDANCE
@@ -124,7 +124,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
              decode_chunk: int = 0, shift: float | None = None, callback: Callback = None,
              image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
              cfg_low: float | None = None, guidance: float | None = None,
-             clip_image: torch.Tensor | None = None) -> torch.Tensor:
+             clip_image: torch.Tensor | None = None, last_image: torch.Tensor | None = None,
+             clip_last_image: torch.Tensor | None = None) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
@@ -136,7 +137,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     guidance scale (None: cfg), as the pipelines' guidance_scale_2. guidance: a guidance-distilled HunyuanVideo's
     embedded guidance scale (None: 6.0, as HunyuanVideoPipeline's guidance_scale); other models take none.
     clip_image: Wan 2.1 I2V's CLIP input, the first frame as given before resizing (``read_pixels``), as
-    WanImageToVideoPipeline gives it to CLIP; None: ``image``.
+    WanImageToVideoPipeline gives it to CLIP; None: ``image``. last_image / clip_last_image: Wan 2.1 FLF2V's last
+    frame, as ``image`` / ``clip_image`` are its first.
     """
     vae = pipe.vae
     pads = getattr(pipe.model, "pads_frames", False)
@@ -161,7 +163,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     uncond = dict(text=states[b:].to(device), text_mask=mask[b:].to(device), **embedded)
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
                        shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs,
-                       cfg_low=cfg_low, clip_image=clip_image)
+                       cfg_low=cfg_low, clip_image=clip_image, last_image=last_image,
+                       clip_last_image=clip_last_image)
     return decode_latents(pipe, z[:, :, pad:], decode_chunk)
 
 
@@ -191,11 +194,14 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
                    eta: float = 0.0, generator: torch.Generator | None = None,
                    shift: float | None = None, callback: Callback = None,
                    image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
-                   cfg_low: float | None = None, clip_image: torch.Tensor | None = None) -> torch.Tensor:
+                   cfg_low: float | None = None, clip_image: torch.Tensor | None = None,
+                   last_image: torch.Tensor | None = None, clip_last_image: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
     sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
-    ``dtype`` / ``cuda_graphs`` / ``cfg_low`` / ``clip_image``: as ``generate``'s. A CogVideoX 1.5 clip of an odd
+    ``dtype`` / ``cuda_graphs`` / ``cfg_low`` / ``clip_image`` / ``last_image`` / ``clip_last_image``: as
+    ``generate``'s. A CogVideoX 1.5 clip of an odd
     latent count comes and goes with its front pad frame (``generate`` adds it to the noise and drops it before
     decoding)."""
     objective = pipe.diffusion.objective
@@ -203,11 +209,17 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
     condition = None
+    if (last_image is not None) != bool(getattr(pipe.model, "last_frame", False)):
+        raise ValueError("a Wan 2.1 FLF2V checkpoint samples from a first and a last frame (--image and --last-image)"
+                         if last_image is None else "this checkpoint takes no last frame (not a Wan 2.1 FLF2V model): "
+                         "sample without --last-image")
     if image is not None:  # the same condition at every step, for the conditional and unconditional branch alike
-        condition = image_condition(pipe, image, noise.shape)
+        condition = image_condition(pipe, image, noise.shape, last=last_image)
         extra = {"condition": condition}
         if getattr(pipe.model, "clip_image", False):  # Wan 2.1 I2V: and the image's CLIP states
-            extra["image_states"] = image_states(pipe, image if clip_image is None else clip_image, noise.shape[0])
+            first = image if clip_image is None else clip_image
+            last = last_image if clip_last_image is None else clip_last_image
+            extra["image_states"] = image_states(pipe, first, noise.shape[0], last=last)
         cond, uncond = {**cond, **extra}, {**uncond, **extra}
     z = _sample(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=generator,
                 shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs, cfg_low=cfg_low)
@@ -256,40 +268,52 @@ def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], 
 
 
 @torch.no_grad()
-def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+def image_condition(pipe: Pipeline, image: torch.Tensor, shape: tuple[int, ...] | torch.Size,
+                    last: torch.Tensor | None = None) -> torch.Tensor:
     """A first frame [B or 1, 3, H, W] (uint8, or float in [-1, 1]) -> the DiT's image-to-video condition for latents
     of ``shape`` [B, C, t, h, w]: the image encoded by the VAE as a 1-frame clip (posterior mean, normalized) at
-    latent frame 0, zeros after it, and the mask channel where the model takes one (dit/models/condition.py)."""
+    latent frame 0, zeros after it, and the mask channel where the model takes one (dit/models/condition.py).
+    ``last``: Wan 2.1 FLF2V's last frame, as ``image``."""
     if not getattr(pipe.model, "condition_channels", 0):
         raise ValueError("this checkpoint was not trained to continue a first frame (model.condition=none): sample "
                          "without an image, or train with model.condition=first_frame")
     b, _, t, h, w = shape
-    x = image if image.ndim == 4 else image[None]  # [B, 3, H, W]
-    x = x.float() / 127.5 - 1.0 if image.dtype == torch.uint8 else x.float()
     size = (h * pipe.vae.spatial_compression, w * pipe.vae.spatial_compression)
-    if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != size or x.shape[0] not in (1, b):
-        raise ValueError(f"image: expected [{b} or 1, 3, {size[0]}, {size[1]}] (the sampling size), got "
-                         f"{tuple(image.shape)}")
     device = next(pipe.model.parameters()).device
-    x = x.to(device).expand(b, -1, -1, -1)  # [B, 3, H, W]
+    x = _frame(image, b, size, device, "image")  # [B, 3, H, W] in [-1, 1]
     if getattr(pipe.model, "code_condition", False):  # Wan's code form: the mask, then the code of [image, grey...]
         temporal = pipe.vae.temporal_compression
-        code = image_code(pipe.vae, x, (t - 1) * temporal + 1)  # [B, C, t, h, w]
-        return torch.cat([clip_mask(t, h, w, temporal).to(code).expand(b, -1, -1, -1, -1), code], dim=1)
+        y = None if last is None else _frame(last, b, size, device, "last image")
+        code = image_code(pipe.vae, x, (t - 1) * temporal + 1, y)  # [B, C, t, h, w]
+        mask = clip_mask(t, h, w, temporal, last is not None).to(code).expand(b, -1, -1, -1, -1)
+        return torch.cat([mask, code], dim=1)
     first = pipe.vae.normalize(pipe.vae.encode(x[:, :, None]).mode())  # [B, C, 1, h, w]
     first = first * pipe.vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
     return first_frame_condition(first, t, mask=pipe.model.condition_mask)  # [B, C (+ 1), t, h, w]
 
 
+def _frame(image: torch.Tensor, b: int, size: tuple[int, int], device: torch.device, name: str) -> torch.Tensor:
+    """A given frame [B or 1, 3, H, W] (uint8, or float in [-1, 1]) of the sampling size -> [B, 3, H, W] in [-1, 1]
+    on ``device``."""
+    x = image if image.ndim == 4 else image[None]  # [B, 3, H, W]
+    x = x.float() / 127.5 - 1.0 if image.dtype == torch.uint8 else x.float()
+    if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != size or x.shape[0] not in (1, b):
+        raise ValueError(f"{name}: expected [{b} or 1, 3, {size[0]}, {size[1]}] (the sampling size), got "
+                         f"{tuple(image.shape)}")
+    return x.to(device).expand(b, -1, -1, -1)
+
+
 @torch.no_grad()
-def image_states(pipe: Pipeline, image: torch.Tensor, batch: int) -> torch.Tensor:
+def image_states(pipe: Pipeline, image: torch.Tensor, batch: int, last: torch.Tensor | None = None) -> torch.Tensor:
     """A Wan 2.1 I2V model's CLIP states of the image [B or 1, 3, H, W] -> [batch, tokens, D] (the same image for
-    every row when one is given)."""
+    every row when one is given); ``last`` (FLF2V): the last frame's after them, [batch, 2 x tokens, D]."""
     if pipe.image is None:
         raise ValueError("this Wan 2.1 I2V checkpoint's model.image_encoder was not loaded (the pipeline has no CLIP "
                          "image encoder); load it with load_pipeline from the run's checkpoint")
-    x = image if image.ndim == 4 else image[None]
-    states = pipe.image.encode(x)  # [B or 1, n, D]
+    x, y = (None if z is None else z if z.ndim == 4 else z[None] for z in (image, last))
+    if y is not None and y.shape[0] != x.shape[0]:
+        x, y = x.expand(max(len(x), len(y)), -1, -1, -1), y.expand(max(len(x), len(y)), -1, -1, -1)
+    states = clip_states_of(pipe.image, x, y)  # [B or 1, n (x 2), D]
     return states.to(next(pipe.model.parameters()).device).expand(batch, -1, -1)
 
 

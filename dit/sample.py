@@ -219,6 +219,27 @@ def first_frame(args: argparse.Namespace, config: dict[str, Any], height: int, w
         raise ConfigError(f"--image {e}") from None
 
 
+def last_frame(args: argparse.Namespace, config: dict[str, Any], height: int, width: int) -> torch.Tensor | None:
+    """--last-image read as --image is, for a Wan 2.1 FLF2V checkpoint (which needs it, with --image); refused for
+    any other."""
+    flf = bool(config["dit"].get("diffusers", {}).get("pos_embed_seq_len"))
+    last = getattr(args, "last_image", None)
+    if flf and (last is None or getattr(args, "image", None) is None):
+        raise ConfigError("this checkpoint is a Wan 2.1 FLF2V model: give the first frame with --image FILE and the "
+                          "last with --last-image FILE")
+    if last is None:
+        return None
+    if not flf:
+        raise ConfigError("--last-image: this checkpoint is not a Wan 2.1 FLF2V model (first and last frame); sample "
+                          "without it")
+    if not Path(last).is_file():
+        raise ConfigError(f"--last-image {last!r} does not exist: give the last frame as an image file")
+    try:
+        return read_image(last, height, width)
+    except ValueError as e:
+        raise ConfigError(f"--last-image {e}") from None
+
+
 def sequence_parallel(args: argparse.Namespace, config: dict[str, Any], n_tokens: int) -> DistEnv | None:
     """--sequence-parallel N: checked against the model and clip, then the group of the launch's N processes (None
     for N = 1: one process, as always)."""
@@ -263,9 +284,11 @@ def run_sample(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     image = first_frame(args, config, height, width)
-    # Wan 2.1 I2V's CLIP sees the image as given, before the resize and crop (as WanImageToVideoPipeline's does)
-    clip_image = read_pixels(args.image) if image is not None and config["dit"].get("diffusers", {}).get(
-        "image_dim") else None
+    last_image = last_frame(args, config, height, width)
+    # Wan 2.1 I2V's CLIP sees the images as given, before the resize and crop (as WanImageToVideoPipeline's does)
+    clip = image is not None and bool(config["dit"].get("diffusers", {}).get("image_dim"))
+    given = (getattr(args, "image", None), getattr(args, "last_image", None))
+    clip_image, clip_last_image = (read_pixels(f) if clip and f else None for f in given)
     paths = output_paths(args.out, len(prompts), frames)
     if frames > 1 and paths[0].suffix == ".png":
         raise ConfigError(f"--out {args.out!r}: a .png holds one frame, but {frames} frames would be sampled (the "
@@ -310,6 +333,7 @@ def run_sample(args: argparse.Namespace) -> None:
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          dtype=dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
                          cfg_low=opts["cfg_low"], guidance=opts["guidance"], clip_image=clip_image,
+                         last_image=last_image, clip_last_image=clip_last_image,
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
             continue

@@ -54,6 +54,18 @@ def code_condition(model_cfg: Any) -> bool:
                                                                         dcfg.get("in_channels", 0)))
 
 
+def last_frame_condition(model_cfg: Any) -> bool:
+    """Whether model_cfg's code form also takes the clip's last frame (Wan 2.1 FLF2V: ``pos_embed_seq_len``, the
+    CLIP states of two images): the code of [first, grey..., last], the mask on both, both images' CLIP states."""
+    dcfg = _wan_config(model_cfg)
+    return dcfg is not None and bool(dcfg.get("pos_embed_seq_len"))
+
+
+def image_frames(model_cfg: Any) -> str:
+    """Which frames a code-form condition holds, as latent shards record it: "first", or "first_last" (FLF2V)."""
+    return "first_last" if last_frame_condition(model_cfg) else "first"
+
+
 def clip_condition(model_cfg: Any) -> bool:
     """Whether model_cfg's image condition also takes the image's CLIP states (Wan 2.1 I2V: ``image_dim``)."""
     dcfg = _wan_config(model_cfg)
@@ -140,35 +152,49 @@ def draw_first_frame_condition(first: Tensor, latent_frames: int, prob: float, n
     return first_frame_condition(noisy, latent_frames, keep, mask)
 
 
-def clip_mask(latent_frames: int, h: int, w: int, temporal: int) -> Tensor:
+def clip_mask(latent_frames: int, h: int, w: int, temporal: int, last: bool = False) -> Tensor:
     """The code form's mask [1, temporal, t, h, w]: 1 on every channel of latent frame 0 (the given image, repeated
-    once per pixel frame a latent frame folds), 0 after it."""
+    once per pixel frame a latent frame folds), 0 after it; ``last`` (FLF2V): and 1 on the last channel of the last
+    latent frame (the last pixel frame it folds)."""
     mask = torch.zeros(1, temporal, latent_frames, h, w)
     mask[:, :, 0] = 1.0
+    if last:
+        mask[:, -1, -1] = 1.0
     return mask
 
 
 @torch.no_grad()
-def image_code(vae: Any, first: Tensor, frames: int) -> Tensor:
-    """The code form's image code: first frames [B, 3, H, W] in [-1, 1] followed by ``frames`` - 1 zero frames, coded
-    by the VAE (posterior mode, normalized) -> [B, C, t, h, w] (fp32), as WanImageToVideoPipeline.prepare_latents."""
+def image_code(vae: Any, first: Tensor, frames: int, last: Tensor | None = None) -> Tensor:
+    """The code form's image code: first frames [B, 3, H, W] in [-1, 1] followed by zero frames to ``frames`` in
+    all (the last of them ``last`` instead, FLF2V), coded by the VAE (posterior mode, normalized) -> [B, C, t, h, w]
+    (fp32), as WanImageToVideoPipeline.prepare_latents."""
     b, _, h, w = first.shape
-    clip = torch.cat([first[:, :, None].float(), first.new_zeros(b, 3, frames - 1, h, w, dtype=torch.float32)], 2)
+    given = [first[:, :, None].float()]
+    zeros = first.new_zeros(b, 3, frames - 1 - (last is not None), h, w, dtype=torch.float32)
+    clip = torch.cat([*given, zeros, *([] if last is None else [last[:, :, None].float()])], 2)
     return vae.normalize(vae.encode(clip).mode()).float()
 
 
+@torch.no_grad()
+def clip_states_of(image_encoder: Any, first: Tensor, last: Tensor | None = None) -> Tensor:
+    """The CLIP states a Wan 2.1 I2V transformer takes: the first frames' [B, n, D], and FLF2V's the last frames'
+    after them [B, 2n, D] (WanImageToVideoPipeline.encode_image([image, last_image]))."""
+    states = image_encoder.encode(first)
+    return states if last is None else torch.cat([states, image_encoder.encode(last)], dim=1)
+
+
 def draw_code_condition(code: Tensor, temporal: int, prob: float, noise_std: float,
-                        generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                        generator: torch.Generator, last: bool = False) -> tuple[Tensor, Tensor]:
     """Training's code-form condition from the image codes [B, C, t, h, w] (``image_code``) -> (condition
     [B, temporal + C, t, h, w]: the mask first, as the pipeline has it; keep [B] bool). Rows keep it with
     probability ``prob`` (else all zeros: the caller zeroes their CLIP states too) and get noise of a std drawn in
-    [0, noise_std], with the same three draws as ``draw_first_frame_condition``."""
+    [0, noise_std], with the same three draws as ``draw_first_frame_condition``. ``last``: FLF2V's mask."""
     b, _, t, h, w = code.shape
     keep = torch.rand(b, generator=generator) < prob  # [B]
     std = torch.rand(b, generator=generator) * noise_std  # [B]
     noise = torch.randn(code.shape, generator=generator)  # [B, C, t, h, w]
     noisy = code + (std.view(b, 1, 1, 1, 1) * noise).to(device=code.device, dtype=code.dtype)
-    mask = clip_mask(t, h, w, temporal).to(device=code.device, dtype=code.dtype).expand(b, -1, -1, -1, -1)
+    mask = clip_mask(t, h, w, temporal, last).to(device=code.device, dtype=code.dtype).expand(b, -1, -1, -1, -1)
     cond = torch.cat([mask, noisy], dim=1)  # [B, temporal + C, t, h, w]
     keep = keep.to(code.device)
     return cond * keep.to(cond.dtype).view(b, 1, 1, 1, 1), keep

@@ -46,12 +46,15 @@ from dit.models.attention import resolve_backend
 from dit.models.condition import (
     check_code_condition,
     clip_condition,
+    clip_states_of,
     code_condition,
     condition_mask,
     condition_replaces,
     draw_code_condition,
     draw_first_frame_condition,
     image_code,
+    image_frames,
+    last_frame_condition,
 )
 from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import build_denoiser, check_fit, frame_pad
@@ -193,14 +196,18 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         t = torch.randint(0, diffusion.num_timesteps, (latents.shape[0],), generator=rng.gen).to(device)  # [B]
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
-    if code:  # the code form (dit/models/condition.py): stored, or coded from the first frames
+    if code:  # the code form (dit/models/condition.py): stored, or coded from the first (and last) frames
+        flf = last_frame_condition(model)  # Wan 2.1 FLF2V: the clip's last frame too
         first = None if "image_code" in batch else batch["video"][:, :, 0].to(device)  # [B, 3, H, W]
-        codes = batch["image_code"].to(device) if first is None else image_code(vae, first, batch["video"].shape[2])
+        last = batch["video"][:, :, -1].to(device) if first is not None and flf else None
+        codes = (batch["image_code"].to(device) if first is None else
+                 image_code(vae, first, batch["video"].shape[2], last))
         condition, kept = draw_code_condition(codes, vae.temporal_compression, model.condition_prob,
-                                              model.condition_noise, rng.gen)  # [B, 4 + C, t, h, w]
+                                              model.condition_noise, rng.gen, last=flf)  # [B, 4 + C, t, h, w]
         drawn += (condition,)
-        if "image_states" in batch or image_encoder is not None:  # Wan 2.1 I2V's CLIP states [B, n, D]
-            states_img = batch["image_states"].to(device) if first is None else image_encoder.encode(first).to(device)
+        if "image_states" in batch or image_encoder is not None:  # Wan 2.1 I2V's CLIP states [B, n (x 2), D]
+            states_img = (batch["image_states"].to(device) if first is None else
+                          clip_states_of(image_encoder, first, last).to(device))
             drawn += (states_img * kept.to(states_img.dtype).view(-1, 1, 1),)
     elif model is not None and model.condition == "first_frame":
         first = latents[:, :, :1] * vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
@@ -370,8 +377,9 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step);
     ``around``: the context the sampling runs in (the strategy's: ZeRO-3 gathers a LoRA run's shared base)."""
     prompts, images = cfg.train.sample_prompts[:4], cfg.train.sample_images[:4]
-    if not prompts or one_expert(cfg.diffusion) or (getattr(pipe.model, "code_condition", False) and not images):
-        return  # (one expert of two cannot sample alone; Wan's code form samples from an image only)
+    if (not prompts or one_expert(cfg.diffusion) or (getattr(pipe.model, "code_condition", False) and not images)
+            or getattr(pipe.model, "last_frame", False)):
+        return  # (one expert of two cannot sample alone; Wan's code form samples from an image only; FLF2V from two)
     share = math.ceil(len(prompts) / env.world_size)
     mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
     d = cfg.data
@@ -429,6 +437,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     earlier run wrote into train.output_dir (else a folder holding another run is refused)."""
     check_inputs(cfg)
     out, t = Path(cfg.train.output_dir), cfg.train
+    if t.sample_prompts and last_frame_condition(cfg.model):
+        log.warning("train.sample_prompts: a Wan 2.1 FLF2V model samples from a first and a last frame; no samples "
+                    "are logged (sample with `dit sample --checkpoint RUN --image FIRST --last-image LAST`)")
     if t.sample_prompts and one_expert(cfg.diffusion):
         log.warning("train.sample_prompts: this run trains one expert (noise levels [%g, %g]), which cannot sample "
                     "alone; no samples are logged (sample with `dit sample --checkpoint RUN --expert OTHER`)",
@@ -459,7 +470,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
                         text_name=text.name, text_padding=cfg.text.padding,
-                        image_code=code,
+                        image_code=code, image_frames=image_frames(cfg.model) if code else None,
                         image_width=image_encoder_width(cfg.model.image_encoder) if clip_condition(cfg.model) else 0)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:

@@ -123,6 +123,56 @@ def test_a_wan21_i2v_model_trains_from_raw_and_latent_shards_alike_and_samples(t
                                                                      wan_vae, **I2V))
 
 
+def test_a_wan21_flf2v_model_draws_the_pipelines_condition_and_trains_from_raw_and_latent_shards_alike(
+        tmp_path: Path, small_shards: str, wan_vae: Path, clip: Path) -> None:
+    """A Wan 2.1 FLF2V transformer (pos_embed_seq_len): each kept row's condition is prepare_latents's with the
+    clip's first and last frames, its CLIP states encode_image's of both; raw and `dit encode` latent shards give
+    the same losses, and shards encoded for a first-frame model are refused."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from PIL import Image
+
+    flf = {**I2V, "model.family_config.pos_embed_seq_len": 34, "model.image_encoder": clip}
+    cfg = wan_config(tmp_path, tmp_path / "run", small_shards, wan_vae, **flf, **{
+        "model.condition_prob": 0.5, "model.condition_noise": 0.0})
+    vae, encoder = load_vae_from_config(cfg.vae).eval(), ImageEncoder(clip)
+    video = torch.rand(4, 3, 5, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [B, 3, T, H, W]
+    drawn = train.draw_batch({"video": video, "caption": ["a", "b", "c", "d"]}, vae, NoText(16), cfg.diffusion,
+                             (1, 2, 2), train.RandomStreams(SEED), torch.device("cpu"), None, cfg.model, True, encoder)
+    condition, states = drawn[5], drawn[6]
+    kept = condition.flatten(1).abs().amax(1) > 0  # [B]
+    assert 0 < kept.sum() < 4 and states.shape == (4, 34, WIDTH)
+    ref = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, transformer=None,
+                                  vae=AutoencoderKLWan.from_pretrained(wan_vae),
+                                  scheduler=FlowMatchEulerDiscreteScheduler(), image_encoder=encoder.model,
+                                  image_processor=encoder.processor)
+    for i in torch.nonzero(kept).flatten().tolist():
+        first, last = video[i:i + 1, :, 0], video[i:i + 1, :, -1]  # [1, 3, H, W]
+        _, want = ref.prepare_latents(first, 1, 16, 16, 16, 5, torch.float32, "cpu", None,
+                                      torch.zeros_like(drawn[0][:1]), last_image=last)
+        torch.testing.assert_close(condition[i:i + 1], want, atol=1e-5, rtol=1e-5)
+        pictures = [Image.fromarray(((x[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+                    for x in (first, last)]
+        torch.testing.assert_close(states[i:i + 1], ref.encode_image(pictures, "cpu").reshape(1, 34, -1))
+    assert not condition[~kept].any() and not states[~kept].any()
+
+    common = {**flf, "train.steps": 3, "train.checkpoint_every": 3, "model.condition_prob": 0.75}
+    train.main(wan_config(tmp_path, tmp_path / "raw", small_shards, wan_vae, **common))
+    latents = tmp_path / "latents"
+    encode_shards(small_shards, latents, wan_config(tmp_path, tmp_path / "enc", small_shards, wan_vae, **common),
+                  batch_size=8)
+    train.main(wan_config(tmp_path, tmp_path / "latent", str(latents), wan_vae, **common, **{"data.latents": "true"}))
+    a = losses(tmp_path / "raw")
+    assert len(set(a)) == 3
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "latent")), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    first_only = tmp_path / "first_only"  # shards of a first-frame Wan 2.1 I2V model: another condition
+    encode_shards(small_shards, first_only, wan_config(tmp_path, tmp_path / "enc2", small_shards, wan_vae, **I2V,
+                                                       **{"model.image_encoder": clip}), batch_size=8)
+    with pytest.raises(ConfigError, match="holds the image inputs of the first frame, this run's model takes the "
+                                          "first and last frame"):
+        train.main(wan_config(tmp_path, tmp_path / "refused", str(first_only), wan_vae, **common,
+                              **{"data.latents": "true"}))
+
+
 def test_a_wan21_i2v_run_refuses_what_it_cannot_train(tmp_path: Path, small_shards: str, wan_vae: Path,
                                                       clip: Path) -> None:
     def refused(match: str, **extra: object) -> None:

@@ -109,10 +109,6 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     exactly when model.condition=first_frame."""
     where = _where(model_cfg)
     image_encoder = getattr(model_cfg, "image_encoder", None)
-    if dcfg.get("pos_embed_seq_len"):  # Wan 2.1 FLF2V: the CLIP states of a first and a last frame
-        raise ConfigError(f"{where}: a Wan 2.1 first-last-frame transformer (pos_embed_seq_len "
-                          f"{dcfg['pos_embed_seq_len']}: CLIP states of two images) is not supported; fine-tune a Wan "
-                          "2.1 I2V (first frame) or text-to-video transformer")
     if dcfg.get("image_dim") and image_encoder:  # Wan 2.1 I2V: its CLIP states' width
         from dit.models.image_encoder import image_encoder_width
 

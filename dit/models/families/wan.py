@@ -23,7 +23,8 @@ class WanDenoiser(FamilyDenoiser):
     takes the condition concatenated on channels (``code_condition``), as WanImageToVideoPipeline calls it. Wan 2.1's
     (``image_dim`` in its config) also takes the image's CLIP states (``image_states``) before the text in its
     cross-attention; its attention takes the last 512 text tokens as the text (diffusers hard-codes UMT5's 512), so
-    the text comes padded to 512 tokens (text.max_length)."""
+    the text comes padded to 512 tokens (text.max_length). Wan 2.1 FLF2V's (``pos_embed_seq_len``) takes the
+    first and the last frame (``last_frame``): both in the condition, and both frames' CLIP states."""
 
     family = "wan"
     class_name = "WanTransformer3DModel"
@@ -38,6 +39,8 @@ class WanDenoiser(FamilyDenoiser):
         super().__init__(transformer, first_frame=bool(first_frame) and not code)  # (the code form: concatenated)
         self.code_condition = code
         self.clip_image = bool(transformer.config.get("image_dim"))
+        # Wan 2.1 FLF2V: its image embedding takes the CLIP states of a first and a last frame (pos_embed_seq_len)
+        self.last_frame = bool(transformer.config.get("pos_embed_seq_len"))
 
     @classmethod
     def condition_width(cls, dcfg: dict[str, Any]) -> int:
@@ -78,8 +81,14 @@ class WanDenoiser(FamilyDenoiser):
         if image_states is None:
             raise ValueError("a Wan 2.1 I2V transformer needs the image's CLIP states: sample with an image "
                              "(--image), as it has no text-to-video mode")
-        width = self.transformer.config.image_dim
+        width, pairs = self.transformer.config.image_dim, self.transformer.config.get("pos_embed_seq_len")
         if image_states.ndim != 3 or image_states.shape[0] != text.shape[0] or image_states.shape[2] != width:
             raise ValueError(f"CLIP image states of shape {tuple(image_states.shape)} do not fit: expected "
                              f"[{text.shape[0]}, tokens, {width}] (image_dim)")
+        if pairs:  # FLF2V: both frames' states, [B, 2n, D], given as the pipeline gives them, [2B, n, D]
+            if image_states.shape[1] != pairs:
+                raise ValueError(f"a Wan 2.1 FLF2V transformer takes the CLIP states of a first and a last frame "
+                                 f"({pairs} tokens, pos_embed_seq_len), got {image_states.shape[1]}: sample with "
+                                 "--image and --last-image")
+            return image_states.reshape(-1, pairs // 2, width)
         return image_states

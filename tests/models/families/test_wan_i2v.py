@@ -157,8 +157,74 @@ def test_wan21_i2v_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a Wan 2.1 image-to-video transformer"):
         check_fit(load_config(None, ["model.family=wan", f"model.pretrained={tmp_path / 't2v'}",
                                      "diffusion.objective=flow", f"model.image_encoder={clip}"]).model, 4, 16)
-    tiny_transformer("wan", in_channels=12, out_channels=4, image_dim=WIDTH, added_kv_proj_dim=24,
-                     pos_embed_seq_len=34).save_pretrained(tmp_path / "flf2v")
-    with pytest.raises(ConfigError, match="first-last-frame transformer .pos_embed_seq_len 34"):
-        check_fit(load_config(None, ["model.family=wan", f"model.pretrained={tmp_path / 'flf2v'}",
-                                     "model.condition=first_frame", "diffusion.objective=flow"]).model, 4, 16)
+
+
+
+@torch.no_grad()
+def test_wan21_flf2v_matches_wanimagetovideopipeline_with_a_last_image(tmp_path):
+    """A Wan 2.1 FLF2V transformer (pos_embed_seq_len: the CLIP states of two frames) under model.condition=
+    first_frame: the condition (the mask on the first and the last frame, the code of [first, grey..., last]), the
+    CLIP states of both frames and the sampled frames equal WanImageToVideoPipeline's with last_image (1e-4)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    g = torch.Generator().manual_seed(5)
+    stats = dict(latents_mean=torch.randn(4, generator=g).tolist(),
+                 latents_std=(torch.rand(4, generator=g) + 0.5).tolist())
+    i2v_transformer(tmp_path / "transformer", pos_embed_seq_len=2 * 17)  # the tiny CLIP's 17 tokens, twice
+    clip = save_tiny_clip(tmp_path)
+    pipe, vae_folder = exported(tmp_path, "wan", tmp_path / "transformer",
+                                ["diffusion.objective=flow", "diffusion.shift=3.0", "model.condition=first_frame",
+                                 f"model.image_encoder={clip}"], (9, 32, 48), z_dim=4, **stats)
+    assert pipe.model.last_frame and pipe.model.clip_image
+    gen = torch.Generator().manual_seed(6)
+    first, last = (torch.randint(0, 256, (1, 3, 32, 48), generator=gen, dtype=torch.uint8) for _ in range(2))
+    noise = latents()
+    cond, uncond = prompts(TEXT)
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=first, last_image=last)
+    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+
+    ref = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
+        transformer=WanTransformer3DModel.from_pretrained(tmp_path / "transformer"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_encoder=CLIPVisionModel.from_pretrained(tmp_path / "image_encoder"),
+        image_processor=CLIPImageProcessor.from_pretrained(tmp_path / "image_processor"))
+    ref.set_progress_bar_config(disable=True)
+    pictures = [Image.fromarray(x[0].permute(1, 2, 0).numpy()) for x in (first, last)]
+    states = ref.encode_image(pictures, "cpu")  # [2, 17, D]: first, last
+    torch.testing.assert_close(image_states(pipe, first, 2, last=last), states.reshape(1, 34, -1).expand(2, -1, -1))
+    processed = [ref.video_processor.preprocess(x, height=32, width=48) for x in pictures]
+    _, condition = ref.prepare_latents(processed[0], 2, 4, 32, 48, 9, torch.float32, "cpu", None, noise.clone(),
+                                       last_image=processed[1])
+    ours_condition = image_condition(pipe, first, noise.shape, last=last)
+    torch.testing.assert_close(ours_condition, condition, atol=1e-5, rtol=1e-5)
+    assert ours_condition[:, 3, -1].eq(1).all() and not ours_condition[:, :3, -1].any()  # the last frame's mask
+
+    frames = ref(image=pictures[0], last_image=pictures[1], prompt_embeds=cond["text"],
+                 negative_prompt_embeds=uncond["text"], latents=noise.clone(), num_inference_steps=STEPS,
+                 guidance_scale=CFG, height=32, width=48, num_frames=9, output_type="pt").frames
+    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
+    other = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=first, last_image=255 - last)
+    # the last frame matters (sampling is deterministic, so any change is its effect: 2.1e-3 mean here, where the
+    # tiny random model's response to a whole other first image is ~1e-2)
+    assert (other - z).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="FLF2V checkpoint samples from a first and a last frame"):
+        sample_latents(pipe, noise, cond, uncond, steps=1, cfg=CFG, image=first)
+    # `dit sample`: both frames needed, and --last-image refused for any other model
+    from dit.sample import last_frame
+
+    with pytest.raises(ConfigError, match="FLF2V model: give the first frame with --image FILE and the last"):
+        last_frame(argparse.Namespace(image="a.png", last_image=None), pipe.config, 32, 48)
+    Image.fromarray(last[0].permute(1, 2, 0).numpy()).save(tmp_path / "last.png")
+    read = last_frame(argparse.Namespace(image="a.png", last_image=str(tmp_path / "last.png")), pipe.config, 32, 48)
+    torch.testing.assert_close(read, last.float() / 127.5 - 1, atol=1e-6, rtol=0)  # (the sampling size: as given)
+    plain = {"dit": {"family": "wan", "diffusers": {"image_dim": WIDTH}}}
+    with pytest.raises(ConfigError, match="--last-image: this checkpoint is not a Wan 2.1 FLF2V model"):
+        last_frame(argparse.Namespace(image="a.png", last_image=str(tmp_path / "last.png")), plain, 32, 48)
