@@ -168,9 +168,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
         made_by["image_encoder"] = str(cfg.model.image_encoder)
     if code:
         made_by["image_frames"] = code
-    # real-token states + zero padding rebuild the others exactly; the unmasked padding's states are kept whole, and
-    # HunyuanVideo's (its pooled row is the last, after the padding: dit/models/text_hunyuan.py)
-    full_text = cfg.text.padding == "unmasked" or cfg.text.encoder == "hunyuan"
+    # real-token states + zero padding rebuild the others exactly; the unmasked padding's states are kept whole
+    full_text = cfg.text.padding == "unmasked"
     counts = {"encoded": 0, "skipped": 0, "samples": 0}
     failed: list[str] = []  # "URL: why" of the input shards that gave no sample
     for url, name in zip(urls, names):

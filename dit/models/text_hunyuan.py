@@ -2,13 +2,15 @@
 
 HunyuanVideoPipeline.encode_prompt gives three things per prompt: the Llama states of the prompt written into its
 template (the hidden states ``skip`` layers before the last, the template's first ``crop_start`` tokens cut off),
-their mask, and CLIP's pooled text embedding. ``encode`` returns the first two followed by one more row that holds
-the pooled embedding, zero-padded to the Llama width, with mask 1:
+their mask, and CLIP's pooled text embedding. ``encode`` returns the first two after one more row, in front, that
+holds the pooled embedding, zero-padded to the Llama width, with mask 1:
 
-    states [B, max_length + 1, D_llama], mask [B, max_length + 1]
+    states [B, 1 + max_length, D_llama], mask [B, 1 + max_length]
 
-so the prompt cache, latent shards, prompt dropout, the unconditional "" and sequence-parallel broadcasts carry it
-with the text, unchanged. The HunyuanVideo adapter (dit/models/families/hunyuan.py) splits it off again.
+so the prompt cache, latent shards (which keep the real tokens and pad after them), prompt dropout, the
+unconditional "" and sequence-parallel broadcasts carry it with the text, unchanged: in front, it stays in place
+wherever padding is cut or added after the real tokens. The HunyuanVideo adapter (dit/models/families/hunyuan.py)
+splits it off again.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def prompt_template() -> str:
 def split_pooled(text: torch.Tensor, mask: torch.Tensor,
                  pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Llama states [B, L, D], their mask [B, L] and CLIP's pooled embedding [B, pooled_dim] of ``encode``'s
-    packed output [B, L + 1, D]."""
-    return text[:, :-1], mask[:, :-1], text[:, -1, :pooled_dim]
+    packed output [B, 1 + L, D]."""
+    return text[:, 1:], mask[:, 1:], text[:, 0, :pooled_dim]
 
 
 class HunyuanTextEncoder(HFTextEncoder):
@@ -84,4 +86,4 @@ class HunyuanTextEncoder(HFTextEncoder):
                              f"for {prompts[:3]}...: use text.dtype=bf16 or fp32")
         row = states.new_zeros(len(prompts), 1, self.dim)
         row[:, 0, :self.pooled_dim] = pooled
-        return torch.cat([states, row], 1), torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+        return torch.cat([row, states], 1), torch.cat([mask.new_ones(len(prompts), 1), mask], 1)

@@ -2,8 +2,8 @@
 HunyuanVideoPipeline calls it (latents [B, C, t, h, w] as they are, float timesteps sigma*1000, the Llama states
 with their mask, CLIP's pooled embedding, and the embedded guidance scale x 1000 of the guidance-distilled release).
 
-The text comes from text.encoder=hunyuan (dit/models/text_hunyuan.py): the Llama states followed by one row that
-holds the pooled embedding; ``forward`` splits it off."""
+The text comes from text.encoder=hunyuan (dit/models/text_hunyuan.py): one row that holds the pooled embedding,
+then the Llama states; ``forward`` splits it off."""
 
 from __future__ import annotations
 
@@ -56,14 +56,14 @@ class HunyuanVideoDenoiser(FamilyDenoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 condition: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
-        """``text`` [B, L + 1, D]: the Llama states and the pooled row; ``condition``: a SkyReels V1 transformer's
+        """``text`` [B, 1 + L, D]: the pooled row and the Llama states; ``condition``: a SkyReels V1 transformer's
         image latents [B, C, t, h, w] (None: zeros); ``guidance``: the embedded guidance scale (None: the training
         one)."""
         self.grid(x)
         pooled_dim = int(self.transformer.config.pooled_projection_dim)
         if text.shape[-1] < pooled_dim or text.shape[1] < 2:
-            raise ValueError(f"HunyuanVideo takes text.encoder=hunyuan's states (the Llama states and a row with "
-                             f"CLIP's pooled embedding of width {pooled_dim}), got text of shape {tuple(text.shape)}")
+            raise ValueError(f"HunyuanVideo takes text.encoder=hunyuan's states (a row with CLIP's pooled embedding "
+                             f"of width {pooled_dim}, then the Llama states), got text of shape {tuple(text.shape)}")
         dtype = self.dtype_in()
         states, mask, pooled = split_pooled(text, text_mask, pooled_dim)
         if guidance is not None and not self.distilled:

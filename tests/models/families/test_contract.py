@@ -35,9 +35,9 @@ def pipeline_call(family: str, model: torch.nn.Module, x, t, text, mask) -> torc
                     encoder_attention_mask=mask, num_frames=f, height=h, width=w,
                     rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
         return LTXPipeline._unpack_latents(out, f, h, w)
-    if family == "hunyuan":  # the Llama states and mask, the pooled row split off, embedded guidance 1.0 x 1000
-        return model(hidden_states=x, timestep=t, encoder_hidden_states=text[:, :-1],
-                     encoder_attention_mask=mask[:, :-1], pooled_projections=text[:, -1, :8],
+    if family == "hunyuan":  # the pooled row split off the Llama states and mask, embedded guidance 1.0 x 1000
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text[:, 1:],
+                     encoder_attention_mask=mask[:, 1:], pooled_projections=text[:, 0, :8],
                      guidance=torch.full((x.shape[0],), 1000.0), return_dict=False)[0]
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline  # [B, F, C, H, W]; rope from the pipeline
 

@@ -75,15 +75,15 @@ def test_text_is_the_pipelines_encode_prompt(folders):
     cfg = load_config(None, settings(folders))
     enc = build_text_encoder(cfg.text)
     assert enc.dim == WIDTH and enc.pooled_dim == POOLED
-    states, mask = enc.encode(PROMPTS + [""])  # [3, 25, 16]: the Llama states, then the pooled row
-    assert states.shape == (3, LENGTH + 1, WIDTH) and mask[:, -1].all()
+    states, mask = enc.encode(PROMPTS + [""])  # [3, 25, 16]: the pooled row, then the Llama states
+    assert states.shape == (3, 1 + LENGTH, WIDTH) and mask[:, 0].all()
     embeds, pooled, attention = reference_pipeline(folders).encode_prompt(
         PROMPTS + [""], prompt_template=template(folders), device=torch.device("cpu"), max_sequence_length=LENGTH)
     text, text_mask, ours_pooled = split_pooled(states, mask, POOLED)
     torch.testing.assert_close(text, embeds, atol=0, rtol=0)
     assert torch.equal(text_mask, attention.bool())
     torch.testing.assert_close(ours_pooled, pooled, atol=0, rtol=0)
-    assert torch.count_nonzero(states[:, -1, POOLED:]) == 0  # the row's rest is zeros
+    assert torch.count_nonzero(states[:, 0, POOLED:]) == 0  # the row's rest is zeros
     assert text_mask.sum(1).tolist()[2] < text_mask.sum(1).tolist()[0] < LENGTH == text_mask.sum(1).tolist()[1]
 
 
