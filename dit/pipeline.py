@@ -201,9 +201,8 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
     sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
     ``dtype`` / ``cuda_graphs`` / ``cfg_low`` / ``clip_image`` / ``last_image`` / ``clip_last_image``: as
-    ``generate``'s. A CogVideoX 1.5 clip of an odd
-    latent count comes and goes with its front pad frame (``generate`` adds it to the noise and drops it before
-    decoding)."""
+    ``generate``'s. A CogVideoX 1.5 clip of an odd latent count comes and goes with its front pad frame
+    (``generate`` adds it to the noise and drops it before decoding)."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     if dtype not in ("fp32", "bf16"):
