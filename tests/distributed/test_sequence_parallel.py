@@ -108,6 +108,10 @@ FAMILY_SIZES = {
     # Wan 2.1 I2V: the condition on channels, CLIP states beside the text (512 tokens) in the cross-attention
     "wan-i2v": (dict(num_attention_heads=4, attention_head_dim=12, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
                      freq_dim=32, patch_size=[1, 2, 2], image_dim=8, added_kv_proj_dim=48), (3, 4, 6)),
+    # Wan 2.1 FLF2V: the CLIP states of a first and a last frame (2 x 5 tokens, pos_embed_seq_len)
+    "wan-flf2v": (dict(num_attention_heads=4, attention_head_dim=12, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                       freq_dim=32, patch_size=[1, 2, 2], image_dim=8, added_kv_proj_dim=48, pos_embed_seq_len=10),
+                  (3, 4, 6)),
     "ltx": (dict(num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32, num_layers=2,
                  caption_channels=16), (3, 2, 3)),
     # 1.0 with RoPE (5B), 1.0 with sin/cos positions (2B: no RoPE), 1.5 (temporal patch 2: 6 frames -> 3)
@@ -134,7 +138,7 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lo
     from dit.models.lora import inject_lora
 
     family, (sizes, grid) = name.split("-")[0], FAMILY_SIZES[name]
-    i2v = name == "wan-i2v"
+    i2v, flf = name in ("wan-i2v", "wan-flf2v"), name == "wan-flf2v"
 
     def denoiser() -> torch.nn.Module:
         return build_denoiser(ModelConfig(family=family, family_config=sizes,
@@ -165,7 +169,7 @@ def _family_matches(group: dist.ProcessGroup, name: str, checkpointing: bool, lo
     kwargs = {}
     if i2v:
         kwargs = dict(condition=torch.randn(2, 8, *grid, generator=gen, dtype=torch.float64),
-                      image_states=torch.randn(2, 5, 8, generator=gen, dtype=torch.float64))
+                      image_states=torch.randn(2, 10 if flf else 5, 8, generator=gen, dtype=torch.float64))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     results, saved = _forward_backward((plain, sp), (x, t, text, mask), target, kwargs)
     assert results[0].std() > 0

@@ -25,6 +25,8 @@ RELEASED = {
     "wan2.1-i2v-14b-480p": (16.39, 5120, 40, 21 * 30 * 52),
     "wan2.2-t2v-a14b": (14.29, 5120, 40, 21 * 30 * 52),
     "wan2.2-i2v-a14b": (14.29, 5120, 40, 21 * 30 * 52),
+    # Wan 2.1 FLF2V (the CLIP position table of two frames: +0.66M) at 81 x 720 x 1280, 4-way sequence parallel
+    "wan2.1-flf2v-14b-720p": (16.40, 5120, 40, 21 * 45 * 80),
     # LoRA at its native 81 x 768 x 1360: 21 latent frames padded to 22 for the temporal patch 2, 96 x 170 / patch 2
     "cogvideox1.5-5b": (5.57, 3072, 42, 11 * 48 * 85),
     # HunyuanVideo ("13B": 20 dual- + 40 single-stream blocks) LoRA at 49 x 512 x 768: 13 latent frames, 64 x 96 / 2;
@@ -69,9 +71,10 @@ def test_released_model_configs_plan(name):
     size = model_size(cfg)
     assert (size.base or size.params) / 1e9 == pytest.approx(billions, abs=0.01)  # (LoRA: the base's count)
     assert (size.hidden, size.depth, size.tokens) == (hidden, depth, tokens)
-    one, many = (estimate(cfg, gpus=g, gpu_memory_gb=80, size=size) for g in (1, 64))
+    sp = cfg.train.sequence_parallel  # (the fewest GPUs a config can run on: one sequence-parallel group)
+    one, many = (estimate(cfg, gpus=g, gpu_memory_gb=80, size=size) for g in (sp, 64))
     fsdp_one, fsdp_many = (next(e for e in es if e.strategy == "fsdp") for es in (one, many))
-    assert fsdp_many.weights == pytest.approx(fsdp_one.weights / 64)  # FSDP shards the weights over 64 ranks
+    assert fsdp_many.weights == pytest.approx(fsdp_one.weights * sp / 64)  # FSDP shards the weights over 64 ranks
     assert fsdp_one.total > 16 * size.params  # fp32 weights, grads, AdamW moments and EMA: 20 bytes a parameter
     if cfg.train.lora.rank:  # the adapter trains on a frozen base, which one GPU holds in bf16 under DDP
         assert size.params < 0.06 * size.base and next(e for e in one if e.strategy == "ddp").fits  # (rank 128: 5.3%)
