@@ -28,6 +28,26 @@ def i2v_transformer(folder, **overrides) -> None:
                      **overrides).save_pretrained(folder)
 
 
+def reference_pipeline(root, vae_folder):
+    """WanImageToVideoPipeline of the tiny folders under ``root`` (shift 3)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    ref = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
+        transformer=WanTransformer3DModel.from_pretrained(root / "transformer"),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_encoder=CLIPVisionModel.from_pretrained(root / "image_encoder"),
+        image_processor=CLIPImageProcessor.from_pretrained(root / "image_processor"))
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 @pytest.fixture
 def wan_i2v(tmp_path):
     g = torch.Generator().manual_seed(5)
@@ -43,14 +63,7 @@ def wan_i2v(tmp_path):
 
 @torch.no_grad()
 def test_wan21_i2v_matches_wanimagetovideopipeline(wan_i2v):
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanImageToVideoPipeline,
-        WanTransformer3DModel,
-    )
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPVisionModel
 
     pipe, vae_folder, root = wan_i2v
     assert pipe.model.clip_image and not pipe.model.first_frame
@@ -62,13 +75,7 @@ def test_wan21_i2v_matches_wanimagetovideopipeline(wan_i2v):
     assert (z - noise).abs().mean() > 0.1
     got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
 
-    ref = WanImageToVideoPipeline(
-        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
-        transformer=WanTransformer3DModel.from_pretrained(root / "transformer"),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        image_encoder=CLIPVisionModel.from_pretrained(root / "image_encoder"),
-        image_processor=CLIPImageProcessor.from_pretrained(root / "image_processor"))
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(root, vae_folder)
     picture = Image.fromarray(pixels[0].permute(1, 2, 0).numpy())  # what a user gives the pipeline
     # the parts: the CLIP states and the condition (the mask, then the code of [image, zeros...])
     torch.testing.assert_close(image_states(pipe, pixels, 2), ref.encode_image(picture, "cpu").expand(2, -1, -1))
@@ -165,14 +172,7 @@ def test_wan21_flf2v_matches_wanimagetovideopipeline_with_a_last_image(tmp_path)
     """A Wan 2.1 FLF2V transformer (pos_embed_seq_len: the CLIP states of two frames) under model.condition=
     first_frame: the condition (the mask on the first and the last frame, the code of [first, grey..., last]), the
     CLIP states of both frames and the sampled frames equal WanImageToVideoPipeline's with last_image (1e-4)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanImageToVideoPipeline,
-        WanTransformer3DModel,
-    )
     from PIL import Image
-    from transformers import CLIPImageProcessor, CLIPVisionModel
 
     g = torch.Generator().manual_seed(5)
     stats = dict(latents_mean=torch.randn(4, generator=g).tolist(),
@@ -190,13 +190,7 @@ def test_wan21_flf2v_matches_wanimagetovideopipeline_with_a_last_image(tmp_path)
     z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, image=first, last_image=last)
     got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
 
-    ref = WanImageToVideoPipeline(
-        tokenizer=None, text_encoder=None, vae=AutoencoderKLWan.from_pretrained(vae_folder),
-        transformer=WanTransformer3DModel.from_pretrained(tmp_path / "transformer"),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        image_encoder=CLIPVisionModel.from_pretrained(tmp_path / "image_encoder"),
-        image_processor=CLIPImageProcessor.from_pretrained(tmp_path / "image_processor"))
-    ref.set_progress_bar_config(disable=True)
+    ref = reference_pipeline(tmp_path, vae_folder)
     pictures = [Image.fromarray(x[0].permute(1, 2, 0).numpy()) for x in (first, last)]
     states = ref.encode_image(pictures, "cpu")  # [2, 17, D]: first, last
     torch.testing.assert_close(image_states(pipe, first, 2, last=last), states.reshape(1, 34, -1).expand(2, -1, -1))
