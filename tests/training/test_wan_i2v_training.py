@@ -155,22 +155,20 @@ def test_a_wan21_flf2v_model_draws_the_pipelines_condition_and_trains_from_raw_a
         torch.testing.assert_close(states[i:i + 1], ref.encode_image(pictures, "cpu").reshape(1, 34, -1))
     assert not condition[~kept].any() and not states[~kept].any()
 
-    common = {**flf, "train.steps": 3, "train.checkpoint_every": 3, "model.condition_prob": 0.75}
+    common = {**flf, "train.steps": 2, "train.checkpoint_every": 2, "model.condition_prob": 0.75}
     train.main(wan_config(tmp_path, tmp_path / "raw", small_shards, wan_vae, **common))
     latents = tmp_path / "latents"
     encode_shards(small_shards, latents, wan_config(tmp_path, tmp_path / "enc", small_shards, wan_vae, **common),
                   batch_size=8)
     train.main(wan_config(tmp_path, tmp_path / "latent", str(latents), wan_vae, **common, **{"data.latents": "true"}))
     a = losses(tmp_path / "raw")
-    assert len(set(a)) == 3
+    assert len(set(a)) == 2
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "latent")), torch.tensor(a), rtol=1e-5, atol=1e-6)
-    first_only = tmp_path / "first_only"  # shards of a first-frame Wan 2.1 I2V model: another condition
-    encode_shards(small_shards, first_only, wan_config(tmp_path, tmp_path / "enc2", small_shards, wan_vae, **I2V,
-                                                       **{"model.image_encoder": clip}), batch_size=8)
-    with pytest.raises(ConfigError, match="holds the image inputs of the first frame, this run's model takes the "
-                                          "first and last frame"):
-        train.main(wan_config(tmp_path, tmp_path / "refused", str(first_only), wan_vae, **common,
-                              **{"data.latents": "true"}))
+    # these shards record the first and last frame: a first-frame Wan 2.1 I2V run is refused them before any work
+    with pytest.raises(ConfigError, match="holds the image inputs of the first and last frame, this run's model "
+                                          "takes the first frame"):
+        train.main(wan_config(tmp_path, tmp_path / "refused", str(latents), wan_vae, **I2V, **{
+            "model.image_encoder": clip, "data.latents": "true"}))
 
 
 def test_a_wan21_i2v_run_refuses_what_it_cannot_train(tmp_path: Path, small_shards: str, wan_vae: Path,
