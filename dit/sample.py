@@ -35,6 +35,7 @@ from dit.config import ConfigError, SampleConfig
 from dit.distributed.setup import DistEnv
 from dit.export import resolve_checkpoint
 from dit.models.families import pads_frames
+from dit.models.families.hunyuan import SAMPLE_GUIDANCE
 from dit.pipeline import (
     check_size,
     default_suffix,
@@ -154,6 +155,8 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     if getattr(args, "guidance", None) is not None and not distilled:
         raise ConfigError(f"--guidance is the embedded guidance scale of a guidance-distilled HunyuanVideo; this "
                           f"checkpoint's {config['dit'].get('family', 'dit')} model takes none: use --cfg")
+    if distilled and out["guidance"] is None:  # (what generate gives it; said in the report)
+        out["guidance"] = SAMPLE_GUIDANCE
     try:
         out["sampler"] = resolve_sampler(config["experiment"]["diffusion"].get("objective", "diffusion"),
                                          out["sampler"])
@@ -356,8 +359,9 @@ def report(args: argparse.Namespace, opts: dict[str, Any], prompts: list[str], s
     """What will be sampled, on stderr, with a warning for a size far beyond the training one."""
     frames, height, width = size
     print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width; {n_tokens} latent "
-          f"tokens each) with {opts['sampler']}, {opts['steps']} steps, cfg {opts['cfg']:g}, seed {args.seed}, "
-          f"batches of {args.batch_size}", file=sys.stderr)
+          f"tokens each) with {opts['sampler']}, {opts['steps']} steps, cfg {opts['cfg']:g}"
+          + ("" if opts.get("guidance") is None else f", embedded guidance {opts['guidance']:g}")
+          + f", seed {args.seed}, batches of {args.batch_size}", file=sys.stderr)
     if n_tokens > WARN_TOKENS * n_trained:
         factor = n_tokens / n_trained
         print(f"warning: that is {factor:.0f}x the {n_trained} tokens of the size the model was trained at "

@@ -62,7 +62,8 @@ def config(root: Path, run: Path, shards: str, **extra: object):
     return load_config(root / "hunyuan.yaml", small_overrides(run, shards, None, **common))
 
 
-def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, small_shards: str, tmp_path: Path) -> None:
+def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, small_shards: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
     raw = tmp_path / "raw"
     ckpt = train.main(config(hunyuan, raw, small_shards))
     saved = json.loads((ckpt / "config.json").read_text())
@@ -86,12 +87,13 @@ def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, smal
 
     from dit.cli import main as dit
 
-    for guidance in ([], ["--guidance", "3.5"]):
+    for guidance, said in (([], "6"), (["--guidance", "3.5"], "3.5")):
         out = tmp_path / f"clip{len(guidance)}.gif"
         dit(["sample", "--checkpoint", str(raw), "--prompt", "a red circle moving left", "--steps", "2",
              "--out", str(out), *guidance])
         gif = Image.open(out)
         assert (gif.n_frames, gif.size) == (5, (16, 16))
+        assert f"cfg 1, embedded guidance {said}, seed 0" in capsys.readouterr().err
     assert Image.open(tmp_path / "clip0.gif").tobytes() != Image.open(tmp_path / "clip2.gif").tobytes()
 
 
