@@ -64,6 +64,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run_sample(args)
 
 
+def cmd_lora_export(args: argparse.Namespace) -> None:
+    from dit.lora_export import export_lora
+
+    print(export_lora(args.run, args.out, fmt=args.format))
+
+
 def cmd_lora_merge(args: argparse.Namespace) -> None:
     from dit.merge import merge_lora_run
 
@@ -223,13 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "several GPUs; rank 0 writes the files")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("lora", help="LoRA adapters: merge one into its base")
+    p = sub.add_parser("lora", help="LoRA adapters: merge one into its base, or export it for another tool")
     lora_sub = p.add_subparsers(dest="lora_command", required=True)
     q = lora_sub.add_parser("merge", help="write a normal checkpoint directory: the base with the adapter merged")
     q.add_argument("run", help="a LoRA run (its newest checkpoint) or a LoRA checkpoint directory")
     q.add_argument("--out", required=True, help="the new checkpoint directory (must not exist)")
     q.add_argument("--scale", type=float, default=1.0, help="scale of the adapter's update")
     q.set_defaults(fn=cmd_lora_merge)
+    q = lora_sub.add_parser("export", help="the adapter in another tool's layout (comfyui: Wan models' original "
+                            "module names under diffusion_model., lora_down / lora_up / alpha)")
+    q.add_argument("run", help="a LoRA run (its newest checkpoint) or a LoRA checkpoint directory")
+    q.add_argument("--out", required=True, help="the .safetensors file to write (must not exist)")
+    q.add_argument("--format", default="comfyui", choices=["comfyui"], help="the layout (default comfyui)")
+    q.set_defaults(fn=cmd_lora_export)
 
     p = sub.add_parser("encode", help="raw shards -> latent shards (VAE posterior + text states), one per input")
     p.add_argument("shards", help="shard spec (brace pattern, directory, comma list)")

@@ -85,3 +85,44 @@ def test_the_adapter_loads_into_diffusers_transformer_and_pipeline(wan_lora) -> 
     mask = torch.ones(2, 5, dtype=torch.bool)
     got = sample_latents(ours, x, dict(text=text, text_mask=mask), dict(text=neg, text_mask=mask), steps=3, cfg=4.0)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_the_comfyui_export_loads_into_diffusers_with_the_same_output(wan_lora, tmp_path) -> None:
+    """`dit lora export RUN --out F` writes Wan's original module names under diffusion_model. with lora_down /
+    lora_up / alpha (ComfyUI's layout for Wan); diffusers' own converter of such files loads it into WanPipeline,
+    and the transformer then gives our output (1e-4), every adapted module included."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from dit.cli import main as dit
+    from dit.config import ConfigError
+    from dit.lora_export import export_lora
+
+    folder, run = wan_lora
+    out = tmp_path / "wan_comfyui.safetensors"
+    dit(["lora", "export", str(run), "--out", str(out)])
+    tensors = load_file(out)
+    ckpt = list_checkpoints(run)[-1]
+    ours_file = load_file(ckpt / LORA_FILE)
+    assert len(tensors) == 3 * len(ours_file) // 2  # down, up and alpha per adapted module
+    assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in tensors
+    assert "diffusion_model.blocks.1.ffn.2.lora_up.weight" in tensors
+    assert all(float(v) == 8.0 for k, v in tensors.items() if k.endswith(".alpha"))  # train.lora.alpha
+    assert not any("attn1" in k or "to_q" in k for k in tensors)
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=WanTransformer3DModel.from_pretrained(folder))
+    pipe.load_lora_weights(str(out))  # diffusers converts the original names back
+    x, text = inputs(1)
+    t = torch.tensor([700.0, 120.0])
+    ours = load_pipeline(run, text=NoText(TEXT))
+    want = ours.model(x, t, text, torch.ones(2, 5, dtype=torch.bool))
+    plain = WanTransformer3DModel.from_pretrained(folder).eval()(x, t, text, return_dict=False)[0]
+    got = pipe.transformer.eval()(x, t, text, return_dict=False)[0]
+    assert (got - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="exists; give a new file"):
+        export_lora(run, out)
+    with pytest.raises(ConfigError, match="write a .safetensors file"):
+        export_lora(run, tmp_path / "x.pt")

@@ -145,6 +145,11 @@ def test_a_lora_adapter_loads_into_diffusers(hunyuan: Path, small_shards: str, t
                                                        "train.lora.rank": 4, "train.lora.alpha": 8}))
     with torch.no_grad():
         check_adapter(hunyuan, run)
+    from dit.config import ConfigError
+    from dit.lora_export import export_lora
+
+    with pytest.raises(ConfigError, match="written for Wan models; this adapter is for model.family=hunyuan"):
+        export_lora(run, tmp_path / "comfyui.safetensors")
 
 
 def check_adapter(hunyuan: Path, run: Path) -> None:
