@@ -167,6 +167,9 @@ def text_width(text_cfg: object) -> int:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"text encoder folder {str(folder)!r} has no config.json; set text.path to a "
                                 "local Hugging Face model folder (e.g. a T5 or CLIP checkpoint)")
+    if text_cfg.encoder == "hunyuan" and not (Path(text_cfg.path_2) / "config.json").is_file():
+        raise FileNotFoundError(f"text.path_2 {text_cfg.path_2!r} has no config.json; set it to the CLIP text encoder "
+                                "folder (a HunyuanVideo Diffusers download's text_encoder_2/)")
     config = json.loads((folder / "config.json").read_text())
     width = config.get("d_model") or config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
     if not width:

@@ -125,6 +125,11 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         load_config(None, no_pair)
     with pytest.raises(ConfigError, match="text.path_2"):
         load_config(None, [s for s in base if not s.startswith("text.path_2")])
+    from dit.models.text import text_width
+
+    missing = load_config(None, [*base, f"text.path_2={tmp_path / 'text_encoder_2'}"])
+    with pytest.raises(FileNotFoundError, match="text.path_2 .* has no config.json"):  # (dit train: before any work)
+        text_width(missing.text)
     with pytest.raises(ConfigError, match="set model.family=hunyuan"):
         load_config(None, ["text.encoder=hunyuan", "text.path=/x", "text.path_2=/y"])
     with pytest.raises(ConfigError, match="sample.guidance.*HunyuanVideo"):
