@@ -74,7 +74,8 @@ def clip_condition(model_cfg: Any) -> bool:
 
 def check_code_condition(cfg: Any) -> None:
     """A run (a Config) of a Wan I2V transformer of the code form has what it needs: a VAE of the mask's width; Wan
-    2.1's the CLIP encoder and 512-token text. ConfigError names what is missing."""
+    2.1's the CLIP encoder and 512-token text; FLF2V's clips longer than one latent frame. ConfigError names what is
+    missing."""
     from dit.config import ConfigError
     from dit.models.families import WAN_MASK_CHANNELS
     from dit.models.families.wan import WAN_TEXT_TOKENS
@@ -83,6 +84,12 @@ def check_code_condition(cfg: Any) -> None:
     if temporal != WAN_MASK_CHANNELS:
         raise ConfigError(f"vae: a Wan image-to-video transformer's mask has {WAN_MASK_CHANNELS} channels, one per "
                           f"frame a latent frame folds, but this VAE folds {temporal}; use Wan's VAE")
+    d = cfg.data
+    shortest = min(d.buckets.frames) if d.buckets.enabled else d.frames
+    if last_frame_condition(cfg.model) and shortest <= temporal:
+        raise ConfigError(f"data.frames: a Wan 2.1 FLF2V model takes a clip's first and last frames in different "
+                          f"latent frames, so its clips need more than {temporal} frames (got {shortest}"
+                          f"{' in data.buckets.frames' if d.buckets.enabled else ''}); train on clips of 5 or more")
     if not clip_condition(cfg.model):
         return
     if not cfg.model.image_encoder:

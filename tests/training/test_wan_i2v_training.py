@@ -164,6 +164,9 @@ def test_a_wan21_flf2v_model_draws_the_pipelines_condition_and_trains_from_raw_a
     a = losses(tmp_path / "raw")
     assert len(set(a)) == 2
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "latent")), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="FLF2V model takes a clip's first and last frames in different latent "
+                                          "frames, so its clips need more than 4 frames .got 1"):
+        train.main(wan_config(tmp_path, tmp_path / "images", small_shards, wan_vae, **common, **{"data.frames": 1}))
     # these shards record the first and last frame: a first-frame Wan 2.1 I2V run is refused them before any work
     with pytest.raises(ConfigError, match="holds the image inputs of the first and last frame, this run's model "
                                           "takes the first frame"):
