@@ -13,7 +13,7 @@ from dit.config import ConfigError, DiffusionConfig, TextConfig, load_config
 from dit.models.text import NoText, text_device
 from dit.models.vae import CausalVAE
 from dit.plan import MINILM, estimate, model_size
-from dit.training.train import RandomStreams, draw_batch
+from dit.training.batch import RandomStreams, draw_batch
 
 
 def test_text_device_places_the_encoder_and_plan_leaves_it_out():

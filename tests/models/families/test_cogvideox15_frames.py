@@ -106,7 +106,7 @@ def test_training_repeats_latent_frame_0_in_front(tmp_path):
 
     from dit.models.text import NoText
     from dit.models.vae import load_vae_from_config
-    from dit.training import train
+    from dit.training.batch import RandomStreams, draw_batch
 
     save_tiny_vae("cogvideox", tmp_path / "vae")
     for frames, padded in ((9, 4), (13, 4)):
@@ -117,8 +117,8 @@ def test_training_repeats_latent_frame_0_in_front(tmp_path):
                                                                                 "out_channels": 4}.items()]])
         vae = load_vae_from_config(cfg.vae).eval()
         video = torch.rand(2, 3, frames, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-        drawn = train.draw_batch({"video": video, "caption": ["a", "b"]}, vae, NoText(8), cfg.diffusion,
-                                 (2, 2, 2), train.RandomStreams(0), torch.device("cpu"), None, cfg.model)
+        drawn = draw_batch({"video": video, "caption": ["a", "b"]}, vae, NoText(8), cfg.diffusion,
+                                 (2, 2, 2), RandomStreams(0), torch.device("cpu"), None, cfg.model)
         lat, noise, condition = drawn[0], drawn[4], drawn[5]
         assert lat.shape[2] == noise.shape[2] == condition.shape[2] == padded
         if frames == 9:
