@@ -21,7 +21,6 @@ from dit.models.condition import (
     draw_code_condition,
     draw_first_frame_condition,
     image_code,
-    last_frame_condition,
 )
 from dit.models.families import frame_pad
 from dit.models.vae import DiagonalGaussian
@@ -68,7 +67,7 @@ def stored_text(batch: dict[str, Any], captions: list[str], text: torch.nn.Modul
 @torch.no_grad()
 def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Module, diffusion: DiffusionConfig,
                patch: tuple[int, int, int], rng: RandomStreams, device: torch.device,
-               keep: slice | None, model: ModelConfig | None = None, code: bool = False,
+               keep: slice | None, model: ModelConfig | None = None, code: str = "",
                image_encoder: torch.nn.Module | None = None) -> tuple[torch.Tensor, ...]:
     """Latents, text states + mask, timesteps (integer steps; for flow σ in [0, 1]) and noise for a batch; ``keep``
     slices a global batch to this rank. A batch from latent shards (``mean``/``logvar``, maybe ``text``) skips the
@@ -78,9 +77,10 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     codes pixel frame 0 alone there, so it is a latent of the first frame by itself; the same draw the target
     holds, so frame 0 of the target is the condition up to its noise augmentation. Sampling gives the image's
     posterior mean: a trained VAE's posterior std is far below model.condition_noise). A Wan I2V model of the code
-    form (``code``) gets its own condition, the code of [first frame, grey...] (stored in latent shards, or coded
-    here), and Wan 2.1 I2V's (``image_encoder``: its CLIP encoder, or latent shards holding what it gives) a seventh
-    tensor, the first frame's CLIP states (zeros in the rows whose condition was dropped)."""
+    form (``code``: "first", or "first_last" for FLF2V, as ``image_frames``) gets its own condition, the code of
+    [first frame, grey...] (or [first, grey..., last]; stored in latent shards, or coded here), and Wan 2.1 I2V's
+    (``image_encoder``: its CLIP encoder, or latent shards holding what it gives) a seventh tensor, the given
+    frames' CLIP states (zeros in the rows whose condition was dropped)."""
     if "mean" in batch:  # the stored posterior
         posterior = DiagonalGaussian(batch["mean"].to(device), batch["logvar"].to(device))
     else:
@@ -102,7 +102,7 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
     noise = torch.randn(latents.shape, generator=rng.gen).to(device)  # [B, C, t, h, w]
     drawn = (latents, states, mask, t, noise)
     if code:  # the code form (dit/models/condition.py): stored, or coded from the first (and last) frames
-        flf = last_frame_condition(model)  # Wan 2.1 FLF2V: the clip's last frame too
+        flf = code == "first_last"  # Wan 2.1 FLF2V: the clip's last frame too
         first = None if "image_code" in batch else batch["video"][:, :, 0].to(device)  # [B, 3, H, W]
         last = batch["video"][:, :, -1].to(device) if first is not None and flf else None
         codes = (batch["image_code"].to(device) if first is None else
@@ -128,6 +128,7 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
     condition = drawn[5] if len(drawn) > 5 else None  # image-to-video (model.condition=first_frame)
     image_states = drawn[6] if len(drawn) > 6 else None  # Wan 2.1 I2V's CLIP states
     b = cfg.train.batch_size
+    replaces = condition is not None and condition_replaces(cfg.model)  # (read once a step, not per micro-batch)
 
     def loss(i: int) -> torch.Tensor:
         r = slice(i * b, (i + 1) * b) if cfg.train.grad_accum_steps > 1 else slice(None)  # (buckets vary B)
@@ -141,7 +142,7 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
             kwargs["condition"] = condition[r]
             if image_states is not None:
                 kwargs["image_states"] = image_states[r]
-            if condition_replaces(cfg.model):
+            if replaces:
                 weight = 1 - condition[r][:, -1:]  # [B, 1, t, h, w]: 0 where the image stands
         if cfg.diffusion.objective == "flow":
             return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs,

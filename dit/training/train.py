@@ -326,9 +326,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(env.device)
     cfg = dataclasses.replace(cfg, vae=loaded_vae_config(cfg.vae, vae))  # recorded as loaded, not as the YAML says
     text = build_text_encoder(cfg.text).to(text_device(cfg.text, env.device))
-    # Wan I2V's code form; Wan 2.1 I2V's CLIP encoder for raw shards (latent shards hold its states: checked here)
-    # and for samples from train.sample_images
-    code = code_condition(cfg.model)
+    # Wan I2V's code form ("first", "first_last" for FLF2V; "" without); Wan 2.1 I2V's CLIP encoder for raw shards
+    # (latent shards hold its states: checked here) and for samples from train.sample_images
+    code = image_frames(cfg.model) if code_condition(cfg.model) else ""
     clip_needed = not cfg.data.latents or bool(t.sample_images)
     image_encoder = build_image_encoder(cfg.model.image_encoder if clip_needed else None)
     if image_encoder is not None:
@@ -337,7 +337,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                         latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
                         text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
                         text_name=text.name, text_padding=cfg.text.padding,
-                        image_code=code, image_frames=image_frames(cfg.model) if code else None,
+                        image_code=bool(code), image_frames=code or None,
                         image_width=image_encoder_width(cfg.model.image_encoder) if clip_condition(cfg.model) else 0)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:

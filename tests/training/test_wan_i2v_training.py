@@ -47,7 +47,7 @@ def test_the_drawn_condition_is_the_pipelines(tmp_path: Path, small_shards: str,
     video = torch.rand(4, 3, 5, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [B, 3, T, H, W]
     batch = {"video": video, "caption": ["a", "b", "c", "d"]}
     drawn = draw_batch(batch, vae, NoText(16), cfg.diffusion, (1, 2, 2), RandomStreams(SEED),
-                             torch.device("cpu"), None, cfg.model, True, encoder)
+                       torch.device("cpu"), None, cfg.model, "first", encoder)
     condition, states = drawn[5], drawn[6]
     kept = condition.flatten(1).abs().amax(1) > 0  # [B]
     assert 0 < kept.sum() < 4  # (this seed keeps some rows and drops some)
@@ -137,8 +137,8 @@ def test_a_wan21_flf2v_model_draws_the_pipelines_condition_and_trains_from_raw_a
         "model.condition_prob": 0.5, "model.condition_noise": 0.0})
     vae, encoder = load_vae_from_config(cfg.vae).eval(), ImageEncoder(clip)
     video = torch.rand(4, 3, 5, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1  # [B, 3, T, H, W]
-    drawn = draw_batch({"video": video, "caption": ["a", "b", "c", "d"]}, vae, NoText(16), cfg.diffusion,
-                             (1, 2, 2), RandomStreams(SEED), torch.device("cpu"), None, cfg.model, True, encoder)
+    drawn = draw_batch({"video": video, "caption": ["a", "b", "c", "d"]}, vae, NoText(16), cfg.diffusion, (1, 2, 2),
+                       RandomStreams(SEED), torch.device("cpu"), None, cfg.model, "first_last", encoder)
     condition, states = drawn[5], drawn[6]
     kept = condition.flatten(1).abs().amax(1) > 0  # [B]
     assert 0 < kept.sum() < 4 and states.shape == (4, 34, WIDTH)
@@ -249,7 +249,7 @@ def test_an_expert_run_draws_its_noise_levels_only(tmp_path: Path, small_shards:
             "model.family_config.out_channels": 16, "diffusion.sigma_min": lo, "diffusion.sigma_max": hi})
         vae = load_vae_from_config(cfg.vae).eval()
         drawn = draw_batch(batch, vae, NoText(16), cfg.diffusion, (1, 2, 2), RandomStreams(SEED),
-                                 torch.device("cpu"), None, cfg.model, code=True)
+                           torch.device("cpu"), None, cfg.model, code="first")
         t = drawn[3]
         assert len(drawn) == 6 and drawn[5].shape == (4, 20, 2, 2, 2)
         assert ((t >= lo) & (t <= hi)).all() and t.max() - t.min() > 0.01 * (hi - lo)

@@ -118,7 +118,7 @@ def test_training_repeats_latent_frame_0_in_front(tmp_path):
         vae = load_vae_from_config(cfg.vae).eval()
         video = torch.rand(2, 3, frames, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
         drawn = draw_batch({"video": video, "caption": ["a", "b"]}, vae, NoText(8), cfg.diffusion,
-                                 (2, 2, 2), RandomStreams(0), torch.device("cpu"), None, cfg.model)
+                           (2, 2, 2), RandomStreams(0), torch.device("cpu"), None, cfg.model)
         lat, noise, condition = drawn[0], drawn[4], drawn[5]
         assert lat.shape[2] == noise.shape[2] == condition.shape[2] == padded
         if frames == 9:
