@@ -71,9 +71,9 @@ def disk_full(arg: dict[str, Any]) -> None:
 def nan_loss(arg: dict[str, Any]) -> None:
     """``{"rank": R, "calls": [n, ...]}``: rank R's training loss is NaN at its n-th loss computations (1-based;
     with G micro-batches per step, step s's last micro-batch is call s * G)."""
-    from dit.training import train
+    from dit.training import batch  # (where the step's loss is computed)
 
-    real, calls = train.training_loss, [0]
+    real, calls = batch.training_loss, [0]
 
     def loss(*args: Any, **kwargs: Any) -> Any:
         value = real(*args, **kwargs)
@@ -82,7 +82,7 @@ def nan_loss(arg: dict[str, Any]) -> None:
         calls[0] += 1
         return value * float("nan") if calls[0] in arg["calls"] else value
 
-    train.training_loss = loss
+    batch.training_loss = loss
 
 
 @hook("die")
@@ -92,7 +92,7 @@ def die(arg: dict[str, Any]) -> None:
     files are written, before the barrier that completes the checkpoint. It writes ``marker`` (the time) first."""
     import signal
 
-    from dit.training import train
+    from dit.training import batch, train
 
     if int(os.environ.get("RANK", "0")) != arg["rank"]:
         return
@@ -102,7 +102,7 @@ def die(arg: dict[str, Any]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     if arg["at"] == "step":
-        real, calls = train.training_loss, [0]
+        real, calls = batch.training_loss, [0]
 
         def loss(*args: Any, **kwargs: Any) -> Any:
             calls[0] += 1
@@ -110,7 +110,7 @@ def die(arg: dict[str, Any]) -> None:
                 kill()
             return real(*args, **kwargs)
 
-        train.training_loss = loss
+        batch.training_loss = loss
         return
     real_parallelize = train.parallelize
 

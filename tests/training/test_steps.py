@@ -11,6 +11,7 @@ import torch
 from runs import small_config
 
 from dit.export import list_checkpoints, load_weights
+from dit.training import batch as step_inputs
 from dit.training import train
 from dit.training.checkpoint import load_training_state
 
@@ -20,14 +21,14 @@ def nan_loss_at(monkeypatch):
     """``nan_loss_at(steps)``: the training loss is NaN at these steps (1 micro-batch per step: call = step)."""
 
     def install(steps: set[int]) -> None:
-        real, calls = train.training_loss, [0]
+        real, calls = step_inputs.training_loss, [0]
 
         def loss(*args, **kwargs):
             calls[0] += 1
             value = real(*args, **kwargs)
             return value * float("nan") if calls[0] in steps else value
 
-        monkeypatch.setattr(train, "training_loss", loss)
+        monkeypatch.setattr(step_inputs, "training_loss", loss)  # (where the step's loss is computed)
 
     return install
 
