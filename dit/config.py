@@ -33,6 +33,8 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
 # model.attention: torch SDPA choosing its kernel, one SDPA kernel pinned, or xformers (dit/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
+PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan or flux"  # model.family: diffusers transformers (error text)
+VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux"  # vae.family: diffusers VAEs (error text)
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
 
 
@@ -61,11 +63,12 @@ class ModelConfig:
     # self-attention's q and kv projections as one linear layer (one GEMM); exports keep the plain q / kv layout
     fused_qkv: bool = False
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
-    family: str = "dit"  # dit (ours) | wan | cogvideox | ltx | hunyuan: a diffusers transformer behind our contract
+    # dit (ours) | wan | cogvideox | ltx | hunyuan | flux: a diffusers transformer behind our contract
+    family: str = "dit"
     pretrained: str | None = None  # family: a local diffusers transformer folder (config.json + *.safetensors)
     family_config: dict = field(default_factory=dict)  # family without pretrained: diffusers constructor overrides
     frame_rate: float = 25.0  # ltx: the frames per second its RoPE time axis is scaled by (LTXPipeline's frame_rate)
-    # hunyuan: the embedded guidance scale a guidance-distilled transformer is trained at (finetrainers' and
+    # hunyuan, flux: the embedded guidance scale a guidance-distilled transformer is trained at (finetrainers' and
     # musubi-tuner's 1.0); sampling uses sample.guidance
     guidance: float = 1.0
     # Image-to-video (dit/models/condition.py): none | first_frame (the first frame's latent + a mask, concatenated to
@@ -108,8 +111,8 @@ class ModelConfig:
 
             read_image_encoder(self.image_encoder)
         if self.family == "dit":
-            _check(self.pretrained is None, "model.pretrained", "needs model.family=wan, cogvideox, ltx or hunyuan")
-            _check(not self.family_config, "model.family_config", "needs model.family=wan, cogvideox, ltx or hunyuan")
+            _check(self.pretrained is None, "model.pretrained", f"needs model.family={PRETRAINED_FAMILIES}")
+            _check(not self.family_config, "model.family_config", f"needs model.family={PRETRAINED_FAMILIES}")
             return
         from dit.models.families import FAMILY_NAMES, family_patch
 
@@ -131,7 +134,8 @@ class ModelConfig:
 
 @dataclass
 class VAEConfig:
-    family: str = "ours"  # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx (vae.pretrained)
+    # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx | flux (FLUX.1's image VAE): vae.pretrained
+    family: str = "ours"
     pretrained: str | None = None  # a family: a local diffusers VAE folder, e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae
     #                                (unset: `dit plan` takes the released model's sizes; train / encode need it)
     tiling: bool = False  # a family: diffusers' tiled encode/decode (enable_tiling) for large frames
@@ -166,11 +170,11 @@ class VAEConfig:
         _check(self.dtype in FROZEN_DTYPES, "vae.dtype", f"must be one of {', '.join(FROZEN_DTYPES)}, got "
                f"{self.dtype!r}")
         if self.family == "ours":
-            _check(self.dtype == "fp32", "vae.dtype", "is for vae.family=wan|cogvideox|hunyuan|ltx (our CausalVAE "
-                   "stays fp32: it is small); remove it")
-            _check(self.pretrained is None, "vae.pretrained", "is for vae.family=wan|cogvideox|hunyuan|ltx; our "
-                   "CausalVAE loads vae.checkpoint: set vae.family or drop vae.pretrained")
-            _check(not self.family_config, "vae.family_config", "is for vae.family=wan|cogvideox|hunyuan|ltx")
+            _check(self.dtype == "fp32", "vae.dtype", f"is for vae.family={VAE_FAMILIES} (our CausalVAE stays fp32: "
+                   "it is small); remove it")
+            _check(self.pretrained is None, "vae.pretrained", f"is for vae.family={VAE_FAMILIES}; our CausalVAE "
+                   "loads vae.checkpoint: set vae.family or drop vae.pretrained")
+            _check(not self.family_config, "vae.family_config", f"is for vae.family={VAE_FAMILIES}")
             return
         _check(self.checkpoint is None, "vae.checkpoint", f"is our CausalVAE (a `dit train-vae` output), while "
                f"vae.family={self.family} loads vae.pretrained: drop vae.checkpoint")
@@ -198,10 +202,13 @@ class VAEConfig:
 
 @dataclass
 class TextConfig:
-    # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | none
+    # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | flux (FLUX.1's
+    # T5 + CLIP pair) | none
     encoder: str = "minilm"
-    path: str | None = None  # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/)
-    path_2: str | None = None  # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside)
+    # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/)
+    path: str | None = None
+    # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside); flux: its CLIP (text_encoder/)
+    path_2: str | None = None
     crop_start: int = 95  # hunyuan: the prompt template's tokens, cut off the Llama states (the pipeline's 95)
     max_length: int = 32  # tokens per prompt (padded): Wan 512, CogVideoX 226, LTX 128
     padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
@@ -213,13 +220,16 @@ class TextConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.encoder in ("minilm", "hf", "hunyuan", "none"), "text.encoder",
-               "must be minilm, hf, hunyuan or none")
-        _check(self.encoder not in ("hf", "hunyuan") or bool(self.path), "text.path",
+        _check(self.encoder in ("minilm", "hf", "hunyuan", "flux", "none"), "text.encoder",
+               "must be minilm, hf, hunyuan, flux or none")
+        _check(self.encoder not in ("hf", "hunyuan", "flux") or bool(self.path), "text.path",
                f"text.encoder={self.encoder} needs text.path=/local/folder/of/a/huggingface/encoder")
-        _check(self.encoder != "hunyuan" or bool(self.path_2), "text.path_2",
-               "text.encoder=hunyuan needs text.path_2=/local/HunyuanVideo/text_encoder_2 (its CLIP text encoder)")
-        _check(self.path_2 is None or self.encoder == "hunyuan", "text.path_2", "is for text.encoder=hunyuan")
+        clip = {"hunyuan": "/local/HunyuanVideo/text_encoder_2", "flux": "/local/FLUX.1-dev/text_encoder"}
+        _check(self.encoder not in clip or bool(self.path_2), "text.path_2",
+               f"text.encoder={self.encoder} needs text.path_2={clip.get(self.encoder)} (its CLIP text encoder)")
+        _check(self.path_2 is None or self.encoder in clip, "text.path_2", "is for text.encoder=hunyuan or flux")
+        _check(self.encoder != "flux" or self.padding == "unmasked", "text.padding",
+               "text.encoder=flux runs T5 over the padding, as FluxPipeline does: set text.padding=unmasked")
         _check(self.crop_start >= 0, "text.crop_start", "must be >= 0")
         _check(self.max_length >= 1, "text.max_length", "must be >= 1")
         _check(self.padding in ("mask", "zeros", "unmasked"), "text.padding",
@@ -437,8 +447,8 @@ class SampleConfig:
     fps: int = 8
     shift: float | None = None  # flow samplers: a static shift; null: the training one (diffusion.shift / dynamic)
     cfg_low: float | None = None  # with two experts (`dit sample --expert`): the low-noise one's scale; null: cfg
-    # a guidance-distilled HunyuanVideo: the embedded guidance scale its transformer is given; null: 6.0, as
-    # HunyuanVideoPipeline (its sample.cfg is then 1: no unconditional pass)
+    # a guidance-distilled HunyuanVideo or FLUX.1-dev: the embedded guidance scale its transformer is given; null: the
+    # pipeline's, 6.0 (HunyuanVideoPipeline) or 3.5 (FluxPipeline) (its sample.cfg is then 1: no unconditional pass)
     guidance: float | None = None
 
     def __post_init__(self) -> None:
@@ -448,7 +458,8 @@ class SampleConfig:
         _check(self.steps >= 1, "sample.steps", "must be >= 1")
         _check(self.cfg >= 0, "sample.cfg", "must be >= 0")
         _check(self.shift is None or self.shift > 0, "sample.shift", "must be > 0 or null (the training shift)")
-        _check(self.guidance is None or self.guidance >= 0, "sample.guidance", "must be >= 0 or null (6.0)")
+        _check(self.guidance is None or self.guidance >= 0, "sample.guidance",
+               "must be >= 0 or null (the pipeline's)")
 
 
 @dataclass
@@ -486,7 +497,7 @@ class Config:
                "cannot be combined with LoRA (train.lora.rank > 0): the adapters target the plain q and kv layers, "
                "which fusing replaces; set model.fused_qkv=false")
         family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
-        _check(family not in ("wan", "ltx", "hunyuan") or d.objective == "flow", "diffusion.objective",
+        _check(family not in ("wan", "ltx", "hunyuan", "flux") or d.objective == "flow", "diffusion.objective",
                f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
         _check(family != "cogvideox" or (d.objective == "diffusion" and d.prediction == "v"), "diffusion.prediction",
                "model.family=cogvideox predicts v: set diffusion.objective=diffusion diffusion.prediction=v")
@@ -495,8 +506,16 @@ class Config:
                "model.family=hunyuan takes text.encoder=hunyuan (text.path: the Llama text_encoder/, text.path_2: the "
                "CLIP text_encoder_2/)" if hunyuan else "hunyuan is HunyuanVideo's pair of encoders: set "
                "model.family=hunyuan, or another text.encoder")
-        _check(family == "hunyuan" or self.sample.guidance is None, "sample.guidance",
-               "is the embedded guidance of a guidance-distilled HunyuanVideo (model.family=hunyuan); use sample.cfg")
+        flux = family == "flux"  # FLUX.1: its T5 states and CLIP's pooled embedding, in one; images
+        _check(flux == (self.text.encoder == "flux"), "text.encoder",
+               "model.family=flux takes text.encoder=flux (text.path: the T5 text_encoder_2/, text.path_2: the CLIP "
+               "text_encoder/)" if flux else "flux is FLUX.1's pair of encoders: set model.family=flux, or another "
+               "text.encoder")
+        if flux:
+            self._check_image_model()
+        _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
+               "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
+               "flux); use sample.cfg")
         flow = self.diffusion.objective == "flow"  # the sampler must fit the objective, found before training
         fits = ("flow_euler", "flow_dpm_solver") if flow else ("ddim", "ddpm", "dpm_solver")
         _check(self.sample.sampler in (None, *fits), "sample.sampler",
@@ -504,6 +523,21 @@ class Config:
                f"one of {', '.join(fits)} (or null for {fits[0]})")
         _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
         self._check_sample_images()
+
+    def _check_image_model(self) -> None:
+        """FLUX.1 takes images, coded by its own image VAE: one frame, no sequence parallelism (an image's few
+        thousand tokens fit one GPU)."""
+        _check(self.vae.family == "flux", "vae.family",
+               f"is {self.vae.family} but model.family=flux takes FLUX.1's image VAE: set vae.family=flux "
+               "vae.pretrained=/local/FLUX.1-dev/vae")
+        _check(self.data.frames == 1, "data.frames", f"is {self.data.frames} but FLUX.1 is an image model: set "
+               "data.frames=1 (video shards give their first frame)")
+        b = self.data.buckets
+        _check(not b.enabled or list(b.frames) == [1], "data.buckets.frames",
+               f"{list(b.frames)}: FLUX.1 is an image model, set data.buckets.frames=[1]")
+        _check(self.train.sequence_parallel == 1, "train.sequence_parallel",
+               "is for long clips; FLUX.1 trains on images (a few thousand tokens): set it to 1")
+        _check(self.model.condition == "none", "model.condition", "FLUX.1 is a text-to-image model: set none")
 
     def _check_sample_images(self) -> None:
         """train.sample_images: one existing image per sample prompt, for an image-to-video model."""

@@ -28,7 +28,6 @@ from dit.models.attention import resolve_backend
 from dit.models.condition import clip_mask, clip_states_of, first_frame_condition, image_code
 from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config
-from dit.models.families.hunyuan import SAMPLE_GUIDANCE
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, load_vae
@@ -134,8 +133,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     trained with model.condition=first_frame), [B or 1, 3, height, width] uint8 or float in [-1, 1]. dtype "bf16":
     the denoiser under bf16 autocast (the sampler's arithmetic and the VAE stay fp32); cuda_graphs: replay the
     denoiser from a CUDA graph (dit/diffusion/cuda_graphs.py). cfg_low: with two experts, the low-noise expert's
-    guidance scale (None: cfg), as the pipelines' guidance_scale_2. guidance: a guidance-distilled HunyuanVideo's
-    embedded guidance scale (None: 6.0, as HunyuanVideoPipeline's guidance_scale); other models take none.
+    guidance scale (None: cfg), as the pipelines' guidance_scale_2. guidance: a guidance-distilled HunyuanVideo's or
+    FLUX.1-dev's embedded guidance scale (None: its pipeline's guidance_scale, 6.0 or 3.5); other models take none.
     clip_image: Wan 2.1 I2V's CLIP input, the first frame as given before resizing (``read_pixels``), as
     WanImageToVideoPipeline gives it to CLIP; None: ``image``. last_image / clip_last_image: Wan 2.1 FLF2V's last
     frame, as ``image`` / ``clip_image`` are its first.
@@ -169,12 +168,13 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
 
 
 def embedded_guidance(model: torch.nn.Module, guidance: float | None) -> dict[str, float]:
-    """The denoiser keyword a guidance-distilled HunyuanVideo takes: its embedded guidance scale (None: 6.0, as its
-    pipeline); nothing for other models, which refuse a scale."""
+    """The denoiser keyword a guidance-distilled HunyuanVideo or FLUX.1-dev takes: its embedded guidance scale (None:
+    its pipeline's, 6.0 or 3.5); nothing for other models, which refuse a scale."""
     if getattr(model, "distilled", False):
-        return {"guidance": SAMPLE_GUIDANCE if guidance is None else float(guidance)}
+        return {"guidance": model.sample_guidance if guidance is None else float(guidance)}
     if guidance is not None:
-        raise ValueError(f"guidance={guidance} is the embedded guidance scale of a guidance-distilled HunyuanVideo; "
+        raise ValueError(f"guidance={guidance} is the embedded guidance scale of a guidance-distilled HunyuanVideo or "
+                         "FLUX.1-dev; "
                          "this checkpoint's model takes none: use cfg (classifier-free guidance)")
     return {}
 

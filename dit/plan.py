@@ -94,8 +94,8 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
     from transformers import AutoConfig, AutoModel
 
     # the folders here (one not downloaded yet is not counted; without the first, the family's width is used);
-    # hunyuan: and its CLIP text encoder (text.path_2)
-    folders = [cfg.text.path, *([cfg.text.path_2] if cfg.text.encoder == "hunyuan" else [])]
+    # hunyuan, flux: and its CLIP text encoder (text.path_2)
+    folders = [cfg.text.path, *([cfg.text.path_2] if cfg.text.encoder in ("hunyuan", "flux") else [])]
     configs = [AutoConfig.from_pretrained(f) if (Path(f) / "config.json").is_file() else None for f in folders]
     with torch.device("meta"):
         params = sum(p.numel() for c in configs if c is not None for p in AutoModel.from_config(c).parameters())
@@ -128,7 +128,8 @@ def family_vae(vae_cfg: VAEConfig) -> torch.nn.Module:
     cls = getattr(diffusers, spec.class_name)
     if vae_cfg.pretrained:
         return cls.from_config(family_config(vae_cfg.family, vae_cfg.pretrained))
-    return cls(**vae_cfg.family_config)  # the released sizes: the constructor's defaults, or another release's
+    # the released sizes (the constructor's defaults, FLUX.1's over AutoencoderKL's), or another release's
+    return cls(**{**spec.released, **vae_cfg.family_config})
 
 
 def family_text_dim(model_cfg: ModelConfig) -> int:
@@ -321,7 +322,8 @@ def checkpointing_text(on: bool, every: int) -> str:
 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
-    folders = {"hf": [cfg.text.path], "hunyuan": [cfg.text.path, cfg.text.path_2]}.get(cfg.text.encoder, [])
+    pair = [cfg.text.path, cfg.text.path_2]
+    folders = {"hf": [cfg.text.path], "hunyuan": pair, "flux": pair}.get(cfg.text.encoder, [])
     missing = [f for f in folders if cfg.text.device != "cpu" and not (Path(f) / "config.json").is_file()]
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
                f"{size.base / 1e6:.1f}M-parameter model" if size.base else

@@ -34,8 +34,7 @@ from data_pipelines.config import latent_frames
 from dit.config import ConfigError, SampleConfig
 from dit.distributed.setup import DistEnv
 from dit.export import resolve_checkpoint
-from dit.models.families import pads_frames
-from dit.models.families.hunyuan import SAMPLE_GUIDANCE
+from dit.models.families import pads_frames, sample_guidance
 from dit.pipeline import (
     check_size,
     default_suffix,
@@ -151,12 +150,13 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low", "guidance"):
         if getattr(args, name, None) is not None:
             out[name] = getattr(args, name, None)
-    distilled = config["dit"].get("diffusers", {}).get("guidance_embeds", False)  # (HunyuanVideo's)
+    distilled = config["dit"].get("diffusers", {}).get("guidance_embeds", False)  # (HunyuanVideo's, FLUX.1-dev's)
     if getattr(args, "guidance", None) is not None and not distilled:
-        raise ConfigError(f"--guidance is the embedded guidance scale of a guidance-distilled HunyuanVideo; this "
-                          f"checkpoint's {config['dit'].get('family', 'dit')} model takes none: use --cfg")
+        raise ConfigError(f"--guidance is the embedded guidance scale of a guidance-distilled HunyuanVideo or "
+                          f"FLUX.1-dev; this checkpoint's {config['dit'].get('family', 'dit')} model takes none: use "
+                          "--cfg")
     if distilled and out["guidance"] is None:  # (what generate gives it; said in the report)
-        out["guidance"] = SAMPLE_GUIDANCE
+        out["guidance"] = sample_guidance(config["dit"]["family"])
     try:
         out["sampler"] = resolve_sampler(config["experiment"]["diffusion"].get("objective", "diffusion"),
                                          out["sampler"])

@@ -20,9 +20,13 @@ TINY: dict[str, dict] = {
                 decoder_spatio_temporal_scaling=(True, True, True, False), decoder_inject_noise=(False,) * 5,
                 upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=4, patch_size_t=1,
                 scaling_factor=0.8),
+    # FLUX.1's image VAE in small: 8x space, no quant convs, a shift and scale of its own
+    "flux": dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.12, scaling_factor=0.4),
 }
 CLASSES = {"wan": "AutoencoderKLWan", "cogvideox": "AutoencoderKLCogVideoX", "hunyuan": "AutoencoderKLHunyuanVideo",
-           "ltx": "AutoencoderKLLTXVideo"}
+           "ltx": "AutoencoderKLLTXVideo", "flux": "AutoencoderKL"}
 
 
 def tiny_vae(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

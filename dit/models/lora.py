@@ -45,6 +45,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
                 r"transformer\.transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
                 r"transformer\.single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)"],
 }
+DEFAULT_TARGETS["flux"] = DEFAULT_TARGETS["hunyuan"]  # FLUX.1's blocks: the same modules under the same names
 
 
 def family_of(model: nn.Module) -> str:

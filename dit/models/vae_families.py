@@ -3,11 +3,13 @@
     vae.family=wan vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae
 
 wan: AutoencoderKLWan, cogvideox: AutoencoderKLCogVideoX, hunyuan: AutoencoderKLHunyuanVideo, ltx:
-AutoencoderKLLTXVideo. Nothing is re-implemented: encode and decode are diffusers' own; normalize / denormalize are
-each pipeline's formula, written once as (z - mean) * scale / std with
+AutoencoderKLLTXVideo, flux: AutoencoderKL (FLUX.1's image VAE: each frame coded on its own). Nothing is
+re-implemented: encode and decode are diffusers' own; normalize / denormalize are each pipeline's formula, written
+once as (z - mean) * scale / std with
 - wan: mean, std = config latents_mean / latents_std per channel, scale 1 (WanPipeline, WanImageToVideoPipeline);
 - ltx: mean, std = the VAE's latents_mean / latents_std buffers, scale = scaling_factor (LTXPipeline);
-- cogvideox, hunyuan: mean 0, std 1, scale = scaling_factor (CogVideoXPipeline, HunyuanVideoPipeline).
+- cogvideox, hunyuan: mean 0, std 1, scale = scaling_factor (CogVideoXPipeline, HunyuanVideoPipeline);
+- flux: mean = shift_factor, std 1, scale = scaling_factor (FluxPipeline decodes z / scale + shift).
 The compression comes from the VAE's config (dit/models/vae_folder.py), never from a constant.
 
 decode(z, chunk_size): CogVideoX decodes `chunk_size` latent frames at a time with its conv cache (its own
@@ -50,6 +52,9 @@ class PretrainedVAE(nn.Module):
         elif family == "ltx":
             mean, std = vae.latents_mean.detach().clone(), vae.latents_std.detach().clone()
             scale = config["scaling_factor"]
+        elif family == "flux":
+            mean, std, scale = torch.full((c,), float(config.get("shift_factor") or 0.0)), torch.ones(c), \
+                config["scaling_factor"]
         else:
             mean, std, scale = torch.zeros(c), torch.ones(c), config["scaling_factor"]
         self.register_buffer("latents_mean", mean.float().view(1, c, 1, 1, 1), persistent=False)
@@ -95,6 +100,10 @@ class PretrainedVAE(nn.Module):
         if x.ndim != 5 or x.shape[1] != 3:
             raise ValueError(f"expected [B, 3, T, H, W], got {tuple(x.shape)}")
         self.latent_shape(*x.shape[2:])  # validates T, H, W against this VAE's compression
+        if self.family == "flux":  # an image VAE: the frames in the batch, [B T, 3, H, W]
+            dist = self.vae.encode(frames_in_batch(x.to(self.vae.dtype))).latent_dist
+            mean, logvar = (frames_out_of_batch(v, x.shape[2]) for v in (dist.mean, dist.logvar))
+            return DiagonalGaussian(mean.float(), logvar.float())
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist  # mean, logvar [B, C, t, h, w]
         return DiagonalGaussian(dist.mean.float(), dist.logvar.float())  # fp32 whatever vae.dtype
 
@@ -109,6 +118,11 @@ class PretrainedVAE(nn.Module):
                 return self.vae.decode(z).sample
             finally:
                 self.vae.num_latent_frames_batch_size = default
+        if self.family == "flux":  # each latent frame decoded on its own (chunk_size: frames per decode call)
+            frames = frames_in_batch(z)
+            step = frames.shape[0] if chunk_size <= 0 else chunk_size
+            out = torch.cat([self.vae.decode(frames[i:i + step]).sample for i in range(0, frames.shape[0], step)])
+            return frames_out_of_batch(out, z.shape[2])
         if self.family == "ltx" and self.vae.config.timestep_conditioning:
             temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)  # LTXPipeline's decode_timestep=0
             return self.vae.decode(z, temb).sample
@@ -122,6 +136,16 @@ class PretrainedVAE(nn.Module):
     def denormalize(self, z: Tensor) -> Tensor:
         mean, std = self.latents_mean.to(z), self.latents_std.to(z)
         return z * std / self.scaling_factor + mean
+
+
+def frames_in_batch(x: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B T, C, H, W]: what an image VAE codes."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def frames_out_of_batch(x: Tensor, frames: int) -> Tensor:
+    """[B T, C, H, W] -> [B, C, T, H, W]."""
+    return x.unflatten(0, (-1, frames)).transpose(1, 2)
 
 
 def load_family_vae(family: str, pretrained: str | os.PathLike, tiling: bool = False,

@@ -35,6 +35,9 @@ class Family(NamedTuple):
     class_name: str  # diffusers' VAE class
     channels_key: str  # its config key for the latent channels
     compression: Callable[[dict[str, Any]], tuple[int, int]]  # (temporal, spatial) as its pipeline reads them
+    # the released model's config over the constructor's defaults, where these are another model's (AutoencoderKL's
+    # are a tiny SD 1.x one): FLUX.1's vae/config.json
+    released: dict[str, Any] = {}
 
 
 FAMILIES: dict[str, Family] = {
@@ -45,15 +48,24 @@ FAMILIES: dict[str, Family] = {
     "hunyuan": Family("AutoencoderKLHunyuanVideo", "latent_channels",
                       lambda c: (c["temporal_compression_ratio"], c["spatial_compression_ratio"])),
     "ltx": Family("AutoencoderKLLTXVideo", "latent_channels", _ltx),
+    # an image VAE (AutoencoderKL): each frame coded on its own, no temporal compression; FluxPipeline: 2**(levels - 1)
+    "flux": Family("AutoencoderKL", "latent_channels", lambda c: (1, 2 ** (len(c["block_out_channels"]) - 1)),
+                   released=dict(latent_channels=16, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                                 use_post_quant_conv=False, sample_size=1024)),
 }
 
 
-def _defaults(class_name: str) -> dict[str, Any]:
-    """The keyword defaults of a diffusers VAE constructor."""
+def _defaults(family: str, released: bool = False) -> dict[str, Any]:
+    """The keyword defaults of a family's diffusers VAE constructor; ``released``: with its released model's config
+    over them (what a folder is read over is the constructor's own defaults, as from_pretrained fills them)."""
     import diffusers
 
-    params = inspect.signature(getattr(diffusers, class_name).__init__).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    spec = FAMILIES[family]
+    params = inspect.signature(getattr(diffusers, spec.class_name).__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {**defaults, **spec.released} if released else defaults
 
 
 def family_config(family: str, path: str | os.PathLike) -> dict[str, Any]:
@@ -65,7 +77,7 @@ def family_config(family: str, path: str | os.PathLike) -> dict[str, Any]:
     config = read_diffusers_folder(path, key="vae.pretrained", class_name=spec.class_name, subfolder="vae",
                                    family_key="vae.family", family=family,
                                    family_of_class={s.class_name: f for f, s in FAMILIES.items()})
-    return {**_defaults(spec.class_name), **config}
+    return {**_defaults(family), **config}
 
 
 def geometry_of(family: str, config: dict[str, Any]) -> VAEGeometry:
@@ -82,7 +94,7 @@ def vae_geometry(family: str, path: str | os.PathLike | None,
     with ``overrides`` (vae.family_config: another release's sizes, e.g. Wan 2.2's VAE), which a folder must agree
     with. ValueError naming an unknown key or a disagreement."""
     overrides = overrides or {}
-    defaults = _defaults(FAMILIES[family].class_name)
+    defaults = _defaults(family, released=True)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ValueError(f"vae.family_config: {unknown} are not {FAMILIES[family].class_name} arguments; valid: "

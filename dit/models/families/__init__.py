@@ -1,5 +1,5 @@
 """The denoiser families in one registry: our DiT ("dit") or a pretrained diffusers transformer behind the same
-contract (Wan, CogVideoX, LTX, HunyuanVideo). ``build_denoiser`` makes one from a ModelConfig (a local diffusers
+contract (Wan, CogVideoX, LTX, HunyuanVideo, FLUX.1). ``build_denoiser`` makes one from a ModelConfig (a local diffusers
 folder, or random weights at the family's sizes); ``denoiser_from_config`` rebuilds one from a checkpoint's
 config.json "dit" entry.
 
@@ -17,6 +17,7 @@ from torch import nn
 from dit.config import ConfigError
 from dit.models.families.base import FamilyDenoiser, jsonable, read_folder
 from dit.models.families.cogvideox import CogVideoXDenoiser
+from dit.models.families.flux import FluxDenoiser
 from dit.models.families.hunyuan import HunyuanVideoDenoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
 from dit.models.families.wan import WanDenoiser
@@ -24,7 +25,7 @@ from dit.models.families.wan import WanDenoiser
 WAN_MASK_CHANNELS = 4  # Wan 2.1 I2V's mask: one channel per pixel frame a latent frame folds (its VAE's 4)
 
 FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser,
-                                             "hunyuan": HunyuanVideoDenoiser}
+                                             "hunyuan": HunyuanVideoDenoiser, "flux": FluxDenoiser}
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
@@ -32,6 +33,17 @@ def pads_frames(family: str) -> bool:
     """Whether a model family pads the latent frames its temporal patch does not divide, instead of refusing such
     clips (CogVideoX 1.5 at 81 frames)."""
     return family in FAMILIES and FAMILIES[family].pads_frames
+
+
+def image_only(family: str) -> bool:
+    """Whether a model family takes images alone (latents of one frame: FLUX.1)."""
+    return family == "flux"
+
+
+def sample_guidance(family: str) -> float | None:
+    """The embedded guidance scale a guidance-distilled family samples at by default (its pipeline's
+    guidance_scale: HunyuanVideo 6.0, FLUX.1-dev 3.5); None for the others."""
+    return getattr(FAMILIES.get(family), "sample_guidance", None)
 
 
 def frame_pad(family: str, latent_frames: int, patch_t: int) -> int:
@@ -96,9 +108,10 @@ def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim:
         i2v = cls.concat_condition and first_frame
         clip = bool(dcfg.get("image_dim")) and first_frame  # Wan 2.1 I2V: latents + a 4-channel mask + the code
         fill = {"in_channels": 2 * in_channels + WAN_MASK_CHANNELS if clip else 2 * in_channels if i2v
-                else in_channels, cls.text_key: text_dim}
+                else in_channels * cls.channel_pack, cls.text_key: text_dim}
         if "out_channels" in dcfg:
-            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels", in_channels)
+            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels",
+                                                                             in_channels * cls.channel_pack)
         dcfg.update({k: v for k, v in fill.items() if k not in given})
     return dcfg
 
@@ -124,9 +137,11 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
         raise ConfigError(f"{where}: a HunyuanVideo image-to-video transformer (image_condition_type "
                           f"{dcfg['image_condition_type']!r}) is not supported; fine-tune the text-to-video one")
     extra = cls.condition_width(dcfg)
-    latent = int(dcfg["in_channels"]) - extra
+    latent = int(dcfg["in_channels"]) // cls.channel_pack - extra
     if latent != in_channels:
         takes = f"{latent} latent channels (+ {extra} of an image condition)" if extra else f"{latent} latent channels"
+        if cls.channel_pack > 1:
+            takes += f" (in_channels {dcfg['in_channels']}: {cls.channel_pack} positions per token)"
         raise ConfigError(f"{where}: the {cls.family} transformer takes {takes} but "
                           f"the VAE gives {in_channels}; use the VAE this transformer was trained with "
                           f"(vae.family / vae.pretrained){'' if 'pretrained' in where else ' or change in_channels'}")
@@ -143,7 +158,7 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
     if int(dcfg[cls.text_key]) != text_dim:
-        encoder = "hunyuan" if cls.family == "hunyuan" else "hf"
+        encoder = cls.family if cls.family in ("hunyuan", "flux") else "hf"
         raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
                           f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
                           f"trained with (text.encoder={encoder}, text.path=...)")
@@ -156,7 +171,7 @@ def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, 
                     first_frame=first_frame)
     if cls is WanDenoiser:
         return dict(first_frame=first_frame)
-    if cls is HunyuanVideoDenoiser:
+    if cls in (HunyuanVideoDenoiser, FluxDenoiser):
         return dict(guidance=model_cfg.guidance)
     return {}
 

@@ -52,6 +52,8 @@ class FamilyDenoiser(nn.Module):
     # latent frames the temporal patch does not divide are padded at the front, as the family's pipelines and
     # fine-tuning do (CogVideoX 1.5 at 81 frames: 21 latent frames, 22 with the pad; ``frame_pad``)
     pads_frames: ClassVar[bool] = False
+    # the transformer's input channels per latent channel: FLUX.1 packs 2 x 2 latent positions into a token (4)
+    channel_pack: ClassVar[int] = 1
     # a Wan I2V transformer of the code form (dit/models/condition.py): the condition is the code of [image, grey...]
     code_condition: bool = False
     clip_image: bool = False  # and its forward takes the image's CLIP states (Wan 2.1 I2V)
@@ -63,7 +65,7 @@ class FamilyDenoiser(nn.Module):
         # in_channels: the latent channels (the VAE's); condition_channels: what an image-to-video transformer takes
         # beside them (0: text-to-video)
         self.condition_channels = self.condition_width(dcfg)
-        self.in_channels = int(dcfg["in_channels"]) - self.condition_channels
+        self.in_channels = int(dcfg["in_channels"]) // self.channel_pack - self.condition_channels
         self.text_dim = int(dcfg[self.text_key])
         sizes = self.sizes(dcfg)
         self.patch: tuple[int, int, int] = tuple(sizes["patch_size"])

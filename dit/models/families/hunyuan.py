@@ -35,6 +35,7 @@ class HunyuanVideoDenoiser(FamilyDenoiser):
     # SkyReels V1 (HunyuanSkyreelsImageToVideoPipeline): an image-to-video transformer of in_channels 2C takes the
     # first frame's latents beside the noisy ones, zeros after frame 0, without a mask
     concat_condition = True
+    sample_guidance = SAMPLE_GUIDANCE
 
     def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
         super().__init__(transformer, guidance=float(guidance))

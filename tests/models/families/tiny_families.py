@@ -18,9 +18,14 @@ TINY: dict[str, dict] = {
     "hunyuan": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
                     num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
                     pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), guidance_embeds=True),
+    # FLUX.1-dev's form: 4 latent channels packed 2 x 2 (in_channels 16), one dual- and one single-stream block
+    "flux": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True,
+                 axes_dims_rope=(4, 6, 6)),
 }
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
-           "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel"}
+           "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
+           "flux": "FluxTransformer2DModel"}
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -1,0 +1,93 @@
+"""FLUX.1: diffusers' FluxTransformer2DModel behind our denoiser contract, called as FluxPipeline calls it: the
+image's latents packed into 2x2 patches ([B, h/2 w/2, 4C]) with their (0, row, column) ids, the timestep sigma
+(the model multiplies by 1000 itself), the T5 states with zero ids (no mask: the transformer takes none), CLIP's
+pooled embedding and, for the guidance-distilled FLUX.1-dev, the embedded guidance scale.
+
+An image model: latents [B, C, 1, h, w] (one frame, from the image VAE, vae.family=flux). The text comes from
+text.encoder=flux (dit/models/text_pooled.py): one row that holds the pooled embedding, then the T5 states;
+``forward`` splits it off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit.models.families.base import FamilyDenoiser
+from dit.models.text_pooled import split_pooled
+
+PACK = 2  # FluxPipeline._pack_latents: 2 x 2 latent positions per token
+
+
+class FluxDenoiser(FamilyDenoiser):
+    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000.
+
+    ``guidance``: the embedded guidance scale a guidance-distilled transformer (guidance_embeds: FLUX.1-dev) is
+    given in training (model.guidance); sampling passes its own (sample.guidance: 3.5 by default, FluxPipeline's)."""
+
+    family = "flux"
+    class_name = "FluxTransformer2DModel"
+    blocks_attr = "transformer_blocks"  # then single_transformer_blocks (``blocks``)
+    text_key = "joint_attention_dim"
+    prediction = "flow"
+    option_keys = ("guidance",)
+    joint_text = True  # the text tokens run through every block beside the image's
+    channel_pack = PACK * PACK  # the transformer's in_channels are 4 x the VAE's latent channels
+    sample_guidance = 3.5  # FluxPipeline's default guidance_scale (the embedded one)
+
+    def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
+        super().__init__(transformer, guidance=float(guidance))
+        self.guidance = float(guidance)
+        self.distilled = bool(transformer.config.guidance_embeds)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The dual-stream blocks, then the single-stream ones: what checkpointing, compile and FSDP act on."""
+        t = self.transformer
+        return nn.ModuleList([*t.transformer_blocks, *t.single_transformer_blocks])
+
+    @classmethod
+    def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
+        if int(dcfg.get("patch_size", 1)) != 1:
+            raise ValueError(f"a FluxTransformer2DModel of patch_size {dcfg['patch_size']}: FluxPipeline's 2 x 2 "
+                             "packing is the patch, and its transformers have patch_size 1")
+        return dict(hidden_size=dcfg["num_attention_heads"] * dcfg["attention_head_dim"],
+                    depth=dcfg["num_layers"] + dcfg["num_single_layers"], num_heads=dcfg["num_attention_heads"],
+                    mlp_ratio=4.0, patch_size=[1, PACK, PACK])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                condition: torch.Tensor | None = None, guidance: float | None = None) -> torch.Tensor:
+        """``x`` [B, C, 1, h, w]; ``text`` [B, 1 + L, D]: the pooled row and the T5 states (all of them: FLUX.1 was
+        trained on the padded states, its pipeline passes no mask); ``guidance``: the embedded guidance scale (None:
+        the training one)."""
+        b, c, frames, h, w = x.shape
+        if frames != 1:
+            raise ValueError(f"FLUX.1 is an image model: latents of one frame, got {frames} (sample images, "
+                             "data.frames=1)")
+        self.grid(x)
+        self.with_condition(x, condition)  # (refuses an image condition: FLUX.1 takes none)
+        pooled_dim = int(self.transformer.config.pooled_projection_dim)
+        if text.shape[-1] < pooled_dim or text.shape[1] < 2:
+            raise ValueError(f"FLUX.1 takes text.encoder=flux's states (a row with CLIP's pooled embedding of width "
+                             f"{pooled_dim}, then the T5 states), got text of shape {tuple(text.shape)}")
+        dtype = self.dtype_in()
+        states, _, pooled = split_pooled(text, text_mask, pooled_dim)
+        if guidance is not None and not self.distilled:
+            raise ValueError("this FLUX.1 transformer has no embedded guidance (guidance_embeds false: FLUX.1-schnell)"
+                             ": sample without sample.guidance, with sample.cfg")
+        g = None
+        if self.distilled:
+            g = x.new_full((b,), self.guidance if guidance is None else guidance, dtype=torch.float32)
+        hp, wp = h // PACK, w // PACK
+        packed = x.view(b, c, hp, PACK, wp, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * PACK * PACK)
+        img_ids = torch.zeros(hp, wp, 3, device=x.device)
+        img_ids[..., 1] += torch.arange(hp, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(wp, device=x.device)[None, :]
+        txt_ids = torch.zeros(states.shape[1], 3, device=x.device)
+        out = self.transformer(hidden_states=packed.to(dtype), timestep=(t.float() / 1000).to(dtype),
+                               guidance=g, pooled_projections=pooled.to(dtype), encoder_hidden_states=states.to(dtype),
+                               txt_ids=txt_ids.to(dtype), img_ids=img_ids.flatten(0, 1).to(dtype),
+                               return_dict=False)[0]  # [B, h/2 w/2, 4C]
+        out = out.view(b, hp, wp, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 1, h, w)
+        return out.to(x.dtype)
