@@ -44,7 +44,7 @@ from dit.models.families import FAMILIES
 # of the weights counted apart.
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
-               "hunyuan": (24.0, 2.6)}
+               "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4)}
 # Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
 # sequence-parallel rank.
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
@@ -86,19 +86,27 @@ class Estimate:
     fits: bool
 
 
+def _encoder(config: object) -> torch.nn.Module:
+    """The text encoder a config describes, as dit loads it (a T5's encoder alone: AutoModel adds the decoder)."""
+    from dit.models.text import encoder_class
+
+    cls = encoder_class(config.model_type)
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+
+
 def text_encoder_size(cfg: Config) -> tuple[int, int]:
     if cfg.text.encoder == "none":
         return 0, 8
     if cfg.text.encoder == "minilm":
         return MINILM
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     # the folders here (one not downloaded yet is not counted; without the first, the family's width is used);
     # hunyuan, flux: and its CLIP text encoder (text.path_2)
     folders = [cfg.text.path, *([cfg.text.path_2] if cfg.text.encoder in ("hunyuan", "flux") else [])]
     configs = [AutoConfig.from_pretrained(f) if (Path(f) / "config.json").is_file() else None for f in folders]
     with torch.device("meta"):
-        params = sum(p.numel() for c in configs if c is not None for p in AutoModel.from_config(c).parameters())
+        params = sum(p.numel() for c in configs if c is not None for p in _encoder(c).parameters())
     hf = configs[0]
     return params, 0 if hf is None else int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
 

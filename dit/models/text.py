@@ -90,11 +90,7 @@ class HFTextEncoder(TextEncoder):
     def _load_model(folder: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
         """The encoder in ``dtype`` (transformers keeps the modules a model lists in _keep_in_fp32_modules in fp32,
         as for T5's feed-forward output under fp16)."""
-        from transformers import AutoModel, CLIPTextModel, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
-
-        encoders = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}  # encoder only
-        cls = encoders.get(model_type) or (CLIPTextModel if model_type in ("clip", "clip_text_model") else AutoModel)
-        return cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        return encoder_class(model_type).from_pretrained(folder, local_files_only=True, dtype=dtype)
 
     def train(self, mode: bool = True) -> HFTextEncoder:  # always frozen in eval mode
         return super().train(False)
@@ -130,6 +126,15 @@ class HFTextEncoder(TextEncoder):
         states = torch.stack([self._cache[p][0] for p in prompts])
         masks = torch.stack([self._cache[p][1] for p in prompts])
         return states, masks
+
+
+def encoder_class(model_type: str) -> type:
+    """The transformers class a text encoder of ``model_type`` loads as: the encoder alone of a T5 / MT5 / UMT5
+    (AutoModel would add the decoder), CLIP's text model, else AutoModel."""
+    from transformers import AutoModel, CLIPTextModel, MT5EncoderModel, T5EncoderModel, UMT5EncoderModel
+
+    encoders = {"t5": T5EncoderModel, "mt5": MT5EncoderModel, "umt5": UMT5EncoderModel}
+    return encoders.get(model_type) or (CLIPTextModel if model_type in ("clip", "clip_text_model") else AutoModel)
 
 
 def prompt_clean(text: str) -> str:

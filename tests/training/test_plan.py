@@ -85,6 +85,24 @@ def test_plan_holds_hunyuans_measured_peak(tmp_path) -> None:
         assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
 
 
+def test_plan_holds_fluxs_measured_peak(tmp_path) -> None:
+    """FLUX.1's dual- and single-stream blocks (2 + 6, hidden 256, 768 image tokens of 512 x 384 beside 16 T5 tokens)
+    with its two text encoders, fp32 and bf16: within the same bounds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_flux import save_tiny_flux
+
+    f = save_tiny_flux(tmp_path)
+    flux = ["model.family=flux", "model.patch_size=null", *FLOW, "model.family_config.num_attention_heads=4",
+            "model.family_config.attention_head_dim=64", "model.family_config.num_layers=2",
+            "model.family_config.num_single_layers=6", "model.family_config.pooled_projection_dim=8",
+            "model.family_config.axes_dims_rope=[16,24,24]", "vae.family=flux", f"vae.pretrained={f['vae']}",
+            "text.encoder=flux", f"text.path={f['t5']}", f"text.path_2={f['clip']}", "text.max_length=16",
+            "text.padding=unmasked", "train.batch_size=4", "data.frames=1", "data.height=512", "data.width=384"]
+    for precision in ("'no'", "bf16"):
+        r = measure([f"train.mixed_precision={precision}", *flux])
+        assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
+
+
 def measure(model: list[str], *device: str, processes: int = 1) -> dict:
     script = Path(__file__).with_name("measure_memory.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -80,3 +80,26 @@ def test_plan_counts_a_wan21_i2v_model_and_its_clip(tmp_path):
     assert "CLIP image encoder not counted" in format_plan(plain, 1, 80, estimate(plain, 1, 80, size=size), size)
     text = format_plan(with_clip, 1, 80, estimate(with_clip, 1, 80, size=sized), sized)
     assert "+ CLIP fp32" in text and "not counted: set model.image_encoder" not in text
+
+
+def test_plan_counts_the_text_encoders_as_they_load(tmp_path):
+    """A T5 folder counts its encoder alone (what T5EncoderModel loads; AutoModel would add the decoder, which
+    made T5-v1.1-XXL 11.0B instead of 4.76B), and FLUX.1's CLIP beside it; the width is the T5's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tiny_flux import WIDTH, save_tiny_flux
+    from transformers import CLIPTextModel, T5EncoderModel, T5Model
+
+    from dit.plan import text_encoder_size
+
+    f = save_tiny_flux(tmp_path)
+    cfg = load_config(None, ["model.family=flux", f"model.pretrained={f['transformer']}", "vae.family=flux",
+                             f"vae.pretrained={f['vae']}", "text.encoder=flux", f"text.path={f['t5']}",
+                             f"text.path_2={f['clip']}", "text.padding=unmasked", "diffusion.objective=flow",
+                             "data.frames=1", "data.height=64", "data.width=64"])
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    t5, clip = T5EncoderModel.from_pretrained(f["t5"]), CLIPTextModel.from_pretrained(f["clip"])
+    assert text_encoder_size(cfg) == (count(t5) + count(clip), WIDTH)
+    assert count(T5Model.from_pretrained(f["t5"])) > count(t5)  # (the decoder the count leaves out)

@@ -33,6 +33,8 @@ RELEASED = {
     # SkyReels V1 I2V (its wider patch embedding: +0.2M) at 49 x 544 x 960: 68 x 120 / 2
     "hunyuanvideo": (12.82, 3072, 60, 13 * 32 * 48),
     "skyreels-v1-hunyuan-i2v": (12.82, 3072, 60, 13 * 34 * 60),
+    # FLUX.1-dev ("12B": 19 dual- + 38 single-stream blocks) LoRA on 1024 x 1024 images: 128 x 128 latents / 2
+    "flux.1-dev": (11.90, 3072, 57, 1 * 64 * 64),
 }
 
 
@@ -43,6 +45,7 @@ def test_family_vae_defaults_are_the_released_geometry():
     assert VAEConfig(family="cogvideox").geometry() == (16, 4, 8)
     assert VAEConfig(family="ltx").geometry() == (128, 8, 32)
     assert load_config(CONFIGS / "wan2.2-ti2v-5b.yaml", []).vae.geometry() == (48, 4, 16)
+    assert VAEConfig(family="flux").geometry() == (16, 1, 8)  # FLUX.1's, not AutoencoderKL's own defaults
 
 
 def test_vae_family_config_is_checked_before_any_work(tmp_path):
