@@ -332,3 +332,42 @@ def test_a_hunyuan_model_with_sequence_parallelism_and_under_fsdp_matches_one_pr
     assert a.keys() == b.keys() and any("single_transformer_blocks" in k for k in a)
     for k in (k for k in a if not k.endswith(refiner_key_bias)):
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+# FLUX.1 at tiny sizes: a dual-stream and a single-stream block, 2 heads, text of its two tiny encoders
+FLUX = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1, axes_dims_rope=[4, 6, 6],
+            pooled_projection_dim=8, guidance_embeds=True)
+
+
+def test_a_flux_model_under_fsdp_matches_one_process(tmp_path: Path, small_shards: str) -> None:
+    """FLUX.1 (images: each clip's first frame; text.encoder=flux) with activation checkpointing, FSDP on 2
+    processes (each of its blocks sharded) trains as 1 process on the same global batch."""
+    import sys
+
+    if MEDIA_FREE:
+        pytest.skip("the tiny text encoders use the MiniLM package's tokenizer, absent in media-free mode")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_flux import save_tiny_flux
+
+    f = save_tiny_flux(tmp_path / "flux")
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "flux", "family_config": FLUX, "gradient_checkpointing": True}
+    data["vae"] = {"family": "flux", "pretrained": str(f["vae"])}
+    data["text"] = {"encoder": "flux", "path": str(f["t5"]), "path_2": str(f["clip"]), "max_length": 8,
+                    "padding": "unmasked"}
+    data["diffusion"] = {**FLOW[0], "shift": 1.0, "dynamic_shift": True, "flow_grid": "steps"}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0, "guidance": 3.5}
+    config = tmp_path / "flux.yaml"
+    config.write_text(yaml.safe_dump(data))
+    image = {**COMMON, "data.frames": 1, "data.height": 32, "data.width": 32}  # 2 x 2 packed tokens
+    one = dit_train(tmp_path / "one", small_shards, None, config=config, **{**image, "train.batch_size": 4})
+    assert one.returncode == 0, one.stderr[-5000:]
+    fsdp = dit_torchrun(2, tmp_path / "fsdp", small_shards, None, config=config,
+                        **{**image, "train.batch_size": 2, "train.parity_batch": True, "train.strategy": "fsdp"})
+    assert fsdp.returncode == 0, fsdp.stderr[-5000:]
+    ref = losses(tmp_path / "one")
+    assert len({round(x, 6) for x in ref}) == STEPS and losses(tmp_path / "fsdp") == pytest.approx(ref, rel=1e-4)
+    a, b = (load_weights(list_checkpoints(tmp_path / r)[-1])[0] for r in ("one", "fsdp"))
+    assert a.keys() == b.keys() and any("single_transformer_blocks" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
