@@ -69,7 +69,8 @@ class PretrainedVAE(nn.Module):
         # digest (the cast ones hash differently), so shards encoded in fp32 serve a bf16 run and the other way round.
         if dtype != "fp32":
             self.digest = encoder_digest(self)
-        self.vae.to(frozen_dtype(dtype))
+        if next(self.vae.parameters()).dtype != frozen_dtype(dtype):  # (a no-op .to would still log diffusers' warning)
+            self.vae.to(frozen_dtype(dtype))
 
     @property
     def family(self) -> str:
