@@ -33,9 +33,15 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
 # model.attention: torch SDPA choosing its kernel, one SDPA kernel pinned, or xformers (dit/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
-PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan or flux"  # model.family: diffusers transformers (error text)
-VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux"  # vae.family: diffusers VAEs (error text)
+PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, flux or sd3"  # model.family: diffusers transformers (error text)
+VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux|sd3"  # vae.family: diffusers VAEs (error text)
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
+# model.family -> what its text.encoder of the same name holds (text.path, path_2, path_3)
+TEXT_OF_FAMILY = {"hunyuan": "text.path: the Llama text_encoder/, text.path_2: the CLIP text_encoder_2/",
+                  "flux": "text.path: the T5 text_encoder_2/, text.path_2: the CLIP text_encoder/",
+                  "sd3": "text.path: the T5 text_encoder_3/, text.path_2: CLIP-L text_encoder/, text.path_3: CLIP-G "
+                         "text_encoder_2/"}
+IMAGE_MODELS = {"flux": "FLUX.1", "sd3": "Stable Diffusion 3"}  # model.family: the image models (one frame)
 
 
 def _installed(module: str) -> bool:
@@ -203,12 +209,15 @@ class VAEConfig:
 @dataclass
 class TextConfig:
     # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | flux (FLUX.1's
-    # T5 + CLIP pair) | none
+    # T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 + CLIP-L + CLIP-G) | none
     encoder: str = "minilm"
-    # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/)
+    # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/);
+    # sd3: the T5 (text_encoder_3/)
     path: str | None = None
-    # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside); flux: its CLIP (text_encoder/)
+    # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside); flux: its CLIP (text_encoder/);
+    # sd3: its CLIP-L (text_encoder/)
     path_2: str | None = None
+    path_3: str | None = None  # sd3: its CLIP-G (text_encoder_2/)
     crop_start: int = 95  # hunyuan: the prompt template's tokens, cut off the Llama states (the pipeline's 95)
     max_length: int = 32  # tokens per prompt (padded): Wan 512, CogVideoX 226, LTX 128
     padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
@@ -220,16 +229,20 @@ class TextConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.encoder in ("minilm", "hf", "hunyuan", "flux", "none"), "text.encoder",
-               "must be minilm, hf, hunyuan, flux or none")
-        _check(self.encoder not in ("hf", "hunyuan", "flux") or bool(self.path), "text.path",
+        _check(self.encoder in ("minilm", "hf", "hunyuan", "flux", "sd3", "none"), "text.encoder",
+               "must be minilm, hf, hunyuan, flux, sd3 or none")
+        _check(self.encoder not in ("hf", "hunyuan", "flux", "sd3") or bool(self.path), "text.path",
                f"text.encoder={self.encoder} needs text.path=/local/folder/of/a/huggingface/encoder")
-        clip = {"hunyuan": "/local/HunyuanVideo/text_encoder_2", "flux": "/local/FLUX.1-dev/text_encoder"}
+        clip = {"hunyuan": "/local/HunyuanVideo/text_encoder_2", "flux": "/local/FLUX.1-dev/text_encoder",
+                "sd3": "/local/stable-diffusion-3.5-large/text_encoder"}
         _check(self.encoder not in clip or bool(self.path_2), "text.path_2",
                f"text.encoder={self.encoder} needs text.path_2={clip.get(self.encoder)} (its CLIP text encoder)")
-        _check(self.path_2 is None or self.encoder in clip, "text.path_2", "is for text.encoder=hunyuan or flux")
-        _check(self.encoder != "flux" or self.padding == "unmasked", "text.padding",
-               "text.encoder=flux runs T5 over the padding, as FluxPipeline does: set text.padding=unmasked")
+        _check(self.path_2 is None or self.encoder in clip, "text.path_2", "is for text.encoder=hunyuan, flux or sd3")
+        _check(self.encoder != "sd3" or bool(self.path_3), "text.path_3", "text.encoder=sd3 needs text.path_3="
+               "/local/stable-diffusion-3.5-large/text_encoder_2 (its CLIP-G text encoder)")
+        _check(self.path_3 is None or self.encoder == "sd3", "text.path_3", "is for text.encoder=sd3")
+        _check(self.encoder not in ("flux", "sd3") or self.padding == "unmasked", "text.padding",
+               f"text.encoder={self.encoder} runs T5 over the padding, as its pipeline does: set text.padding=unmasked")
         _check(self.crop_start >= 0, "text.crop_start", "must be >= 0")
         _check(self.max_length >= 1, "text.max_length", "must be >= 1")
         _check(self.padding in ("mask", "zeros", "unmasked"), "text.padding",
@@ -497,22 +510,18 @@ class Config:
                "cannot be combined with LoRA (train.lora.rank > 0): the adapters target the plain q and kv layers, "
                "which fusing replaces; set model.fused_qkv=false")
         family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
-        _check(family not in ("wan", "ltx", "hunyuan", "flux") or d.objective == "flow", "diffusion.objective",
+        _check(family not in ("wan", "ltx", "hunyuan", "flux", "sd3") or d.objective == "flow", "diffusion.objective",
                f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
         _check(family != "cogvideox" or (d.objective == "diffusion" and d.prediction == "v"), "diffusion.prediction",
                "model.family=cogvideox predicts v: set diffusion.objective=diffusion diffusion.prediction=v")
-        hunyuan = family == "hunyuan"  # its text is the Llama states and CLIP's pooled embedding, in one
-        _check(hunyuan == (self.text.encoder == "hunyuan"), "text.encoder",
-               "model.family=hunyuan takes text.encoder=hunyuan (text.path: the Llama text_encoder/, text.path_2: the "
-               "CLIP text_encoder_2/)" if hunyuan else "hunyuan is HunyuanVideo's pair of encoders: set "
-               "model.family=hunyuan, or another text.encoder")
-        flux = family == "flux"  # FLUX.1: its T5 states and CLIP's pooled embedding, in one; images
-        _check(flux == (self.text.encoder == "flux"), "text.encoder",
-               "model.family=flux takes text.encoder=flux (text.path: the T5 text_encoder_2/, text.path_2: the CLIP "
-               "text_encoder/)" if flux else "flux is FLUX.1's pair of encoders: set model.family=flux, or another "
-               "text.encoder")
-        if flux:
-            self._check_image_model()
+        paired = TEXT_OF_FAMILY.get(family)  # HunyuanVideo, FLUX.1, SD3: their own set of text encoders, in one
+        _check(paired is None or self.text.encoder == family, "text.encoder",
+               f"model.family={family} takes text.encoder={family} ({paired})")
+        _check(self.text.encoder not in TEXT_OF_FAMILY or self.text.encoder == family, "text.encoder",
+               f"{self.text.encoder} is {IMAGE_MODELS.get(self.text.encoder, 'HunyuanVideo')}'s set of encoders: set "
+               f"model.family={self.text.encoder}, or another text.encoder")
+        if family in IMAGE_MODELS:
+            self._check_image_model(IMAGE_MODELS[family])
         _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
                "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
                "flux); use sample.cfg")
@@ -524,20 +533,21 @@ class Config:
         _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
         self._check_sample_images()
 
-    def _check_image_model(self) -> None:
-        """FLUX.1 takes images, coded by its own image VAE: one frame, no sequence parallelism (an image's few
-        thousand tokens fit one GPU)."""
-        _check(self.vae.family == "flux", "vae.family",
-               f"is {self.vae.family} but model.family=flux takes FLUX.1's image VAE: set vae.family=flux "
-               "vae.pretrained=/local/FLUX.1-dev/vae")
-        _check(self.data.frames == 1, "data.frames", f"is {self.data.frames} but FLUX.1 is an image model: set "
+    def _check_image_model(self, name: str) -> None:
+        """FLUX.1 and SD3 take images, coded by their own image VAE: one frame, no sequence parallelism (an image's
+        few thousand tokens fit one GPU)."""
+        family = self.model.family
+        _check(self.vae.family == family, "vae.family",
+               f"is {self.vae.family} but model.family={family} takes {name}'s image VAE: set vae.family={family} "
+               f"vae.pretrained=/local/{name.replace(' ', '-')}/vae")
+        _check(self.data.frames == 1, "data.frames", f"is {self.data.frames} but {name} is an image model: set "
                "data.frames=1 (video shards give their first frame)")
         b = self.data.buckets
         _check(not b.enabled or list(b.frames) == [1], "data.buckets.frames",
-               f"{list(b.frames)}: FLUX.1 is an image model, set data.buckets.frames=[1]")
+               f"{list(b.frames)}: {name} is an image model, set data.buckets.frames=[1]")
         _check(self.train.sequence_parallel == 1, "train.sequence_parallel",
-               "is for long clips; FLUX.1 trains on images (a few thousand tokens): set it to 1")
-        _check(self.model.condition == "none", "model.condition", "FLUX.1 is a text-to-image model: set none")
+               f"is for long clips; {name} trains on images (a few thousand tokens): set it to 1")
+        _check(self.model.condition == "none", "model.condition", f"{name} is a text-to-image model: set none")
 
     def _check_sample_images(self) -> None:
         """train.sample_images: one existing image per sample prompt, for an image-to-video model."""

@@ -37,6 +37,7 @@ from dit.config import STRATEGIES, Config, ConfigError, ModelConfig, VAEConfig
 from dit.models.condition import clip_condition, condition_replaces
 from dit.models.diffusers_folder import DTYPE_BYTES
 from dit.models.families import FAMILIES
+from dit.models.text_pooled import CLIP_LENGTH
 
 # By model family: (hidden-size values per token that a block keeps for backward, bytes per value under bf16
 # autocast: over 2 where the blocks keep fp32 intermediates, as diffusers' Wan and LTX do). Fitted to the peak tensor
@@ -44,7 +45,10 @@ from dit.models.families import FAMILIES
 # of the weights counted apart.
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
-               "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4)}
+               "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4), "sd3": (25.5, 2.4)}
+# SD3.5's second self-attention over the image alone (dual_attention_layers): values per image token it adds to a
+# block (measured as ACTIVATIONS, tests/training/test_plan.py)
+IMAGE_ATTENTION = 11.0
 # Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
 # sequence-parallel rank.
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
@@ -69,7 +73,9 @@ class ModelSize:
     text_len: int
     base: int = 0  # LoRA: the denoiser's own (frozen) parameters, held beside the adapter; params is the adapter
     base_linear: int = 0  # LoRA: those of the blocks' linear layers (bf16 under DDP in a bf16 run: lora.base_dtype)
-    frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype)
+    frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype), the buffers
+    buffers: int = 0  # the denoiser's buffers (fp32 position tables: SD3's, CogVideoX's), on every rank
+    image_attention: int = 0  # blocks with a second self-attention over the image alone (SD3.5's dual attention)
 
 
 @dataclass
@@ -84,6 +90,14 @@ class Estimate:
     frozen: float
     total: float
     fits: bool
+
+
+def text_folders(cfg: Config) -> list[str]:
+    """The text encoder folders of text.encoder: text.path, and the CLIP ones of hunyuan, flux (path_2) and sd3
+    (path_2, path_3); none for minilm (packaged) and none."""
+    t = cfg.text
+    return {"hf": [t.path], "hunyuan": [t.path, t.path_2], "flux": [t.path, t.path_2],
+            "sd3": [t.path, t.path_2, t.path_3]}.get(t.encoder, [])
 
 
 def _encoder(config: object) -> torch.nn.Module:
@@ -102,8 +116,7 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
     from transformers import AutoConfig
 
     # the folders here (one not downloaded yet is not counted; without the first, the family's width is used);
-    # hunyuan, flux: and its CLIP text encoder (text.path_2)
-    folders = [cfg.text.path, *([cfg.text.path_2] if cfg.text.encoder in ("hunyuan", "flux") else [])]
+    folders = text_folders(cfg)
     configs = [AutoConfig.from_pretrained(f) if (Path(f) / "config.json").is_file() else None for f in folders]
     with torch.device("meta"):
         params = sum(p.numel() for c in configs if c is not None for p in _encoder(c).parameters())
@@ -166,6 +179,7 @@ def model_size(cfg: Config) -> ModelSize:
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = -(-t // pt) * (h // ph) * (w // pw)  # (CogVideoX 1.5 pads an odd latent frame count at the front)
+    buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
     lora, base, base_linear = cfg.train.lora, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
         from dit.models.lora import target_modules
@@ -179,12 +193,15 @@ def model_size(cfg: Config) -> ModelSize:
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
                      base_linear=base_linear,
                      frozen=vae_params + text_params + image_params,
+                     buffers=buffers,
                      frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + image_params * DTYPE_BYTES["fp32"] +
+                     buffers * DTYPE_BYTES["fp32"] +
                      # text.device=cpu: in host memory
                      (text_params * DTYPE_BYTES[cfg.text.dtype] if cfg.text.device != "cpu" else 0),
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
-                     text_len=cfg.text.max_length)
+                     text_len=cfg.text.max_length + (CLIP_LENGTH if cfg.text.encoder == "sd3" else 0),
+                     image_attention=int(dit.config.get("image_attention_layers", 0)))
 
 
 def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: bool = False,
@@ -216,6 +233,8 @@ def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: boo
     inputs = recomputed * stream * size.hidden * (2.0 if half else 4.0)
     live = max(kept, 1 if recomputed else 0)  # the kept blocks (or the one block being recomputed)
     blocks = live * per_block
+    if size.image_attention:  # SD3.5's dual-attention blocks, their share of the live ones
+        blocks += IMAGE_ATTENTION * tokens * size.hidden * live * size.image_attention / size.depth
     temb = 0.0
     if per_token_timesteps:
         block_bytes, held_bytes = PER_TOKEN_TEMB
@@ -330,8 +349,7 @@ def checkpointing_text(on: bool, every: int) -> str:
 
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
-    pair = [cfg.text.path, cfg.text.path_2]
-    folders = {"hf": [cfg.text.path], "hunyuan": pair, "flux": pair}.get(cfg.text.encoder, [])
+    folders = text_folders(cfg)
     missing = [f for f in folders if cfg.text.device != "cpu" and not (Path(f) / "config.json").is_file()]
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
                f"{size.base / 1e6:.1f}M-parameter model" if size.base else
@@ -341,6 +359,7 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     lines = [f"model: {trained} (hidden {size.hidden}, depth {size.depth}), "
              f"{size.frozen / 1e6:.1f}M frozen (VAE {cfg.vae.dtype} + text {cfg.text.dtype}"
              f"{' on the CPU' if cfg.text.device == 'cpu' else ''}{' + CLIP fp32' if cfg.model.image_encoder else ''}"
+             f"{f' + {size.buffers / 1e6:.1f}M buffer values fp32' if size.buffers >= 1e6 else ''}"
              f"); {size.tokens} tokens/sample"
              f"{f' ({size.tokens // sp} per rank{text}: sequence parallel over {sp})' if sp > 1 else ''}, "
              f"micro-batch {cfg.train.batch_size}, activation checkpointing "

@@ -24,9 +24,12 @@ TINY: dict[str, dict] = {
     "flux": dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.12, scaling_factor=0.4),
+    "sd3": dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5),
 }
 CLASSES = {"wan": "AutoencoderKLWan", "cogvideox": "AutoencoderKLCogVideoX", "hunyuan": "AutoencoderKLHunyuanVideo",
-           "ltx": "AutoencoderKLLTXVideo", "flux": "AutoencoderKL"}
+           "ltx": "AutoencoderKLLTXVideo", "flux": "AutoencoderKL", "sd3": "AutoencoderKL"}
 
 
 def tiny_vae(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -273,7 +273,11 @@ def flops_per_token(model: nn.Module, num_tokens: int, text_len: int) -> float:
         per_block = 2 * stream * (4 * d * d + mlp) + 2 * 2 * stream * (num_tokens + text_len) * d
         # HunyuanVideo's token refiner: blocks of self-attention and a 4x MLP over the text alone
         refiner = cfg.get("refiner_layers", 0) * text_len * 2 * (12 * d * d + 2 * text_len * d)
-        return cfg["depth"] * per_block + refiner / max(num_tokens, 1)
+        # SD3: its last block gives no text output (no out projection, no MLP over the text), and SD3.5's first
+        # blocks add a second self-attention over the image alone
+        skipped = cfg.get("text_out_skipped", 0) * text_len * 2 * (d * d + mlp)
+        image_attention = cfg.get("image_attention_layers", 0) * (2 * 4 * d * d + 2 * 2 * num_tokens * d)
+        return cfg["depth"] * per_block + (refiner - skipped) / max(num_tokens, 1) + image_attention
     per_block = 2 * (4 * d * d + mlp + 2 * d * d + 2 * d * d * text_len / max(num_tokens, 1))
     per_block += 2 * 2 * num_tokens * d + 2 * 2 * text_len * d  # attention scores and weighted sums
     return cfg["depth"] * per_block

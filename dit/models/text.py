@@ -6,6 +6,7 @@
   pipeline folder (text_encoder/ beside tokenizer/), from the sibling tokenizer/;
 - ``hunyuan``: HunyuanVideo's Llama and CLIP text encoders (dit/models/text_hunyuan.py);
 - ``flux``: FLUX.1's T5 and CLIP text encoders (dit/models/text_pooled.py);
+- ``sd3``: Stable Diffusion 3's T5, CLIP-L and CLIP-G text encoders (dit/models/text_pooled.py);
 - ``none``: an unconditional model (one zero token).
 
 The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
@@ -160,7 +161,8 @@ def tokenizer_folder(folder: Path) -> Path:
 
 # text.encoder pairs with a CLIP text encoder in text.path_2: where it is in the family's diffusers download
 CLIP_FOLDER = {"hunyuan": "a HunyuanVideo Diffusers download's text_encoder_2/",
-               "flux": "a FLUX.1 Diffusers download's text_encoder/"}
+               "flux": "a FLUX.1 Diffusers download's text_encoder/",
+               "sd3": "CLIP-L: a Stable Diffusion 3 Diffusers download's text_encoder/"}
 
 
 def minilm_path() -> Path:
@@ -181,6 +183,9 @@ def text_width(text_cfg: object) -> int:
     if text_cfg.encoder in CLIP_FOLDER and not (Path(text_cfg.path_2) / "config.json").is_file():
         raise FileNotFoundError(f"text.path_2 {text_cfg.path_2!r} has no config.json; set it to the CLIP text encoder "
                                 f"folder ({CLIP_FOLDER[text_cfg.encoder]})")
+    if text_cfg.encoder == "sd3" and not (Path(text_cfg.path_3) / "config.json").is_file():
+        raise FileNotFoundError(f"text.path_3 {text_cfg.path_3!r} has no config.json; set it to the CLIP-G text "
+                                "encoder folder (a Stable Diffusion 3 Diffusers download's text_encoder_2/)")
     config = json.loads((folder / "config.json").read_text())
     width = config.get("d_model") or config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
     if not width:
@@ -194,8 +199,8 @@ def text_device(text_cfg: object, device: torch.device | str) -> torch.device:
 
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:
-    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype; path_2 and
-    crop_start for hunyuan)."""
+    """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype; path_2 for
+    hunyuan, flux and sd3; path_3 for sd3; crop_start for hunyuan)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
@@ -208,6 +213,11 @@ def build_text_encoder(text_cfg: object) -> TextEncoder:
         from dit.models.text_pooled import FluxTextEncoder
 
         return FluxTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length, dtype=text_cfg.dtype)
+    if kind == "sd3":
+        from dit.models.text_pooled import SD3TextEncoder
+
+        return SD3TextEncoder(text_cfg.path, text_cfg.path_2, text_cfg.path_3, max_length=text_cfg.max_length,
+                              dtype=text_cfg.dtype)
     path = minilm_path() if kind == "minilm" else Path(text_cfg.path)
     return HFTextEncoder(path, max_length=text_cfg.max_length, padding=text_cfg.padding,
                          clean=text_cfg.clean, dtype=text_cfg.dtype)

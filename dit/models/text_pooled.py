@@ -84,3 +84,60 @@ class FluxTextEncoder(HFTextEncoder):
             raise ValueError(f"the CLIP text encoder {self.clip.name} gave non-finite states in text.dtype="
                              f"{self.text_dtype} for {prompts[:3]}...: use text.dtype=bf16 or fp32")
         return with_pooled_row(states, mask, pooled)
+
+
+class SD3TextEncoder(HFTextEncoder):
+    """Stable Diffusion 3 / 3.5's three (text.encoder=sd3), as StableDiffusion3Pipeline.encode_prompt: the T5 of
+    ``path`` (the download's text_encoder_3/, tokenizer_3/ beside) run over the padding, and the two CLIP text
+    encoders with projection of ``path_2`` (CLIP-L: text_encoder/) and ``path_3`` (CLIP-G: text_encoder_2/). Their
+    penultimate hidden states (77 tokens each) side by side, zero-padded to the T5 width, go in front of the T5
+    states; their projected pooled embeddings side by side make the pooled row:
+
+        states [B, 1 + 77 + max_length, D_t5]   (row 0: pooled, rows 1-77: CLIP-L | CLIP-G, then T5)
+    """
+
+    def __init__(self, path: str | Path, path_2: str | Path, path_3: str | Path, max_length: int = 256,
+                 cache_size: int = 4096, dtype: str = "fp32") -> None:
+        super().__init__(path, max_length=max_length, cache_size=cache_size, padding="unmasked", dtype=dtype)
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        self.clips = torch.nn.ModuleList()
+        self.clip_tokenizers = []
+        for key, folder in (("text.path_2", Path(path_2)), ("text.path_3", Path(path_3))):
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"{key} {str(folder)!r} has no config.json; set it to the CLIP text encoder "
+                                        f"folder ({SD3_CLIP[key]})")
+            self.clip_tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True))
+            model = CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True,
+                                                                dtype=frozen_dtype(dtype))
+            self.clips.append(model.eval().requires_grad_(False))
+        self.clip_dim = sum(int(m.config.hidden_size) for m in self.clips)
+        self.pooled_dim = sum(int(m.config.projection_dim) for m in self.clips)
+        if max(self.clip_dim, self.pooled_dim) > self.dim:
+            raise ValueError(f"the CLIP encoders' states ({self.clip_dim} wide side by side, pooled {self.pooled_dim}) "
+                             f"are wider than the T5's {self.dim}: not an SD3 set of text encoders")
+        self.name = f"{path} + {path_2} + {path_3}"
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        states, mask = super()._encode_uncached(prompts)  # T5 [B, L, D]
+        hidden, pooled, masks = [], [], []
+        for tokenizer, model in zip(self.clip_tokenizers, self.clips):
+            tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=CLIP_LENGTH,
+                            return_tensors="pt")
+            out = model(tok["input_ids"].to(states.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].float())  # the pipeline's clip_skip None: the penultimate layer
+            pooled.append(out.text_embeds.float())
+            masks.append(tok["attention_mask"].to(mask.device).bool())
+        clip = torch.nn.functional.pad(torch.cat(hidden, -1), (0, self.dim - self.clip_dim))  # [B, 77, D]
+        pooled_states = torch.cat(pooled, -1)
+        if not (torch.isfinite(clip).all() and torch.isfinite(pooled_states).all()):
+            raise ValueError(f"the CLIP text encoders of {self.name} gave non-finite states in text.dtype="
+                             f"{self.text_dtype} for {prompts[:3]}...: use text.dtype=bf16 or fp32")
+        clip_mask = masks[0] | masks[1]  # (which CLIP positions are real tokens: the states are kept either way)
+        return with_pooled_row(torch.cat([clip, states], 1), torch.cat([clip_mask, mask], 1), pooled_states)
+
+
+# where SD3's CLIP encoders are in its diffusers download
+SD3_CLIP = {"text.path_2": "CLIP-L: a Stable Diffusion 3 Diffusers download's text_encoder/",
+            "text.path_3": "CLIP-G: a Stable Diffusion 3 Diffusers download's text_encoder_2/"}

@@ -3,13 +3,14 @@
     vae.family=wan vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae
 
 wan: AutoencoderKLWan, cogvideox: AutoencoderKLCogVideoX, hunyuan: AutoencoderKLHunyuanVideo, ltx:
-AutoencoderKLLTXVideo, flux: AutoencoderKL (FLUX.1's image VAE: each frame coded on its own). Nothing is
-re-implemented: encode and decode are diffusers' own; normalize / denormalize are each pipeline's formula, written
-once as (z - mean) * scale / std with
+AutoencoderKLLTXVideo, flux and sd3: AutoencoderKL (FLUX.1's and SD3's image VAEs: each frame coded on its own).
+Nothing is re-implemented: encode and decode are diffusers' own; normalize / denormalize are each pipeline's formula,
+written once as (z - mean) * scale / std with
 - wan: mean, std = config latents_mean / latents_std per channel, scale 1 (WanPipeline, WanImageToVideoPipeline);
 - ltx: mean, std = the VAE's latents_mean / latents_std buffers, scale = scaling_factor (LTXPipeline);
 - cogvideox, hunyuan: mean 0, std 1, scale = scaling_factor (CogVideoXPipeline, HunyuanVideoPipeline);
-- flux: mean = shift_factor, std 1, scale = scaling_factor (FluxPipeline decodes z / scale + shift).
+- flux, sd3: mean = shift_factor, std 1, scale = scaling_factor (FluxPipeline, StableDiffusion3Pipeline decode
+  z / scale + shift).
 The compression comes from the VAE's config (dit/models/vae_folder.py), never from a constant.
 
 decode(z, chunk_size): CogVideoX decodes `chunk_size` latent frames at a time with its conv cache (its own
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 import data_pipelines.config as frame_rule
 from dit.models.diffusers_folder import frozen_dtype
 from dit.models.vae import DiagonalGaussian, encoder_digest
-from dit.models.vae_folder import FAMILIES, family_config, geometry_of
+from dit.models.vae_folder import FAMILIES, IMAGE_VAES, family_config, geometry_of
 
 
 class PretrainedVAE(nn.Module):
@@ -52,7 +53,7 @@ class PretrainedVAE(nn.Module):
         elif family == "ltx":
             mean, std = vae.latents_mean.detach().clone(), vae.latents_std.detach().clone()
             scale = config["scaling_factor"]
-        elif family == "flux":
+        elif family in IMAGE_VAES:
             mean, std, scale = torch.full((c,), float(config.get("shift_factor") or 0.0)), torch.ones(c), \
                 config["scaling_factor"]
         else:
@@ -101,7 +102,7 @@ class PretrainedVAE(nn.Module):
         if x.ndim != 5 or x.shape[1] != 3:
             raise ValueError(f"expected [B, 3, T, H, W], got {tuple(x.shape)}")
         self.latent_shape(*x.shape[2:])  # validates T, H, W against this VAE's compression
-        if self.family == "flux":  # an image VAE: the frames in the batch, [B T, 3, H, W]
+        if self.family in IMAGE_VAES:  # an image VAE: the frames in the batch, [B T, 3, H, W]
             dist = self.vae.encode(frames_in_batch(x.to(self.vae.dtype))).latent_dist
             mean, logvar = (frames_out_of_batch(v, x.shape[2]) for v in (dist.mean, dist.logvar))
             return DiagonalGaussian(mean.float(), logvar.float())
@@ -119,7 +120,7 @@ class PretrainedVAE(nn.Module):
                 return self.vae.decode(z).sample
             finally:
                 self.vae.num_latent_frames_batch_size = default
-        if self.family == "flux":  # each latent frame decoded on its own (chunk_size: frames per decode call)
+        if self.family in IMAGE_VAES:  # each latent frame decoded on its own (chunk_size: frames per decode call)
             frames = frames_in_batch(z)
             step = frames.shape[0] if chunk_size <= 0 else chunk_size
             out = torch.cat([self.vae.decode(frames[i:i + step]).sample for i in range(0, frames.shape[0], step)])

@@ -54,7 +54,14 @@ FAMILIES: dict[str, Family] = {
                                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                                  scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                                  use_post_quant_conv=False, sample_size=1024)),
+    # Stable Diffusion 3 / 3.5's (the same class and sizes, its own weights and normalisation)
+    "sd3": Family("AutoencoderKL", "latent_channels", lambda c: (1, 2 ** (len(c["block_out_channels"]) - 1)),
+                  released=dict(latent_channels=16, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                                scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                                use_post_quant_conv=False, sample_size=1024)),
 }
+IMAGE_VAES = ("flux", "sd3")  # AutoencoderKL: each frame coded on its own
 
 
 def _defaults(family: str, released: bool = False) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def family_config(family: str, path: str | os.PathLike) -> dict[str, Any]:
     spec = FAMILIES[family]
     config = read_diffusers_folder(path, key="vae.pretrained", class_name=spec.class_name, subfolder="vae",
                                    family_key="vae.family", family=family,
-                                   family_of_class={s.class_name: f for f, s in FAMILIES.items()})
+                                   family_of_class={s.class_name: f for f, s in FAMILIES.items() if f != "sd3"})
     return {**_defaults(family), **config}
 
 

@@ -103,6 +103,26 @@ def test_plan_holds_fluxs_measured_peak(tmp_path) -> None:
         assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
 
 
+@pytest.mark.parametrize("dual", ["[]", "[0,1,2]"], ids=["sd3.5-large-form", "sd3.5-medium-form"])
+def test_plan_holds_sd3s_measured_peak(tmp_path, dual: str) -> None:
+    """SD3's joint blocks (8, hidden 256, 768 image tokens of 512 x 384 beside 77 CLIP and 16 T5 tokens), without
+    and with SD3.5 Medium's second self-attention in 3 of them, fp32 and bf16: within the same bounds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_sd3 import save_tiny_sd3
+
+    f = save_tiny_sd3(tmp_path)
+    sd3 = ["model.family=sd3", "model.patch_size=null", *FLOW, "model.family_config.num_attention_heads=4",
+           "model.family_config.attention_head_dim=64", "model.family_config.num_layers=8",
+           "model.family_config.caption_projection_dim=256", "model.family_config.pooled_projection_dim=16",
+           "model.family_config.pos_embed_max_size=64", f"model.family_config.dual_attention_layers={dual}",
+           "model.family_config.qk_norm=rms_norm", "vae.family=sd3", f"vae.pretrained={f['vae']}", "text.encoder=sd3",
+           f"text.path={f['t5']}", f"text.path_2={f['clip_l']}", f"text.path_3={f['clip_g']}", "text.max_length=16",
+           "text.padding=unmasked", "train.batch_size=4", "data.frames=1", "data.height=512", "data.width=384"]
+    for precision in ("'no'", "bf16"):
+        r = measure([f"train.mixed_precision={precision}", *sd3])
+        assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
+
+
 def measure(model: list[str], *device: str, processes: int = 1) -> dict:
     script = Path(__file__).with_name("measure_memory.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

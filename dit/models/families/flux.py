@@ -34,6 +34,7 @@ class FluxDenoiser(FamilyDenoiser):
     option_keys = ("guidance",)
     joint_text = True  # the text tokens run through every block beside the image's
     channel_pack = PACK * PACK  # the transformer's in_channels are 4 x the VAE's latent channels
+    image_only = True
     sample_guidance = 3.5  # FluxPipeline's default guidance_scale (the embedded one)
 
     def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:

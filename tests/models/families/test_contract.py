@@ -16,9 +16,10 @@ from dit.distributed.parallelize import apply_activation_checkpointing
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, denoiser_from_config
 
-FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan", "flux"]
-GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6), "hunyuan": (3, 4, 6), "flux": (1, 4, 6)}
-TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10, "flux": 16}
+FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan", "flux", "sd3"]
+GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6), "hunyuan": (3, 4, 6), "flux": (1, 4, 6),
+        "sd3": (1, 4, 6)}
+TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10, "flux": 16, "sd3": 16}
 TINY_WAN_SIZES = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
 
 
@@ -49,6 +50,9 @@ def pipeline_call(family: str, model: torch.nn.Module, x, t, text, mask) -> torc
                     img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype),
                     return_dict=False)[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)[:, :, None]
+    if family == "sd3":  # the image's latents as they are, sigma x 1000, every state (no mask), the pooled row
+        return model(hidden_states=x[:, :, 0], timestep=t, encoder_hidden_states=text[:, 1:],
+                     pooled_projections=text[:, 0], return_dict=False)[0][:, :, None]
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline  # [B, F, C, H, W]; rope from the pipeline
 
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
@@ -98,7 +102,7 @@ def test_attributes_and_state_dict_keys(family, tiny_folder):
     assert len(adapter.blocks) == 2
     assert adapter.in_channels == 4 and adapter.text_dim == 16
     assert adapter.patch == {"wan": (1, 2, 2), "ltx": (1, 1, 1), "cogvideox": (1, 2, 2), "hunyuan": (1, 2, 2),
-                             "flux": (1, 2, 2)}[family]
+                             "flux": (1, 2, 2), "sd3": (1, 2, 2)}[family]
     assert list(adapter.state_dict()) == [f"transformer.{k}" for k in inner.state_dict()]
     c = adapter.config
     assert c["family"] == family and c["depth"] == 2 and c["num_heads"] == 2
@@ -211,6 +215,8 @@ FLOP_SIZES = {  # hidden 128, 2 blocks; 192 clip tokens (768 for LTX's patch 1) 
                     num_refiner_layers=1, rope_axes_dim=(8, 12, 12), text_embed_dim=64, pooled_projection_dim=32),
     "flux": dict(num_attention_heads=4, attention_head_dim=32, num_layers=1, num_single_layers=1,
                  axes_dims_rope=(8, 12, 12), joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True),
+    "sd3": dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, caption_projection_dim=128,
+                joint_attention_dim=64, pooled_projection_dim=32, dual_attention_layers=[0], qk_norm="rms_norm"),
 }
 
 
@@ -224,7 +230,7 @@ def test_flops_per_token_matches_the_flop_counter(family):
     torch.manual_seed(0)
     adapter = build_denoiser(ModelConfig(family=family, family_config=FLOP_SIZES[family]), in_channels=4,
                              text_dim=64).eval()
-    grid, text_len = (1 if family == "flux" else 3, 16, 16), 64  # (FLUX.1: an image)
+    grid, text_len = (1 if family in ("flux", "sd3") else 3, 16, 16), 64  # (FLUX.1, SD3: an image)
     tokens = math.prod(g // p for g, p in zip(grid, adapter.patch))
     inputs = (torch.randn(2, 4, *grid), torch.tensor([10, 500]), torch.randn(2, text_len, 64),
               torch.ones(2, text_len, dtype=torch.bool))

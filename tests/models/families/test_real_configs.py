@@ -35,6 +35,10 @@ RELEASED = {
     "skyreels-v1-hunyuan-i2v": (12.82, 3072, 60, 13 * 34 * 60),
     # FLUX.1-dev ("12B": 19 dual- + 38 single-stream blocks) LoRA on 1024 x 1024 images: 128 x 128 latents / 2
     "flux.1-dev": (11.90, 3072, 57, 1 * 64 * 64),
+    # Stable Diffusion 3.5 Large (8.1B) LoRA and Medium (2.2B parameters; "2.5B" with its 226M-value position table)
+    # on 1024 x 1024 images: 128 x 128 latents / patch 2
+    "sd3.5-large": (8.06, 2432, 38, 1 * 64 * 64),
+    "sd3.5-medium": (2.24, 1536, 24, 1 * 64 * 64),
 }
 
 
@@ -46,6 +50,7 @@ def test_family_vae_defaults_are_the_released_geometry():
     assert VAEConfig(family="ltx").geometry() == (128, 8, 32)
     assert load_config(CONFIGS / "wan2.2-ti2v-5b.yaml", []).vae.geometry() == (48, 4, 16)
     assert VAEConfig(family="flux").geometry() == (16, 1, 8)  # FLUX.1's, not AutoencoderKL's own defaults
+    assert VAEConfig(family="sd3").geometry() == (16, 1, 8)
 
 
 def test_vae_family_config_is_checked_before_any_work(tmp_path):

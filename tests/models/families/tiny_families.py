@@ -22,10 +22,14 @@ TINY: dict[str, dict] = {
     "flux": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, guidance_embeds=True,
                  axes_dims_rope=(4, 6, 6)),
+    # SD3.5's form: a second self-attention in block 0 (dual_attention_layers) and QK RMSNorm; patch 2 on 4 channels
+    "sd3": dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=16, pooled_projection_dim=16,
+                pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
 }
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
            "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
-           "flux": "FluxTransformer2DModel"}
+           "flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
