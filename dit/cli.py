@@ -70,6 +70,12 @@ def cmd_lora_export(args: argparse.Namespace) -> None:
     print(export_lora(args.run, args.out, fmt=args.format))
 
 
+def cmd_to_diffusers(args: argparse.Namespace) -> None:
+    from dit.diffusers_export import export_diffusers
+
+    print(export_diffusers(args.run, args.out, dtype=args.dtype, scale=args.scale))
+
+
 def cmd_lora_merge(args: argparse.Namespace) -> None:
     from dit.merge import merge_lora_run
 
@@ -242,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="the .safetensors file to write (must not exist)")
     q.add_argument("--format", default="comfyui", choices=["comfyui"], help="the layout (default comfyui)")
     q.set_defaults(fn=cmd_lora_export)
+
+    p = sub.add_parser("to-diffusers", help="a pretrained family's trained transformer as a diffusers model folder "
+                       "(config.json + safetensors) for diffusers' pipelines and the tools that read them")
+    p.add_argument("run", help="a run (its newest checkpoint) or a checkpoint directory; a LoRA run is merged first")
+    p.add_argument("--out", required=True, help="the new folder (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the weights' dtype")
+    p.add_argument("--scale", type=float, default=1.0, help="a LoRA run: scale of the adapter's update")
+    p.set_defaults(fn=cmd_to_diffusers)
 
     p = sub.add_parser("encode", help="raw shards -> latent shards (VAE posterior + text states), one per input")
     p.add_argument("shards", help="shard spec (brace pattern, directory, comma list)")

@@ -38,8 +38,8 @@ def folder_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     config = json.loads((Path(folder) / "config.json").read_text())
     family = family_of_class(config.get("_class_name"))
     if family is None:
-        raise ConfigError(f"{folder}: a {config.get('_class_name')}, not a transformer of the wan, cogvideox or ltx "
-                          "family")
+        raise ConfigError(f"{folder}: a {config.get('_class_name')}, not the transformer of a model family this "
+                          f"version knows ({', '.join(c.class_name for c in FAMILIES.values())})")
     cls = FAMILIES[family]
     read_diffusers_folder(folder, key="train.init_from", class_name=cls.class_name, subfolder="transformer",
                           family_key="model.family", family=family, family_of_class={})

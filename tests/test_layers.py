@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("dit.cli", "dit.sample", "dit.encode", "dit.demo", "dit.plan", "dit.slurm", "dit.check", "dit.merge")
+COMMANDS = ("dit.cli", "dit.sample", "dit.encode", "dit.demo", "dit.plan", "dit.slurm", "dit.check", "dit.merge",
+            "dit.lora_export", "dit.diffusers_export")
 LIBRARY = ("dit/models", "dit/diffusion", "dit/training", "dit/distributed", "data_pipelines", "dit/config.py",
            "dit/pipeline.py", "dit/export.py", "dit/fileio.py", "dit/weights.py")
-INFERENCE = ("dit/pipeline.py", "dit/export.py", "dit/sample.py", "dit/weights.py", "dit/merge.py")
+INFERENCE = ("dit/pipeline.py", "dit/export.py", "dit/sample.py", "dit/weights.py", "dit/merge.py",
+             "dit/lora_export.py", "dit/diffusers_export.py")
 
 
 def modules(*places: str) -> list[Path]:

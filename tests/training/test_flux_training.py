@@ -127,6 +127,12 @@ def test_a_lora_adapter_loads_into_diffusers(flux: dict[str, Path], small_shards
         theirs = FluxPipeline._unpack_latents(call(adapted), 32, 48, 8)[:, :, None]
         assert (theirs - FluxPipeline._unpack_latents(base_out, 32, 48, 8)[:, :, None]).abs().max() > 1e-3
         torch.testing.assert_close(ours.model(x, sigma * 1000, packed, mask, guidance=3.5), theirs, atol=1e-4, rtol=0)
+        # `dit to-diffusers`: the adapter merged into its base, as a folder diffusers loads without peft
+        from dit.diffusers_export import export_diffusers
+
+        merged = FluxTransformer2DModel.from_pretrained(export_diffusers(run, tmp_path / "merged")).eval()
+        torch.testing.assert_close(FluxPipeline._unpack_latents(call(merged), 32, 48, 8)[:, :, None], theirs,
+                                   atol=1e-4, rtol=0)
 
         scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                     base_image_seq_len=256, max_image_seq_len=4096)
