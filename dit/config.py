@@ -33,15 +33,18 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
 # model.attention: torch SDPA choosing its kernel, one SDPA kernel pinned, or xformers (dit/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
-PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, flux or sd3"  # model.family: diffusers transformers (error text)
+# model.family: the diffusers transformers (error text)
+PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, flux, sd3 or zimage"
 VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux|sd3"  # vae.family: diffusers VAEs (error text)
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
 # model.family -> what its text.encoder of the same name holds (text.path, path_2, path_3)
 TEXT_OF_FAMILY = {"hunyuan": "text.path: the Llama text_encoder/, text.path_2: the CLIP text_encoder_2/",
                   "flux": "text.path: the T5 text_encoder_2/, text.path_2: the CLIP text_encoder/",
                   "sd3": "text.path: the T5 text_encoder_3/, text.path_2: CLIP-L text_encoder/, text.path_3: CLIP-G "
-                         "text_encoder_2/"}
-IMAGE_MODELS = {"flux": "FLUX.1", "sd3": "Stable Diffusion 3"}  # model.family: the image models (one frame)
+                         "text_encoder_2/",
+                  "zimage": "text.path: the Qwen3 text_encoder/"}
+# model.family: the image models (one frame), their names and the vae.family they take
+IMAGE_MODELS = {"flux": ("FLUX.1", "flux"), "sd3": ("Stable Diffusion 3", "sd3"), "zimage": ("Z-Image", "flux")}
 
 
 def _installed(module: str) -> bool:
@@ -209,7 +212,7 @@ class VAEConfig:
 @dataclass
 class TextConfig:
     # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | flux (FLUX.1's
-    # T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 + CLIP-L + CLIP-G) | none
+    # T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 + CLIP-L + CLIP-G) | zimage (Z-Image's Qwen3) | none
     encoder: str = "minilm"
     # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/);
     # sd3: the T5 (text_encoder_3/)
@@ -229,9 +232,9 @@ class TextConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.encoder in ("minilm", "hf", "hunyuan", "flux", "sd3", "none"), "text.encoder",
-               "must be minilm, hf, hunyuan, flux, sd3 or none")
-        _check(self.encoder not in ("hf", "hunyuan", "flux", "sd3") or bool(self.path), "text.path",
+        _check(self.encoder in ("minilm", "hf", "hunyuan", "flux", "sd3", "zimage", "none"), "text.encoder",
+               "must be minilm, hf, hunyuan, flux, sd3, zimage or none")
+        _check(self.encoder not in ("hf", "hunyuan", "flux", "sd3", "zimage") or bool(self.path), "text.path",
                f"text.encoder={self.encoder} needs text.path=/local/folder/of/a/huggingface/encoder")
         clip = {"hunyuan": "/local/HunyuanVideo/text_encoder_2", "flux": "/local/FLUX.1-dev/text_encoder",
                 "sd3": "/local/stable-diffusion-3.5-large/text_encoder"}
@@ -510,7 +513,7 @@ class Config:
                "cannot be combined with LoRA (train.lora.rank > 0): the adapters target the plain q and kv layers, "
                "which fusing replaces; set model.fused_qkv=false")
         family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
-        _check(family not in ("wan", "ltx", "hunyuan", "flux", "sd3") or d.objective == "flow", "diffusion.objective",
+        _check(family in ("dit", "cogvideox") or d.objective == "flow", "diffusion.objective",
                f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
         _check(family != "cogvideox" or (d.objective == "diffusion" and d.prediction == "v"), "diffusion.prediction",
                "model.family=cogvideox predicts v: set diffusion.objective=diffusion diffusion.prediction=v")
@@ -518,10 +521,10 @@ class Config:
         _check(paired is None or self.text.encoder == family, "text.encoder",
                f"model.family={family} takes text.encoder={family} ({paired})")
         _check(self.text.encoder not in TEXT_OF_FAMILY or self.text.encoder == family, "text.encoder",
-               f"{self.text.encoder} is {IMAGE_MODELS.get(self.text.encoder, 'HunyuanVideo')}'s set of encoders: set "
-               f"model.family={self.text.encoder}, or another text.encoder")
+               f"{self.text.encoder} is {IMAGE_MODELS.get(self.text.encoder, ('HunyuanVideo',))[0]}'s text "
+               f"encoders: set model.family={self.text.encoder}, or another text.encoder")
         if family in IMAGE_MODELS:
-            self._check_image_model(IMAGE_MODELS[family])
+            self._check_image_model(*IMAGE_MODELS[family])
         _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
                "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
                "flux); use sample.cfg")
@@ -533,12 +536,12 @@ class Config:
         _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
         self._check_sample_images()
 
-    def _check_image_model(self, name: str) -> None:
-        """FLUX.1 and SD3 take images, coded by their own image VAE: one frame, no sequence parallelism (an image's
-        few thousand tokens fit one GPU)."""
+    def _check_image_model(self, name: str, vae: str) -> None:
+        """FLUX.1, SD3 and Z-Image take images, coded by their image VAE: one frame, no sequence parallelism (an
+        image's few thousand tokens fit one GPU)."""
         family = self.model.family
-        _check(self.vae.family == family, "vae.family",
-               f"is {self.vae.family} but model.family={family} takes {name}'s image VAE: set vae.family={family} "
+        _check(self.vae.family == vae, "vae.family",
+               f"is {self.vae.family} but model.family={family} takes {name}'s image VAE: set vae.family={vae} "
                f"vae.pretrained=/local/{name.replace(' ', '-')}/vae")
         _check(self.data.frames == 1, "data.frames", f"is {self.data.frames} but {name} is an image model: set "
                "data.frames=1 (video shards give their first frame)")

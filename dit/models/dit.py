@@ -277,7 +277,10 @@ def flops_per_token(model: nn.Module, num_tokens: int, text_len: int) -> float:
         # blocks add a second self-attention over the image alone
         skipped = cfg.get("text_out_skipped", 0) * text_len * 2 * (d * d + mlp)
         image_attention = cfg.get("image_attention_layers", 0) * (2 * 4 * d * d + 2 * 2 * num_tokens * d)
-        return cfg["depth"] * per_block + (refiner - skipped) / max(num_tokens, 1) + image_attention
+        # Z-Image's noise refiner: whole blocks over the image alone
+        image_layers = cfg.get("image_layers", 0) * (2 * (4 * d * d + mlp) + 2 * 2 * num_tokens * d)
+        return (cfg["depth"] * per_block + (refiner - skipped) / max(num_tokens, 1) + image_attention
+                + image_layers)
     per_block = 2 * (4 * d * d + mlp + 2 * d * d + 2 * d * d * text_len / max(num_tokens, 1))
     per_block += 2 * 2 * num_tokens * d + 2 * 2 * text_len * d  # attention scores and weighted sums
     return cfg["depth"] * per_block

@@ -46,6 +46,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
                 r"transformer\.single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)"],
 }
 DEFAULT_TARGETS["flux"] = DEFAULT_TARGETS["hunyuan"]  # FLUX.1's blocks: the same modules under the same names
+# Z-Image: every layer's attention and SwiGLU, the refiners' too
+DEFAULT_TARGETS["zimage"] = [r"transformer\.(layers|noise_refiner|context_refiner)\.\d+\.attention\.(to_q|to_k|to_v|"
+                             r"to_out\.0)",
+                             r"transformer\.(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.(w1|w2|w3)"]
 # SD3: both streams' attention (SD3.5's second self-attention attn2 too) and MLPs of its joint blocks
 DEFAULT_TARGETS["sd3"] = [r"transformer\.transformer_blocks\.\d+\.(attn|attn2)\.(to_q|to_k|to_v|to_out\.0|add_q_proj|"
                           r"add_k_proj|add_v_proj|to_add_out)",

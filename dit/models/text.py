@@ -7,6 +7,7 @@
 - ``hunyuan``: HunyuanVideo's Llama and CLIP text encoders (dit/models/text_hunyuan.py);
 - ``flux``: FLUX.1's T5 and CLIP text encoders (dit/models/text_pooled.py);
 - ``sd3``: Stable Diffusion 3's T5, CLIP-L and CLIP-G text encoders (dit/models/text_pooled.py);
+- ``zimage``: Z-Image's Qwen3 in its chat template (dit/models/text_zimage.py);
 - ``none``: an unconditional model (one zero token).
 
 The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
@@ -213,6 +214,10 @@ def build_text_encoder(text_cfg: object) -> TextEncoder:
         from dit.models.text_pooled import FluxTextEncoder
 
         return FluxTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length, dtype=text_cfg.dtype)
+    if kind == "zimage":
+        from dit.models.text_zimage import ZImageTextEncoder
+
+        return ZImageTextEncoder(text_cfg.path, max_length=text_cfg.max_length, dtype=text_cfg.dtype)
     if kind == "sd3":
         from dit.models.text_pooled import SD3TextEncoder
 

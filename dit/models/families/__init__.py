@@ -1,7 +1,7 @@
 """The denoiser families in one registry: our DiT ("dit") or a pretrained diffusers transformer behind the same contract
-(Wan, CogVideoX, LTX, HunyuanVideo; for images FLUX.1 and Stable Diffusion 3). ``build_denoiser`` makes one from a
-ModelConfig (a local diffusers folder, or random weights at the family's sizes); ``denoiser_from_config`` rebuilds
-one from a checkpoint's config.json "dit" entry.
+(Wan, CogVideoX, LTX, HunyuanVideo; for images FLUX.1, Stable Diffusion 3 and Z-Image). ``build_denoiser`` makes one
+from a ModelConfig (a local diffusers folder, or random weights at the family's sizes); ``denoiser_from_config``
+rebuilds one from a checkpoint's config.json "dit" entry.
 
 Every mismatch (missing folder, not a diffusers model, another class, latent channels or text width that differ
 from the VAE's and the text encoder's) raises ConfigError or FileNotFoundError before any weights load."""
@@ -22,12 +22,13 @@ from dit.models.families.hunyuan import HunyuanVideoDenoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
 from dit.models.families.sd3 import SD3Denoiser
 from dit.models.families.wan import WanDenoiser
+from dit.models.families.zimage import ZImageDenoiser
 
 WAN_MASK_CHANNELS = 4  # Wan 2.1 I2V's mask: one channel per pixel frame a latent frame folds (its VAE's 4)
 
 FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser,
                                              "hunyuan": HunyuanVideoDenoiser, "flux": FluxDenoiser,
-                                             "sd3": SD3Denoiser}
+                                             "sd3": SD3Denoiser, "zimage": ZImageDenoiser}
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
@@ -160,7 +161,7 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
     if int(dcfg[cls.text_key]) != text_dim:
-        encoder = cls.family if cls.family in ("hunyuan", "flux", "sd3") else "hf"
+        encoder = cls.family if cls.family in ("hunyuan", "flux", "sd3", "zimage") else "hf"
         raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
                           f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
                           f"trained with (text.encoder={encoder}, text.path=...)")

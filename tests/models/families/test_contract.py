@@ -16,10 +16,11 @@ from dit.distributed.parallelize import apply_activation_checkpointing
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, denoiser_from_config
 
-FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan", "flux", "sd3"]
+FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan", "flux", "sd3", "zimage"]
 GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6), "hunyuan": (3, 4, 6), "flux": (1, 4, 6),
-        "sd3": (1, 4, 6)}
-TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10, "flux": 16, "sd3": 16}
+        "sd3": (1, 4, 6), "zimage": (1, 4, 6)}
+TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10, "flux": 16, "sd3": 16, "zimage": 16}
+IMAGE = ("flux", "sd3", "zimage")  # the image models: latents of one frame
 TINY_WAN_SIZES = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
 
 
@@ -50,6 +51,9 @@ def pipeline_call(family: str, model: torch.nn.Module, x, t, text, mask) -> torc
                     img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype),
                     return_dict=False)[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)[:, :, None]
+    if family == "zimage":  # lists of latents and real caption tokens, reversed time, the output negated
+        out = model(list(x.unbind(0)), (1000 - t) / 1000, [s[m] for s, m in zip(text, mask)], return_dict=False)[0]
+        return -torch.stack(out)
     if family == "sd3":  # the image's latents as they are, sigma x 1000, every state (no mask), the pooled row
         return model(hidden_states=x[:, :, 0], timestep=t, encoder_hidden_states=text[:, 1:],
                      pooled_projections=text[:, 0], return_dict=False)[0][:, :, None]
@@ -97,12 +101,14 @@ def test_attributes_and_state_dict_keys(family, tiny_folder):
     inner = adapter.transformer
     if family in ("hunyuan", "flux"):  # the dual-stream blocks, then the single-stream ones
         assert list(adapter.blocks) == [*inner.transformer_blocks, *inner.single_transformer_blocks]
+    elif family == "zimage":  # the refiners, then the main layers
+        assert list(adapter.blocks) == [*inner.noise_refiner, *inner.context_refiner, *inner.layers]
     else:
         assert adapter.blocks is getattr(inner, "blocks" if family == "wan" else "transformer_blocks")
-    assert len(adapter.blocks) == 2
+    assert len(adapter.blocks) == (4 if family == "zimage" else 2)
     assert adapter.in_channels == 4 and adapter.text_dim == 16
     assert adapter.patch == {"wan": (1, 2, 2), "ltx": (1, 1, 1), "cogvideox": (1, 2, 2), "hunyuan": (1, 2, 2),
-                             "flux": (1, 2, 2), "sd3": (1, 2, 2)}[family]
+                             "flux": (1, 2, 2), "sd3": (1, 2, 2), "zimage": (1, 2, 2)}[family]
     assert list(adapter.state_dict()) == [f"transformer.{k}" for k in inner.state_dict()]
     c = adapter.config
     assert c["family"] == family and c["depth"] == 2 and c["num_heads"] == 2
@@ -217,6 +223,8 @@ FLOP_SIZES = {  # hidden 128, 2 blocks; 192 clip tokens (768 for LTX's patch 1) 
                  axes_dims_rope=(8, 12, 12), joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True),
     "sd3": dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, caption_projection_dim=128,
                 joint_attention_dim=64, pooled_projection_dim=32, dual_attention_layers=[0], qk_norm="rms_norm"),
+    "zimage": dict(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=64,
+                   axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]),
 }
 
 
@@ -230,7 +238,7 @@ def test_flops_per_token_matches_the_flop_counter(family):
     torch.manual_seed(0)
     adapter = build_denoiser(ModelConfig(family=family, family_config=FLOP_SIZES[family]), in_channels=4,
                              text_dim=64).eval()
-    grid, text_len = (1 if family in ("flux", "sd3") else 3, 16, 16), 64  # (FLUX.1, SD3: an image)
+    grid, text_len = (1 if family in IMAGE else 3, 16, 16), 64  # (the image models: an image)
     tokens = math.prod(g // p for g, p in zip(grid, adapter.patch))
     inputs = (torch.randn(2, 4, *grid), torch.tensor([10, 500]), torch.randn(2, text_len, 64),
               torch.ones(2, text_len, dtype=torch.bool))

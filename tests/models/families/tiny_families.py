@@ -26,10 +26,14 @@ TINY: dict[str, dict] = {
     "sd3": dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
                 num_attention_heads=2, caption_projection_dim=32, joint_attention_dim=16, pooled_projection_dim=16,
                 pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+    # two main layers, one noise and one context refiner; SwiGLU of 8/3 x 32
+    "zimage": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+                   n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64]),
 }
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
            "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
-           "flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+           "flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
+           "zimage": "ZImageTransformer2DModel"}
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

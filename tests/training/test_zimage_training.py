@@ -1,0 +1,106 @@
+"""Z-Image trains through the same loop, on images: a tiny ZImageTransformer2DModel folder on a tiny FLUX.1-kind
+image VAE with its Qwen3 text encoder (text.encoder=zimage), from raw shards (each clip's first frame) and from `dit
+encode` latent shards alike (each prompt's real tokens stored); its checkpoint samples with `dit sample`; a LoRA
+run's adapter loads into diffusers' own transformer with our outputs, and `dit to-diffusers` merges it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from runs import DEMO, MEDIA_FREE, small_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_zimage import WIDTH, save_tiny_zimage  # noqa: E402
+
+from dit.config import load_config  # noqa: E402
+from dit.encode import encode_shards  # noqa: E402
+from dit.export import list_checkpoints  # noqa: E402
+from dit.models.lora import LORA_FILE  # noqa: E402
+from dit.training import train  # noqa: E402
+
+LENGTH = 40  # Qwen3 tokens with the chat template: more than the captions fill
+SIZE = ["data.frames=1", "data.height=32", "data.width=32"]  # 4 x 4 latents, 2 x 2 patches
+pytestmark = pytest.mark.skipif(MEDIA_FREE, reason="needs PyAV and the MiniLM package (not media-free mode)")
+
+
+@pytest.fixture(scope="module")
+def zimage(tmp_path_factory) -> dict[str, Path]:
+    f = save_tiny_zimage(tmp_path_factory.mktemp("zimage"))
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "zimage", "pretrained": str(f["transformer"])}
+    data["vae"] = {"family": "flux", "pretrained": str(f["vae"])}
+    data["text"] = {"encoder": "zimage", "path": str(f["qwen"]), "max_length": LENGTH}
+    data["diffusion"] = {"objective": "flow", "shift": 3.0, "flow_grid": "steps", "prompt_dropout": 0.5,
+                         "timestep_sampling": "logit_normal"}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0}
+    (f["root"] / "zimage.yaml").write_text(yaml.safe_dump(data))
+    return f
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(f: dict[str, Path], run: Path, shards: str, **extra: object):
+    common = {"train.steps": 4, "train.checkpoint_every": 4, **extra}
+    return load_config(f["root"] / "zimage.yaml", [*small_overrides(run, shards, None, **common), *SIZE])
+
+
+def test_trains_from_raw_and_latent_shards_alike_and_samples(zimage: dict[str, Path], small_shards: str,
+                                                             tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    train.main(config(zimage, raw, small_shards))
+    latents = tmp_path / "latents"
+    assert encode_shards(small_shards, latents, config(zimage, tmp_path / "enc", small_shards),
+                         batch_size=8)["samples"] == 64
+    latent_run = tmp_path / "latent"
+    train.main(config(zimage, latent_run, str(latents), **{"data.latents": "true"}))
+    a, b = losses(raw), losses(latent_run)
+    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    dit(["sample", "--checkpoint", str(raw), "--prompt", "a red circle", "--steps", "2", "--cfg", "3", "--out",
+         str(tmp_path / "image.png")])
+    assert Image.open(tmp_path / "image.png").size == (32, 32)
+
+
+def test_a_lora_adapter_loads_into_diffusers(zimage: dict[str, Path], small_shards: str, tmp_path: Path) -> None:
+    from diffusers import ZImageTransformer2DModel
+
+    from dit.diffusers_export import export_diffusers
+    from dit.pipeline import load_pipeline
+
+    run = tmp_path / "lora"
+    train.main(config(zimage, run, small_shards, **{"train.steps": 3, "train.checkpoint_every": 3, "train.lr": 3e-2,
+                                                    "train.ema_decay": 0.0, "train.lora.rank": 4,
+                                                    "train.lora.alpha": 8}))
+    ckpt = list_checkpoints(run)[-1]
+    ours = load_pipeline(run)  # base + adapter, as `dit sample --checkpoint RUN` samples
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 1, 4, 6, generator=g), torch.tensor([0.8, 0.25])
+    text = torch.randn(2, 7, WIDTH, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+
+    def call(model):  # (the time as the pipeline computes it, from the scheduler's sigma x 1000)
+        out = model(list(x.unbind(0)), (1000 - sigma * 1000) / 1000, [text[0], text[1, :4]], return_dict=False)[0]
+        return -torch.stack(out)
+
+    with torch.no_grad():
+        base_out = call(ZImageTransformer2DModel.from_pretrained(zimage["transformer"]).eval())
+        adapted = ZImageTransformer2DModel.from_pretrained(zimage["transformer"]).eval()
+        adapted.load_lora_adapter(str(ckpt), weight_name=LORA_FILE, prefix="transformer")
+        theirs = call(adapted)
+        assert (theirs - base_out).abs().max() > 1e-3  # the adapter changes the output
+        torch.testing.assert_close(ours.model(x, sigma * 1000, text, mask), theirs, atol=1e-4, rtol=0)
+        merged = ZImageTransformer2DModel.from_pretrained(export_diffusers(run, tmp_path / "merged")).eval()
+        torch.testing.assert_close(call(merged), theirs, atol=1e-4, rtol=0)
