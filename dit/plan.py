@@ -46,7 +46,7 @@ from dit.models.text_pooled import CLIP_LENGTH
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
                "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4), "sd3": (25.5, 2.4),
-               "zimage": (22.5, 2.4)}
+               "zimage": (34.0, 3.4)}
 # SD3.5's second self-attention over the image alone (dual_attention_layers): values per image token it adds to a
 # block (measured as ACTIVATIONS, tests/training/test_plan.py)
 IMAGE_ATTENTION = 11.0
@@ -77,6 +77,9 @@ class ModelSize:
     frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype), the buffers
     buffers: int = 0  # the denoiser's buffers (fp32 position tables: SD3's, CogVideoX's), on every rank
     image_attention: int = 0  # blocks with a second self-attention over the image alone (SD3.5's dual attention)
+    # tokens x blocks of the refiners beside the main blocks: over the text alone (HunyuanVideo's token refiner,
+    # Z-Image's context refiner) and over the image alone (Z-Image's noise refiner)
+    refiner_tokens: int = 0
 
 
 @dataclass
@@ -180,6 +183,7 @@ def model_size(cfg: Config) -> ModelSize:
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = -(-t // pt) * (h // ph) * (w // pw)  # (CogVideoX 1.5 pads an odd latent frame count at the front)
+    text_len = cfg.text.max_length + (CLIP_LENGTH if cfg.text.encoder == "sd3" else 0)
     buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
     lora, base, base_linear = cfg.train.lora, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
@@ -201,8 +205,10 @@ def model_size(cfg: Config) -> ModelSize:
                      (text_params * DTYPE_BYTES[cfg.text.dtype] if cfg.text.device != "cpu" else 0),
                      hidden=dit.config["hidden_size"], depth=dit.config["depth"],
                      heads=dit.config["num_heads"], tokens=tokens,
-                     text_len=cfg.text.max_length + (CLIP_LENGTH if cfg.text.encoder == "sd3" else 0),
-                     image_attention=int(dit.config.get("image_attention_layers", 0)))
+                     text_len=text_len,
+                     image_attention=int(dit.config.get("image_attention_layers", 0)),
+                     refiner_tokens=int(dit.config.get("refiner_layers", 0)) * text_len
+                     + int(dit.config.get("image_layers", 0)) * tokens)
 
 
 def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: bool = False,
@@ -236,6 +242,8 @@ def activation_bytes(size: ModelSize, batch: int, family: str = "dit", half: boo
     blocks = live * per_block
     if size.image_attention:  # SD3.5's dual-attention blocks, their share of the live ones
         blocks += IMAGE_ATTENTION * tokens * size.hidden * live * size.image_attention / size.depth
+    if size.refiner_tokens:  # refiner blocks as the main ones, over their tokens (whole on every rank), when live
+        blocks += per_token * size.refiner_tokens * size.hidden * live / size.depth
     temb = 0.0
     if per_token_timesteps:
         block_bytes, held_bytes = PER_TOKEN_TEMB

@@ -123,6 +123,24 @@ def test_plan_holds_sd3s_measured_peak(tmp_path, dual: str) -> None:
         assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
 
 
+def test_plan_holds_zimages_measured_peak(tmp_path) -> None:
+    """Z-Image's layers (8, hidden 256, 2 refiner layers over the image and 2 over the caption; 768 image tokens of
+    512 x 384 beside up to 32 Qwen3 tokens) with its text encoder, fp32 and bf16: within the same bounds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_zimage import save_tiny_zimage
+
+    f = save_tiny_zimage(tmp_path)
+    zimage = ["model.family=zimage", "model.patch_size=null", *FLOW, "model.family_config.dim=256",
+              "model.family_config.n_heads=4", "model.family_config.n_kv_heads=4", "model.family_config.n_layers=8",
+              "model.family_config.n_refiner_layers=2", "model.family_config.axes_dims=[16,24,24]",
+              "model.family_config.axes_lens=[256,64,64]", "vae.family=flux", f"vae.pretrained={f['vae']}",
+              "text.encoder=zimage", f"text.path={f['qwen']}", "text.max_length=32", "train.batch_size=4",
+              "data.frames=1", "data.height=512", "data.width=384"]
+    for precision in ("'no'", "bf16"):
+        r = measure([f"train.mixed_precision={precision}", *zimage])
+        assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
+
+
 def measure(model: list[str], *device: str, processes: int = 1) -> dict:
     script = Path(__file__).with_name("measure_memory.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -39,6 +39,8 @@ RELEASED = {
     # on 1024 x 1024 images: 128 x 128 latents / patch 2
     "sd3.5-large": (8.06, 2432, 38, 1 * 64 * 64),
     "sd3.5-medium": (2.24, 1536, 24, 1 * 64 * 64),
+    # Z-Image-Turbo (6B: 30 layers and 2 + 2 refiner layers) LoRA on 1024 x 1024 images
+    "z-image-turbo": (6.15, 3840, 30, 1 * 64 * 64),
 }
 
 
