@@ -83,14 +83,20 @@ from dit.training.step import train_step
 log = logging.getLogger("dit.train")
 
 
+# a download whose vae/ a vae.family names (error hints)
+VAE_DOWNLOADS = {"cogvideox": "CogVideoX-2b", "hunyuan": "HunyuanVideo", "ltx": "LTX-Video", "flux": "FLUX.1-dev",
+                 "sd3": "stable-diffusion-3.5-large"}
+
+
 def check_inputs(cfg: Config) -> None:
     t = cfg.train
     if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
         raise ConfigError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
                           "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan vae.pretrained=DIR)")
     if cfg.vae.family != "ours" and not cfg.vae.pretrained:
+        download = VAE_DOWNLOADS.get(cfg.vae.family, "Wan2.1-T2V-1.3B-Diffusers")
         raise ConfigError(f"vae.pretrained is not set: vae.family={cfg.vae.family} trains on a local diffusers VAE "
-                          "folder, e.g. vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae")
+                          f"folder, e.g. vae.pretrained=/models/{download}/vae")
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
     if code_condition(cfg.model):
