@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dit.config import ConfigError
-from dit.models.families.base import FamilyDenoiser, jsonable, read_folder
+from dit.models.families.base import DistilledDualStream, FamilyDenoiser, jsonable, read_folder
 from dit.models.families.cogvideox import CogVideoXDenoiser
 from dit.models.families.flux import FluxDenoiser
 from dit.models.families.hunyuan import HunyuanVideoDenoiser
@@ -174,7 +174,7 @@ def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, 
                     first_frame=first_frame)
     if cls is WanDenoiser:
         return dict(first_frame=first_frame)
-    if cls in (HunyuanVideoDenoiser, FluxDenoiser):
+    if issubclass(cls, DistilledDualStream):  # HunyuanVideo, FLUX.1
         return dict(guidance=model_cfg.guidance)
     return {}
 

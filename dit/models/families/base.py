@@ -173,6 +173,28 @@ class FamilyDenoiser(nn.Module):
         return next(self.transformer.parameters()).dtype
 
 
+class DistilledDualStream(FamilyDenoiser):
+    """A transformer of dual-stream blocks, then single-stream ones, over the text and the latents together, that
+    may be guidance-distilled (guidance_embeds: it takes the guidance scale as an input): HunyuanVideo, FLUX.1.
+
+    ``guidance``: the embedded scale it is given in training (model.guidance; 1.0 as finetrainers and musubi-tuner
+    fine-tune them); sampling passes its own (sample.guidance, the pipeline's by default)."""
+
+    option_keys = ("guidance",)
+    joint_text = True  # the text tokens run through every block beside the latents'
+
+    def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
+        super().__init__(transformer, guidance=float(guidance))
+        self.guidance = float(guidance)
+        self.distilled = bool(transformer.config.guidance_embeds)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The dual-stream blocks, then the single-stream ones: what checkpointing, compile and FSDP act on."""
+        t = self.transformer
+        return nn.ModuleList([*t.transformer_blocks, *t.single_transformer_blocks])
+
+
 def read_folder(path: str | Path, family: str, class_name: str) -> dict[str, Any]:
     """config.json of a local diffusers transformer folder of ``class_name``, checked before any work."""
     from dit.models.families import FAMILIES

@@ -12,41 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from dit.models.families.base import FamilyDenoiser
+from dit.models.families.base import DistilledDualStream
 from dit.models.text_pooled import split_pooled
 
 PACK = 2  # FluxPipeline._pack_latents: 2 x 2 latent positions per token
 
 
-class FluxDenoiser(FamilyDenoiser):
-    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000.
-
-    ``guidance``: the embedded guidance scale a guidance-distilled transformer (guidance_embeds: FLUX.1-dev) is
-    given in training (model.guidance); sampling passes its own (sample.guidance: 3.5 by default, FluxPipeline's)."""
+class FluxDenoiser(DistilledDualStream):
+    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000; the embedded guidance of
+    FLUX.1-dev samples at 3.5 by default (FluxPipeline's guidance_scale)."""
 
     family = "flux"
     class_name = "FluxTransformer2DModel"
     blocks_attr = "transformer_blocks"  # then single_transformer_blocks (``blocks``)
     text_key = "joint_attention_dim"
     prediction = "flow"
-    option_keys = ("guidance",)
-    joint_text = True  # the text tokens run through every block beside the image's
     channel_pack = PACK * PACK  # the transformer's in_channels are 4 x the VAE's latent channels
     image_only = True
     sample_guidance = 3.5  # FluxPipeline's default guidance_scale (the embedded one)
-
-    def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
-        super().__init__(transformer, guidance=float(guidance))
-        self.guidance = float(guidance)
-        self.distilled = bool(transformer.config.guidance_embeds)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The dual-stream blocks, then the single-stream ones: what checkpointing, compile and FSDP act on."""
-        t = self.transformer
-        return nn.ModuleList([*t.transformer_blocks, *t.single_transformer_blocks])
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:

@@ -10,43 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from dit.models.families.base import FamilyDenoiser
+from dit.models.families.base import DistilledDualStream
 from dit.models.text_hunyuan import split_pooled
 
-SAMPLE_GUIDANCE = 6.0  # HunyuanVideoPipeline's default guidance_scale (the embedded one)
 
-
-class HunyuanVideoDenoiser(FamilyDenoiser):
-    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000.
-
-    ``guidance``: the embedded guidance scale a guidance-distilled transformer (guidance_embeds) is given in
-    training, 1.0 as finetrainers and musubi-tuner fine-tune it; sampling passes its own (``forward``'s
-    ``guidance``, sample.guidance: 6.0 by default, as the pipeline)."""
+class HunyuanVideoDenoiser(DistilledDualStream):
+    """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000; the embedded guidance samples at
+    6.0 by default (HunyuanVideoPipeline's guidance_scale)."""
 
     family = "hunyuan"
     class_name = "HunyuanVideoTransformer3DModel"
     blocks_attr = "transformer_blocks"  # then single_transformer_blocks (``blocks``)
     text_key = "text_embed_dim"
     prediction = "flow"
-    option_keys = ("guidance",)
-    joint_text = True  # the text tokens run through every block beside the clip's
     # SkyReels V1 (HunyuanSkyreelsImageToVideoPipeline): an image-to-video transformer of in_channels 2C takes the
     # first frame's latents beside the noisy ones, zeros after frame 0, without a mask
     concat_condition = True
-    sample_guidance = SAMPLE_GUIDANCE
-
-    def __init__(self, transformer: nn.Module, guidance: float = 1.0) -> None:
-        super().__init__(transformer, guidance=float(guidance))
-        self.guidance = float(guidance)
-        self.distilled = bool(transformer.config.guidance_embeds)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The dual-stream blocks, then the single-stream ones: what checkpointing, compile and FSDP act on."""
-        t = self.transformer
-        return nn.ModuleList([*t.transformer_blocks, *t.single_transformer_blocks])
+    sample_guidance = 6.0  # HunyuanVideoPipeline's default guidance_scale (the embedded one)
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:

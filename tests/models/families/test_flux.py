@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_families import export_checkpoint
 from tiny_flux import POOLED, WIDTH, save_tiny_flux
 
 from dit.config import ConfigError, load_config
-from dit.export import write_export
 from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
 from dit.models.text_pooled import split_pooled
@@ -94,14 +94,7 @@ def test_image_vae_codes_as_autoencoderkl(folders):
 
 
 def export(tmp_path: Path, f: dict, *more: str) -> Path:
-    """A checkpoint of ours made from the tiny folders (what a run writes), ready for load_pipeline."""
-    cfg = load_config(None, settings(f, *more))
-    model = build_denoiser(cfg.model, in_channels=4, text_dim=WIDTH)
-    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
-    ckpt.mkdir(parents=True)
-    write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
-                 vae=cfg.vae)
-    return ckpt
+    return export_checkpoint(tmp_path, settings(f, *more), text_dim=WIDTH)
 
 
 @pytest.mark.parametrize("true_cfg", [1.0, 3.0], ids=["embedded-guidance", "and-true-cfg"])

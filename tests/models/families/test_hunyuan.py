@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_families import export_checkpoint
 from tiny_hunyuan import POOLED, WIDTH, crop_start, save_tiny_text
 from tiny_vaes import save_tiny_vae
 
 from dit.config import ConfigError, load_config
-from dit.export import write_export
 from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
 from dit.models.text_hunyuan import prompt_template, split_pooled
@@ -88,14 +88,7 @@ def test_text_is_the_pipelines_encode_prompt(folders):
 
 
 def export(tmp_path: Path, f: dict, *more: str) -> Path:
-    """A checkpoint of ours made from the tiny folders (what a run writes), ready for load_pipeline."""
-    cfg = load_config(None, settings(f, *more))
-    model = build_denoiser(cfg.model, in_channels=4, text_dim=WIDTH)
-    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
-    ckpt.mkdir(parents=True)
-    write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
-                 vae=cfg.vae)
-    return ckpt
+    return export_checkpoint(tmp_path, settings(f, *more), text_dim=WIDTH)
 
 
 @pytest.mark.parametrize("true_cfg", [1.0, 3.0], ids=["embedded-guidance", "and-true-cfg"])

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_families import export_checkpoint
 from tiny_zimage import WIDTH, save_tiny_zimage
 
 from dit.config import ConfigError, load_config
-from dit.export import write_export
-from dit.models.families import build_denoiser
 from dit.models.text import build_text_encoder
 from dit.pipeline import generate, load_pipeline
 
@@ -59,13 +58,7 @@ def test_text_is_the_pipelines_prompt_embeddings(folders):
 
 
 def export(tmp_path: Path, f: dict, *more: str) -> Path:
-    cfg = load_config(None, settings(f, *more))
-    model = build_denoiser(cfg.model, in_channels=4, text_dim=WIDTH)
-    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
-    ckpt.mkdir(parents=True)
-    write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
-                 vae=cfg.vae)
-    return ckpt
+    return export_checkpoint(tmp_path, settings(f, *more), text_dim=WIDTH)
 
 
 @pytest.mark.parametrize("guidance", [0.0, 3.0], ids=["turbo-no-cfg", "cfg"])

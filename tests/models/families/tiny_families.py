@@ -58,3 +58,19 @@ def inputs(b: int = 2, grid: tuple[int, int, int] = (3, 4, 6), length: int = 6, 
     mask = torch.ones(b, length, dtype=torch.bool)
     mask[-1, length // 2:] = False
     return x, t, text, mask
+
+
+def export_checkpoint(tmp_path, overrides: list[str], text_dim: int, in_channels: int = 4):
+    """A checkpoint of ours (what a run writes) of the model and VAE ``overrides`` configure, ready for
+    load_pipeline: tmp_path/run/checkpoints/step-00000001."""
+    from dit.config import load_config
+    from dit.export import write_export
+    from dit.models.families import build_denoiser
+
+    cfg = load_config(None, overrides)
+    model = build_denoiser(cfg.model, in_channels=in_channels, text_dim=text_dim)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
+    ckpt.mkdir(parents=True)
+    write_export(ckpt, weights=model.state_dict(), config={"dit": model.config, "experiment": cfg.to_dict()},
+                 vae=cfg.vae)
+    return ckpt
