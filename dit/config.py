@@ -34,17 +34,20 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
 # model.family: the diffusers transformers (error text)
-PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, flux, sd3 or zimage"
-VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux|sd3"  # vae.family: diffusers VAEs (error text)
+PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, flux, sd3, zimage or qwenimage"
+VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux|sd3|qwenimage"  # vae.family: diffusers VAEs (error text)
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
+TEXT_ENCODERS = ("minilm", "hf", "hunyuan", "flux", "sd3", "zimage", "qwenimage", "none")  # text.encoder
 # model.family -> what its text.encoder of the same name holds (text.path, path_2, path_3)
 TEXT_OF_FAMILY = {"hunyuan": "text.path: the Llama text_encoder/, text.path_2: the CLIP text_encoder_2/",
                   "flux": "text.path: the T5 text_encoder_2/, text.path_2: the CLIP text_encoder/",
                   "sd3": "text.path: the T5 text_encoder_3/, text.path_2: CLIP-L text_encoder/, text.path_3: CLIP-G "
                          "text_encoder_2/",
-                  "zimage": "text.path: the Qwen3 text_encoder/"}
+                  "zimage": "text.path: the Qwen3 text_encoder/",
+                  "qwenimage": "text.path: the Qwen2.5-VL text_encoder/"}
 # model.family: the image models (one frame), their names and the vae.family they take
-IMAGE_MODELS = {"flux": ("FLUX.1", "flux"), "sd3": ("Stable Diffusion 3", "sd3"), "zimage": ("Z-Image", "flux")}
+IMAGE_MODELS = {"flux": ("FLUX.1", "flux"), "sd3": ("Stable Diffusion 3", "sd3"), "zimage": ("Z-Image", "flux"),
+                "qwenimage": ("Qwen-Image", "qwenimage")}
 
 
 def _installed(module: str) -> bool:
@@ -212,7 +215,8 @@ class VAEConfig:
 @dataclass
 class TextConfig:
     # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | flux (FLUX.1's
-    # T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 + CLIP-L + CLIP-G) | zimage (Z-Image's Qwen3) | none
+    # T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 + CLIP-L + CLIP-G) | zimage (Z-Image's Qwen3) | qwenimage
+    # (Qwen-Image's Qwen2.5-VL) | none
     encoder: str = "minilm"
     # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/);
     # sd3: the T5 (text_encoder_3/)
@@ -221,7 +225,8 @@ class TextConfig:
     # sd3: its CLIP-L (text_encoder/)
     path_2: str | None = None
     path_3: str | None = None  # sd3: its CLIP-G (text_encoder_2/)
-    crop_start: int = 95  # hunyuan: the prompt template's tokens, cut off the Llama states (the pipeline's 95)
+    # hunyuan, qwenimage: the prompt template's tokens, cut off the states; null: the pipeline's (95, 34)
+    crop_start: int | None = None
     max_length: int = 32  # tokens per prompt (padded): Wan 512, CogVideoX 226, LTX 128
     padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
     #                        the encoder sees the padding (CogVideoX, LTX); as each pipeline's _get_t5_prompt_embeds
@@ -232,9 +237,8 @@ class TextConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.encoder in ("minilm", "hf", "hunyuan", "flux", "sd3", "zimage", "none"), "text.encoder",
-               "must be minilm, hf, hunyuan, flux, sd3, zimage or none")
-        _check(self.encoder not in ("hf", "hunyuan", "flux", "sd3", "zimage") or bool(self.path), "text.path",
+        _check(self.encoder in TEXT_ENCODERS, "text.encoder", f"must be one of {', '.join(TEXT_ENCODERS)}")
+        _check(self.encoder in ("minilm", "none") or bool(self.path), "text.path",
                f"text.encoder={self.encoder} needs text.path=/local/folder/of/a/huggingface/encoder")
         clip = {"hunyuan": "/local/HunyuanVideo/text_encoder_2", "flux": "/local/FLUX.1-dev/text_encoder",
                 "sd3": "/local/stable-diffusion-3.5-large/text_encoder"}
@@ -246,7 +250,7 @@ class TextConfig:
         _check(self.path_3 is None or self.encoder == "sd3", "text.path_3", "is for text.encoder=sd3")
         _check(self.encoder not in ("flux", "sd3") or self.padding == "unmasked", "text.padding",
                f"text.encoder={self.encoder} runs T5 over the padding, as its pipeline does: set text.padding=unmasked")
-        _check(self.crop_start >= 0, "text.crop_start", "must be >= 0")
+        _check(self.crop_start is None or self.crop_start >= 0, "text.crop_start", "must be >= 0 or null")
         _check(self.max_length >= 1, "text.max_length", "must be >= 1")
         _check(self.padding in ("mask", "zeros", "unmasked"), "text.padding",
                "must be mask, zeros (Wan) or unmasked (CogVideoX, LTX)")

@@ -240,7 +240,8 @@ def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], 
         model = pipe.graphed
     if dtype == "bf16":
         model = autocast_bf16(model, noise.device)
-    denoise = cfg_denoiser(model, cond, uncond, cfg)
+    # (Qwen-Image: its pipeline's guidance rescales the combined prediction)
+    denoise = cfg_denoiser(model, cond, uncond, cfg, combine=getattr(pipe.model, "guide", None))
     if pipe.experts is not None:  # Wan 2.2 A14B: cfg guides the high-noise expert, cfg_low the low-noise one
         other: Callable[..., torch.Tensor] = pipe.experts.other
         if dtype == "bf16":

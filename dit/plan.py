@@ -46,7 +46,7 @@ from dit.models.text_pooled import CLIP_LENGTH
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
                "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4), "sd3": (25.5, 2.4),
-               "zimage": (34.0, 3.4)}
+               "zimage": (34.0, 3.4), "qwenimage": (24.0, 2.6)}
 # SD3.5's second self-attention over the image alone (dual_attention_layers): values per image token it adds to a
 # block (measured as ACTIVATIONS, tests/training/test_plan.py)
 IMAGE_ATTENTION = 11.0
@@ -100,8 +100,8 @@ def text_folders(cfg: Config) -> list[str]:
     """The text encoder folders of text.encoder: text.path, and the CLIP ones of hunyuan, flux (path_2) and sd3
     (path_2, path_3); none for minilm (packaged) and none."""
     t = cfg.text
-    return {"hf": [t.path], "zimage": [t.path], "hunyuan": [t.path, t.path_2], "flux": [t.path, t.path_2],
-            "sd3": [t.path, t.path_2, t.path_3]}.get(t.encoder, [])
+    return {"hf": [t.path], "zimage": [t.path], "qwenimage": [t.path], "hunyuan": [t.path, t.path_2],
+            "flux": [t.path, t.path_2], "sd3": [t.path, t.path_2, t.path_3]}.get(t.encoder, [])
 
 
 def _encoder(config: object) -> torch.nn.Module:

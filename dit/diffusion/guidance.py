@@ -30,9 +30,13 @@ def _batch_kwargs(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def cfg_denoiser(model: Callable[..., Tensor], cond: dict[str, Any], uncond: dict[str, Any],
-                 scale: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """denoise_fn(x, t) = uncond + scale * (cond - uncond), from one model call on the batch [x; x].
+Combine = Callable[[Tensor, Tensor, float], Tensor]  # (cond, uncond, scale) -> the guided prediction
+
+
+def cfg_denoiser(model: Callable[..., Tensor], cond: dict[str, Any], uncond: dict[str, Any], scale: float,
+                 combine: Combine | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """denoise_fn(x, t) = uncond + scale * (cond - uncond), from one model call on the batch [x; x]; ``combine``:
+    another rule for (cond, uncond, scale) (Qwen-Image's rescaled guidance).
 
     scale == 1 runs only the conditional half (the result is the same).
     """
@@ -42,6 +46,8 @@ def cfg_denoiser(model: Callable[..., Tensor], cond: dict[str, Any], uncond: dic
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs).chunk(2)  # 2 x [B, ...]
+        if combine is not None:
+            return combine(out_cond, out_uncond, scale)
         return out_uncond + scale * (out_cond - out_uncond)
 
     return denoise

@@ -50,6 +50,10 @@ DEFAULT_TARGETS["flux"] = DEFAULT_TARGETS["hunyuan"]  # FLUX.1's blocks: the sam
 DEFAULT_TARGETS["zimage"] = [r"transformer\.(layers|noise_refiner|context_refiner)\.\d+\.attention\.(to_q|to_k|to_v|"
                              r"to_out\.0)",
                              r"transformer\.(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.(w1|w2|w3)"]
+# Qwen-Image: both streams' attention and MLPs of its joint blocks
+DEFAULT_TARGETS["qwenimage"] = [r"transformer\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|"
+                                r"add_k_proj|add_v_proj|to_add_out)",
+                                r"transformer\.transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"]
 # SD3: both streams' attention (SD3.5's second self-attention attn2 too) and MLPs of its joint blocks
 DEFAULT_TARGETS["sd3"] = [r"transformer\.transformer_blocks\.\d+\.(attn|attn2)\.(to_q|to_k|to_v|to_out\.0|add_q_proj|"
                           r"add_k_proj|add_v_proj|to_add_out)",
@@ -64,7 +68,8 @@ def target_modules(model: nn.Module, targets: list[str] | None = None) -> list[s
     """Names of the ``nn.Linear`` modules of ``model`` that ``targets`` (regexes, full match; None: the family's
     defaults) select; a pattern that selects nothing is an error naming it."""
     patterns = targets or DEFAULT_TARGETS[family_of(model)]
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unused = set(getattr(model, "unused_linears", ()))  # (layers whose output nothing reads: Qwen-Image's last text)
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in unused]
     chosen: list[str] = []
     for pattern in patterns:
         try:

@@ -8,6 +8,7 @@
 - ``flux``: FLUX.1's T5 and CLIP text encoders (dit/models/text_pooled.py);
 - ``sd3``: Stable Diffusion 3's T5, CLIP-L and CLIP-G text encoders (dit/models/text_pooled.py);
 - ``zimage``: Z-Image's Qwen3 in its chat template (dit/models/text_zimage.py);
+- ``qwenimage``: Qwen-Image's Qwen2.5-VL in its pipeline's template (dit/models/text_qwenimage.py);
 - ``none``: an unconditional model (one zero token).
 
 The empty prompt "" is the unconditional input for classifier-free guidance. Prompts are padded to
@@ -201,19 +202,26 @@ def text_device(text_cfg: object, device: torch.device | str) -> torch.device:
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:
     """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype; path_2 for
-    hunyuan, flux and sd3; path_3 for sd3; crop_start for hunyuan)."""
+    hunyuan, flux and sd3; path_3 for sd3; crop_start for hunyuan and qwenimage)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
     if kind == "hunyuan":
-        from dit.models.text_hunyuan import HunyuanTextEncoder
+        from dit.models.text_hunyuan import CROP_START, HunyuanTextEncoder
 
-        return HunyuanTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length,
-                                  crop_start=text_cfg.crop_start, dtype=text_cfg.dtype)
+        crop = CROP_START if text_cfg.crop_start is None else text_cfg.crop_start
+        return HunyuanTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length, crop_start=crop,
+                                  dtype=text_cfg.dtype)
     if kind == "flux":
         from dit.models.text_pooled import FluxTextEncoder
 
         return FluxTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length, dtype=text_cfg.dtype)
+    if kind == "qwenimage":
+        from dit.models.text_qwenimage import CROP_START, QwenImageTextEncoder
+
+        crop = CROP_START if text_cfg.crop_start is None else text_cfg.crop_start
+        return QwenImageTextEncoder(text_cfg.path, max_length=text_cfg.max_length, crop_start=crop,
+                                    dtype=text_cfg.dtype)
     if kind == "zimage":
         from dit.models.text_zimage import ZImageTextEncoder
 

@@ -6,7 +6,8 @@ wan: AutoencoderKLWan, cogvideox: AutoencoderKLCogVideoX, hunyuan: AutoencoderKL
 AutoencoderKLLTXVideo, flux and sd3: AutoencoderKL (FLUX.1's and SD3's image VAEs: each frame coded on its own).
 Nothing is re-implemented: encode and decode are diffusers' own; normalize / denormalize are each pipeline's formula,
 written once as (z - mean) * scale / std with
-- wan: mean, std = config latents_mean / latents_std per channel, scale 1 (WanPipeline, WanImageToVideoPipeline);
+- wan, qwenimage: mean, std = config latents_mean / latents_std per channel, scale 1 (WanPipeline,
+  WanImageToVideoPipeline, QwenImagePipeline);
 - ltx: mean, std = the VAE's latents_mean / latents_std buffers, scale = scaling_factor (LTXPipeline);
 - cogvideox, hunyuan: mean 0, std 1, scale = scaling_factor (CogVideoXPipeline, HunyuanVideoPipeline);
 - flux, sd3: mean = shift_factor, std 1, scale = scaling_factor (FluxPipeline, StableDiffusion3Pipeline decode
@@ -48,7 +49,7 @@ class PretrainedVAE(nn.Module):
         self.latent_channels, self.temporal_compression, self.spatial_compression = geometry_of(family, config)
         self.config = {"family": family, "pretrained": pretrained, "tiling": tiling, "dtype": dtype}
         c = self.latent_channels
-        if family == "wan":
+        if family in ("wan", "qwenimage"):
             mean, std, scale = torch.tensor(config["latents_mean"]), torch.tensor(config["latents_std"]), 1.0
         elif family == "ltx":
             mean, std = vae.latents_mean.detach().clone(), vae.latents_std.detach().clone()

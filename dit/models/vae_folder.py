@@ -61,6 +61,9 @@ FAMILIES: dict[str, Family] = {
                                 scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                                 use_post_quant_conv=False, sample_size=1024)),
 }
+# Qwen-Image's: a Wan 2.1-like causal 3D VAE (per-channel latent mean and std), used on single frames
+FAMILIES["qwenimage"] = Family("AutoencoderKLQwenImage", "z_dim",
+                               lambda c: (2 ** sum(c["temperal_downsample"]), 2 ** len(c["temperal_downsample"])))
 IMAGE_VAES = ("flux", "sd3")  # AutoencoderKL: each frame coded on its own
 
 

@@ -20,6 +20,7 @@ from dit.models.families.cogvideox import CogVideoXDenoiser
 from dit.models.families.flux import FluxDenoiser
 from dit.models.families.hunyuan import HunyuanVideoDenoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
+from dit.models.families.qwenimage import QwenImageDenoiser
 from dit.models.families.sd3 import SD3Denoiser
 from dit.models.families.wan import WanDenoiser
 from dit.models.families.zimage import ZImageDenoiser
@@ -28,7 +29,8 @@ WAN_MASK_CHANNELS = 4  # Wan 2.1 I2V's mask: one channel per pixel frame a laten
 
 FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser,
                                              "hunyuan": HunyuanVideoDenoiser, "flux": FluxDenoiser,
-                                             "sd3": SD3Denoiser, "zimage": ZImageDenoiser}
+                                             "sd3": SD3Denoiser, "zimage": ZImageDenoiser,
+                                             "qwenimage": QwenImageDenoiser}
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
@@ -113,8 +115,10 @@ def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim:
         fill = {"in_channels": 2 * in_channels + WAN_MASK_CHANNELS if clip else 2 * in_channels if i2v
                 else in_channels * cls.channel_pack, cls.text_key: text_dim}
         if "out_channels" in dcfg:
-            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels",
-                                                                             in_channels * cls.channel_pack)
+            # (a packing family's output: the packed channels over its own patch, FLUX.1's 4C at patch 1, Qwen-Image's C
+            # at patch 2)
+            packed = in_channels * cls.channel_pack // int(dcfg.get("patch_size", 1)) ** 2
+            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels", packed)
         dcfg.update({k: v for k, v in fill.items() if k not in given})
     return dcfg
 
@@ -161,7 +165,7 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
     if int(dcfg[cls.text_key]) != text_dim:
-        encoder = cls.family if cls.family in ("hunyuan", "flux", "sd3", "zimage") else "hf"
+        encoder = cls.family if cls.family in ("hunyuan", "flux", "sd3", "zimage", "qwenimage") else "hf"
         raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
                           f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
                           f"trained with (text.encoder={encoder}, text.path=...)")

@@ -19,6 +19,20 @@ from dit.models.text_pooled import split_pooled
 PACK = 2  # FluxPipeline._pack_latents: 2 x 2 latent positions per token
 
 
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, 1, h, w] as FluxPipeline._pack_latents packs them: [B, h/2 w/2, 4C] (channel, then the 2 x 2
+    position, per token; QwenImagePipeline's too)."""
+    b, c, _, h, w = x.shape
+    return x.view(b, c, h // PACK, PACK, w // PACK, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * PACK * PACK)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """pack's inverse: [B, h/2 w/2, 4C] -> [B, C, 1, h, w]."""
+    b, _, d = tokens.shape
+    c = d // (PACK * PACK)
+    return tokens.view(b, h // PACK, w // PACK, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 1, h, w)
+
+
 class FluxDenoiser(DistilledDualStream):
     """Flow matching: predicts the velocity eps - x0 at timestep t = sigma * 1000; the embedded guidance of
     FLUX.1-dev samples at 3.5 by default (FluxPipeline's guidance_scale)."""
@@ -65,7 +79,7 @@ class FluxDenoiser(DistilledDualStream):
         if self.distilled:
             g = x.new_full((b,), self.guidance if guidance is None else guidance, dtype=torch.float32)
         hp, wp = h // PACK, w // PACK
-        packed = x.view(b, c, hp, PACK, wp, PACK).permute(0, 2, 4, 1, 3, 5).reshape(b, hp * wp, c * PACK * PACK)
+        packed = pack(x)
         img_ids = torch.zeros(hp, wp, 3, device=x.device)
         img_ids[..., 1] += torch.arange(hp, device=x.device)[:, None]
         img_ids[..., 2] += torch.arange(wp, device=x.device)[None, :]
@@ -74,5 +88,5 @@ class FluxDenoiser(DistilledDualStream):
                                guidance=g, pooled_projections=pooled.to(dtype), encoder_hidden_states=states.to(dtype),
                                txt_ids=txt_ids.to(dtype), img_ids=img_ids.flatten(0, 1).to(dtype),
                                return_dict=False)[0]  # [B, h/2 w/2, 4C]
-        out = out.view(b, hp, wp, c, PACK, PACK).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 1, h, w)
+        out = unpack(out, h, w)
         return out.to(x.dtype)

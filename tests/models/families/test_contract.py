@@ -16,11 +16,11 @@ from dit.distributed.parallelize import apply_activation_checkpointing
 from dit.models.dit import flops_per_token
 from dit.models.families import build_denoiser, denoiser_from_config
 
-FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan", "flux", "sd3", "zimage"]
-GRID = {"wan": (3, 4, 6), "ltx": (3, 4, 6), "cogvideox": (3, 4, 6), "hunyuan": (3, 4, 6), "flux": (1, 4, 6),
-        "sd3": (1, 4, 6), "zimage": (1, 4, 6)}
-TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10, "flux": 16, "sd3": 16, "zimage": 16}
-IMAGE = ("flux", "sd3", "zimage")  # the image models: latents of one frame
+FAMILIES = ["wan", "ltx", "cogvideox", "hunyuan", "flux", "sd3", "zimage", "qwenimage"]
+IMAGE = ("flux", "sd3", "zimage", "qwenimage")  # the image models: latents of one frame
+GRID = {f: (1, 4, 6) if f in IMAGE else (3, 4, 6) for f in FAMILIES}
+TINY_HEAD_DIM = {"wan": 12, "ltx": 8, "cogvideox": 16, "hunyuan": 10, "flux": 16, "sd3": 16, "zimage": 16,
+                 "qwenimage": 16}  # the image models: latents of one frame
 TINY_WAN_SIZES = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
 
 
@@ -51,6 +51,14 @@ def pipeline_call(family: str, model: torch.nn.Module, x, t, text, mask) -> torc
                     img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype),
                     return_dict=False)[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)[:, :, None]
+    if family == "qwenimage":  # 2 x 2 packed tokens with their shape, sigma, the text with its mask
+        from diffusers import QwenImagePipeline
+
+        b, c = x.shape[:2]
+        out = model(hidden_states=QwenImagePipeline._pack_latents(x[:, :, 0], b, c, h, w), timestep=t / 1000,
+                    encoder_hidden_states=text, encoder_hidden_states_mask=mask.long(),
+                    img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return QwenImagePipeline._unpack_latents(out, h * 8, w * 8, 8)
     if family == "zimage":  # lists of latents and real caption tokens, reversed time, the output negated
         out = model(list(x.unbind(0)), (1000 - t) / 1000, [s[m] for s, m in zip(text, mask)], return_dict=False)[0]
         return -torch.stack(out)
@@ -108,7 +116,7 @@ def test_attributes_and_state_dict_keys(family, tiny_folder):
     assert len(adapter.blocks) == (4 if family == "zimage" else 2)
     assert adapter.in_channels == 4 and adapter.text_dim == 16
     assert adapter.patch == {"wan": (1, 2, 2), "ltx": (1, 1, 1), "cogvideox": (1, 2, 2), "hunyuan": (1, 2, 2),
-                             "flux": (1, 2, 2), "sd3": (1, 2, 2), "zimage": (1, 2, 2)}[family]
+                             "flux": (1, 2, 2), "sd3": (1, 2, 2), "zimage": (1, 2, 2), "qwenimage": (1, 2, 2)}[family]
     assert list(adapter.state_dict()) == [f"transformer.{k}" for k in inner.state_dict()]
     c = adapter.config
     assert c["family"] == family and c["depth"] == 2 and c["num_heads"] == 2
@@ -170,9 +178,11 @@ def test_compiled_blocks_keep_outputs_and_gradients(family, tiny_folder):
 
     (out_e, eager), (out_c, compiled) = run(False), run(True)
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-4)
-    assert compiled.keys() == eager.keys() and any(k.startswith("transformer.") for k in eager)
+    assert eager.keys() <= compiled.keys() and any(k.startswith("transformer.") for k in eager)
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-4, msg=k)
+    for k in compiled.keys() - eager.keys():  # (Qwen-Image's last block's text outputs, unused: a compiled block
+        assert not compiled[k].any(), k      # gives their gradient as zeros, eager as None)
 
 
 def test_random_family_takes_the_vae_and_text_widths():
@@ -223,6 +233,8 @@ FLOP_SIZES = {  # hidden 128, 2 blocks; 192 clip tokens (768 for LTX's patch 1) 
                  axes_dims_rope=(8, 12, 12), joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True),
     "sd3": dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, caption_projection_dim=128,
                 joint_attention_dim=64, pooled_projection_dim=32, dual_attention_layers=[0], qk_norm="rms_norm"),
+    "qwenimage": dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, joint_attention_dim=64,
+                      axes_dims_rope=(8, 12, 12)),
     "zimage": dict(dim=128, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=64,
                    axes_dims=[8, 12, 12], axes_lens=[256, 64, 64]),
 }

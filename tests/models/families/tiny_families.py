@@ -29,11 +29,14 @@ TINY: dict[str, dict] = {
     # two main layers, one noise and one context refiner; SwiGLU of 8/3 x 32
     "zimage": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
                    n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64]),
+    # 4 latent channels packed 2 x 2 (in_channels 16; out_channels 4 at its patch 2), two joint blocks
+    "qwenimage": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                      num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)),
 }
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
            "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
            "flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
-           "zimage": "ZImageTransformer2DModel"}
+           "zimage": "ZImageTransformer2DModel", "qwenimage": "QwenImageTransformer2DModel"}
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
