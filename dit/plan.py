@@ -46,7 +46,7 @@ from dit.models.text_pooled import CLIP_LENGTH
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
                "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4), "sd3": (25.5, 2.4),
-               "zimage": (34.0, 3.4), "qwenimage": (24.0, 2.6)}
+               "zimage": (34.0, 3.4), "qwenimage": (24.0, 2.4)}
 # SD3.5's second self-attention over the image alone (dual_attention_layers): values per image token it adds to a
 # block (measured as ACTIVATIONS, tests/training/test_plan.py)
 IMAGE_ATTENTION = 11.0

@@ -141,6 +141,25 @@ def test_plan_holds_zimages_measured_peak(tmp_path) -> None:
         assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
 
 
+def test_plan_holds_qwenimages_measured_peak(tmp_path) -> None:
+    """Qwen-Image's MMDiT blocks (8, hidden 256, 768 image tokens of 512 x 384 beside up to 16 Qwen2.5-VL tokens)
+    with its text encoder and VAE, fp32 and bf16: within the same bounds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_qwenimage import crop_start, save_tiny_qwenimage
+    from transformers import AutoTokenizer
+
+    f = save_tiny_qwenimage(tmp_path)
+    crop = crop_start(AutoTokenizer.from_pretrained(f["root"] / "tokenizer"))
+    qwen = ["model.family=qwenimage", "model.patch_size=null", *FLOW, "model.family_config.num_attention_heads=4",
+            "model.family_config.attention_head_dim=64", "model.family_config.num_layers=8",
+            "model.family_config.axes_dims_rope=[16,24,24]", "vae.family=qwenimage", f"vae.pretrained={f['vae']}",
+            "text.encoder=qwenimage", f"text.path={f['qwen']}", "text.max_length=16", f"text.crop_start={crop}",
+            "train.batch_size=4", "data.frames=1", "data.height=512", "data.width=384"]
+    for precision in ("'no'", "bf16"):
+        r = measure([f"train.mixed_precision={precision}", *qwen])
+        assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
+
+
 def measure(model: list[str], *device: str, processes: int = 1) -> dict:
     script = Path(__file__).with_name("measure_memory.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -41,6 +41,8 @@ RELEASED = {
     "sd3.5-medium": (2.24, 1536, 24, 1 * 64 * 64),
     # Z-Image-Turbo (6B: 30 layers and 2 + 2 refiner layers) LoRA on 1024 x 1024 images
     "z-image-turbo": (6.15, 3840, 30, 1 * 64 * 64),
+    # Qwen-Image (20B: 60 MMDiT blocks) LoRA on 1024 x 1024 images
+    "qwen-image": (20.43, 3072, 60, 1 * 64 * 64),
 }
 
 
