@@ -117,8 +117,10 @@ def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim:
         if "out_channels" in dcfg:
             # (a packing family's output: the packed channels over its own patch, FLUX.1's 4C at patch 1, Qwen-Image's C
             # at patch 2)
-            packed = in_channels * cls.channel_pack // int(dcfg.get("patch_size", 1)) ** 2
-            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels", packed)
+            out = in_channels
+            if cls.channel_pack > 1:
+                out = in_channels * cls.channel_pack // int(dcfg.get("patch_size", 1)) ** 2
+            fill["out_channels"] = in_channels if i2v or clip else given.get("in_channels", out)
         dcfg.update({k: v for k, v in fill.items() if k not in given})
     return dcfg
 
