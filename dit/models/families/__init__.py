@@ -40,11 +40,6 @@ def pads_frames(family: str) -> bool:
     return family in FAMILIES and FAMILIES[family].pads_frames
 
 
-def image_only(family: str) -> bool:
-    """Whether a model family takes images alone (latents of one frame: FLUX.1, SD3)."""
-    return family in FAMILIES and FAMILIES[family].image_only
-
-
 def sample_guidance(family: str) -> float | None:
     """The embedded guidance scale a guidance-distilled family samples at by default (its pipeline's
     guidance_scale: HunyuanVideo 6.0, FLUX.1-dev 3.5); None for the others."""
