@@ -75,7 +75,8 @@ class ModelConfig:
     # self-attention's q and kv projections as one linear layer (one GEMM); exports keep the plain q / kv layout
     fused_qkv: bool = False
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
-    # dit (ours) | wan | cogvideox | ltx | hunyuan | flux: a diffusers transformer behind our contract
+    # dit (ours) | wan | cogvideox | ltx | hunyuan | flux | sd3 | zimage | qwenimage: a diffusers transformer behind
+    # our contract (the last four: image models)
     family: str = "dit"
     pretrained: str | None = None  # family: a local diffusers transformer folder (config.json + *.safetensors)
     family_config: dict = field(default_factory=dict)  # family without pretrained: diffusers constructor overrides
@@ -146,7 +147,8 @@ class ModelConfig:
 
 @dataclass
 class VAEConfig:
-    # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx | flux (FLUX.1's image VAE): vae.pretrained
+    # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx | flux (FLUX.1's image VAE, Z-Image's
+    # too) | sd3 | qwenimage: vae.pretrained
     family: str = "ours"
     pretrained: str | None = None  # a family: a local diffusers VAE folder, e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae
     #                                (unset: `dit plan` takes the released model's sizes; train / encode need it)
@@ -219,7 +221,7 @@ class TextConfig:
     # (Qwen-Image's Qwen2.5-VL) | none
     encoder: str = "minilm"
     # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/);
-    # sd3: the T5 (text_encoder_3/)
+    # sd3: the T5 (text_encoder_3/); zimage, qwenimage: its Qwen (text_encoder/)
     path: str | None = None
     # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside); flux: its CLIP (text_encoder/);
     # sd3: its CLIP-L (text_encoder/)
