@@ -54,7 +54,8 @@ class FamilyDenoiser(nn.Module):
     pads_frames: ClassVar[bool] = False
     # the transformer's input channels per latent channel: FLUX.1 packs 2 x 2 latent positions into a token (4)
     channel_pack: ClassVar[int] = 1
-    image_only: ClassVar[bool] = False  # an image model (FLUX.1, SD3): latents of one frame
+    image_only: ClassVar[bool] = False  # an image model (FLUX.1, SD3, Z-Image, Qwen-Image): latents of one frame
+    title: ClassVar[str] = ""  # the model's name in errors
     # a Wan I2V transformer of the code form (dit/models/condition.py): the condition is the code of [image, grey...]
     code_condition: bool = False
     clip_image: bool = False  # and its forward takes the image's CLIP states (Wan 2.1 I2V)
@@ -168,6 +169,26 @@ class FamilyDenoiser(nn.Module):
             raise ValueError(f"latent grid {(t, h, w)} is not divisible by the {self.family} patch size {self.patch}")
         return t // pt, h // ph, w // pw
 
+    def image_grid(self, x: torch.Tensor, condition: torch.Tensor | None) -> tuple[int, int, int]:
+        """An image model's token grid of latents [B, C, 1, h, w]; refuses more frames and an image condition."""
+        if x.shape[2] != 1:
+            raise ValueError(f"{self.title} is an image model: latents of one frame, got {x.shape[2]} (sample "
+                             "images, data.frames=1)")
+        self.with_condition(x, condition)  # (refuses an image condition: an image model takes none)
+        return self.grid(x)
+
+    def pooled_text(self, text: torch.Tensor, text_mask: torch.Tensor,
+                    states: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``split_pooled`` of the text of text.encoder=<family> (a pooled row in front of ``states``), checked
+        against the transformer's pooled_projection_dim."""
+        from dit.models.text_pooled import split_pooled
+
+        pooled_dim = int(self.transformer.config.pooled_projection_dim)
+        if text.shape[-1] < pooled_dim or text.shape[1] < 2:
+            raise ValueError(f"{self.title} takes text.encoder={self.family}'s states (a row with the pooled "
+                             f"embedding of width {pooled_dim}, then {states}), got text of shape {tuple(text.shape)}")
+        return split_pooled(text, text_mask, pooled_dim)
+
     def dtype_in(self) -> torch.dtype:
         """The dtype the pipelines cast the transformer's inputs to (its parameters')."""
         return next(self.transformer.parameters()).dtype
@@ -193,6 +214,16 @@ class DistilledDualStream(FamilyDenoiser):
         """The dual-stream blocks, then the single-stream ones: what checkpointing, compile and FSDP act on."""
         t = self.transformer
         return nn.ModuleList([*t.transformer_blocks, *t.single_transformer_blocks])
+
+    def embedded_scale(self, guidance: float | None) -> float | None:
+        """The embedded guidance scale to give the transformer (``guidance``, or the training one; None for a
+        transformer without it, which refuses a scale)."""
+        if not self.distilled:
+            if guidance is not None:
+                raise ValueError(f"this {self.title} transformer has no embedded guidance (guidance_embeds false): "
+                                 "sample without sample.guidance, with sample.cfg")
+            return None
+        return self.guidance if guidance is None else float(guidance)
 
 
 def read_folder(path: str | Path, family: str, class_name: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from dit.models.families.base import DistilledDualStream
-from dit.models.text_pooled import split_pooled
 
 PACK = 2  # FluxPipeline._pack_latents: 2 x 2 latent positions per token
 
@@ -44,6 +43,7 @@ class FluxDenoiser(DistilledDualStream):
     prediction = "flow"
     channel_pack = PACK * PACK  # the transformer's in_channels are 4 x the VAE's latent channels
     image_only = True
+    title = "FLUX.1"
     sample_guidance = 3.5  # FluxPipeline's default guidance_scale (the embedded one)
 
     @classmethod
@@ -60,24 +60,12 @@ class FluxDenoiser(DistilledDualStream):
         """``x`` [B, C, 1, h, w]; ``text`` [B, 1 + L, D]: the pooled row and the T5 states (all of them: FLUX.1 was
         trained on the padded states, its pipeline passes no mask); ``guidance``: the embedded guidance scale (None:
         the training one)."""
-        b, c, frames, h, w = x.shape
-        if frames != 1:
-            raise ValueError(f"FLUX.1 is an image model: latents of one frame, got {frames} (sample images, "
-                             "data.frames=1)")
-        self.grid(x)
-        self.with_condition(x, condition)  # (refuses an image condition: FLUX.1 takes none)
-        pooled_dim = int(self.transformer.config.pooled_projection_dim)
-        if text.shape[-1] < pooled_dim or text.shape[1] < 2:
-            raise ValueError(f"FLUX.1 takes text.encoder=flux's states (a row with CLIP's pooled embedding of width "
-                             f"{pooled_dim}, then the T5 states), got text of shape {tuple(text.shape)}")
+        b, _, _, h, w = x.shape
+        self.image_grid(x, condition)
+        states, _, pooled = self.pooled_text(text, text_mask, "the T5 states")
         dtype = self.dtype_in()
-        states, _, pooled = split_pooled(text, text_mask, pooled_dim)
-        if guidance is not None and not self.distilled:
-            raise ValueError("this FLUX.1 transformer has no embedded guidance (guidance_embeds false: FLUX.1-schnell)"
-                             ": sample without sample.guidance, with sample.cfg")
-        g = None
-        if self.distilled:
-            g = x.new_full((b,), self.guidance if guidance is None else guidance, dtype=torch.float32)
+        scale = self.embedded_scale(guidance)
+        g = None if scale is None else x.new_full((b,), scale, dtype=torch.float32)
         hp, wp = h // PACK, w // PACK
         packed = pack(x)
         img_ids = torch.zeros(hp, wp, 3, device=x.device)

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from dit.models.families.base import DistilledDualStream
-from dit.models.text_hunyuan import split_pooled
 
 
 class HunyuanVideoDenoiser(DistilledDualStream):
@@ -24,6 +23,7 @@ class HunyuanVideoDenoiser(DistilledDualStream):
     blocks_attr = "transformer_blocks"  # then single_transformer_blocks (``blocks``)
     text_key = "text_embed_dim"
     prediction = "flow"
+    title = "HunyuanVideo"
     # SkyReels V1 (HunyuanSkyreelsImageToVideoPipeline): an image-to-video transformer of in_channels 2C takes the
     # first frame's latents beside the noisy ones, zeros after frame 0, without a mask
     concat_condition = True
@@ -42,18 +42,10 @@ class HunyuanVideoDenoiser(DistilledDualStream):
         image latents [B, C, t, h, w] (None: zeros); ``guidance``: the embedded guidance scale (None: the training
         one)."""
         self.grid(x)
-        pooled_dim = int(self.transformer.config.pooled_projection_dim)
-        if text.shape[-1] < pooled_dim or text.shape[1] < 2:
-            raise ValueError(f"HunyuanVideo takes text.encoder=hunyuan's states (a row with CLIP's pooled embedding "
-                             f"of width {pooled_dim}, then the Llama states), got text of shape {tuple(text.shape)}")
+        states, mask, pooled = self.pooled_text(text, text_mask, "the Llama states")
         dtype = self.dtype_in()
-        states, mask, pooled = split_pooled(text, text_mask, pooled_dim)
-        if guidance is not None and not self.distilled:
-            raise ValueError("this HunyuanVideo transformer has no embedded guidance (guidance_embeds false): "
-                             "sample without sample.guidance, with sample.cfg")
-        g = None
-        if self.distilled:
-            g = x.new_full((x.shape[0],), 1000.0 * (self.guidance if guidance is None else guidance), dtype=dtype)
+        scale = self.embedded_scale(guidance)
+        g = None if scale is None else x.new_full((x.shape[0],), 1000.0 * scale, dtype=dtype)
         x_in = self.with_condition(x, condition)  # [B, C (+ C), t, h, w]
         out = self.transformer(hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
                                encoder_attention_mask=mask, pooled_projections=pooled.to(dtype), guidance=g,

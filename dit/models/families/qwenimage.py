@@ -26,6 +26,7 @@ class QwenImageDenoiser(FamilyDenoiser):
     joint_text = True  # the text tokens run through every block beside the image's
     channel_pack = PACK * PACK  # in_channels 64: 16 latent channels x 2 x 2 positions
     image_only = True
+    title = "Qwen-Image"
 
     def __init__(self, transformer: nn.Module, **options: Any) -> None:
         super().__init__(transformer, **options)
@@ -60,12 +61,8 @@ class QwenImageDenoiser(FamilyDenoiser):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [B, C, 1, h, w]; ``text`` [B, L, D] with ``text_mask`` [B, L] marking each prompt's real tokens."""
-        b, _, frames, h, w = x.shape
-        if frames != 1:
-            raise ValueError(f"Qwen-Image is an image model: latents of one frame, got {frames} (sample images, "
-                             "data.frames=1)")
-        self.grid(x)
-        self.with_condition(x, condition)  # (refuses an image condition: Qwen-Image takes none)
+        b, _, _, h, w = x.shape
+        self.image_grid(x, condition)
         dtype = self.dtype_in()
         out = self.transformer(hidden_states=pack(x).to(dtype), timestep=(t.float() / 1000).to(dtype),
                                encoder_hidden_states=text.to(dtype), encoder_hidden_states_mask=text_mask.long(),

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from dit.models.families.base import FamilyDenoiser
-from dit.models.text_pooled import split_pooled
 
 
 class SD3Denoiser(FamilyDenoiser):
@@ -26,6 +25,7 @@ class SD3Denoiser(FamilyDenoiser):
     prediction = "flow"
     joint_text = True  # the text tokens run through every block beside the image's
     image_only = True
+    title = "Stable Diffusion 3"
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
@@ -39,23 +39,13 @@ class SD3Denoiser(FamilyDenoiser):
                 condition: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [B, C, 1, h, w]; ``text`` [B, 1 + L, D]: the pooled row and the states (all of them: the transformer
         takes no mask)."""
-        frames = x.shape[2]
-        if frames != 1:
-            raise ValueError(f"Stable Diffusion 3 is an image model: latents of one frame, got {frames} (sample "
-                             "images, data.frames=1)")
-        _, h, w = self.grid(x)
+        _, h, w = self.image_grid(x, condition)
         most = int(self.transformer.config.pos_embed_max_size)
         if max(h, w) > most:
             raise ValueError(f"a latent grid of {h} x {w} patches is larger than this SD3 transformer's position "
                              f"table ({most} x {most}, pos_embed_max_size): sample or train smaller images")
-        self.with_condition(x, condition)  # (refuses an image condition: SD3 takes none)
-        pooled_dim = int(self.transformer.config.pooled_projection_dim)
-        if text.shape[-1] < pooled_dim or text.shape[1] < 2:
-            raise ValueError(f"Stable Diffusion 3 takes text.encoder=sd3's states (a row with the pooled embeddings "
-                             f"of width {pooled_dim}, then the CLIP and T5 states), got text of shape "
-                             f"{tuple(text.shape)}")
+        states, _, pooled = self.pooled_text(text, text_mask, "the CLIP and T5 states")
         dtype = self.dtype_in()
-        states, _, pooled = split_pooled(text, text_mask, pooled_dim)
         out = self.transformer(hidden_states=x[:, :, 0].to(dtype), timestep=t, encoder_hidden_states=states.to(dtype),
                                pooled_projections=pooled.to(dtype), return_dict=False)[0]  # [B, C, h, w]
         return out[:, :, None].to(x.dtype)

@@ -24,6 +24,7 @@ class ZImageDenoiser(FamilyDenoiser):
     prediction = "flow"
     joint_text = True  # the caption tokens run through the main layers beside the image's
     image_only = True
+    title = "Z-Image"
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -43,12 +44,7 @@ class ZImageDenoiser(FamilyDenoiser):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 condition: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [B, C, 1, h, w]; ``text`` [B, L, D] with ``text_mask`` [B, L] marking each prompt's real tokens."""
-        frames = x.shape[2]
-        if frames != 1:
-            raise ValueError(f"Z-Image is an image model: latents of one frame, got {frames} (sample images, "
-                             "data.frames=1)")
-        self.grid(x)
-        self.with_condition(x, condition)  # (refuses an image condition: Z-Image takes none)
+        self.image_grid(x, condition)
         if not text_mask.any(1).all():
             raise ValueError("Z-Image takes each prompt's real tokens (text.encoder=zimage): a prompt has none")
         dtype = self.dtype_in()
