@@ -54,7 +54,6 @@ class FamilyDenoiser(nn.Module):
     pads_frames: ClassVar[bool] = False
     # the transformer's input channels per latent channel: FLUX.1 packs 2 x 2 latent positions into a token (4)
     channel_pack: ClassVar[int] = 1
-    image_only: ClassVar[bool] = False  # an image model (FLUX.1, SD3, Z-Image, Qwen-Image): latents of one frame
     title: ClassVar[str] = ""  # the model's name in errors
     # a Wan I2V transformer of the code form (dit/models/condition.py): the condition is the code of [image, grey...]
     code_condition: bool = False

@@ -42,7 +42,6 @@ class FluxDenoiser(DistilledDualStream):
     text_key = "joint_attention_dim"
     prediction = "flow"
     channel_pack = PACK * PACK  # the transformer's in_channels are 4 x the VAE's latent channels
-    image_only = True
     title = "FLUX.1"
     sample_guidance = 3.5  # FluxPipeline's default guidance_scale (the embedded one)
 

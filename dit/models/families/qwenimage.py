@@ -25,7 +25,6 @@ class QwenImageDenoiser(FamilyDenoiser):
     prediction = "flow"
     joint_text = True  # the text tokens run through every block beside the image's
     channel_pack = PACK * PACK  # in_channels 64: 16 latent channels x 2 x 2 positions
-    image_only = True
     title = "Qwen-Image"
 
     def __init__(self, transformer: nn.Module, **options: Any) -> None:

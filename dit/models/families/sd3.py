@@ -24,7 +24,6 @@ class SD3Denoiser(FamilyDenoiser):
     text_key = "joint_attention_dim"
     prediction = "flow"
     joint_text = True  # the text tokens run through every block beside the image's
-    image_only = True
     title = "Stable Diffusion 3"
 
     @classmethod

@@ -23,7 +23,6 @@ class ZImageDenoiser(FamilyDenoiser):
     text_key = "cap_feat_dim"
     prediction = "flow"
     joint_text = True  # the caption tokens run through the main layers beside the image's
-    image_only = True
     title = "Z-Image"
 
     @property
