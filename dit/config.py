@@ -34,12 +34,13 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
 # model.family: the diffusers transformers (error text)
-PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, flux, sd3, zimage or qwenimage"
-VAE_FAMILIES = "wan|cogvideox|hunyuan|ltx|flux|sd3|qwenimage"  # vae.family: diffusers VAEs (error text)
+PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, hunyuan15, flux, sd3, zimage or qwenimage"
+VAE_FAMILIES = "wan|cogvideox|hunyuan|hunyuan15|ltx|flux|sd3|qwenimage"  # vae.family: diffusers VAEs (error text)
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
-TEXT_ENCODERS = ("minilm", "hf", "hunyuan", "flux", "sd3", "zimage", "qwenimage", "none")  # text.encoder
+TEXT_ENCODERS = ("minilm", "hf", "hunyuan", "hunyuan15", "flux", "sd3", "zimage", "qwenimage", "none")  # text.encoder
 # model.family -> what its text.encoder of the same name holds (text.path, path_2, path_3)
 TEXT_OF_FAMILY = {"hunyuan": "text.path: the Llama text_encoder/, text.path_2: the CLIP text_encoder_2/",
+                  "hunyuan15": "text.path: the Qwen2.5-VL text_encoder/, text.path_2: the ByT5 text_encoder_2/",
                   "flux": "text.path: the T5 text_encoder_2/, text.path_2: the CLIP text_encoder/",
                   "sd3": "text.path: the T5 text_encoder_3/, text.path_2: CLIP-L text_encoder/, text.path_3: CLIP-G "
                          "text_encoder_2/",
@@ -48,6 +49,9 @@ TEXT_OF_FAMILY = {"hunyuan": "text.path: the Llama text_encoder/, text.path_2: t
 # model.family: the image models (one frame), their names and the vae.family they take
 IMAGE_MODELS = {"flux": ("FLUX.1", "flux"), "sd3": ("Stable Diffusion 3", "sd3"), "zimage": ("Z-Image", "flux"),
                 "qwenimage": ("Qwen-Image", "qwenimage")}
+
+FAMILY_TITLES = {"hunyuan": "HunyuanVideo", "hunyuan15": "HunyuanVideo 1.5",
+                 **{f: name for f, (name, _) in IMAGE_MODELS.items()}}  # (in errors)
 
 
 def _installed(module: str) -> bool:
@@ -75,8 +79,8 @@ class ModelConfig:
     # self-attention's q and kv projections as one linear layer (one GEMM); exports keep the plain q / kv layout
     fused_qkv: bool = False
     abs_pos: bool = True  # add fixed sin/cos absolute positions (for the actual grid) to the tokens, beside 3D RoPE
-    # dit (ours) | wan | cogvideox | ltx | hunyuan | flux | sd3 | zimage | qwenimage: a diffusers transformer behind
-    # our contract (the last four: image models)
+    # dit (ours) | wan | cogvideox | ltx | hunyuan | hunyuan15 (HunyuanVideo 1.5) | flux | sd3 | zimage | qwenimage:
+    # a diffusers transformer behind our contract (the last four: image models)
     family: str = "dit"
     pretrained: str | None = None  # family: a local diffusers transformer folder (config.json + *.safetensors)
     family_config: dict = field(default_factory=dict)  # family without pretrained: diffusers constructor overrides
@@ -147,8 +151,8 @@ class ModelConfig:
 
 @dataclass
 class VAEConfig:
-    # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | ltx | flux (FLUX.1's image VAE, Z-Image's
-    # too) | sd3 | qwenimage: vae.pretrained
+    # ours (our CausalVAE, vae.checkpoint) | wan | cogvideox | hunyuan | hunyuan15 | ltx | flux (FLUX.1's image VAE,
+    # Z-Image's too) | sd3 | qwenimage: vae.pretrained
     family: str = "ours"
     pretrained: str | None = None  # a family: a local diffusers VAE folder, e.g. .../Wan2.1-T2V-1.3B-Diffusers/vae
     #                                (unset: `dit plan` takes the released model's sizes; train / encode need it)
@@ -216,18 +220,19 @@ class VAEConfig:
 
 @dataclass
 class TextConfig:
-    # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | flux (FLUX.1's
-    # T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 + CLIP-L + CLIP-G) | zimage (Z-Image's Qwen3) | qwenimage
-    # (Qwen-Image's Qwen2.5-VL) | none
+    # minilm (packaged, offline) | hf (a local folder) | hunyuan (HunyuanVideo's Llama + CLIP pair) | hunyuan15
+    # (HunyuanVideo 1.5's Qwen2.5-VL + ByT5 pair) | flux (FLUX.1's T5 + CLIP pair) | sd3 (Stable Diffusion 3's T5 +
+    # CLIP-L + CLIP-G) | zimage (Z-Image's Qwen3) | qwenimage (Qwen-Image's Qwen2.5-VL) | none
     encoder: str = "minilm"
     # local Hugging Face folder for encoder=hf; hunyuan: the Llama one (text_encoder/); flux: the T5 (text_encoder_2/);
-    # sd3: the T5 (text_encoder_3/); zimage, qwenimage: its Qwen (text_encoder/)
+    # sd3: the T5 (text_encoder_3/); zimage, qwenimage, hunyuan15: its Qwen (text_encoder/)
     path: str | None = None
     # hunyuan: the CLIP text encoder folder (text_encoder_2/, tokenizer_2/ beside); flux: its CLIP (text_encoder/);
-    # sd3: its CLIP-L (text_encoder/)
+    # sd3: its CLIP-L (text_encoder/); hunyuan15: its ByT5 (text_encoder_2/, tokenizer_2/ beside)
     path_2: str | None = None
     path_3: str | None = None  # sd3: its CLIP-G (text_encoder_2/)
-    # hunyuan, qwenimage: the prompt template's tokens, cut off the states; null: the pipeline's (95, 34)
+    # hunyuan, qwenimage, hunyuan15: the prompt template's tokens, cut off the states; null: the pipeline's (95, 34,
+    # 108)
     crop_start: int | None = None
     max_length: int = 32  # tokens per prompt (padded): Wan 512, CogVideoX 226, LTX 128
     padding: str = "mask"  # mask: the encoder masks the padding | zeros: and its states are zeros (Wan) | unmasked:
@@ -243,10 +248,13 @@ class TextConfig:
         _check(self.encoder in ("minilm", "none") or bool(self.path), "text.path",
                f"text.encoder={self.encoder} needs text.path=/local/folder/of/a/huggingface/encoder")
         clip = {"hunyuan": "/local/HunyuanVideo/text_encoder_2", "flux": "/local/FLUX.1-dev/text_encoder",
-                "sd3": "/local/stable-diffusion-3.5-large/text_encoder"}
+                "sd3": "/local/stable-diffusion-3.5-large/text_encoder",
+                "hunyuan15": "/local/HunyuanVideo-1.5-480p_t2v/text_encoder_2"}
         _check(self.encoder not in clip or bool(self.path_2), "text.path_2",
-               f"text.encoder={self.encoder} needs text.path_2={clip.get(self.encoder)} (its CLIP text encoder)")
-        _check(self.path_2 is None or self.encoder in clip, "text.path_2", "is for text.encoder=hunyuan, flux or sd3")
+               f"text.encoder={self.encoder} needs text.path_2={clip.get(self.encoder)} (its "
+               f"{'ByT5' if self.encoder == 'hunyuan15' else 'CLIP'} text encoder)")
+        _check(self.path_2 is None or self.encoder in clip, "text.path_2",
+               "is for text.encoder=hunyuan, hunyuan15, flux or sd3")
         _check(self.encoder != "sd3" or bool(self.path_3), "text.path_3", "text.encoder=sd3 needs text.path_3="
                "/local/stable-diffusion-3.5-large/text_encoder_2 (its CLIP-G text encoder)")
         _check(self.path_3 is None or self.encoder == "sd3", "text.path_3", "is for text.encoder=sd3")
@@ -527,10 +535,18 @@ class Config:
         _check(paired is None or self.text.encoder == family, "text.encoder",
                f"model.family={family} takes text.encoder={family} ({paired})")
         _check(self.text.encoder not in TEXT_OF_FAMILY or self.text.encoder == family, "text.encoder",
-               f"{self.text.encoder} is {IMAGE_MODELS.get(self.text.encoder, ('HunyuanVideo',))[0]}'s text "
+               f"{self.text.encoder} is {FAMILY_TITLES.get(self.text.encoder, self.text.encoder)}'s text "
                f"encoders: set model.family={self.text.encoder}, or another text.encoder")
         if family in IMAGE_MODELS:
             self._check_image_model(*IMAGE_MODELS[family])
+        if family == "hunyuan15":
+            _check(self.vae.family == "hunyuan15", "vae.family", f"is {self.vae.family} but HunyuanVideo 1.5 takes its "
+                   "own VAE (32 channels, 16x in space): set vae.family=hunyuan15 "
+                   "vae.pretrained=/local/HunyuanVideo-1.5-480p_t2v/vae")
+            _check(self.model.condition == "none", "model.condition", "HunyuanVideo 1.5 image-to-video (the image's "
+                   "latents and SigLIP states) is not supported yet: fine-tune the text-to-video transformer (none)")
+            _check(self.train.sequence_parallel == 1, "train.sequence_parallel", "is not supported yet for "
+                   "HunyuanVideo 1.5 (its blocks' attention has no sequence-parallel form here): set it to 1")
         _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
                "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
                "flux); use sample.cfg")

@@ -46,7 +46,7 @@ from dit.models.text_pooled import CLIP_LENGTH
 # CogVideoX's per-token figure counts its text tokens too (JOINT_TEXT).
 ACTIVATIONS = {"dit": (30.0, 2.0), "wan": (30.0, 2.8), "ltx": (30.0, 2.8), "cogvideox": (24.0, 2.0),
                "hunyuan": (24.0, 2.6), "flux": (22.5, 2.4), "sd3": (25.5, 2.4),
-               "zimage": (34.0, 3.4), "qwenimage": (24.0, 2.4)}
+               "zimage": (34.0, 3.4), "qwenimage": (24.0, 2.4), "hunyuan15": (24.0, 2.4)}
 # SD3.5's second self-attention over the image alone (dual_attention_layers): values per image token it adds to a
 # block (measured as ACTIVATIONS, tests/training/test_plan.py)
 IMAGE_ATTENTION = 11.0
@@ -101,6 +101,7 @@ def text_folders(cfg: Config) -> list[str]:
     (path_2, path_3); none for minilm (packaged) and none."""
     t = cfg.text
     return {"hf": [t.path], "zimage": [t.path], "qwenimage": [t.path], "hunyuan": [t.path, t.path_2],
+            "hunyuan15": [t.path, t.path_2],
             "flux": [t.path, t.path_2], "sd3": [t.path, t.path_2, t.path_3]}.get(t.encoder, [])
 
 
@@ -183,7 +184,8 @@ def model_size(cfg: Config) -> ModelSize:
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = -(-t // pt) * (h // ph) * (w // pw)  # (CogVideoX 1.5 pads an odd latent frame count at the front)
-    text_len = cfg.text.max_length + (CLIP_LENGTH if cfg.text.encoder == "sd3" else 0)
+    # (SD3: its CLIP tokens too; HunyuanVideo 1.5: its one image token, the ByT5 ones of quoted text not counted)
+    text_len = cfg.text.max_length + {"sd3": CLIP_LENGTH, "hunyuan15": 1}.get(cfg.text.encoder, 0)
     buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
     lora, base, base_linear = cfg.train.lora, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module

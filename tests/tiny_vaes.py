@@ -27,6 +27,8 @@ TINY: dict[str, dict] = {
     "sd3": dict(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5),
+    # HunyuanVideo 1.5's: 16x in space (four downsamples), 4x in time
+    "hunyuan15": dict(latent_channels=4, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1, scaling_factor=1.2),
     # Qwen-Image's (Wan 2.1's kind) with its per-channel latent statistics
     "qwenimage": dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                       temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
@@ -34,7 +36,7 @@ TINY: dict[str, dict] = {
 }
 CLASSES = {"wan": "AutoencoderKLWan", "cogvideox": "AutoencoderKLCogVideoX", "hunyuan": "AutoencoderKLHunyuanVideo",
            "ltx": "AutoencoderKLLTXVideo", "flux": "AutoencoderKL", "sd3": "AutoencoderKL",
-           "qwenimage": "AutoencoderKLQwenImage"}
+           "qwenimage": "AutoencoderKLQwenImage", "hunyuan15": "AutoencoderKLHunyuanVideo15"}
 
 
 def tiny_vae(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

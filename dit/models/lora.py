@@ -50,6 +50,10 @@ DEFAULT_TARGETS["flux"] = DEFAULT_TARGETS["hunyuan"]  # FLUX.1's blocks: the sam
 DEFAULT_TARGETS["zimage"] = [r"transformer\.(layers|noise_refiner|context_refiner)\.\d+\.attention\.(to_q|to_k|to_v|"
                              r"to_out\.0)",
                              r"transformer\.(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.(w1|w2|w3)"]
+# HunyuanVideo 1.5: both streams' attention and MLPs of its dual-stream blocks
+DEFAULT_TARGETS["hunyuan15"] = [r"transformer\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|"
+                                r"add_k_proj|add_v_proj|to_add_out)",
+                                r"transformer\.transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"]
 # Qwen-Image: both streams' attention and MLPs of its joint blocks
 DEFAULT_TARGETS["qwenimage"] = [r"transformer\.transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|"
                                 r"add_k_proj|add_v_proj|to_add_out)",

@@ -8,6 +8,7 @@
 - ``flux``: FLUX.1's T5 and CLIP text encoders (dit/models/text_pooled.py);
 - ``sd3``: Stable Diffusion 3's T5, CLIP-L and CLIP-G text encoders (dit/models/text_pooled.py);
 - ``zimage``: Z-Image's Qwen3 in its chat template (dit/models/text_zimage.py);
+- ``hunyuan15``: HunyuanVideo 1.5's Qwen2.5-VL and ByT5 text encoders (dit/models/text_hunyuan15.py);
 - ``qwenimage``: Qwen-Image's Qwen2.5-VL in its pipeline's template (dit/models/text_qwenimage.py);
 - ``none``: an unconditional model (one zero token).
 
@@ -182,6 +183,9 @@ def text_width(text_cfg: object) -> int:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"text encoder folder {str(folder)!r} has no config.json; set text.path to a "
                                 "local Hugging Face model folder (e.g. a T5 or CLIP checkpoint)")
+    if text_cfg.encoder == "hunyuan15" and not (Path(text_cfg.path_2) / "config.json").is_file():
+        raise FileNotFoundError(f"text.path_2 {text_cfg.path_2!r} has no config.json; set it to the ByT5 text encoder "
+                                "folder (a HunyuanVideo 1.5 Diffusers download's text_encoder_2/)")
     if text_cfg.encoder in CLIP_FOLDER and not (Path(text_cfg.path_2) / "config.json").is_file():
         raise FileNotFoundError(f"text.path_2 {text_cfg.path_2!r} has no config.json; set it to the CLIP text encoder "
                                 f"folder ({CLIP_FOLDER[text_cfg.encoder]})")
@@ -202,7 +206,7 @@ def text_device(text_cfg: object, device: torch.device | str) -> torch.device:
 
 def build_text_encoder(text_cfg: object) -> TextEncoder:
     """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype; path_2 for
-    hunyuan, flux and sd3; path_3 for sd3; crop_start for hunyuan and qwenimage)."""
+    hunyuan, hunyuan15, flux and sd3; path_3 for sd3; crop_start for hunyuan, hunyuan15 and qwenimage)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
@@ -212,6 +216,12 @@ def build_text_encoder(text_cfg: object) -> TextEncoder:
         crop = CROP_START if text_cfg.crop_start is None else text_cfg.crop_start
         return HunyuanTextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length, crop_start=crop,
                                   dtype=text_cfg.dtype)
+    if kind == "hunyuan15":
+        from dit.models.text_hunyuan15 import CROP_START, HunyuanVideo15TextEncoder
+
+        crop = CROP_START if text_cfg.crop_start is None else text_cfg.crop_start
+        return HunyuanVideo15TextEncoder(text_cfg.path, text_cfg.path_2, max_length=text_cfg.max_length,
+                                         crop_start=crop, dtype=text_cfg.dtype)
     if kind == "flux":
         from dit.models.text_pooled import FluxTextEncoder
 

@@ -2,14 +2,16 @@
 
     vae.family=wan vae.pretrained=/models/Wan2.1-T2V-1.3B-Diffusers/vae
 
-wan: AutoencoderKLWan, cogvideox: AutoencoderKLCogVideoX, hunyuan: AutoencoderKLHunyuanVideo, ltx:
+wan: AutoencoderKLWan, cogvideox: AutoencoderKLCogVideoX, hunyuan: AutoencoderKLHunyuanVideo, hunyuan15:
+AutoencoderKLHunyuanVideo15, ltx:
 AutoencoderKLLTXVideo, flux and sd3: AutoencoderKL (FLUX.1's and SD3's image VAEs: each frame coded on its own).
 Nothing is re-implemented: encode and decode are diffusers' own; normalize / denormalize are each pipeline's formula,
 written once as (z - mean) * scale / std with
 - wan, qwenimage: mean, std = config latents_mean / latents_std per channel, scale 1 (WanPipeline,
   WanImageToVideoPipeline, QwenImagePipeline);
 - ltx: mean, std = the VAE's latents_mean / latents_std buffers, scale = scaling_factor (LTXPipeline);
-- cogvideox, hunyuan: mean 0, std 1, scale = scaling_factor (CogVideoXPipeline, HunyuanVideoPipeline);
+- cogvideox, hunyuan, hunyuan15: mean 0, std 1, scale = scaling_factor (CogVideoXPipeline, HunyuanVideoPipeline,
+  HunyuanVideo15Pipeline);
 - flux, sd3: mean = shift_factor, std 1, scale = scaling_factor (FluxPipeline, StableDiffusion3Pipeline decode
   z / scale + shift).
 The compression comes from the VAE's config (dit/models/vae_folder.py), never from a constant.
@@ -34,6 +36,10 @@ import data_pipelines.config as frame_rule
 from dit.models.diffusers_folder import frozen_dtype
 from dit.models.vae import DiagonalGaussian, encoder_digest
 from dit.models.vae_folder import FAMILIES, IMAGE_VAES, family_config, geometry_of
+
+# diffusers 0.42's AutoencoderKLHunyuanVideo15 fails on a batch of more than one clip (its mid-block attention mask
+# broadcasts [B, N, N] against [B, 1, N, N]): each clip is coded on its own
+ONE_CLIP_AT_A_TIME = ("hunyuan15",)
 
 
 class PretrainedVAE(nn.Module):
@@ -107,6 +113,9 @@ class PretrainedVAE(nn.Module):
             dist = self.vae.encode(frames_in_batch(x.to(self.vae.dtype))).latent_dist
             mean, logvar = (frames_out_of_batch(v, x.shape[2]) for v in (dist.mean, dist.logvar))
             return DiagonalGaussian(mean.float(), logvar.float())
+        if self.family in ONE_CLIP_AT_A_TIME and x.shape[0] > 1:
+            parts = [self.encode(x[i:i + 1]) for i in range(x.shape[0])]
+            return DiagonalGaussian(torch.cat([p.mean for p in parts]), torch.cat([p.logvar for p in parts]))
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist  # mean, logvar [B, C, t, h, w]
         return DiagonalGaussian(dist.mean.float(), dist.logvar.float())  # fp32 whatever vae.dtype
 
@@ -115,6 +124,8 @@ class PretrainedVAE(nn.Module):
         return self._decode(z.to(self.vae.dtype), chunk_size).float()
 
     def _decode(self, z: Tensor, chunk_size: int) -> Tensor:
+        if self.family in ONE_CLIP_AT_A_TIME and z.shape[0] > 1:
+            return torch.cat([self._decode(z[i:i + 1], chunk_size) for i in range(z.shape[0])])
         if self.family == "cogvideox" and chunk_size > 0:
             default, self.vae.num_latent_frames_batch_size = self.vae.num_latent_frames_batch_size, chunk_size
             try:

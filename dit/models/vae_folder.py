@@ -47,6 +47,9 @@ FAMILIES: dict[str, Family] = {
                         lambda c: (c["temporal_compression_ratio"], 2 ** (len(c["block_out_channels"]) - 1))),
     "hunyuan": Family("AutoencoderKLHunyuanVideo", "latent_channels",
                       lambda c: (c["temporal_compression_ratio"], c["spatial_compression_ratio"])),
+    # HunyuanVideo 1.5's: 32 channels, 16x in space (HunyuanVideo15Pipeline: the config's compression ratios)
+    "hunyuan15": Family("AutoencoderKLHunyuanVideo15", "latent_channels",
+                        lambda c: (c["temporal_compression_ratio"], c["spatial_compression_ratio"])),
     "ltx": Family("AutoencoderKLLTXVideo", "latent_channels", _ltx),
     # an image VAE (AutoencoderKL): each frame coded on its own, no temporal compression; FluxPipeline: 2**(levels - 1)
     "flux": Family("AutoencoderKL", "latent_channels", lambda c: (1, 2 ** (len(c["block_out_channels"]) - 1)),

@@ -84,7 +84,8 @@ log = logging.getLogger("dit.train")
 
 
 # a download whose vae/ a vae.family names (error hints)
-VAE_DOWNLOADS = {"cogvideox": "CogVideoX-2b", "hunyuan": "HunyuanVideo", "ltx": "LTX-Video", "flux": "FLUX.1-dev",
+VAE_DOWNLOADS = {"cogvideox": "CogVideoX-2b", "hunyuan": "HunyuanVideo", "hunyuan15": "HunyuanVideo-1.5-480p_t2v",
+                 "ltx": "LTX-Video", "flux": "FLUX.1-dev",
                  "sd3": "stable-diffusion-3.5-large"}
 
 
@@ -421,6 +422,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 tokens = math.prod(s // p for s, p in zip(latents.shape[2:], strategy.module.patch))
                 # (Wan 2.1 I2V's CLIP tokens are attended beside the text, at the same cost per token)
                 context = states.shape[1] + (drawn[6].shape[1] if len(drawn) > 6 else 0)
+                if hasattr(strategy.module, "text_tokens"):  # (HunyuanVideo 1.5 cuts its packed text's padding)
+                    context = strategy.module.text_tokens(states, drawn[2])
                 flops_per_sample = (tokens, 3 * flops_per_token(strategy.module, tokens, context))
             meter.add(drawn[0].shape[0] * share, *flops_per_sample, data_time)
             if step % t.log_every == 0 or step == t.steps:

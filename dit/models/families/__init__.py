@@ -1,7 +1,7 @@
 """The denoiser families in one registry: our DiT ("dit") or a pretrained diffusers transformer behind the same contract
-(Wan, CogVideoX, LTX, HunyuanVideo; for images FLUX.1, Stable Diffusion 3 and Z-Image). ``build_denoiser`` makes one
-from a ModelConfig (a local diffusers folder, or random weights at the family's sizes); ``denoiser_from_config``
-rebuilds one from a checkpoint's config.json "dit" entry.
+(Wan, CogVideoX, LTX, HunyuanVideo, HunyuanVideo 1.5; for images FLUX.1, Stable Diffusion 3, Z-Image and Qwen-Image).
+``build_denoiser`` makes one from a ModelConfig (a local diffusers folder, or random weights at the family's sizes);
+``denoiser_from_config`` rebuilds one from a checkpoint's config.json "dit" entry.
 
 Every mismatch (missing folder, not a diffusers model, another class, latent channels or text width that differ
 from the VAE's and the text encoder's) raises ConfigError or FileNotFoundError before any weights load."""
@@ -14,11 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit.config import ConfigError
+from dit.config import TEXT_OF_FAMILY, ConfigError
 from dit.models.families.base import DistilledDualStream, FamilyDenoiser, jsonable, read_folder
 from dit.models.families.cogvideox import CogVideoXDenoiser
 from dit.models.families.flux import FluxDenoiser
 from dit.models.families.hunyuan import HunyuanVideoDenoiser
+from dit.models.families.hunyuan15 import HunyuanVideo15Denoiser
 from dit.models.families.ltx import LTXDenoiser, rope_interpolation_scale
 from dit.models.families.qwenimage import QwenImageDenoiser
 from dit.models.families.sd3 import SD3Denoiser
@@ -30,7 +31,7 @@ WAN_MASK_CHANNELS = 4  # Wan 2.1 I2V's mask: one channel per pixel frame a laten
 FAMILIES: dict[str, type[FamilyDenoiser]] = {"wan": WanDenoiser, "cogvideox": CogVideoXDenoiser, "ltx": LTXDenoiser,
                                              "hunyuan": HunyuanVideoDenoiser, "flux": FluxDenoiser,
                                              "sd3": SD3Denoiser, "zimage": ZImageDenoiser,
-                                             "qwenimage": QwenImageDenoiser}
+                                             "qwenimage": QwenImageDenoiser, "hunyuan15": HunyuanVideo15Denoiser}
 FAMILY_NAMES = ("dit", *FAMILIES)  # model.family
 
 
@@ -108,7 +109,7 @@ def _fill(cls: type[FamilyDenoiser], model_cfg: Any, in_channels: int, text_dim:
         i2v = cls.concat_condition and first_frame
         clip = bool(dcfg.get("image_dim")) and first_frame  # Wan 2.1 I2V: latents + a 4-channel mask + the code
         fill = {"in_channels": 2 * in_channels + WAN_MASK_CHANNELS if clip else 2 * in_channels if i2v
-                else in_channels * cls.channel_pack, cls.text_key: text_dim}
+                else cls.random_in_channels(in_channels), cls.text_key: text_dim}
         if "out_channels" in dcfg:
             # (a packing family's output: the packed channels over its own patch, FLUX.1's 4C at patch 1, Qwen-Image's C
             # at patch 2)
@@ -141,7 +142,7 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
         raise ConfigError(f"{where}: a HunyuanVideo image-to-video transformer (image_condition_type "
                           f"{dcfg['image_condition_type']!r}) is not supported; fine-tune the text-to-video one")
     extra = cls.condition_width(dcfg)
-    latent = int(dcfg["in_channels"]) // cls.channel_pack - extra
+    latent = int(dcfg["in_channels"]) // cls.channel_pack - extra - cls.zero_inputs(dcfg)
     if latent != in_channels:
         takes = f"{latent} latent channels (+ {extra} of an image condition)" if extra else f"{latent} latent channels"
         if cls.channel_pack > 1:
@@ -162,7 +163,7 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
     if int(dcfg[cls.text_key]) != text_dim:
-        encoder = cls.family if cls.family in ("hunyuan", "flux", "sd3", "zimage", "qwenimage") else "hf"
+        encoder = cls.family if cls.family in TEXT_OF_FAMILY else "hf"
         raise ConfigError(f"{where}: the {cls.family} transformer takes text states of width {dcfg[cls.text_key]} "
                           f"({cls.text_key}) but the text encoder gives {text_dim}; use the text encoder it was "
                           f"trained with (text.encoder={encoder}, text.path=...)")

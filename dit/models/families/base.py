@@ -55,6 +55,9 @@ class FamilyDenoiser(nn.Module):
     # the transformer's input channels per latent channel: FLUX.1 packs 2 x 2 latent positions into a token (4)
     channel_pack: ClassVar[int] = 1
     title: ClassVar[str] = ""  # the model's name in errors
+    # the last block's text-stream layers whose output nothing after it reads (Qwen-Image, HunyuanVideo 1.5): their
+    # gradients are None, so they are frozen (DDP would wait for them) and no LoRA target (``unused_linears``)
+    last_text_outputs: ClassVar[tuple[str, ...]] = ()
     # a Wan I2V transformer of the code form (dit/models/condition.py): the condition is the code of [image, grey...]
     code_condition: bool = False
     clip_image: bool = False  # and its forward takes the image's CLIP states (Wan 2.1 I2V)
@@ -66,7 +69,8 @@ class FamilyDenoiser(nn.Module):
         # in_channels: the latent channels (the VAE's); condition_channels: what an image-to-video transformer takes
         # beside them (0: text-to-video)
         self.condition_channels = self.condition_width(dcfg)
-        self.in_channels = int(dcfg["in_channels"]) // self.channel_pack - self.condition_channels
+        self.zero_channels = self.zero_inputs(dcfg)
+        self.in_channels = int(dcfg["in_channels"]) // self.channel_pack - self.condition_channels - self.zero_channels
         self.text_dim = int(dcfg[self.text_key])
         sizes = self.sizes(dcfg)
         self.patch: tuple[int, int, int] = tuple(sizes["patch_size"])
@@ -80,6 +84,16 @@ class FamilyDenoiser(nn.Module):
             self.condition_channels = self.in_channels + 1
         if self.condition_channels:
             self.config["condition_channels"] = self.condition_channels
+        for name in self.unused_linears:
+            self.get_submodule(name).requires_grad_(False)
+
+    @property
+    def unused_linears(self) -> list[str]:
+        """The module names of ``last_text_outputs`` in the last block."""
+        if not self.last_text_outputs:
+            return []
+        last = f"transformer.{self.blocks_attr}.{len(self.blocks) - 1}"
+        return [f"{last}.{name}" for name in self.last_text_outputs]
 
     @property
     def condition_mask(self) -> bool:
@@ -93,6 +107,22 @@ class FamilyDenoiser(nn.Module):
         if self.first_frame:
             return self.replaced(x, t, condition)
         return self.with_condition(x, condition), t
+
+    @classmethod
+    def zero_inputs(cls, dcfg: dict[str, Any]) -> int:
+        """Input channels a text-to-video call fills with zeros (HunyuanVideo 1.5's image latents and mask)."""
+        return 0
+
+    @classmethod
+    def random_in_channels(cls, latent: int) -> int:
+        """in_channels of a random-weight text-to-video transformer for ``latent`` channels."""
+        return latent * cls.channel_pack
+
+    def with_zeros(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, t, h, w] with the ``zero_inputs`` channels after it."""
+        if not self.zero_channels:
+            return x
+        return torch.cat([x, x.new_zeros(x.shape[0], self.zero_channels, *x.shape[2:])], dim=1)
 
     @classmethod
     def condition_width(cls, dcfg: dict[str, Any]) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from dit.models.families.base import FamilyDenoiser
 from dit.models.families.flux import PACK, pack, unpack
@@ -26,18 +25,7 @@ class QwenImageDenoiser(FamilyDenoiser):
     joint_text = True  # the text tokens run through every block beside the image's
     channel_pack = PACK * PACK  # in_channels 64: 16 latent channels x 2 x 2 positions
     title = "Qwen-Image"
-
-    def __init__(self, transformer: nn.Module, **options: Any) -> None:
-        super().__init__(transformer, **options)
-        for name in self.unused_linears:  # (no gradient ever reaches them: DDP would wait for one)
-            self.get_submodule(name).requires_grad_(False)
-
-    @property
-    def unused_linears(self) -> list[str]:
-        """The last block's text outputs (its text output projection and MLP): computed, never read by what follows,
-        so their gradients are None; frozen here, and no LoRA target."""
-        last = f"transformer.transformer_blocks.{len(self.transformer.transformer_blocks) - 1}"
-        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp.net.0.proj", f"{last}.txt_mlp.net.2"]
+    last_text_outputs = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:

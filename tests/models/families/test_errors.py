@@ -82,8 +82,8 @@ def test_explicit_family_config_channels_must_match_the_vae():
 
 @pytest.mark.parametrize("overrides, match", [
     (["model.family=sdxl"], r"model.family: unknown family 'sdxl'; choose one of dit, wan, cogvideox, ltx"),
-    (["model.pretrained=/x"], r"model.pretrained: needs model.family=wan, cogvideox, ltx, hunyuan, flux, sd3, "
-                              r"zimage or qwenimage"),
+    (["model.pretrained=/x"], r"model.pretrained: needs model.family=wan, cogvideox, ltx, hunyuan, hunyuan15, flux, "
+                              r"sd3, zimage or qwenimage"),
     (["model.family=wan", "model.family_config.num_layerz=2"], r"\['num_layerz'\] are not WanTransformer3DModel "
                                                                 r"arguments; valid: .*num_layers"),
     (["model.family=wan", "model.hidden_size=64"], r"model.hidden_size: sizes our DiT only"),

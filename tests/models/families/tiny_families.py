@@ -32,11 +32,16 @@ TINY: dict[str, dict] = {
     # 4 latent channels packed 2 x 2 (in_channels 16; out_channels 4 at its patch 2), two joint blocks
     "qwenimage": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
                       num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)),
+    # HunyuanVideo 1.5: 4 latent channels + 4 of an image's + a mask (in_channels 9), two dual-stream blocks
+    "hunyuan15": dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                      num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+                      rope_axes_dim=(2, 2, 4)),
 }
 CLASSES = {"wan": "WanTransformer3DModel", "ltx": "LTXVideoTransformer3DModel",
            "cogvideox": "CogVideoXTransformer3DModel", "hunyuan": "HunyuanVideoTransformer3DModel",
            "flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
-           "zimage": "ZImageTransformer2DModel", "qwenimage": "QwenImageTransformer2DModel"}
+           "zimage": "ZImageTransformer2DModel", "qwenimage": "QwenImageTransformer2DModel",
+           "hunyuan15": "HunyuanVideo15Transformer3DModel"}
 
 
 def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -52,15 +57,43 @@ def tiny_transformer(family: str, seed: int = 0, **overrides) -> torch.nn.Module
     return model.eval()
 
 
-def inputs(b: int = 2, grid: tuple[int, int, int] = (3, 4, 6), length: int = 6, seed: int = 1):
-    """Latents [B, 4, t, h, w], timesteps [B], text [B, L, 16] and a mask with padding in the second sample."""
+def inputs(b: int = 2, grid: tuple[int, int, int] = (3, 4, 6), length: int = 6, seed: int = 1, family: str = ""):
+    """Latents [B, 4, t, h, w], timesteps [B], text [B, L, 16] and a mask with padding in the second sample
+    (HunyuanVideo 1.5: packed with ByT5 states, ``glyph_parts``)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 4, *grid, generator=g)
     t = torch.tensor([999.0, 321.5])[:b]
     text = torch.randn(b, length, 16, generator=g)
     mask = torch.ones(b, length, dtype=torch.bool)
     mask[-1, length // 2:] = False
+    if family == "hunyuan15":
+        text, mask = packed_glyph_text(text, mask, *glyph_parts(b))
     return x, t, text, mask
+
+
+def glyph_parts(b: int, width: int = 8, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """ByT5 states [B, 3, width] and their mask: 3 quoted-text tokens in the first sample, none in the others."""
+    states = torch.randn(b, 3, width, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(b, 3, dtype=torch.bool)
+    mask[0] = True
+    return states * mask[..., None], mask
+
+
+def packed_glyph_text(text, mask, glyph, glyph_mask, extra: int = 2):
+    """text.encoder=hunyuan15's layout, written out here on its own (dit/models/text_hunyuan15.py): per row a header
+    (ByT5 token count, ByT5 width), the real ByT5 states zero-padded to the text width, then the Qwen states with
+    their mask; ``extra`` padding rows after."""
+    b, length, d = text.shape
+    out = text.new_zeros(b, 1 + glyph.shape[1] + length + extra, d)
+    out_mask = mask.new_zeros(b, out.shape[1])
+    for i in range(b):
+        n = int(glyph_mask[i].sum())
+        out[i, 0, :2] = torch.tensor([n, glyph.shape[-1]])
+        out[i, 1:1 + n, :glyph.shape[-1]] = glyph[i, :n]
+        out[i, 1 + n:1 + n + length] = text[i] * mask[i, :, None]
+        out_mask[i, :1 + n] = True
+        out_mask[i, 1 + n:1 + n + length] = mask[i]
+    return out, out_mask
 
 
 def export_checkpoint(tmp_path, overrides: list[str], text_dim: int, in_channels: int = 4):
