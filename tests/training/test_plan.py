@@ -160,6 +160,27 @@ def test_plan_holds_qwenimages_measured_peak(tmp_path) -> None:
         assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
 
 
+def test_plan_holds_hunyuan15s_measured_peak(tmp_path) -> None:
+    """HunyuanVideo 1.5's dual-stream blocks (8, hidden 256, 768 clip tokens beside up to 16 Qwen2.5-VL tokens, one
+    image token and ByT5's none) with its two text encoders and VAE, fp32 and bf16: within the same bounds."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_hunyuan15 import crop_start, save_tiny_hunyuan15
+    from transformers import AutoTokenizer
+
+    f = save_tiny_hunyuan15(tmp_path)
+    crop = crop_start(AutoTokenizer.from_pretrained(f["root"] / "tokenizer"))
+    hv15 = ["model.family=hunyuan15", "model.patch_size=null", *FLOW, "model.family_config.num_attention_heads=4",
+            "model.family_config.attention_head_dim=64", "model.family_config.num_layers=8",
+            "model.family_config.rope_axes_dim=[16,24,24]", "model.family_config.text_embed_2_dim=8",
+            "model.family_config.image_embed_dim=8", "vae.family=hunyuan15", f"vae.pretrained={f['vae']}",
+            "text.encoder=hunyuan15", f"text.path={f['qwen']}", f"text.path_2={f['byt5']}", "text.max_length=16",
+            f"text.crop_start={crop}", "train.batch_size=4", "data.frames=9", "data.height=256",
+            "data.width=256"]  # 3 x 16 x 16 tokens
+    for precision in ("'no'", "bf16"):
+        r = measure([f"train.mixed_precision={precision}", *hv15])
+        assert 0.995 * r["measured"] <= r["estimated"] <= 1.15 * r["measured"], (precision, r)
+
+
 def measure(model: list[str], *device: str, processes: int = 1) -> dict:
     script = Path(__file__).with_name("measure_memory.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -82,6 +82,13 @@ def test_text_is_the_pipelines_prompt_embeddings(folders):
         torch.testing.assert_close(qwen[i, :n], embeds[i][m[i]], atol=1e-6, rtol=0)
         torch.testing.assert_close(glyph[i, :k], embeds_2[i][g[i]], atol=1e-6, rtol=0)
     assert qwen.shape[1] == LENGTH and glyph.shape[1] == int(g.sum(1).max())  # the padding cut after the longest
+    # what a latent shard keeps (each row's real tokens) and training pads back splits as the encoder's rows did
+    kept = [states[i][mask[i]] for i in range(4)]
+    padded = torch.nn.utils.rnn.pad_sequence(kept, batch_first=True)
+    lengths = torch.tensor([len(k) for k in kept])
+    again = split_glyph(padded, torch.arange(padded.shape[1]) < lengths[:, None], GLYPH_WIDTH)
+    for a, b in zip(again, (qwen, qwen_mask, glyph, glyph_mask)):
+        assert torch.equal(a, b)
 
 
 @torch.no_grad()

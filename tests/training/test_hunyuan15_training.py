@@ -1,0 +1,118 @@
+"""HunyuanVideo 1.5 trains through the same loop: a tiny HunyuanVideo15Transformer3DModel folder on its tiny VAE
+with its two text encoders (text.encoder=hunyuan15), from raw shards and from `dit encode` latent shards alike (the
+header row stored with the text's real tokens); its checkpoint samples with `dit
+sample`; a LoRA run's adapter loads into diffusers' own transformer with our outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from runs import DEMO, MEDIA_FREE, small_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_hunyuan15 import GLYPH_WIDTH, WIDTH, crop_start, save_tiny_hunyuan15  # noqa: E402
+
+from dit.config import load_config  # noqa: E402
+from dit.encode import encode_shards  # noqa: E402
+from dit.export import list_checkpoints  # noqa: E402
+from dit.models.lora import LORA_FILE  # noqa: E402
+from dit.training import train  # noqa: E402
+
+LENGTH = 24  # Qwen2.5-VL tokens after the chat's opening: more than the captions fill
+SIZE = {"data.frames": 5, "data.height": 32, "data.width": 32}  # 2 x 2 x 2 latents (16x in space), patch 1
+pytestmark = pytest.mark.skipif(MEDIA_FREE, reason="needs PyAV and the MiniLM package (not media-free mode)")
+
+
+@pytest.fixture(scope="module")
+def hv15(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoTokenizer
+
+    f = save_tiny_hunyuan15(tmp_path_factory.mktemp("hunyuan15"))
+    data = yaml.safe_load(DEMO.read_text())
+    data["model"] = {"family": "hunyuan15", "pretrained": str(f["transformer"])}
+    data["vae"] = {"family": "hunyuan15", "pretrained": str(f["vae"])}
+    data["text"] = {"encoder": "hunyuan15", "path": str(f["qwen"]), "path_2": str(f["byt5"]), "max_length": LENGTH,
+                    "crop_start": crop_start(AutoTokenizer.from_pretrained(f["root"] / "tokenizer"))}
+    data["diffusion"] = {"objective": "flow", "shift": 5.0, "flow_grid": "steps", "prompt_dropout": 0.5}
+    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 6.0}
+    (f["root"] / "hunyuan15.yaml").write_text(yaml.safe_dump(data))
+    return f
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def config(f: dict[str, Path], run: Path, shards: str, **extra: object):
+    common = {"train.steps": 4, "train.checkpoint_every": 4, **SIZE, **extra}
+    return load_config(f["root"] / "hunyuan15.yaml", small_overrides(run, shards, None, **common))
+
+
+def test_trains_from_raw_and_latent_shards_alike_and_samples(hv15: dict[str, Path], small_shards: str,
+                                                             tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    train.main(config(hv15, raw, small_shards))
+    latents = tmp_path / "latents"
+    assert encode_shards(small_shards, latents, config(hv15, tmp_path / "enc", small_shards),
+                         batch_size=8)["samples"] == 64
+    with tarfile.open(sorted(latents.glob("*.tar"))[0]) as tar:  # the header row, then the real tokens
+        member = next(m for m in tar.getmembers() if m.name.endswith(".text.npy"))
+        text = np.load(io.BytesIO(tar.extractfile(member).read()))
+    assert 2 < text.shape[0] < 1 + LENGTH and text.shape[1] == WIDTH and text[0, 1] == GLYPH_WIDTH
+    latent_run = tmp_path / "latent"
+    train.main(config(hv15, latent_run, str(latents), **{"data.latents": "true"}))
+    a, b = losses(raw), losses(latent_run)
+    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    dit(["sample", "--checkpoint", str(raw), "--prompt", 'a sign that reads "OPEN"', "--steps", "2", "--out",
+         str(tmp_path / "clip.gif")])
+    gif = Image.open(tmp_path / "clip.gif")
+    assert (gif.n_frames, gif.size) == (5, (32, 32))
+
+
+@torch.no_grad()
+def test_a_lora_adapter_loads_into_diffusers(hv15: dict[str, Path], small_shards: str, tmp_path: Path) -> None:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from dit.pipeline import load_pipeline
+
+    run = tmp_path / "lora"
+    with torch.enable_grad():
+        train.main(config(hv15, run, small_shards, **{"train.steps": 3, "train.checkpoint_every": 3,
+                                                      "train.lr": 3e-2, "train.ema_decay": 0.0,
+                                                      "train.lora.rank": 4, "train.lora.alpha": 8}))
+    ours = load_pipeline(run)  # base + adapter, as `dit sample --checkpoint RUN` samples
+    frozen = [n for n, p in ours.model.named_parameters() if "transformer_blocks.1.ff_context" in n]
+    assert frozen and not any("lora" in n for n in frozen)  # the last block's unused text MLP: no LoRA target
+    text, mask = ours.text.encode(['a neon "Bar" sign', "a red circle"])
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 2, 2, 2, generator=g), torch.tensor([0.8, 0.25])
+    from dit.models.text_hunyuan15 import split_glyph
+
+    qwen, qwen_mask, glyph, glyph_mask = split_glyph(text, mask, GLYPH_WIDTH)
+
+    def call(model):
+        return model(hidden_states=torch.cat([x, torch.zeros_like(x), torch.zeros_like(x[:, :1])], 1),
+                     timestep=sigma * 1000, encoder_hidden_states=qwen, encoder_attention_mask=qwen_mask.float(),
+                     encoder_hidden_states_2=glyph, encoder_attention_mask_2=glyph_mask.float(),
+                     image_embeds=torch.zeros(2, 729, 8), return_dict=False)[0]
+
+    base_out = call(HunyuanVideo15Transformer3DModel.from_pretrained(hv15["transformer"]).eval())
+    adapted = HunyuanVideo15Transformer3DModel.from_pretrained(hv15["transformer"]).eval()
+    adapted.load_lora_adapter(str(list_checkpoints(run)[-1]), weight_name=LORA_FILE, prefix="transformer")
+    theirs = call(adapted)
+    assert (theirs - base_out).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(ours.model(x, sigma * 1000, text, mask), theirs, atol=1e-4, rtol=0)
