@@ -545,8 +545,6 @@ class Config:
                    "vae.pretrained=/local/HunyuanVideo-1.5-480p_t2v/vae")
             _check(self.model.condition == "none", "model.condition", "HunyuanVideo 1.5 image-to-video (the image's "
                    "latents and SigLIP states) is not supported yet: fine-tune the text-to-video transformer (none)")
-            _check(self.train.sequence_parallel == 1, "train.sequence_parallel", "is not supported yet for "
-                   "HunyuanVideo 1.5 (its blocks' attention has no sequence-parallel form here): set it to 1")
         _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
                "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
                "flux); use sample.cfg")

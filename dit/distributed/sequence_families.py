@@ -1,10 +1,12 @@
-"""Sequence parallelism for the Wan, LTX, CogVideoX and HunyuanVideo family adapters (dit/models/families), as
+"""Sequence parallelism for the Wan, LTX, CogVideoX and HunyuanVideo (1.5) family adapters (dit/models/families), as
 sequence.py does it for our DiT: each rank of a group keeps 1/SP of a clip's latent tokens through the blocks; each
 block's self-attention swaps tokens for heads with one all-to-all and back; the text cross-attention and the FFN run
 on the rank's own tokens.
 CogVideoX has no cross-attention: its text tokens join the video's in self-attention and FFN, so every rank carries
 the whole text stream, attends it in its own heads, and all-gathers the text's attention output over heads; so does
-HunyuanVideo, whose dual- and single-stream blocks both attend text and clip together.
+HunyuanVideo, whose dual- and single-stream blocks both attend text and clip together, and HunyuanVideo 1.5's
+dual-stream blocks (its processor masks the padded text's queries as well as its keys: their outputs reach nothing,
+so masking the keys alone gives the same clip).
 
 Installed from outside on diffusers' own modules: a forward pre-hook on every block (its slice of the RoPE table, and
 of a per-token timestep embedding; the first block also cuts the tokens), our processor on each block's
@@ -184,8 +186,10 @@ class UlyssesHunyuanAttention:
         clip = [heads_to_tokens(x.transpose(1, 2), self.group) for x in clip]  # [B, H/SP, N, d]
         text = [x.transpose(1, 2)[:, mine] for x in qkv(encoder_hidden_states, text=True)]  # [B, H/SP, L, d]
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(clip, text))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # [B, H/SP, N + L, d]
         n = clip[0].shape[2]
+        if attention_mask is not None and attention_mask.ndim == 2:  # HunyuanVideo 1.5: the text's mask [B, L]
+            attention_mask = F.pad(attention_mask.bool(), (n, 0), value=True)[:, None, None]  # [B, 1, 1, N + L]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # [B, H/SP, N + L, d]
         clip_out = tokens_to_heads(out[:, :, :n], self.group).transpose(1, 2).flatten(2, 3).type_as(q)
         text_out = _GatherHeads.apply(out[:, :, n:], self.group).transpose(1, 2).flatten(2, 3).type_as(q)
         if getattr(attn, "to_out", None) is not None:  # (a single-stream block projects after its MLP)
@@ -250,13 +254,13 @@ def apply_sequence_parallel_family(model: nn.Module, group: dist.ProcessGroup) -
     """Install sequence parallelism over ``group`` on a Wan, LTX, CogVideoX or HunyuanVideo adapter in place (after
     activation checkpointing, as for our DiT: a recomputed block passes through these hooks again)."""
     family, size, heads = model.family, group.size(), model.config["num_heads"]
-    if family not in (*ROPE_ARGUMENT, "hunyuan"):
-        raise ValueError(f"sequence parallelism is implemented for our DiT, Wan, LTX, CogVideoX and HunyuanVideo, not "
-                         f"the {family} adapter")
+    if family not in (*ROPE_ARGUMENT, "hunyuan", "hunyuan15"):
+        raise ValueError(f"sequence parallelism is implemented for our DiT, Wan, LTX, CogVideoX and HunyuanVideo "
+                         f"(1.5), not the {family} adapter")
     if heads % size:
         raise ValueError(f"the {family} model's {heads} attention heads are not divisible by "
                          f"train.sequence_parallel={size}")
-    if family == "hunyuan":  # dual-stream blocks, then single-stream ones, the text whole on every rank
+    if family in ("hunyuan", "hunyuan15"):  # dual-stream blocks (then single-stream ones), the text whole on every rank
         for i, block in enumerate(model.blocks):
             block.attn.processor = UlyssesHunyuanAttention(group)
             hook = partial(_hunyuan_block_inputs, inspect.signature(block.forward), group, i == 0)

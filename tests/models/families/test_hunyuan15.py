@@ -137,8 +137,6 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         load_config(None, [*[s for s in base if not s.startswith("vae.")], "vae.family=hunyuan"])
     with pytest.raises(ConfigError, match="HunyuanVideo 1.5 image-to-video .* not supported"):
         load_config(None, [*base, "model.condition=first_frame"])
-    with pytest.raises(ConfigError, match="train.sequence_parallel"):
-        load_config(None, [*base, "train.sequence_parallel=2"])
     with pytest.raises(ConfigError, match="HunyuanVideo 1.5's text encoders: set model.family=hunyuan15"):
         load_config(None, ["text.encoder=hunyuan15", "text.path=/x", "text.path_2=/y"])
     from dit.models.text import text_width
