@@ -1,7 +1,7 @@
 """The memory of training steps, for `dit plan`'s test: python measure_memory.py [--device cuda] CONFIG OVERRIDES...
 
 Prints JSON {"measured": bytes, "estimated": bytes, ...}: the peak of the tensor bytes live in torch's allocator
-over 3 real AdamW + EMA training steps through train.strategy, as dit train takes them (real frozen VAE and text
+over 2 real AdamW + EMA training steps through train.strategy, as dit train takes them (real frozen VAE and text
 encoder, random latents of the configured shape, bf16 autocast when train.mixed_precision says so), plus the text
 encoder's weights (memory-mapped from their file on CPU, outside the allocator); and `dit plan`'s estimate for that
 strategy over the launched processes (torchrun --nproc-per-node N measure_memory.py ...: rank 0 prints). On CPU
@@ -59,8 +59,9 @@ def allocator_figures(prof: profile) -> tuple[int, int]:
 
 
 def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
-    """3 training steps as dit train takes them, through the strategy train.strategy names; returns the text
-    encoder (its weights stay on the CPU) and, on CUDA, the allocator's growth over the last forward."""
+    """2 training steps as dit train takes them, through the strategy train.strategy names (the second holds the
+    optimizer state; a third gave the same peak, 2026-12-06); returns the text encoder (its weights stay on the CPU)
+    and, on CUDA, the allocator's growth over the last forward."""
     device = env.device
     vae = build_vae(cfg.vae).requires_grad_(False).to(device)
     text = build_text_encoder(cfg.text)
@@ -99,7 +100,7 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
         growth = torch.cuda.memory_allocated() - before if device.type == "cuda" else 0
         return loss
 
-    for step in range(3):
+    for step in range(2):
         if train_step(strategy, micro_loss).applied:
             strategy.update_ema(step)
     del vae
