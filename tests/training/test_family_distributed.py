@@ -6,12 +6,12 @@ fine-tune and a tiny LTX-Video model train with sequence parallelism as on one p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from family_runs import losses
 from runs import DEMO, MEDIA_FREE, dit_torchrun, dit_train, sample_both_ways, small_config
 from test_family_training import WAN
 from test_resume import kill_when, logged, steps_of
@@ -23,10 +23,6 @@ from dit.training.checkpoint import load_training_state
 
 STEPS = 6
 COMMON = {"train.steps": STEPS, "train.checkpoint_every": STEPS // 2, "train.lr_schedule": "constant"}
-
-
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

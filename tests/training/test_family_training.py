@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from family_runs import losses
 from runs import DEMO, small_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,10 +36,6 @@ def wan_config(tmp: Path, out: Path, shards: str, vae: Path, **extra: object):
     path = tmp / f"wan-{out.name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return load_config(path, small_overrides(out, shards, None, **extra))
-
-
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_wan_model_trains_from_raw_and_latent_shards_alike_and_samples(tmp_path: Path, small_shards: str,

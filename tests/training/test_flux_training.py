@@ -6,23 +6,19 @@ outputs."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from runs import DEMO, MEDIA_FREE, small_overrides
+from family_runs import first_latent_sample, raw_then_latent, run_config, write_config
+from runs import MEDIA_FREE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_flux import POOLED, WIDTH, save_tiny_flux  # noqa: E402
 
-from dit.config import load_config  # noqa: E402
-from dit.encode import encode_shards  # noqa: E402
 from dit.export import list_checkpoints  # noqa: E402
 from dit.models.lora import LORA_FILE  # noqa: E402
 from dit.training import train  # noqa: E402
@@ -37,52 +33,36 @@ pytestmark = pytest.mark.skipif(MEDIA_FREE, reason="needs PyAV and the MiniLM pa
 def flux(tmp_path_factory) -> dict[str, Path]:
     """A folder laid out as the FLUX.1-dev Diffusers download (tiny random parts) and a config for it."""
     f = save_tiny_flux(tmp_path_factory.mktemp("flux"))
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "flux", "pretrained": str(f["transformer"])}
-    data["vae"] = {"family": "flux", "pretrained": str(f["vae"])}
-    data["text"] = {"encoder": "flux", "path": str(f["t5"]), "path_2": str(f["clip"]), "max_length": LENGTH,
-                    "padding": "unmasked"}
-    data["diffusion"] = {"objective": "flow", "dynamic_shift": True, "flow_grid": "steps", "prompt_dropout": 0.5,
-                         "timestep_sampling": "logit_normal"}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0}
-    (f["root"] / "flux.yaml").write_text(yaml.safe_dump(data))
+    f["config"] = write_config(
+        f["root"] / "flux.yaml", model={"family": "flux", "pretrained": str(f["transformer"])},
+        vae={"family": "flux", "pretrained": str(f["vae"])},
+        text={"encoder": "flux", "path": str(f["t5"]), "path_2": str(f["clip"]), "max_length": LENGTH,
+              "padding": "unmasked"},
+        diffusion={"objective": "flow", "dynamic_shift": True, "flow_grid": "steps", "prompt_dropout": 0.5,
+                   "timestep_sampling": "logit_normal"},
+        sample={"sampler": "flow_euler", "steps": 2, "cfg": 1.0})
     return f
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def config(f: dict[str, Path], run: Path, shards: str, **extra: object):
-    common = {"train.steps": 4, "train.checkpoint_every": 4, **extra}
-    return load_config(f["root"] / "flux.yaml", [*small_overrides(run, shards, None, **common), *SIZE])
+    return run_config(f["config"], run, shards, *SIZE, **extra)
 
 
 def test_trains_from_raw_and_latent_shards_alike_and_samples(flux: dict[str, Path], small_shards: str,
                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def every_t5_state(latents: Path) -> None:  # all of them stored, after the pooled row
+        files = first_latent_sample(latents)
+        text, mask = files["text"], files["text_mask"]
+        assert text.shape == (1 + LENGTH, WIDTH) and 2 < mask.sum() < 1 + LENGTH and mask[0] == 1
+        assert np.count_nonzero(text[0, :POOLED]) == POOLED and not text[0, POOLED:].any()
+        assert np.abs(text[mask == 0]).sum() > 0  # the padding's states are kept, not zeros
+
+    ckpt, _ = raw_then_latent(flux["config"], small_shards, tmp_path, *SIZE, check_shards=every_t5_state,
+                              raw={"train.sample_prompts": "[a red circle]", "train.sample_every": 2})
     raw = tmp_path / "raw"
-    ckpt = train.main(config(flux, raw, small_shards, **{"train.sample_prompts": "[a red circle]",
-                                                          "train.sample_every": 2}))
     saved = json.loads((ckpt / "config.json").read_text())
     assert saved["dit"]["family"] == "flux" and saved["dit"]["guidance"] == 1.0
     assert list((raw / "tensorboard").glob("events.*"))  # the logged sample images went somewhere
-
-    latents = tmp_path / "latents"
-    assert encode_shards(small_shards, latents, config(flux, tmp_path / "enc", small_shards),
-                         batch_size=8)["samples"] == 64
-    with tarfile.open(sorted(latents.glob("*.tar"))[0]) as tar:  # every T5 state, after the pooled row
-        key = tar.getnames()[0].split(".")[0]  # the first sample's files: KEY.text.npy, KEY.text_mask.npy, ...
-        files = {m.name.split(".")[1]: np.load(io.BytesIO(tar.extractfile(m).read()))
-                 for m in tar.getmembers() if m.name.startswith(key + ".") and m.name.endswith(".npy")}
-    text, mask = files["text"], files["text_mask"]
-    assert text.shape == (1 + LENGTH, WIDTH) and 2 < mask.sum() < 1 + LENGTH and mask[0] == 1
-    assert np.count_nonzero(text[0, :POOLED]) == POOLED and not text[0, POOLED:].any()
-    assert np.abs(text[mask == 0]).sum() > 0  # the padding's states are kept, not zeros
-    latent_run = tmp_path / "latent"
-    train.main(config(flux, latent_run, str(latents), **{"data.latents": "true"}))
-    a, b = losses(raw), losses(latent_run)
-    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
-    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
 
     from PIL import Image
 

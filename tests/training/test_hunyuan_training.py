@@ -5,25 +5,21 @@ adapter loads into diffusers' own transformer and HunyuanVideoPipeline with our 
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from runs import DEMO, MEDIA_FREE, small_overrides
+from family_runs import first_latent_sample, losses, raw_then_latent, run_config, write_config
+from runs import MEDIA_FREE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "families"))
 from tiny_families import tiny_transformer  # noqa: E402
 from tiny_hunyuan import POOLED, WIDTH, crop_start, save_tiny_text  # noqa: E402
 from tiny_vaes import save_tiny_vae  # noqa: E402
 
-from dit.config import load_config  # noqa: E402
-from dit.encode import encode_shards  # noqa: E402
 from dit.export import list_checkpoints  # noqa: E402
 from dit.models.lora import LORA_FILE  # noqa: E402
 from dit.training import train  # noqa: E402
@@ -42,46 +38,31 @@ def hunyuan(tmp_path_factory) -> Path:
     llama, clip = save_tiny_text(root)
     save_tiny_vae("hunyuan", root / "vae", seed=1)
     tiny_transformer("hunyuan").save_pretrained(root / "transformer")
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "hunyuan", "pretrained": str(root / "transformer")}
-    data["vae"] = {"family": "hunyuan", "pretrained": str(root / "vae")}
-    data["text"] = {"encoder": "hunyuan", "path": str(llama), "path_2": str(clip), "max_length": LENGTH,
-                    "crop_start": crop_start(AutoTokenizer.from_pretrained(root / "tokenizer"))}
-    data["diffusion"] = {"objective": "flow", "shift": 7.0, "flow_grid": "steps", "prompt_dropout": 0.5}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0}
-    (root / "hunyuan.yaml").write_text(yaml.safe_dump(data))
+    write_config(root / "hunyuan.yaml", model={"family": "hunyuan", "pretrained": str(root / "transformer")},
+                 vae={"family": "hunyuan", "pretrained": str(root / "vae")},
+                 text={"encoder": "hunyuan", "path": str(llama), "path_2": str(clip), "max_length": LENGTH,
+                       "crop_start": crop_start(AutoTokenizer.from_pretrained(root / "tokenizer"))},
+                 diffusion={"objective": "flow", "shift": 7.0, "flow_grid": "steps", "prompt_dropout": 0.5},
+                 sample={"sampler": "flow_euler", "steps": 2, "cfg": 1.0})
     return root
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def config(root: Path, run: Path, shards: str, **extra: object):
-    common = {"train.steps": 4, "train.checkpoint_every": 4, **extra}
-    return load_config(root / "hunyuan.yaml", small_overrides(run, shards, None, **common))
+    return run_config(root / "hunyuan.yaml", run, shards, **extra)
 
 
 def test_trains_from_raw_and_latent_shards_alike_and_samples(hunyuan: Path, small_shards: str, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
+    def pooled_row_then_real_tokens(latents: Path) -> None:
+        text = first_latent_sample(latents)["text"]
+        assert 2 < text.shape[0] < 1 + LENGTH and text.shape[1] == WIDTH  # (the padding is rebuilt when it loads)
+        assert np.count_nonzero(text[0, :POOLED]) == POOLED and not text[0, POOLED:].any()
+
+    ckpt, _ = raw_then_latent(hunyuan / "hunyuan.yaml", small_shards, tmp_path,
+                              check_shards=pooled_row_then_real_tokens)
     raw = tmp_path / "raw"
-    ckpt = train.main(config(hunyuan, raw, small_shards))
     saved = json.loads((ckpt / "config.json").read_text())
     assert saved["dit"]["family"] == "hunyuan" and saved["dit"]["guidance"] == 1.0
-
-    latents = tmp_path / "latents"
-    assert encode_shards(small_shards, latents, config(hunyuan, tmp_path / "enc", small_shards),
-                         batch_size=8)["samples"] == 64
-    with tarfile.open(sorted(latents.glob("*.tar"))[0]) as tar:  # the real tokens, after the pooled row
-        member = next(m for m in tar.getmembers() if m.name.endswith(".text.npy"))
-        text = np.load(io.BytesIO(tar.extractfile(member).read()))
-    assert 2 < text.shape[0] < 1 + LENGTH and text.shape[1] == WIDTH  # (the padding is rebuilt when it loads)
-    assert np.count_nonzero(text[0, :POOLED]) == POOLED and not text[0, POOLED:].any()
-    latent_run = tmp_path / "latent"
-    train.main(config(hunyuan, latent_run, str(latents), **{"data.latents": "true"}))
-    a, b = losses(raw), losses(latent_run)
-    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
-    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
 
     from PIL import Image
 

@@ -6,23 +6,19 @@ target: DDP would wait for their gradients)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from runs import DEMO, MEDIA_FREE, dit_torchrun, dit_train, small_overrides
+from family_runs import losses, raw_then_latent, run_config, write_config
+from runs import MEDIA_FREE, dit_torchrun, dit_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_qwenimage import WIDTH, crop_start, save_tiny_qwenimage  # noqa: E402
 
-from dit.config import load_config  # noqa: E402
-from dit.encode import encode_shards  # noqa: E402
 from dit.export import list_checkpoints  # noqa: E402
 from dit.models.lora import LORA_FILE  # noqa: E402
-from dit.training import train  # noqa: E402
 
 LENGTH = 16  # Qwen2.5-VL tokens after the template: more than most captions fill
 SIZE = {"data.frames": 1, "data.height": 32, "data.width": 32}  # 4 x 4 latents, 2 x 2 packed tokens
@@ -35,39 +31,25 @@ def qwen(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoTokenizer
 
     f = save_tiny_qwenimage(tmp_path_factory.mktemp("qwenimage"))
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "qwenimage", "pretrained": str(f["transformer"])}
-    data["vae"] = {"family": "qwenimage", "pretrained": str(f["vae"])}
-    data["text"] = {"encoder": "qwenimage", "path": str(f["qwen"]), "max_length": LENGTH,
-                    "crop_start": crop_start(AutoTokenizer.from_pretrained(f["root"] / "tokenizer"))}
-    data["diffusion"] = {"objective": "flow", "dynamic_shift": True, "flow_grid": "steps", "prompt_dropout": 0.5,
-                         "timestep_sampling": "logit_normal"}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
-    (f["root"] / "qwenimage.yaml").write_text(yaml.safe_dump(data))
+    f["config"] = write_config(
+        f["root"] / "qwenimage.yaml", model={"family": "qwenimage", "pretrained": str(f["transformer"])},
+        vae={"family": "qwenimage", "pretrained": str(f["vae"])},
+        text={"encoder": "qwenimage", "path": str(f["qwen"]), "max_length": LENGTH,
+              "crop_start": crop_start(AutoTokenizer.from_pretrained(f["root"] / "tokenizer"))},
+        diffusion={"objective": "flow", "dynamic_shift": True, "flow_grid": "steps", "prompt_dropout": 0.5,
+                   "timestep_sampling": "logit_normal"},
+        sample={"sampler": "flow_euler", "steps": 2, "cfg": 4.0})
     return f
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def config(f: dict[str, Path], run: Path, shards: str, **extra: object):
-    common = {"train.steps": 4, "train.checkpoint_every": 4, **SIZE, **extra}
-    return load_config(f["root"] / "qwenimage.yaml", small_overrides(run, shards, None, **common))
+    return run_config(f["config"], run, shards, **SIZE, **extra)
 
 
 def test_trains_from_raw_and_latent_shards_alike_and_samples(qwen: dict[str, Path], small_shards: str,
                                                              tmp_path: Path) -> None:
+    raw_then_latent(qwen["config"], small_shards, tmp_path, **SIZE)
     raw = tmp_path / "raw"
-    train.main(config(qwen, raw, small_shards))
-    latents = tmp_path / "latents"
-    assert encode_shards(small_shards, latents, config(qwen, tmp_path / "enc", small_shards),
-                         batch_size=8)["samples"] == 64
-    latent_run = tmp_path / "latent"
-    train.main(config(qwen, latent_run, str(latents), **{"data.latents": "true"}))
-    a, b = losses(raw), losses(latent_run)
-    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
-    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
 
     from PIL import Image
 
@@ -84,7 +66,7 @@ def test_a_lora_adapter_loads_into_diffusers_and_trains_under_ddp(qwen: dict[str
 
     from dit.pipeline import load_pipeline
 
-    config_file = qwen["root"] / "qwenimage.yaml"
+    config_file = qwen["config"]
     steps = {"train.steps": 3, "train.checkpoint_every": 3, "train.lr_schedule": "constant", **SIZE, **LORA}
     one = dit_train(tmp_path / "one", small_shards, None, config=config_file, **{**steps, "train.batch_size": 4})
     assert one.returncode == 0, one.stderr[-3000:]

@@ -5,23 +5,19 @@ run's adapter loads into diffusers' own transformer and StableDiffusion3Pipeline
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from runs import DEMO, MEDIA_FREE, small_overrides
+from family_runs import first_latent_sample, raw_then_latent, run_config, write_config
+from runs import MEDIA_FREE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_sd3 import POOLED, WIDTH, save_tiny_sd3  # noqa: E402
 
-from dit.config import load_config  # noqa: E402
-from dit.encode import encode_shards  # noqa: E402
 from dit.export import list_checkpoints  # noqa: E402
 from dit.models.lora import LORA_FILE  # noqa: E402
 from dit.training import train  # noqa: E402
@@ -37,47 +33,31 @@ pytestmark = pytest.mark.skipif(MEDIA_FREE, reason="needs PyAV and the MiniLM pa
 def sd3(tmp_path_factory) -> dict[str, Path]:
     """A folder laid out as the Stable Diffusion 3.5 Diffusers download (tiny random parts) and a config for it."""
     f = save_tiny_sd3(tmp_path_factory.mktemp("sd3"))
-    data = yaml.safe_load(DEMO.read_text())
-    data["model"] = {"family": "sd3", "pretrained": str(f["transformer"])}
-    data["vae"] = {"family": "sd3", "pretrained": str(f["vae"])}
-    data["text"] = {"encoder": "sd3", "path": str(f["t5"]), "path_2": str(f["clip_l"]), "path_3": str(f["clip_g"]),
-                    "max_length": LENGTH, "padding": "unmasked"}
-    data["diffusion"] = {"objective": "flow", "shift": 3.0, "prompt_dropout": 0.5, "timestep_sampling": "logit_normal"}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 5.0}
-    (f["root"] / "sd3.yaml").write_text(yaml.safe_dump(data))
+    f["config"] = write_config(
+        f["root"] / "sd3.yaml", model={"family": "sd3", "pretrained": str(f["transformer"])},
+        vae={"family": "sd3", "pretrained": str(f["vae"])},
+        text={"encoder": "sd3", "path": str(f["t5"]), "path_2": str(f["clip_l"]), "path_3": str(f["clip_g"]),
+              "max_length": LENGTH, "padding": "unmasked"},
+        diffusion={"objective": "flow", "shift": 3.0, "prompt_dropout": 0.5, "timestep_sampling": "logit_normal"},
+        sample={"sampler": "flow_euler", "steps": 2, "cfg": 5.0})
     return f
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def config(f: dict[str, Path], run: Path, shards: str, **extra: object):
-    common = {"train.steps": 4, "train.checkpoint_every": 4, **extra}
-    return load_config(f["root"] / "sd3.yaml", [*small_overrides(run, shards, None, **common), *SIZE])
+    return run_config(f["config"], run, shards, *SIZE, **extra)
 
 
 def test_trains_from_raw_and_latent_shards_alike_and_samples(sd3: dict[str, Path], small_shards: str,
                                                              tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    ckpt = train.main(config(sd3, raw, small_shards))
-    assert json.loads((ckpt / "config.json").read_text())["dit"]["family"] == "sd3"
+    def every_state(latents: Path) -> None:  # all of them stored, after the pooled row
+        files = first_latent_sample(latents)
+        text, mask = files["text"], files["text_mask"]
+        assert text.shape == (ROWS, WIDTH) and 2 < mask.sum() < ROWS and mask[0] == 1
+        assert np.count_nonzero(text[0, :POOLED]) == POOLED
 
-    latents = tmp_path / "latents"
-    assert encode_shards(small_shards, latents, config(sd3, tmp_path / "enc", small_shards),
-                         batch_size=8)["samples"] == 64
-    with tarfile.open(sorted(latents.glob("*.tar"))[0]) as tar:  # every state, after the pooled row
-        key = tar.getnames()[0].split(".")[0]
-        files = {m.name.split(".")[1]: np.load(io.BytesIO(tar.extractfile(m).read()))
-                 for m in tar.getmembers() if m.name.startswith(key + ".") and m.name.endswith(".npy")}
-    text, mask = files["text"], files["text_mask"]
-    assert text.shape == (ROWS, WIDTH) and 2 < mask.sum() < ROWS and mask[0] == 1
-    assert np.count_nonzero(text[0, :POOLED]) == POOLED
-    latent_run = tmp_path / "latent"
-    train.main(config(sd3, latent_run, str(latents), **{"data.latents": "true"}))
-    a, b = losses(raw), losses(latent_run)
-    assert len(a) == 4 and len({round(x, 6) for x in a}) == 4
-    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    ckpt, _ = raw_then_latent(sd3["config"], small_shards, tmp_path, *SIZE, check_shards=every_state)
+    raw = tmp_path / "raw"
+    assert json.loads((ckpt / "config.json").read_text())["dit"]["family"] == "sd3"
 
     from PIL import Image
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from family_runs import losses
 from runs import small_config
 
 from data_pipelines.latents import check_latent_shards
@@ -22,10 +22,6 @@ def check(cfg: Config, vae: CausalVAE, text: TextEncoder) -> bool:
     return check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint, latent_channels=vae.latent_channels,
                                vae_encoder=encoder_digest(vae), text_encoder=cfg.text.encoder,
                                text_max_length=cfg.text.max_length, text_dim=text.dim, text_name=text.name)
-
-
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
