@@ -97,7 +97,8 @@ class ModelConfig:
     condition_prob: float = 0.9
     condition_noise: float = 0.05
     # a Wan 2.1 I2V transformer (image_dim): its CLIP image encoder, a local CLIPVisionModel folder (the Diffusers
-    # download's image_encoder/, with image_processor/ beside it)
+    # download's image_encoder/, with image_processor/ beside it); HunyuanVideo 1.5 I2V: its SigLIP (image_encoder/,
+    # feature_extractor/ beside)
     image_encoder: str | None = None
 
     def __post_init__(self) -> None:
@@ -121,8 +122,9 @@ class ModelConfig:
 
     def _check_family(self) -> None:
         """A family's folder and sizes are checked here, before any work; its patch fills model.patch_size."""
-        _check(self.image_encoder is None or self.family == "wan", "model.image_encoder",
-               "is for a Wan 2.1 image-to-video transformer (model.family=wan); remove it")
+        _check(self.image_encoder is None or self.family in ("wan", "hunyuan15"), "model.image_encoder",
+               "is for a Wan 2.1 or HunyuanVideo 1.5 image-to-video transformer (model.family=wan or hunyuan15); "
+               "remove it")
         if self.image_encoder:
             from dit.models.image_encoder import read_image_encoder
 
@@ -543,8 +545,13 @@ class Config:
             _check(self.vae.family == "hunyuan15", "vae.family", f"is {self.vae.family} but HunyuanVideo 1.5 takes its "
                    "own VAE (32 channels, 16x in space): set vae.family=hunyuan15 "
                    "vae.pretrained=/local/HunyuanVideo-1.5-480p_t2v/vae")
-            _check(self.model.condition == "none", "model.condition", "HunyuanVideo 1.5 image-to-video (the image's "
-                   "latents and SigLIP states) is not supported yet: fine-tune the text-to-video transformer (none)")
+            if self.model.condition == "first_frame":  # its I2V transformer: the image's latent and SigLIP states
+                # (model.image_encoder: dit train checks it, `dit plan` runs without it. Its transformer masks the
+                # image tokens only when the whole batch has none, so every sample gets its image.)
+                _check(self.model.condition_prob == 1.0, "model.condition_prob", "must be 1 for HunyuanVideo 1.5 "
+                       "image-to-video: every sample is given its first frame, as its pipeline always is")
+                _check(not self.data.latents, "data.latents", "HunyuanVideo 1.5 image-to-video trains from raw "
+                       "shards (latent shards do not store its SigLIP states yet): set data.latents=false")
         _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
                "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
                "flux); use sample.cfg")

@@ -53,6 +53,7 @@ IMAGE_ATTENTION = 11.0
 # Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
 # sequence-parallel rank.
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
+SIGLIP_TOKENS = 729  # HunyuanVideo 1.5 I2V's SigLIP states of an image (27 x 27 patches of 384 x 384)
 HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 # Per-token timesteps (Wan and LTX with model.condition=first_frame): bytes per token per hidden unit that each
@@ -184,8 +185,10 @@ def model_size(cfg: Config) -> ModelSize:
     pt, ph, pw = cfg.patch_size()
     t, h, w = (cfg.data.frames - 1) // temporal + 1, cfg.data.height // spatial, cfg.data.width // spatial
     tokens = -(-t // pt) * (h // ph) * (w // pw)  # (CogVideoX 1.5 pads an odd latent frame count at the front)
-    # (SD3: its CLIP tokens too; HunyuanVideo 1.5: its one image token, the ByT5 ones of quoted text not counted)
-    text_len = cfg.text.max_length + {"sd3": CLIP_LENGTH, "hunyuan15": 1}.get(cfg.text.encoder, 0)
+    # (SD3: its CLIP tokens too; HunyuanVideo 1.5: its image tokens, one masked one or SigLIP's 729, the ByT5 ones
+    # of quoted text not counted)
+    image_tokens = SIGLIP_TOKENS if cfg.model.condition == "first_frame" else 1
+    text_len = cfg.text.max_length + {"sd3": CLIP_LENGTH, "hunyuan15": image_tokens}.get(cfg.text.encoder, 0)
     buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
     lora, base, base_linear = cfg.train.lora, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
@@ -386,8 +389,9 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
                  "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, split long clips over "
                  "ranks (train.sequence_parallel), or offload (train.offload_optimizer / train.offload_params)")
     if clip_condition(cfg.model) and not cfg.model.image_encoder:
-        lines.append("(CLIP image encoder not counted: set model.image_encoder to its folder; Wan 2.1's ViT-H/14 "
-                     "adds 2.35 GiB in fp32)")
+        lines.append("(SigLIP image encoder not counted: set model.image_encoder to its folder)"
+                     if cfg.model.family == "hunyuan15" else "(CLIP image encoder not counted: set "
+                     "model.image_encoder to its folder; Wan 2.1's ViT-H/14 adds 2.35 GiB in fp32)")
     if missing:
         lines.append(f"(text encoder not counted: no config.json in {' nor '.join(missing)}; add "
                      f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")

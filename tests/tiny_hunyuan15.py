@@ -1,7 +1,8 @@
 """A tiny random HunyuanVideo 1.5 download: transformer/, vae/ (AutoencoderKLHunyuanVideo15), text_encoder/ (a
 Qwen2_5_VLTextModel) with tokenizer/ (the packaged MiniLM tokenizer, no hub here, given a small chat template:
 the encoder and the pipeline both render whatever template the tokenizer holds), and text_encoder_2/ (a T5 encoder
-of ByT5's byte vocabulary) with tokenizer_2/ (ByT5's tokenizer, which needs no files)."""
+of ByT5's byte vocabulary) with tokenizer_2/ (ByT5's tokenizer, which needs no files); and the I2V download's
+image_encoder/ (a SiglipVisionModel) with feature_extractor/ (its SiglipImageProcessor)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,22 @@ from tiny_families import tiny_transformer  # noqa: E402
 from tiny_vaes import save_tiny_vae  # noqa: E402
 from tiny_zimage import CHAT_TEMPLATE, TOKENIZER_FILES  # noqa: E402
 
-WIDTH, GLYPH_WIDTH = 16, 8  # the Qwen2.5-VL and ByT5 states' widths (text_embed_dim, text_embed_2_dim)
+# the Qwen2.5-VL, ByT5 and SigLIP states' widths (text_embed_dim, text_embed_2_dim, image_embed_dim)
+WIDTH, GLYPH_WIDTH, IMAGE_WIDTH = 16, 8, 8
 
 
 def save_tiny_hunyuan15(root: Path, seed: int = 0, **transformer: object) -> dict[str, Path]:
     """The download under root; returns its folders by name (transformer, vae, qwen, byt5, root)."""
-    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     tiny_transformer("hunyuan15", seed, **transformer).save_pretrained(root / "transformer")
     save_tiny_vae("hunyuan15", root / "vae", seed=seed + 1)
@@ -43,8 +54,13 @@ def save_tiny_hunyuan15(root: Path, seed: int = 0, **transformer: object) -> dic
                     feed_forward_proj="gated-gelu")
     T5EncoderModel(byt5).eval().save_pretrained(root / "text_encoder_2")
     ByT5Tokenizer().save_pretrained(root / "tokenizer_2")
+    # the I2V download's SigLIP: 16 patches of a 32 x 32 image, states as wide as the transformer's image_embed_dim
+    siglip = SiglipVisionConfig(hidden_size=IMAGE_WIDTH, intermediate_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=32, patch_size=8)
+    SiglipVisionModel(siglip).eval().save_pretrained(root / "image_encoder")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "feature_extractor")
     return dict(transformer=root / "transformer", vae=root / "vae", qwen=root / "text_encoder",
-                byt5=root / "text_encoder_2", root=root)
+                byt5=root / "text_encoder_2", siglip=root / "image_encoder", root=root)
 
 
 def crop_start(tokenizer) -> int:

@@ -67,7 +67,10 @@ def image_frames(model_cfg: Any) -> str:
 
 
 def clip_condition(model_cfg: Any) -> bool:
-    """Whether model_cfg's image condition also takes the image's CLIP states (Wan 2.1 I2V: ``image_dim``)."""
+    """Whether model_cfg's image condition also takes the image's CLIP states (Wan 2.1 I2V: ``image_dim``) or
+    SigLIP states (HunyuanVideo 1.5 under model.condition=first_frame)."""
+    if model_cfg.family == "hunyuan15":
+        return getattr(model_cfg, "condition", "none") == "first_frame"
     dcfg = _wan_config(model_cfg)
     return dcfg is not None and bool(dcfg.get("image_dim"))
 
@@ -103,9 +106,9 @@ def check_code_condition(cfg: Any) -> None:
 
 
 def condition_mask(model_cfg: Any) -> bool:
-    """Whether model_cfg's first-frame condition has the mask channel (our DiT, Wan, LTX) or not (CogVideoX-I2V):
-    a family's has it in the replace form (its adapter's ``condition_mask``)."""
-    return model_cfg.family == "dit" or condition_replaces(model_cfg)
+    """Whether model_cfg's first-frame condition has the mask channel (our DiT, Wan, LTX, HunyuanVideo 1.5) or not
+    (CogVideoX-I2V): a family's has it in the replace form (its adapter's ``condition_mask``)."""
+    return model_cfg.family in ("dit", "hunyuan15") or condition_replaces(model_cfg)
 
 
 def condition_replaces(model_cfg: Any) -> bool:

@@ -102,6 +102,9 @@ def check_inputs(cfg: Config) -> None:
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
     if code_condition(cfg.model):
         check_code_condition(cfg)
+    if cfg.model.family == "hunyuan15" and cfg.model.condition == "first_frame" and not cfg.model.image_encoder:
+        raise ConfigError("model.image_encoder is not set: HunyuanVideo 1.5 image-to-video takes the first frame's "
+                          "SigLIP states; pass model.image_encoder=/local/HunyuanVideo-1.5-480p_i2v/image_encoder")
     if t.init_from or t.lora.rank:  # the base exists and fits this model: from configs, a meta-device model
         channels, temporal, spatial = cfg.vae.geometry()
         built = meta_model_config(cfg, channels, text_width(cfg.text), (temporal, spatial)) if t.init_from else None
@@ -423,7 +426,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 # (Wan 2.1 I2V's CLIP tokens are attended beside the text, at the same cost per token)
                 context = states.shape[1] + (drawn[6].shape[1] if len(drawn) > 6 else 0)
                 if hasattr(strategy.module, "text_tokens"):  # (HunyuanVideo 1.5 cuts its packed text's padding)
-                    context = strategy.module.text_tokens(states, drawn[2])
+                    context = strategy.module.text_tokens(states, drawn[2], drawn[6].shape[1] if len(drawn) > 6 else 1)
                 flops_per_sample = (tokens, 3 * flops_per_token(strategy.module, tokens, context))
             meter.add(drawn[0].shape[0] * share, *flops_per_sample, data_time)
             if step % t.log_every == 0 or step == t.steps:

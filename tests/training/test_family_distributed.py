@@ -330,37 +330,6 @@ def test_a_hunyuan_model_with_sequence_parallelism_and_under_fsdp_matches_one_pr
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
-def test_a_hunyuanvideo15_model_with_sequence_parallelism_matches_one_process(tmp_path: Path,
-                                                                             small_shards: str) -> None:
-    """HunyuanVideo 1.5 (text.encoder=hunyuan15: the Qwen states and ByT5's in one tensor) with activation
-    checkpointing: train.sequence_parallel=2 on 2 processes (UlyssesHunyuanAttention on its dual-stream blocks, given
-    the text's mask) trains as 1 process on the same batch, and the checkpoint samples with --sequence-parallel 2 as
-    on 1 process."""
-    import sys
-
-    if MEDIA_FREE:
-        pytest.skip("the tiny text encoders use the MiniLM package's tokenizer, absent in media-free mode")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_hunyuan15 import crop_start, save_tiny_hunyuan15
-    from transformers import AutoTokenizer
-
-    f = save_tiny_hunyuan15(tmp_path)
-    data = yaml.safe_load(DEMO.read_text())
-    sizes = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
-                 rope_axes_dim=[2, 2, 4], text_embed_2_dim=8, image_embed_dim=8)
-    data["model"] = {"family": "hunyuan15", "family_config": sizes, "gradient_checkpointing": True}
-    data["vae"] = {"family": "hunyuan15", "pretrained": str(f["vae"])}
-    data["text"] = {"encoder": "hunyuan15", "path": str(f["qwen"]), "path_2": str(f["byt5"]), "max_length": 8,
-                    "crop_start": crop_start(AutoTokenizer.from_pretrained(f["root"] / "tokenizer"))}
-    data["diffusion"] = {**FLOW[0], "shift": 5.0, "flow_grid": "steps"}
-    data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 4.0}
-    config = tmp_path / "hunyuan15.yaml"
-    config.write_text(yaml.safe_dump(data))
-    one, two = sp_pair(tmp_path, small_shards, config, **{"data.height": 32, "data.width": 32})  # 2 x 2 x 2 tokens
-    same_trained_weights(one, two, skip="refiner_blocks.0.attn.to_k.bias")  # (as HunyuanVideo's, below)
-    sample_both_ways(two, tmp_path, "--height", "32")  # one frame of 32 x 32: 4 tokens of patch 1
-
-
 # FLUX.1 at tiny sizes: a dual-stream and a single-stream block, 2 heads, text of its two tiny encoders
 FLUX = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1, axes_dims_rope=[4, 6, 6],
             pooled_projection_dim=8, guidance_embeds=True)

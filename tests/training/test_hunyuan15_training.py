@@ -63,6 +63,38 @@ def test_trains_from_raw_and_latent_shards_alike_and_samples(hv15: dict[str, Pat
     assert (gif.n_frames, gif.size) == (5, (32, 32))
 
 
+def test_an_image_to_video_model_trains_and_samples_from_an_image(hv15: dict[str, Path], small_shards: str,
+                                                                  tmp_path: Path) -> None:
+    """model.condition=first_frame with its SigLIP (model.image_encoder), from raw shards: each clip's first frame's
+    latent and mask beside the noisy latents and its SigLIP states beside the text; `dit sample --image` continues a
+    given frame (another image, other frames)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from dit.cli import main as dit
+    from dit.config import ConfigError
+    from dit.encode import encode_shards
+
+    i2v = {"model.condition": "first_frame", "model.condition_prob": 1.0, "model.image_encoder": str(hv15["siglip"])}
+    with pytest.raises(ConfigError, match="latent shards do not store HunyuanVideo 1.5's SigLIP image states"):
+        encode_shards(small_shards, tmp_path / "latents", config(hv15, tmp_path / "enc", small_shards, **i2v))
+    run = tmp_path / "i2v"
+    ckpt = train.main(config(hv15, run, small_shards, **i2v))
+    assert json.loads((ckpt / "config.json").read_text())["dit"]["condition_channels"] == 5
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["loss"] for r in rows}) == 4 and all(np.isfinite([r["loss"] for r in rows]))
+    gen = torch.Generator().manual_seed(2)
+    for name in ("a", "b"):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        dit(["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--steps", "2", "--image",
+             str(tmp_path / f"{name}.png"), "--out", str(tmp_path / f"{name}.gif")])
+    a, b = (Image.open(tmp_path / f"{n}.gif") for n in ("a", "b"))
+    assert a.n_frames == 5 and a.tobytes() != b.tobytes()
+
+
 @torch.no_grad()
 def test_a_lora_adapter_loads_into_diffusers(hv15: dict[str, Path], small_shards: str, tmp_path: Path) -> None:
     from diffusers import HunyuanVideo15Transformer3DModel

@@ -135,9 +135,18 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
             raise ConfigError(f"{where}: the Wan 2.1 I2V transformer takes CLIP states of width {dcfg['image_dim']} "
                               f"(image_dim) but model.image_encoder {image_encoder!r} gives {width}; use the "
                               "image_encoder/ folder of the same Wan 2.1 I2V download")
+    elif image_encoder and cls is HunyuanVideo15Denoiser:  # its SigLIP states' width
+        from dit.models.image_encoder import image_encoder_width
+
+        width = image_encoder_width(image_encoder)
+        if width != int(dcfg["image_embed_dim"]):
+            raise ConfigError(f"{where}: the HunyuanVideo 1.5 transformer takes SigLIP states of width "
+                              f"{dcfg['image_embed_dim']} (image_embed_dim) but model.image_encoder {image_encoder!r} "
+                              f"gives {width}; use the image_encoder/ folder of the same HunyuanVideo 1.5 I2V "
+                              "download")
     elif image_encoder:
-        raise ConfigError(f"model.image_encoder is set but {where} is not a Wan 2.1 image-to-video transformer (no "
-                          "image_dim); remove model.image_encoder")
+        raise ConfigError(f"model.image_encoder is set but {where} is not a Wan 2.1 or HunyuanVideo 1.5 "
+                          "image-to-video transformer; remove model.image_encoder")
     if dcfg.get("image_condition_type"):  # HunyuanVideo-I2V: the image's latent concatenated or in place of frame 0
         raise ConfigError(f"{where}: a HunyuanVideo image-to-video transformer (image_condition_type "
                           f"{dcfg['image_condition_type']!r}) is not supported; fine-tune the text-to-video one")
@@ -158,7 +167,8 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     if extra and condition != "first_frame":
         raise ConfigError(f"{where}: an image-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} ="
                           f" {latent} latent + {extra} image-condition channels): set model.condition=first_frame")
-    if not extra and condition == "first_frame" and not cls.replace_condition:
+    # (a transformer whose extra inputs a text-to-video call fills with zeros takes the condition there)
+    if not extra and condition == "first_frame" and not cls.replace_condition and not cls.zero_inputs(dcfg):
         raise ConfigError(f"{where}: a text-to-video {cls.family} transformer (in_channels {dcfg['in_channels']} = "
                           f"the VAE's latent channels) cannot take model.condition=first_frame; use an image-to-video "
                           f"one (in_channels = 2 x latent channels, e.g. CogVideoX-5b-I2V's transformer folder)")
@@ -174,7 +184,7 @@ def _options(cls: type[FamilyDenoiser], model_cfg: Any, compression: tuple[int, 
     if cls is LTXDenoiser:
         return dict(rope_interpolation_scale=rope_interpolation_scale(compression, model_cfg.frame_rate),
                     first_frame=first_frame)
-    if cls is WanDenoiser:
+    if cls in (WanDenoiser, HunyuanVideo15Denoiser):
         return dict(first_frame=first_frame)
     if issubclass(cls, DistilledDualStream):  # HunyuanVideo, FLUX.1
         return dict(guidance=model_cfg.guidance)

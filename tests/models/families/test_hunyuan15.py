@@ -127,6 +127,46 @@ def test_generate_matches_hunyuanvideo15pipeline(folders, tmp_path, cfg):
     torch.testing.assert_close((ours.permute(0, 2, 1, 3, 4) + 1) / 2, frames, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cfg", [1.0, 6.0], ids=["no-cfg", "cfg"])
+@torch.no_grad()
+def test_image_to_video_matches_hunyuanvideo15imagetovideopipeline(folders, tmp_path, cfg):
+    """model.condition=first_frame with its SigLIP (model.image_encoder): the image's latent and the mask beside the
+    noisy latents, its SigLIP states among the text tokens, as HunyuanVideo15ImageToVideoPipeline gives them."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from PIL import Image
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+
+    i2v = settings(folders, "model.condition=first_frame", f"model.image_encoder={folders['siglip']}",
+                   "model.condition_prob=1.0", "data.width=32")
+    pipe = load_pipeline(export_checkpoint(tmp_path, i2v, text_dim=WIDTH))
+    assert pipe.model.condition_channels == 5 and pipe.model.clip_image
+    g = torch.Generator().manual_seed(5)  # a smooth image: a 4 x 4 random one, upsampled
+    small = torch.randint(0, 256, (1, 3, 4, 4), generator=g).float()
+    pixels = torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear").round().to(torch.uint8)
+    seed, shape = 3, (3, 4, 2, 2, 2)  # 5 x 32 x 32 frames -> 2 x 2 x 2 latents
+    ours = generate(pipe, PROMPTS, frames=5, height=32, width=32, steps=STEPS, cfg=cfg, seed=seed, image=pixels)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # generate's draw
+    t2v = reference_pipeline(folders, cfg)
+    ref = HunyuanVideo15ImageToVideoPipeline(
+        **{k: getattr(t2v, k) for k in ("text_encoder", "tokenizer", "transformer", "vae", "scheduler",
+                                        "text_encoder_2", "tokenizer_2", "guider")},
+        image_encoder=SiglipVisionModel.from_pretrained(folders["siglip"]),
+        feature_extractor=SiglipImageProcessor.from_pretrained(folders["root"] / "feature_extractor"))
+    ref.prompt_template_encode_start_idx, ref.tokenizer_max_length = folders["crop"], LENGTH
+    ref.target_size = 32  # (its size buckets: a 32 x 32 image stays 32 x 32)
+    ref.set_progress_bar_config(disable=True)
+    image = Image.fromarray(pixels[0].permute(1, 2, 0).numpy())
+    latents = ref(image=image, prompt=PROMPTS, latents=noise, num_inference_steps=STEPS, num_frames=5,
+                  output_type="latent").frames
+    frames = torch.cat([ref.video_processor.postprocess_video(
+        ref.vae.decode(z[None] / ref.vae.config.scaling_factor).sample, output_type="pt") for z in latents])
+    assert frames.shape == (3, 5, 3, 32, 32) and frames.std() > 0.01
+    torch.testing.assert_close((ours.permute(0, 2, 1, 3, 4) + 1) / 2, frames, atol=1e-4, rtol=0)
+    other = generate(pipe, PROMPTS, frames=5, height=32, width=32, steps=STEPS, cfg=cfg, seed=seed,
+                     image=pixels.flip(-1))
+    assert (other - ours).abs().max() > 1e-3  # the image reaches the model
+
+
 def test_config_errors_name_the_fix(folders, tmp_path):
     base = settings(folders)
     with pytest.raises(ConfigError, match="model.family=hunyuan15 takes text.encoder=hunyuan15"):
@@ -135,10 +175,17 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         load_config(None, [s for s in base if not s.startswith("text.path_2")])
     with pytest.raises(ConfigError, match="set vae.family=hunyuan15"):
         load_config(None, [*[s for s in base if not s.startswith("vae.")], "vae.family=hunyuan"])
-    with pytest.raises(ConfigError, match="HunyuanVideo 1.5 image-to-video .* not supported"):
-        load_config(None, [*base, "model.condition=first_frame"])
     with pytest.raises(ConfigError, match="HunyuanVideo 1.5's text encoders: set model.family=hunyuan15"):
         load_config(None, ["text.encoder=hunyuan15", "text.path=/x", "text.path_2=/y"])
+    i2v = [*base, "model.condition=first_frame", "model.condition_prob=1.0"]
+    from dit.training.train import check_inputs
+
+    with pytest.raises(ConfigError, match="model.image_encoder is not set: HunyuanVideo 1.5 image-to-video"):
+        check_inputs(load_config(None, i2v))  # (dit train's check; `dit plan` runs without it)
+    with pytest.raises(ConfigError, match="model.condition_prob: must be 1 for HunyuanVideo 1.5"):
+        load_config(None, [*i2v, f"model.image_encoder={folders['siglip']}", "model.condition_prob=0.9"])
+    with pytest.raises(ConfigError, match="data.latents: HunyuanVideo 1.5 image-to-video trains from raw"):
+        load_config(None, [*i2v, f"model.image_encoder={folders['siglip']}", "data.latents=true"])
     from dit.models.text import text_width
 
     missing = load_config(None, [*base, f"text.path_2={tmp_path / 'text_encoder_2'}"])

@@ -35,6 +35,7 @@ RELEASED = {
     "skyreels-v1-hunyuan-i2v": (12.82, 3072, 60, 13 * 34 * 60),
     # HunyuanVideo 1.5 480p T2V (8.3B: 54 dual-stream blocks) LoRA at 61 x 480 x 848: 16 latent frames, 30 x 53 (16x)
     "hunyuanvideo1.5-480p-t2v": (8.33, 2048, 54, 16 * 30 * 53),
+    "hunyuanvideo1.5-480p-i2v": (8.33, 2048, 54, 16 * 30 * 53),
     # FLUX.1-dev ("12B": 19 dual- + 38 single-stream blocks) LoRA on 1024 x 1024 images: 128 x 128 latents / 2
     "flux.1-dev": (11.90, 3072, 57, 1 * 64 * 64),
     # Stable Diffusion 3.5 Large (8.1B) LoRA and Medium (2.2B parameters; "2.5B" with its 226M-value position table)

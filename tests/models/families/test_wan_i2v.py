@@ -155,13 +155,13 @@ def test_wan21_i2v_config_errors(tmp_path):
     (wide / "config.json").write_text(cfg_json)
     with pytest.raises(ConfigError, match="width 8 .image_dim. but model.image_encoder"):
         build_denoiser(load_config(None, [*base, f"model.image_encoder={wide}"]).model, 4, 16)
-    with pytest.raises(ConfigError, match="not a CLIP vision model folder.*point at its image_encoder"):
+    with pytest.raises(ConfigError, match="not a vision model folder.*point at its image_encoder"):
         load_config(None, [*base, f"model.image_encoder={tmp_path}"])
     with pytest.raises(ConfigError, match="model.image_encoder: is for a Wan 2.1"):
         load_config(None, [f"model.image_encoder={clip}"])
     (tmp_path / "t2v").mkdir()
     tiny_transformer("wan").save_pretrained(tmp_path / "t2v")
-    with pytest.raises(ConfigError, match="not a Wan 2.1 image-to-video transformer"):
+    with pytest.raises(ConfigError, match="not a Wan 2.1 or HunyuanVideo 1.5 image-to-video transformer"):
         check_fit(load_config(None, ["model.family=wan", f"model.pretrained={tmp_path / 't2v'}",
                                      "diffusion.objective=flow", f"model.image_encoder={clip}"]).model, 4, 16)
 
