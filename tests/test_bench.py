@@ -173,7 +173,9 @@ def test_profile_train_step_splits_the_step(tmp_path: Path, model: str) -> None:
     assert f"{model}: " in proc.stdout and "gemm" in proc.stdout
 
 
-@pytest.mark.parametrize("family", ["dit", "wan", "cogvideox"])
+# (CogVideoX, whose text stays whole on each rank: its SP accounting is test_plan.py's, its SP runs
+# test_family_distributed.py's; its bench run here was left out for CI time, 2026-12-06)
+@pytest.mark.parametrize("family", ["dit", "wan"])
 def test_bench_sp_memory_runs(tmp_path: Path, family: str) -> None:
     """tools/bench_sp_memory.py on 2 gloo processes: each rank saves about 0.6 of one process at these 32 tokens (0.52
     at 2,304, BENCHMARKS.md), CogVideoX about 0.7 (its 32 text tokens stay whole on each rank, beside 16 of the

@@ -149,9 +149,10 @@ def one_process_nan(tmp_path_factory, small_shards: str, small_vae: Path) -> Pat
     return run
 
 
-@pytest.mark.parametrize("strategy,extra", [("zero1", {}), ("zero2", {}), ("zero3", {}),
+# (ZeRO-1 runs DeepSpeed's ZeRO-2 optimizer class without partitioned gradients: left out for CI time, 2026-12-06)
+@pytest.mark.parametrize("strategy,extra", [("zero2", {}), ("zero3", {}),
                                             ("zero2", {"train.offload_optimizer": True}), ("zero3", OFFLOAD)],
-                         ids=["zero1", "zero2", "zero3", "zero2-offload", "zero3-offload"])
+                         ids=["zero2", "zero3", "zero2-offload", "zero3-offload"])
 def test_a_nan_in_the_last_micro_batch_drops_the_whole_window_under_deepspeed(
         strategy: str, extra: dict, tmp_path: Path, one_process_nan: Path, small_shards: str, small_vae: Path) -> None:
     """Rank 0's second micro-batch of steps 3 and 4 goes NaN after the first one's backward (ZeRO-2/3 have already
