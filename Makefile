@@ -20,8 +20,8 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	# two workers, one test file each at a time (module fixtures built once), one OpenMP thread each (tests/conftest.py).
-	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 27.0 min with the install
-	# (tests 25.8, 855 of them; 23.5 and 790 before the image families); 27.9 min before the threads were shared out
+	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 29.2 min with the install
+	# (tests 27.8, 871 of them, with HunyuanVideo 1.5; 25.8 and 855 before it); close to the 30-min budget
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install

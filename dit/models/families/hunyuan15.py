@@ -80,6 +80,9 @@ class HunyuanVideo15Denoiser(FamilyDenoiser):
         if (condition is None) != (image_states is None):
             raise ValueError("HunyuanVideo 1.5 image-to-video takes the image's latent condition and its SigLIP "
                              "states together (model.image_encoder)")
+        if condition is not None and not self.condition_channels:
+            raise ValueError("this HunyuanVideo 1.5 model takes no image (trained with model.condition=none): its "
+                             "image-to-video transformer trains with model.condition=first_frame")
         if image_states is not None and (image_states.ndim != 3 or image_states.shape[0] != x.shape[0]
                                          or image_states.shape[2] != int(cfg.image_embed_dim)):
             raise ValueError(f"SigLIP image states of shape {tuple(image_states.shape)} do not fit: expected "

@@ -195,5 +195,15 @@ def test_config_errors_name_the_fix(folders, tmp_path):
 
     with pytest.raises(ValueError, match="text.crop_start=500 cuts the whole chat"):
         HunyuanVideo15TextEncoder(folders["qwen"], folders["byt5"], crop_start=500)
+    from dit.models.families import build_denoiser
+
+    t2v = build_denoiser(load_config(None, base).model, 4, WIDTH)
+    text, mask = build_text_encoder(load_config(None, base).text).encode(["a red circle"])
+    x = torch.randn(1, 4, 2, 2, 3)
+    with pytest.raises(ValueError, match="takes no image .trained with model.condition=none"):
+        t2v(x, torch.tensor([500.0]), text, mask, condition=torch.zeros(1, 5, 2, 2, 3),
+            image_states=torch.zeros(1, 16, 8))
+    with pytest.raises(ValueError, match="latent condition and its SigLIP states together"):
+        t2v(x, torch.tensor([500.0]), text, mask, condition=torch.zeros(1, 5, 2, 2, 3))
     with pytest.raises(ValueError, match="ByT5 states of the text are \\[8\\] wide .* takes 12"):
         split_glyph(torch.tensor([[[0.0, 8.0], [1.0, 1.0]]]), torch.ones(1, 2, dtype=torch.bool), 12)
