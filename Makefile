@@ -20,8 +20,9 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	# two workers, one test file each at a time (module fixtures built once), one OpenMP thread each (tests/conftest.py).
-	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 29.2 min with the install
-	# (tests 27.8, 871 of them, with HunyuanVideo 1.5; 25.8 and 855 before it); close to the 30-min budget
+	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 29.2 and 30.3 min with the
+	# install at the same tests (27.8 and 28.8; 871 of them, with HunyuanVideo 1.5; 25.8 and 855 before it): at the
+	# 30-min budget, so one more 2-process run left test_family_distributed.py after them
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: install

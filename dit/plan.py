@@ -53,7 +53,7 @@ IMAGE_ATTENTION = 11.0
 # Families whose text tokens run through every block beside the clip's (CogVideoX): the text is whole on every
 # sequence-parallel rank.
 JOINT_TEXT = frozenset(name for name, cls in FAMILIES.items() if cls.joint_text)
-SIGLIP_TOKENS = 729  # HunyuanVideo 1.5 I2V's SigLIP states of an image (27 x 27 patches of 384 x 384)
+SIGLIP_TOKENS = 729  # HunyuanVideo 1.5 I2V: the SigLIP tokens of an image (its pipeline's vision_num_semantic_tokens)
 HEADROOM = 0.9  # "fits": total <= 90% of the GPU (a margin, not measured here: no GPU has run the plan's configs)
 OUTSIDE_BLOCKS = 12  # patch embedding, final layer, loss terms: values per token (in hidden units, or channels)
 # Per-token timesteps (Wan and LTX with model.condition=first_frame): bytes per token per hidden unit that each

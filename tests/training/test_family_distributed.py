@@ -265,12 +265,9 @@ HUNYUAN = dict(num_attention_heads=2, attention_head_dim=10, num_layers=1, num_s
                rope_axes_dim=[2, 4, 4], pooled_projection_dim=8)
 
 
-def test_a_hunyuan_model_with_sequence_parallelism_and_under_fsdp_matches_one_process(tmp_path: Path,
-                                                                                     small_shards: str) -> None:
-    """HunyuanVideo (text.encoder=hunyuan: the Llama states and the pooled row) with activation checkpointing:
-    train.sequence_parallel=2 on 2 processes (sequence_families.UlyssesHunyuanAttention on its dual- and
-    single-stream blocks) and FSDP on 2 processes (each of its blocks sharded) train as 1 process on the same batch,
-    and the checkpoint samples with --sequence-parallel 2 as on 1 process."""
+def test_a_hunyuan_model_under_fsdp_matches_one_process(tmp_path: Path, small_shards: str) -> None:
+    """HunyuanVideo (text.encoder=hunyuan: the Llama states and the pooled row) with activation checkpointing: FSDP
+    on 2 processes (each of its blocks sharded) trains as 1 process on the same batch."""
     import sys
 
     if MEDIA_FREE:
@@ -291,14 +288,15 @@ def test_a_hunyuan_model_with_sequence_parallelism_and_under_fsdp_matches_one_pr
     data["sample"] = {"sampler": "flow_euler", "steps": 2, "cfg": 1.0, "guidance": 6.0}
     config = tmp_path / "hunyuan.yaml"
     config.write_text(yaml.safe_dump(data))
-    one, two = sp_pair(tmp_path, small_shards, config)  # 5 x 16 x 16 clips: 2 tokens, one on each rank
+    # (its 2-process sequence-parallel run left this test for CI time, 2026-12-06: test_sequence_parallel.py's float64
+    # check covers its SP outputs and gradients, the other families' runs here the SP training and sampling path)
+    one = tmp_path / "one"
+    done = dit_train(one, small_shards, None, config=config, **COMMON)
+    assert done.returncode == 0, done.stderr[-5000:]
     # (not the token refiner's key bias: its attention has no QK norm, so a bias shared by every key shifts all of a
     # query's logits alike and its exact gradient is zero, 2e-23 in float64 against 1e-6 for the blocks' key biases;
     # AdamW steps on rounding noise there)
     refiner_key_bias = "refiner_blocks.0.attn.to_k.bias"
-    same_trained_weights(one, two, skip=refiner_key_bias)
-    sample_both_ways(two, tmp_path, "--height", "32")  # one frame of 32 x 16: 2 tokens of patch 2
-
     fsdp = dit_torchrun(2, tmp_path / "fsdp", small_shards, None, config=config,
                         **{**COMMON, "train.batch_size": 2, "train.parity_batch": True, "train.strategy": "fsdp"})
     assert fsdp.returncode == 0, fsdp.stderr[-5000:]
