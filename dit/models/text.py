@@ -162,6 +162,20 @@ def tokenizer_folder(folder: Path) -> Path:
                             "diffusers pipeline folder's text_encoder/ (its tokenizer/ is beside it)")
 
 
+def frozen_encoder(folder: str | Path, model_class: type, dtype: str, key: str,
+                   hint: str) -> tuple[object, torch.nn.Module]:
+    """The tokenizer and frozen (eval, no grad) ``model_class`` model of a second encoder folder in ``dtype``
+    (text.dtype); FileNotFoundError naming ``key`` and ``hint`` (what the folder should be) without a config.json."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{key} {str(folder)!r} has no config.json; set it to {hint}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True)
+    model = model_class.from_pretrained(folder, local_files_only=True, dtype=frozen_dtype(dtype))
+    return tokenizer, model.eval().requires_grad_(False)
+
+
 # text.encoder pairs with a CLIP text encoder in text.path_2: where it is in the family's diffusers download
 CLIP_FOLDER = {"hunyuan": "a HunyuanVideo Diffusers download's text_encoder_2/",
                "flux": "a FLUX.1 Diffusers download's text_encoder/",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dit.models.text import HFTextEncoder, tokenizer_folder
+from dit.models.text import HFTextEncoder, frozen_encoder
 
 GLYPH_LENGTH = 256  # the pipeline's tokenizer_2_max_length: ByT5 tokens per prompt
 
@@ -55,21 +55,25 @@ def split_glyph(text: torch.Tensor, mask: torch.Tensor, glyph_dim: int) -> tuple
     the ByT5 states [B, G', glyph_dim] with theirs, each row's real tokens first and the padding after the longest
     row's cut (each at least 1 token: a row without quoted text gets one masked zero token). ValueError when the
     ByT5 width is not ``glyph_dim``."""
-    counts = text[:, 0, 0].round().long().tolist()
-    widths = {int(round(w)) for w in text[:, 0, 1].tolist()}
-    if widths != {glyph_dim}:
-        raise ValueError(f"the ByT5 states of the text are {sorted(widths)} wide but this HunyuanVideo 1.5 "
-                         f"transformer takes {glyph_dim} (text_embed_2_dim): use the text_encoder_2/ of its download "
-                         "as text.path_2")
-    real = [int(mask[i, 1 + n:].sum()) for i, n in enumerate(counts)]  # each row's Qwen tokens
-    b, d = text.shape[0], text.shape[-1]
-    g, q = max(1, *counts), max(1, *real)
-    glyph, glyph_mask = text.new_zeros(b, g, glyph_dim), mask.new_zeros(b, g)
-    qwen, qwen_mask = text.new_zeros(b, q, d), mask.new_zeros(b, q)
-    for i, (n, m) in enumerate(zip(counts, real)):
-        glyph[i, :n], glyph_mask[i, :n] = text[i, 1:1 + n, :glyph_dim], True
-        qwen[i, :m], qwen_mask[i, :m] = text[i, 1 + n:1 + n + m], True
-    return qwen, qwen_mask, glyph, glyph_mask
+    body, body_mask = text[:, 1:], mask[:, 1:].bool()
+    counts, widths = text[:, 0, 0].round().long(), text[:, 0, 1].round().long()
+    pos = torch.arange(body.shape[1], device=text.device)
+    real = (body_mask & (pos >= counts[:, None])).sum(1)  # each row's Qwen tokens
+    stats = torch.stack([counts, widths, real]).cpu()  # the one host sync: the output sizes depend on the data
+    if set(stats[1].tolist()) != {glyph_dim}:
+        raise ValueError(f"the ByT5 states of the text are {sorted(set(stats[1].tolist()))} wide but this HunyuanVideo "
+                         f"1.5 transformer takes {glyph_dim} (text_embed_2_dim): use the text_encoder_2/ of its "
+                         "download as text.path_2")
+    g, q = max(1, int(stats[0].max())), max(1, int(stats[2].max()))
+    if g > body.shape[1] or int(stats[0].min()) < 0:
+        raise ValueError(f"the packed text's header counts {stats[0].tolist()} ByT5 tokens but a row holds "
+                         f"{body.shape[1]} tokens: not text.encoder=hunyuan15's states (re-encode the shards)")
+    glyph_mask = pos[:g] < counts[:, None]
+    glyph = body[:, :g, :glyph_dim] * glyph_mask[..., None]
+    index = (counts[:, None] + pos[:q]).clamp(max=body.shape[1] - 1)  # row i's Qwen tokens start after its ByT5 ones
+    qwen_mask = pos[:q] < real[:, None]
+    qwen = torch.gather(body, 1, index[..., None].expand(-1, -1, body.shape[-1])) * qwen_mask[..., None]
+    return qwen, qwen_mask.to(mask.dtype), glyph, glyph_mask.to(mask.dtype)
 
 
 class HunyuanVideo15TextEncoder(HFTextEncoder):
@@ -78,21 +82,16 @@ class HunyuanVideo15TextEncoder(HFTextEncoder):
     def __init__(self, path: str | Path, path_2: str | Path, max_length: int = 1000, crop_start: int = CROP_START,
                  cache_size: int = 4096, dtype: str = "fp32") -> None:
         super().__init__(path, max_length=max_length, cache_size=cache_size, padding="mask", dtype=dtype)
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        from dit.models.diffusers_folder import frozen_dtype
+        from transformers import T5EncoderModel
 
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {path} has no chat template; HunyuanVideo 1.5 writes each prompt into "
                              "Qwen2.5-VL's: use the text_encoder/ of a HunyuanVideo 1.5 Diffusers download "
                              "(tokenizer/ beside it)")
         folder = Path(path_2)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"text.path_2 {str(folder)!r} has no config.json; set it to the ByT5 text encoder "
-                                    "folder (a HunyuanVideo 1.5 Diffusers download's text_encoder_2/)")
-        self.glyph_tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True)
-        self.glyph_model = T5EncoderModel.from_pretrained(folder, local_files_only=True, dtype=frozen_dtype(dtype))
-        self.glyph_model.eval().requires_grad_(False)
+        self.glyph_tokenizer, self.glyph_model = frozen_encoder(
+            folder, T5EncoderModel, dtype, "text.path_2",
+            "the ByT5 text encoder folder (a HunyuanVideo 1.5 Diffusers download's text_encoder_2/)")
         self.glyph_dim = int(self.glyph_model.config.d_model)
         if self.glyph_dim > self.dim:
             raise ValueError(f"the ByT5 encoder {folder} is {self.glyph_dim} wide, more than Qwen2.5-VL's {self.dim}: "

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dit.models.diffusers_folder import frozen_dtype
-from dit.models.text import HFTextEncoder, tokenizer_folder
+from dit.models.text import HFTextEncoder, frozen_encoder
 
 CLIP_LENGTH = 77  # the pipelines' CLIP max_sequence_length (tokenizer_max_length)
 
@@ -43,15 +42,11 @@ class ClipPooled(torch.nn.Module):
 
     def __init__(self, path: str | Path, dtype: str, width: int, key: str = "text.path_2") -> None:
         super().__init__()
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
         folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{key} {str(folder)!r} has no config.json; set it to the CLIP text encoder folder "
-                                    "of the same diffusers download")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True)
-        self.model = CLIPTextModel.from_pretrained(folder, local_files_only=True, dtype=frozen_dtype(dtype))
-        self.model.eval().requires_grad_(False)
+        self.tokenizer, self.model = frozen_encoder(folder, CLIPTextModel, dtype, key,
+                                                    "the CLIP text encoder folder of the same diffusers download")
         self.dim, self.name = int(self.model.config.hidden_size), str(folder)
         if self.dim > width:
             raise ValueError(f"the CLIP text encoder {folder} is {self.dim} wide, more than the main encoder's "
@@ -99,18 +94,15 @@ class SD3TextEncoder(HFTextEncoder):
     def __init__(self, path: str | Path, path_2: str | Path, path_3: str | Path, max_length: int = 256,
                  cache_size: int = 4096, dtype: str = "fp32") -> None:
         super().__init__(path, max_length=max_length, cache_size=cache_size, padding="unmasked", dtype=dtype)
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         self.clips = torch.nn.ModuleList()
         self.clip_tokenizers = []
-        for key, folder in (("text.path_2", Path(path_2)), ("text.path_3", Path(path_3))):
-            if not (folder / "config.json").is_file():
-                raise FileNotFoundError(f"{key} {str(folder)!r} has no config.json; set it to the CLIP text encoder "
-                                        f"folder ({SD3_CLIP[key]})")
-            self.clip_tokenizers.append(AutoTokenizer.from_pretrained(tokenizer_folder(folder), local_files_only=True))
-            model = CLIPTextModelWithProjection.from_pretrained(folder, local_files_only=True,
-                                                                dtype=frozen_dtype(dtype))
-            self.clips.append(model.eval().requires_grad_(False))
+        for key, folder in (("text.path_2", path_2), ("text.path_3", path_3)):
+            tokenizer, model = frozen_encoder(folder, CLIPTextModelWithProjection, dtype, key,
+                                              f"the CLIP text encoder folder ({SD3_CLIP[key]})")
+            self.clip_tokenizers.append(tokenizer)
+            self.clips.append(model)
         self.clip_dim = sum(int(m.config.hidden_size) for m in self.clips)
         self.pooled_dim = sum(int(m.config.projection_dim) for m in self.clips)
         if max(self.clip_dim, self.pooled_dim) > self.dim:

@@ -207,3 +207,5 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         t2v(x, torch.tensor([500.0]), text, mask, condition=torch.zeros(1, 5, 2, 2, 3))
     with pytest.raises(ValueError, match="ByT5 states of the text are \\[8\\] wide .* takes 12"):
         split_glyph(torch.tensor([[[0.0, 8.0], [1.0, 1.0]]]), torch.ones(1, 2, dtype=torch.bool), 12)
+    with pytest.raises(ValueError, match="header counts \\[3\\] ByT5 tokens but a row holds 1 tokens"):
+        split_glyph(torch.tensor([[[3.0, 12.0], [1.0, 1.0]]]), torch.ones(1, 2, dtype=torch.bool), 12)
