@@ -29,29 +29,21 @@ from data_pipelines.config import (  # noqa: F401 (re-exported: dit.config is th
     nearest_multiple,
     size_problems,
 )
+from dit.family_rules import (  # noqa: F401 (re-exported)
+    FAMILY_TITLES,
+    IMAGE_MODELS,
+    PRETRAINED_FAMILIES,
+    TEXT_OF_FAMILY,
+    VAE_FAMILIES,
+    check_family_run,
+    check_image_encoder_key,
+)
 
 # model.attention: torch SDPA choosing its kernel, one SDPA kernel pinned, or xformers (dit/models/attention.py)
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "efficient", "cudnn", "math", "xformers")
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
-# model.family: the diffusers transformers (error text)
-PRETRAINED_FAMILIES = "wan, cogvideox, ltx, hunyuan, hunyuan15, flux, sd3, zimage or qwenimage"
-VAE_FAMILIES = "wan|cogvideox|hunyuan|hunyuan15|ltx|flux|sd3|qwenimage"  # vae.family: diffusers VAEs (error text)
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # text.dtype, vae.dtype: what the frozen encoders' weights are held in
 TEXT_ENCODERS = ("minilm", "hf", "hunyuan", "hunyuan15", "flux", "sd3", "zimage", "qwenimage", "none")  # text.encoder
-# model.family -> what its text.encoder of the same name holds (text.path, path_2, path_3)
-TEXT_OF_FAMILY = {"hunyuan": "text.path: the Llama text_encoder/, text.path_2: the CLIP text_encoder_2/",
-                  "hunyuan15": "text.path: the Qwen2.5-VL text_encoder/, text.path_2: the ByT5 text_encoder_2/",
-                  "flux": "text.path: the T5 text_encoder_2/, text.path_2: the CLIP text_encoder/",
-                  "sd3": "text.path: the T5 text_encoder_3/, text.path_2: CLIP-L text_encoder/, text.path_3: CLIP-G "
-                         "text_encoder_2/",
-                  "zimage": "text.path: the Qwen3 text_encoder/",
-                  "qwenimage": "text.path: the Qwen2.5-VL text_encoder/"}
-# model.family: the image models (one frame), their names and the vae.family they take
-IMAGE_MODELS = {"flux": ("FLUX.1", "flux"), "sd3": ("Stable Diffusion 3", "sd3"), "zimage": ("Z-Image", "flux"),
-                "qwenimage": ("Qwen-Image", "qwenimage")}
-
-FAMILY_TITLES = {"hunyuan": "HunyuanVideo", "hunyuan15": "HunyuanVideo 1.5",
-                 **{f: name for f, (name, _) in IMAGE_MODELS.items()}}  # (in errors)
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # train.strategy: how the training is sharded over ranks
 
 
 def _installed(module: str) -> bool:
@@ -122,9 +114,7 @@ class ModelConfig:
 
     def _check_family(self) -> None:
         """A family's folder and sizes are checked here, before any work; its patch fills model.patch_size."""
-        _check(self.image_encoder is None or self.family in ("wan", "hunyuan15"), "model.image_encoder",
-               "is for a Wan 2.1 or HunyuanVideo 1.5 image-to-video transformer (model.family=wan or hunyuan15); "
-               "remove it")
+        check_image_encoder_key(self)
         if self.image_encoder:
             from dit.models.image_encoder import read_image_encoder
 
@@ -528,56 +518,8 @@ class Config:
         _check(not (self.model.fused_qkv and self.train.lora.rank), "model.fused_qkv",
                "cannot be combined with LoRA (train.lora.rank > 0): the adapters target the plain q and kv layers, "
                "which fusing replaces; set model.fused_qkv=false")
-        family, d = self.model.family, self.diffusion  # a pretrained family trains with its own objective
-        _check(family in ("dit", "cogvideox") or d.objective == "flow", "diffusion.objective",
-               f"model.family={family} is a rectified-flow model: set diffusion.objective=flow")
-        _check(family != "cogvideox" or (d.objective == "diffusion" and d.prediction == "v"), "diffusion.prediction",
-               "model.family=cogvideox predicts v: set diffusion.objective=diffusion diffusion.prediction=v")
-        paired = TEXT_OF_FAMILY.get(family)  # HunyuanVideo, FLUX.1, SD3: their own set of text encoders, in one
-        _check(paired is None or self.text.encoder == family, "text.encoder",
-               f"model.family={family} takes text.encoder={family} ({paired})")
-        _check(self.text.encoder not in TEXT_OF_FAMILY or self.text.encoder == family, "text.encoder",
-               f"{self.text.encoder} is {FAMILY_TITLES.get(self.text.encoder, self.text.encoder)}'s text "
-               f"encoders: set model.family={self.text.encoder}, or another text.encoder")
-        if family in IMAGE_MODELS:
-            self._check_image_model(*IMAGE_MODELS[family])
-        if family == "hunyuan15":
-            _check(self.vae.family == "hunyuan15", "vae.family", f"is {self.vae.family} but HunyuanVideo 1.5 takes its "
-                   "own VAE (32 channels, 16x in space): set vae.family=hunyuan15 "
-                   "vae.pretrained=/local/HunyuanVideo-1.5-480p_t2v/vae")
-            if self.model.condition == "first_frame":  # its I2V transformer: the image's latent and SigLIP states
-                # (model.image_encoder: dit train checks it, `dit plan` runs without it. Its transformer masks the
-                # image tokens only when the whole batch has none, so every sample gets its image.)
-                _check(self.model.condition_prob == 1.0, "model.condition_prob", "must be 1 for HunyuanVideo 1.5 "
-                       "image-to-video: every sample is given its first frame, as its pipeline always is")
-                _check(not self.data.latents, "data.latents", "HunyuanVideo 1.5 image-to-video trains from raw "
-                       "shards (latent shards do not store its SigLIP states yet): set data.latents=false")
-        _check(family in ("hunyuan", "flux") or self.sample.guidance is None, "sample.guidance",
-               "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
-               "flux); use sample.cfg")
-        flow = self.diffusion.objective == "flow"  # the sampler must fit the objective, found before training
-        fits = ("flow_euler", "flow_dpm_solver") if flow else ("ddim", "ddpm", "dpm_solver")
-        _check(self.sample.sampler in (None, *fits), "sample.sampler",
-               f"{self.sample.sampler} does not sample a diffusion.objective={self.diffusion.objective} model; use "
-               f"one of {', '.join(fits)} (or null for {fits[0]})")
-        _check(flow or self.sample.shift is None, "sample.shift", "is for diffusion.objective=flow; remove it")
+        check_family_run(self)
         self._check_sample_images()
-
-    def _check_image_model(self, name: str, vae: str) -> None:
-        """FLUX.1, SD3 and Z-Image take images, coded by their image VAE: one frame, no sequence parallelism (an
-        image's few thousand tokens fit one GPU)."""
-        family = self.model.family
-        _check(self.vae.family == vae, "vae.family",
-               f"is {self.vae.family} but model.family={family} takes {name}'s image VAE: set vae.family={vae} "
-               f"vae.pretrained=/local/{name.replace(' ', '-')}/vae")
-        _check(self.data.frames == 1, "data.frames", f"is {self.data.frames} but {name} is an image model: set "
-               "data.frames=1 (video shards give their first frame)")
-        b = self.data.buckets
-        _check(not b.enabled or list(b.frames) == [1], "data.buckets.frames",
-               f"{list(b.frames)}: {name} is an image model, set data.buckets.frames=[1]")
-        _check(self.train.sequence_parallel == 1, "train.sequence_parallel",
-               f"is for long clips; {name} trains on images (a few thousand tokens): set it to 1")
-        _check(self.model.condition == "none", "model.condition", f"{name} is a text-to-image model: set none")
 
     def _check_sample_images(self) -> None:
         """train.sample_images: one existing image per sample prompt, for an image-to-video model."""

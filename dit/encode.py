@@ -49,7 +49,7 @@ from data_pipelines.shards import expand_shards
 from dit.config import Config, ConfigError
 from dit.fileio import atomic_file
 from dit.models.condition import (
-    check_code_condition,
+    check_image_condition,
     clip_condition,
     clip_states_of,
     code_condition,
@@ -141,12 +141,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                           "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if code_condition(cfg.model):  # (a Wan I2V model's shards hold its image inputs: what they need is checked)
-        check_code_condition(cfg)
-    if cfg.model.family == "hunyuan15" and cfg.model.condition == "first_frame":
-        raise ConfigError("dit encode: latent shards do not store HunyuanVideo 1.5's SigLIP image states yet; train "
-                          "its image-to-video model from the raw shards (or encode with model.condition=none for "
-                          "its text-to-video model)")
+    check_image_condition(cfg, encoding=True)  # (a Wan I2V model's shards hold its image inputs: what they need)
     dev = encode_device(device)
     urls = expand_shards(shards, name="SHARDS")  # fails now on a missing shard
     out = Path(out_dir)

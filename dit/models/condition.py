@@ -95,14 +95,40 @@ def check_code_condition(cfg: Any) -> None:
                           f"{' in data.buckets.frames' if d.buckets.enabled else ''}); train on clips of 5 or more")
     if not clip_condition(cfg.model):
         return
-    if not cfg.model.image_encoder:
-        raise ConfigError("model.image_encoder is not set: a Wan 2.1 image-to-video transformer takes the first "
-                          "frame's CLIP states; pass "
-                          "model.image_encoder=.../Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
+    _require_image_encoder(cfg)
     if cfg.text.max_length != WAN_TEXT_TOKENS:
         raise ConfigError(f"text.max_length={cfg.text.max_length}: a Wan 2.1 image-to-video transformer takes "
                           f"{WAN_TEXT_TOKENS} text tokens (its attention splits image from text by that count); "
                           f"set text.max_length={WAN_TEXT_TOKENS}")
+
+
+def check_image_condition(cfg: Any, encoding: bool = False) -> None:
+    """What a run (a Config) of an image-to-video transformer needs beyond its config's own checks (dit.family_rules):
+    Wan's code form (``check_code_condition``) and the image encoder of a model that takes its states (HunyuanVideo
+    1.5's SigLIP). ``encoding``: for `dit encode`, whose latent shards do not store HunyuanVideo 1.5's SigLIP states
+    yet. ConfigError names what is missing."""
+    from dit.config import ConfigError
+
+    if code_condition(cfg.model):
+        check_code_condition(cfg)
+        return
+    if not clip_condition(cfg.model):
+        return
+    if encoding:  # (only HunyuanVideo 1.5 takes image states outside the code form)
+        raise ConfigError("dit encode: latent shards do not store HunyuanVideo 1.5's SigLIP image states yet; train "
+                          "its image-to-video model from the raw shards (or encode with model.condition=none for "
+                          "its text-to-video model)")
+    _require_image_encoder(cfg)
+
+
+def _require_image_encoder(cfg: Any) -> None:
+    from dit.config import ConfigError
+    from dit.family_rules import IMAGE_ENCODERS
+
+    if not cfg.model.image_encoder:
+        name, kind, example = IMAGE_ENCODERS[cfg.model.family]
+        raise ConfigError(f"model.image_encoder is not set: a {name} image-to-video transformer takes the first "
+                          f"frame's {kind} states; pass model.image_encoder={example}")
 
 
 def condition_mask(model_cfg: Any) -> bool:

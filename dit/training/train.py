@@ -42,7 +42,7 @@ from dit.experts import one_expert
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
 from dit.models.condition import (
-    check_code_condition,
+    check_image_condition,
     clip_condition,
     code_condition,
     image_frames,
@@ -100,11 +100,7 @@ def check_inputs(cfg: Config) -> None:
                           f"folder, e.g. vae.pretrained=/models/{download}/vae")
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
-    if code_condition(cfg.model):
-        check_code_condition(cfg)
-    if cfg.model.family == "hunyuan15" and cfg.model.condition == "first_frame" and not cfg.model.image_encoder:
-        raise ConfigError("model.image_encoder is not set: HunyuanVideo 1.5 image-to-video takes the first frame's "
-                          "SigLIP states; pass model.image_encoder=/local/HunyuanVideo-1.5-480p_i2v/image_encoder")
+    check_image_condition(cfg)
     if t.init_from or t.lora.rank:  # the base exists and fits this model: from configs, a meta-device model
         channels, temporal, spatial = cfg.vae.geometry()
         built = meta_model_config(cfg, channels, text_width(cfg.text), (temporal, spatial)) if t.init_from else None

@@ -180,8 +180,12 @@ def test_config_errors_name_the_fix(folders, tmp_path):
     i2v = [*base, "model.condition=first_frame", "model.condition_prob=1.0"]
     from dit.training.train import check_inputs
 
-    with pytest.raises(ConfigError, match="model.image_encoder is not set: HunyuanVideo 1.5 image-to-video"):
+    with pytest.raises(ConfigError, match="model.image_encoder is not set: a HunyuanVideo 1.5 image-to-video "
+                       "transformer takes the first frame's SigLIP states; pass model.image_encoder=/local/"):
         check_inputs(load_config(None, i2v))  # (dit train's check; `dit plan` runs without it)
+    with pytest.raises(ConfigError, match="model.image_encoder: is for a Wan 2.1 or HunyuanVideo 1.5 image-to-video "
+                       "transformer .model.family=wan or hunyuan15.; remove it"):
+        load_config(None, [f"model.image_encoder={folders['siglip']}"])  # (our DiT takes none)
     with pytest.raises(ConfigError, match="model.condition_prob: must be 1 for HunyuanVideo 1.5"):
         load_config(None, [*i2v, f"model.image_encoder={folders['siglip']}", "model.condition_prob=0.9"])
     with pytest.raises(ConfigError, match="data.latents: HunyuanVideo 1.5 image-to-video trains from raw"):
