@@ -3,8 +3,9 @@
 Per sample: ``KEY.mean.npy`` and ``KEY.logvar.npy`` (the VAE posterior, ``[C, t, h, w]`` float32, not
 normalised), ``KEY.text.npy`` (the caption's text states without padding, ``[n, D]``; optional; with
 text.padding=unmasked all ``[L, D]`` of them and ``KEY.text_mask.npy`` ``[L]``, 1 on the real tokens), ``KEY.txt``
-and ``KEY.json`` (what made it); for a Wan 2.1 I2V model also ``KEY.image_code.npy`` (the normalized VAE code of
-[first frame, grey...], ``[C, t, h, w]``) and ``KEY.image_states.npy`` (the first frame's CLIP states, ``[n, D]``).
+and ``KEY.json`` (what made it); for a Wan I2V model of the code form also ``KEY.image_code.npy`` (the normalized
+VAE code of [first frame, grey...], ``[C, t, h, w]``), and for Wan 2.1 I2V or HunyuanVideo 1.5 I2V
+``KEY.image_states.npy`` (the first frame's CLIP or SigLIP states, ``[n, D]``).
 Arrays are read with ``allow_pickle=False``: nothing is unpickled.
 
 The pixel shape a latent stands for is its shape times the VAE's compression (``pixel_shape`` in
@@ -100,8 +101,8 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
     the encoder saw the padding, ``text_padding`` unmasked, which changes every state) when it holds them. Raises
     ConfigError (a ValueError; one line at the CLI) naming the difference; returns whether text is stored.
     ``image_code`` (a Wan I2V run of the code form): the shards hold the image code; ``image_width`` > 0 (Wan 2.1
-    I2V: its CLIP states' width): and CLIP states of that width; ``image_frames``: of those frames ("first", or
-    "first_last" for FLF2V; shards that do not say hold "first")."""
+    I2V's CLIP states' width, HunyuanVideo 1.5 I2V's SigLIP): image encoder states of that width; ``image_frames``:
+    of those frames ("first", or "first_last" for FLF2V; shards that do not say hold "first")."""
     stored_text = True
     for spec, _ in data.sources():
         url = expand_shards(spec)[0]
@@ -130,18 +131,19 @@ def check_latent_shards(data: DataConfig, *, vae_path: str | None, latent_channe
                              f"({vae_encoder}): re-encode, or point vae.checkpoint at that VAE")
         if image_code or image_width:
             states = shapes.get(IMAGE_STATES) or (None, None)
-            if IMAGE_CODE not in exts or (image_width and IMAGE_STATES not in exts):
-                wanted = f"KEY.{IMAGE_CODE}" + (f", KEY.{IMAGE_STATES}" if image_width else "")
-                raise ConfigError(f"{url} holds no Wan I2V image inputs ({wanted}): re-encode with this run's config "
-                                 "(`dit encode SHARDS OUT --config ...`), or train from the raw shards "
+            wanted = [f"KEY.{name}" for name, want in ((IMAGE_CODE, image_code), (IMAGE_STATES, image_width))
+                      if want and name not in exts]
+            if wanted:
+                raise ConfigError(f"{url} holds no image-to-video inputs ({', '.join(wanted)}): re-encode with this "
+                                 "run's config (`dit encode SHARDS OUT --config ...`), or train from the raw shards "
                                  "(data.latents=false)")
             made = meta.get("image_frames", "first")
-            if image_frames and made != image_frames:
+            if image_code and image_frames and made != image_frames:
                 raise ConfigError(f"{url} holds the image inputs of the {made.replace('_', ' and ')} frame, this run's "
                                  f"model takes the {image_frames.replace('_', ' and ')} frame: re-encode with this "
                                  "run's config (`dit encode SHARDS OUT --config ...`)")
             if image_width and states[1] != image_width:
-                raise ConfigError(f"{url} holds CLIP states of width {states[1]}, model.image_encoder gives "
+                raise ConfigError(f"{url} holds image encoder states of width {states[1]}, model.image_encoder gives "
                                  f"{image_width}: re-encode with this run's model.image_encoder")
         if TEXT not in exts:
             stored_text = False

@@ -205,10 +205,10 @@ class DecodeClips(wds.PipelineStage):
                 fields["text"] = load_npy(sample[TEXT])
                 if TEXT_MASK in sample:  # all the states (text.padding=unmasked): which are real tokens
                     fields["text_mask"] = load_npy(sample[TEXT_MASK])
-            if IMAGE_CODE in sample:  # Wan I2V's image code (and Wan 2.1's CLIP states)
+            if IMAGE_CODE in sample:  # Wan I2V's image code
                 fields["image_code"] = load_npy(sample[IMAGE_CODE])
-                if IMAGE_STATES in sample:
-                    fields["image_states"] = load_npy(sample[IMAGE_STATES])
+            if IMAGE_STATES in sample:  # Wan 2.1 I2V's CLIP states, HunyuanVideo 1.5 I2V's SigLIP states
+                fields["image_states"] = load_npy(sample[IMAGE_STATES])
         except (ValueError, OSError, EOFError) as e:
             raise _Skip("decode_error", f"not a plain .npy array: {str(e)[:300]}") from e
         mean, logvar, text = fields["mean"], fields["logvar"], fields.get("text")
@@ -343,7 +343,7 @@ class Batch(wds.PipelineStage):
             for name in ("video", "mean", "logvar"):
                 if name in samples[0]:
                     out[name] = torch.stack([s[name] for s in samples])
-            for name in ("image_code", "image_states"):  # (Wan 2.1 I2V's, when every sample has them)
+            for name in ("image_code", "image_states"):  # (an I2V model's, when every sample has them)
                 if all(name in s for s in samples):
                     out[name] = torch.stack([s[name] for s in samples])
             if all("text" in s for s in samples):  # [L_i, D] each -> [B, L, D] + mask

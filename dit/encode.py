@@ -14,8 +14,8 @@ coded by the frozen VAE and the caption by the text encoder. Per sample the outp
                      text.max_length states [L, D], and
     KEY.text_mask.npy  which of them are real tokens [L] (1.0 / 0.0; only with text.padding=unmasked)
     KEY.image_code.npy    a Wan I2V model's of the code form (Wan 2.1 I2V, Wan 2.2 I2V A14B): the normalized VAE
-                     code of [first frame, grey...] [C, t, h, w] float32, and for Wan 2.1 I2V
-    KEY.image_states.npy  the first frame's CLIP states [n, D] float32 (dit/models/condition.py)
+                     code of [first frame, grey...] [C, t, h, w] float32; for Wan 2.1 I2V and HunyuanVideo 1.5 I2V
+    KEY.image_states.npy  the first frame's CLIP (SigLIP) states [n, D] float32 (dit/models/condition.py)
     KEY.txt          the caption
     KEY.json         key, caption, frames, height, width (of this clip: with buckets they differ), the VAE
                      (path, family, latent channels, temporal / spatial compression, a digest of its encoder
@@ -74,11 +74,12 @@ def _npy(array: torch.Tensor) -> bytes:
 
 def latent_sample(key: str, caption: str, mean: torch.Tensor, logvar: torch.Tensor, meta: dict[str, Any],
                   text_states: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                  image: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, Any]:
+                  image: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> dict[str, Any]:
     """One latent shard sample as `dit encode` writes it: mean / logvar [C, t, h, w], the caption, its json
     (``meta``, with key and caption added) and, when given, text states: the real tokens' [n, D], or all of them
     [L, D] with ``text_mask`` [L] saying which are real (text.padding=unmasked); ``image``: a Wan I2V model's image
-    code [C, t, h, w] and (Wan 2.1 I2V) CLIP states [n, D] or None."""
+    code [C, t, h, w] or None, and the image encoder's states [n, D] (Wan 2.1 I2V's CLIP, HunyuanVideo 1.5's
+    SigLIP) or None."""
     sample = {"__key__": key, "mean.npy": _npy(mean), "logvar.npy": _npy(logvar), "txt": caption,
               "json": json.dumps({"key": key, "caption": caption, **meta})}
     if text_states is not None:
@@ -86,7 +87,8 @@ def latent_sample(key: str, caption: str, mean: torch.Tensor, logvar: torch.Tens
     if text_mask is not None:
         sample["text_mask.npy"] = _npy(text_mask)
     if image is not None:
-        sample[IMAGE_CODE] = _npy(image[0])
+        if image[0] is not None:
+            sample[IMAGE_CODE] = _npy(image[0])
         if image[1] is not None:
             sample[IMAGE_STATES] = _npy(image[1])
     return sample
@@ -141,7 +143,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
                           "a pretrained VAE: vae.family=wan vae.pretrained=/path/to/diffusers/vae")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    check_image_condition(cfg, encoding=True)  # (a Wan I2V model's shards hold its image inputs: what they need)
+    check_image_condition(cfg)  # (an I2V model's shards hold its image inputs: what they need is checked)
     dev = encode_device(device)
     urls = expand_shards(shards, name="SHARDS")  # fails now on a missing shard
     out = Path(out_dir)
@@ -152,7 +154,8 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
     text_dev = text_device(cfg.text, dev)
     text = build_text_encoder(cfg.text).to(text_dev)
-    # the code form's image code ("first", or "first_last" for FLF2V; "" without); Wan 2.1 I2V's CLIP states beside
+    # the code form's image code ("first", or "first_last" for FLF2V; "" without); Wan 2.1 I2V's CLIP states beside,
+    # HunyuanVideo 1.5 I2V's SigLIP states alone
     code = image_frames(cfg.model) if code_condition(cfg.model) else ""
     image_encoder = build_image_encoder(cfg.model.image_encoder) if clip_condition(cfg.model) else None
     if image_encoder is not None:
@@ -214,7 +217,8 @@ def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | Pretrain
     """Write one input shard's samples (VAE posterior, text states, caption, json) to ``sink``; returns how many.
     ``full_text``: all the states and the mask (text.padding=unmasked), else the real tokens' states;
     ``code``: the image code of each clip's first frame too (Wan I2V's code form; "first_last": and its last frame,
-    FLF2V), and with ``image_encoder`` their CLIP states."""
+    FLF2V); ``image_encoder``: those frames' CLIP states (Wan 2.1 I2V), or the first frame's SigLIP states
+    (HunyuanVideo 1.5 I2V, no code)."""
     written = 0
     for batch in loader:
         video = batch["video"].to(device)  # [B, 3, T, H, W]
@@ -226,12 +230,13 @@ def _encode_shard(loader: Loader, sink: wds.TarWriter, vae: CausalVAE | Pretrain
             first, last = video[:, :, 0], video[:, :, -1] if code == "first_last" else None
             image = (image_code(vae, first, frames, last),
                      clip_states_of(image_encoder, first, last) if image_encoder is not None else None)
+        elif image_encoder is not None:  # HunyuanVideo 1.5 I2V: the first frame's SigLIP states alone
+            image = (None, clip_states_of(image_encoder, video[:, :, 0]))
         for i, (key, caption) in enumerate(zip(batch["key"], batch["caption"])):
             meta = {"frames": frames, "height": height, "width": width, **made_by}
             text_states = states[i] if full_text else states[i][mask[i]]  # [L, D] or [n, D]
             sink.write(latent_sample(key, caption, posterior.mean[i], posterior.logvar[i], meta, text_states,
                                      mask[i] if full_text else None,
-                                     None if image is None else
-                                     (image[0][i], None if image[1] is None else image[1][i])))
+                                     None if image is None else tuple(None if x is None else x[i] for x in image)))
             written += 1
     return written

@@ -86,8 +86,8 @@ def _check_image_model(cfg: Any, name: str, vae: str) -> None:
 
 def _check_hunyuan15(cfg: Any) -> None:
     """HunyuanVideo 1.5 takes its own VAE; its image-to-video transformer (the image's latent and SigLIP states) is
-    given an image in every sample, from raw shards. (model.image_encoder: `dit train` checks it, `dit plan` runs
-    without it: dit/models/condition.py ``check_image_condition``.)"""
+    given an image in every sample. (model.image_encoder: `dit train` checks it, `dit plan` runs without it:
+    dit/models/condition.py ``check_image_condition``.)"""
     _check(cfg.vae.family == "hunyuan15", "vae.family", f"is {cfg.vae.family} but HunyuanVideo 1.5 takes its "
            "own VAE (32 channels, 16x in space): set vae.family=hunyuan15 "
            "vae.pretrained=/local/HunyuanVideo-1.5-480p_t2v/vae")
@@ -96,5 +96,3 @@ def _check_hunyuan15(cfg: Any) -> None:
     # its transformer masks the image tokens only when the whole batch has none, so every sample gets its image
     _check(cfg.model.condition_prob == 1.0, "model.condition_prob", "must be 1 for HunyuanVideo 1.5 "
            "image-to-video: every sample is given its first frame, as its pipeline always is")
-    _check(not cfg.data.latents, "data.latents", "HunyuanVideo 1.5 image-to-video trains from raw "
-           "shards (latent shards do not store its SigLIP states yet): set data.latents=false")

@@ -102,23 +102,14 @@ def check_code_condition(cfg: Any) -> None:
                           f"set text.max_length={WAN_TEXT_TOKENS}")
 
 
-def check_image_condition(cfg: Any, encoding: bool = False) -> None:
-    """What a run (a Config) of an image-to-video transformer needs beyond its config's own checks (dit.family_rules):
-    Wan's code form (``check_code_condition``) and the image encoder of a model that takes its states (HunyuanVideo
-    1.5's SigLIP). ``encoding``: for `dit encode`, whose latent shards do not store HunyuanVideo 1.5's SigLIP states
-    yet. ConfigError names what is missing."""
-    from dit.config import ConfigError
-
+def check_image_condition(cfg: Any) -> None:
+    """What a run or `dit encode` (a Config) of an image-to-video transformer needs beyond its config's own checks
+    (dit.family_rules): Wan's code form (``check_code_condition``) and the image encoder of a model that takes its
+    states (HunyuanVideo 1.5's SigLIP). ConfigError names what is missing."""
     if code_condition(cfg.model):
         check_code_condition(cfg)
-        return
-    if not clip_condition(cfg.model):
-        return
-    if encoding:  # (only HunyuanVideo 1.5 takes image states outside the code form)
-        raise ConfigError("dit encode: latent shards do not store HunyuanVideo 1.5's SigLIP image states yet; train "
-                          "its image-to-video model from the raw shards (or encode with model.condition=none for "
-                          "its text-to-video model)")
-    _require_image_encoder(cfg)
+    elif clip_condition(cfg.model):
+        _require_image_encoder(cfg)
 
 
 def _require_image_encoder(cfg: Any) -> None:

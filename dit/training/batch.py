@@ -118,7 +118,9 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
         first = latents[:, :, :1] * vae.condition_scale  # (CogVideoX 1.5's VAE: see vae_families)
         drawn += (draw_first_frame_condition(first, latents.shape[2], model.condition_prob, model.condition_noise,
                                              rng.gen, condition_mask(model)),)  # [B, C (+ 1), t, h, w]
-        if image_encoder is not None:  # HunyuanVideo 1.5: the first frame's SigLIP states (raw shards only)
+        if "image_states" in batch:  # HunyuanVideo 1.5: the first frame's SigLIP states, stored by `dit encode`
+            drawn += (batch["image_states"].to(device),)
+        elif image_encoder is not None:  # (or from the raw shard's first frame)
             drawn += (clip_states_of(image_encoder, batch["video"][:, :, 0].to(device)).to(device),)
     return drawn if keep is None else tuple(x[keep] for x in drawn)
 

@@ -65,26 +65,36 @@ def test_trains_from_raw_and_latent_shards_alike_and_samples(hv15: dict[str, Pat
 
 def test_an_image_to_video_model_trains_and_samples_from_an_image(hv15: dict[str, Path], small_shards: str,
                                                                   tmp_path: Path) -> None:
-    """model.condition=first_frame with its SigLIP (model.image_encoder), from raw shards: each clip's first frame's
-    latent and mask beside the noisy latents and its SigLIP states beside the text; `dit sample --image` continues a
-    given frame (another image, other frames)."""
+    """model.condition=first_frame with its SigLIP (model.image_encoder): each clip's first frame's latent and mask
+    beside the noisy latents and its SigLIP states beside the text, from raw shards and from latent shards (which
+    store the SigLIP states) alike; latent shards without them are refused; `dit sample --image` continues a given
+    frame (another image, other frames)."""
     import json
 
-    import numpy as np
     from PIL import Image
 
     from dit.cli import main as dit
     from dit.config import ConfigError
-    from dit.encode import encode_shards
 
     i2v = {"model.condition": "first_frame", "model.condition_prob": 1.0, "model.image_encoder": str(hv15["siglip"])}
-    with pytest.raises(ConfigError, match="latent shards do not store HunyuanVideo 1.5's SigLIP image states"):
-        encode_shards(small_shards, tmp_path / "latents", config(hv15, tmp_path / "enc", small_shards, **i2v))
-    run = tmp_path / "i2v"
-    ckpt = train.main(config(hv15, run, small_shards, **i2v))
+    siglip = json.loads((hv15["siglip"] / "config.json").read_text())
+
+    def siglip_states_stored(latents: Path) -> None:
+        sample = first_latent_sample(latents)
+        assert "image_code" not in sample  # (the condition is the clip's own latent frame 0)
+        n = (siglip["image_size"] // siglip["patch_size"]) ** 2
+        assert sample["image_states"].shape == (n, siglip["hidden_size"])
+
+    ckpt, _ = raw_then_latent(hv15["config"], small_shards, tmp_path, check_shards=siglip_states_stored, **SIZE,
+                              **i2v)
+    run = tmp_path / "raw"
     assert json.loads((ckpt / "config.json").read_text())["dit"]["condition_channels"] == 5
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len({r["loss"] for r in rows}) == 4 and all(np.isfinite([r["loss"] for r in rows]))
+    with pytest.raises(ConfigError, match=r"holds no image-to-video inputs \(KEY.image_states.npy\)"):
+        t2v_latents = tmp_path / "t2v_latents"  # (shards encoded for the text-to-video model)
+        from dit.encode import encode_shards
+
+        encode_shards(small_shards, t2v_latents, config(hv15, tmp_path / "enc_t2v", small_shards), batch_size=8)
+        train.main(config(hv15, tmp_path / "refused", str(t2v_latents), **i2v, **{"data.latents": "true"}))
     gen = torch.Generator().manual_seed(2)
     for name in ("a", "b"):
         pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()

@@ -115,7 +115,7 @@ def test_a_wan21_i2v_model_trains_from_raw_and_latent_shards_alike_and_samples(t
     # latent shards made for a text-to-video Wan hold no image inputs: refused before any work
     plain = tmp_path / "plain"
     encode_shards(small_shards, plain, wan_config(tmp_path, tmp_path / "enc2", small_shards, wan_vae), batch_size=8)
-    with pytest.raises(ConfigError, match=r"holds no Wan I2V image inputs \(KEY.image_code.npy, "
+    with pytest.raises(ConfigError, match=r"holds no image-to-video inputs \(KEY.image_code.npy, "
                                           r"KEY.image_states.npy\)"):
         train.main(wan_config(tmp_path, tmp_path / "refused", str(plain), wan_vae, **common,
                               **{"data.latents": "true"}))

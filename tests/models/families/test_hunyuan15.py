@@ -188,8 +188,6 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         load_config(None, [f"model.image_encoder={folders['siglip']}"])  # (our DiT takes none)
     with pytest.raises(ConfigError, match="model.condition_prob: must be 1 for HunyuanVideo 1.5"):
         load_config(None, [*i2v, f"model.image_encoder={folders['siglip']}", "model.condition_prob=0.9"])
-    with pytest.raises(ConfigError, match="data.latents: HunyuanVideo 1.5 image-to-video trains from raw"):
-        load_config(None, [*i2v, f"model.image_encoder={folders['siglip']}", "data.latents=true"])
     from dit.models.text import text_width
 
     missing = load_config(None, [*base, f"text.path_2={tmp_path / 'text_encoder_2'}"])
