@@ -105,12 +105,36 @@ class _GatherHeads(torch.autograd.Function):
         return grad.narrow(1, ctx.group.rank() * ctx.heads, ctx.heads), None
 
 
+def joint_attention(group: dist.ProcessGroup, clip: list[torch.Tensor], text: list[torch.Tensor], clip_first: bool,
+                    mask: torch.Tensor | None = None,
+                    clip_rope: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA of the clip's and the text's tokens together, on this rank's heads: the clip's q, k, v [B, H, N/SP, d]
+    (this rank's tokens) go all-to-all to [B, H/SP, N, d] (then ``clip_rope`` on its q and k, where RoPE takes the
+    whole table), the text's [B, H, L, d] (the same on every rank) are cut to this rank's heads. ``mask``: the
+    text's [B, L] (True: a real token) masks its keys; another shape is SDPA's over the joint sequence, as given.
+    Returns the clip's output [B, N/SP, H*d] (back all-to-all) and the text's [B, L, H*d] (all-gathered over
+    heads)."""
+    size, rank, heads = group.size(), group.rank(), text[0].shape[1]
+    mine = slice(rank * heads // size, (rank + 1) * heads // size)
+    clip = [heads_to_tokens(x, group) for x in clip]  # [B, H/SP, N, d]
+    if clip_rope is not None:
+        clip[:2] = [clip_rope(x) for x in clip[:2]]
+    text = [x[:, mine] for x in text]  # [B, H/SP, L, d]
+    q, k, v = (torch.cat(pair if clip_first else pair[::-1], dim=2) for pair in zip(clip, text))
+    n, length = clip[0].shape[2], text[0].shape[2]
+    if mask is not None and mask.ndim == 2:  # [B, 1, 1, N + L]: every clip key, the text's real ones
+        mask = F.pad(mask.bool(), (n, 0) if clip_first else (0, n), value=True)[:, None, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H/SP, N + L, d]
+    clip_out, text_out = (out[:, :, :n], out[:, :, n:]) if clip_first else (out[:, :, length:], out[:, :, :length])
+    return (tokens_to_heads(clip_out, group).transpose(1, 2).flatten(2, 3).type_as(q),
+            _GatherHeads.apply(text_out, group).transpose(1, 2).flatten(2, 3).type_as(q))
+
+
 class UlyssesJointAttention:
     """The processor of a CogVideoX block's self-attention (``attn1``), where the text and the clip's tokens attend
-    together: the clip's q, k, v of this rank's tokens go all-to-all to [B, H/SP, N, d]; the text's (the same on every
-    rank) are cut to this rank's heads; QK LayerNorm (per head) and RoPE (on the clip's tokens, with the whole
-    table) then apply as in CogVideoXAttnProcessor2_0, SDPA runs over text + clip for the rank's heads, the clip's
-    output goes back all-to-all and the text's is all-gathered over heads."""
+    together (``joint_attention``, text first): QK LayerNorm per head and token, as in CogVideoXAttnProcessor2_0,
+    before the all-to-all, RoPE on the clip's tokens after it (with the whole table)."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -121,43 +145,34 @@ class UlyssesJointAttention:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         if attention_mask is not None:
             raise ValueError("sequence-parallel self-attention takes no mask")
-        size, rank, text_len = self.group.size(), self.group.rank(), encoder_hidden_states.shape[1]
-        mine = slice(rank * attn.heads // size, (rank + 1) * attn.heads // size)
 
-        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, H*d] -> [B, H, L, d]
-            return x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
-
-        def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def qkv(x: torch.Tensor) -> list[torch.Tensor]:  # [B, n, H*d] -> 3 x [B, H, n, d], normed
             if getattr(attn, "fused_projections", False):
-                return attn.to_qkv(x).chunk(3, dim=-1)
-            return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+                q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+            else:
+                q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+            q, k, v = (y.unflatten(2, (attn.heads, -1)).transpose(1, 2) for y in (q, k, v))
+            return [q, k, v] if attn.norm_q is None else [attn.norm_q(q), attn.norm_k(k), v]
 
-        text = [heads(x)[:, mine] for x in project(encoder_hidden_states)]  # [B, H/SP, L, d]
-        clip = [heads_to_tokens(heads(x), self.group) for x in project(hidden_states)]  # [B, H/SP, N, d]
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(text, clip))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if image_rotary_emb is not None:
-            q, k = (torch.cat([x[:, :, :text_len], pair_rope(x[:, :, text_len:], *image_rotary_emb)], dim=2)
-                    for x in (q, k))
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H/SP, L + N, d]
-        text_out = _GatherHeads.apply(out[:, :, :text_len], self.group)  # [B, H, L, d]
-        clip_out = tokens_to_heads(out[:, :, text_len:], self.group)  # [B, H, N/SP, d]
-        clip_out, text_out = (attn.to_out[1](attn.to_out[0](x.transpose(1, 2).flatten(2, 3).type_as(q)))
-                              for x in (clip_out, text_out))
-        return clip_out, text_out
+        rope = None if image_rotary_emb is None else partial(_rope_table, table=image_rotary_emb)
+        clip_out, text_out = joint_attention(self.group, qkv(hidden_states), qkv(encoder_hidden_states),
+                                             clip_first=False, clip_rope=rope)
+        return tuple(attn.to_out[1](attn.to_out[0](x)) for x in (clip_out, text_out))
 
     def __repr__(self) -> str:
         return f"UlyssesJointAttention(cogvideox, sp={self.group.size()})"
 
 
+def _rope_table(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return pair_rope(x, *table)
+
+
 class UlyssesHunyuanAttention:
-    """The processor of a HunyuanVideo block's attention (``attn``, dual- and single-stream alike), where the text and
-    the clip's tokens attend together: as HunyuanVideoAttnProcessor2_0, the clip's q, k, v of this rank's tokens (QK
-    RMS-norm per head, RoPE with this rank's slice of the table) go all-to-all to [B, H/SP, N, d]; the text's (the
-    same on every rank: ``add_*_proj`` and their norms in a dual-stream block, the shared projections in a
-    single-stream one) are cut to this rank's heads; SDPA runs over clip + text with the whole clip's text mask; the
-    clip's output goes back all-to-all and the text's is all-gathered over heads."""
+    """The processor of a HunyuanVideo (1.5) block's attention (``attn``, dual- and single-stream alike), where the
+    text and the clip's tokens attend together (``joint_attention``, clip first): as HunyuanVideoAttnProcessor2_0,
+    QK RMS-norm per head and RoPE (with this rank's slice of the table) before the all-to-all; the text's
+    projections are ``add_*_proj`` and their norms in a dual-stream block, the shared ones in a single-stream one;
+    the mask is HunyuanVideo's over the joint sequence or HunyuanVideo 1.5's text mask [B, L]."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -168,9 +183,7 @@ class UlyssesHunyuanAttention:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         from diffusers.models.embeddings import apply_rotary_emb
 
-        size, rank, heads = self.group.size(), self.group.rank(), attn.heads
-        mine = slice(rank * heads // size, (rank + 1) * heads // size)
-        dual = attn.add_q_proj is not None
+        heads, dual = attn.heads, attn.add_q_proj is not None
 
         def qkv(x: torch.Tensor, text: bool) -> list[torch.Tensor]:  # [B, n, D] -> 3 x [B, n, H, d], normed
             added = text and dual
@@ -183,15 +196,9 @@ class UlyssesHunyuanAttention:
         clip = qkv(hidden_states, text=False)  # [B, N/SP, H, d]
         if image_rotary_emb is not None:
             clip[:2] = [apply_rotary_emb(x, image_rotary_emb, sequence_dim=1) for x in clip[:2]]
-        clip = [heads_to_tokens(x.transpose(1, 2), self.group) for x in clip]  # [B, H/SP, N, d]
-        text = [x.transpose(1, 2)[:, mine] for x in qkv(encoder_hidden_states, text=True)]  # [B, H/SP, L, d]
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(clip, text))
-        n = clip[0].shape[2]
-        if attention_mask is not None and attention_mask.ndim == 2:  # HunyuanVideo 1.5: the text's mask [B, L]
-            attention_mask = F.pad(attention_mask.bool(), (n, 0), value=True)[:, None, None]  # [B, 1, 1, N + L]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # [B, H/SP, N + L, d]
-        clip_out = tokens_to_heads(out[:, :, :n], self.group).transpose(1, 2).flatten(2, 3).type_as(q)
-        text_out = _GatherHeads.apply(out[:, :, n:], self.group).transpose(1, 2).flatten(2, 3).type_as(q)
+        text = [x.transpose(1, 2) for x in qkv(encoder_hidden_states, text=True)]  # [B, H, L, d]
+        clip_out, text_out = joint_attention(self.group, [x.transpose(1, 2) for x in clip], text, clip_first=True,
+                                             mask=attention_mask)
         if getattr(attn, "to_out", None) is not None:  # (a single-stream block projects after its MLP)
             clip_out = attn.to_out[1](attn.to_out[0](clip_out))
         if getattr(attn, "to_add_out", None) is not None:
