@@ -346,13 +346,18 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] | None = None  # module-name regexes (full match); None: every block's attention and MLP
     # auto: under DDP in a bf16 run the blocks' frozen linear layers are held in bf16 (autocast computes them in bf16
-    # anyway: the same numbers, half the bytes; DeepSpeed's bf16 holds the whole model in bf16 itself); fp32: as loaded
+    # anyway: the same numbers, half the bytes; DeepSpeed's bf16 holds the whole model in bf16 itself); fp32: as loaded;
+    # fp8 (DDP only): their weights as float8 e4m3 with a scale per row, a quarter of fp32's bytes, dequantized at
+    # each call (dit/models/fp8.py; the modulation layers as auto holds them). Not the same numbers: e4m3 keeps 3
+    # mantissa bits (a weight moves by up to 1/16 of itself)
     base_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "train.lora.rank", f"must be >= 0 (0: no LoRA), got {self.rank}")
-        _check(self.base_dtype in ("auto", "fp32"), "train.lora.base_dtype", f"must be auto or fp32, got "
+        _check(self.base_dtype in ("auto", "fp32", "fp8"), "train.lora.base_dtype", f"must be auto, fp32 or fp8, got "
                f"{self.base_dtype!r}")
+        _check(self.base_dtype != "fp8" or self.rank > 0, "train.lora.base_dtype",
+               "fp8 holds a LoRA run's frozen base in fp8: set train.lora.rank >= 1, or base_dtype=auto")
         _check(self.alpha is None or self.alpha > 0, "train.lora.alpha", "must be > 0 or null (= rank)")
         _check(0.0 <= self.dropout < 1.0, "train.lora.dropout", "must be in [0, 1)")
         _check(self.targets is None or self.rank > 0, "train.lora.targets",
@@ -365,9 +370,15 @@ class LoraConfig:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
     def base_in_bf16(self, precision: str, strategy: str) -> bool:
-        """Whether the run holds the blocks' frozen linear layers in bf16 (base_dtype): a LoRA run in ``precision``
-        bf16 under ``strategy`` DDP, the one strategy that keeps the base whole in the dtype we give it."""
-        return bool(self.rank) and self.base_dtype == "auto" and precision == "bf16" and strategy == "ddp"
+        """Whether the run holds the blocks' frozen linear layers in bf16 (base_dtype; with fp8, those it does not
+        hold in fp8): a LoRA run in ``precision`` bf16 under ``strategy`` DDP, the one strategy that keeps the base
+        whole in the dtype we give it."""
+        return bool(self.rank) and self.base_dtype in ("auto", "fp8") and precision == "bf16" and strategy == "ddp"
+
+    @property
+    def base_in_fp8(self) -> bool:
+        """Whether the run holds the blocks' frozen linear weights in fp8 (dit/models/fp8.py; DDP only)."""
+        return bool(self.rank) and self.base_dtype == "fp8"
 
     def ema_shares_base(self, strategy: str) -> bool:
         """Whether the EMA shares the model's frozen base (a LoRA run under DDP / ZeRO): FSDP shards a copy of it
@@ -450,6 +461,9 @@ class TrainConfig:
         _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule",
                f"unknown schedule {self.lr_schedule!r}; choose constant or cosine")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+        _check(not (self.lora.base_in_fp8 and self.strategy != "ddp"), "train.lora.base_dtype",
+               f"fp8 is for train.strategy=ddp (DeepSpeed and FSDP hold the base in their own dtype); with "
+               f"{self.strategy} set train.lora.base_dtype=auto")
         _check(not (self.fused_adamw and self.strategy != "ddp"), "train.fused_adamw",
                f"is tried with train.strategy=ddp only; with {self.strategy} set train.fused_adamw=false")
         _check(self.mixed_precision in ("auto", "bf16", "fp16", "no"), "train.mixed_precision",

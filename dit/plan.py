@@ -75,6 +75,8 @@ class ModelSize:
     text_len: int
     base: int = 0  # LoRA: the denoiser's own (frozen) parameters, held beside the adapter; params is the adapter
     base_linear: int = 0  # LoRA: those of the blocks' linear layers (bf16 under DDP in a bf16 run: lora.base_dtype)
+    base_fp8: int = 0  # the weights of those an fp8 base holds in fp8 (lora.base_dtype=fp8: dit/models/fp8.py)
+    base_fp8_rows: int = 0  # their output rows (one fp32 scale each)
     frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype), the buffers
     buffers: int = 0  # the denoiser's buffers (fp32 position tables: SD3's, CogVideoX's), on every rank
     image_attention: int = 0  # blocks with a second self-attention over the image alone (SD3.5's dual attention)
@@ -190,7 +192,7 @@ def model_size(cfg: Config) -> ModelSize:
     image_tokens = SIGLIP_TOKENS if cfg.model.condition == "first_frame" else 1
     text_len = cfg.text.max_length + {"sd3": CLIP_LENGTH, "hunyuan15": image_tokens}.get(cfg.text.encoder, 0)
     buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
-    lora, base, base_linear = cfg.train.lora, 0, 0
+    lora, base, base_linear, base_fp8, base_fp8_rows = cfg.train.lora, 0, 0, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
         from dit.models.lora import target_modules
 
@@ -200,8 +202,13 @@ def model_size(cfg: Config) -> ModelSize:
         base = sum(p.numel() for p in dit.parameters())
         base_linear = sum(p.numel() for m in dit.blocks.modules() if isinstance(m, torch.nn.Linear)
                           for p in m.parameters(recurse=False))
+        from dit.models.fp8 import fp8_candidates
+
+        fp8 = [m for _, m in fp8_candidates(dit.blocks)]
+        base_fp8, base_fp8_rows = sum(m.weight.numel() for m in fp8), sum(m.out_features for m in fp8)
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
-                     base_linear=base_linear,
+                     base_linear=base_linear, base_fp8=base_fp8 if lora.base_in_fp8 else 0,
+                     base_fp8_rows=base_fp8_rows if lora.base_in_fp8 else 0,
                      frozen=vae_params + text_params + image_params,
                      buffers=buffers,
                      frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + image_params * DTYPE_BYTES["fp32"] +
@@ -334,14 +341,16 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         else:
             weights, grads, optim = 4.0 * (P + base), 4.0 * P, 8.0 * P
             casts = 0.0  # autocast's half copies of fp32 weights, kept for the backward
+            if name == "ddp" and size.base_fp8:  # fp8 weights (1 byte) and their row scales (fp32), as train.py
+                weights -= 3.0 * size.base_fp8 - 4.0 * size.base_fp8_rows
             if half and name == "ddp":
                 # saved for the backward by the blocks that keep their activations (recomputed blocks drop theirs:
                 # the strategies' autocast keeps no cast cache); a trained weight's counted whole, as the backward's
                 # peak (gradients growing beside a recomputed block) takes their place (measure_memory.py)
                 frozen_fp32 = base
-                if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers held in bf16 (train.py)
-                    weights -= 2.0 * size.base_linear
-                    frozen_fp32 -= size.base_linear
+                if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers held in bf16 (train.py;
+                    weights -= 2.0 * (size.base_linear - size.base_fp8)  # with fp8: the rest of them)
+                    frozen_fp32 -= size.base_linear  # (fp8 layers save nothing for the backward but their codes)
                 casts = 2.0 * P + 2.0 * frozen_fp32 * kept_blocks / size.depth
             if name == "fsdp":
                 weights, grads, optim, ema = weights / shard, grads / shard, optim / shard, ema / shard

@@ -124,6 +124,25 @@ def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config)
     return {"rank": lora.rank, "alpha": alpha, "modules": modules, "base": base_record(cfg)}
 
 
+def hold_frozen_base(model: nn.Module, lora: Any, precision: str, strategy: str) -> str | None:
+    """A LoRA run's frozen block linears in what train.lora.base_dtype asks (``lora``: a LoraConfig): fp8 weights
+    (dit/models/fp8.py), then bf16 for the rest in a bf16 DDP run. Returns the line the log gives, or None."""
+    from dit.models.fp8 import frozen_block_linears_to_fp8
+
+    half = lora.base_in_bf16(precision, strategy)
+    if lora.base_in_fp8:
+        saved = frozen_block_linears_to_fp8(model, torch.bfloat16 if half else None)
+        saved += frozen_block_linears_to_bf16(model) if half else 0
+        return (f"LoRA base: the blocks' frozen linear weights held in fp8 e4m3 with a scale per row, the modulation "
+                f"layers {'in bf16' if half else 'as loaded'} ({saved / 2**30:.2f} GiB less; "
+                "train.lora.base_dtype=auto keeps them as autocast computes them)")
+    if half:
+        return (f"LoRA base: the blocks' frozen linear layers held in bf16, as autocast computes them "
+                f"({frozen_block_linears_to_bf16(model) / 2**30:.2f} GiB less; train.lora.base_dtype=fp32 keeps "
+                "them as loaded)")
+    return None
+
+
 def frozen_block_linears_to_bf16(model: nn.Module) -> int:
     """A LoRA run's frozen base, held in bf16 where bf16 autocast computes it anyway: every ``nn.Linear`` of the
     blocks whose parameters are all frozen (the adapters' own layers train and stay fp32). Autocast casts a linear's

@@ -70,7 +70,7 @@ from dit.training.checkpoint import (
 from dit.training.ema import build_ema
 from dit.training.finetune import (
     check_finetune,
-    frozen_block_linears_to_bf16,
+    hold_frozen_base,
     load_init_from,
     meta_model_config,
     write_adapter,
@@ -363,9 +363,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
     precision = mixed_precision(t.mixed_precision)  # auto resolved: bf16 on a GPU that has it
-    if lora.base_in_bf16(precision, t.strategy):
-        log.info("LoRA base: the blocks' frozen linear layers held in bf16, as autocast computes them (%.2f GiB less;"
-                 " train.lora.base_dtype=fp32 keeps them as loaded)", frozen_block_linears_to_bf16(model) / 2**30)
+    held = hold_frozen_base(model, lora, precision, t.strategy) if lora.rank else None
+    if held:
+        log.info(held)
     sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
     ema = build_ema(model, t.ema_decay, share_frozen=lora.ema_shares_base(t.strategy))
     strategy = parallelize(model, env, t, ema=ema,

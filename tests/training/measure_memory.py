@@ -34,7 +34,7 @@ from dit.models.vae import build_vae
 from dit.pipeline import schedule_from_config
 from dit.plan import JOINT_TEXT, estimate, model_size
 from dit.training.ema import build_ema
-from dit.training.finetune import frozen_block_linears_to_bf16
+from dit.training.finetune import hold_frozen_base
 from dit.training.optim import mixed_precision
 from dit.training.step import train_step
 
@@ -71,8 +71,7 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
     precision = mixed_precision(t.mixed_precision)  # auto resolved, as dit train does
     if lora.rank:  # as dit train sets up a LoRA run: the adapter, its base's linears in bf16, the EMA sharing the base
         inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
-        if lora.base_in_bf16(precision, t.strategy):
-            frozen_block_linears_to_bf16(model)
+        hold_frozen_base(model, lora, precision, t.strategy)
     # foreach AdamW, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's
     # temporaries)
     ema = build_ema(model, 0.999, share_frozen=lora.ema_shares_base(t.strategy))
