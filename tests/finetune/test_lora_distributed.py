@@ -83,3 +83,29 @@ def test_lora_killed_and_resumed_equals_the_uninterrupted_run(tmp_path: Path, on
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_an_fp8_base_trains_on_two_ddp_processes_like_one_and_resumes(tmp_path: Path, one_process: Path,
+                                                                      small_shards: str, small_vae: Path,
+                                                                      base_run: Path) -> None:
+    """train.lora.base_dtype=fp8 under DDP on 2 gloo processes (the codes are uint8 parameters: DDP broadcasts them)
+    trains like 1 process on the same global batch, through a resume (3 steps, then 6: the base is rounded again
+    from train.init_from, to the same codes); its losses are near, not equal to, the fp32 base's."""
+    fp8 = {**common(base_run), "train.lora.base_dtype": "fp8"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = dit_train(one, small_shards, small_vae, **fp8)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "frozen linear weights held in fp8 e4m3" in done.stderr
+    for steps in (STEPS // 2, STEPS):
+        done = dit_torchrun(2, two, small_shards, small_vae, **{**fp8, "train.batch_size": 2,
+                                                                  "train.parity_batch": True, "train.steps": steps})
+        assert done.returncode == 0, done.stderr[-5000:]
+    ref, got = losses(one), losses(two)
+    assert len(got) == STEPS and got == pytest.approx(ref, rel=1e-4), (ref, got)
+    a, _ = load_weights(list_checkpoints(one)[-1])
+    b, _ = load_weights(list_checkpoints(two)[-1])
+    assert a.keys() == b.keys() and all(".lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
+    full = losses(one_process)
+    assert ref != full and ref == pytest.approx(full, rel=2e-3)
