@@ -23,7 +23,8 @@ does in training) after the FLOPs are counted; the warm-up steps include the com
 ``--fused-qkv`` gives our DiT's self-attention one q/k/v projection (``model.fused_qkv=true``): the same FLOPs in one
 GEMM instead of two.
 ``--lora R`` trains rank-R adapters on our DiT instead of all its weights; ``--lora-base bf16`` holds the frozen
-base's block linears in bf16 (train.lora.base_dtype=auto in a bf16 DDP run): what that saves per step.
+base's block linears in bf16 (train.lora.base_dtype=auto in a bf16 DDP run), ``--lora-base fp8`` their weights in
+fp8 with row scales (train.lora.base_dtype=fp8, dit/models/fp8.py): what that saves or costs per step.
 ``--checkpoint-every K`` recomputes every K-th block of our DiT in the backward pass (as
 ``model.gradient_checkpointing=true model.gradient_checkpointing_every=K``): less activation memory for about
 1/K more forward work, which the FLOP count (model FLOPs) does not include.
@@ -63,6 +64,7 @@ from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: 
 from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
+from dit.models.fp8 import frozen_block_linears_to_fp8  # noqa: E402
 from dit.models.lora import inject_lora  # noqa: E402
 from dit.plan import ModelSize, activation_bytes  # noqa: E402
 from dit.training.finetune import frozen_block_linears_to_bf16  # noqa: E402
@@ -297,7 +299,9 @@ def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bo
             model.fuse_qkv()
         if lora:
             inject_lora(model, lora)
-            if lora_base == "bf16":
+            if lora_base == "fp8":
+                frozen_block_linears_to_fp8(model, torch.bfloat16 if bf16 else None)
+            if lora_base in ("bf16", "fp8") and bf16:  # (fp8: the modulation layers, as training holds them)
                 frozen_block_linears_to_bf16(model)
         return Trainer("ours", model, dit_forward(model), device, bf16, fused_adamw)
     model = wan_equivalent(cfg).to(device)
@@ -339,8 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our DiT's self-attention q and kv projections as one layer (model.fused_qkv=true)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="LoRA adapters of rank R on our DiT (train.lora.rank); FLOPs stay the 3 x forward count")
-    p.add_argument("--lora-base", choices=["fp32", "bf16"], default="fp32",
-                   help="with --lora: the frozen base as loaded, or its blocks' linear layers in bf16 (bf16 only)")
+    p.add_argument("--lora-base", choices=["fp32", "bf16", "fp8"], default="fp32",
+                   help="with --lora: the frozen base as loaded, its blocks' linear layers in bf16 (bf16 only), or "
+                        "their weights in fp8 e4m3 with row scales")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="activation checkpointing of every K-th block of our DiT (0: none)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -351,6 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--checkpoint-every must be >= 0 (0: no checkpointing), got {args.checkpoint_every}")
     if args.lora_base == "bf16" and not (args.lora and args.dtype == "bf16"):
         p.error("--lora-base bf16 holds the base as bf16 autocast computes it: give --lora R and --dtype bf16")
+    if args.lora_base == "fp8" and not args.lora:
+        p.error("--lora-base fp8 holds a LoRA run's frozen base in fp8: give --lora R")
     return args
 
 

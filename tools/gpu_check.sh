@@ -84,7 +84,8 @@ if [[ $MODE == gpu ]]; then
               "XL2_cudnn|bench_train|XL2|60|--attention cudnn" "XL2_fused_adamw|bench_train|XL2|60|--fused-adamw"
               "XL2_fused_qkv|bench_train|XL2|60|--fused-qkv" "XL2_compile|bench_train|XL2|150|--compile ours"
               "XL2_sample_compile|bench_sample|XL2|150|--compile" "XL2_lora16|bench_train|XL2|60|--lora 16"
-              "XL2_lora16_bf16_base|bench_train|XL2|60|--lora 16 --lora-base bf16")
+              "XL2_lora16_bf16_base|bench_train|XL2|60|--lora 16 --lora-base bf16"
+              "XL2_lora16_fp8_base|bench_train|XL2|60|--lora 16 --lora-base fp8")
 else
     DEVICE=cpu
     B2="dit-tiny 5x32x32 2"
