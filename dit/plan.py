@@ -375,7 +375,9 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
     folders = text_folders(cfg)
     missing = [f for f in folders if cfg.text.device != "cpu" and not (Path(f) / "config.json").is_file()]
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
-               f"{size.base / 1e6:.1f}M-parameter model" if size.base else
+               f"{size.base / 1e6:.1f}M-parameter model"
+               f"{f' ({size.base_fp8 / 1e6:.1f}M of its weights in fp8 under DDP)' if size.base_fp8 else ''}"
+               if size.base else
                f"{size.params / 1e6:.1f}M trainable parameters")
     sp = cfg.train.sequence_parallel
     text = f" beside all {size.text_len} text tokens" if cfg.model.family in JOINT_TEXT else ""
