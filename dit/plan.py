@@ -27,6 +27,7 @@ which joins the clip's tokens in every block).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,7 @@ def model_size(cfg: Config) -> ModelSize:
         fp8 = [m for _, m in fp8_candidates(dit.blocks)]
         base_fp8, base_fp8_rows = sum(m.weight.numel() for m in fp8), sum(m.out_features for m in fp8)
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
-                     base_linear=base_linear, base_fp8=base_fp8 if lora.base_in_fp8 else 0,
-                     base_fp8_rows=base_fp8_rows if lora.base_in_fp8 else 0,
+                     base_linear=base_linear, base_fp8=base_fp8, base_fp8_rows=base_fp8_rows,
                      frozen=vae_params + text_params + image_params,
                      buffers=buffers,
                      frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + image_params * DTYPE_BYTES["fp32"] +
@@ -341,15 +341,16 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
         else:
             weights, grads, optim = 4.0 * (P + base), 4.0 * P, 8.0 * P
             casts = 0.0  # autocast's half copies of fp32 weights, kept for the backward
-            if name == "ddp" and size.base_fp8:  # fp8 weights (1 byte) and their row scales (fp32), as train.py
-                weights -= 3.0 * size.base_fp8 - 4.0 * size.base_fp8_rows
+            fp8 = size.base_fp8 if t.lora.base_in_fp8 and name == "ddp" else 0
+            if fp8:  # fp8 weights (1 byte) and their row scales (fp32), as train.py holds them
+                weights -= 3.0 * fp8 - 4.0 * size.base_fp8_rows
             if half and name == "ddp":
                 # saved for the backward by the blocks that keep their activations (recomputed blocks drop theirs:
                 # the strategies' autocast keeps no cast cache); a trained weight's counted whole, as the backward's
                 # peak (gradients growing beside a recomputed block) takes their place (measure_memory.py)
                 frozen_fp32 = base
                 if t.lora.base_in_bf16(precision, name):  # the blocks' frozen linear layers held in bf16 (train.py;
-                    weights -= 2.0 * (size.base_linear - size.base_fp8)  # with fp8: the rest of them)
+                    weights -= 2.0 * (size.base_linear - fp8)  # with fp8: the rest of them)
                     frozen_fp32 -= size.base_linear  # (fp8 layers save nothing for the backward but their codes)
                 casts = 2.0 * P + 2.0 * frozen_fp32 * kept_blocks / size.depth
             if name == "fsdp":
@@ -370,13 +371,19 @@ def checkpointing_text(on: bool, every: int) -> str:
     return "off" if not on else "on" if every == 1 else f"on for blocks 0, {every}, {2 * every}, ..."
 
 
+def with_fp8_base(cfg: Config) -> Config:
+    """``cfg`` with train.lora.base_dtype=fp8."""
+    lora = dataclasses.replace(cfg.train.lora, base_dtype="fp8")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lora=lora))
+
+
 def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Estimate], size: ModelSize) -> str:
     gb = lambda b: f"{b / 2**30:8.2f}"
     folders = text_folders(cfg)
     missing = [f for f in folders if cfg.text.device != "cpu" and not (Path(f) / "config.json").is_file()]
+    in_fp8 = f" ({size.base_fp8 / 1e6:.1f}M of its weights in fp8 under DDP)" if cfg.train.lora.base_in_fp8 else ""
     trained = (f"{size.params / 1e6:.2f}M trainable LoRA parameters (rank {cfg.train.lora.rank}) on a "
-               f"{size.base / 1e6:.1f}M-parameter model"
-               f"{f' ({size.base_fp8 / 1e6:.1f}M of its weights in fp8 under DDP)' if size.base_fp8 else ''}"
+               f"{size.base / 1e6:.1f}M-parameter model{in_fp8}"
                if size.base else
                f"{size.params / 1e6:.1f}M trainable parameters")
     sp = cfg.train.sequence_parallel
@@ -396,9 +403,21 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
         lines.append(f"{e.strategy:10}{gb(e.weights)}{gb(e.grads)}{gb(e.optimizer)}{gb(e.ema)}{gb(e.buffers)}"
                      f"{gb(e.activations)}{gb(e.frozen)}{gb(e.total)}  {'yes' if e.fits else 'NO'}")
     fitting = [e.strategy for e in estimates if e.fits]
+    ways = [w for w, useful in (
+        ("turn on model.gradient_checkpointing", not cfg.model.gradient_checkpointing),
+        ("checkpoint every block (model.gradient_checkpointing_every=1)",
+         cfg.model.gradient_checkpointing and cfg.model.gradient_checkpointing_every > 1),
+        ("lower train.batch_size", cfg.train.batch_size > 1),
+        ("split long clips over ranks (train.sequence_parallel)", gpus > 1),
+        ("lower data.frames / height / width", True),
+        ("offload (train.offload_optimizer / train.offload_params)", True)) if useful]
     lines.append(f"fits: {', '.join(fitting)}" if fitting else
-                 "nothing fits: turn on model.gradient_checkpointing, lower train.batch_size, split long clips over "
-                 "ranks (train.sequence_parallel), or offload (train.offload_optimizer / train.offload_params)")
+                 f"nothing fits: {', '.join(ways[:-1])}, or {ways[-1]}")
+    ddp = next((e for e in estimates if e.strategy == "ddp"), None)
+    if cfg.train.lora.rank and not cfg.train.lora.base_in_fp8 and ddp is not None and not ddp.fits:
+        fp8 = next(e for e in estimate(with_fp8_base(cfg), gpus, gpu_memory_gb, size=size) if e.strategy == "ddp")
+        lines.append(f"with the base's weights in fp8 (train.lora.base_dtype=fp8, under DDP; 1% off in its outputs): "
+                     f"ddp {fp8.total / 2**30:.2f} GiB, {'fits' if fp8.fits else 'does not fit either'}")
     if clip_condition(cfg.model) and not cfg.model.image_encoder:
         lines.append("(SigLIP image encoder not counted: set model.image_encoder to its folder)"
                      if cfg.model.family == "hunyuan15" else "(CLIP image encoder not counted: set "

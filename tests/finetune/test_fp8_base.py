@@ -144,3 +144,22 @@ def test_fp8_base_settings_that_cannot_work_are_refused():
         load_config(CONFIGS / "demo.yaml", ["train.lora.base_dtype=fp8"])
     with pytest.raises(ConfigError, match="must be auto, fp32 or fp8, got 'int8'"):
         load_config(CONFIGS / "demo.yaml", ["train.lora.rank=4", "train.lora.base_dtype=int8"])
+
+
+def test_plan_offers_an_fp8_base_when_a_lora_run_does_not_fit():
+    from dit.plan import format_plan
+
+    def plan(memory_gb: float, *more: str) -> tuple[str, float]:
+        cfg = load_config(CONFIGS / "demo.yaml", ["model.preset=dit-tiny", "train.lora.rank=4", *more])
+        size = model_size(cfg)
+        estimates = estimate(cfg, 1, memory_gb, size=size)
+        return format_plan(cfg, 1, memory_gb, estimates, size), estimates[0].total
+
+    _, fp8_total = plan(0.01, "train.lora.base_dtype=fp8")
+    text, total = plan(0.01)
+    assert fp8_total < total
+    assert (f"with the base's weights in fp8 (train.lora.base_dtype=fp8, under DDP; 1% off in its outputs): ddp "
+            f"{fp8_total / 2**30:.2f} GiB, does not fit either") in text
+    assert "lower train.batch_size" in text and "turn on model.gradient_checkpointing" in text  # (demo: both apply)
+    assert "train.lora.base_dtype=fp8" not in plan(80)[0]  # it fits: no offer
+    assert "train.lora.base_dtype=fp8" not in plan(0.01, "train.lora.base_dtype=fp8")[0]
