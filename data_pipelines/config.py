@@ -5,6 +5,7 @@ the data layer never imports the model library.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -153,6 +154,9 @@ class DataConfig:
     max_bad_fraction: float = 0.5  # stop when more than this fraction of samples fails to decode
     bad_samples_log: str | None = None  # append "key<TAB>reason<TAB>shard<TAB>detail" lines for skipped samples
     buckets: BucketConfig = field(default_factory=BucketConfig)  # frames x size buckets (off: fixed size above)
+    # held-out shards (raw, or latent with data.latents) for the validation loss (train.val_every): read in order,
+    # the same clips every time, never trained on; "" for none
+    val_shards: str = ""
 
     def __post_init__(self) -> None:
         for name, problem in size_problems(self.frames, self.height, self.width).items():  # the VAE's rule
@@ -187,6 +191,12 @@ class DataConfig:
         if self.datasets:
             return [(d["shards"], float(d.get("weight", 1.0))) for d in self.datasets]
         return [(self.shards, 1.0)]
+
+    def validation(self) -> DataConfig:
+        """The data of data.val_shards, read as the training data is (size, buckets, latents), without shuffling
+        or mixing."""
+        return dataclasses.replace(self, shards=self.val_shards, datasets=[], image_ratio=None, shuffle_buffer=0,
+                                   num_workers=0, decode_cache_mb=0, val_shards="")
 
     def kinds(self) -> list[str | None]:
         """What each source holds (``datasets[i].kind``: "image", "video", or None for not said / mixed)."""

@@ -406,6 +406,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     sample_every: int = 0  # steps between sample clips in TensorBoard (0: only at the end)
+    # Validation loss on data.val_shards (dit/training/validation.py): the first val_samples clips, each at val_levels
+    # fixed noise levels with fixed noise, at step 0, every val_every steps (0: at each checkpoint) and at the end
+    val_every: int = 0
+    val_samples: int = 32
+    val_levels: int = 4
     sample_prompts: list[str] = field(default_factory=list)
     # image-to-video (model.condition=first_frame): the first frame of each sample prompt's clip (image files, one per
     # prompt), resized and center-cropped to the training size; none: the logged clips are drawn from text alone
@@ -469,6 +474,9 @@ class TrainConfig:
         _check(self.mixed_precision in ("auto", "bf16", "fp16", "no"), "train.mixed_precision",
                "must be auto, bf16, fp16 or no")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.val_every >= 0, "train.val_every", "must be >= 0 (0: at each checkpoint)")
+        _check(self.val_samples >= 1, "train.val_samples", "must be >= 1")
+        _check(self.val_levels >= 1, "train.val_levels", "must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
 
 

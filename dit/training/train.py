@@ -31,6 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data_pipelines.latents import check_latent_shards
 from data_pipelines.loader import build_loader
+from data_pipelines.shards import expand_shards
 from data_pipelines.state import merge_states
 from dit.config import Config, ConfigError, ModelConfig, VAEConfig, save_config
 from dit.distributed.parallelize import parallelize
@@ -79,6 +80,7 @@ from dit.training.metrics import Throughput
 from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
 from dit.training.step import train_step
+from dit.training.validation import prepare_validation, run_validation
 
 log = logging.getLogger("dit.train")
 
@@ -109,6 +111,8 @@ def check_inputs(cfg: Config) -> None:
         log.warning("model.pretrained is not set: the %s transformer starts from random weights", cfg.model.family)
     if not cfg.data.shards and not cfg.data.datasets:
         raise ConfigError("data.shards is not set: pass data.shards='data/{00000..00003}.tar' (or a directory)")
+    if cfg.data.val_shards:
+        expand_shards(cfg.data.val_shards, name="data.val_shards")  # (a missing one: FileNotFoundError, now)
 
 
 def build_train_loader(cfg: Config, env: DistEnv) -> Any:
@@ -211,11 +215,12 @@ class RunLog:
     """Rank 0's metrics: one JSON line per logged step in RUN/metrics.jsonl and the same numbers in TensorBoard."""
 
     def __init__(self, out: Path, start_step: int, enabled: bool) -> None:
-        self.path = out / "metrics.jsonl"
+        self.path, self.val_path = out / "metrics.jsonl", out / "val.jsonl"
         self.writer = SummaryWriter(str(out / "tensorboard")) if enabled else None
-        if enabled and self.path.is_file():  # drop lines after the checkpoint we resume from (or cut by a kill)
-            lines = [line for line in self.path.read_text().splitlines() if self._step(line) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+        for path in (self.path, self.val_path):
+            if enabled and path.is_file():  # drop lines after the checkpoint we resume from (or cut by a kill)
+                lines = [line for line in path.read_text().splitlines() if self._step(line) <= start_step]
+                path.write_text("".join(line + "\n" for line in lines))
 
     @staticmethod
     def _step(line: str) -> float:
@@ -237,6 +242,17 @@ class RunLog:
         self.writer.add_scalar("perf/peak_memory_gb_max_rank", max(record["peak_memory_gb_per_rank"]), step)
         for reason, n in record["bad"].items():
             self.writer.add_scalar(f"data/bad_{reason}", n, step)
+
+    def write_val(self, step: int, loss: float, per_level: list[float], levels: list[float]) -> None:
+        """A validation loss (dit/training/validation.py): one line of RUN/val.jsonl, val/ in TensorBoard."""
+        if self.writer is None:
+            return
+        by_level = {f"{level:g}": value for level, value in zip(levels, per_level)}
+        with open(self.val_path, "a") as f:
+            f.write(json.dumps({"step": step, "val_loss": loss, "by_level": by_level}) + "\n")
+        self.writer.add_scalar("val/loss", loss, step)
+        for level, value in by_level.items():
+            self.writer.add_scalar(f"val/loss_at_{level}", value, step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -339,12 +355,13 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     image_encoder = build_image_encoder(cfg.model.image_encoder if clip_needed else None)
     if image_encoder is not None:
         image_encoder.to(env.device)
-    check_latent_shards(cfg.data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
-                        latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
-                        text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
-                        text_name=text.name, text_padding=cfg.text.padding,
-                        image_code=bool(code), image_frames=code or None,
-                        image_width=image_encoder_width(cfg.model.image_encoder) if clip_condition(cfg.model) else 0)
+    image_width = image_encoder_width(cfg.model.image_encoder) if clip_condition(cfg.model) else 0
+    for data in (cfg.data, *([cfg.data.validation()] if cfg.data.val_shards else [])):  # (held-out: the same kind)
+        check_latent_shards(data, vae_path=cfg.vae.checkpoint or cfg.vae.pretrained,
+                            latent_channels=vae.latent_channels, vae_encoder=encoder_digest(vae),
+                            text_encoder=cfg.text.encoder, text_max_length=cfg.text.max_length, text_dim=text.dim,
+                            text_name=text.name, text_padding=cfg.text.padding, image_code=bool(code),
+                            image_frames=code or None, image_width=image_width)
     out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         save_config(cfg, out / "config.yaml")
@@ -388,6 +405,18 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     step = restore(resume_from, strategy, lr_schedule, rng, loader, env, parity) if resume_from else 0
 
     run_log = RunLog(out, step, enabled=env.is_main)
+    val = prepare_validation(cfg, env, vae, text, strategy.module.patch, code, image_encoder)
+    val_every = t.val_every or t.checkpoint_every
+
+    def validate() -> None:
+        loss, per_level = run_validation(val, strategy, noise_schedule_dev, cfg, env)
+        run_log.write_val(step, loss, per_level, val.levels)
+        if env.is_main:
+            log.info("step %d: validation loss %.5f (%d clips x %d noise levels)", step, loss, val.clips,
+                     len(val.levels))
+
+    if val is not None and step == 0:  # the starting point (a fine-tune's base)
+        validate()
     pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {},
                     diffusion=cfg.diffusion, image=image_encoder)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
@@ -436,6 +465,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 progress.update(loss=loss)
             else:
                 progress.update()
+            if val is not None and (step % val_every == 0 or step == t.steps):  # (before the checkpoint: a
+                watchdog.mark("validation")  # resume from it never lacks its line, one from before redoes it)
+                validate()
             if step % t.checkpoint_every == 0 or step == t.steps:
                 watchdog.mark("checkpoint")
                 log.info("checkpoint %s", save(step, out, cfg, strategy, lr_schedule, rng, loader, env))

@@ -25,6 +25,17 @@ STEPS = 20
 COMMON = {"train.steps": STEPS, "train.checkpoint_every": STEPS // 2, "train.lr_schedule": "constant"}
 
 
+def val(shards: str) -> dict[str, object]:
+    """The validation loss on 6 clips of one shard at 2 noise levels: batches of 4 + 2 in one process, and of 2 (or
+    1) split over the ranks, one of which pads its share with a batch of weight 0."""
+    return {"data.val_shards": str(sorted(Path(shards).glob("*.tar"))[-1]), "train.val_samples": 6,
+            "train.val_levels": 2}
+
+
+def val_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
+
+
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -62,7 +73,7 @@ def kill_a_rank(run: Path, where: tuple[str, int], accum: int, shards: str, vae:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, small_shards: str, small_vae: Path) -> Path:
     run = tmp_path_factory.mktemp("one") / "run"
-    done = dit_train(run, small_shards, small_vae, **{**COMMON, "train.batch_size": 4})
+    done = dit_train(run, small_shards, small_vae, **{**COMMON, **val(small_shards), "train.batch_size": 4})
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -76,8 +87,8 @@ def test_two_processes_match_one_process(strategy: str, accum: int, tmp_path: Pa
     if strategy.startswith("zero"):
         pytest.importorskip("deepspeed")
     run = tmp_path / strategy
-    two = {**COMMON, "train.batch_size": 2 // accum, "train.grad_accum_steps": accum, "train.parity_batch": True,
-           "train.strategy": strategy}
+    two = {**COMMON, **val(small_shards), "train.batch_size": 2 // accum, "train.grad_accum_steps": accum,
+           "train.parity_batch": True, "train.strategy": strategy}
     # Sharded optimizer state: a first launch whose rank 1 is SIGKILLed after the step-10 checkpoint, then
     # `--resume auto` to 20. (DDP's state is the 1-process state, resumed in tests/training; FSDP with
     # accumulation, 20 in one go.)
@@ -108,6 +119,11 @@ def test_two_processes_match_one_process(strategy: str, accum: int, tmp_path: Pa
     # the same gradient norm before clipping (clipping acts at every step here, and AdamW hardly sees a gradient's
     # scale, so a mis-scaled gradient, e.g. a loss divided by the micro-batch count twice, shows here first)
     assert grad_norms(run) == pytest.approx(grad_norms(one_process), rel=1e-3)
+    # the validation loss: each rank its share of the clips, reduced, as one process (through the kill and resume)
+    ref_val, got_val = val_lines(one_process), val_lines(run)
+    assert [v["step"] for v in got_val] == [v["step"] for v in ref_val] == [0, 10, 20]
+    for a, b in zip(ref_val, got_val):
+        assert b["by_level"] == pytest.approx(a["by_level"], rel=1e-4)
 
     ckpt = list_checkpoints(run)[-1]
     ranks = [torch.load(rank_state_path(ckpt, r), weights_only=True)["params"] for r in (0, 1)]

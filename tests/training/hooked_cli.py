@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ENV = "DIT_TEST_HOOKS"
 HOOKS: dict[str, Callable[[Any], None]] = {}
 
@@ -77,7 +79,7 @@ def nan_loss(arg: dict[str, Any]) -> None:
 
     def loss(*args: Any, **kwargs: Any) -> Any:
         value = real(*args, **kwargs)
-        if int(os.environ.get("RANK", "0")) != arg["rank"]:
+        if int(os.environ.get("RANK", "0")) != arg["rank"] or not torch.is_grad_enabled():  # (not validation's)
             return value
         calls[0] += 1
         return value * float("nan") if calls[0] in arg["calls"] else value
@@ -105,8 +107,8 @@ def die(arg: dict[str, Any]) -> None:
         real, calls = batch.training_loss, [0]
 
         def loss(*args: Any, **kwargs: Any) -> Any:
-            calls[0] += 1
-            if calls[0] == arg["step"]:
+            calls[0] += torch.is_grad_enabled()  # (training's loss computations, not validation's)
+            if calls[0] == arg["step"] and torch.is_grad_enabled():
                 kill()
             return real(*args, **kwargs)
 

@@ -1,0 +1,119 @@
+"""The validation loss (data.val_shards): the training loss of the live model on held-out clips, with everything
+random fixed, so that its curve moves only when the model does.
+
+The first train.val_samples clips of data.val_shards (read in order, as the training data is read: size, buckets,
+raw or latent shards) are drawn once, each clip with its own fixed random stream: latents, text (no prompt
+dropout), noise and any image condition. Each validation then runs them at train.val_levels noise levels spread
+evenly over the range (σ = (k + 1/2) / K for flow, the same fractions of the timesteps for diffusion), every batch at
+every level, without gradients, in eval mode (no dropout), under the run's autocast. The loss is the training one
+(its weighting, its loss mask); the mean over levels and clips is ``val_loss``, each level's beside it.
+
+Every rank takes the batches ``j`` with ``j % data-parallel size == its data-parallel rank`` (a sequence-parallel
+group the same ones) and runs as many as the others (a rank short of one repeats a batch with weight 0), so sharded
+weights and sequence-parallel all-to-alls meet; the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipelines.config import ConfigError
+from data_pipelines.loader import build_loader
+from dit.config import Config
+from dit.distributed.setup import DistEnv
+from dit.distributed.strategies import Strategy
+from dit.training.batch import RandomStreams, draw_batch, micro_loss
+
+VAL_SEED = 1_000_003  # the validation batches' random streams: VAL_SEED + batch index
+
+
+@dataclass
+class Validation:
+    batches: list[tuple[torch.Tensor, ...]]  # this rank's drawn batches, on the CPU (draw_batch's tuples)
+    weights: list[float]  # 1, or 0 for a batch run only to keep the ranks' calls equal
+    levels: list[float]  # σ in (0, 1) for flow, integer timesteps for diffusion
+    clips: int  # clips in all ranks' batches together
+
+
+def noise_levels(cfg: Config) -> list[float]:
+    k, d = cfg.train.val_levels, cfg.diffusion
+    if d.objective == "flow":
+        return [(i + 0.5) / k for i in range(k)]
+    return [float(int((i + 0.5) / k * d.num_timesteps)) for i in range(k)]
+
+
+def one_clip(batch: dict[str, Any], i: int) -> dict[str, Any]:
+    """Clip ``i`` of a loader batch, as a batch of one."""
+    rows = len(batch["caption"])
+    return {k: (v[i:i + 1] if isinstance(v, (torch.Tensor, list)) and len(v) == rows else v)
+            for k, v in batch.items()}
+
+
+@torch.no_grad()
+def prepare_validation(cfg: Config, env: DistEnv, vae: torch.nn.Module, text: torch.nn.Module,
+                       patch: tuple[int, int, int], code: str = "",
+                       image_encoder: torch.nn.Module | None = None) -> Validation | None:
+    """Read the first train.val_samples clips and draw each with its own random stream (VAL_SEED + its index, so
+    a clip's inputs do not depend on the batch size or the ranks), grouped as the loader batched them; every rank
+    reads the same clips and keeps its share of the batches. None without data.val_shards; ConfigError when the
+    shards give no clip."""
+    if not cfg.data.val_shards:
+        return None
+    loader = build_loader(cfg.data.validation(), cfg.train.batch_size, seed=cfg.train.seed, infinite=False,
+                          drop_last=False)
+    groups: list[list[dict[str, Any]]] = []
+    clips = 0
+    for batch in loader:
+        take = min(len(batch["caption"]), cfg.train.val_samples - clips)
+        groups.append([one_clip(batch, i) for i in range(take)])
+        clips += take
+        if clips >= cfg.train.val_samples:
+            break
+    if not clips:
+        raise ConfigError(f"data.val_shards={cfg.data.val_shards!r} gave no clip (every sample was unreadable or "
+                          "too short): point it at shards like data.shards'")
+    diffusion = dataclasses.replace(cfg.diffusion, prompt_dropout=0.0)
+    per_rank = math.ceil(len(groups) / env.dp_size)
+    mine = [j for j in range(len(groups)) if j % env.dp_size == env.dp_rank]
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    first = [sum(len(g) for g in groups[:j]) for j in range(len(groups))]  # each group's first clip index
+    drawn = []
+    for j in mine:
+        each = [draw_batch(clip, vae, text, diffusion, patch, RandomStreams(VAL_SEED + first[j] + i), env.device,
+                           None, cfg.model, code, image_encoder) for i, clip in enumerate(groups[j])]
+        drawn.append(tuple(torch.cat(parts).cpu() for parts in zip(*each)))
+    return Validation(drawn, weights, noise_levels(cfg), clips)
+
+
+@torch.no_grad()
+def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg: Config,
+                   env: DistEnv) -> tuple[float, list[float]]:
+    """The mean validation loss and each level's (every rank calls it: the sums are all-reduced)."""
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=1))  # each batch whole
+    sums = torch.zeros(len(val.levels) + 1, dtype=torch.float64)
+    strategy.model.eval()
+    try:
+        for drawn, weight in zip(val.batches, val.weights):
+            drawn = tuple(x.to(env.device) for x in drawn)
+            rows = drawn[0].shape[0]
+            for k, level in enumerate(val.levels):
+                t = torch.full((rows,), level, dtype=drawn[3].dtype, device=env.device)
+                with strategy.autocast():
+                    loss = micro_loss(strategy, (*drawn[:3], t, *drawn[4:]), noise_schedule, one)(0)
+                sums[k] += weight * rows * float(loss)
+            sums[-1] += weight * rows
+    finally:
+        strategy.model.train()
+    if dist.is_available() and dist.is_initialized():
+        sums = sums.to(env.device)
+        dist.all_reduce(sums)  # (a sequence-parallel group counts its clips once per rank: the ratio holds)
+        sums = sums.cpu()
+    per_level = (sums[:-1] / sums[-1]).tolist()
+    return sum(per_level) / len(per_level), per_level

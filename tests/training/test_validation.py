@@ -1,0 +1,83 @@
+"""The validation loss (data.val_shards): logged at step 0, at each checkpoint and at the end, one value per noise
+level and their mean; it leaves the training as it was; a resumed run logs the same values; bad settings fail before
+any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from runs import small_config
+
+from dit.config import ConfigError
+from dit.training import train
+
+STEPS = {"train.steps": 4, "train.checkpoint_every": 2}
+VAL = {"train.val_samples": 6, "train.val_levels": 3}  # 6 clips: a batch of 4 and one cut to 2
+
+
+def val_shard(shards: str) -> str:
+    return str(sorted(Path(shards).glob("*.tar"))[-1])
+
+
+def val_lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
+
+
+def metrics(run: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, small_shards: str, small_vae: Path) -> Path:
+    run = tmp_path_factory.mktemp("val") / "run"
+    train.main(small_config(run, small_shards, small_vae, **STEPS, **VAL,
+                            **{"data.val_shards": val_shard(small_shards)}))
+    return run
+
+
+def test_the_validation_loss_is_logged_and_leaves_the_training_as_it_was(validated: Path, small_shards: str,
+                                                                          small_vae: Path, tmp_path: Path) -> None:
+    lines = val_lines(validated)
+    assert [v["step"] for v in lines] == [0, 2, 4]
+    for v in lines:
+        levels = list(v["by_level"].values())
+        assert len(levels) == 3 and all(math.isfinite(x) and x > 0 for x in levels)
+        assert v["val_loss"] == pytest.approx(sum(levels) / 3, rel=1e-12)
+    assert list(lines[0]["by_level"]) == ["166", "500", "833"]  # (t of 1000: the demo config is eps diffusion)
+    assert lines[0]["val_loss"] != lines[-1]["val_loss"]  # the model moved
+    plain = tmp_path / "plain"
+    train.main(small_config(plain, small_shards, small_vae, **STEPS))
+    assert not (plain / "val.jsonl").exists()
+    for key in ("loss", "grad_norm"):  # no random number, dropout or mode of the training touched
+        assert metrics(validated, key) == metrics(plain, key), key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(validated / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4]
+    assert "val/loss_at_500" in events.Tags()["scalars"]
+
+
+def test_a_resumed_run_logs_the_same_validation(validated: Path, small_shards: str, small_vae: Path,
+                                                tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    settings = {**STEPS, **VAL, "data.val_shards": val_shard(small_shards)}
+    train.main(small_config(run, small_shards, small_vae, **{**settings, "train.steps": 2}))
+    with (run / "val.jsonl").open("a") as f:  # a line past the checkpoint, as a kill after a validation leaves it
+        f.write(json.dumps({"step": 3, "val_loss": 9.0, "by_level": {}}) + "\n")
+    train.main(small_config(run, small_shards, small_vae, **settings))
+    assert val_lines(run) == val_lines(validated)
+
+
+def test_validation_settings_that_cannot_work_fail_before_any_work(small_shards: str, small_vae: Path,
+                                                                   tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train.main(small_config(tmp_path / "a", small_shards, small_vae,
+                                **{"data.val_shards": str(tmp_path / "nowhere" / "{0..3}.tar")}))
+    assert not (tmp_path / "a").exists()
+    for key, value, message in (("train.val_samples", 0, "must be >= 1"), ("train.val_levels", 0, "must be >= 1"),
+                                ("train.val_every", -1, "must be >= 0")):
+        with pytest.raises(ConfigError, match=f"{key}: {message}"):
+            small_config(tmp_path / "b", small_shards, small_vae, **{key: value})
