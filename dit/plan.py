@@ -109,11 +109,14 @@ def text_folders(cfg: Config) -> list[str]:
             "flux": [t.path, t.path_2], "sd3": [t.path, t.path_2, t.path_3]}.get(t.encoder, [])
 
 
-def _encoder(config: object) -> torch.nn.Module:
-    """The text encoder a config describes, as dit loads it (a T5's encoder alone: AutoModel adds the decoder)."""
+def _encoder(config: object, projection: bool = False) -> torch.nn.Module:
+    """The text encoder a config describes, as dit loads it (a T5's encoder alone: AutoModel adds the decoder;
+    ``projection``: a CLIP with its text projection, as SD3's are loaded)."""
+    from transformers import CLIPTextModelWithProjection
+
     from dit.models.text import encoder_class
 
-    cls = encoder_class(config.model_type)
+    cls = CLIPTextModelWithProjection if projection else encoder_class(config.model_type)
     return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
 
 
@@ -128,13 +131,15 @@ def text_encoder_size(cfg: Config) -> tuple[int, int]:
     folders = text_folders(cfg)
     configs = [AutoConfig.from_pretrained(f) if (Path(f) / "config.json").is_file() else None for f in folders]
     with torch.device("meta"):
-        params = sum(p.numel() for c in configs if c is not None for p in _encoder(c).parameters())
+        params = sum(p.numel() for i, c in enumerate(configs) if c is not None
+                     for p in _encoder(c, projection=cfg.text.encoder == "sd3" and i > 0).parameters())
     hf = configs[0]
     return params, 0 if hf is None else int(getattr(hf, "hidden_size", getattr(hf, "d_model", 0)))
 
 
 def image_encoder_size(model_cfg: ModelConfig) -> int:
-    """Parameters of model.image_encoder (Wan 2.1 I2V's CLIP, held in fp32), built on the meta device; 0 without."""
+    """Parameters of model.image_encoder (Wan 2.1 I2V's CLIP, HunyuanVideo 1.5's SigLIP, held in fp32), built on
+    the meta device from its config; 0 without."""
     if not model_cfg.image_encoder:
         return 0
     import transformers
@@ -143,7 +148,7 @@ def image_encoder_size(model_cfg: ModelConfig) -> int:
 
     cls = next(c for c in VISION_CLASSES if c in read_image_encoder(model_cfg.image_encoder)["architectures"])
     with torch.device("meta"):
-        enc = getattr(transformers, cls)(transformers.CLIPVisionConfig.from_pretrained(model_cfg.image_encoder))
+        enc = getattr(transformers, cls)(transformers.AutoConfig.from_pretrained(model_cfg.image_encoder))
     return sum(p.numel() for p in enc.parameters())
 
 

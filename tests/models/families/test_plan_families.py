@@ -103,3 +103,33 @@ def test_plan_counts_the_text_encoders_as_they_load(tmp_path):
     t5, clip = T5EncoderModel.from_pretrained(f["t5"]), CLIPTextModel.from_pretrained(f["clip"])
     assert text_encoder_size(cfg) == (count(t5) + count(clip), WIDTH)
     assert count(T5Model.from_pretrained(f["t5"])) > count(t5)  # (the decoder the count leaves out)
+
+
+def test_plan_counts_sd3s_clips_with_their_projections_and_a_siglip(tmp_path):
+    """SD3's two CLIP text encoders load with their text projections (CLIPTextModelWithProjection), and HunyuanVideo
+    1.5's image encoder is a SigLIP: the plan counts what loads."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tiny_hunyuan15 import save_tiny_hunyuan15
+    from tiny_sd3 import save_tiny_sd3
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, SiglipVisionModel, T5EncoderModel
+
+    from dit.config import ModelConfig
+    from dit.plan import image_encoder_size, text_encoder_size
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    f = save_tiny_sd3(tmp_path / "sd3")
+    cfg = load_config(None, ["model.family=sd3", f"model.pretrained={f['transformer']}", "vae.family=sd3",
+                             f"vae.pretrained={f['vae']}", "text.encoder=sd3", f"text.path={f['t5']}",
+                             f"text.path_2={f['clip_l']}", f"text.path_3={f['clip_g']}", "text.padding=unmasked",
+                             "diffusion.objective=flow", "data.frames=1", "data.height=64", "data.width=64"])
+    clips = [CLIPTextModelWithProjection.from_pretrained(f[k]) for k in ("clip_l", "clip_g")]
+    params, _ = text_encoder_size(cfg)
+    assert params == count(T5EncoderModel.from_pretrained(f["t5"])) + sum(map(count, clips))
+    assert count(clips[0]) > count(CLIPTextModel.from_pretrained(f["clip_l"]))  # (the projection it counts)
+    h = save_tiny_hunyuan15(tmp_path / "hv15")
+    siglip = ModelConfig(family="hunyuan15", pretrained=str(h["transformer"]), image_encoder=str(h["siglip"]),
+                         condition="first_frame")
+    assert image_encoder_size(siglip) == count(SiglipVisionModel.from_pretrained(h["siglip"]))
