@@ -147,6 +147,10 @@ def _check_fit(cls: type[FamilyDenoiser], dcfg: dict[str, Any], model_cfg: Any, 
     elif image_encoder:
         raise ConfigError(f"model.image_encoder is set but {where} is not a Wan 2.1 or HunyuanVideo 1.5 "
                           "image-to-video transformer; remove model.image_encoder")
+    if dcfg.get("use_meanflow"):  # HunyuanVideo 1.5's step-distilled releases: their sampler also gives the next step
+        raise ConfigError(f"{where}: a step-distilled (MeanFlow: use_meanflow) HunyuanVideo 1.5 transformer takes the "
+                          "next step's timestep beside each one, which neither this sampler nor flow-matching training "
+                          "gives; fine-tune the download that is not step-distilled")
     if dcfg.get("image_condition_type"):  # HunyuanVideo-I2V: the image's latent concatenated or in place of frame 0
         raise ConfigError(f"{where}: a HunyuanVideo image-to-video transformer (image_condition_type "
                           f"{dcfg['image_condition_type']!r}) is not supported; fine-tune the text-to-video one")

@@ -211,3 +211,17 @@ def test_config_errors_name_the_fix(folders, tmp_path):
         split_glyph(torch.tensor([[[0.0, 8.0], [1.0, 1.0]]]), torch.ones(1, 2, dtype=torch.bool), 12)
     with pytest.raises(ValueError, match="header counts \\[3\\] ByT5 tokens but a row holds 1 tokens"):
         split_glyph(torch.tensor([[[3.0, 12.0], [1.0, 1.0]]]), torch.ones(1, 2, dtype=torch.bool), 12)
+
+
+def test_a_step_distilled_transformer_is_refused_by_name(folders, tmp_path):
+    """A MeanFlow (use_meanflow) transformer takes the next step's timestep too: refused, not run without it."""
+    from tiny_families import tiny_transformer
+
+    from dit.models.families import build_denoiser
+
+    distilled = tmp_path / "distilled"
+    tiny_transformer("hunyuan15", use_meanflow=True).save_pretrained(distilled)
+    cfg = load_config(None, [f"model.pretrained={distilled}" if s.startswith("model.pretrained") else s
+                             for s in settings(folders)])
+    with pytest.raises(ConfigError, match="step-distilled .MeanFlow: use_meanflow. HunyuanVideo 1.5 transformer"):
+        build_denoiser(cfg.model, in_channels=4, text_dim=WIDTH, load_weights=False)
