@@ -4,9 +4,10 @@ random fixed, so that its curve moves only when the model does.
 The first train.val_samples clips of data.val_shards (read in order, as the training data is read: size, buckets,
 raw or latent shards) are drawn once, each clip with its own fixed random stream: latents, text (no prompt
 dropout), noise and any image condition. Each validation then runs them at train.val_levels noise levels spread
-evenly over the range (σ = (k + 1/2) / K for flow, the same fractions of the timesteps for diffusion), every batch at
-every level, without gradients, in eval mode (no dropout), under the run's autocast. The loss is the training one
-(its weighting, its loss mask); the mean over levels and clips is ``val_loss``, each level's beside it.
+evenly over the range the run trains (σ = (k + 1/2) / K for flow, within [sigma_min, sigma_max] for one expert of
+two; the same fractions of the timesteps for diffusion), every batch at every level, without gradients, in eval mode
+(no dropout), under the run's autocast. The loss is the training one (its weighting, its loss mask); the mean over
+levels and clips is ``val_loss``, each level's beside it.
 
 Every rank takes the batches ``j`` with ``j % data-parallel size == its data-parallel rank`` (a sequence-parallel
 group the same ones) and runs as many as the others (a rank short of one repeats a batch with weight 0), so sharded
@@ -42,9 +43,11 @@ class Validation:
 
 
 def noise_levels(cfg: Config) -> list[float]:
+    """K levels evenly over the range the run trains: σ in [sigma_min, sigma_max] for flow (one expert's range),
+    the timesteps for diffusion."""
     k, d = cfg.train.val_levels, cfg.diffusion
     if d.objective == "flow":
-        return [(i + 0.5) / k for i in range(k)]
+        return [d.sigma_min + (i + 0.5) / k * (d.sigma_max - d.sigma_min) for i in range(k)]
     return [float(int((i + 0.5) / k * d.num_timesteps)) for i in range(k)]
 
 

@@ -81,3 +81,16 @@ def test_validation_settings_that_cannot_work_fail_before_any_work(small_shards:
                                 ("train.val_every", -1, "must be >= 0")):
         with pytest.raises(ConfigError, match=f"{key}: {message}"):
             small_config(tmp_path / "b", small_shards, small_vae, **{key: value})
+
+
+def test_the_noise_levels_spread_over_the_range_the_run_trains() -> None:
+    from runs import DEMO
+
+    from dit.config import load_config
+    from dit.training.validation import noise_levels
+
+    flow = ["diffusion.objective=flow", "diffusion.min_snr_gamma=null", "sample.sampler=flow_euler"]
+    assert noise_levels(load_config(DEMO, ["train.val_levels=4"])) == [125.0, 375.0, 625.0, 875.0]  # of 1000 steps
+    assert noise_levels(load_config(DEMO, [*flow, "train.val_levels=4"])) == [0.125, 0.375, 0.625, 0.875]
+    low = load_config(DEMO, [*flow, "train.val_levels=2", "diffusion.sigma_max=0.875"])  # a low-noise expert
+    assert noise_levels(low) == pytest.approx([0.21875, 0.65625])
