@@ -411,6 +411,9 @@ class TrainConfig:
     val_every: int = 0
     val_samples: int = 32
     val_levels: int = 4
+    # keep the checkpoint of the lowest validation loss (at a checkpoint step) beside the last keep_last ones; RUN/
+    # best.json names it
+    keep_best: bool = False
     sample_prompts: list[str] = field(default_factory=list)
     # image-to-video (model.condition=first_frame): the first frame of each sample prompt's clip (image files, one per
     # prompt), resized and center-cropped to the training size; none: the logged clips are drawn from text alone
@@ -542,6 +545,8 @@ class Config:
                "which fusing replaces; set model.fused_qkv=false")
         check_family_run(self)
         self._check_sample_images()
+        _check(not self.train.keep_best or bool(self.data.val_shards), "train.keep_best",
+               "keeps the checkpoint of the lowest validation loss: set data.val_shards (held-out shards)")
 
     def _check_sample_images(self) -> None:
         """train.sample_images: one existing image per sample prompt, for an image-to-video model."""

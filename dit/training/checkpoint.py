@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -53,7 +54,7 @@ from dit.export import (
     first_intact,
     write_manifest,
 )
-from dit.fileio import publish
+from dit.fileio import atomic_file, publish
 
 log = logging.getLogger("dit.checkpoint")
 RESUME_FILES = (*EXPORT_FILES, "training_state.pt")  # what a resumable checkpoint's manifest must list
@@ -94,10 +95,12 @@ def _noop() -> None:
 
 @contextmanager
 def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_main: bool = True,
-                      barrier: Callable[[], None] = _noop, world_size: int = 0) -> Iterator[Path]:
+                      barrier: Callable[[], None] = _noop, world_size: int = 0,
+                      keep: tuple[int, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory for checkpoint ``step`` that every rank writes into; on a clean exit rank 0
     checks that each of the ``world_size`` ranks' rank-XXXXX.pt is there, writes the manifest (last), flushes the
-    directory and renames it to RUN_DIR/checkpoints/step-NNNNNNNN, then keeps only the newest ``keep_last`` intact.
+    directory and renames it to RUN_DIR/checkpoints/step-NNNNNNNN, then keeps only the newest ``keep_last`` intact
+    (and the steps in ``keep``).
 
     An exception (or a crash) inside the block leaves only the ``.tmp-`` directory, which is never loaded and
     is removed by the next save of that step. Every rank must enter and leave the block (it has barriers).
@@ -118,7 +121,7 @@ def atomic_checkpoint(run_dir: str | Path, step: int, *, keep_last: int = 3, is_
             if final.exists():  # re-saving the same step (e.g. final == periodic, or over a torn one): replace it
                 shutil.rmtree(final)
             publish(tmp, final)  # flushed, then renamed in one step
-            prune(run_dir, keep_last)
+            prune(run_dir, keep_last, keep)
     except OSError as e:  # a full disk, a quota, permissions: the user's to fix; the earlier checkpoints stand
         written = dir_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,16 +155,38 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def prune(run_dir: str | Path, keep_last: int) -> None:
-    """Delete the checkpoints older than the newest ``keep_last`` intact ones (sizes checked, not digests); a torn
-    checkpoint never pushes an intact one out, and one newer than those kept stays for `dit check` to report."""
+def prune(run_dir: str | Path, keep_last: int, keep: tuple[int, ...] = ()) -> None:
+    """Delete the checkpoints older than the newest ``keep_last`` intact ones (sizes checked, not digests), except
+    the steps in ``keep`` (train.keep_best's); a torn checkpoint never pushes an intact one out, and one newer than
+    those kept stays for `dit check` to report."""
     intact = [p for p in checkpoint_dirs(run_dir) if checkpoint_problem(p, digests=False) is None]
     if len(intact) < keep_last:
         return
     oldest_kept = checkpoint_step(intact[-keep_last])
     for old in checkpoint_dirs(run_dir):
-        if checkpoint_step(old) < oldest_kept:
+        if checkpoint_step(old) < oldest_kept and checkpoint_step(old) not in keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+BEST_FILE = "best.json"  # train.keep_best: the checkpoint of the lowest validation loss so far
+
+
+def read_best(run_dir: str | Path, start_step: int) -> dict[str, Any] | None:
+    """RUN/best.json as of ``start_step`` (a record from after it belongs to steps a resume takes again: None)."""
+    path = Path(run_dir) / BEST_FILE
+    try:
+        best = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return best if isinstance(best, dict) and best.get("step", math.inf) <= start_step else None
+
+
+def write_best(run_dir: str | Path, step: int, val_loss: float) -> dict[str, Any]:
+    """Record checkpoint ``step`` as the best (rank 0), whole or not at all."""
+    best = {"step": step, "val_loss": val_loss, "checkpoint": f"checkpoints/{CKPT_PREFIX}{step:08d}"}
+    with atomic_file(Path(run_dir) / BEST_FILE) as tmp:
+        tmp.write_text(json.dumps(best) + "\n")
+    return best
 
 
 def rank_state_path(ckpt: str | Path, rank: int) -> Path:

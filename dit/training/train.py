@@ -64,9 +64,12 @@ from dit.training.checkpoint import (
     load_training_state,
     on_main,
     pick_resume,
+    prune,
     rank_state_path,
+    read_best,
     refuse_mixed_runs,
     resume_candidates,
+    write_best,
 )
 from dit.training.ema import build_ema
 from dit.training.finetune import (
@@ -185,7 +188,7 @@ def restore(ckpt: Path, strategy: Strategy, lr_schedule: Any, rng: RandomStreams
 
 
 def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any, rng: RandomStreams, loader: Any,
-         env: DistEnv) -> Path:
+         env: DistEnv, keep: tuple[int, ...] = ()) -> Path:
     """Checkpoint ``step`` atomically: the EMA export (what `dit sample` loads), the training state and each rank's
     RNG and data position. Every rank calls it (the gathers and the sharded state are collectives)."""
     ema_weights = strategy.ema_state_dict()  # gathered (a collective under sharding)
@@ -195,7 +198,7 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
     if any_rank(env.is_main and not finite, env.device):
         raise RuntimeError(f"step {step}: the EMA weights are not finite; not writing a checkpoint")
     with atomic_checkpoint(out, step, keep_last=cfg.train.keep_last, is_main=env.is_main,
-                           barrier=env.barrier, world_size=env.world_size) as tmp:
+                           barrier=env.barrier, world_size=env.world_size, keep=keep) as tmp:
         training_state = strategy.save(tmp)  # every rank: sharded model + optimizer where there are shards
         if env.is_main:
             config = {"dit": strategy.ema.module.config, "experiment": cfg.to_dict()}
@@ -407,13 +410,29 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     run_log = RunLog(out, step, enabled=env.is_main)
     val = prepare_validation(cfg, env, vae, text, strategy.module.patch, code, image_encoder)
     val_every = t.val_every or t.checkpoint_every
+    best = read_best(out, step) if t.keep_best else None  # train.keep_best: the checkpoint of the lowest val loss
+    last_val: tuple[int, float] | None = None
 
     def validate() -> None:
+        nonlocal last_val
         loss, per_level = run_validation(val, strategy, noise_schedule_dev, cfg, env)
+        last_val = (step, loss)
         run_log.write_val(step, loss, per_level, val.levels)
         if env.is_main:
             log.info("step %d: validation loss %.5f (%d clips x %d noise levels)", step, loss, val.clips,
                      len(val.levels))
+
+    def checkpoint() -> Path:
+        nonlocal best
+        ckpt = save(step, out, cfg, strategy, lr_schedule, rng, loader, env, keep=(best["step"],) if best else ())
+        if t.keep_best and last_val is not None and last_val[0] == step and (best is None
+                                                                             or last_val[1] < best["val_loss"]):
+            if env.is_main:
+                best = write_best(out, step, last_val[1])
+                prune(out, t.keep_last, (step,))  # (the former best, spared by this save's pruning, goes now)
+            else:
+                best = {"step": step, "val_loss": last_val[1]}
+        return ckpt
 
     if val is not None and step == 0:  # the starting point (a fine-tune's base)
         validate()
@@ -470,14 +489,14 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 validate()
             if step % t.checkpoint_every == 0 or step == t.steps:
                 watchdog.mark("checkpoint")
-                log.info("checkpoint %s", save(step, out, cfg, strategy, lr_schedule, rng, loader, env))
+                log.info("checkpoint %s", checkpoint())
             if t.sample_every and step % t.sample_every == 0:
                 watchdog.mark("sampling")
                 log_samples(run_log.writer, pipe, cfg, step, env, sampling_dtype, strategy.sampling)
             watchdog.mark("preemption check (all-reduce)")
             if step < t.steps and preempt.requested():  # every rank stops after this same step
                 if step % t.checkpoint_every != 0:
-                    log.info("preemption checkpoint %s", save(step, out, cfg, strategy, lr_schedule, rng, loader, env))
+                    log.info("preemption checkpoint %s", checkpoint())
                 if env.is_main:
                     (out / PREEMPTED_MARKER).write_text(json.dumps({"step": step, "exit_code": REQUEUE_EXIT_CODE}))
                 progress.close()

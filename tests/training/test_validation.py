@@ -94,3 +94,38 @@ def test_the_noise_levels_spread_over_the_range_the_run_trains() -> None:
     assert noise_levels(load_config(DEMO, [*flow, "train.val_levels=4"])) == [0.125, 0.375, 0.625, 0.875]
     low = load_config(DEMO, [*flow, "train.val_levels=2", "diffusion.sigma_max=0.875"])  # a low-noise expert
     assert noise_levels(low) == pytest.approx([0.21875, 0.65625])
+
+
+def test_keep_best_keeps_the_checkpoint_of_the_lowest_validation_loss(small_shards: str, small_vae: Path,
+                                                                       tmp_path: Path) -> None:
+    from dit.export import list_checkpoints
+
+    run = tmp_path / "run"
+    train.main(small_config(run, small_shards, small_vae, **VAL, **{
+        "train.steps": 5, "train.checkpoint_every": 1, "train.keep_last": 1, "train.keep_best": True,
+        "train.lr": 3e-3, "data.val_shards": val_shard(small_shards)}))
+    lines = {v["step"]: v["val_loss"] for v in val_lines(run) if v["step"] > 0}  # (step 0 has no checkpoint)
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] == min(lines, key=lines.get) and best["val_loss"] == lines[best["step"]]
+    kept = {c.name for c in list_checkpoints(run)}
+    assert kept == {"step-00000005", Path(best["checkpoint"]).name}
+    with pytest.raises(ConfigError, match="train.keep_best: keeps the checkpoint of the lowest validation loss: set "
+                                          "data.val_shards"):
+        small_config(tmp_path / "b", small_shards, small_vae, **{"train.keep_best": True})
+
+
+def test_pruning_spares_the_kept_step_and_a_later_best_record_is_dropped_on_resume(tmp_path: Path) -> None:
+    from dit.export import EXPORT_FILES, write_manifest
+    from dit.training.checkpoint import prune, read_best, write_best
+
+    for step in (1, 2, 3, 4):  # intact checkpoints of empty files
+        d = tmp_path / "checkpoints" / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        for name in EXPORT_FILES:
+            (d / name).write_text("")
+        write_manifest(d)
+    prune(tmp_path, keep_last=1, keep=(2,))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    write_best(tmp_path, 3, 0.5)
+    assert read_best(tmp_path, 3) == {"step": 3, "val_loss": 0.5, "checkpoint": "checkpoints/step-00000003"}
+    assert read_best(tmp_path, 2) is None  # resuming at step 2: a best of step 3 is from steps taken again
