@@ -52,7 +52,7 @@ def split_of(config: dict[str, Any]) -> tuple[float, bool]:
     return (hi, True) if lo == 0.0 else (lo, False)
 
 
-def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.device) -> Experts:
+def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.device, fp8: bool = False) -> Experts:
     """The other expert for a checkpoint of ``config`` (its config.json), from ``path``: a run or checkpoint of ours,
     or a diffusers transformer folder; checked to fit the checkpoint's model before its weights load."""
     from dit.models.families import FAMILIES, denoiser_from_config
@@ -92,7 +92,12 @@ def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.de
         listed = ", ".join(f"{k} {a} (expert) vs {b} (checkpoint)" for k, (a, b) in differ.items())
         raise ConfigError(f"--expert {path} is not the other expert of this checkpoint's {family} model: "
                           f"{listed or 'another family'}")
-    return Experts(model.to(device).eval().requires_grad_(False), boundary, other_high=we_are_low)
+    model.eval().requires_grad_(False)
+    if fp8:  # (on the CPU, before it moves: the device never holds its full-width weights)
+        from dit.models.fp8 import frozen_block_linears_to_fp8
+
+        frozen_block_linears_to_fp8(model)
+    return Experts(model.to(device), boundary, other_high=we_are_low)
 
 
 def _diffusers_folder(folder: Path) -> bool:

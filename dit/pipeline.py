@@ -61,15 +61,20 @@ def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None,
                   lora: str | Path | None = None, lora_scale: float = 1.0,
-                  expert: str | Path | None = None) -> Pipeline:
+                  expert: str | Path | None = None, fp8: bool = False) -> Pipeline:
     """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory. A
     LoRA run samples its base with its adapter merged; ``lora`` (a LoRA run, checkpoint or adapter file) adds
     another adapter at ``lora_scale``. ``expert``: the other expert of a checkpoint trained as one of two (a run,
-    checkpoint or diffusers transformer folder; dit/experts.py)."""
+    checkpoint or diffusers transformer folder; dit/experts.py). ``fp8``: the blocks' linear weights (adapters merged)
+    held as e4m3 codes with row scales, converted on the CPU before the move (dit/models/fp8.py)."""
     ckpt = resolve_checkpoint(path)
     weights, config = checkpoint_weights(ckpt, lora, lora_scale)
-    experts = load_expert(config, expert, device) if expert is not None else None  # checked before the rest loads
+    experts = load_expert(config, expert, device, fp8) if expert is not None else None  # checked before the rest
     model = denoiser_from_config(config["dit"], weights)  # our DiT or a pretrained family, as the checkpoint says
+    if fp8:
+        from dit.models.fp8 import frozen_block_linears_to_fp8
+
+        frozen_block_linears_to_fp8(model.eval().requires_grad_(False))
     vae = load_vae(ckpt / "vae")
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))
     schedule = schedule_from_config(config["experiment"]["diffusion"])

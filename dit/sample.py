@@ -306,7 +306,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
     device = env.device if env else "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale,
-                         expert=getattr(args, "expert", None))
+                         expert=getattr(args, "expert", None), fp8=getattr(args, "fp8", False))
     if getattr(args, "compile", False):  # before sequence parallelism, as in training (parallelize.py)
         from dit.distributed.parallelize import apply_compile
 
@@ -320,6 +320,7 @@ def run_sample(args: argparse.Namespace) -> None:
     dtype = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device))
     if main:
         compiled = ", its blocks compiled (the first step compiles them)" if getattr(args, "compile", False) else ""
+        compiled += ", its block weights in fp8" if getattr(args, "fp8", False) else ""
         print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}, denoiser in {dtype}{compiled}",
               file=sys.stderr, flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)

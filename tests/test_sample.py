@@ -153,3 +153,28 @@ def test_a_checkpoint_trained_with_a_cuda_only_kernel_samples_on_cpu(tmp_path: P
     assert "trained with model.attention=cudnn, which cpu lacks: sampling with sdpa" in runs["cudnn"][0]
     assert "model.attention" not in runs["auto"][0]
     assert runs["cudnn"][1] == runs["auto"][1]
+
+
+def test_fp8_sampling_follows_fp32_with_its_block_weights_in_a_byte(tmp_path: Path) -> None:
+    """--fp8: every block linear but the modulation ones holds e4m3 codes + row scales (converted before the move to
+    the device); the latents follow fp32's within e4m3's rounding, and the CLI says so."""
+    from dit.models.fp8 import Fp8Linear, fp8_candidates
+    from dit.pipeline import load_pipeline, sample_latents
+
+    run = write_checkpoint(tmp_path, randomize=True)
+    plain, fp8 = load_pipeline(run), load_pipeline(run, fp8=True)
+    swapped = [n for n, m in fp8.model.blocks.named_modules() if isinstance(m, Fp8Linear)]
+    assert swapped == [n for n, _ in fp8_candidates(plain.model.blocks)] and swapped
+    size = lambda model: sum(p.numel() * p.element_size() for p in model.blocks.parameters())  # noqa: E731
+    linears = [m for _, m in fp8_candidates(plain.model.blocks)]  # fp32 weights -> 1 byte each + an fp32 row scale
+    assert size(plain.model) - size(fp8.model) == sum(3 * m.weight.numel() - 4 * m.out_features for m in linears)
+    noise, text = torch.randn(2, 4, 2, 2, 4), torch.randn(2, 3, 8)
+    cond = dict(text=text, text_mask=torch.ones(2, 3, dtype=torch.bool))
+    uncond = dict(text=torch.zeros_like(text), text_mask=torch.tensor([[True, False, False]] * 2))
+    a, b = (sample_latents(p, noise, cond, uncond, steps=4, cfg=3.0) for p in (plain, fp8))
+    assert 0 < ((b - a).norm() / a.norm()).item() < 0.05
+    out = tmp_path / "clip.gif"
+    proc = subprocess.run([DIT, "sample", "--checkpoint", str(run), "--prompt", "x", "--steps", "2", "--fp8",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and "its block weights in fp8" in proc.stderr
