@@ -99,12 +99,15 @@ def sp_pair(tmp_path: Path, shards: str, config: Path, **settings: object) -> tu
 
 
 def same_trained_weights(one: Path, two: Path, skip: str | None = None) -> dict[str, torch.Tensor]:
-    """The two runs' last trained weights agree (1e-4; keys ending in ``skip`` left out); returns the first's."""
+    """The two runs' last trained weights agree (1e-4 relative, 2e-5 absolute; keys ending in ``skip`` left out);
+    returns the first's. (AdamW divides each gradient by its running RMS, so where a gradient is near zero the
+    float noise of another reduction order moves the update by a visible part of a step, lr 1e-3: one element of
+    Wan's first-frame run was 9.5e-6 off on an Intel Xeon, 1.2e-4 of its value, beside losses equal to 1e-4.)"""
     a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in (one, two))
     assert a.keys() == b.keys() and a
     for k in a:
         if skip is None or not k.endswith(skip):
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5, msg=k)
     return a
 
 
