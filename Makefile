@@ -23,7 +23,7 @@ test: install
 	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 29.2 and 30.3 min with the
 	# install at the same tests (27.8 and 28.8; 871 of them, with HunyuanVideo 1.5; 25.8 and 855 before it): at the
 	# 30-min budget, so one more 2-process run left test_family_distributed.py after them
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -64,12 +64,9 @@ from dit.training.checkpoint import (
     load_training_state,
     on_main,
     pick_resume,
-    prune,
     rank_state_path,
-    read_best,
     refuse_mixed_runs,
     resume_candidates,
-    write_best,
 )
 from dit.training.ema import build_ema
 from dit.training.finetune import (
@@ -83,7 +80,7 @@ from dit.training.metrics import Throughput
 from dit.training.optim import build_lr_schedule, build_optimizer, mixed_precision
 from dit.training.progress import Progress
 from dit.training.step import train_step
-from dit.training.validation import prepare_validation, run_validation
+from dit.training.validation import Validator, prepare_validation
 
 log = logging.getLogger("dit.train")
 
@@ -408,34 +405,16 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     step = restore(resume_from, strategy, lr_schedule, rng, loader, env, parity) if resume_from else 0
 
     run_log = RunLog(out, step, enabled=env.is_main)
-    val = prepare_validation(cfg, env, vae, text, strategy.module.patch, code, image_encoder)
-    val_every = t.val_every or t.checkpoint_every
-    best = read_best(out, step) if t.keep_best else None  # train.keep_best: the checkpoint of the lowest val loss
-    last_val: tuple[int, float] | None = None
-
-    def validate() -> None:
-        nonlocal last_val
-        loss, per_level = run_validation(val, strategy, noise_schedule_dev, cfg, env)
-        last_val = (step, loss)
-        run_log.write_val(step, loss, per_level, val.levels)
-        if env.is_main:
-            log.info("step %d: validation loss %.5f (%d clips x %d noise levels)", step, loss, val.clips,
-                     len(val.levels))
+    validator = Validator(prepare_validation(cfg, env, vae, text, strategy.module.patch, code, image_encoder),
+                          cfg, env, out, step, run_log.write_val)
 
     def checkpoint() -> Path:
-        nonlocal best
-        ckpt = save(step, out, cfg, strategy, lr_schedule, rng, loader, env, keep=(best["step"],) if best else ())
-        if t.keep_best and last_val is not None and last_val[0] == step and (best is None
-                                                                             or last_val[1] < best["val_loss"]):
-            if env.is_main:
-                best = write_best(out, step, last_val[1])
-                prune(out, t.keep_last, (step,))  # (the former best, spared by this save's pruning, goes now)
-            else:
-                best = {"step": step, "val_loss": last_val[1]}
+        ckpt = save(step, out, cfg, strategy, lr_schedule, rng, loader, env, keep=validator.kept())
+        validator.checkpointed(step)
         return ckpt
 
-    if val is not None and step == 0:  # the starting point (a fine-tune's base)
-        validate()
+    if validator.due(step):  # the starting point (a fine-tune's base)
+        validator.run(step, strategy, noise_schedule_dev)
     pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {},
                     diffusion=cfg.diffusion, image=image_encoder)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
@@ -484,9 +463,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                 progress.update(loss=loss)
             else:
                 progress.update()
-            if val is not None and (step % val_every == 0 or step == t.steps):  # (before the checkpoint: a
-                watchdog.mark("validation")  # resume from it never lacks its line, one from before redoes it)
-                validate()
+            if validator.due(step):  # (before the checkpoint: a resume from it never lacks its line, one from
+                watchdog.mark("validation")  # before redoes it)
+                validator.run(step, strategy, noise_schedule_dev)
             if step % t.checkpoint_every == 0 or step == t.steps:
                 watchdog.mark("checkpoint")
                 log.info("checkpoint %s", checkpoint())

@@ -17,8 +17,11 @@ weights and sequence-parallel all-to-alls meet; the sums are all-reduced.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +33,10 @@ from dit.config import Config
 from dit.distributed.setup import DistEnv
 from dit.distributed.strategies import Strategy
 from dit.training.batch import RandomStreams, draw_batch, micro_loss
+from dit.training.checkpoint import prune, read_best, write_best
 
-VAL_SEED = 1_000_003  # the validation batches' random streams: VAL_SEED + batch index
+VAL_SEED = 1_000_003  # the validation clips' random streams: VAL_SEED + clip index
+log = logging.getLogger("dit.train")
 
 
 @dataclass
@@ -120,3 +125,46 @@ def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg
         sums = sums.cpu()
     per_level = (sums[:-1] / sums[-1]).tolist()
     return sum(per_level) / len(per_level), per_level
+
+
+class Validator:
+    """When the loop validates (step 0 of a fresh run, every train.val_every steps, 0: each checkpoint, and the
+    last step) and, with train.keep_best, which checkpoint it keeps: the one of the lowest validation loss, named in
+    RUN/best.json (``checkpointed`` records it after each save, rank 0 prunes the former one)."""
+
+    def __init__(self, val: Validation | None, cfg: Config, env: DistEnv, out: Path, start_step: int,
+                 write: Callable[[int, float, list[float], list[float]], None]) -> None:
+        self.val, self.cfg, self.env, self.out, self.write = val, cfg, env, out, write
+        t = cfg.train
+        self.every, self.start = t.val_every or t.checkpoint_every, start_step
+        self.best = read_best(out, start_step) if t.keep_best else None
+        self.last: tuple[int, float] | None = None
+
+    def due(self, step: int) -> bool:
+        if self.val is None:
+            return False
+        return step == 0 if step == self.start else step % self.every == 0 or step == self.cfg.train.steps
+
+    def run(self, step: int, strategy: Strategy, noise_schedule: Any) -> None:
+        loss, per_level = run_validation(self.val, strategy, noise_schedule, self.cfg, self.env)
+        self.last = (step, loss)
+        self.write(step, loss, per_level, self.val.levels)
+        if self.env.is_main:
+            log.info("step %d: validation loss %.5f (%d clips x %d noise levels)", step, loss, self.val.clips,
+                     len(self.val.levels))
+
+    def kept(self) -> tuple[int, ...]:
+        """The checkpoint steps pruning spares: the best so far."""
+        return (self.best["step"],) if self.best else ()
+
+    def checkpointed(self, step: int) -> None:
+        """After checkpoint ``step``: it becomes the best when its validation loss is the lowest."""
+        if not self.cfg.train.keep_best or self.last is None or self.last[0] != step:
+            return
+        if self.best is not None and self.last[1] >= self.best["val_loss"]:
+            return
+        if self.env.is_main:
+            self.best = write_best(self.out, step, self.last[1])
+            prune(self.out, self.cfg.train.keep_last, (step,))  # (the former best, spared by that save, goes now)
+        else:
+            self.best = {"step": step, "val_loss": self.last[1]}
