@@ -20,9 +20,9 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	# two workers, one test file each at a time (module fixtures built once), one OpenMP thread each (tests/conftest.py).
-	# `bash .ci/run` on a fresh clone, 2 cores, the machine otherwise idle, 2026-12-06: 29.2 and 30.3 min with the
-	# install at the same tests (27.8 and 28.8; 871 of them, with HunyuanVideo 1.5; 25.8 and 855 before it): at the
-	# 30-min budget, so one more 2-process run left test_family_distributed.py after them
+	# `bash .ci/run` on a fresh clone, 2 cores (Intel Xeon), the machine otherwise idle, 2026-12-07: 31.9 min with the
+	# install (tests 29.3; 891 of them). CI's own machine ran the 871 tests of 2026-12-06 in 25.4 min where this one
+	# took 29.2-30.3: it is about 15% faster
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: install

@@ -89,17 +89,15 @@ def test_an_fp8_base_trains_on_two_ddp_processes_like_one_and_resumes(tmp_path: 
                                                                       small_shards: str, small_vae: Path,
                                                                       base_run: Path) -> None:
     """train.lora.base_dtype=fp8 under DDP on 2 gloo processes (the codes are uint8 parameters: DDP broadcasts them)
-    trains like 1 process on the same global batch, through a resume (3 steps, then 6: the base is rounded again
-    from train.init_from, to the same codes); its losses are near, not equal to, the fp32 base's."""
+    trains like 1 process on the same global batch; its losses are near, not equal to, the fp32 base's. (A resume
+    rounds the base again from train.init_from, to the same codes: deterministic; the LoRA resume is tested above.)"""
     fp8 = {**common(base_run), "train.lora.base_dtype": "fp8"}
     one, two = tmp_path / "one", tmp_path / "two"
     done = dit_train(one, small_shards, small_vae, **fp8)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "frozen linear weights held in fp8 e4m3" in done.stderr
-    for steps in (STEPS // 2, STEPS):
-        done = dit_torchrun(2, two, small_shards, small_vae, **{**fp8, "train.batch_size": 2,
-                                                                  "train.parity_batch": True, "train.steps": steps})
-        assert done.returncode == 0, done.stderr[-5000:]
+    done = dit_torchrun(2, two, small_shards, small_vae, **{**fp8, "train.batch_size": 2, "train.parity_batch": True})
+    assert done.returncode == 0, done.stderr[-5000:]
     ref, got = losses(one), losses(two)
     assert len(got) == STEPS and got == pytest.approx(ref, rel=1e-4), (ref, got)
     a, _ = load_weights(list_checkpoints(one)[-1])
