@@ -85,7 +85,7 @@ def prepare_validation(cfg: Config, env: DistEnv, vae: torch.nn.Module, text: to
             break
     if not clips:
         raise ConfigError(f"data.val_shards={cfg.data.val_shards!r} gave no clip (every sample was unreadable or "
-                          "too short): point it at shards like data.shards'")
+                          "too short): point it at shards like data.shards")
     diffusion = dataclasses.replace(cfg.diffusion, prompt_dropout=0.0)
     per_rank = math.ceil(len(groups) / env.dp_size)
     mine = [j for j in range(len(groups)) if j % env.dp_size == env.dp_rank]
@@ -103,8 +103,8 @@ def prepare_validation(cfg: Config, env: DistEnv, vae: torch.nn.Module, text: to
 @torch.no_grad()
 def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg: Config,
                    env: DistEnv) -> tuple[float, list[float]]:
-    """The mean validation loss and each level's (every rank calls it: the sums are all-reduced)."""
-    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum_steps=1))  # each batch whole
+    """The mean validation loss and each level's (every rank calls it: the sums are all-reduced). ``cfg``: the
+    run's, with train.grad_accum_steps=1 (each batch whole: ``Validator`` makes it once)."""
     sums = torch.zeros(len(val.levels) + 1, dtype=torch.float64)
     strategy.model.eval()
     try:
@@ -114,7 +114,7 @@ def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg
             for k, level in enumerate(val.levels):
                 t = torch.full((rows,), level, dtype=drawn[3].dtype, device=env.device)
                 with strategy.autocast():
-                    loss = micro_loss(strategy, (*drawn[:3], t, *drawn[4:]), noise_schedule, one)(0)
+                    loss = micro_loss(strategy, (*drawn[:3], t, *drawn[4:]), noise_schedule, cfg)(0)
                 sums[k] += weight * rows * float(loss)
             sums[-1] += weight * rows
     finally:
@@ -139,6 +139,8 @@ class Validator:
         self.every, self.start = t.val_every or t.checkpoint_every, start_step
         self.best = read_best(out, start_step) if t.keep_best else None
         self.last: tuple[int, float] | None = None
+        # (the loss of a whole batch: a bucket's batch can hold more than train.batch_size rows)
+        self.loss_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum_steps=1)) if val else cfg
 
     def due(self, step: int) -> bool:
         if self.val is None:
@@ -146,7 +148,7 @@ class Validator:
         return step == 0 if step == self.start else step % self.every == 0 or step == self.cfg.train.steps
 
     def run(self, step: int, strategy: Strategy, noise_schedule: Any) -> None:
-        loss, per_level = run_validation(self.val, strategy, noise_schedule, self.cfg, self.env)
+        loss, per_level = run_validation(self.val, strategy, noise_schedule, self.loss_cfg, self.env)
         self.last = (step, loss)
         self.write(step, loss, per_level, self.val.levels)
         if self.env.is_main:
