@@ -75,8 +75,11 @@ def test_real_clips_and_photos_round_trip(real_media_shards, trained_vae, frames
         assert recon.shape == x.shape
         assert torch.isfinite(recon).all()
         # Value range: the decoder's output lives where the data does (it is clamped only when written):
-        # saturated pixels (white sky, a white logo background) overshoot a little, the range does not drift.
-        assert recon.min() > -2 and recon.max() < 2
+        # saturated pixels (white sky, a white logo background) overshoot a little, the range does not drift. (A
+        # bound on the extremes failed in one of four fresh-clone runs, 2026-12-07: that run's briefly trained VAE drew
+        # a pixel at 2.63, the others' stayed under 2; drift moves many pixels, so the share outside is what counts.)
+        outside = ((recon < -1.5) | (recon > 1.5)).float().mean()
+        assert outside < 0.01, (float(outside), float(recon.min()), float(recon.max()))
         out = recon.clamp(-1, 1)
         for key, clip, back in zip(batch["key"], x, out):
             seen.add(key)
