@@ -59,15 +59,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E402
-from dit.config import ATTENTION_BACKENDS  # noqa: E402
+from dit.config import ATTENTION_BACKENDS, LoraConfig  # noqa: E402
 from dit.distributed.parallelize import apply_activation_checkpointing  # noqa: E402
 from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
 from dit.models.flops import counted_forward_flops, dit_config, train_step_flops  # noqa: E402
-from dit.models.fp8 import frozen_block_linears_to_fp8  # noqa: E402
 from dit.models.lora import inject_lora  # noqa: E402
 from dit.plan import ModelSize, activation_bytes  # noqa: E402
-from dit.training.finetune import frozen_block_linears_to_bf16  # noqa: E402
+from dit.training.finetune import hold_frozen_base  # noqa: E402
 from dit.training.metrics import saved_tensor_bytes  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
@@ -299,10 +298,8 @@ def build_trainer(name: str, cfg: dict[str, Any], device: torch.device, bf16: bo
             model.fuse_qkv()
         if lora:
             inject_lora(model, lora)
-            if lora_base == "fp8":
-                frozen_block_linears_to_fp8(model, torch.bfloat16 if bf16 else None)
-            if lora_base in ("bf16", "fp8") and bf16:  # (fp8: the modulation layers, as training holds them)
-                frozen_block_linears_to_bf16(model)
+            base_dtype = {"fp32": "fp32", "bf16": "auto", "fp8": "fp8"}[lora_base]  # as dit train holds the base
+            hold_frozen_base(model, LoraConfig(rank=lora, base_dtype=base_dtype), "bf16" if bf16 else "no", "ddp")
         return Trainer("ours", model, dit_forward(model), device, bf16, fused_adamw)
     model = wan_equivalent(cfg).to(device)
     return Trainer("diffusers", model, wan_forward(model), device, bf16, fused_adamw)

@@ -89,11 +89,11 @@ def test_an_image_to_video_model_trains_and_samples_from_an_image(hv15: dict[str
                               **i2v)
     run = tmp_path / "raw"
     assert json.loads((ckpt / "config.json").read_text())["dit"]["condition_channels"] == 5
-    with pytest.raises(ConfigError, match=r"holds no image-to-video inputs \(KEY.image_states.npy\)"):
-        t2v_latents = tmp_path / "t2v_latents"  # (shards encoded for the text-to-video model)
-        from dit.encode import encode_shards
+    from dit.encode import encode_shards
 
-        encode_shards(small_shards, t2v_latents, config(hv15, tmp_path / "enc_t2v", small_shards), batch_size=8)
+    t2v_latents = tmp_path / "t2v_latents"  # (shards encoded for the text-to-video model)
+    encode_shards(small_shards, t2v_latents, config(hv15, tmp_path / "enc_t2v", small_shards), batch_size=8)
+    with pytest.raises(ConfigError, match=r"holds no image-to-video inputs \(KEY.image_states.npy\)"):
         train.main(config(hv15, tmp_path / "refused", str(t2v_latents), **i2v, **{"data.latents": "true"}))
     gen = torch.Generator().manual_seed(2)
     for name in ("a", "b"):
