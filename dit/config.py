@@ -234,6 +234,9 @@ class TextConfig:
     # auto: on the training device | cpu: held and run in host memory (Wan's --t5_cpu), its states moved to the
     # device; with latent shards that store the text states it runs only for "" and the sample prompts
     device: str = "auto"
+    # a folder that keeps each prompt's states (dit/models/text_cache.py): a run whose prompts are all there never
+    # loads the encoder (with latent shards: "" and the sample prompts); null: none
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.encoder in TEXT_ENCODERS, "text.encoder", f"must be one of {', '.join(TEXT_ENCODERS)}")

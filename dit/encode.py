@@ -153,7 +153,7 @@ def encode_shards(shards: str, out_dir: str | Path, cfg: Config, batch_size: int
     out.mkdir(parents=True, exist_ok=True)
     vae = load_vae_from_config(cfg.vae).eval().requires_grad_(False).to(dev)
     text_dev = text_device(cfg.text, dev)
-    text = build_text_encoder(cfg.text).to(text_dev)
+    text = build_text_encoder(cfg.text, cache=False).to(text_dev)  # the shards store the states themselves
     # the code form's image code ("first", or "first_last" for FLF2V; "" without); Wan 2.1 I2V's CLIP states beside,
     # HunyuanVideo 1.5 I2V's SigLIP states alone
     code = image_frames(cfg.model) if code_condition(cfg.model) else ""

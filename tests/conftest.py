@@ -25,6 +25,19 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def text_cache(tmp_path_factory) -> str:
+    """One text.cache_dir for every `dit train` of tests/training/runs.py's helpers in this session (both xdist
+    workers share it: each prompt's file is written whole, then renamed): after the first run the ~60 synthetic
+    captions' MiniLM states are read, not encoded, and most runs never load the encoder (~2 s a process). The
+    encoder itself runs in the first run of each session, in tests/models/test_text*.py and wherever a test sets its
+    own text.*."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "text_cache"
+    os.environ["DIT_TEST_TEXT_CACHE"] = str(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> list[str]:
     """60 synthetic clips (every colour x shape x direction once), 9 frames of 64x64, in 4 shards."""

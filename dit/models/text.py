@@ -218,12 +218,17 @@ def text_device(text_cfg: object, device: torch.device | str) -> torch.device:
     return torch.device("cpu" if text_cfg.device == "cpu" else device)
 
 
-def build_text_encoder(text_cfg: object) -> TextEncoder:
+def build_text_encoder(text_cfg: object, cache: bool = True) -> TextEncoder:
     """A frozen text encoder from a TextConfig (encoder, path, max_length, padding, clean, dtype; path_2 for
-    hunyuan, hunyuan15, flux and sd3; path_3 for sd3; crop_start for hunyuan, hunyuan15 and qwenimage)."""
+    hunyuan, hunyuan15, flux and sd3; path_3 for sd3; crop_start for hunyuan, hunyuan15 and qwenimage), behind
+    text.cache_dir's store of states when one is set and ``cache`` (dit/models/text_cache.py)."""
     kind = text_cfg.encoder
     if kind == "none":
         return NoText()
+    if cache and text_cfg.cache_dir:
+        from dit.models.text_cache import CachedTextEncoder
+
+        return CachedTextEncoder(text_cfg, lambda: build_text_encoder(text_cfg, cache=False), text_cfg.cache_dir)
     if kind == "hunyuan":
         from dit.models.text_hunyuan import CROP_START, HunyuanTextEncoder
 

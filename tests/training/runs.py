@@ -41,6 +41,8 @@ MEDIA_FREE_OVERRIDES = ["data.latents=true", "text.encoder=none"] if MEDIA_FREE 
 
 def small_overrides(out: Path, shards: str, vae: Path | None, **extra: object) -> list[str]:
     items = [f"data.shards={shards}", f"train.output_dir={out}", *SMALL, *MEDIA_FREE_OVERRIDES]
+    if os.environ.get("DIT_TEST_TEXT_CACHE"):  # one store of text states for the whole test session (tests/conftest.py)
+        items.append(f"text.cache_dir={os.environ['DIT_TEST_TEXT_CACHE']}")
     if vae is not None:
         items.append(f"vae.checkpoint={vae}")
     return items + [f"{k}={v}" for k, v in extra.items()]

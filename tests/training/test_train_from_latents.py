@@ -33,8 +33,10 @@ def latent_shards(tmp_path_factory, small_shards: str, small_vae: Path) -> str:
 
 
 def test_latent_shards_train_like_the_raw_ones(tmp_path, small_shards, small_vae, latent_shards, monkeypatch):
-    """Same seed, so the same batches, posterior draws, timesteps, noise and dropped prompts: the same losses."""
-    common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5}
+    """Same seed, so the same batches, posterior draws, timesteps, noise and dropped prompts: the same losses.
+    (Without text.cache_dir, which would serve the empty prompt from the session's store.)"""
+    common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5,
+              "text.cache_dir": "null"}
     raw_run, latent_run = tmp_path / "raw", tmp_path / "latent"
     train.main(small_config(raw_run, small_shards, small_vae, **common))
 
@@ -48,6 +50,27 @@ def test_latent_shards_train_like_the_raw_ones(tmp_path, small_shards, small_vae
     raw, latent = losses(raw_run), losses(latent_run)
     assert len(raw) == 4 and len({round(x, 6) for x in raw}) == 4
     torch.testing.assert_close(torch.tensor(latent), torch.tensor(raw), rtol=1e-5, atol=1e-6)
+
+
+def test_with_a_warm_text_cache_a_latent_run_never_loads_the_text_encoder(tmp_path, small_shards, small_vae,
+                                                                          latent_shards, monkeypatch):
+    """text.cache_dir: the raw run stores its captions' and the empty prompt's states; a run from latent shards then
+    reads "" from the store, never builds the encoder (a Wan run would hold no umT5), and trains as without it."""
+    from dit.models.text_cache import CachedTextEncoder
+
+    common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5,
+              "data.latents": "true"}
+    cache = tmp_path / "cache"
+    train.main(small_config(tmp_path / "raw", small_shards, small_vae, **{**common, "data.latents": "false",
+                                                                          "text.cache_dir": cache}))
+    (folder,) = cache.iterdir()
+    assert len(list(folder.glob("*.safetensors"))) > 4  # the captions of 4 batches and ""
+    train.main(small_config(tmp_path / "plain", latent_shards, small_vae, **common, **{"text.cache_dir": "null"}))
+    monkeypatch.setattr(CachedTextEncoder, "_load", lambda self: pytest.fail("the text encoder was loaded"))
+    train.main(small_config(tmp_path / "cached", latent_shards, small_vae, **common, **{"text.cache_dir": cache}))
+    plain, cached = losses(tmp_path / "plain"), losses(tmp_path / "cached")
+    assert len(plain) == 4
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=1e-6)
 
 
 def test_a_mismatch_with_the_shards_stops_before_training(tmp_path, small_shards, small_vae, latent_shards):
@@ -84,7 +107,7 @@ def test_unmasked_text_states_are_stored_whole_and_train_like_the_raw_shards(tmp
     from data_pipelines.latents import load_npy
 
     common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5,
-              "text.padding": "unmasked"}
+              "text.padding": "unmasked", "text.cache_dir": "null"}
     latents = tmp_path / "latents"
     cfg = small_config(latents, small_shards, small_vae, **{"text.padding": "unmasked"})
     assert encode_shards(small_shards, latents, cfg, batch_size=8)["samples"] == 64
