@@ -133,8 +133,8 @@ class CachedTextEncoder(TextEncoder):
             self._memory.move_to_end(p)
         while len(self._memory) > self.cache_size:
             self._memory.popitem(last=False)
-        return (torch.stack([self._memory[p][0] for p in prompts]),  # [B, L, D]
-                torch.stack([self._memory[p][1] for p in prompts]))  # [B, L]
+        return (torch.stack([self._memory[p][0].to(device) for p in prompts]),  # [B, L, D]
+                torch.stack([self._memory[p][1].to(device) for p in prompts]))  # [B, L]
 
     def train(self, mode: bool = True) -> CachedTextEncoder:  # always frozen in eval mode
         return super().train(False)
