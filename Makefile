@@ -20,10 +20,9 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	# two workers, one test file each at a time (module fixtures built once), one OpenMP thread each (tests/conftest.py).
-	# `bash .ci/run` on a fresh clone, 2 cores (Intel Xeon), the machine otherwise idle, 2026-12-07: 31.9 and 32.9 min
-	# with the install (tests 29.3 and 31.0; 891 of them; the second after the cuts of 70c5a48, so the spread is the
-	# machine's). CI's own machine ran the 871 tests of 2026-12-06 in 25.4 min where this one took 29.2-30.3: it is
-	# about 15% faster, so about 28 min there
+	# `bash .ci/run` on a fresh clone, 2 cores (Intel Xeon), the machine otherwise idle, 2026-12-07: 23.9 min with the
+	# install (898 tests in 21.9 min) after the text-state cache and the aot_eager compile tests; 31.4 min before them.
+	# Stop 33's CI took 32.5 min (BENCHMARKS.md: the suite's wall time)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: install
