@@ -56,7 +56,7 @@ def test_with_a_warm_text_cache_a_latent_run_never_loads_the_text_encoder(tmp_pa
                                                                           latent_shards, monkeypatch):
     """text.cache_dir: the raw run stores its captions' and the empty prompt's states; a run from latent shards then
     reads "" from the store, never builds the encoder (a Wan run would hold no umT5), and trains as without it."""
-    from dit.models.text_cache import CachedTextEncoder
+    from dit.models.text_cache import CachedTextEncoder, prompt_file
 
     common = {"train.steps": 4, "train.checkpoint_every": 1000, "diffusion.prompt_dropout": 0.5,
               "data.latents": "true"}
@@ -66,11 +66,28 @@ def test_with_a_warm_text_cache_a_latent_run_never_loads_the_text_encoder(tmp_pa
     (folder,) = cache.iterdir()
     assert len(list(folder.glob("*.safetensors"))) > 4  # the captions of 4 batches and ""
     train.main(small_config(tmp_path / "plain", latent_shards, small_vae, **common, **{"text.cache_dir": "null"}))
-    monkeypatch.setattr(CachedTextEncoder, "_load", lambda self: pytest.fail("the text encoder was loaded"))
-    train.main(small_config(tmp_path / "cached", latent_shards, small_vae, **common, **{"text.cache_dir": cache}))
+    with monkeypatch.context() as m:
+        m.setattr(CachedTextEncoder, "_load", lambda self: pytest.fail("the text encoder was loaded"))
+        train.main(small_config(tmp_path / "cached", latent_shards, small_vae, **common, **{"text.cache_dir": cache}))
     plain, cached = losses(tmp_path / "plain"), losses(tmp_path / "cached")
     assert len(plain) == 4
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+
+    # `dit sample` of the run (its recorded text.cache_dir): a new prompt loads the encoder and is stored; sampled
+    # again, it is read, and the image is the same
+    import numpy as np
+    from PIL import Image
+
+    from dit.cli import main as dit
+
+    args = ["sample", "--checkpoint", str(tmp_path / "cached"), "--prompt", "a purple heptagon", "--frames", "1",
+            "--steps", "2"]
+    dit([*args, "--out", str(tmp_path / "first.png")])
+    assert prompt_file(folder, "a purple heptagon").is_file()
+    monkeypatch.setattr(CachedTextEncoder, "_load", lambda self: pytest.fail("the text encoder was loaded"))
+    dit([*args, "--out", str(tmp_path / "again.png")])
+    first, again = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("first", "again"))
+    assert first.std() > 0 and np.array_equal(first, again)
 
 
 def test_a_mismatch_with_the_shards_stops_before_training(tmp_path, small_shards, small_vae, latent_shards):
