@@ -414,8 +414,10 @@ class TrainConfig:
     val_every: int = 0
     val_samples: int = 32
     val_levels: int = 4
-    # keep the checkpoint of the lowest validation loss (at a checkpoint step) beside the last keep_last ones; RUN/
-    # best.json names it
+    # also the EMA's validation loss (the weights checkpoints export and samples are drawn with): val_loss_ema
+    val_ema: bool = True
+    # keep the checkpoint of the lowest validation loss (at a checkpoint step; the EMA's with val_ema) beside the last
+    # keep_last ones; RUN/best.json names it
     keep_best: bool = False
     sample_prompts: list[str] = field(default_factory=list)
     # image-to-video (model.condition=first_frame): the first frame of each sample prompt's clip (image files, one per

@@ -126,8 +126,10 @@ def draw_batch(batch: dict[str, Any], vae: torch.nn.Module, text: torch.nn.Modul
 
 
 def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedule: Any,
-               cfg: Config) -> Callable[[int], torch.Tensor]:
-    """The loss of micro-batch ``i`` (train.batch_size rows) of a drawn batch, for ``train_step``."""
+               cfg: Config, model: torch.nn.Module | None = None) -> Callable[[int], torch.Tensor]:
+    """The loss of micro-batch ``i`` (train.batch_size rows) of a drawn batch, for ``train_step``; of ``model``
+    (the validation's EMA) in place of the strategy's wrapped one when given."""
+    model = strategy.model if model is None else model
     latents, states, mask, t, noise = drawn[:5]
     condition = drawn[5] if len(drawn) > 5 else None  # image-to-video (model.condition=first_frame)
     image_states = drawn[6] if len(drawn) > 6 else None  # Wan 2.1 I2V's CLIP states
@@ -149,9 +151,9 @@ def micro_loss(strategy: Strategy, drawn: tuple[torch.Tensor, ...], noise_schedu
             if replaces:
                 weight = 1 - condition[r][:, -1:]  # [B, 1, t, h, w]: 0 where the image stands
         if cfg.diffusion.objective == "flow":
-            return flow_loss(strategy.model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs,
+            return flow_loss(model, latents[r], sigma=t[r], noise=noise[r], model_kwargs=kwargs,
                              weight=weight)
-        return training_loss(strategy.model, latents[r], noise_schedule, model_kwargs=kwargs,
+        return training_loss(model, latents[r], noise_schedule, model_kwargs=kwargs,
                              prediction=cfg.diffusion.prediction, t=t[r], noise=noise[r],
                              min_snr_gamma=cfg.diffusion.min_snr_gamma)
 

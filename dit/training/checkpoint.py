@@ -171,19 +171,24 @@ def prune(run_dir: str | Path, keep_last: int, keep: tuple[int, ...] = ()) -> No
 BEST_FILE = "best.json"  # train.keep_best: the checkpoint of the lowest validation loss so far
 
 
-def read_best(run_dir: str | Path, start_step: int) -> dict[str, Any] | None:
-    """RUN/best.json as of ``start_step`` (a record from after it belongs to steps a resume takes again: None)."""
+def read_best(run_dir: str | Path, start_step: int, weights: str = "ema") -> dict[str, Any] | None:
+    """RUN/best.json as of ``start_step`` (a record from after it belongs to steps a resume takes again: None), if
+    it ranks the same ``weights`` (ema or live: a record of the other's loss does not compare)."""
     path = Path(run_dir) / BEST_FILE
     try:
         best = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return best if isinstance(best, dict) and best.get("step", math.inf) <= start_step else None
+    if not isinstance(best, dict) or best.get("weights", "live") != weights:
+        return None
+    return best if best.get("step", math.inf) <= start_step else None
 
 
-def write_best(run_dir: str | Path, step: int, val_loss: float) -> dict[str, Any]:
-    """Record checkpoint ``step`` as the best (rank 0), whole or not at all."""
-    best = {"step": step, "val_loss": val_loss, "checkpoint": f"checkpoints/{CKPT_PREFIX}{step:08d}"}
+def write_best(run_dir: str | Path, step: int, val_loss: float, weights: str = "ema") -> dict[str, Any]:
+    """Record checkpoint ``step`` as the best (rank 0), whole or not at all; ``weights``: whose validation loss
+    ranks (ema or live)."""
+    best = {"step": step, "val_loss": val_loss, "weights": weights,
+            "checkpoint": f"checkpoints/{CKPT_PREFIX}{step:08d}"}
     with atomic_file(Path(run_dir) / BEST_FILE) as tmp:
         tmp.write_text(json.dumps(best) + "\n")
     return best

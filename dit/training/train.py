@@ -243,16 +243,21 @@ class RunLog:
         for reason, n in record["bad"].items():
             self.writer.add_scalar(f"data/bad_{reason}", n, step)
 
-    def write_val(self, step: int, loss: float, per_level: list[float], levels: list[float]) -> None:
-        """A validation loss (dit/training/validation.py): one line of RUN/val.jsonl, val/ in TensorBoard."""
+    def write_val(self, step: int, loss: float, per_level: list[float], levels: list[float],
+                  ema: tuple[float, list[float]] | None = None) -> None:
+        """A validation loss (dit/training/validation.py), and the EMA's: one line of RUN/val.jsonl, val/ in
+        TensorBoard."""
         if self.writer is None:
             return
-        by_level = {f"{level:g}": value for level, value in zip(levels, per_level)}
+        record: dict[str, Any] = {"step": step}
+        for suffix, mean, values in [("", loss, per_level)] + ([("_ema", *ema)] if ema else []):
+            by_level = {f"{level:g}": value for level, value in zip(levels, values)}
+            record.update({f"val_loss{suffix}": mean, f"by_level{suffix}": by_level})
+            self.writer.add_scalar(f"val/loss{suffix}", mean, step)
+            for level, value in by_level.items():
+                self.writer.add_scalar(f"val/loss{suffix}_at_{level}", value, step)
         with open(self.val_path, "a") as f:
-            f.write(json.dumps({"step": step, "val_loss": loss, "by_level": by_level}) + "\n")
-        self.writer.add_scalar("val/loss", loss, step)
-        for level, value in by_level.items():
-            self.writer.add_scalar(f"val/loss_at_{level}", value, step)
+            f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,5 +1,5 @@
-"""The validation loss (data.val_shards): the training loss of the live model on held-out clips, with everything
-random fixed, so that its curve moves only when the model does.
+"""The validation loss (data.val_shards): the training loss of the live model (and, with train.val_ema, of the EMA
+model) on held-out clips, with everything random fixed, so that its curve moves only when the model does.
 
 The first train.val_samples clips of data.val_shards (read in order, as the training data is read: size, buckets,
 raw or latent shards) are drawn once, each clip with its own fixed random stream: latents, text (no prompt
@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,23 +103,28 @@ def prepare_validation(cfg: Config, env: DistEnv, vae: torch.nn.Module, text: to
 
 @torch.no_grad()
 def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg: Config,
-                   env: DistEnv) -> tuple[float, list[float]]:
+                   env: DistEnv, ema: bool = False) -> tuple[float, list[float]]:
     """The mean validation loss and each level's (every rank calls it: the sums are all-reduced). ``cfg``: the
-    run's, with train.grad_accum_steps=1 (each batch whole: ``Validator`` makes it once)."""
+    run's, with train.grad_accum_steps=1 (each batch whole: ``Validator`` makes it once). ``ema``: of the EMA model
+    (the plain copy, or FSDP's shards of it), in the strategy's sampling context (ZeRO-3 gathers a LoRA run's
+    shared base there), under the same autocast."""
     sums = torch.zeros(len(val.levels) + 1, dtype=torch.float64)
-    strategy.model.eval()
+    model = strategy.ema.module if ema else strategy.model
+    was_training = model.training
+    model.eval()
     try:
-        for drawn, weight in zip(val.batches, val.weights):
-            drawn = tuple(x.to(env.device) for x in drawn)
-            rows = drawn[0].shape[0]
-            for k, level in enumerate(val.levels):
-                t = torch.full((rows,), level, dtype=drawn[3].dtype, device=env.device)
-                with strategy.autocast():
-                    loss = micro_loss(strategy, (*drawn[:3], t, *drawn[4:]), noise_schedule, cfg)(0)
-                sums[k] += weight * rows * float(loss)
-            sums[-1] += weight * rows
+        with strategy.sampling() if ema else nullcontext():
+            for drawn, weight in zip(val.batches, val.weights):
+                drawn = tuple(x.to(env.device) for x in drawn)
+                rows = drawn[0].shape[0]
+                for k, level in enumerate(val.levels):
+                    t = torch.full((rows,), level, dtype=drawn[3].dtype, device=env.device)
+                    with strategy.autocast():
+                        loss = micro_loss(strategy, (*drawn[:3], t, *drawn[4:]), noise_schedule, cfg, model)(0)
+                    sums[k] += weight * rows * float(loss)
+                sums[-1] += weight * rows
     finally:
-        strategy.model.train()
+        model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         sums = sums.to(env.device)
         dist.all_reduce(sums)  # (a sequence-parallel group counts its clips once per rank: the ratio holds)
@@ -129,15 +135,17 @@ def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg
 
 class Validator:
     """When the loop validates (step 0 of a fresh run, every train.val_every steps, 0: each checkpoint, and the
-    last step) and, with train.keep_best, which checkpoint it keeps: the one of the lowest validation loss, named in
-    RUN/best.json (``checkpointed`` records it after each save, rank 0 prunes the former one)."""
+    last step) and, with train.keep_best, which checkpoint it keeps: the one of the lowest validation loss (the EMA's
+    with train.val_ema: the weights the checkpoint exports), named in RUN/best.json (``checkpointed`` records it
+    after each save, rank 0 prunes the former one)."""
 
     def __init__(self, val: Validation | None, cfg: Config, env: DistEnv, out: Path, start_step: int,
-                 write: Callable[[int, float, list[float], list[float]], None]) -> None:
+                 write: Callable[..., None]) -> None:
         self.val, self.cfg, self.env, self.out, self.write = val, cfg, env, out, write
         t = cfg.train
         self.every, self.start = t.val_every or t.checkpoint_every, start_step
-        self.best = read_best(out, start_step) if t.keep_best else None
+        self.ranked = "ema" if t.val_ema else "live"  # which loss keep_best ranks by
+        self.best = read_best(out, start_step, self.ranked) if t.keep_best else None
         self.last: tuple[int, float] | None = None
         # (the loss of a whole batch: a bucket's batch can hold more than train.batch_size rows)
         self.loss_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum_steps=1)) if val else cfg
@@ -149,11 +157,13 @@ class Validator:
 
     def run(self, step: int, strategy: Strategy, noise_schedule: Any) -> None:
         loss, per_level = run_validation(self.val, strategy, noise_schedule, self.loss_cfg, self.env)
-        self.last = (step, loss)
-        self.write(step, loss, per_level, self.val.levels)
+        ema = (run_validation(self.val, strategy, noise_schedule, self.loss_cfg, self.env, ema=True)
+               if self.cfg.train.val_ema else None)
+        self.last = (step, ema[0] if ema else loss)
+        self.write(step, loss, per_level, self.val.levels, ema)
         if self.env.is_main:
-            log.info("step %d: validation loss %.5f (%d clips x %d noise levels)", step, loss, self.val.clips,
-                     len(self.val.levels))
+            log.info("step %d: validation loss %.5f%s (%d clips x %d noise levels)", step, loss,
+                     f", EMA {ema[0]:.5f}" if ema else "", self.val.clips, len(self.val.levels))
 
     def kept(self) -> tuple[int, ...]:
         """The checkpoint steps pruning spares: the best so far."""
@@ -166,7 +176,7 @@ class Validator:
         if self.best is not None and self.last[1] >= self.best["val_loss"]:
             return
         if self.env.is_main:
-            self.best = write_best(self.out, step, self.last[1])
+            self.best = write_best(self.out, step, self.last[1], self.ranked)
             prune(self.out, self.cfg.train.keep_last, (step,))  # (the former best, spared by that save, goes now)
         else:
             self.best = {"step": step, "val_loss": self.last[1]}

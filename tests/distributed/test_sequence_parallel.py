@@ -220,6 +220,12 @@ def test_split_attention_and_dit_match_one_process(tmp_path: Path) -> None:
 STEPS = {"train.steps": 6, "train.checkpoint_every": 6, "train.lr_schedule": "constant", "train.batch_size": 4}
 
 
+def validation(shards: str) -> dict[str, object]:
+    """The validation loss (live and EMA) on 4 clips at 2 levels, at steps 0 and 6."""
+    return {"data.val_shards": str(sorted(Path(shards).glob("*.tar"))[-1]), "train.val_samples": 4,
+            "train.val_levels": 2}
+
+
 def metrics(run: Path, key: str) -> list[float]:
     return [json.loads(line)[key] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -227,7 +233,7 @@ def metrics(run: Path, key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, small_shards: str, small_vae: Path) -> Path:
     run = tmp_path_factory.mktemp("sp_one") / "run"
-    done = dit_train(run, small_shards, small_vae, **STEPS)
+    done = dit_train(run, small_shards, small_vae, **STEPS, **validation(small_shards))
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -245,10 +251,11 @@ def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, ex
                                                                small_vae: Path) -> None:
     """2 processes with train.sequence_parallel=2 (one data-parallel replica; each rank holds 4 of a clip's 8 latent
     tokens) train as 1 process on the same batch of 4 clips: the same losses and gradient norms at every step, the
-    same weights at the end."""
+    same weights at the end, the same validation losses (the live model's through the sequence-parallel hooks, the
+    EMA's whole on each rank)."""
     run = tmp_path / strategy
-    done = dit_torchrun(2, run, small_shards, small_vae,
-                        **{**STEPS, **extra, "train.sequence_parallel": 2, "train.strategy": strategy})
+    done = dit_torchrun(2, run, small_shards, small_vae, **{**STEPS, **extra, **validation(small_shards),
+                                                           "train.sequence_parallel": 2, "train.strategy": strategy})
     assert done.returncode == 0, done.stderr[-5000:]
     assert "sequence parallel: groups of 2 ranks" in done.stderr
     found = re.search(r"activation checkpointing: (\d+) of (\d+) blocks", done.stderr)
@@ -256,6 +263,12 @@ def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, ex
     assert metrics(run, "loss") == pytest.approx(metrics(one_process, "loss"), rel=1e-4)
     assert metrics(run, "grad_norm") == pytest.approx(metrics(one_process, "grad_norm"), rel=1e-4)
     assert metrics(run, "samples_per_s")[-1] > 0
+    ref_val, got_val = ([json.loads(line) for line in (r / "val.jsonl").read_text().splitlines()]
+                        for r in (one_process, run))
+    assert [v["step"] for v in got_val] == [v["step"] for v in ref_val] == [0, 6]
+    for a, b in zip(ref_val, got_val):
+        for key in ("by_level", "by_level_ema"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
     a, b = (unfused_state_dict(load_training_state(list_checkpoints(r)[-1])["model"]) for r in (one_process, run))
     assert a.keys() == b.keys()
     for k in a:

@@ -124,6 +124,7 @@ def test_two_processes_match_one_process(strategy: str, accum: int, tmp_path: Pa
     assert [v["step"] for v in got_val] == [v["step"] for v in ref_val] == [0, 10, 20]
     for a, b in zip(ref_val, got_val):
         assert b["by_level"] == pytest.approx(a["by_level"], rel=1e-4)
+        assert b["by_level_ema"] == pytest.approx(a["by_level_ema"], rel=1e-4)  # (FSDP: the EMA's shards)
 
     ckpt = list_checkpoints(run)[-1]
     ranks = [torch.load(rank_state_path(ckpt, r), weights_only=True)["params"] for r in (0, 1)]

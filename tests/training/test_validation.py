@@ -1,6 +1,6 @@
 """The validation loss (data.val_shards): logged at step 0, at each checkpoint and at the end, one value per noise
-level and their mean; it leaves the training as it was; a resumed run logs the same values; bad settings fail before
-any work."""
+level and their mean, of the live model and of the EMA; it leaves the training as it was; a resumed run logs the same
+values; bad settings fail before any work."""
 
 from __future__ import annotations
 
@@ -43,11 +43,14 @@ def test_the_validation_loss_is_logged_and_leaves_the_training_as_it_was(validat
     lines = val_lines(validated)
     assert [v["step"] for v in lines] == [0, 2, 4]
     for v in lines:
-        levels = list(v["by_level"].values())
-        assert len(levels) == 3 and all(math.isfinite(x) and x > 0 for x in levels)
-        assert v["val_loss"] == pytest.approx(sum(levels) / 3, rel=1e-12)
+        for suffix in ("", "_ema"):
+            levels = list(v[f"by_level{suffix}"].values())
+            assert len(levels) == 3 and all(math.isfinite(x) and x > 0 for x in levels)
+            assert v[f"val_loss{suffix}"] == pytest.approx(sum(levels) / 3, rel=1e-12)
     assert list(lines[0]["by_level"]) == ["166", "500", "833"]  # (t of 1000: the demo config is eps diffusion)
     assert lines[0]["val_loss"] != lines[-1]["val_loss"]  # the model moved
+    assert lines[0]["by_level_ema"] == lines[0]["by_level"]  # at step 0 the EMA is the model's copy
+    assert all(v["val_loss_ema"] != v["val_loss"] for v in lines[1:])  # then it lags the live weights
     plain = tmp_path / "plain"
     train.main(small_config(plain, small_shards, small_vae, **STEPS))
     assert not (plain / "val.jsonl").exists()
@@ -57,7 +60,22 @@ def test_the_validation_loss_is_logged_and_leaves_the_training_as_it_was(validat
 
     events = EventAccumulator(str(validated / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("val/loss")] == [0, 2, 4]
-    assert "val/loss_at_500" in events.Tags()["scalars"]
+    assert [e.value for e in events.Scalars("val/loss_ema")] == pytest.approx([v["val_loss_ema"] for v in lines])
+    assert {"val/loss_at_500", "val/loss_ema_at_500"} <= set(events.Tags()["scalars"])
+
+
+def test_the_ema_validation_loss_is_that_of_the_exported_weights(validated: Path, small_shards: str,
+                                                                  small_vae: Path, tmp_path: Path) -> None:
+    """An independent path to the same number: a run started from the last checkpoint's export (the EMA) gives it
+    as its live model's loss at step 0."""
+    from dit.export import list_checkpoints
+
+    started = tmp_path / "started"
+    train.main(small_config(started, small_shards, small_vae, **VAL, **{
+        "train.steps": 1, "train.init_from": str(list_checkpoints(validated)[-1]),
+        "data.val_shards": val_shard(small_shards)}))
+    assert val_lines(started)[0]["by_level"] == pytest.approx(val_lines(validated)[-1]["by_level_ema"], rel=1e-6)
+    assert val_lines(started)[0]["val_loss"] != pytest.approx(val_lines(validated)[-1]["val_loss"], rel=1e-3)
 
 
 def test_a_resumed_run_logs_the_same_validation(validated: Path, small_shards: str, small_vae: Path,
@@ -104,11 +122,21 @@ def test_keep_best_keeps_the_checkpoint_of_the_lowest_validation_loss(small_shar
     train.main(small_config(run, small_shards, small_vae, **VAL, **{
         "train.steps": 5, "train.checkpoint_every": 1, "train.keep_last": 1, "train.keep_best": True,
         "train.lr": 3e-3, "data.val_shards": val_shard(small_shards)}))
-    lines = {v["step"]: v["val_loss"] for v in val_lines(run) if v["step"] > 0}  # (step 0 has no checkpoint)
+    # ranked by the EMA's loss: the weights a checkpoint exports (step 0 has no checkpoint)
+    lines = {v["step"]: v["val_loss_ema"] for v in val_lines(run) if v["step"] > 0}
     best = json.loads((run / "best.json").read_text())
     assert best["step"] == min(lines, key=lines.get) and best["val_loss"] == lines[best["step"]]
+    assert best["weights"] == "ema"
     kept = {c.name for c in list_checkpoints(run)}
     assert kept == {"step-00000005", Path(best["checkpoint"]).name}
+    live = tmp_path / "live"  # train.val_ema=false: the live model's loss ranks, the only one logged
+    train.main(small_config(live, small_shards, small_vae, **VAL, **{
+        "train.steps": 3, "train.checkpoint_every": 1, "train.keep_last": 1, "train.keep_best": True,
+        "train.lr": 3e-3, "train.val_ema": False, "data.val_shards": val_shard(small_shards)}))
+    lines = {v["step"]: v["val_loss"] for v in val_lines(live) if v["step"] > 0}
+    assert all("val_loss_ema" not in v for v in val_lines(live))
+    best = json.loads((live / "best.json").read_text())
+    assert best["step"] == min(lines, key=lines.get) and best["weights"] == "live"
     with pytest.raises(ConfigError, match="train.keep_best: keeps the checkpoint of the lowest validation loss: set "
                                           "data.val_shards"):
         small_config(tmp_path / "b", small_shards, small_vae, **{"train.keep_best": True})
@@ -127,5 +155,7 @@ def test_pruning_spares_the_kept_step_and_a_later_best_record_is_dropped_on_resu
     prune(tmp_path, keep_last=1, keep=(2,))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     write_best(tmp_path, 3, 0.5)
-    assert read_best(tmp_path, 3) == {"step": 3, "val_loss": 0.5, "checkpoint": "checkpoints/step-00000003"}
+    assert read_best(tmp_path, 3) == {"step": 3, "val_loss": 0.5, "weights": "ema",
+                                      "checkpoint": "checkpoints/step-00000003"}
     assert read_best(tmp_path, 2) is None  # resuming at step 2: a best of step 3 is from steps taken again
+    assert read_best(tmp_path, 3, "live") is None  # a resume that switched train.val_ema: the losses do not compare
