@@ -31,6 +31,7 @@ from torch import nn
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
+from dit.distributed.zero_ema import Fragment, assemble, master_fragments, update_from_masters
 from dit.training.ema import ModelEma
 
 log = logging.getLogger("dit.strategies")
@@ -216,6 +217,7 @@ class DeepSpeedStrategy(Strategy):
         config = deepspeed_config(self.cfg, self.mixed_precision)
         self.model, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=config)
         self.stage = self.model.zero_optimization_stage()
+        self._ema_whole = True  # (the EMA's copy of the starting weights, on every rank)
         return optimizer
 
     @contextmanager
@@ -243,19 +245,32 @@ class DeepSpeedStrategy(Strategy):
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
 
+    def _fragments(self) -> list[Fragment]:
+        return master_fragments(self.module, self.stage, getattr(self.model.optimizer, "dp_process_group", None))
+
     def update_ema(self, step: int) -> None:
-        # ZeRO-3: the trained parameters whole, for the EMA's replica of them on every rank (a LoRA run's frozen
-        # base is shared with the EMA: dit/training/ema.py)
-        with self._gathered(trained_only=bool(self.ema.shared)):
-            self.ema.update(self.module, step=step)
+        # each rank its own partition of the fp32 masters (dit/distributed/zero_ema.py); put together before use
+        update_from_masters(self.ema.module, self._fragments(), 1.0 - self.ema.get_decay(step))
+        self._ema_whole = False
+
+    def _assemble_ema(self) -> None:
+        if not self._ema_whole:
+            assemble(self.ema.module, self._fragments())
+            self._ema_whole = True
 
     def sampling(self) -> AbstractContextManager:
-        """ZeRO-3: the EMA model's partitioned parameters (a LoRA run's shared base) gathered while it samples."""
+        """The EMA put together from the ranks' partitions; ZeRO-3: its partitioned parameters (a LoRA run's
+        shared base) gathered while it samples."""
+        self._assemble_ema()
         if self.stage == 3 and self.ema.shared:
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(list(self.ema.module.parameters()), modifier_rank=None)
         return nullcontext()
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        self._assemble_ema()
+        return super().ema_state_dict()
 
     def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
         if self.stage == 3:
@@ -282,6 +297,7 @@ class DeepSpeedStrategy(Strategy):
             raise FileNotFoundError(f"no DeepSpeed state in {ckpt / 'deepspeed'}: was it written by strategy "
                                     f"{self.cfg.strategy}?")
         self.load_kept(self.ema.module, state["ema"])
+        self._ema_whole = True
 
 
 class FSDPStrategy(Strategy):

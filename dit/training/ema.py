@@ -1,5 +1,6 @@
 """EMA of the trained weights, a full copy of the plain model made before any parallelism is applied; FSDP shards
-it like the model (dit/distributed/strategies.py), so its update is a shard-local lerp there. With
+it like the model (dit/distributed/strategies.py), so its update is a shard-local lerp there; under DeepSpeed each
+rank moves the part its partition of the fp32 masters covers (dit/distributed/zero_ema.py). With
 ``share_frozen`` (LoRA under DDP and ZeRO) the EMA model holds the very same frozen parameters as the model: an
 average of weights that never change is those weights, so only the adapter is copied (a 14B base is not held twice;
 under ZeRO-3 the shared base is partitioned with the model's, and sampling gathers it) and updated.

@@ -190,7 +190,8 @@ def test_a_nan_in_the_last_micro_batch_drops_the_whole_window_under_deepspeed(
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
 
 
-BF16 = {"train.steps": 6, "train.checkpoint_every": 6, "train.lr_schedule": "constant", "train.mixed_precision": "bf16"}
+BF16 = {"train.steps": 6, "train.checkpoint_every": 6, "train.lr_schedule": "constant", "train.mixed_precision": "bf16",
+        "train.ema_decay": 0.0}  # (the EMA is then the last weights: the check of DeepSpeed's below)
 
 
 def test_bf16_under_fsdp_and_deepspeed_trains_like_one_process(tmp_path: Path, small_shards: str,
@@ -212,6 +213,16 @@ def test_bf16_under_fsdp_and_deepspeed_trains_like_one_process(tmp_path: Path, s
         assert losses(run) == pytest.approx(losses(one), rel=rel), (strategy, losses(one), losses(run))
     weights, _ = load_weights(list_checkpoints(tmp_path / "fsdp")[-1])  # exported in fp32, as trained
     assert {v.dtype for v in weights.values()} == {torch.float32}
+    # DeepSpeed's EMA averages its fp32 master weights, partitioned over the ranks like them (not the bf16 module's
+    # weights): with train.ema_decay=0 the export is the masters, as DeepSpeed's own zero_to_fp32 puts them together
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = list_checkpoints(tmp_path / "zero2")[-1]
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
+    weights, _ = load_weights(ckpt)
+    assert masters.keys() <= weights.keys() and len(masters) > 10
+    for key, master in masters.items():
+        assert torch.equal(weights[key], master), key
 
 
 def test_sampling_during_training_is_spread_over_ranks_under_fsdp(tmp_path: Path, small_shards: str,
