@@ -20,7 +20,7 @@ from dit.config import DiffusionConfig, TextConfig
 from dit.diffusion.cuda_graphs import CudaGraphed
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
-from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler
+from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler, flow_unipc
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.experts import Experts, load_expert, switch
 from dit.export import resolve_checkpoint
@@ -34,9 +34,11 @@ from dit.models.vae import CausalVAE, load_vae
 from dit.weights import checkpoint_weights
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
-                                                     "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver}
+                                                     "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver,
+                                                     "flow_unipc": flow_unipc}
 log = logging.getLogger("dit.pipeline")
-OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver"), "flow": ("flow_euler", "flow_dpm_solver")}
+OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver"),
+                      "flow": ("flow_euler", "flow_dpm_solver", "flow_unipc")}
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Pure functions for the noise levels: the shift (static, sσ / (1 + (s - 1)σ), or resolution-dependent through
 mu = dynamic_mu(tokens)), diffusers' sampling grids, and the training σ draws (uniform, logit-normal, mode).
-Grids match diffusers' FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler(use_flow_sigmas=True)
-value for value (tests/diffusion/test_flow.py).
+Grids match diffusers' FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler(use_flow_sigmas=True) and
+UniPCMultistepScheduler(use_flow_sigmas=True) value for value (tests/diffusion/test_flow.py).
 """
 
 from __future__ import annotations
@@ -106,6 +106,26 @@ def flow_solver_grid(steps: int, shift: float = 1.0, mu: float | None = None) ->
     sigmas = 1.0 - np.linspace(1, 1 / n, steps + 1)  # [steps + 1], 0 .. 1 - 1/n
     sigmas = np.flip(shift_sigmas(sigmas, s))[:-1].copy()  # [steps], descending, without the 0
     timesteps = torch.from_numpy(sigmas * n).to(torch.int64)  # truncated, from float64
+    return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)), timesteps
+
+
+def flow_unipc_grid(steps: int, shift: float = 1.0, mu: float | None = None) -> tuple[Tensor, Tensor]:
+    """UniPCMultistepScheduler(use_flow_sigmas=True)'s grid (WanPipeline's sampler): (σ float32 [steps + 1],
+    timesteps int64 [steps]).
+
+    σ is linspace(1, 1/1000, steps + 1) without its last level, shifted (static, or time_shift(mu) as diffusers'
+    use_dynamic_shifting), the first level moved off 1 by 1e-6 (λ = log((1 - σ) / σ) must stay finite), then 0;
+    the model timesteps are σ·1000 truncated to integers, from float64 as diffusers computes them.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if mu is not None and shift != 1.0:
+        raise ValueError(f"give either a static shift ({shift}) or a dynamic mu ({mu}), not both")
+    sigmas = np.linspace(1, 1 / FLOW_TIMESTEPS, steps + 1)[:-1]  # [steps], float64
+    sigmas = time_shift(mu, sigmas) if mu is not None else shift_sigmas(sigmas, shift)
+    if abs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    timesteps = torch.from_numpy(sigmas * FLOW_TIMESTEPS).to(torch.int64)
     return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)), timesteps
 
 

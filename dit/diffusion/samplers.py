@@ -1,12 +1,12 @@
 """Samplers as pure functions of (denoise_fn, noise, schedule): DDIM, ancestral DDPM and DPM-Solver++(2M); and for
-rectified flow, of (denoise_fn, noise, shift): flow_euler and flow_dpm_solver.
+rectified flow, of (denoise_fn, noise, shift): flow_euler, flow_dpm_solver and flow_unipc.
 
 Diffusion samplers: `denoise_fn(x, t)` takes the current sample and integer timesteps t (LongTensor [B]) and returns
 the model's prediction of kind `prediction` (eps | v | x0). Flow samplers: `denoise_fn(x, t)` takes float timesteps
 t = σ·1000 (FloatTensor [B]) and returns the velocity ε - x0. `callback(i, x)` is called after step i with the
 updated sample. Each sampler returns the final sample (x0). Step formulas and timestep lists follow diffusers'
-DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler and FlowMatchEulerDiscreteScheduler
-(tests/diffusion/test_samplers.py and test_flow.py check every step against them).
+DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler and
+UniPCMultistepScheduler (tests/diffusion/test_samplers.py and test_flow.py check every step against them).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dit.diffusion.flow import FLOW_TIMESTEPS, flow_sigmas, flow_solver_grid
+from dit.diffusion.flow import FLOW_TIMESTEPS, flow_sigmas, flow_solver_grid, flow_unipc_grid
 from dit.diffusion.schedules import ZERO_SNR_ALPHA_CUMPROD, Schedule, convert_prediction, spaced_timesteps
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
@@ -176,6 +176,68 @@ def flow_dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: 
             d = x0 if x0_prev is None else x0 + (h / h_prev) / 2 * (x0 - x0_prev)  # D0 + D1 / 2
             x = (s_next / s) * x - ((1 - s_next) * math.expm1(-h)) * d
             x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, x.to(noise.dtype))
+    return x.to(noise.dtype)
+
+
+def _unipc_step(x: Tensor, m0: Tensor, lam: list[float], sig: list[float], s0: int, t: int, past: Tensor | None,
+                c: int, new: Tensor | None) -> Tensor:
+    """One UniPC B(h) update (bh2, data prediction) of ``x`` from level s0 to level t, with m0 the x0 prediction at
+    s0. Predictor: ``new`` None, order 2 with ``past`` (the x0 prediction at level c), else order 1. Corrector:
+    ``new`` is the x0 prediction at t, order 2 with ``past``, else 1."""
+    h = lam[t] - lam[s0]
+    h_phi_1 = math.expm1(-h)  # e^{-h} - 1; B(h) is the same (bh2)
+    base = (sig[t] / sig[s0]) * x - ((1 - sig[t]) * h_phi_1) * m0
+    d1 = None if past is None else (past - m0) / ((lam[c] - lam[s0]) / h)  # D1 / r
+    if new is None:  # predictor: its order-2 weight is 1/2
+        return base if d1 is None else base - ((1 - sig[t]) * h_phi_1 * 0.5) * d1
+    if d1 is None:
+        rho_d1, rho_new = 0.0, 0.5
+    else:  # solve [[1, 1], [r, 1]] rho = b, b_k = k! phi_{k+1}(-h) / B(h), as diffusers' loop builds them
+        r = (lam[c] - lam[s0]) / h
+        phi_2 = h_phi_1 / -h - 1
+        b1, b2 = phi_2 / h_phi_1, 2 * (phi_2 / -h - 0.5) / h_phi_1
+        rho_d1 = (b1 - b2) / (1 - r)
+        rho_new = b1 - rho_d1
+    corr = rho_new * (new - m0) if d1 is None else rho_d1 * d1 + rho_new * (new - m0)
+    return base - ((1 - sig[t]) * h_phi_1) * corr
+
+
+@torch.no_grad()
+def flow_unipc(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float = 1.0, mu: float | None = None,
+               terminal: float | None = None, grid: str = "table", callback: Callback = None) -> Tensor:
+    """UniPC for rectified flow, what WanPipeline samples with: diffusers' UniPCMultistepScheduler(use_flow_sigmas=
+    True, prediction_type="flow_prediction", flow_shift=shift) at its defaults (order 2, bh2, data prediction, the
+    corrector at every step, first order at the first and last steps, final σ 0).
+
+    Each model call first corrects the previous step's result with the new x0 prediction (UniC), then predicts the
+    next level from it (UniP); callback sees the predicted sample, as diffusers' step returns it. Grid:
+    flow_unipc_grid (the model sees int(σ·1000) as floats). mu: dynamic shift. No terminal stretch nor steps grid
+    (LTX-Video's): refused, as flow_dpm_solver.
+    """
+    if terminal is not None or grid != "table":
+        raise ValueError("flow_unipc runs diffusers' UniPC grid only (no shift_terminal / steps grid): "
+                         "sample this checkpoint with flow_euler")
+    sigmas, ts = flow_unipc_grid(steps, shift, mu)
+    sig = sigmas.tolist()
+    lam = [math.log((1 - s) / s) if s > 0 else math.inf for s in sig]  # log(alpha / sigma), alpha = 1 - σ
+    ts = ts.to(device=noise.device, dtype=torch.float32)
+    x = noise.float()
+    x_before, m = None, []  # the sample the last predictor started from; the x0 predictions so far (last two)
+    order = 1
+    for i in range(steps):
+        v = denoise_fn(x.to(noise.dtype), ts[i].expand(x.shape[0]))  # [B, ...]
+        m0 = x - sig[i] * v.float()
+        if i > 0:  # UniC: the step from i - 1 to i again, with the x0 prediction at i, of the last predictor's order
+            x = _unipc_step(x_before, m[-1], lam, sig, i - 1, i, m[-2] if order == 2 else None, i - 2, m0)
+        m = [*m[-1:], m0]
+        order = min(2, steps - i, i + 1)  # warm-up, and first order into σ = 0
+        x_before = x
+        if sig[i + 1] == 0:
+            x = m0  # one first-order step to σ = 0 lands on the x0 prediction
+        else:
+            x = _unipc_step(x, m0, lam, sig, i, i + 1, m[-2] if order == 2 else None, i - 1, None)
         if callback is not None:
             callback(i, x.to(noise.dtype))
     return x.to(noise.dtype)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -15,13 +15,14 @@ from dit.diffusion.flow import (
     dynamic_mu,
     flow_sigmas,
     flow_solver_grid,
+    flow_unipc_grid,
     latent_tokens,
     sample_sigmas,
     sampling_shift,
     shift_sigmas,
     time_shift,
 )
-from dit.diffusion.samplers import flow_dpm_solver, flow_euler
+from dit.diffusion.samplers import flow_dpm_solver, flow_euler, flow_unipc
 
 SHIFTS = {"shift1": dict(shift=1.0), "shift3": dict(shift=3.0), "dynamic": dict(mu=dynamic_mu(1024))}
 
@@ -120,8 +121,25 @@ def test_flow_solver_grid_is_diffusers_dpm_solver_grid(kind, steps):
     assert torch.equal(sigmas, sch.sigmas) and torch.equal(timesteps, sch.timesteps)
 
 
+def unipc(kw: dict) -> UniPCMultistepScheduler:
+    """WanPipeline's scheduler (its scheduler_config: order 2, bh2, flow prediction), at this shift."""
+    return UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", num_train_timesteps=1000,
+                                   flow_shift=kw.get("shift", 1.0), use_dynamic_shifting="mu" in kw)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 50])
+@pytest.mark.parametrize("kind", SHIFTS)
+def test_flow_unipc_grid_is_diffusers_unipc_grid(kind, steps):
+    kw = SHIFTS[kind]
+    sch = unipc(kw)
+    sch.set_timesteps(steps, mu=kw.get("mu"))
+    sigmas, timesteps = flow_unipc_grid(steps, **kw)
+    assert torch.equal(sigmas, sch.sigmas) and torch.equal(timesteps, sch.timesteps)
+    assert sigmas[0] < 1  # (moved off 1: the log-SNR stays finite)
+
+
 def test_grids_refuse_both_shift_and_mu():
-    for grid in (flow_sigmas, flow_solver_grid):
+    for grid in (flow_sigmas, flow_solver_grid, flow_unipc_grid):
         with pytest.raises(ValueError, match="not both"):
             grid(10, shift=3.0, mu=0.5)
         with pytest.raises(ValueError, match="steps"):
@@ -154,6 +172,26 @@ def test_flow_dpm_solver_matches_diffusers_every_step(kind, steps):
     ours = collect(flow_dpm_solver, fn, x, steps, **kw)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 30])
+@pytest.mark.parametrize("kind", SHIFTS)
+def test_flow_unipc_matches_diffusers_every_step(kind, steps):
+    """Predictor and corrector of every order diffusers runs (1 at the ends, 2 between; the corrector's order is the
+    last predictor's), step by step against WanPipeline's scheduler."""
+    kw = SHIFTS[kind]
+    fn, x = make_velocity(), noise()
+    ref = reference(unipc(kw), fn, x, steps, kw.get("mu"))
+    ours = collect(flow_unipc, fn, x, steps, **kw)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_flow_unipc_is_not_dpm_solver():
+    """Its own multistep formula and corrector: on the same model it ends elsewhere than DPM-Solver++(2M)."""
+    fn, x = make_velocity(), noise()
+    a, b = flow_unipc(fn, x, steps=10, shift=3.0), flow_dpm_solver(fn, x, steps=10, shift=3.0)
+    assert (a - b).abs().max() > 1e-3
 
 
 def test_flow_dpm_solver_is_not_euler():

@@ -57,7 +57,7 @@ def inputs(seed: int = 0):
 
 @torch.no_grad()
 def test_the_adapter_loads_into_diffusers_transformer_and_pipeline(wan_lora) -> None:
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     folder, run = wan_lora
     ckpt = list_checkpoints(run)[-1]
@@ -84,6 +84,14 @@ def test_the_adapter_loads_into_diffusers_transformer_and_pipeline(wan_lora) -> 
                guidance_scale=4.0, height=32, width=48, num_frames=9, output_type="latent").frames
     mask = torch.ones(2, 5, dtype=torch.bool)
     got = sample_latents(ours, x, dict(text=text, text_mask=mask), dict(text=neg, text_mask=mask), steps=3, cfg=4.0)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    # and with the pipeline's own sampler (Wan's released scheduler_config: UniPC on flow sigmas), 4 steps: both
+    # orders of predictor and corrector
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    ref = pipe(prompt_embeds=text, negative_prompt_embeds=neg, latents=x.clone(), num_inference_steps=4,
+               guidance_scale=4.0, height=32, width=48, num_frames=9, output_type="latent").frames
+    got = sample_latents(ours, x, dict(text=text, text_mask=mask), dict(text=neg, text_mask=mask), steps=4, cfg=4.0,
+                         sampler="flow_unipc")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
