@@ -13,11 +13,21 @@ from dit.config import TrainConfig
 log = logging.getLogger("dit.optim")
 
 
-def mixed_precision(setting: str) -> str:
-    """'auto' -> bf16 where the device supports it (CUDA with bf16), else full fp32 ('no')."""
+# pretrained families whose released weights are bf16: fp16 autocast overflows their activations (NaN losses, black
+# videos: the peers' users report it); CogVideoX-2B was trained in fp16, and our own DiT trains from scratch
+BF16_FAMILIES = ("wan", "ltx", "hunyuan", "hunyuan15", "flux", "sd3", "zimage", "qwenimage")
+
+
+def mixed_precision(setting: str, family: str = "dit") -> str:
+    """'auto' -> bf16 where the device supports it (CUDA with bf16), else full fp32 ('no'). ``family``: the
+    model.family, for the warning fp16 gets on a bf16-trained pretrained model."""
     if setting == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if setting == "fp16":
+    if setting == "fp16" and family in BF16_FAMILIES:
+        log.warning("train.mixed_precision=fp16 with model.family=%s: its released weights are bf16, and fp16 "
+                    "overflows their activations (NaN losses, black samples); use bf16 where the GPU has it, else "
+                    "train.mixed_precision=no", family)
+    elif setting == "fp16":
         log.warning("fp16 training uses dynamic loss scaling; prefer bf16 where the hardware has it")
     return setting
 

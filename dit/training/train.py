@@ -384,7 +384,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
-    precision = mixed_precision(t.mixed_precision)  # auto resolved: bf16 on a GPU that has it
+    precision = mixed_precision(t.mixed_precision, cfg.model.family)  # auto: bf16 on a GPU that has it
     held = hold_frozen_base(model, lora, precision, t.strategy) if lora.rank else None
     if held:
         log.info(held)

@@ -160,6 +160,20 @@ def test_lr_schedule_warms_up_then_holds_or_decays() -> None:
     assert all(cos(s) >= cos(s + 1) for s in range(10, 120))
 
 
+def test_fp16_on_a_bf16_trained_family_is_warned_by_name(caplog: pytest.LogCaptureFixture) -> None:
+    from dit.training.optim import mixed_precision
+
+    with caplog.at_level("WARNING", logger="dit.optim"):
+        assert mixed_precision("fp16", "wan") == "fp16"
+    assert "model.family=wan: its released weights are bf16" in caplog.text
+    assert "train.mixed_precision=no" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dit.optim"):
+        mixed_precision("fp16", "cogvideox")  # (CogVideoX-2B was trained in fp16: the plain note only)
+        mixed_precision("bf16", "wan")
+    assert "released weights" not in caplog.text and caplog.text.count("dynamic loss scaling") == 1
+
+
 def test_image_batch_takes_one_real_frame_of_each_clip() -> None:
     x = torch.randn(6, 3, 9, 4, 4)
     out = train_vae.image_batch(x, torch.Generator().manual_seed(0))
