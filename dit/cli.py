@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: the trained height")
     p.add_argument("--width", type=int, default=None, help="default: the trained width")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver",
-                                                          "flow_unipc"],
+    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm", "dpm_solver", "cogvideox_dpm", "flow_euler",
+                                                          "flow_dpm_solver", "flow_unipc"],
                    help="default: the run's sample.sampler, else ddim, or flow_euler for a flow checkpoint "
                         "(diffusion.objective=flow)")
     p.add_argument("--cfg", type=float, default=None,

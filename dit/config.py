@@ -490,7 +490,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    # ddim | ddpm | dpm_solver (objective diffusion) | flow_euler | flow_dpm_solver | flow_unipc (objective flow);
+    # ddim | ddpm | dpm_solver | cogvideox_dpm (objective diffusion) | flow_euler | flow_dpm_solver | flow_unipc
+    # (objective flow);
     # null: the objective's default, ddim or flow_euler
     sampler: str | None = None
     steps: int = 50
@@ -505,9 +506,10 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         _check(self.cfg_low is None or self.cfg_low >= 0, "sample.cfg_low", "must be >= 0 or null (sample.cfg)")
-        _check(self.sampler in (None, "ddim", "ddpm", "dpm_solver", "flow_euler", "flow_dpm_solver", "flow_unipc"),
-               "sample.sampler",
-               "must be ddim, ddpm, dpm_solver (diffusion), flow_euler, flow_dpm_solver, flow_unipc (flow) or null")
+        _check(self.sampler in (None, "ddim", "ddpm", "dpm_solver", "cogvideox_dpm", "flow_euler", "flow_dpm_solver",
+                                "flow_unipc"), "sample.sampler",
+               "must be ddim, ddpm, dpm_solver, cogvideox_dpm (diffusion), flow_euler, flow_dpm_solver, flow_unipc "
+               "(flow) or null")
         _check(self.steps >= 1, "sample.steps", "must be >= 1")
         _check(self.cfg >= 0, "sample.cfg", "must be >= 0")
         _check(self.shift is None or self.shift > 0, "sample.shift", "must be > 0 or null (the training shift)")

@@ -60,7 +60,7 @@ def check_family_run(cfg: Any) -> None:
            "is the embedded guidance of a guidance-distilled HunyuanVideo or FLUX.1-dev (model.family=hunyuan or "
            "flux); use sample.cfg")
     flow = d.objective == "flow"  # the sampler must fit the objective, found before training
-    fits = ("flow_euler", "flow_dpm_solver", "flow_unipc") if flow else ("ddim", "ddpm", "dpm_solver")
+    fits = ("flow_euler", "flow_dpm_solver", "flow_unipc") if flow else ("ddim", "ddpm", "dpm_solver", "cogvideox_dpm")
     _check(cfg.sample.sampler in (None, *fits), "sample.sampler",
            f"{cfg.sample.sampler} does not sample a diffusion.objective={d.objective} model; use "
            f"one of {', '.join(fits)} (or null for {fits[0]})")

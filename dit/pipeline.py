@@ -20,7 +20,16 @@ from dit.config import DiffusionConfig, TextConfig
 from dit.diffusion.cuda_graphs import CudaGraphed
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser
-from dit.diffusion.samplers import Callback, ddim, ddpm, dpm_solver, flow_dpm_solver, flow_euler, flow_unipc
+from dit.diffusion.samplers import (
+    Callback,
+    cogvideox_dpm,
+    ddim,
+    ddpm,
+    dpm_solver,
+    flow_dpm_solver,
+    flow_euler,
+    flow_unipc,
+)
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.experts import Experts, load_expert, switch
 from dit.export import resolve_checkpoint
@@ -34,10 +43,11 @@ from dit.models.vae import CausalVAE, load_vae
 from dit.weights import checkpoint_weights
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
+                                                     "cogvideox_dpm": cogvideox_dpm,
                                                      "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver,
                                                      "flow_unipc": flow_unipc}
 log = logging.getLogger("dit.pipeline")
-OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver"),
+OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver", "cogvideox_dpm"),
                       "flow": ("flow_euler", "flow_dpm_solver", "flow_unipc")}
 
 
@@ -266,9 +276,11 @@ def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], 
     kwargs: dict[str, Any] = dict(steps=steps, prediction=pipe.prediction, callback=callback)
     if sampler == "ddim":
         kwargs["eta"] = eta
-    if sampler in ("ddim", "ddpm"):
+    if sampler in ("ddim", "ddpm", "cogvideox_dpm"):
         kwargs["generator"] = generator
-    if sampler in ("ddim", "dpm_solver") and pipe.diffusion.timestep_spacing:
+    if sampler == "cogvideox_dpm":  # its noise drawn as CogVideoX's pipelines draw it, for seeded parity
+        kwargs["frames_first"] = getattr(pipe.model, "family", None) == "cogvideox"
+    if sampler in ("ddim", "dpm_solver", "cogvideox_dpm") and pipe.diffusion.timestep_spacing:
         kwargs["timestep_spacing"] = pipe.diffusion.timestep_spacing
     # on the latents' device: else each step copies it to the GPU from pageable memory, and the host waits
     return SAMPLERS[sampler](denoise, noise, pipe.schedule.to(noise.device), **kwargs)

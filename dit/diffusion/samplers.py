@@ -1,12 +1,13 @@
-"""Samplers as pure functions of (denoise_fn, noise, schedule): DDIM, ancestral DDPM and DPM-Solver++(2M); and for
-rectified flow, of (denoise_fn, noise, shift): flow_euler, flow_dpm_solver and flow_unipc.
+"""Samplers as pure functions of (denoise_fn, noise, schedule): DDIM, ancestral DDPM, DPM-Solver++(2M) and
+CogVideoX's stochastic DPM-Solver++(2M); and for rectified flow, of (denoise_fn, noise, shift): flow_euler,
+flow_dpm_solver and flow_unipc.
 
 Diffusion samplers: `denoise_fn(x, t)` takes the current sample and integer timesteps t (LongTensor [B]) and returns
 the model's prediction of kind `prediction` (eps | v | x0). Flow samplers: `denoise_fn(x, t)` takes float timesteps
 t = σ·1000 (FloatTensor [B]) and returns the velocity ε - x0. `callback(i, x)` is called after step i with the
 updated sample. Each sampler returns the final sample (x0). Step formulas and timestep lists follow diffusers'
-DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler and
-UniPCMultistepScheduler (tests/diffusion/test_samplers.py and test_flow.py check every step against them).
+DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, CogVideoXDPMScheduler, FlowMatchEulerDiscreteScheduler
+and UniPCMultistepScheduler (tests/diffusion/test_samplers.py and test_flow.py check every step against them).
 """
 
 from __future__ import annotations
@@ -123,6 +124,59 @@ def dpm_solver(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, step
             d = x0 if x0_prev is None else x0 + (h / h_prev) / 2 * (x0 - x0_prev)  # D0 + D1 / 2
             x = (sigma_next / sigma) * x - (alpha_next * math.expm1(-h)) * d
             x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+def _half_log_snr(abar: float) -> float:
+    """log(alpha / sigma) = log(abar / (1 - abar)) / 2, ±inf at abar 0 (zero terminal SNR) and 1 (the clean end)."""
+    if abar <= 0:
+        return -math.inf
+    if abar >= 1:
+        return math.inf
+    return 0.5 * math.log(abar / (1 - abar))
+
+
+@torch.no_grad()
+def cogvideox_dpm(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, steps: int, prediction: str = "eps",
+                  timestep_spacing: str = "leading", generator: torch.Generator | None = None,
+                  frames_first: bool = False, callback: Callback = None) -> Tensor:
+    """CogVideoX's stochastic DPM-Solver++(2M), what CogVideoX-5B / 1.5 pipelines sample with: diffusers'
+    CogVideoXDPMScheduler driven as CogVideoXPipeline drives it.
+
+    Each step goes from t to t - T // steps (the clean end after the last timestep) along the SDE form: x' =
+    (σ'/σ) e^{-h} x + α' (1 - e^{-2h}) D + σ' sqrt(1 - e^{-2h}) z, with D the x0 prediction, second order (D = (1 +
+    1/2r) x0 - 1/2r x0_prev, r = h_prev / h) after the first step and before the last. As diffusers, a normal tensor
+    is drawn from ``generator`` for the first-order step and, where the second-order one replaces it, a second
+    one, so seeded runs match draw for draw (``frames_first``: drawn in CogVideoX's [B, T, C, H, W] latent layout,
+    as its pipeline holds them, then laid out as ours).
+    """
+
+    def draw(x: Tensor) -> Tensor:
+        return _randn_like(x.transpose(1, 2), generator).transpose(1, 2) if frames_first else _randn_like(x, generator)
+
+    T = schedule.num_timesteps
+    ts = spaced_timesteps(T, steps, timestep_spacing)
+    abar = schedule.alphas_cumprod.tolist()
+    x, x0_prev = noise, None
+    for i, t in enumerate(ts):
+        prev = t - T // steps
+        a, a_prev = abar[t], abar[prev] if prev >= 0 else 1.0
+        tt = _timesteps_like(x, t)
+        x0, _ = schedule.pred_to_x0_eps(denoise_fn(x, tt), x, tt, prediction)
+        lam = _half_log_snr(a)
+        h = _half_log_snr(a_prev) - lam
+        decay = math.exp(-h)  # e^{-h}: 0 from zero SNR or into the clean end
+        keep = math.sqrt((1 - a_prev) / (1 - a)) * decay
+        pull = -math.expm1(-2 * h) * math.sqrt(a_prev)  # α' (1 - e^{-2h})
+        spread = math.sqrt(1 - a_prev) * math.sqrt(1 - math.exp(-2 * h))
+        step = keep * x + pull * x0 + spread * draw(x)
+        if x0_prev is not None and prev >= 0:
+            r = (lam - _half_log_snr(abar[ts[i - 1]])) / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            step = keep * x + pull * d + spread * draw(x)
+        x, x0_prev = step, x0
         if callback is not None:
             callback(i, x)
     return x

@@ -127,7 +127,13 @@ def test_ltx_matches_ltxpipeline(tiny_folder, tmp_path):
 def test_cogvideox_matches_cogvideoxpipeline(tiny_folder, tmp_path):
     """CogVideoX-2B's schedule (scaled-linear, SNR shifted by 3, zero terminal SNR, trailing timesteps),
     v-prediction DDIM; the pipeline builds rotary embeddings per call."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     settings = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
                     rescale_betas_zero_snr=True, set_alpha_to_one=True, timestep_spacing="trailing",
@@ -146,6 +152,16 @@ def test_cogvideox_matches_cogvideoxpipeline(tiny_folder, tmp_path):
                  height=32, width=48, num_frames=9, output_type="pt").frames
     assert frames.shape == (2, 9, 3, 32, 48)
     torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
+    # and the scheduler CogVideoX-5B / 1.5 ship: the stochastic DPM-Solver, drawing from the same seeded generator
+    ref.scheduler = CogVideoXDPMScheduler(**settings)
+    frames = ref(**embeds(prompt_embeds=1, negative_prompt_embeds=1), generator=torch.Generator().manual_seed(9),
+                 latents=rearrange(noise, "b c f h w -> b f c h w"), num_inference_steps=STEPS, guidance_scale=CFG,
+                 height=32, width=48, num_frames=9, output_type="pt").frames
+    cond, uncond = prompts()
+    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, sampler="cogvideox_dpm",
+                       generator=torch.Generator().manual_seed(9))
+    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.5"])
