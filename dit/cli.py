@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(diffusion.objective=flow)")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance scale (default: the run's sample.cfg)")
+    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CogVideoX's use_dynamic_cfg: the guidance scale rises over the steps (default: the run's "
+                        "sample.dynamic_cfg)")
     p.add_argument("--guidance", type=float, default=None, help="HunyuanVideo (guidance-distilled): the embedded "
                    "guidance scale its transformer is given (default: the run's sample.guidance, else 6.0)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta, 0: deterministic (default: the run's sample.eta)")

@@ -500,6 +500,9 @@ class SampleConfig:
     fps: int = 8
     shift: float | None = None  # flow samplers: a static shift; null: the training one (diffusion.shift / dynamic)
     cfg_low: float | None = None  # with two experts (`dit sample --expert`): the low-noise one's scale; null: cfg
+    # CogVideoX's use_dynamic_cfg: the scale at timestep t is 1 + cfg (1 - cos(π ((steps - t) / steps)^5)) / 2, as
+    # CogVideoXPipeline computes it (its official 5B / 1.5 sampling turns it on)
+    dynamic_cfg: bool = False
     # a guidance-distilled HunyuanVideo or FLUX.1-dev: the embedded guidance scale its transformer is given; null: the
     # pipeline's, 6.0 (HunyuanVideoPipeline) or 3.5 (FluxPipeline) (its sample.cfg is then 1: no unconditional pass)
     guidance: float | None = None
@@ -512,6 +515,8 @@ class SampleConfig:
                "(flow) or null")
         _check(self.steps >= 1, "sample.steps", "must be >= 1")
         _check(self.cfg >= 0, "sample.cfg", "must be >= 0")
+        _check(not self.dynamic_cfg or self.cfg > 1, "sample.dynamic_cfg",
+               f"raises the guidance scale above 1 over the steps: set sample.cfg > 1 (it is {self.cfg:g})")
         _check(self.shift is None or self.shift > 0, "sample.shift", "must be > 0 or null (the training shift)")
         _check(self.guidance is None or self.guidance >= 0, "sample.guidance",
                "must be >= 0 or null (the pipeline's)")

@@ -19,7 +19,7 @@ from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
 from dit.config import DiffusionConfig, TextConfig
 from dit.diffusion.cuda_graphs import CudaGraphed
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
-from dit.diffusion.guidance import cfg_denoiser
+from dit.diffusion.guidance import cfg_denoiser, dynamic_scale
 from dit.diffusion.samplers import (
     Callback,
     cogvideox_dpm,
@@ -141,7 +141,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
              image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
              cfg_low: float | None = None, guidance: float | None = None,
              clip_image: torch.Tensor | None = None, last_image: torch.Tensor | None = None,
-             clip_last_image: torch.Tensor | None = None) -> torch.Tensor:
+             clip_last_image: torch.Tensor | None = None, dynamic_cfg: bool = False) -> torch.Tensor:
     """Sample one clip per prompt: [B, 3, T, H, W] in [-1, 1].
 
     sampler None: the checkpoint objective's default (ddim, or flow_euler for flow). shift (flow samplers only): a
@@ -154,7 +154,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     FLUX.1-dev's embedded guidance scale (None: its pipeline's guidance_scale, 6.0 or 3.5); other models take none.
     clip_image: Wan 2.1 I2V's CLIP input, the first frame as given before resizing (``read_pixels``), as
     WanImageToVideoPipeline gives it to CLIP; None: ``image``. last_image / clip_last_image: Wan 2.1 FLF2V's last
-    frame, as ``image`` / ``clip_image`` are its first.
+    frame, as ``image`` / ``clip_image`` are its first. dynamic_cfg: CogVideoX's rising guidance scale
+    (``dynamic_scale``; needs cfg > 1).
     """
     vae = pipe.vae
     pads = getattr(pipe.model, "pads_frames", False)
@@ -180,7 +181,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     z = sample_latents(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=gen,
                        shift=shift, callback=callback, image=image, dtype=dtype, cuda_graphs=cuda_graphs,
                        cfg_low=cfg_low, clip_image=clip_image, last_image=last_image,
-                       clip_last_image=clip_last_image)
+                       clip_last_image=clip_last_image, dynamic_cfg=dynamic_cfg)
     return decode_latents(pipe, z[:, :, pad:], decode_chunk)
 
 
@@ -212,14 +213,14 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
                    shift: float | None = None, callback: Callback = None,
                    image: torch.Tensor | None = None, dtype: str = "fp32", cuda_graphs: bool = False,
                    cfg_low: float | None = None, clip_image: torch.Tensor | None = None,
-                   last_image: torch.Tensor | None = None, clip_last_image: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+                   last_image: torch.Tensor | None = None, clip_last_image: torch.Tensor | None = None,
+                   dynamic_cfg: bool = False) -> torch.Tensor:
     """Denoise starting latents [B, C, t, h, w] with classifier-free guidance (cond / uncond: text states and mask)
     by the checkpoint's objective and sampling settings; returns normalized latents. ``callback(i, x)``: after each
     sampler step. ``image``: a first frame to continue (see ``image_condition``), given to both CFG branches.
-    ``dtype`` / ``cuda_graphs`` / ``cfg_low`` / ``clip_image`` / ``last_image`` / ``clip_last_image``: as
-    ``generate``'s. A CogVideoX 1.5 clip of an odd latent count comes and goes with its front pad frame
-    (``generate`` adds it to the noise and drops it before decoding)."""
+    ``dtype`` / ``cuda_graphs`` / ``cfg_low`` / ``clip_image`` / ``last_image`` / ``clip_last_image`` /
+    ``dynamic_cfg``: as ``generate``'s. A CogVideoX 1.5 clip of an odd latent count comes and goes with its front
+    pad frame (``generate`` adds it to the noise and drops it before decoding)."""
     objective = pipe.diffusion.objective
     sampler = resolve_sampler(objective, sampler)
     if dtype not in ("fp32", "bf16"):
@@ -238,7 +239,8 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
             extra["image_states"] = image_states(pipe, first, noise.shape[0], last=last)
         cond, uncond = {**cond, **extra}, {**uncond, **extra}
     z = _sample(pipe, noise, cond, uncond, steps=steps, sampler=sampler, cfg=cfg, eta=eta, generator=generator,
-                shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs, cfg_low=cfg_low)
+                shift=shift, callback=callback, dtype=dtype, cuda_graphs=cuda_graphs, cfg_low=cfg_low,
+                dynamic_cfg=dynamic_cfg)
     finish = getattr(pipe.model, "finish_sample", None)  # (Wan: the image back in place of frame 0)
     return finish(z, condition) if finish is not None else z
 
@@ -246,7 +248,7 @@ def sample_latents(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Te
 def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor], *,
             steps: int, sampler: str, cfg: float, eta: float, generator: torch.Generator | None,
             shift: float | None, callback: Callback, dtype: str, cuda_graphs: bool,
-            cfg_low: float | None = None) -> torch.Tensor:
+            cfg_low: float | None = None, dynamic_cfg: bool = False) -> torch.Tensor:
     objective = pipe.diffusion.objective
     model: Callable[..., torch.Tensor] = pipe.model
     if pipe.experts is not None and (cuda_graphs or objective != "flow"):
@@ -258,7 +260,11 @@ def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], 
     if dtype == "bf16":
         model = autocast_bf16(model, noise.device)
     # (Qwen-Image: its pipeline's guidance rescales the combined prediction)
-    denoise = cfg_denoiser(model, cond, uncond, cfg, combine=getattr(pipe.model, "guide", None))
+    if dynamic_cfg and (cfg <= 1 or pipe.experts is not None):
+        raise ValueError("dynamic_cfg raises a guidance scale above 1 over the steps (CogVideoX's use_dynamic_cfg): "
+                         f"give cfg > 1 (got {cfg:g}), with one model")
+    scale = dynamic_scale(cfg, steps) if dynamic_cfg else cfg
+    denoise = cfg_denoiser(model, cond, uncond, scale, combine=getattr(pipe.model, "guide", None))
     if pipe.experts is not None:  # Wan 2.2 A14B: cfg guides the high-noise expert, cfg_low the low-noise one
         other: Callable[..., torch.Tensor] = pipe.experts.other
         if dtype == "bf16":

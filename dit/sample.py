@@ -147,7 +147,7 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     against the run's objective."""
     run = config["experiment"].get("sample") or {}
     out = {f.name: run.get(f.name, f.default) for f in fields(SampleConfig)}
-    for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low", "guidance"):
+    for name in ("sampler", "steps", "cfg", "eta", "fps", "cfg_low", "guidance", "dynamic_cfg"):
         if getattr(args, name, None) is not None:
             out[name] = getattr(args, name, None)
     distilled = config["dit"].get("diffusers", {}).get("guidance_embeds", False)  # (HunyuanVideo's, FLUX.1-dev's)
@@ -155,6 +155,9 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
         raise ConfigError(f"--guidance is the embedded guidance scale of a guidance-distilled HunyuanVideo or "
                           f"FLUX.1-dev; this checkpoint's {config['dit'].get('family', 'dit')} model takes none: use "
                           "--cfg")
+    if out["dynamic_cfg"] and out["cfg"] <= 1:
+        raise ConfigError(f"--dynamic-cfg raises the guidance scale above 1 over the steps: give --cfg > 1 (it is "
+                          f"{out['cfg']:g}), or --no-dynamic-cfg")
     if distilled and out["guidance"] is None:  # (what generate gives it; said in the report)
         out["guidance"] = sample_guidance(config["dit"]["family"])
     try:
@@ -336,7 +339,8 @@ def run_sample(args: argparse.Namespace) -> None:
                          sampler=opts["sampler"], cfg=opts["cfg"], eta=opts["eta"], seed=args.seed + start,
                          decode_chunk=args.decode_chunk, shift=opts["shift"], image=image,
                          dtype=dtype, cuda_graphs=getattr(args, "cuda_graphs", False),
-                         cfg_low=opts["cfg_low"], guidance=opts["guidance"], clip_image=clip_image,
+                         cfg_low=opts["cfg_low"], guidance=opts["guidance"], dynamic_cfg=opts["dynamic_cfg"],
+                         clip_image=clip_image,
                          last_image=last_image, clip_last_image=clip_last_image,
                          callback=(lambda i, x: bar.update(1)) if bar is not None else None)
         if not main:
@@ -361,6 +365,7 @@ def report(args: argparse.Namespace, opts: dict[str, Any], prompts: list[str], s
     frames, height, width = size
     print(f"sampling {len(prompts)} clip(s) of {frames}x{height}x{width} (frames x height x width; {n_tokens} latent "
           f"tokens each) with {opts['sampler']}, {opts['steps']} steps, cfg {opts['cfg']:g}"
+          + (" (dynamic)" if opts.get("dynamic_cfg") else "")
           + ("" if opts.get("guidance") is None else f", embedded guidance {opts['guidance']:g}")
           + f", seed {args.seed}, batches of {args.batch_size}", file=sys.stderr)
     if n_tokens > WARN_TOKENS * n_trained:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit.config import load_config
+from dit.config import ConfigError, load_config
 from dit.export import write_export
 from dit.models.dit import build_dit
 from dit.models.vae import CausalVAE, save_vae
@@ -56,6 +56,21 @@ def test_sample_without_size_flags_writes_the_trained_size(checkpoint: Path, tmp
     gif = Image.open(out)
     frames, height, width = SIZE
     assert gif.n_frames == frames and gif.size == (width, height)
+
+
+def test_dynamic_cfg_is_said_and_needs_a_scale_above_one(checkpoint: Path, tmp_path: Path) -> None:
+    base = [DIT, "sample", "--checkpoint", str(checkpoint), "--prompt", "a", "--steps", "2", "--frames", "1"]
+    done = subprocess.run([*base, "--dynamic-cfg", "--out", str(tmp_path / "a.png")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "cfg 5 (dynamic)" in done.stderr  # (the default sample.cfg)
+    bad = subprocess.run([*base, "--dynamic-cfg", "--cfg", "1", "--out", str(tmp_path / "b.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "--dynamic-cfg raises the guidance scale above 1 over the steps: give --cfg > 1" in bad.stderr
+    assert not (tmp_path / "b.png").exists()
+    with pytest.raises(ConfigError, match=r"sample\.dynamic_cfg: raises the guidance scale above 1"):
+        load_config(None, ["sample.dynamic_cfg=true", "sample.cfg=1"])
 
 
 def test_a_size_flag_overrides_only_its_own_dimension(checkpoint: Path, tmp_path: Path) -> None:

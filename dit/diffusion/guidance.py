@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,21 +34,33 @@ def _batch_kwargs(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, Any
 Combine = Callable[[Tensor, Tensor, float], Tensor]  # (cond, uncond, scale) -> the guided prediction
 
 
-def cfg_denoiser(model: Callable[..., Tensor], cond: dict[str, Any], uncond: dict[str, Any], scale: float,
+def dynamic_scale(scale: float, steps: int) -> Callable[[Tensor], float]:
+    """CogVideoX's use_dynamic_cfg: the scale at timestep t (the model's, not the step index, as CogVideoXPipeline
+    has it) is 1 + scale (1 - cos(π ((steps - t) / steps)^5)) / 2."""
+    def at(t: Tensor) -> float:
+        return 1 + scale * (1 - math.cos(math.pi * ((steps - t[0].item()) / steps) ** 5.0)) / 2
+
+    return at
+
+
+def cfg_denoiser(model: Callable[..., Tensor], cond: dict[str, Any], uncond: dict[str, Any],
+                 scale: float | Callable[[Tensor], float],
                  combine: Combine | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """denoise_fn(x, t) = uncond + scale * (cond - uncond), from one model call on the batch [x; x]; ``combine``:
-    another rule for (cond, uncond, scale) (Qwen-Image's rescaled guidance).
+    another rule for (cond, uncond, scale) (Qwen-Image's rescaled guidance). ``scale``: a number, or a function of
+    the timesteps t [B] (``dynamic_scale``).
 
     scale == 1 runs only the conditional half (the result is the same).
     """
-    if scale == 1:
+    if not callable(scale) and scale == 1:
         return lambda x, t: model(x, t, **cond)
     kwargs = _batch_kwargs(cond, uncond)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         out_cond, out_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **kwargs).chunk(2)  # 2 x [B, ...]
+        s = scale(t) if callable(scale) else scale
         if combine is not None:
-            return combine(out_cond, out_uncond, scale)
-        return out_uncond + scale * (out_cond - out_uncond)
+            return combine(out_cond, out_uncond, s)
+        return out_uncond + s * (out_cond - out_uncond)
 
     return denoise

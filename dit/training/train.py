@@ -282,7 +282,8 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     with around():
         video = generate(pipe, [prompts[i] for i in mine or [0]], frames=d.frames, height=d.height, width=d.width,
                          steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler, cfg=cfg.sample.cfg,
-                         shift=cfg.sample.shift, seed=0, dtype=dtype, image=first, guidance=cfg.sample.guidance)
+                         shift=cfg.sample.shift, seed=0, dtype=dtype, image=first, guidance=cfg.sample.guidance,
+                         dynamic_cfg=cfg.sample.dynamic_cfg)
     clips = list(zip(mine, to_uint8(video)[:len(mine)]))
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size

@@ -152,16 +152,22 @@ def test_cogvideox_matches_cogvideoxpipeline(tiny_folder, tmp_path):
                  height=32, width=48, num_frames=9, output_type="pt").frames
     assert frames.shape == (2, 9, 3, 32, 48)
     torch.testing.assert_close(ours(pipe, noise), frames, atol=1e-4, rtol=0)
-    # and the scheduler CogVideoX-5B / 1.5 ship: the stochastic DPM-Solver, drawing from the same seeded generator
+    # and CogVideoX-5B / 1.5's sampling: the scheduler they ship (the stochastic DPM-Solver, drawing from the same
+    # seeded generator), with and without the dynamic guidance scale of their official inference
     ref.scheduler = CogVideoXDPMScheduler(**settings)
-    frames = ref(**embeds(prompt_embeds=1, negative_prompt_embeds=1), generator=torch.Generator().manual_seed(9),
-                 latents=rearrange(noise, "b c f h w -> b f c h w"), num_inference_steps=STEPS, guidance_scale=CFG,
-                 height=32, width=48, num_frames=9, output_type="pt").frames
     cond, uncond = prompts()
-    z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, sampler="cogvideox_dpm",
-                       generator=torch.Generator().manual_seed(9))
-    got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
-    torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
+    for dynamic in (False, True):
+        frames = ref(**embeds(prompt_embeds=1, negative_prompt_embeds=1), generator=torch.Generator().manual_seed(9),
+                     latents=rearrange(noise, "b c f h w -> b f c h w"), num_inference_steps=STEPS,
+                     guidance_scale=CFG, use_dynamic_cfg=dynamic, height=32, width=48, num_frames=9,
+                     output_type="pt").frames
+        z = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG, sampler="cogvideox_dpm",
+                           generator=torch.Generator().manual_seed(9), dynamic_cfg=dynamic)
+        got = rearrange((decode_latents(pipe, z) + 1) / 2, "b c t h w -> b t c h w")
+        torch.testing.assert_close(got, frames, atol=1e-4, rtol=0)
+        if not dynamic:
+            plain = got
+    assert (got - plain).abs().max() > 1e-3  # (the dynamic scale changed the samples)
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.5"])
