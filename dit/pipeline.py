@@ -20,16 +20,7 @@ from dit.config import DiffusionConfig, TextConfig
 from dit.diffusion.cuda_graphs import CudaGraphed
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser, dynamic_scale
-from dit.diffusion.samplers import (
-    Callback,
-    cogvideox_dpm,
-    ddim,
-    ddpm,
-    dpm_solver,
-    flow_dpm_solver,
-    flow_euler,
-    flow_unipc,
-)
+from dit.diffusion.samplers import SAMPLERS, Callback
 from dit.diffusion.schedules import Schedule, make_schedule
 from dit.experts import Experts, load_expert, switch
 from dit.export import resolve_checkpoint
@@ -42,10 +33,6 @@ from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, load_vae
 from dit.weights import checkpoint_weights
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
-                                                     "cogvideox_dpm": cogvideox_dpm,
-                                                     "flow_euler": flow_euler, "flow_dpm_solver": flow_dpm_solver,
-                                                     "flow_unipc": flow_unipc}
 log = logging.getLogger("dit.pipeline")
 OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver", "cogvideox_dpm"),
                       "flow": ("flow_euler", "flow_dpm_solver", "flow_unipc")}

@@ -139,6 +139,14 @@ def test_bench_sample_runs(tmp_path: Path) -> None:
     assert r["compile"] == "none"
 
 
+@pytest.mark.parametrize("sampler", ["flow_unipc", "cogvideox_dpm"])
+def test_bench_sample_runs_any_sampler(tmp_path: Path, sampler: str) -> None:
+    r = _run_tool("bench_sample", tmp_path, "--preset", "dit-tiny", "--shape", "1x16x16", "--steps", "3",
+                  "--repeats", "1", "--warmup", "1", "--decode-repeats", "1", "--sampler", sampler)
+    assert r["sampler"] == sampler and len(r["step_times_s"]) == 3
+    _positive(r, "sample_time_s", "model_time_s")
+
+
 def test_bench_sample_compile(tmp_path: Path) -> None:
     """--compile: the blocks compile in the warm-up; the run's figures as without it (a sample is drawn, finite)."""
     r = _run_tool("bench_sample", tmp_path, "--preset", "dit-tiny", "--shape", "1x16x16", "--steps", "2",

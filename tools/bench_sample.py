@@ -1,10 +1,12 @@
-"""Sampling benchmark (a tool, not a test): DDIM with classifier-free guidance on a randomly initialised DiT, then
+"""Sampling benchmark (a tool, not a test): DDIM (or ``--sampler``) with classifier-free guidance on a randomly
+initialised DiT, then
 our causal VAE's decode, with and without chunked (temporal tiling) decode.
 
     .venv/bin/python tools/bench_sample.py --preset DiT-S/2 --shape 17x128x128 --steps 50 --cfg 5 --json s.json
     python tools/bench_sample.py --preset DiT-XL/2 --shape 33x256x256 --dtype bf16 --device cuda --json s.json
 
-The sampler is the project's: ``dit.diffusion.samplers.ddim`` over ``dit.diffusion.guidance.cfg_denoiser`` (one
+The sampler is the project's: ``dit.diffusion.samplers.ddim`` (``--sampler``: any in that module's ``SAMPLERS``;
+the flow ones at shift 3, ``cogvideox_dpm`` with its noise draws) over ``dit.diffusion.guidance.cfg_denoiser`` (one
 model call on the batch [x; x] per step), as ``dit.pipeline.generate`` runs it, with random text states in place of
 a text encoder. Weights are random (the DiT's adaLN-Zero output layer is re-drawn so the sample is not all zeros):
 speed does not depend on them.
@@ -56,7 +58,7 @@ from data_pipelines.config import latent_shape as clip_latent_shape  # noqa: E40
 from dit.config import ATTENTION_BACKENDS  # noqa: E402
 from dit.diffusion.cuda_graphs import CudaGraphed  # noqa: E402
 from dit.diffusion.guidance import cfg_denoiser  # noqa: E402
-from dit.diffusion.samplers import ddim  # noqa: E402
+from dit.diffusion.samplers import SAMPLERS  # noqa: E402
 from dit.diffusion.schedules import make_schedule  # noqa: E402
 from dit.models.attention import resolve_backend  # noqa: E402
 from dit.models.dit import DiT  # noqa: E402
@@ -112,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="DiT-S/2", help="a name in dit/models/presets.py")
     p.add_argument("--shape", type=parse_shape, default=(17, 128, 128), help="FRAMESxHEIGHTxWIDTH of the clips")
     p.add_argument("--batch", type=int, default=1, help="clips per sampling call")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="which of dit sample's samplers")
     p.add_argument("--cfg", type=float, default=5.0, help="guidance scale (1: no CFG, batch B instead of 2B)")
     p.add_argument("--repeats", type=int, default=2, help="timed sampling runs (each with a pure-model run)")
     p.add_argument("--warmup", type=int, default=2, help="untimed model forwards first")
@@ -196,8 +199,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         sync(device)
         return time.perf_counter() - t0
 
+    def run_sampler(fn: Any, x: torch.Tensor, callback: Any) -> torch.Tensor:
+        sampler = SAMPLERS[args.sampler]
+        if args.sampler.startswith("flow_"):
+            return sampler(fn, x, steps=args.steps, shift=3.0, callback=callback)
+        kwargs: dict[str, Any] = dict(steps=args.steps, prediction="eps", callback=callback)
+        if args.sampler in ("ddim", "ddpm", "cogvideox_dpm"):
+            kwargs["generator"] = torch.Generator(device=x.device).manual_seed(args.seed)
+        return sampler(fn, x, schedule, **kwargs)
+
     def run_interleaved() -> tuple[list[float], list[float], torch.Tensor]:
-        """One DDIM run; after each of its steps one bare forward, timed apart: (step times, forward times, z)."""
+        """One sampler run; after each of its steps one bare forward, timed apart: (step times, forward times,
+        z)."""
         steps, forwards = [], []
         mark = [0.0]
 
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         with torch.no_grad(), autocast():
             sync(device)
             mark[0] = time.perf_counter()
-            z = ddim(denoise, noise, schedule, steps=args.steps, eta=0.0, prediction="eps", callback=after_step)
+            z = run_sampler(denoise, noise, after_step)
         return steps, forwards, z
 
     with torch.no_grad(), autocast():
@@ -250,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         device_name=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
         load_average_start=load_start, load_average_end=load_average(),
         preset=args.preset, shape=list(args.shape), latent_shape=[args.latent_channels, *grid], batch=B,
-        sampler="ddim", steps=args.steps, cfg=args.cfg, forward_batch=forward_batch, dtype=args.dtype,
+        sampler=args.sampler, steps=args.steps, cfg=args.cfg, forward_batch=forward_batch, dtype=args.dtype,
         attention=args.attention, cuda_graphs=args.cuda_graphs, compile="ours" if args.compile else "none",
         repeats=args.repeats, sample_time_s=sample_s, model_time_s=model_s, step_times_s=step_times,
         model_times_s=model_times, overhead=(sample_s - model_s) / model_s, overheads=overheads,

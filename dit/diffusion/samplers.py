@@ -295,3 +295,8 @@ def flow_unipc(denoise_fn: DenoiseFn, noise: Tensor, *, steps: int, shift: float
         if callback is not None:
             callback(i, x.to(noise.dtype))
     return x.to(noise.dtype)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddim": ddim, "ddpm": ddpm, "dpm_solver": dpm_solver,
+                                              "cogvideox_dpm": cogvideox_dpm, "flow_euler": flow_euler,
+                                              "flow_dpm_solver": flow_dpm_solver, "flow_unipc": flow_unipc}
