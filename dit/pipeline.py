@@ -160,7 +160,11 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     pad = (-t) % pipe.model.patch[0] if pads else 0
     shape = (b, vae.latent_channels, t + pad, h, w)  # [B, C, t (+ pad), h, w]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=gen).to(device)
+    if getattr(pipe.model, "family", None) == "cogvideox":  # drawn as its pipelines hold latents, [B, F, C, H, W]:
+        noise = torch.randn(shape[0], shape[2], shape[1], *shape[3:], generator=gen).transpose(1, 2)  # same seeds
+    else:
+        noise = torch.randn(shape, generator=gen)
+    noise = noise.contiguous().to(device)
     states, mask = pipe.text.encode(list(prompts) + [""] * b)  # one call: cond and uncond share the padding
     embedded = embedded_guidance(pipe.model, guidance)  # (the same for both halves of the guidance)
     cond = dict(text=states[:b].to(device), text_mask=mask[:b].to(device), **embedded)

@@ -17,7 +17,7 @@ from dit.config import load_config
 from dit.export import write_export
 from dit.models.families import build_denoiser
 from dit.models.text import NoText
-from dit.pipeline import Pipeline, decode_latents, load_pipeline, sample_latents
+from dit.pipeline import Pipeline, decode_latents, generate, load_pipeline, sample_latents
 
 STEPS, CFG = 5, 4.0
 # LTX-Video's scheduler (Lightricks/LTX-Video scheduler_config.json), and the same as diffusion.* settings of ours
@@ -168,6 +168,23 @@ def test_cogvideox_matches_cogvideoxpipeline(tiny_folder, tmp_path):
         if not dynamic:
             plain = got
     assert (got - plain).abs().max() > 1e-3  # (the dynamic scale changed the samples)
+    # `dit sample --seed S` (generate) draws its starting noise as the pipeline does from the same seed, so from the
+    # same prompt states the two give the same video
+    from dit.models.text import TextEncoder
+
+    class Fixed(TextEncoder):  # prompts()'s states: the prompts, then as many empty ones
+        dim, name = 16, "fixed"
+
+        def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([cond["text"], uncond["text"]]), torch.cat([cond["text_mask"], uncond["text_mask"]])
+
+    pipe.text = Fixed()
+    video = generate(pipe, ["a", "b"], frames=9, height=32, width=48, steps=STEPS, sampler="cogvideox_dpm", cfg=CFG,
+                     seed=5, dynamic_cfg=True)
+    frames = ref(**embeds(prompt_embeds=1, negative_prompt_embeds=1), generator=torch.Generator().manual_seed(5),
+                 num_inference_steps=STEPS, guidance_scale=CFG, use_dynamic_cfg=True, height=32, width=48,
+                 num_frames=9, output_type="pt").frames
+    torch.testing.assert_close(rearrange((video + 1) / 2, "b c t h w -> b t c h w"), frames, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.5"])
