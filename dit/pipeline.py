@@ -160,7 +160,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, frames: int, height: int, wi
     pad = (-t) % pipe.model.patch[0] if pads else 0
     shape = (b, vae.latent_channels, t + pad, h, w)  # [B, C, t (+ pad), h, w]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if getattr(pipe.model, "family", None) == "cogvideox":  # drawn as its pipelines hold latents, [B, F, C, H, W]:
+    if getattr(pipe.model, "frames_first", False):  # drawn as its pipelines hold latents, [B, F, C, H, W]:
         noise = torch.randn(shape[0], shape[2], shape[1], *shape[3:], generator=gen).transpose(1, 2)  # same seeds
     else:
         noise = torch.randn(shape, generator=gen)
@@ -276,7 +276,7 @@ def _sample(pipe: Pipeline, noise: torch.Tensor, cond: dict[str, torch.Tensor], 
     if sampler in ("ddim", "ddpm", "cogvideox_dpm"):
         kwargs["generator"] = generator
     if sampler == "cogvideox_dpm":  # its noise drawn as CogVideoX's pipelines draw it, for seeded parity
-        kwargs["frames_first"] = getattr(pipe.model, "family", None) == "cogvideox"
+        kwargs["frames_first"] = getattr(pipe.model, "frames_first", False)
     if sampler in ("ddim", "dpm_solver", "cogvideox_dpm") and pipe.diffusion.timestep_spacing:
         kwargs["timestep_spacing"] = pipe.diffusion.timestep_spacing
     # on the latents' device: else each step copies it to the GPU from pageable memory, and the host waits

@@ -171,12 +171,11 @@ def cogvideox_dpm(denoise_fn: DenoiseFn, noise: Tensor, schedule: Schedule, *, s
         keep = math.sqrt((1 - a_prev) / (1 - a)) * decay
         pull = -math.expm1(-2 * h) * math.sqrt(a_prev)  # α' (1 - e^{-2h})
         spread = math.sqrt(1 - a_prev) * math.sqrt(1 - math.exp(-2 * h))
-        step = keep * x + pull * x0 + spread * draw(x)
-        if x0_prev is not None and prev >= 0:
+        d, z = x0, draw(x)  # first order (its draw is made either way, as diffusers makes it)
+        if x0_prev is not None and prev >= 0:  # second order, with a draw of its own
             r = (lam - _half_log_snr(abar[ts[i - 1]])) / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            step = keep * x + pull * d + spread * draw(x)
-        x, x0_prev = step, x0
+            d, z = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev, draw(x)
+        x, x0_prev = keep * x + pull * d + spread * z, x0
         if callback is not None:
             callback(i, x)
     return x

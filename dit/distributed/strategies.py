@@ -237,12 +237,11 @@ class DeepSpeedStrategy(Strategy):
         applied = self.model.was_step_applied()
         return StepReport(float(norm) if norm is not None else float("nan"), applied)
 
-    def _gathered(self, trained_only: bool = False) -> AbstractContextManager:
+    def _gathered(self) -> AbstractContextManager:
         if self.stage == 3:
             import deepspeed
 
-            params = [p for p in self.module.parameters() if p.requires_grad or not trained_only]
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
         return nullcontext()
 
     def _fragments(self) -> list[Fragment]:

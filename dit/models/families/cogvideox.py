@@ -23,6 +23,7 @@ class CogVideoXDenoiser(FamilyDenoiser):
     joint_text = True
     concat_condition = True  # CogVideoX-I2V: the image latents beside the noisy ones (in_channels 2C)
     pads_frames = True  # CogVideoX 1.5 (temporal patch 2) at an odd latent frame count (81 frames: 21)
+    frames_first = True  # its pipelines hold latents [B, F, C, H, W] and draw their noise so (seeded parity)
 
     @classmethod
     def sizes(cls, dcfg: dict[str, Any]) -> dict[str, Any]:
