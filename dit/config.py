@@ -423,6 +423,10 @@ class TrainConfig:
     # image-to-video (model.condition=first_frame): the first frame of each sample prompt's clip (image files, one per
     # prompt), resized and center-cropped to the training size; none: the logged clips are drawn from text alone
     sample_images: list[str] = field(default_factory=list)
+    # a run that trains one expert of two (Wan 2.2 A14B; diffusion.sigma_min / sigma_max): the other one (its run,
+    # checkpoint or diffusers transformer folder), with which the logged clips are drawn; held on the CPU in the
+    # samples' precision, on the device only while sampling. Empty: such a run logs no clips
+    sample_expert: str = ""
     # Distributed strategy (dit/distributed/strategies.py); the launcher (torchrun / accelerate launch) sets N.
     strategy: str = "ddp"  # ddp | zero1 | zero2 | zero3 | fsdp
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step (every strategy)
@@ -558,6 +562,7 @@ class Config:
                "which fusing replaces; set model.fused_qkv=false")
         check_family_run(self)
         self._check_sample_images()
+        self._check_sample_expert()
         _check(not self.train.keep_best or bool(self.data.val_shards), "train.keep_best",
                "keeps the checkpoint of the lowest validation loss: set data.val_shards (held-out shards)")
 
@@ -572,6 +577,22 @@ class Config:
                f"has {len(images)} images for {len(prompts)} train.sample_prompts: give one first frame per prompt")
         missing = [p for p in images if not Path(p).is_file()]
         _check(not missing, "train.sample_images", f"{missing} do not exist: give image files (png, jpg, webp)")
+
+    def _check_sample_expert(self) -> None:
+        """train.sample_expert: an existing path, for a run of one expert that logs clips."""
+        expert = self.train.sample_expert
+        if not expert:
+            return
+        d = self.diffusion
+        _check(d.sigma_min > 0.0 or d.sigma_max < 1.0, "train.sample_expert",
+               "is the other expert of a run that trains one of two, but this run trains every noise level "
+               "(diffusion.sigma_min=0, sigma_max=1): remove it")
+        _check(bool(self.train.sample_prompts), "train.sample_expert",
+               "draws the logged clips with this run's expert, but train.sample_prompts is empty: add prompts or "
+               "remove it")
+        _check(Path(expert).exists(), "train.sample_expert",
+               f"{expert!r} does not exist: give the other expert's run, checkpoint directory or diffusers "
+               "transformer folder")
 
     def _check_sequence_parallel(self, temporal: int, spatial: int) -> None:
         """Heads and the clip's tokens must split evenly over the sequence-parallel ranks (bucketed or latent-shard

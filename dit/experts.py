@@ -9,6 +9,8 @@ transformer_2/), which then serves the rest of the range.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,24 @@ def split_of(config: dict[str, Any]) -> tuple[float, bool]:
     return (hi, True) if lo == 0.0 else (lo, False)
 
 
-def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.device, fp8: bool = False) -> Experts:
+def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.device, fp8: bool = False,
+                dtype: torch.dtype = torch.float32) -> Experts:
     """The other expert for a checkpoint of ``config`` (its config.json), from ``path``: a run or checkpoint of ours,
-    or a diffusers transformer folder; checked to fit the checkpoint's model before its weights load."""
+    or a diffusers transformer folder; checked to fit the checkpoint's model before its weights load. ``dtype``: its
+    weights' (bf16 for samples drawn under bf16 autocast: half the memory)."""
+    return _other_expert(config, path, device=device, fp8=fp8, dtype=dtype)
+
+
+def check_expert(config: dict[str, Any], path: str | Path) -> None:
+    """What ``load_expert`` checks (the ranges meet, the shapes fit), from the config files alone: no weights load."""
+    _other_expert(config, path)
+
+
+def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | torch.device | None = None,
+                  fp8: bool = False, dtype: torch.dtype = torch.float32) -> Experts:
+    """The other expert, checked; ``device`` None: only checked (its model built without weights)."""
+    from accelerate import init_empty_weights
+
     from dit.models.families import FAMILIES, denoiser_from_config
 
     boundary, we_are_low = split_of(config)
@@ -69,29 +86,44 @@ def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.de
         read_diffusers_folder(folder, key="--expert", class_name=cls.class_name, subfolder="transformer_2",
                               family_key="model.family", family=family,
                               family_of_class={c.class_name: f for f, c in FAMILIES.items()})
-        transformer = cls.transformer_class().from_pretrained(folder, torch_dtype=torch.float32)
-        model = cls(transformer, **{k: config["dit"][k] for k in cls.option_keys if k in config["dit"]})
+        options = {k: config["dit"][k] for k in cls.option_keys if k in config["dit"]}
+        if device is None:
+            with init_empty_weights():
+                transformer = cls.transformer_class().from_config(cls.transformer_class().load_config(folder))
+        else:
+            transformer = cls.transformer_class().from_pretrained(folder, torch_dtype=dtype)
+        model = cls(transformer, **options)
+        other_config = model.config
     else:
         from dit.export import resolve_checkpoint
-        from dit.weights import checkpoint_weights
 
-        weights, other = checkpoint_weights(resolve_checkpoint(path))
+        ckpt = resolve_checkpoint(path)
+        other = json.loads((ckpt / "config.json").read_text())
         lo, hi = expert_range(other)
         want = (boundary, 1.0) if we_are_low else (0.0, boundary)
         if (lo, hi) != want:
             raise ConfigError(f"--expert {path}: trained on noise levels [{lo}, {hi}], but the other expert of this "
                               f"checkpoint serves [{want[0]}, {want[1]}] (the boundary {boundary} of this one's range)")
-        model = denoiser_from_config(other["dit"], weights)
+        other_config = other["dit"]
     ours = config["dit"]
-    fits = {"in_channels": (model.config.get("in_channels"), ours.get("in_channels")),
-            "text_dim": (model.config.get("text_dim"), ours.get("text_dim")),
-            "patch_size": (list(model.config.get("patch_size", [])), list(ours.get("patch_size", []))),
-            "condition_channels": (model.config.get("condition_channels", 0), ours.get("condition_channels", 0))}
+    fits = {"in_channels": (other_config.get("in_channels"), ours.get("in_channels")),
+            "text_dim": (other_config.get("text_dim"), ours.get("text_dim")),
+            "patch_size": (list(other_config.get("patch_size", [])), list(ours.get("patch_size", []))),
+            "condition_channels": (other_config.get("condition_channels", 0), ours.get("condition_channels", 0))}
     differ = {k: v for k, v in fits.items() if v[0] != v[1]}
-    if model.config.get("family") != family or differ:
+    if other_config.get("family", "dit") != family or differ:
         listed = ", ".join(f"{k} {a} (expert) vs {b} (checkpoint)" for k, (a, b) in differ.items())
         raise ConfigError(f"--expert {path} is not the other expert of this checkpoint's {family} model: "
                           f"{listed or 'another family'}")
+    if device is None:
+        return Experts(nn.Identity(), boundary, other_high=we_are_low)
+    if not _diffusers_folder(folder):
+        from dit.weights import checkpoint_weights
+
+        weights, _ = checkpoint_weights(ckpt)
+        for key, value in weights.items():  # (one tensor at a time: no second full copy)
+            weights[key] = value.to(dtype) if value.is_floating_point() else value
+        model = denoiser_from_config(other_config, weights)
     model.eval().requires_grad_(False)
     if fp8:  # (on the CPU, before it moves: the device never holds its full-width weights)
         from dit.models.fp8 import frozen_block_linears_to_fp8
@@ -106,6 +138,19 @@ def _diffusers_folder(folder: Path) -> bool:
         return "_class_name" in json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
+
+
+@contextmanager
+def expert_on(experts: Experts | None, device: torch.device) -> Iterator[None]:
+    """The other expert on ``device`` while it samples, back on the CPU after (where a training run holds it)."""
+    if experts is None:
+        yield
+        return
+    experts.other.to(device)
+    try:
+        yield
+    finally:
+        experts.other.to("cpu")
 
 
 def switch(high: DenoiseFn, low: DenoiseFn, boundary: float) -> DenoiseFn:

@@ -39,7 +39,7 @@ from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Pree
 from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ranks, setup_distributed
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
-from dit.experts import one_expert
+from dit.experts import check_expert, expert_on, load_expert, one_expert
 from dit.export import checkpoint_step, list_checkpoints, write_export
 from dit.models.attention import resolve_backend
 from dit.models.condition import (
@@ -271,7 +271,8 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step);
     ``around``: the context the sampling runs in (the strategy's: ZeRO-3 gathers a LoRA run's shared base)."""
     prompts, images = cfg.train.sample_prompts[:4], cfg.train.sample_images[:4]
-    if (not prompts or one_expert(cfg.diffusion) or (getattr(pipe.model, "code_condition", False) and not images)
+    alone = one_expert(cfg.diffusion) and pipe.experts is None
+    if (not prompts or alone or (getattr(pipe.model, "code_condition", False) and not images)
             or getattr(pipe.model, "last_frame", False)):
         return  # (one expert of two cannot sample alone; Wan's code form samples from an image only; FLF2V from two)
     share = math.ceil(len(prompts) / env.world_size)
@@ -279,11 +280,11 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     d = cfg.data
     # train.sample_images: each prompt's first frame, at the training size
     first = torch.cat([read_image(images[i], d.height, d.width) for i in mine or [0]]) if images else None
-    with around():
+    with around(), expert_on(pipe.experts, env.device):  # (train.sample_expert: the other expert of a pair)
         video = generate(pipe, [prompts[i] for i in mine or [0]], frames=d.frames, height=d.height, width=d.width,
                          steps=min(cfg.sample.steps, 25), sampler=cfg.sample.sampler, cfg=cfg.sample.cfg,
                          shift=cfg.sample.shift, seed=0, dtype=dtype, image=first, guidance=cfg.sample.guidance,
-                         dynamic_cfg=cfg.sample.dynamic_cfg)
+                         dynamic_cfg=cfg.sample.dynamic_cfg, cfg_low=cfg.sample.cfg_low if pipe.experts else None)
     clips = list(zip(mine, to_uint8(video)[:len(mine)]))
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size
@@ -335,10 +336,10 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     if t.sample_prompts and last_frame_condition(cfg.model):
         log.warning("train.sample_prompts: a Wan 2.1 FLF2V model samples from a first and a last frame; no samples "
                     "are logged (sample with `dit sample --checkpoint RUN --image FIRST --last-image LAST`)")
-    if t.sample_prompts and one_expert(cfg.diffusion):
+    if t.sample_prompts and one_expert(cfg.diffusion) and not t.sample_expert:
         log.warning("train.sample_prompts: this run trains one expert (noise levels [%g, %g]), which cannot sample "
-                    "alone; no samples are logged (sample with `dit sample --checkpoint RUN --expert OTHER`)",
-                    cfg.diffusion.sigma_min, cfg.diffusion.sigma_max)
+                    "alone; no samples are logged (set train.sample_expert to the other expert, or sample with "
+                    "`dit sample --checkpoint RUN --expert OTHER`)", cfg.diffusion.sigma_min, cfg.diffusion.sigma_max)
     # ZeRO and FSDP need a group, even for 1 process; train.sequence_parallel is checked against the world size here
     env = setup_distributed(needs_group=t.strategy != "ddp", sequence_parallel=t.sequence_parallel)
     check_attention(cfg.model, env.device)
@@ -375,6 +376,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     model = build_denoiser(cfg.model, in_channels=vae.latent_channels, text_dim=text.dim,
                            compression=(vae.temporal_compression, vae.spatial_compression))
+    expert = t.sample_expert if t.sample_prompts else ""  # the other expert: checked to fit before any work
+    if expert:
+        check_expert({"dit": model.config, "experiment": cfg.to_dict()}, expert)
     if t.init_from and (resume_from is None or t.lora.rank):  # a LoRA run's base, also under its resumed adapter
         load_init_from(model, t.init_from)
     if cfg.model.fused_qkv:  # after any init_from: the weights are stacked from the plain layout
@@ -421,8 +425,11 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     if validator.due(step):  # the starting point (a fine-tune's base)
         validator.run(step, strategy, noise_schedule_dev)
+    # held on the CPU in the samples' precision; on the device only while sampling (log_samples)
+    experts = load_expert({"dit": model.config, "experiment": cfg.to_dict()}, expert, "cpu",
+                          dtype=torch.bfloat16 if sampling_dtype == "bf16" else torch.float32) if expert else None
     pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {},
-                    diffusion=cfg.diffusion, image=image_encoder)
+                    diffusion=cfg.diffusion, image=image_encoder, experts=experts)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
     meter, guard, bad = Throughput(env.device, env.world_size), NonfiniteGuard(t.max_nonfinite), {}
     share = 1 / env.sequence_parallel  # of each clip's work done on this rank (its sequence-parallel slice)

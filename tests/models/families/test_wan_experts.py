@@ -13,6 +13,7 @@ from test_pipelines import CFG, STEPS, exported, latents, prompts
 from tiny_families import tiny_transformer
 
 from dit.config import ConfigError
+from dit.experts import check_expert, load_expert
 from dit.models.text import NoText
 from dit.pipeline import decode_latents, load_pipeline, sample_latents
 
@@ -58,6 +59,18 @@ def test_t2v_experts_match_wanpipeline_with_transformer_2(tmp_path, stats):
     alone = sample_latents(pipe, noise, cond, uncond, steps=STEPS, cfg=CFG)
     assert (alone - z).abs().mean() > 1e-2
     assert (sample_latents(both, noise, cond, uncond, steps=STEPS, cfg=CFG) - z).abs().mean() > 1e-3  # cfg_low
+    # a training run's samples (train.sample_expert) hold the other expert in bf16 when they are drawn under bf16
+    # autocast; it then runs as a bf16 Wan does in WanPipeline (inputs and residual stream in bf16), which is as far
+    # from the fp32 latents as autocast over its fp32 weights is (measured: mean 0.0141 against 0.0138, max 0.074
+    # against 0.091)
+    z16 = sample_latents(both, noise, cond, uncond, steps=STEPS, cfg=CFG, cfg_low=LOW_CFG, dtype="bf16")
+    both.experts = load_expert(both.config, tmp_path / "low", "cpu", dtype=torch.bfloat16)
+    block = both.experts.other.transformer.blocks[0]  # (diffusers keeps Wan's norms and modulation table in fp32)
+    assert block.attn1.to_q.weight.dtype == torch.bfloat16 and block.scale_shift_table.dtype == torch.float32
+    held16 = sample_latents(both, noise, cond, uncond, steps=STEPS, cfg=CFG, cfg_low=LOW_CFG, dtype="bf16")
+    assert (held16 - z16).abs().max() > 0  # (it did run in bf16)
+    assert (held16 - z).abs().mean() < 1.5 * (z16 - z).abs().mean()
+    assert (held16 - z).abs().max() < 1.5 * (z16 - z).abs().max()
 
 
 @torch.no_grad()
@@ -107,10 +120,16 @@ def test_an_expert_that_does_not_fit_is_refused(tmp_path, stats):
                                                          "diffusion.sigma_max=0.8"], (9, 32, 48), z_dim=4, **stats)
     with pytest.raises(ConfigError, match=r"trained on noise levels \[0.2, 0.8\]; two experts split"):
         load_pipeline(tmp_path / "mid" / "run", text=NoText(16), expert=tmp_path / "t2v")
-    exported(tmp_path / "high", "wan", tmp_path / "t2v", [*SETTINGS, "diffusion.sigma_min=0.875"], (9, 32, 48),
-             z_dim=4, **stats)
+    high, _ = exported(tmp_path / "high", "wan", tmp_path / "t2v", [*SETTINGS, "diffusion.sigma_min=0.875"],
+                       (9, 32, 48), z_dim=4, **stats)
     with pytest.raises(ConfigError, match="condition_channels 8 .expert. vs 0 .checkpoint."):
         load_pipeline(tmp_path / "high" / "run", text=NoText(16), expert=tmp_path / "i2v")
+    # the same checks from the config files alone (train.sample_expert, before a run's first step)
+    check_expert(high.config, tmp_path / "t2v")
+    with pytest.raises(ConfigError, match="condition_channels 8 .expert. vs 0 .checkpoint."):
+        check_expert(high.config, tmp_path / "i2v")
+    with pytest.raises(ConfigError, match=r"\[0.875, 1.0\], but the other expert of this checkpoint serves"):
+        check_expert(high.config, tmp_path / "high" / "run")
     with pytest.raises(ConfigError, match=r"trained on noise levels \[0.875, 1.0\], but the other expert of this "
                                           r"checkpoint serves \[0.0, 0.875\]"):
         load_pipeline(tmp_path / "high" / "run", text=NoText(16), expert=tmp_path / "high" / "run")
