@@ -7,9 +7,12 @@ Bytes per trainable parameter under DDP and FSDP (fp32 weights, as autocast keep
 the ranks and gathers two blocks at a time (in bf16 in a bf16 run: its mixed precision policy). DeepSpeed holds the
 module in the run's half dtype (2 bytes; fp32 runs 4) and 12 bytes of fp32 master weights and moments over the ranks
 (ZeRO-1: gradients whole until the backward ends; ZeRO-2: reduced per bucket into the partition; ZeRO-3: weights
-and gradients partitioned too, a full EMA replica), plus its reduce bucket (reduce_bucket_size elements of the
-DeepSpeed JSON); offload moves the optimizer (and ZeRO-3's weights) to host memory. Under DDP in a half-precision
-run autocast's half copies of the weights live from the forward to the backward (2 bytes per trained parameter).
+and gradients partitioned too), plus its reduce bucket (reduce_bucket_size elements of the DeepSpeed JSON); offload
+moves the optimizer (and ZeRO-3's weights) to host memory. Its EMA is partitioned like the masters (4 bytes over the
+ranks) and filled in whole, in the samples' precision, only while samples or the EMA's validation read it (ZeRO-3
+then gathers a LoRA run's shared base too): that can set the peak instead of a training step. Under DDP in a
+half-precision run autocast's half copies of the weights live from the forward to the backward (2 bytes per trained
+parameter).
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
@@ -325,6 +328,11 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
             # partition beside AdamW's moments (12 bytes per trained parameter over the ranks); its optimizer step
             # takes 8 bytes per trained parameter of the partition (its gradients, fp32 copies, temporaries)
             lp = 2.0 if half else 4.0
+            shares = t.lora.ema_shares_base(name)
+            ema = 4.0 * (P / n + (0.0 if shares else base))  # partitioned (dit/distributed/zero_ema.py)
+            # read whole while sampling and validating (bf16 in a bf16 run, else fp32)
+            read = ((2.0 if precision == "bf16" else 4.0) * P + (lp * base if name == "zero3" and shares else 0.0)
+                    if t.sample_prompts or (cfg.data.val_shards and t.val_ema) else 0.0)
             bucket, gathered = deepspeed_buckets(cfg, name)
             weights, optim = lp * (P + base), 12.0 * P / n
             buffers = lp * bucket
@@ -337,12 +345,12 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
                 # the gathered weights, and the gradients in flight with their reduce-scatter copies (fitted with
                 # configs/deepspeed's buckets: tests/training/measure_memory.py under torchrun, BENCHMARKS.md)
                 work = lp * (min(P + base, gathered) + 2 * min(P, bucket))
-                total = weights + grads + optim + ema + buffers + frozen + max(act + work, step_temp)
+                total = weights + grads + optim + ema + buffers + frozen + max(act + work, step_temp, read)
             else:
                 # the backward holds all gradients until ZeRO-1 reduces them after it (ZeRO-2: each full bucket,
                 # into its partition), beside the reduce bucket, allocated at every backward
                 grads = lp * (P if name == "zero1" else min(P, bucket) + P / n)
-                total = weights + optim + ema + frozen + max(act + grads + buffers, step_temp)
+                total = weights + optim + ema + frozen + max(act + grads + buffers, step_temp, read)
         else:
             weights, grads, optim = 4.0 * (P + base), 4.0 * P, 8.0 * P
             casts = 0.0  # autocast's half copies of fp32 weights, kept for the backward

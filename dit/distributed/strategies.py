@@ -31,7 +31,7 @@ from torch import nn
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
-from dit.distributed.zero_ema import Fragment, assemble, master_fragments, update_from_masters
+from dit.distributed.zero_ema import Fragment, PartitionedEma, master_fragments
 from dit.training.ema import ModelEma
 
 log = logging.getLogger("dit.strategies")
@@ -116,17 +116,24 @@ class Strategy:
 
     # --- state
     def local_params(self) -> dict[str, float]:
-        """This rank's own copy of the parameters: element count and float64 sum. Replicated strategies give
-        the same numbers on every rank; sharded ones about 1/N of the elements each (tests check both)."""
+        """This rank's own copy of the parameters: element count and float64 sum, and the EMA's element count.
+        Replicated strategies give the same numbers on every rank; sharded ones about 1/N of the elements each (tests
+        check both)."""
         numel, total = 0, 0.0
         for p in self.module.parameters():
             local = self.local_tensor(p)
             numel += local.numel()
             total += float(local.detach().double().sum())
-        return {"numel": numel, "sum": total}
+        return {"numel": numel, "sum": total, "ema_numel": self.local_ema()}
 
     def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
         return p.data
+
+    def local_ema(self) -> int:
+        """Elements of the EMA this rank holds between reads (a LoRA run's shared base not counted): the whole
+        model under DDP, about 1/N of it under FSDP and DeepSpeed (tests check both)."""
+        shared = {id(p) for p in self.module.parameters()}
+        return sum(self.local_tensor(p).numel() for p in self.ema.module.parameters() if id(p) not in shared)
 
     def kept(self, state: dict[str, Any]) -> dict[str, Any]:
         return state if self.keep is None else {k: v for k, v in state.items() if self.keep(k)}
@@ -207,7 +214,7 @@ class DeepSpeedStrategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.ema.module.to(self.env.device)
+        self.ema.module.to(self.env.device)  # (before ZeRO-3 partitions a LoRA run's base, which it shares)
         return model  # wrapped with its optimizer, in build_optimizer
 
     def build_optimizer(self, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
@@ -217,7 +224,14 @@ class DeepSpeedStrategy(Strategy):
         config = deepspeed_config(self.cfg, self.mixed_precision)
         self.model, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=config)
         self.stage = self.model.zero_optimization_stage()
-        self._ema_whole = True  # (the EMA's copy of the starting weights, on every rank)
+        # the EMA partitioned like the masters it averages, from their starting values (dit/distributed/zero_ema.py);
+        # its model's trained parameters stay empty (build_ema(partitioned=True) never copied them) between reads
+        frags = self._fragments()
+        self.partitioned = PartitionedEma(frags, self.env.device)
+        self.partitioned.release(self.ema.module, frags)
+        # the samples' precision: the EMA model is filled in bf16 for a bf16 run's samples and validation (autocast
+        # casts the weights it multiplies to bf16 anyway), fp32 otherwise
+        self.read_dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
         return optimizer
 
     @contextmanager
@@ -248,28 +262,36 @@ class DeepSpeedStrategy(Strategy):
         return master_fragments(self.module, self.stage, getattr(self.model.optimizer, "dp_process_group", None))
 
     def update_ema(self, step: int) -> None:
-        # each rank its own partition of the fp32 masters (dit/distributed/zero_ema.py); put together before use
-        update_from_masters(self.ema.module, self._fragments(), 1.0 - self.ema.get_decay(step))
-        self._ema_whole = False
+        # each rank its own partition of the fp32 masters (dit/distributed/zero_ema.py)
+        self.partitioned.update(self._fragments(), 1.0 - self.ema.get_decay(step))
 
-    def _assemble_ema(self) -> None:
-        if not self._ema_whole:
-            assemble(self.ema.module, self._fragments())
-            self._ema_whole = True
+    @contextmanager
+    def sampling(self) -> Iterator[None]:
+        """The EMA model filled in from the ranks' partitions (in the samples' precision) while it is read, emptied
+        after; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered too."""
+        frags = self._fragments()
+        self.partitioned.materialize(self.ema.module, frags, self.read_dtype)
+        try:
+            if self.stage == 3 and self.ema.shared:
+                import deepspeed
 
-    def sampling(self) -> AbstractContextManager:
-        """The EMA put together from the ranks' partitions; ZeRO-3: its partitioned parameters (a LoRA run's
-        shared base) gathered while it samples."""
-        self._assemble_ema()
-        if self.stage == 3 and self.ema.shared:
-            import deepspeed
+                with deepspeed.zero.GatheredParameters(list(self.ema.module.parameters()), modifier_rank=None):
+                    yield
+            else:
+                yield
+        finally:
+            self.partitioned.release(self.ema.module, frags)
 
-            return deepspeed.zero.GatheredParameters(list(self.ema.module.parameters()), modifier_rank=None)
-        return nullcontext()
+    def local_ema(self) -> int:
+        shared = {id(p) for p in self.module.parameters()}  # (+ what it holds whole: frozen layers not shared)
+        return self.partitioned.numel() + sum(p.numel() for p in self.ema.module.parameters() if id(p) not in shared)
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        self._assemble_ema()
-        return super().ema_state_dict()
+        """The EMA in fp32, put together one parameter at a time on rank 0's CPU (the other ranks get {})."""
+        trained = self.partitioned.state(self._fragments(), keep=self.env.is_main)
+        if not self.env.is_main:
+            return {}
+        return self.kept({k: trained.get(k, v) for k, v in self.ema.module.state_dict().items()})
 
     def local_tensor(self, p: nn.Parameter) -> torch.Tensor:
         if self.stage == 3:
@@ -295,8 +317,17 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {ckpt / 'deepspeed'}: was it written by strategy "
                                     f"{self.cfg.strategy}?")
-        self.load_kept(self.ema.module, state["ema"])
-        self._ema_whole = True
+        frags, ema = self._fragments(), state["ema"]
+        lost = [f.name for f in frags if f.name not in ema]
+        if lost:
+            raise RuntimeError(f"checkpoint EMA does not fit the model: missing {lost[:3]}")
+        self.partitioned.load(frags, ema)
+        trained = {f.name for f in frags}
+        rest = {k: v for k, v in ema.items() if k not in trained}
+        unexpected = sorted(set(rest) - set(self.ema.module.state_dict()))
+        if unexpected:
+            raise RuntimeError(f"checkpoint EMA does not fit the model: unexpected {unexpected[:3]}")
+        self.ema.module.load_state_dict(rest, strict=False)
 
 
 class FSDPStrategy(Strategy):

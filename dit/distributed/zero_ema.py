@@ -1,10 +1,12 @@
-"""The EMA under DeepSpeed ZeRO, averaged from the fp32 master weights, each rank its own partition of them.
+"""The EMA under DeepSpeed ZeRO, partitioned over the ranks like the fp32 master weights it averages.
 
 ZeRO keeps the fp32 masters partitioned over the data-parallel ranks (the module holds bf16 / fp16 copies in a
-mixed-precision run, and under ZeRO-3 only a partition of those). Each rank moves the elements of the EMA replica
-that its partition of the masters covers, a local lerp of 1/N of the weights, with no collective; ``assemble``
-then fills in every rank's elements (one all-reduce per parameter) before the EMA is read: sampling, validation,
-a checkpoint's export. So the EMA is as precise as the masters and costs no gather per step.
+mixed-precision run, and under ZeRO-3 only a partition of those). Each rank holds, in fp32, the EMA of just the
+elements its partition of the masters covers, and moves them with a local lerp, with no collective: 4 bytes per
+trained parameter over the ranks, not a replica on each. The EMA model's trained parameters stay empty tensors
+between uses; ``materialize`` fills them in (one all-reduce per parameter) while they are read, in the samples'
+precision (sampling, validation), ``release`` empties them again, and ``state`` puts each parameter together in
+fp32 on the CPU, one at a time, for a checkpoint's export.
 
 Which elements a rank holds: ZeRO-1/2 link each parameter to its fragment of the flat fp32 partition
 (``_hp_mapping``: the fragment's place in the flattened parameter, None where the rank holds none of it); ZeRO-3
@@ -13,6 +15,7 @@ splits each flattened parameter into equal padded partitions, partition ``r`` of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +29,13 @@ class Fragment:
     start: int  # where this rank's elements begin in the flattened parameter
     master: torch.Tensor | None  # their fp32 masters (flat), None where this rank holds none
     group: object  # the process group the parameter is partitioned over
+    shape: torch.Size  # the whole parameter's
 
 
 def master_fragments(module: nn.Module, stage: int, dp_group: object = None) -> list[Fragment]:
     """This rank's fp32 masters of every trained parameter of the DeepSpeed-wrapped ``module``, in parameter
-    order (the same list on every rank, so ``assemble``'s collectives meet); ``dp_group``: the ZeRO-3 optimizer's
-    group, for a parameter that names none."""
+    order (the same list on every rank, so the collectives meet); ``dp_group``: the ZeRO-3 optimizer's group, for a
+    parameter that names none."""
     frags = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -43,37 +47,74 @@ def master_fragments(module: nn.Module, stage: int, dp_group: object = None) -> 
             group = getattr(p, "ds_process_group", dp_group)
             start = dist.get_rank(group=group) * local.numel()
             n = max(0, min(local.numel(), p.ds_numel - start))  # (the last partition carries padding)
-            frags.append(Fragment(name, start, local.narrow(0, 0, n) if n else None, group))
+            frags.append(Fragment(name, start, local.narrow(0, 0, n) if n else None, group, p.ds_shape))
         else:
             mapping = getattr(p, "_hp_mapping", None)
             master = mapping.get_hp_fragment().reshape(-1) if mapping is not None else None
             start = mapping.lp_fragment_address.start if mapping is not None else 0
-            frags.append(Fragment(name, start, master, p._dp_group))
+            frags.append(Fragment(name, start, master, p._dp_group, p.shape))
     return frags
 
 
-@torch.no_grad()
-def update_from_masters(ema_module: nn.Module, frags: list[Fragment], weight: float) -> None:
-    """Move this rank's elements of the EMA ``weight`` of the way to the masters (weight 1: copy them)."""
-    params = dict(ema_module.named_parameters())
-    views, masters = [], []
-    for f in frags:
-        if f.master is not None:
-            views.append(params[f.name].data.view(-1).narrow(0, f.start, f.master.numel()))
-            masters.append(f.master.to(device=views[-1].device, dtype=views[-1].dtype))
-    if views:
-        torch._foreach_lerp_(views, masters, weight=weight)
+class PartitionedEma:
+    """This rank's part of the EMA of every trained parameter (fp32, flat), started from the masters' values."""
 
+    def __init__(self, frags: list[Fragment], device: torch.device) -> None:
+        self.device = device
+        self.parts = {f.name: f.master.detach().to(device=device, dtype=torch.float32, copy=True)
+                      for f in frags if f.master is not None}
 
-@torch.no_grad()
-def assemble(ema_module: nn.Module, frags: list[Fragment]) -> None:
-    """Every element of the EMA's trained parameters from the rank that holds it (all ranks call this)."""
-    params = dict(ema_module.named_parameters())
-    for f in frags:
-        flat = params[f.name].data.view(-1)
-        mine = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-        if f.master is not None:
-            n = f.master.numel()
-            mine.narrow(0, f.start, n).copy_(flat.narrow(0, f.start, n))
-        dist.all_reduce(mine, group=f.group)  # one owner per element: a sum of it and zeros, exact
-        flat.copy_(mine)
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parts.values())
+
+    @torch.no_grad()
+    def update(self, frags: list[Fragment], weight: float) -> None:
+        """Move this rank's elements ``weight`` of the way to the masters (weight 1: copy them)."""
+        parts, masters = [], []
+        for f in frags:
+            if f.master is not None:
+                parts.append(self.parts[f.name])
+                masters.append(f.master.to(device=self.device, dtype=torch.float32))
+        if parts:
+            torch._foreach_lerp_(parts, masters, weight=weight)
+
+    @torch.no_grad()
+    def whole(self, f: Fragment) -> torch.Tensor:
+        """Every element of one parameter's EMA, from the ranks that hold them (all ranks call this): fp32."""
+        full = torch.zeros(math.prod(f.shape), dtype=torch.float32, device=self.device)
+        if f.name in self.parts:
+            part = self.parts[f.name]
+            full.narrow(0, f.start, part.numel()).copy_(part)
+        dist.all_reduce(full, group=f.group)  # one owner per element: a sum of it and zeros, exact
+        return full.view(f.shape)
+
+    @torch.no_grad()
+    def materialize(self, module: nn.Module, frags: list[Fragment], dtype: torch.dtype) -> None:
+        """Fill the EMA ``module``'s (empty) trained parameters in, in ``dtype`` (all ranks call this)."""
+        params = dict(module.named_parameters())
+        for f in frags:
+            params[f.name].data = self.whole(f).to(dtype)
+
+    @torch.no_grad()
+    def release(self, module: nn.Module, frags: list[Fragment]) -> None:
+        params = dict(module.named_parameters())
+        for f in frags:
+            params[f.name].data = torch.empty(0, dtype=torch.float32, device=self.device)
+
+    def state(self, frags: list[Fragment], keep: bool) -> dict[str, torch.Tensor]:
+        """Each parameter's EMA put together in fp32 on the CPU, one at a time (all ranks call this; only those
+        with ``keep`` hold the result)."""
+        out = {}
+        for f in frags:
+            whole = self.whole(f)
+            if keep:
+                out[f.name] = whole.cpu()
+        return out
+
+    @torch.no_grad()
+    def load(self, frags: list[Fragment], state: dict[str, torch.Tensor]) -> None:
+        """This rank's elements from whole parameters (a checkpoint's EMA)."""
+        for f in frags:
+            if f.name in self.parts:
+                part = self.parts[f.name]
+                part.copy_(state[f.name].reshape(-1).narrow(0, f.start, part.numel()))

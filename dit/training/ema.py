@@ -1,6 +1,6 @@
 """EMA of the trained weights, a full copy of the plain model made before any parallelism is applied; FSDP shards
 it like the model (dit/distributed/strategies.py), so its update is a shard-local lerp there; under DeepSpeed each
-rank moves the part its partition of the fp32 masters covers (dit/distributed/zero_ema.py). With
+rank holds and moves only the part its partition of the fp32 masters covers (dit/distributed/zero_ema.py). With
 ``share_frozen`` (LoRA under DDP and ZeRO) the EMA model holds the very same frozen parameters as the model: an
 average of weights that never change is those weights, so only the adapter is copied (a 14B base is not held twice;
 under ZeRO-3 the shared base is partitioned with the model's, and sampling gathers it) and updated.
@@ -58,18 +58,20 @@ class ModelEma(nn.Module):
             torch._foreach_add_(ema_values, model_values, alpha=weight)
 
 
-def build_ema(model: nn.Module, decay: float, share_frozen: bool = False) -> ModelEma:
-    """The EMA of ``model``; ``ema.module`` is the model samples are drawn with and checkpoints export."""
-    if not share_frozen:
-        return ModelEma(model, decay)
-    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
-    kept = [p.data for _, p in frozen]
-    for _, p in frozen:  # copied as empty tensors, then replaced by the model's own parameters
+def build_ema(model: nn.Module, decay: float, share_frozen: bool = False, partitioned: bool = False) -> ModelEma:
+    """The EMA of ``model``; ``ema.module`` is the model samples are drawn with and checkpoints export.
+    ``partitioned`` (DeepSpeed ZeRO): its trained parameters are copied as empty tensors; the strategy keeps their
+    average partitioned over the ranks and fills them in only while they are read (dit/distributed/zero_ema.py)."""
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad] if share_frozen else []
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad] if partitioned else []
+    emptied = frozen + trained
+    kept = [p.data for _, p in emptied]
+    for _, p in emptied:  # copied as empty tensors (the frozen ones then replaced by the model's own parameters)
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     try:
         ema = ModelEma(model, decay)
     finally:
-        for (_, p), data in zip(frozen, kept):
+        for (_, p), data in zip(emptied, kept):
             p.data = data
     for name, p in frozen:
         owner, _, attr = name.rpartition(".")

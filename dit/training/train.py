@@ -394,7 +394,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     if held:
         log.info(held)
     sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
-    ema = build_ema(model, t.ema_decay, share_frozen=lora.ema_shares_base(t.strategy))
+    ema = build_ema(model, t.ema_decay, share_frozen=lora.ema_shares_base(t.strategy),
+                    partitioned=t.strategy.startswith("zero"))  # (ZeRO: partitioned over the ranks instead)
     strategy = parallelize(model, env, t, ema=ema,
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,

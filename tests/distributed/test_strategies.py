@@ -130,10 +130,14 @@ def test_two_processes_match_one_process(strategy: str, accum: int, tmp_path: Pa
     ranks = [torch.load(rank_state_path(ckpt, r), weights_only=True)["params"] for r in (0, 1)]
     full = sum(v.numel() for v in load_training_state(ckpt)["model"].values())
     if strategy in ("ddp", "zero2"):  # replicas: the very same parameters on both ranks
-        assert ranks[0] == ranks[1] and ranks[0]["numel"] == full
+        assert ranks[0]["numel"] == ranks[1]["numel"] == full and ranks[0]["sum"] == ranks[1]["sum"]
     else:  # sharded: each rank holds about half, and the halves differ
         assert all(0.3 * full < r["numel"] < 0.7 * full for r in ranks), (ranks, full)
         assert ranks[0]["sum"] != ranks[1]["sum"]
+    if strategy == "ddp":  # the EMA: a replica under DDP; under ZeRO (all stages) and FSDP about half on each rank
+        assert ranks[0]["ema_numel"] == ranks[1]["ema_numel"] == full
+    else:
+        assert all(0.3 * full < r["ema_numel"] < 0.7 * full for r in ranks), (ranks, full)
     a = load_training_state(list_checkpoints(one_process)[-1])["model"]
     b = load_training_state(ckpt)["model"]
     assert a.keys() == b.keys()

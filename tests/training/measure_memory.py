@@ -74,7 +74,8 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
         hold_frozen_base(model, lora, precision, t.strategy)
     # foreach AdamW, as torch picks on a GPU (on CPU it defaults to a per-parameter loop, without the step's
     # temporaries)
-    ema = build_ema(model, 0.999, share_frozen=lora.ema_shares_base(t.strategy))
+    ema = build_ema(model, 0.999, share_frozen=lora.ema_shares_base(t.strategy),
+                    partitioned=t.strategy.startswith("zero"))
     strategy = parallelize(model, env, cfg.train, ema=ema,
                            make_optimizer=lambda params: torch.optim.AdamW([p for p in params if p.requires_grad],
                                                                            lr=1e-4, foreach=True),

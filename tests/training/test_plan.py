@@ -297,3 +297,24 @@ def test_plan_keeps_cogvideox_text_whole_on_every_sequence_parallel_rank(capsys)
     dit(["plan", "--config", str(DEMO), "--gpus", "2", "--gpu-memory", "80", *clip, "train.sequence_parallel=2"])
     assert "192 tokens/sample (96 per rank beside all 16 text tokens: sequence parallel over 2)" in \
         capsys.readouterr().out
+
+
+def test_plan_counts_deepspeeds_ema_partitioned_and_filled_in_while_read() -> None:
+    """Under ZeRO the EMA is partitioned like the masters (4 bytes per trained parameter over the ranks); sampling
+    and the EMA's validation fill it in whole, and under ZeRO-3 gather a LoRA run's shared base: for a 14B LoRA run
+    with sample prompts on short clips (few activations) that sets ZeRO-3's peak."""
+    cfg = load_config(DEMO, ["train.mixed_precision='no'", *PARAMETER_BOUND, "train.sample_prompts=[]"])
+    P = float(model_size(cfg).params)
+    rows = {e.strategy: e for e in estimate(cfg, 8, 80)}
+    assert rows["ddp"].ema == 4 * P
+    assert rows["zero1"].ema == rows["zero2"].ema == rows["zero3"].ema == 4 * P / 8 == rows["fsdp"].ema
+    a14b = ROOT / "configs" / "wan2.2-t2v-a14b.yaml"  # (the released model's sizes, no weights)
+    short = ["data.frames=1", "data.height=128", "data.width=128"]
+    quiet, sampled = (load_config(a14b, [*short, f"train.sample_prompts={p}"]) for p in ("[]", '["a cat"]'))
+    size = model_size(quiet)
+    before, after = ({e.strategy: e for e in estimate(c, 8, 80, size=size)} for c in (quiet, sampled))
+    base = float(size.base)
+    z3 = after["zero3"]
+    resident = z3.weights + z3.grads + z3.optimizer + z3.ema + z3.buffers + z3.frozen
+    assert z3.total == pytest.approx(resident + 2 * size.params + 2 * base) and z3.total > before["zero3"].total
+    assert after["zero2"].total == before["zero2"].total  # (its activations outweigh the adapter's EMA)
