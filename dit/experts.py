@@ -59,7 +59,9 @@ def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.de
     """The other expert for a checkpoint of ``config`` (its config.json), from ``path``: a run or checkpoint of ours,
     or a diffusers transformer folder; checked to fit the checkpoint's model before its weights load. ``dtype``: its
     weights' (bf16 for samples drawn under bf16 autocast: half the memory)."""
-    return _other_expert(config, path, device=device, fp8=fp8, dtype=dtype)
+    experts = _other_expert(config, path, device=device, fp8=fp8, dtype=dtype)
+    assert experts is not None
+    return experts
 
 
 def check_expert(config: dict[str, Any], path: str | Path) -> None:
@@ -68,8 +70,8 @@ def check_expert(config: dict[str, Any], path: str | Path) -> None:
 
 
 def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | torch.device | None = None,
-                  fp8: bool = False, dtype: torch.dtype = torch.float32) -> Experts:
-    """The other expert, checked; ``device`` None: only checked (its model built without weights)."""
+                  fp8: bool = False, dtype: torch.dtype = torch.float32) -> Experts | None:
+    """The other expert, checked; ``device`` None: only checked (its model built without weights), None."""
     from accelerate import init_empty_weights
 
     from dit.models.families import FAMILIES, denoiser_from_config
@@ -116,7 +118,7 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
         raise ConfigError(f"--expert {path} is not the other expert of this checkpoint's {family} model: "
                           f"{listed or 'another family'}")
     if device is None:
-        return Experts(nn.Identity(), boundary, other_high=we_are_low)
+        return None
     if not _diffusers_folder(folder):
         from dit.weights import checkpoint_weights
 

@@ -10,9 +10,9 @@ module in the run's half dtype (2 bytes; fp32 runs 4) and 12 bytes of fp32 maste
 and gradients partitioned too), plus its reduce bucket (reduce_bucket_size elements of the DeepSpeed JSON); offload
 moves the optimizer (and ZeRO-3's weights) to host memory. Its EMA is partitioned like the masters (4 bytes over the
 ranks) and filled in whole, in the samples' precision, only while samples or the EMA's validation read it (ZeRO-3
-then gathers a LoRA run's shared base too): that can set the peak instead of a training step. Under DDP in a
-half-precision run autocast's half copies of the weights live from the forward to the backward (2 bytes per trained
-parameter).
+then gathers a LoRA run's shared base too, a block at a time): that can set the peak instead of a training step.
+Under DDP in a half-precision run autocast's half copies of the weights live from the forward to the backward (2
+bytes per trained parameter).
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
@@ -81,6 +81,7 @@ class ModelSize:
     base_linear: int = 0  # LoRA: those of the blocks' linear layers (bf16 under DDP in a bf16 run: lora.base_dtype)
     base_fp8: int = 0  # the weights of those an fp8 base holds in fp8 (lora.base_dtype=fp8: dit/models/fp8.py)
     base_fp8_rows: int = 0  # their output rows (one fp32 scale each)
+    base_gathered: int = 0  # LoRA: what ZeRO-3 gathers of the base at once while sampling: the largest block + the rest
     frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype), the buffers
     buffers: int = 0  # the denoiser's buffers (fp32 position tables: SD3's, CogVideoX's), on every rank
     image_attention: int = 0  # blocks with a second self-attention over the image alone (SD3.5's dual attention)
@@ -201,7 +202,7 @@ def model_size(cfg: Config) -> ModelSize:
     image_tokens = SIGLIP_TOKENS if cfg.model.condition == "first_frame" else 1
     text_len = cfg.text.max_length + {"sd3": CLIP_LENGTH, "hunyuan15": image_tokens}.get(cfg.text.encoder, 0)
     buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
-    lora, base, base_linear, base_fp8, base_fp8_rows = cfg.train.lora, 0, 0, 0, 0
+    lora, base, base_linear, base_fp8, base_fp8_rows, base_gathered = cfg.train.lora, 0, 0, 0, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
         from dit.models.lora import target_modules
 
@@ -215,8 +216,11 @@ def model_size(cfg: Config) -> ModelSize:
 
         fp8 = [m for _, m in fp8_candidates(dit.blocks)]
         base_fp8, base_fp8_rows = sum(m.weight.numel() for m in fp8), sum(m.out_features for m in fp8)
+        in_blocks = [sum(p.numel() for p in b.parameters()) for b in dit.blocks]
+        base_gathered = base - sum(in_blocks) + max(in_blocks)  # (dit/distributed/zero_ema.py)
     return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
                      base_linear=base_linear, base_fp8=base_fp8, base_fp8_rows=base_fp8_rows,
+                     base_gathered=base_gathered,
                      frozen=vae_params + text_params + image_params,
                      buffers=buffers,
                      frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + image_params * DTYPE_BYTES["fp32"] +
@@ -331,7 +335,8 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
             shares = t.lora.ema_shares_base(name)
             ema = 4.0 * (P / n + (0.0 if shares else base))  # partitioned (dit/distributed/zero_ema.py)
             # read whole while sampling and validating (bf16 in a bf16 run, else fp32)
-            read = ((2.0 if precision == "bf16" else 4.0) * P + (lp * base if name == "zero3" and shares else 0.0)
+            read = ((2.0 if precision == "bf16" else 4.0) * P
+                    + (lp * size.base_gathered if name == "zero3" and shares else 0.0)
                     if t.sample_prompts or (cfg.data.val_shards and t.val_ema) else 0.0)
             bucket, gathered = deepspeed_buckets(cfg, name)
             weights, optim = lp * (P + base), 12.0 * P / n

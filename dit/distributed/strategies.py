@@ -31,7 +31,7 @@ from torch import nn
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
-from dit.distributed.zero_ema import Fragment, PartitionedEma, master_fragments
+from dit.distributed.zero_ema import Fragment, PartitionedEma, gathered_block_by_block, master_fragments
 from dit.training.ema import ModelEma
 
 log = logging.getLogger("dit.strategies")
@@ -268,14 +268,12 @@ class DeepSpeedStrategy(Strategy):
     @contextmanager
     def sampling(self) -> Iterator[None]:
         """The EMA model filled in from the ranks' partitions (in the samples' precision) while it is read, emptied
-        after; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered too."""
+        after; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered too, block by block."""
         frags = self._fragments()
         self.partitioned.materialize(self.ema.module, frags, self.read_dtype)
         try:
             if self.stage == 3 and self.ema.shared:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters(list(self.ema.module.parameters()), modifier_rank=None):
+                with gathered_block_by_block(self.ema.module):
                     yield
             else:
                 yield

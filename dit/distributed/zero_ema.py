@@ -8,6 +8,9 @@ between uses; ``materialize`` fills them in (one all-reduce per parameter) while
 precision (sampling, validation), ``release`` empties them again, and ``state`` puts each parameter together in
 fp32 on the CPU, one at a time, for a checkpoint's export.
 
+Under ZeRO-3 a LoRA run's EMA model shares the model's partitioned base; ``gathered_block_by_block`` gathers it
+while the EMA model samples one block at a time, in each block's forward, as ZeRO-3's own hooks do for the model.
+
 Which elements a rank holds: ZeRO-1/2 link each parameter to its fragment of the flat fp32 partition
 (``_hp_mapping``: the fragment's place in the flattened parameter, None where the rank holds none of it); ZeRO-3
 splits each flattened parameter into equal padded partitions, partition ``r`` of the group on rank ``r``.
@@ -16,6 +19,8 @@ splits each flattened parameter into equal padded partitions, partition ``r`` of
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +123,32 @@ class PartitionedEma:
             if f.name in self.parts:
                 part = self.parts[f.name]
                 part.copy_(state[f.name].reshape(-1).narrow(0, f.start, part.numel()))
+
+
+@contextmanager
+def gathered_block_by_block(model: nn.Module) -> Iterator[None]:
+    """ZeRO-3 partitioned parameters of ``model`` (a LoRA run's EMA model, which shares the base) gathered where they
+    are used: each block's in its forward (pre- and post-forward hooks), the rest (embeddings, final layers) for the
+    whole context. So one block of the base is whole at a time, not all of it. (A block's parameters are used only
+    in its forward: FSDP's per-block sharding rests on the same.)"""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    blocks = list(model.blocks)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in in_blocks]
+    with ExitStack() as stack:
+        opened: dict[int, ExitStack] = {}
+
+        def pre(block: nn.Module, args: tuple) -> None:
+            opened[id(block)] = gather = ExitStack()
+            gather.enter_context(GatheredParameters(list(block.parameters()), modifier_rank=None))
+
+        def post(block: nn.Module, args: tuple, out: object) -> None:
+            opened.pop(id(block)).close()
+
+        for b in blocks:
+            stack.callback(b.register_forward_pre_hook(pre).remove)
+            stack.callback(b.register_forward_hook(post).remove)
+        stack.callback(lambda: [g.close() for g in opened.values()])  # (a forward that raised)
+        stack.enter_context(GatheredParameters(rest, modifier_rank=None))
+        yield

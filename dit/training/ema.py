@@ -3,7 +3,8 @@ it like the model (dit/distributed/strategies.py), so its update is a shard-loca
 rank holds and moves only the part its partition of the fp32 masters covers (dit/distributed/zero_ema.py). With
 ``share_frozen`` (LoRA under DDP and ZeRO) the EMA model holds the very same frozen parameters as the model: an
 average of weights that never change is those weights, so only the adapter is copied (a 14B base is not held twice;
-under ZeRO-3 the shared base is partitioned with the model's, and sampling gathers it) and updated.
+under ZeRO-3 the shared base is partitioned with the model's, and sampling gathers it a block at a time) and
+updated.
 
 ``ModelEma`` computes what timm's ``ModelEmaV3(model, decay, use_warmup=True)`` computes (the warmup decay and the
 foreach lerp over the state dict; tests/training/test_ema.py holds it bitwise to timm's), without importing timm,
