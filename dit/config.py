@@ -401,6 +401,10 @@ class TrainConfig:
     # AdamW as one fused kernel per parameter group (torch's fused=True; CPU and CUDA): the same update up to float
     # rounding, less optimizer time (BENCHMARKS.md). train.strategy=ddp only: not tried under DeepSpeed or FSDP.
     fused_adamw: bool = False
+    # an EMA of the weights (what checkpoints export and samples are drawn with), decay ema_decay; false: the live
+    # weights are exported, sampled and validated, and the EMA's memory is saved (4 bytes per trained parameter on
+    # each GPU under DDP, 1/N of that under ZeRO and FSDP)
+    ema: bool = True
     ema_decay: float = 0.999
     mixed_precision: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | no
     output_dir: str = "runs/default"

@@ -2,17 +2,17 @@
 
     dit plan --config configs/tiny.yaml --gpus 8 --gpu-memory 80
 
-Bytes per trainable parameter under DDP and FSDP (fp32 weights, as autocast keeps them): weights 4, gradients 4
-(DDP's are views into its all-reduce buckets), AdamW's two moments 8, the EMA copy 4. FSDP shards all of them over
-the ranks and gathers two blocks at a time (in bf16 in a bf16 run: its mixed precision policy). DeepSpeed holds the
-module in the run's half dtype (2 bytes; fp32 runs 4) and 12 bytes of fp32 master weights and moments over the ranks
-(ZeRO-1: gradients whole until the backward ends; ZeRO-2: reduced per bucket into the partition; ZeRO-3: weights
-and gradients partitioned too), plus its reduce bucket (reduce_bucket_size elements of the DeepSpeed JSON); offload
-moves the optimizer (and ZeRO-3's weights) to host memory. Its EMA is partitioned like the masters (4 bytes over the
-ranks) and filled in whole, in the samples' precision, only while samples or the EMA's validation read it (ZeRO-3
-then gathers a LoRA run's shared base too, a block at a time): that can set the peak instead of a training step.
-Under DDP in a half-precision run autocast's half copies of the weights live from the forward to the backward (2
-bytes per trained parameter).
+Bytes per trainable parameter under DDP and FSDP (fp32 weights, as autocast keeps them): weights 4, gradients 4 (DDP's
+are views into its all-reduce buckets), AdamW's two moments 8, the EMA copy 4 (none with train.ema=false). FSDP shards
+all of them over the ranks and gathers two blocks at a time (in bf16 in a bf16 run: its mixed precision policy).
+DeepSpeed holds the module in the run's half dtype (2 bytes; fp32 runs 4) and 12 bytes of fp32 master weights and
+moments over the ranks (ZeRO-1: gradients whole until the backward ends; ZeRO-2: reduced per bucket into the partition;
+ZeRO-3: weights and gradients partitioned too), plus its reduce bucket (reduce_bucket_size elements of the DeepSpeed
+JSON); offload moves the optimizer (and ZeRO-3's weights) to host memory. Its EMA is partitioned like the masters (4
+bytes over the ranks) and filled in whole, in the samples' precision, only while samples or the EMA's validation read it
+(ZeRO-3 then gathers a LoRA run's shared base too, a block at a time): that can set the peak instead of a training step.
+Under DDP in a half-precision run autocast's half copies of the weights live from the forward to the backward (2 bytes
+per trained parameter).
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
@@ -324,7 +324,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     for name in STRATEGIES:
         n = max(gpus, 1)
         shard = min(n, gpus_per_node) if (name == "fsdp" and t.fsdp_shard == "hybrid") else n
-        ema = 4.0 * (P if t.lora.ema_shares_base(name) else P + base)  # (base is 0 without LoRA)
+        ema = 4.0 * (P if t.lora.ema_shares_base(name) else P + base) if t.ema else 0.0  # (base: 0 without LoRA)
         buffers = 0.0  # DeepSpeed's reduce bucket
         frozen = size.frozen_bytes
         if name.startswith("zero"):
@@ -333,11 +333,11 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
             # takes 8 bytes per trained parameter of the partition (its gradients, fp32 copies, temporaries)
             lp = 2.0 if half else 4.0
             shares = t.lora.ema_shares_base(name)
-            ema = 4.0 * (P / n + (0.0 if shares else base))  # partitioned (dit/distributed/zero_ema.py)
+            ema = 4.0 * (P / n + (0.0 if shares else base)) if t.ema else 0.0  # partitioned (zero_ema.py)
             # read whole while sampling and validating (bf16 in a bf16 run, else fp32)
             read = ((2.0 if precision == "bf16" else 4.0) * P
                     + (lp * size.base_gathered if name == "zero3" and shares else 0.0)
-                    if t.sample_prompts or (cfg.data.val_shards and t.val_ema) else 0.0)
+                    if t.ema and (t.sample_prompts or (cfg.data.val_shards and t.val_ema)) else 0.0)
             bucket, gathered = deepspeed_buckets(cfg, name)
             weights, optim = lp * (P + base), 12.0 * P / n
             buffers = lp * bucket

@@ -40,7 +40,7 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
+def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma | None,
                 make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                 gradient_checkpointing: bool = False, compile: bool = False,
                 mixed_precision: str = "no", checkpoint_every: int = 1) -> Strategy:

@@ -41,6 +41,17 @@ MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@contextmanager
+def live_eval(module: nn.Module) -> Iterator[None]:
+    """The live model in eval mode (no dropout) while it samples, then back as it was."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
 @dataclass
 class StepReport:
     grad_norm: float  # global 2-norm of the gradients before clipping, the same on every rank (non-finite: skipped)
@@ -53,9 +64,9 @@ class Strategy:
     name = "ddp"
     keep: Callable[[str], bool] | None = None  # which state-dict keys checkpoints hold (LoRA: the adapter); None: all
 
-    def __init__(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
+    def __init__(self, model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma | None,
                  make_optimizer: MakeOptimizer, mixed_precision: str = "no") -> None:
-        self.env, self.cfg, self.ema, self.mixed_precision = env, cfg, ema, mixed_precision
+        self.env, self.cfg, self.ema, self.mixed_precision = env, cfg, ema, mixed_precision  # ema None: train.ema off
         self.module = model  # the plain model: its parameters, state dict and config
         self.model = self.wrap(model)  # what the loop calls for the forward pass
         self.optimizer = self.build_optimizer(make_optimizer)  # the torch optimizer (the LR schedule drives it)
@@ -63,7 +74,8 @@ class Strategy:
     # --- setup
     def wrap(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
-        self.ema.module.to(self.env.device)
+        if self.ema:
+            self.ema.module.to(self.env.device)
         fp16 = self.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.env.device.type) if fp16 else None  # fp16: dynamic loss scaling
         if self.env.world_size == 1:
@@ -108,11 +120,18 @@ class Strategy:
         return StepReport(norm, applied)
 
     def update_ema(self, step: int) -> None:
-        self.ema.update(self.module, step=step)
+        if self.ema:
+            self.ema.update(self.module, step=step)
+
+    @property
+    def sampled(self) -> nn.Module:
+        """The plain model samples are drawn with and validation's EMA pass reads: the EMA model, or with
+        train.ema=false the live one."""
+        return self.ema.module if self.ema else self.module
 
     def sampling(self) -> AbstractContextManager:
-        """What sampling with the EMA model needs around it (ZeRO-3: its gathered parameters)."""
-        return nullcontext()
+        """What sampling with ``sampled`` needs around it (ZeRO: the EMA filled in; the live model: eval mode)."""
+        return nullcontext() if self.ema else live_eval(self.module)
 
     # --- state
     def local_params(self) -> dict[str, float]:
@@ -132,8 +151,20 @@ class Strategy:
     def local_ema(self) -> int:
         """Elements of the EMA this rank holds between reads (a LoRA run's shared base not counted): the whole
         model under DDP, about 1/N of it under FSDP and DeepSpeed (tests check both)."""
+        if not self.ema:
+            return 0
         shared = {id(p) for p in self.module.parameters()}
         return sum(self.local_tensor(p).numel() for p in self.ema.module.parameters() if id(p) not in shared)
+
+    def ema_starts_over(self, state: dict[str, Any]) -> bool:
+        """Whether this run keeps an EMA but the checkpoint it resumes has none (written with train.ema=false): the
+        EMA then starts from the resumed weights."""
+        if self.ema and "ema" not in state:
+            if self.env.is_main:
+                log.warning("the checkpoint holds no EMA (train.ema=false when it was written): the EMA starts from "
+                            "its weights")
+            return True
+        return False
 
     def kept(self, state: dict[str, Any]) -> dict[str, Any]:
         return state if self.keep is None else {k: v for k, v in state.items() if self.keep(k)}
@@ -152,6 +183,9 @@ class Strategy:
         return self.kept(dict(self.module.state_dict()))
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """What checkpoints export: the EMA weights (the live ones with train.ema=false)."""
+        if not self.ema:
+            return self.model_state_dict()
         return self.kept(dict(self.ema.module.state_dict()))
 
     def save(self, ckpt: Path) -> dict[str, Any]:
@@ -164,7 +198,10 @@ class Strategy:
 
     def load(self, ckpt: Path, state: dict[str, Any]) -> None:
         self.load_kept(self.module, state["model"])
-        self.load_kept(self.ema.module, state["ema"])
+        if self.ema_starts_over(state):
+            self.ema.module.load_state_dict(self.module.state_dict())
+        elif self.ema:
+            self.load_kept(self.ema.module, state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -214,7 +251,8 @@ class DeepSpeedStrategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.ema.module.to(self.env.device)  # (before ZeRO-3 partitions a LoRA run's base, which it shares)
+        if self.ema:
+            self.ema.module.to(self.env.device)  # (before ZeRO-3 partitions a LoRA run's base, which it shares)
         return model  # wrapped with its optimizer, in build_optimizer
 
     def build_optimizer(self, make_optimizer: MakeOptimizer) -> torch.optim.Optimizer:
@@ -226,9 +264,10 @@ class DeepSpeedStrategy(Strategy):
         self.stage = self.model.zero_optimization_stage()
         # the EMA partitioned like the masters it averages, from their starting values (dit/distributed/zero_ema.py);
         # its model's trained parameters stay empty (build_ema(partitioned=True) never copied them) between reads
-        frags = self._fragments()
-        self.partitioned = PartitionedEma(frags, self.env.device)
-        self.partitioned.release(self.ema.module, frags)
+        if self.ema:
+            frags = self._fragments()
+            self.partitioned = PartitionedEma(frags, self.env.device)
+            self.partitioned.release(self.ema.module, frags)
         # the samples' precision: the EMA model is filled in bf16 for a bf16 run's samples and validation (autocast
         # casts the weights it multiplies to bf16 anyway), fp32 otherwise
         self.read_dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
@@ -263,12 +302,18 @@ class DeepSpeedStrategy(Strategy):
 
     def update_ema(self, step: int) -> None:
         # each rank its own partition of the fp32 masters (dit/distributed/zero_ema.py)
-        self.partitioned.update(self._fragments(), 1.0 - self.ema.get_decay(step))
+        if self.ema:
+            self.partitioned.update(self._fragments(), 1.0 - self.ema.get_decay(step))
 
     @contextmanager
     def sampling(self) -> Iterator[None]:
         """The EMA model filled in from the ranks' partitions (in the samples' precision) while it is read, emptied
-        after; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered too, block by block."""
+        after; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered too, block by block. (The
+        live model, train.ema=false: in eval mode; ZeRO-3's own hooks gather its weights.)"""
+        if not self.ema:
+            with live_eval(self.module):
+                yield
+            return
         frags = self._fragments()
         self.partitioned.materialize(self.ema.module, frags, self.read_dtype)
         try:
@@ -281,11 +326,15 @@ class DeepSpeedStrategy(Strategy):
             self.partitioned.release(self.ema.module, frags)
 
     def local_ema(self) -> int:
+        if not self.ema:
+            return 0
         shared = {id(p) for p in self.module.parameters()}  # (+ what it holds whole: frozen layers not shared)
         return self.partitioned.numel() + sum(p.numel() for p in self.ema.module.parameters() if id(p) not in shared)
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA in fp32, put together one parameter at a time on rank 0's CPU (the other ranks get {})."""
+        if not self.ema:
+            return self.model_state_dict()
         trained = self.partitioned.state(self._fragments(), keep=self.env.is_main)
         if not self.env.is_main:
             return {}
@@ -315,7 +364,13 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {ckpt / 'deepspeed'}: was it written by strategy "
                                     f"{self.cfg.strategy}?")
-        frags, ema = self._fragments(), state["ema"]
+        if not self.ema:
+            return
+        frags = self._fragments()
+        if self.ema_starts_over(state):
+            self.partitioned = PartitionedEma(frags, self.env.device)  # (from the masters just loaded)
+            return
+        ema = state["ema"]
         lost = [f.name for f in frags if f.name not in ema]
         if lost:
             raise RuntimeError(f"checkpoint EMA does not fit the model: missing {lost[:3]}")
@@ -352,7 +407,7 @@ class FSDPStrategy(Strategy):
             kwargs["offload_policy"] = CPUOffloadPolicy()
         elif self.cfg.offload_params:
             log.info("train.offload_params: the parameters already live on the CPU (no GPU); nothing to offload")
-        for m in (model, self.ema.module):
+        for m in (model, *([self.ema.module] if self.ema else [])):
             m.to(self.env.device)
             # the trained model gathers its weights in the run's half precision: autocast would otherwise keep a
             # bf16 copy of every gathered (unsharded) weight for the backward, a whole model per rank
@@ -394,15 +449,17 @@ class FSDPStrategy(Strategy):
         return self.kept(self._full(self.module))
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.kept(self._full(self.ema.module))
+        return self.kept(self._full(self.ema.module)) if self.ema else self.model_state_dict()
 
     def save(self, ckpt: Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": self.kept(model_sd), "optim": optim_sd,
-                  "ema": self.kept(get_model_state_dict(self.ema.module))}, checkpoint_id=str(ckpt / "fsdp"))
+        sharded = {"model": self.kept(model_sd), "optim": optim_sd}
+        if self.ema:
+            sharded["ema"] = self.kept(get_model_state_dict(self.ema.module))
+        dcp.save(sharded, checkpoint_id=str(ckpt / "fsdp"))
         return {"model": self.model_state_dict()}
 
     def load(self, ckpt: Path, state: dict[str, Any]) -> None:
@@ -416,16 +473,19 @@ class FSDPStrategy(Strategy):
         )
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        sharded = {"model": self.kept(model_sd), "optim": optim_sd,
-                   "ema": self.kept(get_model_state_dict(self.ema.module))}
+        sharded = {"model": self.kept(model_sd), "optim": optim_sd}
+        starts_over = self.ema_starts_over(state)
+        if self.ema and not starts_over:
+            sharded["ema"] = self.kept(get_model_state_dict(self.ema.module))
         dcp.load(sharded, checkpoint_id=str(ckpt / "fsdp"))
         options = StateDictOptions(strict=self.keep is None)
         set_state_dict(self.module, self.optimizer, model_state_dict=sharded["model"],
                        optim_state_dict=sharded["optim"], options=options)
-        set_model_state_dict(self.ema.module, sharded["ema"], options=options)
+        if self.ema:  # (a checkpoint without an EMA: the EMA starts from the weights just loaded)
+            set_model_state_dict(self.ema.module, sharded["model" if starts_over else "ema"], options=options)
 
 
-def build_strategy(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma,
+def build_strategy(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelEma | None,
                    make_optimizer: MakeOptimizer, mixed_precision: str = "no") -> Strategy:
     """Wrap ``model`` (already activation-checkpointed / compiled as configured) for ``cfg.strategy``."""
     cls = DeepSpeedStrategy if cfg.strategy.startswith("zero") else FSDPStrategy if cfg.strategy == "fsdp" else Strategy

@@ -198,12 +198,14 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
                            barrier=env.barrier, world_size=env.world_size, keep=keep) as tmp:
         training_state = strategy.save(tmp)  # every rank: sharded model + optimizer where there are shards
         if env.is_main:
-            config = {"dit": strategy.ema.module.config, "experiment": cfg.to_dict()}
+            config = {"dit": strategy.module.config, "experiment": cfg.to_dict()}
             if cfg.train.lora.rank:
                 config["lora"] = write_adapter(tmp, ema_weights, cfg)
             write_export(tmp, weights=ema_weights, config=config, manifest=False)  # one for all: at the end
             export_vae(cfg.vae, tmp / "vae")  # ours copied; a pretrained family recorded by its folder
-            training_state.update(scheduler=lr_schedule.state_dict(), ema=ema_weights, step=step,
+            if strategy.ema:  # (train.ema=false: the export is the live weights, already in the state)
+                training_state["ema"] = ema_weights
+            training_state.update(scheduler=lr_schedule.state_dict(), step=step,
                                   strategy=cfg.train.strategy, world_size=env.world_size)
             torch.save(training_state, tmp / "training_state.pt")
         torch.save({**rng.state_dict(), "loader": loader.state_dict(), "params": strategy.local_params()},
@@ -266,17 +268,21 @@ class RunLog:
 
 def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step: int, env: DistEnv,
                 dtype: str = "fp32", around: Callable[[], AbstractContextManager] = nullcontext) -> None:
-    """Sample the configured prompts with the EMA model, each rank its share, and log each clip (on rank 0) as a
-    strip of frames. Every rank makes the same number of model calls, so sharded (FSDP) weights can gather.
-    ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory at the sampling step);
-    ``around``: the context the sampling runs in (the strategy's: ZeRO-3 gathers a LoRA run's shared base)."""
+    """Sample the configured prompts with the EMA model (the live one with train.ema=false), each rank its share,
+    and log each clip (on rank 0) as a strip of frames. Every rank makes the same number of model calls, so sharded
+    (FSDP) weights can gather; the live model of a sequence-parallel run splits each clip over its group, so a group
+    samples its prompts together. ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory
+    at the sampling step); ``around``: the context the sampling runs in (the strategy's: ZeRO-3 gathers a LoRA run's
+    shared base)."""
     prompts, images = cfg.train.sample_prompts[:4], cfg.train.sample_images[:4]
     alone = one_expert(cfg.diffusion) and pipe.experts is None
     if (not prompts or alone or (getattr(pipe.model, "code_condition", False) and not images)
             or getattr(pipe.model, "last_frame", False)):
         return  # (one expert of two cannot sample alone; Wan's code form samples from an image only; FLF2V from two)
-    share = math.ceil(len(prompts) / env.world_size)
-    mine = list(range(env.rank * share, min(len(prompts), (env.rank + 1) * share)))
+    together = not cfg.train.ema and env.sequence_parallel > 1
+    ranks, rank = (env.dp_size, env.dp_rank) if together else (env.world_size, env.rank)
+    share = math.ceil(len(prompts) / ranks)
+    mine = list(range(rank * share, min(len(prompts), (rank + 1) * share)))
     d = cfg.data
     # train.sample_images: each prompt's first frame, at the training size
     first = torch.cat([read_image(images[i], d.height, d.width) for i in mine or [0]]) if images else None
@@ -289,7 +295,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     if env.world_size > 1:
         everyone: list[Any] = [None] * env.world_size
         dist.all_gather_object(everyone, clips)
-        clips = [c for part in everyone for c in part]
+        clips = sorted(dict(c for part in everyone for c in part).items())  # (a group's clips once)
     if writer is None:
         return
     for i, clip in clips:  # clip: [T, H, W, 3]
@@ -395,7 +401,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         log.info(held)
     sampling_dtype = "bf16" if precision == "bf16" else "fp32"  # the logged samples as the run trains
     ema = build_ema(model, t.ema_decay, share_frozen=lora.ema_shares_base(t.strategy),
-                    partitioned=t.strategy.startswith("zero"))  # (ZeRO: partitioned over the ranks instead)
+                    partitioned=t.strategy.startswith("zero")) if t.ema else None  # (ZeRO: partitioned instead)
     strategy = parallelize(model, env, t, ema=ema,
                            make_optimizer=lambda params: build_optimizer(params, t),
                            gradient_checkpointing=cfg.model.gradient_checkpointing, compile=cfg.model.compile,
@@ -429,7 +435,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     # held on the CPU in the samples' precision; on the device only while sampling (log_samples)
     experts = load_expert({"dit": model.config, "experiment": cfg.to_dict()}, expert, "cpu",
                           dtype=torch.bfloat16 if sampling_dtype == "bf16" else torch.float32) if expert else None
-    pipe = Pipeline(strategy.ema.module, vae, text, noise_schedule, cfg.diffusion.prediction, {},
+    pipe = Pipeline(strategy.sampled, vae, text, noise_schedule, cfg.diffusion.prediction, {},
                     diffusion=cfg.diffusion, image=image_encoder, experts=experts)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)
     meter, guard, bad = Throughput(env.device, env.world_size), NonfiniteGuard(t.max_nonfinite), {}

@@ -109,7 +109,7 @@ def run_validation(val: Validation, strategy: Strategy, noise_schedule: Any, cfg
     (the plain copy, or FSDP's shards of it), in the strategy's sampling context (ZeRO-3 gathers a LoRA run's
     shared base there), under the same autocast."""
     sums = torch.zeros(len(val.levels) + 1, dtype=torch.float64)
-    model = strategy.ema.module if ema else strategy.model
+    model = strategy.sampled if ema else strategy.model
     was_training = model.training
     model.eval()
     try:
@@ -144,7 +144,8 @@ class Validator:
         self.val, self.cfg, self.env, self.out, self.write = val, cfg, env, out, write
         t = cfg.train
         self.every, self.start = t.val_every or t.checkpoint_every, start_step
-        self.ranked = "ema" if t.val_ema else "live"  # which loss keep_best ranks by
+        self.ema = t.val_ema and t.ema  # (train.ema=false: the live weights are the exported ones)
+        self.ranked = "ema" if self.ema else "live"  # which loss keep_best ranks by
         self.best = read_best(out, start_step, self.ranked) if t.keep_best else None
         self.last: tuple[int, float] | None = None
         # (the loss of a whole batch: a bucket's batch can hold more than train.batch_size rows)
@@ -158,7 +159,7 @@ class Validator:
     def run(self, step: int, strategy: Strategy, noise_schedule: Any) -> None:
         loss, per_level = run_validation(self.val, strategy, noise_schedule, self.loss_cfg, self.env)
         ema = (run_validation(self.val, strategy, noise_schedule, self.loss_cfg, self.env, ema=True)
-               if self.cfg.train.val_ema else None)
+               if self.ema else None)
         self.last = (step, ema[0] if ema else loss)
         self.write(step, loss, per_level, self.val.levels, ema)
         if self.env.is_main:

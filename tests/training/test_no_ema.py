@@ -1,0 +1,120 @@
+"""train.ema=false: no EMA is kept; checkpoints export the live weights, samples are drawn and validation is run with
+them, and a run resumed with an EMA from such a checkpoint starts its EMA from the resumed weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from runs import dit_torchrun, small_config
+
+from dit.export import list_checkpoints, load_weights
+from dit.training import train
+from dit.training.checkpoint import load_training_state
+from dit.training.ema import ModelEma
+
+RUN = {"train.steps": 4, "train.checkpoint_every": 2, "train.val_samples": 4, "train.val_levels": 2,
+       "train.sample_prompts": '["a red circle moving left"]', "sample.steps": 2}
+
+
+def val_set(shards: str) -> dict[str, str]:
+    return {"data.val_shards": str(sorted(Path(shards).glob("*.tar"))[-1])}
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def exports_the_live_weights(run: Path) -> None:
+    ckpt = list_checkpoints(run)[-1]
+    state, (weights, _) = load_training_state(ckpt), load_weights(ckpt)
+    assert "ema" not in state and weights.keys() == state["model"].keys()
+    for k, v in state["model"].items():
+        assert torch.equal(weights[k], v), k
+
+
+def test_a_run_without_an_ema_exports_samples_and_validates_the_live_weights(tmp_path: Path, small_shards: str,
+                                                                             small_vae: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    live, ema = tmp_path / "live", tmp_path / "ema"
+    train.main(small_config(live, small_shards, small_vae, **RUN, **val_set(small_shards), **{"train.ema": False}))
+    train.main(small_config(ema, small_shards, small_vae, **RUN, **val_set(small_shards)))
+    assert losses(live) == losses(ema)  # the EMA never touches training
+    exports_the_live_weights(live)
+    a, _ = load_weights(list_checkpoints(ema)[-1])
+    b, _ = load_weights(list_checkpoints(live)[-1])
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # (the EMA run exports other weights)
+    lines = [json.loads(x) for x in (live / "val.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in lines] == [0, 2, 4] and not any("val_loss_ema" in v for v in lines)
+    events = EventAccumulator(str(live / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["samples/0"]
+    # resumed with an EMA (one step more): it starts from the resumed weights, then averages
+    cfg = small_config(live, small_shards, small_vae, **{**RUN, **val_set(small_shards), "train.steps": 5,
+                                                         "train.checkpoint_every": 1, "train.resume": "auto"})
+    train.main(cfg)
+    four, five = (load_training_state(c) for c in list_checkpoints(live)[-2:])
+    assert (four["step"], five["step"]) == (4, 5) and "ema" in five
+    weight = 1 - ModelEma(torch.nn.Identity(), cfg.train.ema_decay).get_decay(5)
+    for k, w4 in four["model"].items():
+        torch.testing.assert_close(five["ema"][k], torch.lerp(w4, five["model"][k], weight), atol=1e-6, rtol=0)
+
+
+PROMPTS = '["a red circle moving left", "a blue square moving up"]'
+
+
+def logged_strips(run: Path) -> dict[str, object]:
+    """The clips a run logged to TensorBoard: tag -> [H, T*W, 3] uint8."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    return {tag: np.asarray(Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)))
+            for tag in events.Tags()["images"]}
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp", "sequence-parallel"])
+def test_two_processes_sample_and_export_the_live_weights(strategy: str, tmp_path: Path, small_shards: str,
+                                                         small_vae: Path) -> None:
+    """2 processes, train.ema=false: ZeRO-3 samples through its own per-module gathers, FSDP through its shards,
+    and a sequence-parallel group samples its prompts together (each clip split over the group): the clips are
+    those the export gives in one process. A resume with an EMA under ZeRO-3 and FSDP starts it from the weights."""
+    import numpy as np
+
+    from dit.pipeline import generate, load_pipeline, to_uint8
+
+    if strategy == "zero3":
+        pytest.importorskip("deepspeed")
+    run = tmp_path / strategy
+    two = {"train.steps": 2, "train.checkpoint_every": 1, "train.sample_prompts": PROMPTS, "sample.steps": 2,
+           "train.batch_size": 2, "train.ema": False,
+           **({"train.sequence_parallel": 2} if strategy == "sequence-parallel" else {"train.strategy": strategy})}
+    done = dit_torchrun(2, run, small_shards, small_vae, **two)
+    assert done.returncode == 0, done.stderr[-5000:]
+    exports_the_live_weights(run)
+    strips = logged_strips(run)
+    assert sorted(strips) == ["samples/0", "samples/1"]
+    cfg, pipe = small_config(run, small_shards, small_vae, **two), load_pipeline(run)
+    # each rank samples its share of the prompts from seed 0; a sequence-parallel group (both ranks) all of them
+    shares = [json.loads(PROMPTS)] if strategy == "sequence-parallel" else [[p] for p in json.loads(PROMPTS)]
+    clips = [clip for share in shares for clip in to_uint8(generate(
+        pipe, share, frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width, steps=2,
+        sampler=cfg.sample.sampler, cfg=cfg.sample.cfg, seed=0))]
+    for i, clip in enumerate(clips):  # [T, H, W, 3] -> the strip [H, T*W, 3]
+        strip = np.concatenate(list(clip), axis=1)
+        assert np.abs(strip.astype(int) - strips[f"samples/{i}"].astype(int)).max() <= 1, i
+    if strategy == "sequence-parallel":
+        return
+    done = dit_torchrun(2, run, small_shards, small_vae, extra_args=("--resume", "auto"),
+                        **{**two, "train.steps": 3, "train.ema": True})
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "the checkpoint holds no EMA" in done.stderr
+    two_, three = (load_training_state(c) for c in list_checkpoints(run)[-2:])
+    weight = 1 - ModelEma(torch.nn.Identity(), cfg.train.ema_decay).get_decay(3)
+    for k, w2 in two_["model"].items():
+        torch.testing.assert_close(three["ema"][k], torch.lerp(w2, three["model"][k], weight), atol=1e-6, rtol=0)
