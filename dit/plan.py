@@ -11,8 +11,9 @@ ZeRO-3: weights and gradients partitioned too), plus its reduce bucket (reduce_b
 JSON); offload moves the optimizer (and ZeRO-3's weights) to host memory. Its EMA is partitioned like the masters (4
 bytes over the ranks) and filled in whole, in the samples' precision, only while samples or the EMA's validation read it
 (ZeRO-3 then gathers a LoRA run's shared base too, a block at a time): that can set the peak instead of a training step.
-Under DDP in a half-precision run autocast's half copies of the weights live from the forward to the backward (2 bytes
-per trained parameter).
+With train.sample_expert (one expert of a pair that logs clips) the other expert, of the same size, is on the GPU while
+they are drawn (2 bytes per parameter in a bf16 run, else 4). Under DDP in a half-precision run autocast's half copies
+of the weights live from the forward to the backward (2 bytes per trained parameter).
 Activations follow the DiT block (adaLN-Zero self-attention, cross-attention to the text, MLP): about
 ACTIVATIONS[family] x hidden values per token per block are kept for backward (scores are not stored with SDPA's
 fused kernels), or one hidden vector per token per block plus one block's worth with activation
@@ -320,6 +321,9 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     kept_blocks = size.depth - (-(-size.depth // every) if cfg.model.gradient_checkpointing else 0)
     precision = "bf16" if t.mixed_precision == "auto" else t.mixed_precision  # "auto": bf16 on a GPU
     half = precision in ("bf16", "fp16")
+    # train.sample_expert: the other expert of a pair (the same architecture), on the GPU while the clips are drawn
+    expert = ((2.0 if precision == "bf16" else 4.0) * (base or P)
+              if t.sample_expert and t.sample_prompts else 0.0)
     out = []
     for name in STRATEGIES:
         n = max(gpus, 1)
@@ -350,12 +354,12 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
                 # the gathered weights, and the gradients in flight with their reduce-scatter copies (fitted with
                 # configs/deepspeed's buckets: tests/training/measure_memory.py under torchrun, BENCHMARKS.md)
                 work = lp * (min(P + base, gathered) + 2 * min(P, bucket))
-                total = weights + grads + optim + ema + buffers + frozen + max(act + work, step_temp, read)
+                total = weights + grads + optim + ema + buffers + frozen + max(act + work, step_temp, read + expert)
             else:
                 # the backward holds all gradients until ZeRO-1 reduces them after it (ZeRO-2: each full bucket,
                 # into its partition), beside the reduce bucket, allocated at every backward
                 grads = lp * (P if name == "zero1" else min(P, bucket) + P / n)
-                total = weights + optim + ema + frozen + max(act + grads + buffers, step_temp, read)
+                total = weights + optim + ema + frozen + max(act + grads + buffers, step_temp, read + expert)
         else:
             weights, grads, optim = 4.0 * (P + base), 4.0 * P, 8.0 * P
             casts = 0.0  # autocast's half copies of fp32 weights, kept for the backward
@@ -379,7 +383,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
                 # reduce-scatter (fp32), the block at work and the one prefetched or in flight
                 casts = 2 * (P + base) / size.depth * ((2.0 if half else 4.0) + 4.0)
             step_temp = optim / 2  # one fp32 copy of the optimizer's shard during the foreach AdamW step
-            total = weights + grads + optim + ema + frozen + max(act + casts, step_temp)
+            total = weights + grads + optim + ema + frozen + max(act + casts, step_temp, expert)
         fits = total <= HEADROOM * gpu_memory_gb * 2**30
         out.append(Estimate(name, weights, grads, optim, ema, buffers, act, frozen, total, fits))
     return out

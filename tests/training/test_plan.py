@@ -321,3 +321,18 @@ def test_plan_counts_deepspeeds_ema_partitioned_and_filled_in_while_read() -> No
     assert z3.total == pytest.approx(resident + 2 * size.params + 2 * size.base_gathered)
     assert z3.total > before["zero3"].total
     assert after["zero2"].total == before["zero2"].total  # (its activations outweigh the adapter's EMA)
+
+
+def test_plan_counts_the_sample_expert_on_the_gpu_while_sampling(tmp_path: Path) -> None:
+    """train.sample_expert: the other 14B expert of Wan 2.2 A14B is moved to the GPU in bf16 while the clips are
+    drawn; on short clips (few activations) that sets the peak under every strategy."""
+    a14b = ROOT / "configs" / "wan2.2-t2v-a14b.yaml"
+    short = ["data.frames=1", "data.height=128", "data.width=128", "train.sample_prompts=[\"a cat\"]"]
+    alone, paired = (load_config(a14b, [*short, *extra]) for extra in ([], [f"train.sample_expert={tmp_path}"]))
+    size = model_size(alone)
+    before, after = ({e.strategy: e for e in estimate(c, 8, 80, size=size)} for c in (alone, paired))
+    for name in ("ddp", "zero2", "fsdp"):
+        e = after[name]
+        assert e.total > before[name].total
+        resident = e.weights + e.optimizer + e.ema + e.frozen + (e.grads if name != "zero2" else 0.0)
+        assert e.total >= resident + 2 * size.base  # (the expert in bf16: 2 bytes per parameter)
