@@ -74,7 +74,7 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
     """The other expert, checked; ``device`` None: only checked (its model built without weights), None."""
     from accelerate import init_empty_weights
 
-    from dit.models.families import FAMILIES, denoiser_from_config
+    from dit.models.families import FAMILIES, denoiser_from_config, held_weights
 
     boundary, we_are_low = split_of(config)
     family = config["dit"].get("family", "dit")
@@ -123,9 +123,7 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
         from dit.weights import checkpoint_weights
 
         weights, _ = checkpoint_weights(ckpt)
-        for key, value in weights.items():  # (one tensor at a time: no second full copy)
-            weights[key] = value.to(dtype) if value.is_floating_point() else value
-        model = denoiser_from_config(other_config, weights)
+        model = denoiser_from_config(other_config, held_weights(weights, family, dtype))
     model.eval().requires_grad_(False)
     if fp8:  # (on the CPU, before it moves: the device never holds its full-width weights)
         from dit.models.fp8 import frozen_block_linears_to_fp8

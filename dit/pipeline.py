@@ -27,7 +27,7 @@ from dit.export import resolve_checkpoint
 from dit.models.attention import resolve_backend
 from dit.models.condition import clip_mask, clip_states_of, first_frame_condition, image_code
 from dit.models.dit import DiT
-from dit.models.families import denoiser_from_config
+from dit.models.families import denoiser_from_config, held_weights
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
 from dit.models.vae import CausalVAE, load_vae
@@ -60,15 +60,21 @@ def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None,
                   lora: str | Path | None = None, lora_scale: float = 1.0,
-                  expert: str | Path | None = None, fp8: bool = False) -> Pipeline:
+                  expert: str | Path | None = None, fp8: bool = False,
+                  weights_dtype: torch.dtype = torch.float32) -> Pipeline:
     """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory. A
     LoRA run samples its base with its adapter merged; ``lora`` (a LoRA run, checkpoint or adapter file) adds
     another adapter at ``lora_scale``. ``expert``: the other expert of a checkpoint trained as one of two (a run,
     checkpoint or diffusers transformer folder; dit/experts.py). ``fp8``: the blocks' linear weights (adapters merged)
-    held as e4m3 codes with row scales, converted on the CPU before the move (dit/models/fp8.py)."""
+    held as e4m3 codes with row scales, converted on the CPU before the move (dit/models/fp8.py). ``weights_dtype``:
+    the denoisers' weights (bf16 for sampling under bf16 autocast: half the memory; what a family keeps in fp32
+    stays so, as diffusers' pipelines load it)."""
     ckpt = resolve_checkpoint(path)
     weights, config = checkpoint_weights(ckpt, lora, lora_scale)
-    experts = load_expert(config, expert, device, fp8) if expert is not None else None  # checked before the rest
+    experts = (load_expert(config, expert, device, fp8, dtype=weights_dtype) if expert is not None
+               else None)  # checked before the rest
+    if weights_dtype != torch.float32:
+        held_weights(weights, config["dit"].get("family", "dit"), weights_dtype)
     model = denoiser_from_config(config["dit"], weights)  # our DiT or a pretrained family, as the checkpoint says
     if fp8:
         from dit.models.fp8 import frozen_block_linears_to_fp8

@@ -308,8 +308,11 @@ def run_sample(args: argparse.Namespace) -> None:
         report(args, opts, prompts, (frames, height, width), n_tokens, trained, n_trained)
 
     device = env.device if env else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, fp8 = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device)), getattr(args, "fp8", False)
+    # sampled under bf16 autocast: the weights held in bf16 too (half the memory; --fp8 holds its own)
+    held = torch.bfloat16 if dtype == "bf16" and not fp8 else torch.float32
     pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale,
-                         expert=getattr(args, "expert", None), fp8=getattr(args, "fp8", False))
+                         expert=getattr(args, "expert", None), fp8=fp8, weights_dtype=held)
     if getattr(args, "compile", False):  # before sequence parallelism, as in training (parallelize.py)
         from dit.distributed.parallelize import apply_compile
 
@@ -320,10 +323,9 @@ def run_sample(args: argparse.Namespace) -> None:
 
         for model in (pipe.model, *([pipe.experts.other] if pipe.experts else [])):
             apply_sequence_parallel(model, env.sp_group)  # every rank returns the whole prediction
-    dtype = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device))
     if main:
         compiled = ", its blocks compiled (the first step compiles them)" if getattr(args, "compile", False) else ""
-        compiled += ", its block weights in fp8" if getattr(args, "fp8", False) else ""
+        compiled += ", its block weights in fp8" if fp8 else ", its weights in bf16" if dtype == "bf16" else ""
         print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}, denoiser in {dtype}{compiled}",
               file=sys.stderr, flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)

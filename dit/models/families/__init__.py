@@ -221,6 +221,18 @@ def build_denoiser(model_cfg: Any, in_channels: int, text_dim: int, *, compressi
     return cls(transformer, **_options(cls, model_cfg, compression))
 
 
+def held_weights(weights: dict[str, torch.Tensor], family: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A denoiser's state dict with its floating weights in ``dtype`` (in place, one tensor at a time: no second full
+    copy), except what a family's transformer keeps in fp32 under diffusers' ``from_pretrained(torch_dtype=...)``
+    (its ``_keep_in_fp32_modules``: Wan's norms and modulation tables, for one)."""
+    keep = (getattr(FAMILIES[family].transformer_class(), "_keep_in_fp32_modules", None) or []
+            if family in FAMILIES else [])
+    for key, value in weights.items():
+        if value.is_floating_point() and not any(k in key.split(".") for k in keep):
+            weights[key] = value.to(dtype)
+    return weights
+
+
 def denoiser_from_config(config: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Rebuild a denoiser from its ``.config`` (a checkpoint's config.json "dit" entry); with ``weights`` (its
     state dict) the parameters are those tensors, loaded strictly without a random initialisation first."""

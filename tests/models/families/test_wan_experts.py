@@ -14,6 +14,7 @@ from tiny_families import tiny_transformer
 
 from dit.config import ConfigError
 from dit.experts import check_expert, load_expert
+from dit.models.families import held_weights
 from dit.models.text import NoText
 from dit.pipeline import decode_latents, load_pipeline, sample_latents
 
@@ -67,6 +68,11 @@ def test_t2v_experts_match_wanpipeline_with_transformer_2(tmp_path, stats):
     both.experts = load_expert(both.config, tmp_path / "low", "cpu", dtype=torch.bfloat16)
     block = both.experts.other.transformer.blocks[0]  # (diffusers keeps Wan's norms and modulation table in fp32)
     assert block.attn1.to_q.weight.dtype == torch.bfloat16 and block.scale_shift_table.dtype == torch.float32
+    # our checkpoints' weights held the same way (held_weights: dit sample --dtype bf16, a run's sample_expert)
+    held = held_weights(dict(both.model.state_dict()), "wan", torch.bfloat16)
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "low", torch_dtype=torch.bfloat16).state_dict()
+    assert {k: v.dtype for k, v in held.items()} == {f"transformer.{k}": v.dtype for k, v in loaded.items()}
+    assert {v.dtype for v in held.values()} == {torch.bfloat16, torch.float32}
     held16 = sample_latents(both, noise, cond, uncond, steps=STEPS, cfg=CFG, cfg_low=LOW_CFG, dtype="bf16")
     assert (held16 - z16).abs().max() > 0  # (it did run in bf16)
     assert (held16 - z).abs().mean() < 1.5 * (z16 - z).abs().mean()
