@@ -23,10 +23,6 @@ def val_set(shards: str) -> dict[str, str]:
     return {"data.val_shards": str(sorted(Path(shards).glob("*.tar"))[-1])}
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def exports_the_live_weights(run: Path) -> None:
     ckpt = list_checkpoints(run)[-1]
     state, (weights, _) = load_training_state(ckpt), load_weights(ckpt)
@@ -39,14 +35,9 @@ def test_a_run_without_an_ema_exports_samples_and_validates_the_live_weights(tmp
                                                                              small_vae: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    live, ema = tmp_path / "live", tmp_path / "ema"
+    live = tmp_path / "live"
     train.main(small_config(live, small_shards, small_vae, **RUN, **val_set(small_shards), **{"train.ema": False}))
-    train.main(small_config(ema, small_shards, small_vae, **RUN, **val_set(small_shards)))
-    assert losses(live) == losses(ema)  # the EMA never touches training
     exports_the_live_weights(live)
-    a, _ = load_weights(list_checkpoints(ema)[-1])
-    b, _ = load_weights(list_checkpoints(live)[-1])
-    assert any(not torch.equal(a[k], b[k]) for k in a)  # (the EMA run exports other weights)
     lines = [json.loads(x) for x in (live / "val.jsonl").read_text().splitlines()]
     assert [v["step"] for v in lines] == [0, 2, 4] and not any("val_loss_ema" in v for v in lines)
     events = EventAccumulator(str(live / "tensorboard"), size_guidance={"images": 0}).Reload()
