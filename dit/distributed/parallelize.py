@@ -1,6 +1,6 @@
 """Parallelism applied from outside the model, in a fixed order (torchtitan's ``parallelize``): activation
-checkpointing, then compile, then sequence parallelism (sequence.py, train.sequence_parallel > 1), then the
-data-parallel strategy (DDP | DeepSpeed ZeRO | FSDP2, strategies.py) over all ranks.
+checkpointing, then compile, then sequence parallelism (sequence.py, train.sequence_parallel > 1; on the EMA model
+too), then the data-parallel strategy (DDP | DeepSpeed ZeRO | FSDP2, strategies.py) over all ranks.
 The model never knows. Parameter names and state-dict keys stay those of the plain model throughout."""
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def parallelize(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, ema: ModelE
         apply_compile(model)
     if env.sequence_parallel > 1:  # after checkpointing: its recomputation must pass through the SP hooks again
         apply_sequence_parallel(model, env.sp_group)
+        if ema is not None:  # the EMA model too: its samples and validation split each clip over the group alike
+            apply_sequence_parallel(ema.module, env.sp_group)
         log.info("sequence parallel: groups of %d ranks share each clip's tokens; %d data-parallel replicas",
                  env.sequence_parallel, env.dp_size)
     return build_strategy(model, env, cfg, ema=ema, make_optimizer=make_optimizer, mixed_precision=mixed_precision)

@@ -36,6 +36,7 @@ from data_pipelines.state import merge_states
 from dit.config import Config, ConfigError, ModelConfig, VAEConfig, save_config
 from dit.distributed.parallelize import parallelize
 from dit.distributed.preemption import PREEMPTED_MARKER, REQUEUE_EXIT_CODE, Preempted, PreemptionHandler
+from dit.distributed.sequence import apply_sequence_parallel
 from dit.distributed.setup import DistEnv, any_rank, gather_floats, mean_over_ranks, setup_distributed
 from dit.distributed.strategies import Strategy
 from dit.distributed.watchdog import Watchdog
@@ -270,7 +271,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
                 dtype: str = "fp32", around: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """Sample the configured prompts with the EMA model (the live one with train.ema=false), each rank its share,
     and log each clip (on rank 0) as a strip of frames. Every rank makes the same number of model calls, so sharded
-    (FSDP) weights can gather; the live model of a sequence-parallel run splits each clip over its group, so a group
+    (FSDP) weights can gather; in a sequence-parallel run the model splits each clip over its group, so a group
     samples its prompts together. ``dtype``: bf16 in a bf16 run (the denoiser under autocast: less activation memory
     at the sampling step); ``around``: the context the sampling runs in (the strategy's: ZeRO-3 gathers a LoRA run's
     shared base)."""
@@ -279,7 +280,7 @@ def log_samples(writer: SummaryWriter | None, pipe: Pipeline, cfg: Config, step:
     if (not prompts or alone or (getattr(pipe.model, "code_condition", False) and not images)
             or getattr(pipe.model, "last_frame", False)):
         return  # (one expert of two cannot sample alone; Wan's code form samples from an image only; FLF2V from two)
-    together = not cfg.train.ema and env.sequence_parallel > 1
+    together = env.sequence_parallel > 1  # (the sampled model splits each clip over the group)
     ranks, rank = (env.dp_size, env.dp_rank) if together else (env.world_size, env.rank)
     share = math.ceil(len(prompts) / ranks)
     mine = list(range(rank * share, min(len(prompts), (rank + 1) * share)))
@@ -435,6 +436,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     # held on the CPU in the samples' precision; on the device only while sampling (log_samples)
     experts = load_expert({"dit": model.config, "experiment": cfg.to_dict()}, expert, "cpu",
                           dtype=torch.bfloat16 if sampling_dtype == "bf16" else torch.float32) if expert else None
+    if experts and env.sequence_parallel > 1:  # (as the model it samples beside)
+        apply_sequence_parallel(experts.other, env.sp_group)
     pipe = Pipeline(strategy.sampled, vae, text, noise_schedule, cfg.diffusion.prediction, {},
                     diffusion=cfg.diffusion, image=image_encoder, experts=experts)
     progress = Progress(t.steps, initial=step, every=t.log_every, enabled=env.is_main)

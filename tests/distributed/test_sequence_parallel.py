@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import dit_torchrun, dit_train, sample_both_ways
+from runs import DEMO, dit_torchrun, dit_train, logged_strips, sample_both_ways, sampled_strips, small_overrides
 
 from dit.config import ConfigError, load_config
 from dit.distributed.parallelize import apply_activation_checkpointing, apply_compile
@@ -209,8 +209,34 @@ def _worker(rank: int, init: str) -> None:
             _family_matches(group, name, checkpointing=True)
             _family_matches(group, name, checkpointing=True, lora=True)
         _family_matches(group, "cogvideox", checkpointing=True, compile=True)
+        _ema_gets_it_too(group, rank)
     finally:
         dist.destroy_process_group()
+
+
+def _ema_gets_it_too(group: dist.ProcessGroup, rank: int) -> None:
+    """parallelize installs sequence parallelism on the EMA model as on the model: its samples and validation split
+    each clip over the group, and return what the model returns."""
+    from dit.config import ModelConfig, TrainConfig
+    from dit.distributed.parallelize import parallelize
+    from dit.distributed.setup import DistEnv
+    from dit.models.dit import build_dit
+    from dit.training.ema import build_ema
+    from dit.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_dit(ModelConfig(hidden_size=32, depth=2, num_heads=2), in_channels=4, text_dim=8)
+    ema = build_ema(model, 0.9)
+    env = DistEnv(rank, 2, rank, torch.device("cpu"), sequence_parallel=2, sp_group=group)
+    cfg = TrainConfig(sequence_parallel=2)
+    strategy = parallelize(model, env, cfg, ema=ema, make_optimizer=lambda params: build_optimizer(params, cfg))
+    assert all(isinstance(b.attn.kernel, UlyssesAttention) for b in strategy.ema.module.blocks)
+    gen = torch.Generator().manual_seed(3)  # the same inputs on both ranks, as a group samples
+    x, text = torch.randn(2, 4, 2, 2, 4, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    kwargs = dict(text=text, text_mask=torch.ones(2, 3, dtype=torch.bool))
+    with torch.no_grad():
+        torch.testing.assert_close(strategy.ema.module(x, torch.tensor([5, 900]), **kwargs),
+                                   strategy.module(x, torch.tensor([5, 900]), **kwargs), atol=1e-6, rtol=0)
 
 
 def test_split_attention_and_dit_match_one_process(tmp_path: Path) -> None:
@@ -251,11 +277,14 @@ def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, ex
                                                                small_vae: Path) -> None:
     """2 processes with train.sequence_parallel=2 (one data-parallel replica; each rank holds 4 of a clip's 8 latent
     tokens) train as 1 process on the same batch of 4 clips: the same losses and gradient norms at every step, the
-    same weights at the end, the same validation losses (the live model's through the sequence-parallel hooks, the
-    EMA's whole on each rank)."""
+    same weights at the end, the same validation losses (the live model's and the EMA's, both through the
+    sequence-parallel hooks), and logs the clips its export draws in one process (the group samples its prompts
+    together, each clip split over it)."""
     run = tmp_path / strategy
+    prompts = '["a red circle moving left", "a blue square moving up"]'
     done = dit_torchrun(2, run, small_shards, small_vae, **{**STEPS, **extra, **validation(small_shards),
-                                                           "train.sequence_parallel": 2, "train.strategy": strategy})
+                                                           "train.sequence_parallel": 2, "train.strategy": strategy,
+                                                           "train.sample_prompts": prompts, "sample.steps": 2})
     assert done.returncode == 0, done.stderr[-5000:]
     assert "sequence parallel: groups of 2 ranks" in done.stderr
     found = re.search(r"activation checkpointing: (\d+) of (\d+) blocks", done.stderr)
@@ -273,6 +302,10 @@ def test_two_process_sequence_parallel_run_matches_one_process(strategy: str, ex
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    logged = logged_strips(run)
+    cfg = load_config(DEMO, small_overrides(run, small_shards, small_vae, **{**STEPS, **extra, "sample.steps": 2}))
+    for i, strip in enumerate(sampled_strips(run, cfg, [json.loads(prompts)])):
+        assert abs(strip.astype(int) - logged[f"samples/{i}"].astype(int)).max() <= 1, i
     if strategy == "ddp":  # and `dit sample --sequence-parallel 2` on 2 processes draws the 1-process image
         sample_both_ways(run, tmp_path)
 

@@ -177,3 +177,30 @@ def sample_both_ways(run: Path, tmp_path: Path, *size: str) -> None:
     one, two = (np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16) for name in ("one", "two"))
     assert one.std() > 0 and one.shape == two.shape
     assert np.abs(one - two).max() <= 1  # (rounding to uint8 may differ by one)
+
+
+def logged_strips(run: Path) -> dict[str, object]:
+    """The clips a run logged to TensorBoard: tag -> [H, T*W, 3] uint8."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    return {tag: np.asarray(Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)))
+            for tag in events.Tags()["images"]}
+
+
+def sampled_strips(run: Path, cfg: Config, shares: list[list[str]]) -> list[object]:
+    """The strips ``log_samples`` would log, drawn here in one process from the run's export: each share of the
+    prompts (one rank's, or a sequence-parallel group's) sampled together from seed 0, as the ranks do."""
+    import numpy as np
+
+    from dit.pipeline import generate, load_pipeline, to_uint8
+
+    pipe, d = load_pipeline(run), cfg.data
+    clips = [clip for share in shares for clip in to_uint8(generate(
+        pipe, share, frames=d.frames, height=d.height, width=d.width, steps=min(cfg.sample.steps, 25),
+        sampler=cfg.sample.sampler, cfg=cfg.sample.cfg, seed=0))]
+    return [np.concatenate(list(clip), axis=1) for clip in clips]  # [T, H, W, 3] -> [H, T*W, 3]

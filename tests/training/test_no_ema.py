@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import dit_torchrun, small_config
+from runs import dit_torchrun, logged_strips, sampled_strips, small_config
 
 from dit.export import list_checkpoints, load_weights
 from dit.training import train
@@ -56,19 +56,6 @@ def test_a_run_without_an_ema_exports_samples_and_validates_the_live_weights(tmp
 PROMPTS = '["a red circle moving left", "a blue square moving up"]'
 
 
-def logged_strips(run: Path) -> dict[str, object]:
-    """The clips a run logged to TensorBoard: tag -> [H, T*W, 3] uint8."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
-    return {tag: np.asarray(Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)))
-            for tag in events.Tags()["images"]}
-
-
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp", "sequence-parallel"])
 def test_two_processes_sample_and_export_the_live_weights(strategy: str, tmp_path: Path, small_shards: str,
                                                          small_vae: Path) -> None:
@@ -76,8 +63,6 @@ def test_two_processes_sample_and_export_the_live_weights(strategy: str, tmp_pat
     and a sequence-parallel group samples its prompts together (each clip split over the group): the clips are
     those the export gives in one process. A resume with an EMA under ZeRO-3 and FSDP starts it from the weights."""
     import numpy as np
-
-    from dit.pipeline import generate, load_pipeline, to_uint8
 
     if strategy == "zero3":
         pytest.importorskip("deepspeed")
@@ -90,14 +75,10 @@ def test_two_processes_sample_and_export_the_live_weights(strategy: str, tmp_pat
     exports_the_live_weights(run)
     strips = logged_strips(run)
     assert sorted(strips) == ["samples/0", "samples/1"]
-    cfg, pipe = small_config(run, small_shards, small_vae, **two), load_pipeline(run)
     # each rank samples its share of the prompts from seed 0; a sequence-parallel group (both ranks) all of them
     shares = [json.loads(PROMPTS)] if strategy == "sequence-parallel" else [[p] for p in json.loads(PROMPTS)]
-    clips = [clip for share in shares for clip in to_uint8(generate(
-        pipe, share, frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width, steps=2,
-        sampler=cfg.sample.sampler, cfg=cfg.sample.cfg, seed=0))]
-    for i, clip in enumerate(clips):  # [T, H, W, 3] -> the strip [H, T*W, 3]
-        strip = np.concatenate(list(clip), axis=1)
+    cfg = small_config(run, small_shards, small_vae, **two)
+    for i, strip in enumerate(sampled_strips(run, cfg, shares)):
         assert np.abs(strip.astype(int) - strips[f"samples/{i}"].astype(int)).max() <= 1, i
     if strategy == "sequence-parallel":
         return
