@@ -20,8 +20,8 @@ PROMPTS = '["a red circle moving left"]'
 
 
 def expert_run(out: Path, shards: str, vae: Path, monkeypatch, **extra: object) -> list:
-    """Train one expert (2 steps); return what each logged sample was drawn with and gave: (pipe, args, kwargs,
-    the other expert's first weight as it was then, the clip)."""
+    """Train one expert (2 steps); return what each logged sample was drawn with and gave: (args, kwargs, the other
+    expert's (dtype, device) while it sampled, or None without one, the clip)."""
     calls, real = [], train.generate
 
     def generate(pipe, *args, **kwargs):
