@@ -79,7 +79,8 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
     boundary, we_are_low = split_of(config)
     family = config["dit"].get("family", "dit")
     folder = Path(path)
-    if _diffusers_folder(folder):
+    diffusers = _diffusers_folder(folder)
+    if diffusers:
         from dit.models.diffusers_folder import read_diffusers_folder
 
         if family not in FAMILIES:
@@ -119,7 +120,7 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
                           f"{listed or 'another family'}")
     if device is None:
         return None
-    if not _diffusers_folder(folder):
+    if not diffusers:
         from dit.weights import checkpoint_weights
 
         weights, _ = checkpoint_weights(ckpt)

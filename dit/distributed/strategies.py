@@ -151,10 +151,14 @@ class Strategy:
     def local_ema(self) -> int:
         """Elements of the EMA this rank holds between reads (a LoRA run's shared base not counted): the whole
         model under DDP, about 1/N of it under FSDP and DeepSpeed (tests check both)."""
+        return sum(self.local_tensor(p).numel() for p in self.ema_own_params())
+
+    def ema_own_params(self) -> list[nn.Parameter]:
+        """The EMA model's parameters that are not the model's own (a LoRA run's shared base); none without one."""
         if not self.ema:
-            return 0
+            return []
         shared = {id(p) for p in self.module.parameters()}
-        return sum(self.local_tensor(p).numel() for p in self.ema.module.parameters() if id(p) not in shared)
+        return [p for p in self.ema.module.parameters() if id(p) not in shared]
 
     def ema_starts_over(self, state: dict[str, Any]) -> bool:
         """Whether this run keeps an EMA but the checkpoint it resumes has none (written with train.ema=false): the
@@ -326,10 +330,8 @@ class DeepSpeedStrategy(Strategy):
             self.partitioned.release(self.ema.module, frags)
 
     def local_ema(self) -> int:
-        if not self.ema:
-            return 0
-        shared = {id(p) for p in self.module.parameters()}  # (+ what it holds whole: frozen layers not shared)
-        return self.partitioned.numel() + sum(p.numel() for p in self.ema.module.parameters() if id(p) not in shared)
+        # its partition, and what it holds whole (frozen layers not shared; the trained ones are empty here)
+        return (self.partitioned.numel() if self.ema else 0) + sum(p.numel() for p in self.ema_own_params())
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA in fp32, put together one parameter at a time on rank 0's CPU (the other ranks get {})."""

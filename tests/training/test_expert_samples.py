@@ -10,8 +10,8 @@ import torch
 from runs import small_config
 
 from dit.config import ConfigError
-from dit.pipeline import load_pipeline
-from dit.training import train
+from dit.pipeline import generate, load_pipeline
+from dit.training import run_log, train
 
 FLOW = {"diffusion.objective": "flow", "diffusion.min_snr_gamma": "null", "sample.sampler": "flow_euler",
         "train.steps": 2, "train.checkpoint_every": 2,
@@ -22,17 +22,17 @@ PROMPTS = '["a red circle moving left"]'
 def expert_run(out: Path, shards: str, vae: Path, monkeypatch, **extra: object) -> list:
     """Train one expert (2 steps); return what each logged sample was drawn with and gave: (args, kwargs, the other
     expert's (dtype, device) while it sampled, or None without one, the clip)."""
-    calls, real = [], train.generate
+    calls = []
 
-    def generate(pipe, *args, **kwargs):
-        video = real(pipe, *args, **kwargs)
+    def logged(pipe, *args, **kwargs):
+        video = generate(pipe, *args, **kwargs)
         other = next(pipe.experts.other.parameters()) if pipe.experts else None
         calls.append((args, kwargs, None if other is None else (other.dtype, other.device), video))
         return video
 
-    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(run_log, "generate", logged)  # (what log_samples calls)
     train.main(small_config(out, shards, vae, **FLOW, **extra))
-    monkeypatch.setattr(train, "generate", real)
+    monkeypatch.setattr(run_log, "generate", generate)
     return calls
 
 
@@ -54,11 +54,11 @@ def test_an_expert_run_logs_clips_drawn_with_the_other_expert(tmp_path: Path, sm
     assert events.Tags()["images"] == ["samples/0"]
     # the same clip from the two exports, as `dit sample --checkpoint HIGH --expert LOW` loads them
     both = load_pipeline(high, expert=low)
-    torch.testing.assert_close(video, train.generate(both, *args, **kwargs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(video, generate(both, *args, **kwargs), atol=1e-5, rtol=0)
     # and the low-noise expert drew part of it (4 steps, sigma 1, 0.75 high; 0.5, 0.25 low), with its own guidance
-    alone = train.generate(load_pipeline(high), *args, **{**kwargs, "cfg_low": None})
+    alone = generate(load_pipeline(high), *args, **{**kwargs, "cfg_low": None})
     assert (alone - video).abs().mean() > 5e-3  # (measured 0.0197)
-    assert (train.generate(both, *args, **{**kwargs, "cfg_low": None}) - video).abs().mean() > 5e-3  # (0.0197)
+    assert (generate(both, *args, **{**kwargs, "cfg_low": None}) - video).abs().mean() > 5e-3  # (0.0197)
 
     # a bf16 run holds the other expert in bf16 (half its memory), sampled under bf16 autocast like its own model
     calls = expert_run(tmp_path / "high_bf16", small_shards, small_vae, monkeypatch, **{
@@ -69,7 +69,7 @@ def test_an_expert_run_logs_clips_drawn_with_the_other_expert(tmp_path: Path, sm
     both = load_pipeline(tmp_path / "high_bf16", expert=low)  # its expert in fp32, under the same autocast
     # (here the same clip: this briefly trained expert's QK-norm weights, which autocast leaves in fp32, are still
     # ones, exact in bf16 (checked by hand); in general the two differ by bf16's rounding, tests/test_sample.py)
-    torch.testing.assert_close(train.generate(both, *args, **kwargs), video, atol=1e-5, rtol=0)
+    torch.testing.assert_close(generate(both, *args, **kwargs), video, atol=1e-5, rtol=0)
 
 
 def test_a_sample_expert_that_cannot_serve_is_refused_before_any_work(tmp_path: Path, small_shards: str,

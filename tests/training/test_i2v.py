@@ -241,17 +241,17 @@ def test_a_first_frame_run_logs_samples_from_its_sample_images(tmp_path: Path, s
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dit.pipeline import read_image
-    from dit.training import train
+    from dit.training import run_log, train
 
     image = np.repeat(np.repeat(first_frame_of("red", "circle", "left"), 4, axis=0), 6, axis=1)  # 64 x 96
     Image.fromarray(image).save(tmp_path / "first.png")
-    given, real = [], train.generate
+    given, real = [], run_log.generate
 
     def generate(*args, **kwargs):
         given.append(kwargs.get("image"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(run_log, "generate", generate)  # (what log_samples calls)
     settings = {"model.condition": "first_frame", "train.sample_prompts": '["a red circle moving left"]',
                 "sample.steps": 2, "train.steps": 1}
     run = tmp_path / "run"

@@ -34,15 +34,15 @@ def test_a_bf16_run_logs_its_samples_sampled_under_bf16(tmp_path: Path, small_sh
     run: less activation memory at the sampling step), written to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dit.training import train
+    from dit.training import run_log, train
 
-    dtypes, real = [], train.generate
+    dtypes, real = [], run_log.generate
 
     def generate(*args, **kwargs):
         dtypes.append(kwargs.get("dtype", "fp32"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "generate", generate)
+    monkeypatch.setattr(run_log, "generate", generate)  # (what log_samples calls)
     for precision, expected in (("bf16", "bf16"), ("no", "fp32")):
         run = tmp_path / precision
         dtypes.clear()
