@@ -83,6 +83,7 @@ class ModelSize:
     base_fp8: int = 0  # the weights of those an fp8 base holds in fp8 (lora.base_dtype=fp8: dit/models/fp8.py)
     base_fp8_rows: int = 0  # their output rows (one fp32 scale each)
     base_gathered: int = 0  # LoRA: what ZeRO-3 gathers of the base at once while sampling: the largest block + the rest
+    read_whole: int = 0  # trained parameters whole at once while DeepSpeed reads the EMA: the largest block + the rest
     frozen_bytes: float = 0.0  # the VAE and text encoder in their dtypes (vae.dtype, text.dtype), the buffers
     buffers: int = 0  # the denoiser's buffers (fp32 position tables: SD3's, CogVideoX's), on every rank
     image_attention: int = 0  # blocks with a second self-attention over the image alone (SD3.5's dual attention)
@@ -217,11 +218,23 @@ def model_size(cfg: Config) -> ModelSize:
 
         fp8 = [m for _, m in fp8_candidates(dit.blocks)]
         base_fp8, base_fp8_rows = sum(m.weight.numel() for m in fp8), sum(m.out_features for m in fp8)
-        in_blocks = [sum(p.numel() for p in b.parameters()) for b in dit.blocks]
-        base_gathered = base - sum(in_blocks) + max(in_blocks)  # (dit/distributed/zero_ema.py)
-    return ModelSize(params=adapter if lora.rank else base or sum(p.numel() for p in dit.parameters()), base=base,
+    # what is whole at once while the EMA model is read block by block (dit/distributed/zero_ema.py): the largest
+    # block and the rest, of the base (ZeRO-3 gathers a LoRA run's shared base) and of the trained parameters
+    in_blocks = [sum(p.numel() for p in b.parameters()) for b in dit.blocks]
+    whole = sum(p.numel() for p in dit.parameters())
+    read_whole = whole - sum(in_blocks) + max(in_blocks)
+    if lora.rank:
+        base_gathered = read_whole
+        block_of = {id(m): i for i, b in enumerate(dit.blocks) for m in b.modules()}
+        per_block = [0] * len(in_blocks)
+        for n in target_modules(dit, lora.targets):
+            m = modules[n]
+            if id(m) in block_of:  # (an adapter outside the blocks is whole for the whole read)
+                per_block[block_of[id(m)]] += lora.rank * (m.in_features + m.out_features)
+        read_whole = adapter - sum(per_block) + max(per_block)
+    return ModelSize(params=adapter if lora.rank else whole, base=base,
                      base_linear=base_linear, base_fp8=base_fp8, base_fp8_rows=base_fp8_rows,
-                     base_gathered=base_gathered,
+                     base_gathered=base_gathered, read_whole=read_whole,
                      frozen=vae_params + text_params + image_params,
                      buffers=buffers,
                      frozen_bytes=vae_params * DTYPE_BYTES[cfg.vae.dtype] + image_params * DTYPE_BYTES["fp32"] +
@@ -338,8 +351,8 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
             lp = 2.0 if half else 4.0
             shares = t.lora.ema_shares_base(name)
             ema = 4.0 * (P / n + (0.0 if shares else base)) if t.ema else 0.0  # partitioned (zero_ema.py)
-            # read whole while sampling and validating (bf16 in a bf16 run, else fp32)
-            read = ((2.0 if precision == "bf16" else 4.0) * P
+            # filled in block by block while sampling and validating (bf16 in a bf16 run, else fp32)
+            read = ((2.0 if precision == "bf16" else 4.0) * size.read_whole
                     + (lp * size.base_gathered if name == "zero3" and shares else 0.0)
                     if t.ema and (t.sample_prompts or (cfg.data.val_shards and t.val_ema)) else 0.0)
             bucket, gathered = deepspeed_buckets(cfg, name)

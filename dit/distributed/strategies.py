@@ -31,7 +31,13 @@ from torch import nn
 
 from dit.config import TrainConfig
 from dit.distributed.setup import DistEnv
-from dit.distributed.zero_ema import Fragment, PartitionedEma, gathered_block_by_block, master_fragments
+from dit.distributed.zero_ema import (
+    Fragment,
+    PartitionedEma,
+    filled_block_by_block,
+    gathered_block_by_block,
+    master_fragments,
+)
 from dit.training.ema import ModelEma
 
 log = logging.getLogger("dit.strategies")
@@ -271,7 +277,7 @@ class DeepSpeedStrategy(Strategy):
         if self.ema:
             frags = self._fragments()
             self.partitioned = PartitionedEma(frags, self.env.device)
-            self.partitioned.release(self.ema.module, frags)
+            self.partitioned.release(dict(self.ema.module.named_parameters()), frags)
         # the samples' precision: the EMA model is filled in bf16 for a bf16 run's samples and validation (autocast
         # casts the weights it multiplies to bf16 anyway), fp32 otherwise
         self.read_dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float32
@@ -311,23 +317,19 @@ class DeepSpeedStrategy(Strategy):
 
     @contextmanager
     def sampling(self) -> Iterator[None]:
-        """The EMA model filled in from the ranks' partitions (in the samples' precision) while it is read, emptied
-        after; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered too, block by block. (The
-        live model, train.ema=false: in eval mode; ZeRO-3's own hooks gather its weights.)"""
+        """The EMA model filled in from the ranks' partitions (in the samples' precision) one block at a time, in
+        each block's forward; ZeRO-3: its partitioned parameters (a LoRA run's shared base) gathered the same way.
+        (The live model, train.ema=false: in eval mode; ZeRO-3's own hooks gather its weights.)"""
         if not self.ema:
             with live_eval(self.module):
                 yield
             return
-        frags = self._fragments()
-        self.partitioned.materialize(self.ema.module, frags, self.read_dtype)
-        try:
+        with filled_block_by_block(self.partitioned, self.ema.module, self._fragments(), self.read_dtype):
             if self.stage == 3 and self.ema.shared:
                 with gathered_block_by_block(self.ema.module):
                     yield
             else:
                 yield
-        finally:
-            self.partitioned.release(self.ema.module, frags)
 
     def local_ema(self) -> int:
         # its partition, and what it holds whole (frozen layers not shared; the trained ones are empty here)

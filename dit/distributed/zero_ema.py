@@ -4,9 +4,10 @@ ZeRO keeps the fp32 masters partitioned over the data-parallel ranks (the module
 mixed-precision run, and under ZeRO-3 only a partition of those). Each rank holds, in fp32, the EMA of just the
 elements its partition of the masters covers, and moves them with a local lerp, with no collective: 4 bytes per
 trained parameter over the ranks, not a replica on each. The EMA model's trained parameters stay empty tensors
-between uses; ``materialize`` fills them in (one all-reduce per parameter) while they are read, in the samples'
-precision (sampling, validation), ``release`` empties them again, and ``state`` puts each parameter together in
-fp32 on the CPU, one at a time, for a checkpoint's export.
+between uses; while they are read (sampling, validation) ``filled_block_by_block`` fills each block's in, in the
+samples' precision (one all-reduce per parameter), in the block's forward and empties them after it, so one block
+of the EMA is whole at a time, not the model; ``state`` puts each parameter together in fp32 on the CPU, one at a
+time, for a checkpoint's export.
 
 Under ZeRO-3 a LoRA run's EMA model shares the model's partitioned base; ``gathered_block_by_block`` gathers it
 while the EMA model samples one block at a time, in each block's forward, as ZeRO-3's own hooks do for the model.
@@ -84,25 +85,24 @@ class PartitionedEma:
             torch._foreach_lerp_(parts, masters, weight=weight)
 
     @torch.no_grad()
-    def whole(self, f: Fragment) -> torch.Tensor:
-        """Every element of one parameter's EMA, from the ranks that hold them (all ranks call this): fp32."""
-        full = torch.zeros(math.prod(f.shape), dtype=torch.float32, device=self.device)
+    def whole(self, f: Fragment, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Every element of one parameter's EMA in ``dtype``, from the ranks that hold them (all ranks call this)."""
+        full = torch.zeros(math.prod(f.shape), dtype=dtype, device=self.device)
         if f.name in self.parts:
             part = self.parts[f.name]
             full.narrow(0, f.start, part.numel()).copy_(part)
-        dist.all_reduce(full, group=f.group)  # one owner per element: a sum of it and zeros, exact
+        dist.all_reduce(full, group=f.group)  # one owner per element: a sum of it and zeros, exact in any dtype
         return full.view(f.shape)
 
     @torch.no_grad()
-    def materialize(self, module: nn.Module, frags: list[Fragment], dtype: torch.dtype) -> None:
-        """Fill the EMA ``module``'s (empty) trained parameters in, in ``dtype`` (all ranks call this)."""
-        params = dict(module.named_parameters())
+    def materialize(self, params: dict[str, nn.Parameter], frags: list[Fragment], dtype: torch.dtype) -> None:
+        """Fill the EMA model's (empty) trained parameters ``params`` (by name) in, in ``dtype`` (all ranks call
+        this)."""
         for f in frags:
-            params[f.name].data = self.whole(f).to(dtype)
+            params[f.name].data = self.whole(f, dtype)
 
     @torch.no_grad()
-    def release(self, module: nn.Module, frags: list[Fragment]) -> None:
-        params = dict(module.named_parameters())
+    def release(self, params: dict[str, nn.Parameter], frags: list[Fragment]) -> None:
         for f in frags:
             params[f.name].data = torch.empty(0, dtype=torch.float32, device=self.device)
 
@@ -151,4 +151,36 @@ def gathered_block_by_block(model: nn.Module) -> Iterator[None]:
             stack.callback(b.register_forward_hook(post).remove)
         stack.callback(lambda: [g.close() for g in opened.values()])  # (a forward that raised)
         stack.enter_context(GatheredParameters(rest, modifier_rank=None))
+        yield
+
+
+@contextmanager
+def filled_block_by_block(ema: PartitionedEma, model: nn.Module, frags: list[Fragment],
+                          dtype: torch.dtype) -> Iterator[None]:
+    """The EMA ``model``'s trained parameters filled in from the ranks' partitions where they are read: each block's
+    in its forward (pre- and post-forward hooks), the rest (embeddings, final layers) for the whole context; all
+    emptied at its end. So one block is whole at a time: its all-reduces run at every forward, in ``dtype``, as
+    ZeRO-3 gathers the live model's weights at every forward. Every rank makes the same forward calls."""
+    params = dict(model.named_parameters())
+    blocks = list(model.blocks)
+    owner = {id(p): i for i, b in enumerate(blocks) for p in b.parameters()}
+    per_block: list[list[Fragment]] = [[] for _ in blocks]
+    rest = []
+    for f in frags:
+        i = owner.get(id(params[f.name]))
+        (rest if i is None else per_block[i]).append(f)
+    index = {id(b): i for i, b in enumerate(blocks)}
+    with ExitStack() as stack:
+        stack.callback(ema.release, params, frags)  # (also after a forward that raised)
+
+        def pre(block: nn.Module, args: tuple) -> None:
+            ema.materialize(params, per_block[index[id(block)]], dtype)
+
+        def post(block: nn.Module, args: tuple, out: object) -> None:
+            ema.release(params, per_block[index[id(block)]])
+
+        for b in blocks:
+            stack.callback(b.register_forward_pre_hook(pre).remove)
+            stack.callback(b.register_forward_hook(post).remove)
+        ema.materialize(params, rest, dtype)
         yield

@@ -254,3 +254,19 @@ def test_zero3_with_cpu_offload_runs_as_one_process_without_a_launcher(tmp_path:
                                                       "train.offload_params": True})
     assert done.returncode == 0, done.stderr[-5000:]
     assert losses(run) == pytest.approx(losses(one_process)[:3], rel=1e-4)
+
+
+def test_deepspeed_fills_the_ema_in_one_block_at_a_time_while_it_is_read(tmp_path: Path) -> None:
+    """Under ZeRO-2 and ZeRO-3 the EMA model is whole one block at a time while it samples (a 14B EMA is not filled
+    in whole): a full fine-tune's partitioned EMA filled in, a LoRA run's shared base gathered (ZeRO-3), in each
+    block's forward; the output is the plain model's (tests/distributed/zero_ema_blocks.py, 2 processes)."""
+    import os
+    import sys
+
+    pytest.importorskip("deepspeed")
+    script = Path(__file__).resolve().parent / "zero_ema_blocks.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert done.stdout.count("blocks whole one at a time") == 6, done.stdout

@@ -301,9 +301,9 @@ def test_plan_keeps_cogvideox_text_whole_on_every_sequence_parallel_rank(capsys)
 
 def test_plan_counts_deepspeeds_ema_partitioned_and_filled_in_while_read() -> None:
     """Under ZeRO the EMA is partitioned like the masters (4 bytes per trained parameter over the ranks); sampling
-    and the EMA's validation fill it in whole, and under ZeRO-3 gather a LoRA run's shared base a block at a time (the
-    largest block and the parameters outside the blocks): for a 14B LoRA run with sample prompts on short clips (few
-    activations) that sets ZeRO-3's peak."""
+    and the EMA's validation fill it in a block at a time, and under ZeRO-3 gather a LoRA run's shared base a block at
+    a time (the largest block and the parameters outside the blocks): for a 14B LoRA run with sample prompts on short
+    clips (few activations) that sets ZeRO-3's peak; a 14B full fine-tune fills in 1/40 of its EMA, not all of it."""
     cfg = load_config(DEMO, ["train.mixed_precision='no'", *PARAMETER_BOUND, "train.sample_prompts=[]"])
     P = float(model_size(cfg).params)
     rows = {e.strategy: e for e in estimate(cfg, 8, 80)}
@@ -318,9 +318,17 @@ def test_plan_counts_deepspeeds_ema_partitioned_and_filled_in_while_read() -> No
     z3 = after["zero3"]
     resident = z3.weights + z3.grads + z3.optimizer + z3.ema + z3.buffers + z3.frozen
     assert base / 40 < size.base_gathered < base / 20  # one of 40 blocks, and embeddings, final layers
-    assert z3.total == pytest.approx(resident + 2 * size.params + 2 * size.base_gathered)
+    assert size.params / 40 == size.read_whole  # the adapter: in the 40 blocks alike
+    assert z3.total == pytest.approx(resident + 2 * size.read_whole + 2 * size.base_gathered)
     assert z3.total > before["zero3"].total
     assert after["zero2"].total == before["zero2"].total  # (its activations outweigh the adapter's EMA)
+    # a full fine-tune: 1.2 GB of its EMA in bf16 at once, under the optimizer step's temporaries (28.6 GB whole)
+    quiet, sampled = (load_config(a14b, [*short, "train.lora.rank=0", f"train.sample_prompts={p}"])
+                      for p in ("[]", '["a cat"]'))
+    size = model_size(quiet)
+    assert size.params == base and base / 40 < size.read_whole < base / 20
+    before, after = ({e.strategy: e for e in estimate(c, 8, 80, size=size)} for c in (quiet, sampled))
+    assert all(after[z].total == before[z].total for z in ("zero1", "zero2", "zero3"))
 
 
 def test_plan_counts_the_sample_expert_on_the_gpu_while_sampling(tmp_path: Path) -> None:
