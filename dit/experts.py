@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from torch import nn
 from dit.config import ConfigError
 from dit.diffusion.flow import FLOW_TIMESTEPS
 from dit.diffusion.samplers import DenoiseFn
+
+if TYPE_CHECKING:
+    from dit.distributed.setup import DistEnv
 
 
 @dataclass
@@ -55,11 +58,12 @@ def split_of(config: dict[str, Any]) -> tuple[float, bool]:
 
 
 def load_expert(config: dict[str, Any], path: str | Path, device: str | torch.device, fp8: bool = False,
-                dtype: torch.dtype = torch.float32) -> Experts:
+                dtype: torch.dtype = torch.float32, env: DistEnv | None = None) -> Experts:
     """The other expert for a checkpoint of ``config`` (its config.json), from ``path``: a run or checkpoint of ours,
     or a diffusers transformer folder; checked to fit the checkpoint's model before its weights load. ``dtype``: its
-    weights' (bf16 for samples drawn under bf16 autocast: half the memory)."""
-    experts = _other_expert(config, path, device=device, fp8=fp8, dtype=dtype)
+    weights' (bf16 for samples drawn under bf16 autocast: half the memory). ``env``: the processes of a run, which
+    hold its weights on the CPU once per node (dit/distributed/node_shared.py; all ranks call this)."""
+    experts = _other_expert(config, path, device=device, fp8=fp8, dtype=dtype, env=env)
     assert experts is not None
     return experts
 
@@ -70,7 +74,8 @@ def check_expert(config: dict[str, Any], path: str | Path) -> None:
 
 
 def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | torch.device | None = None,
-                  fp8: bool = False, dtype: torch.dtype = torch.float32) -> Experts | None:
+                  fp8: bool = False, dtype: torch.dtype = torch.float32,
+                  env: DistEnv | None = None) -> Experts | None:
     """The other expert, checked; ``device`` None: only checked (its model built without weights), None."""
     from accelerate import init_empty_weights
 
@@ -90,13 +95,9 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
                               family_key="model.family", family=family,
                               family_of_class={c.class_name: f for f, c in FAMILIES.items()})
         options = {k: config["dit"][k] for k in cls.option_keys if k in config["dit"]}
-        if device is None:
-            with init_empty_weights():
-                transformer = cls.transformer_class().from_config(cls.transformer_class().load_config(folder))
-        else:
-            transformer = cls.transformer_class().from_pretrained(folder, torch_dtype=dtype)
-        model = cls(transformer, **options)
-        other_config = model.config
+        with init_empty_weights():  # (its config; the weights load below)
+            other_config = cls(cls.transformer_class().from_config(cls.transformer_class().load_config(folder)),
+                               **options).config
     else:
         from dit.export import resolve_checkpoint
 
@@ -120,11 +121,18 @@ def _other_expert(config: dict[str, Any], path: str | Path, *, device: str | tor
                           f"{listed or 'another family'}")
     if device is None:
         return None
-    if not diffusers:
+
+    def weights() -> dict[str, torch.Tensor]:
+        if diffusers:  # (diffusers' own dtype rules: _keep_in_fp32_modules)
+            return cls(cls.transformer_class().from_pretrained(folder, torch_dtype=dtype), **options).state_dict()
         from dit.weights import checkpoint_weights
 
-        weights, _ = checkpoint_weights(ckpt)
-        model = denoiser_from_config(other_config, held_weights(weights, family, dtype))
+        return held_weights(checkpoint_weights(ckpt)[0], family, dtype)
+
+    from dit.distributed.node_shared import node_shared_state
+
+    state = node_shared_state(weights, env, "expert") if env is not None else weights()
+    model = denoiser_from_config(other_config, state)
     model.eval().requires_grad_(False)
     if fp8:  # (on the CPU, before it moves: the device never holds its full-width weights)
         from dit.models.fp8 import frozen_block_linears_to_fp8
@@ -143,15 +151,20 @@ def _diffusers_folder(folder: Path) -> bool:
 
 @contextmanager
 def expert_on(experts: Experts | None, device: torch.device) -> Iterator[None]:
-    """The other expert on ``device`` while it samples, back on the CPU after (where a training run holds it)."""
+    """The other expert on ``device`` while it samples; after, its tensors are the CPU ones it held before (where a
+    training run holds it, maybe mapped once per node): the device copies are dropped, not copied back."""
     if experts is None:
         yield
         return
+    held = [(m, kind, key, t, t.data) for m in experts.other.modules() for kind in ("_parameters", "_buffers")
+            for key, t in getattr(m, kind).items() if t is not None]
     experts.other.to(device)
     try:
         yield
     finally:
-        experts.other.to("cpu")
+        for m, kind, key, t, data in held:  # (.to moves a Parameter's data, or replaces it; it replaces buffers)
+            t.data = data
+            getattr(m, kind)[key] = t
 
 
 def switch(high: DenoiseFn, low: DenoiseFn, boundary: float) -> DenoiseFn:

@@ -339,9 +339,9 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
 
     if validator.due(step):  # the starting point (a fine-tune's base)
         validator.run(step, strategy, noise_schedule_dev)
-    # held on the CPU in the samples' precision; on the device only while sampling (log_samples)
-    experts = load_expert(run_config, expert, "cpu",
-                          dtype=torch.bfloat16 if sampling_dtype == "bf16" else torch.float32) if expert else None
+    # held on the CPU in the samples' precision, once per node; on the device only while sampling (log_samples)
+    expert_dtype = torch.bfloat16 if sampling_dtype == "bf16" else torch.float32
+    experts = load_expert(run_config, expert, "cpu", dtype=expert_dtype, env=env) if expert else None
     if experts and env.sequence_parallel > 1:  # (as the model it samples beside)
         apply_sequence_parallel(experts.other, env.sp_group)
     pipe = Pipeline(strategy.sampled, vae, text, noise_schedule, cfg.diffusion.prediction, {},

@@ -91,3 +91,22 @@ def test_a_sample_expert_that_cannot_serve_is_refused_before_any_work(tmp_path: 
         train.main(small_config(again, small_shards, small_vae, **FLOW, **{
             "diffusion.sigma_max": 0.5, "train.sample_prompts": PROMPTS, "train.sample_expert": str(low)}))
     assert not (again / "checkpoints").exists() and not (again / "metrics.jsonl").exists()
+
+
+def test_two_processes_hold_the_other_expert_once_per_node(tmp_path: Path, small_shards: str, small_vae: Path,
+                                                         monkeypatch) -> None:
+    """train.sample_expert in a run of several processes: the node's first process loads the other expert, the
+    others map its node-local file (a 14B expert in bf16: 28.6 GB per node, not per GPU), and the clips' expert is
+    the one a single process loads (tests/training/node_shared_expert.py, 2 processes)."""
+    import os
+    import subprocess
+    import sys
+
+    low = tmp_path / "low"
+    expert_run(low, small_shards, small_vae, monkeypatch, **{"diffusion.sigma_max": 0.5, "train.seed": 7})
+    script = Path(__file__).resolve().parent / "node_shared_expert.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(low)]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert done.stdout.count("the expert mapped once per node") == 2, done.stdout
