@@ -85,13 +85,19 @@ class PartitionedEma:
             torch._foreach_lerp_(parts, masters, weight=weight)
 
     @torch.no_grad()
-    def whole(self, f: Fragment, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Every element of one parameter's EMA in ``dtype``, from the ranks that hold them (all ranks call this)."""
+    def whole(self, f: Fragment, dtype: torch.dtype = torch.float32, first_only: bool = False) -> torch.Tensor:
+        """Every element of one parameter's EMA in ``dtype``, from the ranks that hold them (all ranks call this);
+        ``first_only``: whole on the group's first rank only (a reduce: half an all-reduce's traffic)."""
         full = torch.zeros(math.prod(f.shape), dtype=dtype, device=self.device)
         if f.name in self.parts:
             part = self.parts[f.name]
             full.narrow(0, f.start, part.numel()).copy_(part)
-        dist.all_reduce(full, group=f.group)  # one owner per element: a sum of it and zeros, exact in any dtype
+        # one owner per element: a sum of it and zeros, exact in any dtype
+        if first_only:
+            first = dist.get_process_group_ranks(f.group if f.group is not None else dist.group.WORLD)[0]
+            dist.reduce(full, dst=first, group=f.group)
+        else:
+            dist.all_reduce(full, group=f.group)
         return full.view(f.shape)
 
     @torch.no_grad()
@@ -108,10 +114,10 @@ class PartitionedEma:
 
     def state(self, frags: list[Fragment], keep: bool) -> dict[str, torch.Tensor]:
         """Each parameter's EMA put together in fp32 on the CPU, one at a time (all ranks call this; only those
-        with ``keep`` hold the result)."""
+        with ``keep``, each the first rank of its groups, hold the result)."""
         out = {}
         for f in frags:
-            whole = self.whole(f)
+            whole = self.whole(f, first_only=True)
             if keep:
                 out[f.name] = whole.cpu()
         return out
