@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,9 +41,20 @@ def node_shared_state(build: Callable[[], dict[str, torch.Tensor]], env: DistEnv
     builds its own, as without this, and the log says why."""
     if env.world_size == 1:
         return build()
+    # the others wait while a node's first process loads and writes: on a gloo group of its own, with an hour to
+    # spare, not under NCCL's default 10 minutes (a 14B expert from a slow file system takes minutes)
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=1))
+    try:
+        return _shared(build, env, name, group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def _shared(build: Callable[[], dict[str, torch.Tensor]], env: DistEnv, name: str,
+            group: object) -> dict[str, torch.Tensor]:
     # a name no other run and no other node can pick (a shared temporary directory would otherwise mix nodes)
     token = [f"dit-{name}-{os.getpid()}-{secrets.token_hex(4)}"]  # (not torch's RNG: the run's draws stay)
-    dist.broadcast_object_list(token, src=0)
+    dist.broadcast_object_list(token, src=0, group=group)
     path, error = None, None
     if env.local_rank == 0:
         state = build()
@@ -55,7 +67,8 @@ def node_shared_state(build: Callable[[], dict[str, torch.Tensor]], env: DistEnv
             path.unlink(missing_ok=True)
         del state
     everyone: list[tuple] = [()] * env.world_size
-    dist.all_gather_object(everyone, (socket.gethostname(), env.local_rank, str(path) if path else None, error))
+    dist.all_gather_object(everyone, (socket.gethostname(), env.local_rank, str(path) if path else None, error),
+                           group=group)
     # each process maps its node's first process's file (launchers number a node's processes consecutively)
     firsts = [everyone[r - local] for r, (_, local, _, _) in enumerate(everyone)]
     why = next((e for *_, e in everyone if e), None)
@@ -70,7 +83,7 @@ def node_shared_state(build: Callable[[], dict[str, torch.Tensor]], env: DistEnv
         return build()
     mine = firsts[env.rank][2]
     state = torch.load(mine, mmap=True, weights_only=True, map_location="cpu")
-    dist.barrier()  # every process of the node has mapped it
+    dist.barrier(group=group)  # every process of the node has mapped it
     if env.local_rank == 0:
         Path(mine).unlink(missing_ok=True)
     return state
