@@ -303,7 +303,7 @@ def test_plan_counts_deepspeeds_ema_partitioned_and_filled_in_while_read() -> No
     """Under ZeRO the EMA is partitioned like the masters (4 bytes per trained parameter over the ranks); sampling
     and the EMA's validation fill it in a block at a time, and under ZeRO-3 gather a LoRA run's shared base a block at
     a time (the largest block and the parameters outside the blocks): for a 14B LoRA run with sample prompts on short
-    clips (few activations) that sets ZeRO-3's peak; a 14B full fine-tune fills in 1/40 of its EMA, not all of it."""
+    clips (few activations) that sets ZeRO-3's peak; a 14B full fine-tune fills in 4% of its EMA at once, not all."""
     cfg = load_config(DEMO, ["train.mixed_precision='no'", *PARAMETER_BOUND, "train.sample_prompts=[]"])
     P = float(model_size(cfg).params)
     rows = {e.strategy: e for e in estimate(cfg, 8, 80)}
