@@ -317,6 +317,16 @@ def deepspeed_buckets(cfg: Config, strategy: str) -> tuple[int, int]:
     return int(zero.get("reduce_bucket_size", 5e8)), int(gathered)
 
 
+def expert_bytes(cfg: Config, size: ModelSize) -> float:
+    """train.sample_expert: the other expert of a pair (the same architecture) in the samples' precision (bf16 in a
+    bf16 run), 0 when the run logs no clips."""
+    t = cfg.train
+    if not (t.sample_expert and t.sample_prompts):
+        return 0.0
+    bf16 = t.mixed_precision in ("bf16", "auto")  # ("auto": bf16 on a GPU)
+    return (2.0 if bf16 else 4.0) * float(size.base or size.params)
+
+
 def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 8,
              size: ModelSize | None = None, attention_scores: bool = False) -> list[Estimate]:
     """Per-GPU bytes for every strategy with ``gpus`` ranks (fp32 master weights; half-precision activations,
@@ -334,9 +344,7 @@ def estimate(cfg: Config, gpus: int, gpu_memory_gb: float, gpus_per_node: int = 
     kept_blocks = size.depth - (-(-size.depth // every) if cfg.model.gradient_checkpointing else 0)
     precision = "bf16" if t.mixed_precision == "auto" else t.mixed_precision  # "auto": bf16 on a GPU
     half = precision in ("bf16", "fp16")
-    # train.sample_expert: the other expert of a pair (the same architecture), on the GPU while the clips are drawn
-    expert = ((2.0 if precision == "bf16" else 4.0) * (base or P)
-              if t.sample_expert and t.sample_prompts else 0.0)
+    expert = expert_bytes(cfg, size)  # on the GPU while the clips are drawn
     out = []
     for name in STRATEGIES:
         n = max(gpus, 1)
@@ -462,6 +470,9 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
                      f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")
     if cfg.text.device == "cpu":
         lines.append("(text encoder not counted: text.device=cpu holds it in host memory)")
+    if expert_bytes(cfg, size):
+        lines.append(f"(train.sample_expert: the other expert, {expert_bytes(cfg, size) / 2**30:.2f} GiB, counted on "
+                     "the GPU while the clips are drawn; between them it is held in host memory, once per node)")
     lines.append(f"(tensor bytes, as torch.cuda.max_memory_allocated counts them; fits: total <= {HEADROOM:.0%} "
                  "of the GPU, the rest for the CUDA context, workspaces and fragmentation)")
     if gpus == 1:

@@ -344,3 +344,8 @@ def test_plan_counts_the_sample_expert_on_the_gpu_while_sampling(tmp_path: Path)
         assert e.total > before[name].total
         resident = e.weights + e.optimizer + e.ema + e.frozen + (e.grads if name != "zero2" else 0.0)
         assert e.total >= resident + 2 * size.base  # (the expert in bf16: 2 bytes per parameter)
+    from dit.plan import format_plan
+
+    said = format_plan(paired, 8, 80, list(after.values()), size)
+    assert f"the other expert, {2 * size.base / 2**30:.2f} GiB, counted on the GPU" in said  # (26.61 GiB)
+    assert "the other expert" not in format_plan(alone, 8, 80, list(before.values()), size)
