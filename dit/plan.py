@@ -204,6 +204,7 @@ def model_size(cfg: Config) -> ModelSize:
     image_tokens = SIGLIP_TOKENS if cfg.model.condition == "first_frame" else 1
     text_len = cfg.text.max_length + {"sd3": CLIP_LENGTH, "hunyuan15": image_tokens}.get(cfg.text.encoder, 0)
     buffers = sum(b.numel() for b in dit.buffers())  # (SD3.5 Medium's position table: 226M values)
+    whole = sum(p.numel() for p in dit.parameters())
     lora, base, base_linear, base_fp8, base_fp8_rows, base_gathered = cfg.train.lora, 0, 0, 0, 0, 0
     if lora.rank:  # the adapter trains; the denoiser's own weights stay, frozen, in the same module
         from dit.models.lora import target_modules
@@ -211,7 +212,7 @@ def model_size(cfg: Config) -> ModelSize:
         modules = dict(dit.named_modules())
         adapter = sum(lora.rank * (modules[n].in_features + modules[n].out_features)
                       for n in target_modules(dit, lora.targets))
-        base = sum(p.numel() for p in dit.parameters())
+        base = whole
         base_linear = sum(p.numel() for m in dit.blocks.modules() if isinstance(m, torch.nn.Linear)
                           for p in m.parameters(recurse=False))
         from dit.models.fp8 import fp8_candidates
@@ -221,7 +222,6 @@ def model_size(cfg: Config) -> ModelSize:
     # what is whole at once while the EMA model is read block by block (dit/distributed/zero_ema.py): the largest
     # block and the rest, of the base (ZeRO-3 gathers a LoRA run's shared base) and of the trained parameters
     in_blocks = [sum(p.numel() for p in b.parameters()) for b in dit.blocks]
-    whole = sum(p.numel() for p in dit.parameters())
     read_whole = whole - sum(in_blocks) + max(in_blocks)
     if lora.rank:
         base_gathered = read_whole

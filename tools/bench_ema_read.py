@@ -19,6 +19,7 @@ from dit.distributed.parallelize import parallelize
 from dit.distributed.setup import setup_distributed, teardown_distributed
 from dit.models.dit import build_dit
 from dit.training.ema import build_ema
+from dit.training.metrics import profiled_allocations
 from dit.training.optim import build_optimizer
 
 
@@ -30,20 +31,11 @@ def peak_of(fn, device: torch.device) -> int:
         start = torch.cuda.memory_allocated()
         fn()
         return torch.cuda.max_memory_allocated() - start
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-
-    def events(nodes):
-        for node in nodes:
-            yield node
-            yield from events(node.children)
-
-    totals = [n.extra_fields.total_allocated for n in events(prof.profiler.kineto_results.experimental_event_tree())
-              if n.tag == _EventType.Allocation]
-    return max(totals, default=0)
+    return max((total for _, total in profiled_allocations(prof)), default=0)
 
 
 def main() -> None:

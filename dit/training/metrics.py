@@ -41,6 +41,26 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def profiled_events(prof: Any) -> list[Any]:
+    """Every event of a torch.profiler run, the nested ones too."""
+    out, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo.extend(node.children)
+    return out
+
+
+def profiled_allocations(prof: Any) -> list[tuple[int, int]]:
+    """(start ns, the allocator's running total of tensor bytes since the profiler started) at each allocation of a
+    ``torch.profiler.profile(profile_memory=True)`` run, in time order: on CPU, what torch.cuda.max_memory_allocated
+    counts on a GPU."""
+    from torch._C._profiler import _EventType
+
+    return sorted((n.start_time_ns, n.extra_fields.total_allocated) for n in profiled_events(prof)
+                  if n.tag == _EventType.Allocation)
+
+
 class Throughput:
     """Accumulates samples and time between log steps; ``report()`` gives the rates since the last report.
 

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from dit.config import Config, load_config
@@ -35,22 +32,16 @@ from dit.pipeline import schedule_from_config
 from dit.plan import JOINT_TEXT, estimate, model_size
 from dit.training.ema import build_ema
 from dit.training.finetune import hold_frozen_base
+from dit.training.metrics import profiled_allocations, profiled_events
 from dit.training.optim import mixed_precision
 from dit.training.step import train_step
-
-
-def events(nodes: list[Any]) -> Iterator[Any]:
-    for node in nodes:
-        yield node
-        yield from events(node.children)
 
 
 def allocator_figures(prof: profile) -> tuple[int, int]:
     """From the profiler's allocations (the allocator's running total, counted from the profiler's start): the
     largest total, and the growth over the last forward (record_function "forward"), the activations it keeps."""
-    nodes = list(events(prof.profiler.kineto_results.experimental_event_tree()))
-    totals = sorted((n.start_time_ns, n.extra_fields.total_allocated) for n in nodes if n.tag == _EventType.Allocation)
-    forward = max((n for n in nodes if n.name == "forward"), key=lambda n: n.start_time_ns)
+    totals = profiled_allocations(prof)
+    forward = max((n for n in profiled_events(prof) if n.name == "forward"), key=lambda n: n.start_time_ns)
 
     def before(t: int) -> int:
         return max(((s, a) for s, a in totals if s < t), default=(0, 0))[1]
