@@ -1,4 +1,5 @@
 """The memory of training steps, for `dit plan`'s test: python measure_memory.py [--device cuda] CONFIG OVERRIDES...
+(or ``--serve``: one measurement per line of JSON arguments on stdin, each in a forked child; see ``serve``)
 
 Prints JSON {"measured": bytes, "estimated": bytes, ...}: the peak of the tensor bytes live in torch's allocator
 over 2 real AdamW + EMA training steps through train.strategy, as dit train takes them (real frozen VAE and text
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import tempfile
 from dataclasses import replace
 
 import torch
@@ -98,12 +102,49 @@ def train_steps(cfg: Config, env: DistEnv) -> tuple[torch.nn.Module, int]:
     return text, growth
 
 
-def main() -> None:
+def serve() -> None:
+    """Measure on CPU for each line of stdin (a JSON list of this script's arguments) in a forked child; answer one
+    line of JSON {"returncode", "stdout", "stderr"} per request. The child starts as a copy of this process, which has
+    imported torch, its compiler front end (the optimizer imports it), diffusers and transformers once: a measurement
+    costs a fork instead of a new interpreter's ~5-9 s of imports. The peak is counted from the child's own profiler
+    start, so it is the figure a fresh process gives (tests/training/test_plan.py holds both ways equal)."""
+    import diffusers  # noqa: F401  (the families' classes and text encoders, imported before the forks)
+    import torch._dynamo  # noqa: F401
+    import transformers  # noqa: F401
+
+    for line in sys.stdin:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            pid = os.fork()
+            if pid == 0:  # the child: its stdout and stderr to files, then one measurement
+                code = 1
+                try:
+                    for fd, path in ((1, out), (2, err)):
+                        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT), fd)
+                    main(json.loads(line))
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else 1
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            texts = [open(path).read() if os.path.exists(path) else "" for path in (out, err)]
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "stdout": texts[0], "stderr": texts[1]}),
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cfg, device = load_config(args.config, args.overrides), torch.device(args.device)
     # ZeRO and FSDP need a group (one process without a launcher; torchrun for more), as dit train makes it
     env = replace(setup_distributed(needs_group=cfg.train.strategy != "ddp"), device=device)
@@ -139,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1:] == ["--serve"] else main()
