@@ -44,15 +44,15 @@ def test_demo_finetune_quick_runs_the_users_path(tmp_path: Path) -> None:
 
 
 def test_demo_quick_with_the_eps_objective(tmp_path: Path) -> None:
-    """`dit demo --objective diffusion` keeps the eps recipe (configs/demo.yaml's objective) and samples with DDIM;
-    with --finetune, the base it trains and the fine-tune both use it."""
+    """`dit demo --objective diffusion` keeps the eps recipe (configs/demo.yaml's objective) and samples with DDIM.
+    (Without --finetune since 2026-12-07, for CI time: the test above holds that a fine-tune takes its base's
+    objective, in the direction where it differs from demo.yaml's.)"""
     out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "dit.cli", "demo", "--quick", "--finetune", "--objective",
-                           "diffusion", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-m", "dit.cli", "demo", "--quick", "--objective", "diffusion", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert run_objective(out / "dit_run") == "diffusion"
-    assert run_objective(out / "finetune_run") == "diffusion"
+    assert run_objective(out / "dit_run") == "diffusion" and not (out / "finetune_run").exists()
     assert "training the DiT (diffusion) for 10 steps" in done.stdout
     assert "sampling 20 clips (ddim, 5 steps" in done.stdout
     result = json.loads((out / "score.json").read_text())

@@ -111,31 +111,15 @@ def same_trained_weights(one: Path, two: Path, skip: str | None = None) -> dict[
     return a
 
 
-def test_a_wan_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, one_process: Path,
-                                                                    small_shards: str, wan_yaml: Path) -> None:
-    """train.sequence_parallel=2 on a Wan model (dit/distributed/sequence_families.py): 2 processes share each clip's
-    latent tokens (one data-parallel replica, the same batch as the 1-process run) and train as 1 process; its
-    checkpoint samples on 2 processes as on 1."""
-    run = tmp_path / "sp"
-    done = dit_torchrun(2, run, small_shards, None, config=wan_yaml, **{**COMMON, "train.sequence_parallel": 2})
-    assert done.returncode == 0, done.stderr[-5000:]
-    assert "sequence parallel: groups of 2 ranks" in done.stderr
-    assert losses(run) == pytest.approx(losses(one_process), rel=1e-4)
-    a, b = (load_training_state(list_checkpoints(r)[-1])["model"] for r in (one_process, run))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    # and `dit sample --sequence-parallel 2` of it draws the 1-process image (32 x 16 pixels: 2 latent tokens)
-    sample_both_ways(run, tmp_path, "--height", "32")
-
-
 def test_a_wan_first_frame_model_with_sequence_parallelism_matches_one_process(tmp_path: Path, small_shards: str,
                                                                               wan_yaml: Path) -> None:
     """model.condition=first_frame on a Wan model (Wan 2.2 TI2V's form: the image's latent in place of frame 0,
     per-token timesteps, 0 there, which sequence parallelism cuts like the tokens; frame 0 out of the loss where
     the image stands) trains on 2 processes with train.sequence_parallel=2 as on 1, and its checkpoint samples from
     text alone (TI2V's text-to-video: per-token timesteps, all t) on 2 processes as on 1. (A one-frame sample with
-    an image would be the image itself; the image path is the pipeline test's, tests/models/families.)"""
+    an image would be the image itself; the image path is the pipeline test's, tests/models/families.) This is the
+    Wan `dit train` run with sequence parallelism; a plain text-to-video one left for CI time, 2026-12-07: the same
+    path without the condition, whose SP outputs and gradients test_sequence_parallel.py checks in float64."""
     one, two = sp_pair(tmp_path, small_shards, wan_yaml, **{"model.condition": "first_frame",
                                                             "model.condition_prob": 0.75})
     same_trained_weights(one, two)
