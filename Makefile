@@ -20,9 +20,9 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	# two workers, one test file each at a time (module fixtures built once), one OpenMP thread each (tests/conftest.py).
-	# `bash .ci/run` on a fresh clone, 2 cores (Intel Xeon), the machine otherwise idle, 2026-12-07: 23.3 min with the
-	# install (927 tests in 21.9 min); 31.4 min before the text-state cache and the aot_eager compile tests.
-	# Stop 33's CI took 32.5 min, stop 34's 23.4 (BENCHMARKS.md: the suite's wall time)
+	# `bash .ci/run` on a fresh clone, 2 cores (Intel Xeon), the machine otherwise idle, 2026-12-07: 23.9 min with the
+	# install (947 tests in 22.2 min); the same tree's suite varied 1389-1648 s between two runs here.
+	# Stop 33's CI took 32.5 min, stop 36's 29.3 (BENCHMARKS.md: the suite's wall time)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 lint: install

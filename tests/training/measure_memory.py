@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from dataclasses import replace
@@ -118,6 +119,7 @@ def serve() -> None:
             pid = os.fork()
             if pid == 0:  # the child: its stdout and stderr to files, then one measurement
                 code = 1
+                signal.alarm(600)  # a hung measurement ends as a fresh one would under subprocess.run(timeout=600)
                 try:
                     for fd, path in ((1, out), (2, err)):
                         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT), fd)
