@@ -201,7 +201,9 @@ def measure(model: list[str], *device: str, processes: int = 1, fresh: bool = Fa
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         _server.stdin.write(json.dumps(args) + "\n")
         _server.stdin.flush()
-        done = subprocess.CompletedProcess(args, **json.loads(_server.stdout.readline()))
+        answer = _server.stdout.readline()
+        assert answer, f"measure_memory.py --serve ended (exit {_server.poll()}) without answering"
+        done = subprocess.CompletedProcess(args, **json.loads(answer))
     else:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         done = subprocess.run([*(launch if processes > 1 else [sys.executable]), str(SCRIPT), *args], cwd=ROOT,
