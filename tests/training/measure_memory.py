@@ -108,7 +108,7 @@ def serve() -> None:
     line of JSON {"returncode", "stdout", "stderr"} per request. The child starts as a copy of this process, which has
     imported torch, its compiler front end (the optimizer imports it), diffusers and transformers once: a measurement
     costs a fork instead of a new interpreter's ~5-9 s of imports. The peak is counted from the child's own profiler
-    start, so it is the figure a fresh process gives (tests/training/test_plan.py holds both ways equal)."""
+    start, so it is the figure a fresh process gives (tests/training/test_plan.py compares one config both ways)."""
     import diffusers  # noqa: F401  (the families' classes and text encoders, imported before the forks)
     import torch._dynamo  # noqa: F401
     import transformers  # noqa: F401
@@ -126,7 +126,7 @@ def serve() -> None:
                     main(json.loads(line))
                     code = 0
                 except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else 1
+                    code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
                 except BaseException:
                     import traceback
 
