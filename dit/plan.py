@@ -470,8 +470,8 @@ def format_plan(cfg: Config, gpus: int, gpu_memory_gb: float, estimates: list[Es
                      f"{DTYPE_BYTES[cfg.text.dtype]} bytes per parameter of it: text.dtype={cfg.text.dtype})")
     if cfg.text.device == "cpu":
         lines.append("(text encoder not counted: text.device=cpu holds it in host memory)")
-    if expert_bytes(cfg, size):
-        lines.append(f"(train.sample_expert: the other expert, {expert_bytes(cfg, size) / 2**30:.2f} GiB, counted on "
+    if expert := expert_bytes(cfg, size):
+        lines.append(f"(train.sample_expert: the other expert, {expert / 2**30:.2f} GiB, counted on "
                      "the GPU while the clips are drawn; between them it is held in host memory, once per node)")
     lines.append(f"(tensor bytes, as torch.cuda.max_memory_allocated counts them; fits: total <= {HEADROOM:.0%} "
                  "of the GPU, the rest for the CUDA context, workspaces and fragmentation)")

@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -136,7 +137,7 @@ def serve() -> None:
                     sys.stderr.flush()
                     os._exit(code)
             _, status = os.waitpid(pid, 0)
-            texts = [open(path).read() if os.path.exists(path) else "" for path in (out, err)]
+            texts = [Path(path).read_text() if os.path.exists(path) else "" for path in (out, err)]
         print(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "stdout": texts[0], "stderr": texts[1]}),
               flush=True)
 
