@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("sample", help="generate clips from prompts")
-    p.add_argument("--checkpoint", required=True, help="training output dir (newest checkpoint) or a checkpoint dir")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="training output dir (newest checkpoint) or a checkpoint dir")
+    which.add_argument("--config", default=None, help="a released model straight from its diffusers folders, no "
+                       "training run: its experiment YAML (configs/wan2.1-t2v-1.3b.yaml, ...) with the folders as "
+                       "overrides (model.pretrained=... vae.pretrained=... text.path=...)")
+    p.add_argument("overrides", nargs="*", help="with --config: dotted overrides, e.g. model.pretrained=DIR")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a file with one prompt per line")
     p.add_argument("--frames", type=int, default=None, help="4k+1 (default: the size the checkpoint was trained at)")
@@ -230,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last-image", default=None, help="Wan 2.1 FLF2V: the last frame to reach (with --image, the "
                    "first); resized and center-cropped as --image")
     p.add_argument("--lora", default=None, metavar="RUN", help="apply a LoRA run's adapter (its newest checkpoint, a "
-                   "checkpoint dir or a *lora*.safetensors file) to --checkpoint")
+                   "checkpoint dir or a *lora*.safetensors file) to the model; also another tool's LoRA file "
+                   "(ComfyUI, musubi-tuner, kohya, diffusers layouts: converted by diffusers' loader of the family)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="scale of --lora's update (0: the base alone)")
     p.add_argument("--expert", default=None, metavar="PATH", help="Wan 2.2 A14B: the other expert of a checkpoint "
                    "trained as one (diffusion.sigma_min / sigma_max): a run, checkpoint dir or diffusers transformer "

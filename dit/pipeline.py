@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from einops import rearrange
 
 from data_pipelines.config import SPATIAL, TEMPORAL, size_problems
-from dit.config import DiffusionConfig, TextConfig
+from dit.config import Config, DiffusionConfig, TextConfig
 from dit.diffusion.cuda_graphs import CudaGraphed
 from dit.diffusion.flow import latent_tokens, sampling_grid, sampling_shift
 from dit.diffusion.guidance import cfg_denoiser, dynamic_scale
@@ -30,8 +31,9 @@ from dit.models.dit import DiT
 from dit.models.families import denoiser_from_config, held_weights
 from dit.models.image_encoder import ImageEncoder, build_image_encoder
 from dit.models.text import TextEncoder, build_text_encoder, text_device
-from dit.models.vae import CausalVAE, load_vae
-from dit.weights import checkpoint_weights
+from dit.models.vae import CausalVAE, load_vae, load_vae_from_config
+from dit.released import release_config, release_weights
+from dit.weights import checkpoint_weights, with_lora
 
 log = logging.getLogger("dit.pipeline")
 OBJECTIVE_SAMPLERS = {"diffusion": ("ddim", "ddpm", "dpm_solver", "cogvideox_dpm"),
@@ -58,19 +60,27 @@ def schedule_from_config(diffusion: dict[str, Any] | Any) -> Schedule:
                          zero_terminal_snr=d["zero_terminal_snr"], snr_shift_scale=d.get("snr_shift_scale", 1.0))
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: TextEncoder | None = None,
+def load_pipeline(path: str | Path | Config, device: str | torch.device = "cpu", text: TextEncoder | None = None,
                   lora: str | Path | None = None, lora_scale: float = 1.0,
                   expert: str | Path | None = None, fp8: bool = False,
                   weights_dtype: torch.dtype = torch.float32) -> Pipeline:
-    """Everything needed to sample, from a run directory (newest complete checkpoint) or a checkpoint directory. A
-    LoRA run samples its base with its adapter merged; ``lora`` (a LoRA run, checkpoint or adapter file) adds
+    """Everything needed to sample, from a run directory (newest complete checkpoint), a checkpoint directory, or an
+    experiment config naming a released model's folders (dit/released.py). A LoRA run samples its base with its
+    adapter merged; ``lora`` (a LoRA run, checkpoint or adapter file) adds
     another adapter at ``lora_scale``. ``expert``: the other expert of a checkpoint trained as one of two (a run,
     checkpoint or diffusers transformer folder; dit/experts.py). ``fp8``: the blocks' linear weights (adapters merged)
     held as e4m3 codes with row scales, converted on the CPU before the move (dit/models/fp8.py). ``weights_dtype``:
     the denoisers' weights (bf16 for sampling under bf16 autocast: half the memory; what a family keeps in fp32
     stays so, as diffusers' pipelines load it)."""
-    ckpt = resolve_checkpoint(path)
-    weights, config = checkpoint_weights(ckpt, lora, lora_scale)
+    if isinstance(path, Config):  # a released model: its folders, no checkpoint
+        config = release_config(path)
+        weights = release_weights(path)
+        weights = with_lora(weights, config, lora, lora_scale) if lora is not None else weights
+        vae_of = partial(load_vae_from_config, path.vae)
+    else:
+        ckpt = resolve_checkpoint(path)
+        weights, config = checkpoint_weights(ckpt, lora, lora_scale)
+        vae_of = partial(load_vae, ckpt / "vae")
     experts = (load_expert(config, expert, device, fp8, dtype=weights_dtype) if expert is not None
                else None)  # checked before the rest
     if weights_dtype != torch.float32:
@@ -80,7 +90,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", text: Te
         from dit.models.fp8 import frozen_block_linears_to_fp8
 
         frozen_block_linears_to_fp8(model.eval().requires_grad_(False))
-    vae = load_vae(ckpt / "vae")
+    vae = vae_of()
     text = text or build_text_encoder(TextConfig(**config["experiment"]["text"]))
     schedule = schedule_from_config(config["experiment"]["diffusion"])
     for m in (model, vae):

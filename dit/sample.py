@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from data_pipelines.config import latent_frames
-from dit.config import ConfigError, SampleConfig
+from dit.config import Config, ConfigError, SampleConfig
 from dit.distributed.setup import DistEnv
 from dit.export import resolve_checkpoint
 from dit.models.families import pads_frames, sample_guidance
@@ -168,17 +168,22 @@ def settings(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     return out
 
 
-def geometry(ckpt: Path, config: dict[str, Any]) -> tuple[tuple[int, int, int], int, int]:
-    """(patch, temporal, spatial compression) of a checkpoint, from its configs (no weights loaded)."""
+def vae_record(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's vae/vae.json: our VAE's constructor arguments, or {"family", "pretrained", ...}."""
+    try:
+        return json.loads((ckpt / "vae" / "vae.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"corrupt checkpoint {ckpt}: vae/vae.json cannot be read ({e})") from None
+
+
+def geometry(vae: dict[str, Any], config: dict[str, Any]) -> tuple[tuple[int, int, int], int, int]:
+    """(patch, temporal, spatial compression) of a model, from its configs (no weights loaded); ``vae``: its VAE's
+    record (``vae_record``)."""
     from dit.models.presets import PRESETS
     from dit.models.vae import CausalVAE
 
     model = config["experiment"]["model"]
     patch = config["dit"].get("patch_size") or model.get("patch_size") or PRESETS[model["preset"]]["patch_size"]
-    try:
-        vae = json.loads((ckpt / "vae" / "vae.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"corrupt checkpoint {ckpt}: vae/vae.json cannot be read ({e})") from None
     if "family" in vae:
         from dit.models.vae_folder import vae_geometry
 
@@ -270,20 +275,42 @@ def step_of(ckpt: Path) -> str:
     return str(int(name.split("-", 1)[1])) if name.startswith("step-") and name[5:].isdigit() else "unknown"
 
 
+def model_source(args: argparse.Namespace) -> tuple[Path | Config, dict[str, Any], dict[str, Any], str]:
+    """(what load_pipeline loads, its config.json-like config, its VAE's record, how the report names it) for
+    --checkpoint RUN, or for --config YAML [key=value ...] naming a released model's folders."""
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "config", None) is None:
+        if overrides:
+            raise ConfigError(f"{overrides[0]!r}: key=value overrides go with --config (a released model's config); "
+                              "a checkpoint samples as it was trained, with the flags (--steps, --cfg, ...)")
+        ckpt = resolve_checkpoint(args.checkpoint)
+        try:
+            config = json.loads((ckpt / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"corrupt checkpoint {ckpt}: config.json cannot be read ({e})") from None
+        return ckpt, config, vae_record(ckpt), f"checkpoint {ckpt} (step {step_of(ckpt)})"
+    from dit.config import load_config
+    from dit.released import release_config
+
+    if not Path(args.config).is_file():
+        raise ConfigError(f"--config {args.config!r} does not exist: give an experiment YAML (configs/*.yaml)")
+    cfg = load_config(args.config, overrides)
+    config = release_config(cfg)
+    v = cfg.vae
+    vae = {"family": v.family, "pretrained": v.pretrained} if v.family != "ours" else {}
+    return cfg, config, vae, f"released model {cfg.model.pretrained} ({cfg.model.family})"
+
+
 def run_sample(args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
     check_arguments(args)
-    ckpt = resolve_checkpoint(args.checkpoint)
-    try:
-        config = json.loads((ckpt / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"corrupt checkpoint {ckpt}: config.json cannot be read ({e})") from None
+    source, config, vae, name = model_source(args)
     opts = settings(config, args)
     frames = args.frames
     if frames is None and Path(args.out).suffix.lower() == ".png":
         frames = 1  # a png is an image
     frames, height, width = trained_size(config, frames, args.height, args.width)
-    patch, temporal, spatial = geometry(ckpt, config)
+    patch, temporal, spatial = geometry(vae, config)
     try:
         check_size(frames, height, width, patch, temporal=temporal, spatial=spatial,
                    pads=pads_frames(config["dit"].get("family", "dit")))
@@ -311,7 +338,7 @@ def run_sample(args: argparse.Namespace) -> None:
     dtype, fp8 = sample_dtype(getattr(args, "dtype", "fp32"), torch.device(device)), getattr(args, "fp8", False)
     # sampled under bf16 autocast: the weights held in bf16 too (half the memory; --fp8 holds its own)
     held = torch.bfloat16 if dtype == "bf16" and not fp8 else torch.float32
-    pipe = load_pipeline(ckpt, device=device, lora=args.lora, lora_scale=args.lora_scale,
+    pipe = load_pipeline(source, device=device, lora=args.lora, lora_scale=args.lora_scale,
                          expert=getattr(args, "expert", None), fp8=fp8, weights_dtype=held)
     if getattr(args, "compile", False):  # before sequence parallelism, as in training (parallelize.py)
         from dit.distributed.parallelize import apply_compile
@@ -326,7 +353,7 @@ def run_sample(args: argparse.Namespace) -> None:
     if main:
         compiled = ", its blocks compiled (the first step compiles them)" if getattr(args, "compile", False) else ""
         compiled += ", its block weights in fp8" if fp8 else ", its weights in bf16" if dtype == "bf16" else ""
-        print(f"loaded checkpoint {ckpt} (step {step_of(ckpt)}) on {device}, denoiser in {dtype}{compiled}",
+        print(f"loaded {name} on {device}, denoiser in {dtype}{compiled}",
               file=sys.stderr, flush=True)
     batches = math.ceil(len(prompts) / args.batch_size)
     bar = None

@@ -74,9 +74,21 @@ def checkpoint_weights(path: str | Path, lora: str | Path | None = None, lora_sc
                              own_scale * record["alpha"] / record["rank"])
         config = {k: v for k, v in config.items() if k != "lora"}
     if lora is not None:
-        adapter, meta = adapter_of(lora, config["dit"].get("family", "dit"))
-        weights = merge_lora(weights, adapter, lora_scale * meta["lora_alpha"] / meta["r"])
+        weights = with_lora(weights, config, lora, lora_scale)
     return weights, config
+
+
+def with_lora(weights: dict[str, torch.Tensor], config: dict[str, Any], lora: str | Path,
+              lora_scale: float) -> dict[str, torch.Tensor]:
+    """``weights`` (of the model ``config`` describes) with the adapter of ``lora`` (a LoRA run, checkpoint or
+    adapter file of any layout dit/lora_import.py reads) merged at ``lora_scale``."""
+    adapter, meta = adapter_of(lora, config["dit"].get("family", "dit"))
+    try:
+        return merge_lora(weights, adapter, lora_scale * meta["lora_alpha"] / meta["r"])
+    except ConfigError:
+        raise
+    except ValueError as e:  # (a shape or module the base lacks: the user's file, not a bug)
+        raise ConfigError(f"--lora {lora}: {e}") from None
 
 
 def adapter_of(path: str | Path, family: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -129,22 +128,18 @@ def write_lora_file(path: str | Path, adapter: dict[str, torch.Tensor], *, famil
 
 
 def read_lora_file(path: str | Path, family: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(adapter in our module names, file form; its config: r, lora_alpha, target_modules) from a LoRA file."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if raw is None:
-        raise ValueError(f"{path}: no {METADATA_KEY} in its metadata (rank, alpha, targets): not a LoRA file "
-                         "written by dit or by diffusers' save_lora_weights")
-    meta = {k[len("transformer."):]: v for k, v in json.loads(raw).items() if k.startswith("transformer.")}
-    ours = PREFIX if family != "dit" else ""
-    return {ours + k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}, meta
+    """(adapter in our module names, file form; its config: r, lora_alpha) from a LoRA file: dit's or diffusers' own,
+    or another tool's layout that diffusers converts for this family (dit/lora_import.py)."""
+    from dit.lora_import import read_adapter_file
+
+    return read_adapter_file(path, family, PREFIX if family != "dit" else "")
 
 
 @torch.no_grad()
 def merge_lora(weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
                scale: float) -> dict[str, torch.Tensor]:
-    """Plain weights with each adapted module's W += scale · B A (scale = lora scale · alpha / r, applied once).
+    """Plain weights with each adapted module's W += scale · B A (scale = lora scale · alpha / r, applied once), and
+    its bias += scale · lora_B's bias where the adapter has one (peft's lora_bias; other tools' ``diff_b``).
     ``adapter``: file form; a module whose shapes do not fit the base is an error naming it."""
     merged = dict(weights)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in adapter})
@@ -153,7 +148,18 @@ def merge_lora(weights: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor
         if key not in merged:
             raise ValueError(f"the adapter has {m!r}, which the base model does not have: an adapter for another "
                              "model (check the base it was trained from)")
-        a, b = adapter[f"{m}.lora_A.weight"], adapter[f"{m}.lora_B.weight"]
+        bias = adapter.get(f"{m}.lora_B.bias")
+        if bias is not None:
+            if merged.get(f"{m}.bias") is None or merged[f"{m}.bias"].shape != bias.shape:
+                raise ValueError(f"the adapter's {m!r} has a bias of {tuple(bias.shape)}, which the base layer does "
+                                 "not have: an adapter for another model")
+            merged[f"{m}.bias"] = (merged[f"{m}.bias"].double() + scale * bias.double()).to(merged[f"{m}.bias"].dtype)
+        a, b = adapter.get(f"{m}.lora_A.weight"), adapter.get(f"{m}.lora_B.weight")
+        if a is None and b is None and bias is not None:
+            continue  # a bias-only entry
+        if a is None or b is None:
+            raise ValueError(f"the adapter's {m!r} has {'lora_B' if a is None else 'lora_A'} without "
+                             f"{'lora_A' if a is None else 'lora_B'}: a torn or partial adapter file")
         w = merged[key]
         if b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1] or a.shape[0] != b.shape[1]:
             raise ValueError(f"the adapter's {m!r} is {b.shape[0]}x{a.shape[1]} (rank {a.shape[0]}) but the base "

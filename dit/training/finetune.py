@@ -101,17 +101,6 @@ def widen_patch_embedding(model: nn.Module, weights: dict[str, torch.Tensor]) ->
     return {**weights, "x_embed.weight": wide}
 
 
-def meta_model_config(cfg: Config, in_channels: int, text_dim: int,
-                      compression: tuple[int, int]) -> dict[str, Any]:
-    """The "dit" config entry the model of ``cfg`` will have, built on the meta device (no memory, no weights)."""
-    from dit.models.families import build_denoiser
-
-    with torch.device("meta"):
-        model = build_denoiser(cfg.model, in_channels=in_channels, text_dim=text_dim, compression=compression,
-                               load_weights=False)
-    return json.loads(json.dumps(model.config))
-
-
 def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
     """The (EMA) adapter of a LoRA checkpoint as diffusers' LoRA file in ``ckpt``; returns config.json's "lora"
     record (rank, alpha, modules, base)."""

@@ -47,7 +47,7 @@ from dit.models.condition import (
     last_frame_condition,
 )
 from dit.models.dit import flops_per_token, unfused_state_dict
-from dit.models.families import build_denoiser, check_fit
+from dit.models.families import build_denoiser, check_fit, meta_model_config
 from dit.models.image_encoder import build_image_encoder, image_encoder_width
 from dit.models.lora import inject_lora, is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
@@ -70,7 +70,6 @@ from dit.training.finetune import (
     check_finetune,
     hold_frozen_base,
     load_init_from,
-    meta_model_config,
     write_adapter,
 )
 from dit.training.metrics import Throughput

@@ -8,6 +8,7 @@ from the VAE's and the text encoder's) raises ConfigError or FileNotFoundError b
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from typing import Any
 
@@ -219,6 +220,15 @@ def build_denoiser(model_cfg: Any, in_channels: int, text_dim: int, *, compressi
     else:
         transformer = tcls.from_config(dcfg)
     return cls(transformer, **_options(cls, model_cfg, compression))
+
+
+def meta_model_config(cfg: Any, in_channels: int, text_dim: int,
+                      compression: tuple[int, int]) -> dict[str, Any]:
+    """The "dit" config entry the model of ``cfg`` will have, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = build_denoiser(cfg.model, in_channels=in_channels, text_dim=text_dim, compression=compression,
+                               load_weights=False)
+    return json.loads(json.dumps(model.config))
 
 
 def held_weights(weights: dict[str, torch.Tensor], family: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
