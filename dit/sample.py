@@ -1,4 +1,5 @@
-"""`dit sample`: prompts -> clips from a checkpoint, at the size it was trained at unless told otherwise.
+"""`dit sample`: prompts -> clips from a checkpoint (or a released model's folders, `--config`), at the size it was
+trained at unless told otherwise.
 
     dit sample --checkpoint RUN_DIR --prompt "a red circle moving left" --frames 17 --height 64 --width 96 \
         --steps 50 --sampler ddim --cfg 5 --seed 0 --out clip.mp4
