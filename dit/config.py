@@ -354,9 +354,15 @@ class LoraConfig:
     # each call (dit/models/fp8.py; the modulation layers as auto holds them). Not the same numbers: e4m3 keeps 3
     # mantissa bits (a weight moves by up to 1/16 of itself)
     base_dtype: str = "auto"
+    # an adapter to start from instead of B = 0 (continue training one): a LoRA run or checkpoint of ours, or a LoRA
+    # file of any layout `dit sample --lora` reads (diffusers', ComfyUI's, musubi-tuner's, kohya's). Its modules are
+    # the targets unless train.lora.targets names others; train.lora.rank must be its rank
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, "train.lora.rank", f"must be >= 0 (0: no LoRA), got {self.rank}")
+        _check(self.init_from is None or self.rank > 0, "train.lora.init_from",
+               "continues training an adapter: set train.lora.rank to its rank")
         _check(self.base_dtype in ("auto", "fp32", "fp8"), "train.lora.base_dtype", f"must be auto, fp32 or fp8, got "
                f"{self.base_dtype!r}")
         _check(self.base_dtype != "fp8" or self.rank > 0, "train.lora.base_dtype",

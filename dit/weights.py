@@ -91,13 +91,14 @@ def with_lora(weights: dict[str, torch.Tensor], config: dict[str, Any], lora: st
         raise ConfigError(f"--lora {lora}: {e}") from None
 
 
-def adapter_of(path: str | Path, family: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(adapter, its config) from a LoRA file, or from the newest checkpoint of a LoRA run / a LoRA checkpoint."""
+def adapter_of(path: str | Path, family: str, key: str = "--lora") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(adapter, its config) from a LoRA file, or from the newest checkpoint of a LoRA run / a LoRA checkpoint;
+    errors name ``key`` (the flag or config key that gave ``path``)."""
     p = Path(path)
     if p.is_dir():
         ckpt = resolve_checkpoint(p)
         p = ckpt / LORA_FILE
         if not p.is_file():
-            raise ConfigError(f"--lora {path}: {ckpt} holds no adapter ({LORA_FILE}): not a LoRA run (train.lora.rank "
+            raise ConfigError(f"{key} {path}: {ckpt} holds no adapter ({LORA_FILE}): not a LoRA run (train.lora.rank "
                               "was 0)")
-    return read_lora_file(p, family)
+    return read_lora_file(p, family, key)

@@ -127,12 +127,13 @@ def write_lora_file(path: str | Path, adapter: dict[str, torch.Tensor], *, famil
     save_file(tensors, str(path), metadata=metadata)
 
 
-def read_lora_file(path: str | Path, family: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_lora_file(path: str | Path, family: str,
+                   key: str = "--lora") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(adapter in our module names, file form; its config: r, lora_alpha) from a LoRA file: dit's or diffusers' own,
-    or another tool's layout that diffusers converts for this family (dit/lora_import.py)."""
+    or another tool's layout that diffusers converts for this family (dit/lora_import.py); errors name ``key``."""
     from dit.lora_import import read_adapter_file
 
-    return read_adapter_file(path, family, PREFIX if family != "dit" else "")
+    return read_adapter_file(path, family, PREFIX if family != "dit" else "", key)
 
 
 @torch.no_grad()

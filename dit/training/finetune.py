@@ -101,6 +101,54 @@ def widen_patch_embedding(model: nn.Module, weights: dict[str, torch.Tensor]) ->
     return {**weights, "x_embed.weight": wide}
 
 
+def initial_adapter(cfg: Config) -> dict[str, torch.Tensor]:
+    """train.lora.init_from's adapter (file form, our module names) in this run's parametrization: A scaled so that
+    the run's alpha / rank times B A is the update the file makes. ConfigError, before any work, for a missing file, a
+    rank other than train.lora.rank, or bias deltas (which this LoRA does not train)."""
+    from dit.weights import adapter_of
+
+    lora, key = cfg.train.lora, "train.lora.init_from"
+    if not Path(lora.init_from).exists():
+        raise ConfigError(f"{key}: {lora.init_from!r} does not exist: give a LoRA run, checkpoint directory or "
+                          ".safetensors file")
+    adapter, meta = adapter_of(lora.init_from, cfg.model.family, key)
+    bias = sorted(k for k in adapter if k.endswith(".lora_B.bias"))
+    if bias:
+        raise ConfigError(f"{key} {lora.init_from}: it holds bias deltas ({bias[0]}, ...), which a LoRA run here does "
+                          "not train: sample with it (`dit sample --lora`), or start from an adapter without them")
+    ranks = sorted({v.shape[0] for k, v in adapter.items() if k.endswith(".lora_A.weight")})
+    if ranks != [lora.rank]:
+        fix = (f"set train.lora.rank={ranks[0]}" if len(ranks) == 1 else
+               "a run trains one rank on every module: start from an adapter of one rank")
+        raise ConfigError(f"{key} {lora.init_from}: its rank is {'/'.join(map(str, ranks))}, train.lora.rank is "
+                          f"{lora.rank}: {fix}")
+    factor = meta["lora_alpha"] / meta["r"] / lora.scale
+    return {k: v * factor if k.endswith(".lora_A.weight") else v for k, v in adapter.items()}
+
+
+def adapter_targets(adapter: dict[str, torch.Tensor]) -> list[str]:
+    """The modules an adapter (file form) covers, as train.lora.targets patterns (each name exactly)."""
+    import re
+
+    return [re.escape(m) for m in sorted({k.rsplit(".lora_", 1)[0] for k in adapter})]
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
+    """``adapter`` (file form) into the peft layers of ``model``; every tensor must find its parameter."""
+    from dit.models.lora import ADAPTER
+
+    params = dict(model.named_parameters())
+    for k, v in adapter.items():
+        module, kind = k.rsplit(".lora_", 1)
+        name = f"{module}.lora_{kind.split('.')[0]}.{ADAPTER}.weight"
+        if name not in params or params[name].shape != v.shape:
+            raise ConfigError(f"train.lora.init_from: its {k!r} {tuple(v.shape)} does not fit this model's adapter "
+                              f"({tuple(params[name].shape) if name in params else 'no such layer'})")
+        params[name].copy_(v)
+    log.info("LoRA: the adapter starts from train.lora.init_from (%d modules)", len(adapter) // 2)
+
+
 def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
     """The (EMA) adapter of a LoRA checkpoint as diffusers' LoRA file in ``ckpt``; returns config.json's "lora"
     record (rank, alpha, modules, base)."""

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,11 @@ from dit.training.checkpoint import (
 )
 from dit.training.ema import build_ema
 from dit.training.finetune import (
+    adapter_targets,
     check_finetune,
     hold_frozen_base,
+    initial_adapter,
+    load_adapter,
     load_init_from,
     write_adapter,
 )
@@ -255,6 +259,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     env = setup_distributed(needs_group=t.strategy != "ddp", sequence_parallel=t.sequence_parallel)
     check_attention(cfg.model, env.device)
     resume_from = start_point(cfg, env, overwrite)  # fails now on a bad train.resume or another run's folder
+    # train.lora.init_from's adapter, read (and converted) now: a missing file or another rank fails before any work
+    initial = initial_adapter(cfg) if t.lora.init_from and resume_from is None else None
     if resume_from is not None and checkpoint_step(resume_from) >= t.steps:
         if env.is_main:
             log.warning("the run in %s is already at step %d >= train.steps=%d: nothing to do (raise train.steps to "
@@ -297,7 +303,13 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         model.fuse_qkv()
     lora = t.lora
     if lora.rank:
-        modules = inject_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
+        targets = lora.targets
+        if lora.init_from and not targets:  # the adapter's own modules (a resumed run: as its checkpoint records them)
+            targets = (adapter_targets(initial) if resume_from is None else
+                       [re.escape(m) for m in json.loads((resume_from / "config.json").read_text())["lora"]["modules"]])
+        modules = inject_lora(model, lora.rank, lora.alpha, lora.dropout, targets)
+        if lora.init_from and resume_from is None:
+            load_adapter(model, initial)
         log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))

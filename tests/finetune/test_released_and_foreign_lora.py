@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "families"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runs import MEDIA_FREE  # noqa: E402  (tests/training, on the path by tests/finetune/conftest.py)
 from tiny_families import tiny_transformer  # noqa: E402
 from tiny_vaes import save_tiny_vae  # noqa: E402
 
@@ -52,7 +53,7 @@ def folders(root: Path) -> list[str]:
     return [f"model.pretrained={root / 'transformer'}", f"vae.pretrained={root / 'vae'}"]
 
 
-def original_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+def original_tensors(seed: int = 0, rank: dict[str, int] = RANK, bias: bool = True) -> dict[str, torch.Tensor]:
     """A LoRA on every block module of the tiny Wan, keyed by Wan's original names: ``blocks.N.<module>.<kind>``
     (down [r, in], up [out, r], alpha) and a ``diff_b`` (a bias delta, as CausVid's LoRAs carry)."""
     g = torch.Generator().manual_seed(seed)
@@ -61,10 +62,11 @@ def original_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         for module, (_, (o, i)) in MODULES.items():
             part = module.split(".")[0]
             stem = f"blocks.{n}.{module}"
-            out[f"{stem}.lora_down.weight"] = torch.randn(RANK[part], i, generator=g) * 0.3
-            out[f"{stem}.lora_up.weight"] = torch.randn(o, RANK[part], generator=g) * 0.3
+            out[f"{stem}.lora_down.weight"] = torch.randn(rank[part], i, generator=g) * 0.3
+            out[f"{stem}.lora_up.weight"] = torch.randn(o, rank[part], generator=g) * 0.3
             out[f"{stem}.alpha"] = torch.tensor(ALPHA[part])
-            out[f"{stem}.diff_b"] = torch.randn(o, generator=g) * 0.3
+            if bias:
+                out[f"{stem}.diff_b"] = torch.randn(o, generator=g) * 0.3
     return out
 
 
@@ -225,3 +227,66 @@ def test_dit_sample_config_runs_a_release_with_a_comfyui_lora_and_refuses_what_i
     with pytest.raises(SystemExit) as e:  # argparse: one of the two
         dit(["sample", "--prompt", "x"])
     assert e.value.code == 2 and "one of the arguments --checkpoint --config is required" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(MEDIA_FREE, reason="trains on the small raw shards (PyAV)")
+def test_a_lora_run_starts_from_a_comfyui_adapter_and_resumes_on_its_modules(release: Path, tmp_path: Path,
+                                                                            small_shards: str) -> None:
+    """train.lora.init_from: the adapter of another tool's file is the run's start (its modules the targets, A
+    rescaled from the file's alpha / rank to the run's), so a run that has hardly moved (lr 1e-12) samples as the
+    release with the file does; it resumes on the same modules without the file; a file it cannot train from is
+    refused before any work."""
+    from dit.export import list_checkpoints
+    from dit.models.lora import LORA_FILE
+    from dit.models.text import NoText
+    from dit.training import train
+
+    tensors = original_tensors(rank={"self_attn": 4, "cross_attn": 4, "ffn": 4}, bias=False)
+    comfy = comfyui_file(tmp_path / "comfy.safetensors", tensors)  # alpha / rank: 2, 0.5, 0.25; the run's 0.5
+
+    def config(run: Path, **extra: object):
+        items = {"data.shards": small_shards, "train.output_dir": run, "data.frames": 5, "data.height": 16,
+                 "data.width": 16, "train.batch_size": 2, "train.steps": 1, "train.checkpoint_every": 1,
+                 "train.lr": 1e-12, "train.warmup_steps": 0, "train.ema_decay": 0.0, "train.lora.rank": 4,
+                 "train.lora.alpha": 2, "train.lora.init_from": comfy, **extra}
+        return load_config(release / "wan.yaml", folders(release) + [f"{k}={v}" for k, v in items.items()])
+
+    run = tmp_path / "run"
+    train.main(config(run))
+    ckpt = list_checkpoints(run)[-1]
+    from safetensors.torch import load_file
+
+    saved = load_file(ckpt / LORA_FILE)
+    assert {k.rsplit(".lora_", 1)[0] for k in saved} == {f"transformer.blocks.{n}.{d}" for n in (0, 1)
+                                                         for d, _ in MODULES.values()}
+    x, text = inputs(2)
+    t, mask = torch.tensor([600.0, 90.0]), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        got = load_pipeline(run, text=NoText(TEXT)).model(x, t, text, mask)
+        want = load_pipeline(load_config(release / "wan.yaml", folders(release)), text=NoText(TEXT),
+                             lora=comfy).model(x, t, text, mask)
+        plain = load_pipeline(load_config(release / "wan.yaml", folders(release)), text=NoText(TEXT)).model(
+            x, t, text, mask)
+    assert (want - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    comfy.rename(tmp_path / "moved.safetensors")  # a resumed run reads its modules from its checkpoint
+    train.main(config(run, **{"train.steps": 2}))
+    assert [c.name for c in list_checkpoints(run)][-1] == "step-00000002"
+    assert load_file(list_checkpoints(run)[-1] / LORA_FILE).keys() == saved.keys()
+
+    comfy = comfyui_file(tmp_path / "comfy.safetensors", tensors)
+    biased = comfyui_file(tmp_path / "biased.safetensors", original_tensors(rank={"self_attn": 4, "cross_attn": 4,
+                                                                                   "ffn": 4}))
+    mixed = comfyui_file(tmp_path / "mixed.safetensors", original_tensors(bias=False))
+    for extra, message in (({"train.lora.rank": 8}, r"its rank is 4, train.lora.rank is 8: set train.lora.rank=4"),
+                           ({"train.lora.init_from": biased}, r"it holds bias deltas \(transformer.blocks.0"),
+                           ({"train.lora.init_from": mixed}, r"its rank is 2/4, train.lora.rank is 4: a run trains "
+                                                             r"one rank"),
+                           ({"train.lora.init_from": tmp_path / "gone"}, r"'.*gone' does not exist")):
+        fresh = tmp_path / f"fresh{len(message)}"
+        with pytest.raises(ConfigError, match=message):
+            train.main(config(fresh, **extra))
+        assert not list_checkpoints(fresh) if fresh.exists() else True
+    with pytest.raises(ConfigError, match="train.lora.init_from: continues training an adapter: set train.lora.rank"):
+        config(tmp_path / "norank", **{"train.lora.rank": 0})
