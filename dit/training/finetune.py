@@ -142,9 +142,12 @@ def load_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
     for k, v in adapter.items():
         module, kind = k.rsplit(".lora_", 1)
         name = f"{module}.lora_{kind.split('.')[0]}.{ADAPTER}.weight"
-        if name not in params or params[name].shape != v.shape:
-            raise ConfigError(f"train.lora.init_from: its {k!r} {tuple(v.shape)} does not fit this model's adapter "
-                              f"({tuple(params[name].shape) if name in params else 'no such layer'})")
+        if name not in params:
+            raise ConfigError(f"train.lora.init_from: it adapts {module!r}, which train.lora.targets does not select: "
+                              "add it there, or leave train.lora.targets unset (the file's modules)")
+        if params[name].shape != v.shape:
+            raise ConfigError(f"train.lora.init_from: its {k!r} is {tuple(v.shape)}, this model's adapter "
+                              f"{tuple(params[name].shape)}: an adapter for another model")
         params[name].copy_(v)
     log.info("LoRA: the adapter starts from train.lora.init_from (%d modules)", len(adapter) // 2)
 
