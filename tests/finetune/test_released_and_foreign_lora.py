@@ -279,15 +279,14 @@ def test_a_lora_run_starts_from_a_comfyui_adapter_and_resumes_on_its_modules(rel
     biased = comfyui_file(tmp_path / "biased.safetensors", original_tensors(rank={"self_attn": 4, "cross_attn": 4,
                                                                                    "ffn": 4}))
     mixed = comfyui_file(tmp_path / "mixed.safetensors", original_tensors(bias=False))
-    for extra, message in (({"train.lora.rank": 8}, r"its rank is 4, train.lora.rank is 8: set train.lora.rank=4"),
-                           ({"train.lora.init_from": biased}, r"it holds bias deltas \(transformer.blocks.0"),
-                           ({"train.lora.init_from": mixed}, r"its rank is 2/4, train.lora.rank is 4: a run trains "
-                                                             r"one rank"),
-                           ({"train.lora.init_from": tmp_path / "gone"}, r"'.*gone' does not exist"),
-                           ({"train.lora.targets": r"[transformer\.blocks\.0\.attn1\.to_q]"},
-                            r"it adapts 'transformer.blocks.[01].[a-z0-9_.]+', which train.lora.targets does not "
-                            r"select")):
-        fresh = tmp_path / f"fresh{len(message)}"
+    refused = [({"train.lora.rank": 8}, r"its rank is 4, train.lora.rank is 8: set train.lora.rank=4"),
+               ({"train.lora.init_from": biased}, r"it holds bias deltas \(transformer.blocks.0"),
+               ({"train.lora.init_from": mixed}, r"its rank is 2/4, train.lora.rank is 4: a run trains one rank"),
+               ({"train.lora.init_from": tmp_path / "gone"}, r"'.*gone' does not exist"),
+               ({"train.lora.targets": r"[transformer\.blocks\.0\.attn1\.to_q]"},
+                r"it adapts 'transformer.blocks.[01].[a-z0-9_.]+', which train.lora.targets does not select")]
+    for n, (extra, message) in enumerate(refused):
+        fresh = tmp_path / f"fresh{n}"
         with pytest.raises(ConfigError, match=message):
             train.main(config(fresh, **extra))
         assert not list_checkpoints(fresh) if fresh.exists() else True
