@@ -1,7 +1,8 @@
 """`dit sample --config` samples a released model straight from its diffusers folders (no training run), and `--lora`
-takes another tool's LoRA file (ComfyUI's original Wan names, musubi-tuner's ``lora_unet_`` names), converted by
-diffusers' own Wan loader. References: diffusers' WanPipeline on the same folder, peft's adapter as diffusers loads the
-same file, and the merge written out by hand from the file's tensors."""
+takes another tool's LoRA file (ComfyUI's original Wan names, musubi-tuner's ``lora_unet_`` names, HunyuanVideo's
+original names), converted by diffusers' own loader of the family; `train.lora.init_from` starts a LoRA run from
+one. References: diffusers' WanPipeline on the same folder, peft's adapter as diffusers loads the same file, and the
+merge written out by hand from the file's tensors."""
 
 from __future__ import annotations
 
@@ -292,3 +293,36 @@ def test_a_lora_run_starts_from_a_comfyui_adapter_and_resumes_on_its_modules(rel
         assert not list_checkpoints(fresh) if fresh.exists() else True
     with pytest.raises(ConfigError, match="train.lora.init_from: continues training an adapter: set train.lora.rank"):
         config(tmp_path / "norank", **{"train.lora.rank": 0})
+
+
+def test_hunyuanvideo_original_lora_names_merge_as_written(tmp_path: Path) -> None:
+    """HunyuanVideo's original module names (fused img_attn_qkv / txt_attn_qkv, img_mlp.fc1, ...), as its own
+    trainers write them: diffusers' HunyuanVideo loader splits each fused up-projection in three over one shared
+    down-projection, and the merge is base + scale x up_part @ down on each of diffusers' modules."""
+    model = tiny_transformer("hunyuan")
+    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    d, r = 20, 3  # the tiny model's width (2 heads of 10); the adapter's rank
+    g = torch.Generator().manual_seed(5)
+    fused = {"img_attn_qkv": ("to_q", "to_k", "to_v"), "txt_attn_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+    plain = {"img_attn_proj": ("attn.to_out.0", d, d), "img_mlp.fc1": ("ff.net.0.proj", 4 * d, d),
+             "img_mlp.fc2": ("ff.net.2", d, 4 * d)}
+    tensors, want = {}, dict(base)
+    for name, parts in fused.items():
+        down, up = torch.randn(r, d, generator=g), torch.randn(3 * d, r, generator=g)
+        tensors |= {f"diffusion_model.double_blocks.0.{name}.lora_A.weight": down,
+                    f"diffusion_model.double_blocks.0.{name}.lora_B.weight": up}
+        for part, up_part in zip(parts, up.chunk(3)):
+            key = f"transformer.transformer_blocks.0.attn.{part}.weight"
+            want[key] = base[key] + 0.6 * up_part @ down
+    for name, (module, o, i) in plain.items():
+        down, up = torch.randn(r, i, generator=g), torch.randn(o, r, generator=g)
+        tensors |= {f"diffusion_model.double_blocks.0.{name}.lora_A.weight": down,
+                    f"diffusion_model.double_blocks.0.{name}.lora_B.weight": up}
+        key = f"transformer.transformer_blocks.0.{module}.weight"
+        want[key] = base[key] + 0.6 * up @ down
+    path = tmp_path / "hunyuan_original.safetensors"
+    save_file(tensors, str(path))
+    merged = with_lora(base, {"dit": {"family": "hunyuan"}}, path, 0.6)
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == 9  # 2 x 3 split projections and 3 plain ones
+    for k in want:
+        torch.testing.assert_close(merged[k], want[k], atol=1e-5, rtol=0)
