@@ -16,7 +16,6 @@ import yaml
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "families"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runs import MEDIA_FREE  # noqa: E402  (tests/training, on the path by tests/finetune/conftest.py)
 from tiny_families import tiny_transformer  # noqa: E402
 from tiny_vaes import save_tiny_vae  # noqa: E402
