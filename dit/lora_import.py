@@ -120,11 +120,11 @@ def _with_metadata(path: str | Path, tensors: dict[str, torch.Tensor], meta: dic
     import re
 
     alpha_pattern = meta.get("alpha_pattern") or {}
-    for key, a in list(adapter.items()):
-        if not key.endswith(".lora_A.weight"):
+    for name, a in list(adapter.items()):
+        if not name.endswith(".lora_A.weight"):
             continue
-        module, r = key[len(prefix):-len(".lora_A.weight")], a.shape[0]
-        alpha = next((v for p, v in alpha_pattern.items() if re.fullmatch(f"(.*\\.)?{p}", module)),
-                     meta["lora_alpha"])
-        adapter[key] = a * (alpha / (math.sqrt(r) if meta.get("use_rslora") else r))
+        module, r = name[len(prefix):-len(".lora_A.weight")], a.shape[0]
+        alpha = next((v for p, v in alpha_pattern.items() if re.fullmatch(f"(.*\\.)?(?:{p})", module)),
+                     meta["lora_alpha"])  # (peft's match of a pattern key: the name's tail)
+        adapter[name] = a * (alpha / (math.sqrt(r) if meta.get("use_rslora") else r))
     return adapter, {**meta, "r": 1, "lora_alpha": 1}

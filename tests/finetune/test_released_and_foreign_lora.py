@@ -325,3 +325,46 @@ def test_hunyuanvideo_original_lora_names_merge_as_written(tmp_path: Path) -> No
     assert sum(not torch.equal(merged[k], base[k]) for k in base) == 9  # 2 x 3 split projections and 3 plain ones
     for k in want:
         torch.testing.assert_close(merged[k], want[k], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_diffusers_lora_with_per_module_ranks_alphas_and_rslora_merges_as_peft_applies_it(release: Path,
+                                                                                           tmp_path: Path) -> None:
+    """A diffusers-layout file whose metadata (peft's LoraConfig) has rank_pattern, alpha_pattern and use_rslora: each
+    module's update is alpha / sqrt(its rank) x B A, as peft computes it when diffusers loads the file."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    from dit.models.lora import METADATA_KEY
+    from dit.models.text import NoText
+    from dit.released import release_config
+
+    cfg = load_config(release / "wan.yaml", folders(release))
+    base, config = release_weights(cfg), release_config(cfg)
+    g = torch.Generator().manual_seed(7)
+    shapes = {"blocks.0.attn1.to_q": (24, 24, 4), "blocks.1.ffn.net.2": (24, 32, 2)}
+    tensors = {}
+    for module, (o, i, r) in shapes.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(r, i, generator=g) * 0.3
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(o, r, generator=g) * 0.3
+    lora_config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"ffn.net.2": 2}, "alpha_pattern": {"ffn.net.2": 1.0},
+                   "use_rslora": True, "target_modules": sorted(shapes), "lora_dropout": 0.0, "bias": "none",
+                   "use_dora": False, "init_lora_weights": True}
+    path = tmp_path / "patterns.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: json.dumps(
+        {f"transformer.{k}": v for k, v in lora_config.items()})})
+    merged = with_lora(base, config, path, 1.0)
+    for module, alpha in (("blocks.0.attn1.to_q", 8.0), ("blocks.1.ffn.net.2", 1.0)):
+        a, b = tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"]
+        want = base[f"transformer.{module}.weight"] + alpha / a.shape[0] ** 0.5 * b @ a
+        torch.testing.assert_close(merged[f"transformer.{module}.weight"], want, atol=1e-6, rtol=0)
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=WanTransformer3DModel.from_pretrained(release / "transformer"))
+    pipe.load_lora_weights(str(path))
+    x, text = inputs(3)
+    t = torch.tensor([500.0, 40.0])
+    theirs = pipe.transformer.eval()(x, t, text, return_dict=False)[0]
+    mine = load_pipeline(cfg, text=NoText(TEXT), lora=path).model(x, t, text, torch.ones(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
