@@ -152,16 +152,47 @@ def load_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
     log.info("LoRA: the adapter starts from train.lora.init_from (%d modules)", len(adapter) // 2)
 
 
-def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, Any]:
+def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config,
+                  norms: dict[str, float] | None = None) -> dict[str, Any]:
     """The (EMA) adapter of a LoRA checkpoint as diffusers' LoRA file in ``ckpt``; returns config.json's "lora"
-    record (rank, alpha, modules, base)."""
+    record (rank, alpha, modules, base; with ``norms``, the base layers' ``base_norms``: the update's size)."""
     lora = cfg.train.lora
     adapter = adapter_weights(ema_weights)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in adapter})
     alpha = lora.alpha if lora.alpha is not None else float(lora.rank)
     write_lora_file(ckpt / LORA_FILE, adapter, family=cfg.model.family, rank=lora.rank, alpha=alpha,
                     modules=modules, dropout=lora.dropout)
-    return {"rank": lora.rank, "alpha": alpha, "modules": modules, "base": base_record(cfg)}
+    record = {"rank": lora.rank, "alpha": alpha, "modules": modules, "base": base_record(cfg)}
+    if norms:
+        record["update"] = update_size(adapter, alpha / lora.rank, norms)
+        log.info("LoRA update in this checkpoint: |scale B A| / |W| median %.3g%%, max %.3g%% (%s)",
+                 100 * record["update"]["median"], 100 * record["update"]["max"], record["update"]["max_module"])
+    return record
+
+
+@torch.no_grad()
+def base_norms(model: nn.Module, modules: list[str]) -> dict[str, float]:
+    """The Frobenius norm of each adapted layer's frozen weight (peft's ``base_layer``), read before any strategy
+    shards it: what ``update_size`` measures the adapter's update against."""
+    named = dict(model.named_modules())
+    return {m: float(named[m].base_layer.weight.detach().float().norm()) for m in modules}
+
+
+@torch.no_grad()
+def update_size(adapter: dict[str, torch.Tensor], scale: float, norms: dict[str, float]) -> dict[str, Any]:
+    """How much the adapter changes its layers: |scale B A|_F / |W|_F per module (from r x r products, no d x d
+    matrix: |B A|_F^2 = tr(B^T B A A^T)), as its median, its max and the module of the max. Near 0 after training:
+    an adapter that has no visible effect (raise train.lr or train.lora.alpha)."""
+    rel = {}
+    for m, w in norms.items():
+        a, b = adapter.get(f"{m}.lora_A.weight"), adapter.get(f"{m}.lora_B.weight")
+        if a is None or b is None:
+            continue
+        a, b = a.double(), b.double()
+        rel[m] = scale * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt()) / max(w, 1e-30)
+    values = sorted(rel.values())
+    top = max(rel, key=rel.__getitem__)
+    return {"median": values[(len(values) - 1) // 2], "max": rel[top], "max_module": top}
 
 
 def hold_frozen_base(model: nn.Module, lora: Any, precision: str, strategy: str) -> str | None:

@@ -69,6 +69,7 @@ from dit.training.checkpoint import (
 from dit.training.ema import build_ema
 from dit.training.finetune import (
     adapter_targets,
+    base_norms,
     check_finetune,
     hold_frozen_base,
     initial_adapter,
@@ -186,9 +187,10 @@ def restore(ckpt: Path, strategy: Strategy, lr_schedule: Any, rng: RandomStreams
 
 
 def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any, rng: RandomStreams, loader: Any,
-         env: DistEnv, keep: tuple[int, ...] = ()) -> Path:
+         env: DistEnv, keep: tuple[int, ...] = (), norms: dict[str, float] | None = None) -> Path:
     """Checkpoint ``step`` atomically: the EMA export (what `dit sample` loads), the training state and each rank's
-    RNG and data position. Every rank calls it (the gathers and the sharded state are collectives)."""
+    RNG and data position. Every rank calls it (the gathers and the sharded state are collectives). ``norms``: a
+    LoRA run's base layer norms, against which the adapter's update is measured (finetune.update_size)."""
     ema_weights = strategy.ema_state_dict()  # gathered (a collective under sharding)
     if cfg.model.fused_qkv:  # exports in the plain layout, which any DiT loads (the fused model loads it too)
         ema_weights = unfused_state_dict(ema_weights)
@@ -201,7 +203,7 @@ def save(step: int, out: Path, cfg: Config, strategy: Strategy, lr_schedule: Any
         if env.is_main:
             config = {"dit": strategy.module.config, "experiment": cfg.to_dict()}
             if cfg.train.lora.rank:
-                config["lora"] = write_adapter(tmp, ema_weights, cfg)
+                config["lora"] = write_adapter(tmp, ema_weights, cfg, norms)
             write_export(tmp, weights=ema_weights, config=config, manifest=False)  # one for all: at the end
             export_vae(cfg.vae, tmp / "vae")  # ours copied; a pretrained family recorded by its folder
             if strategy.ema:  # (train.ema=false: the export is the live weights, already in the state)
@@ -313,6 +315,8 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
         log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
                  sum(p.numel() for p in model.parameters() if p.requires_grad),
                  sum(p.numel() for p in model.parameters()))
+    # a LoRA run's base layer norms, before any strategy shards them: what the update's size is measured against
+    norms = base_norms(model, modules) if lora.rank and env.is_main else None
     precision = mixed_precision(t.mixed_precision, cfg.model.family)  # auto: bf16 on a GPU that has it
     held = hold_frozen_base(model, lora, precision, t.strategy) if lora.rank else None
     if held:
@@ -344,7 +348,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
                           cfg, env, out, step, run_log.write_val)
 
     def checkpoint() -> Path:
-        ckpt = save(step, out, cfg, strategy, lr_schedule, rng, loader, env, keep=validator.kept())
+        ckpt = save(step, out, cfg, strategy, lr_schedule, rng, loader, env, keep=validator.kept(), norms=norms)
         validator.checkpointed(step)
         return ckpt
 

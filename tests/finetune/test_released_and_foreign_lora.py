@@ -259,6 +259,19 @@ def test_a_lora_run_starts_from_a_comfyui_adapter_and_resumes_on_its_modules(rel
     saved = load_file(ckpt / LORA_FILE)
     assert {k.rsplit(".lora_", 1)[0] for k in saved} == {f"transformer.blocks.{n}.{d}" for n in (0, 1)
                                                          for d, _ in MODULES.values()}
+    # the record's update size, |scale B A| / |W| per module, against B @ A written out (scale 2 / 4, the run's)
+    import json
+
+    update = json.loads((ckpt / "config.json").read_text())["lora"]["update"]
+    base = release_weights(load_config(release / "wan.yaml", folders(release)))
+    rel = {}
+    for m in {k.rsplit(".lora_", 1)[0] for k in saved}:
+        delta = 0.5 * saved[f"{m}.lora_B.weight"].double() @ saved[f"{m}.lora_A.weight"].double()
+        rel[m] = float(delta.norm() / base[f"{m}.weight"].double().norm())
+    assert update["max_module"] == max(rel, key=rel.__getitem__)
+    assert update["max"] == pytest.approx(max(rel.values()), rel=1e-6)
+    assert update["median"] == pytest.approx(sorted(rel.values())[(len(rel) - 1) // 2], rel=1e-6)
+    assert 1e-3 < update["median"] < update["max"]  # the started adapter's update: not nothing
     x, text = inputs(2)
     t, mask = torch.tensor([600.0, 90.0]), torch.ones(2, 5, dtype=torch.bool)
     with torch.no_grad():
