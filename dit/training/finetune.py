@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 from data_pipelines.config import ConfigError
 from dit.config import Config
 from dit.export import resolve_checkpoint
-from dit.models.lora import LORA_FILE, adapter_weights, write_lora_file
+from dit.models.lora import LORA_FILE, adapter_weights, inject_lora, write_lora_file
 from dit.weights import checkpoint_weights, folder_weights, is_diffusers_folder
 
 log = logging.getLogger("dit.train")
@@ -126,10 +127,27 @@ def initial_adapter(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v * factor if k.endswith(".lora_A.weight") else v for k, v in adapter.items()}
 
 
+def add_adapters(model: nn.Module, lora: Any, initial: dict[str, torch.Tensor] | None, resume_from: Path | None,
+                 is_main: bool) -> dict[str, float] | None:
+    """train.lora's adapters on ``model`` (``lora``: a LoraConfig), started from ``initial`` (train.lora.init_from's,
+    ``initial_adapter``) in a new run; with init_from and no train.lora.targets, the adapted modules are the file's
+    (a resumed run: those its checkpoint records). Returns the base layer norms on the main process (``base_norms``,
+    read before any strategy shards them), else None."""
+    targets = lora.targets
+    if lora.init_from and not targets:
+        recorded = (json.loads((resume_from / "config.json").read_text())["lora"]["modules"]
+                    if resume_from is not None else None)
+        targets = adapter_targets(initial) if recorded is None else [re.escape(m) for m in recorded]
+    modules = inject_lora(model, lora.rank, lora.alpha, lora.dropout, targets)
+    if initial is not None:
+        load_adapter(model, initial)
+    log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
+             sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+    return base_norms(model, modules) if is_main else None
+
+
 def adapter_targets(adapter: dict[str, torch.Tensor]) -> list[str]:
     """The modules an adapter (file form) covers, as train.lora.targets patterns (each name exactly)."""
-    import re
-
     return [re.escape(m) for m in sorted({k.rsplit(".lora_", 1)[0] for k in adapter})]
 
 

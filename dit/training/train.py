@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ from dit.models.condition import (
 from dit.models.dit import flops_per_token, unfused_state_dict
 from dit.models.families import build_denoiser, check_fit, meta_model_config
 from dit.models.image_encoder import build_image_encoder, image_encoder_width
-from dit.models.lora import inject_lora, is_lora_key
+from dit.models.lora import is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
 from dit.models.vae import CausalVAE, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, schedule_from_config
@@ -68,12 +67,10 @@ from dit.training.checkpoint import (
 )
 from dit.training.ema import build_ema
 from dit.training.finetune import (
-    adapter_targets,
-    base_norms,
+    add_adapters,
     check_finetune,
     hold_frozen_base,
     initial_adapter,
-    load_adapter,
     load_init_from,
     write_adapter,
 )
@@ -304,19 +301,7 @@ def main(cfg: Config, overwrite: bool = False) -> Path:
     if cfg.model.fused_qkv:  # after any init_from: the weights are stacked from the plain layout
         model.fuse_qkv()
     lora = t.lora
-    if lora.rank:
-        targets = lora.targets
-        if lora.init_from and not targets:  # the adapter's own modules (a resumed run: as its checkpoint records them)
-            targets = (adapter_targets(initial) if resume_from is None else
-                       [re.escape(m) for m in json.loads((resume_from / "config.json").read_text())["lora"]["modules"]])
-        modules = inject_lora(model, lora.rank, lora.alpha, lora.dropout, targets)
-        if lora.init_from and resume_from is None:
-            load_adapter(model, initial)
-        log.info("LoRA rank %d on %d linear layers: %d trainable parameters of %d", lora.rank, len(modules),
-                 sum(p.numel() for p in model.parameters() if p.requires_grad),
-                 sum(p.numel() for p in model.parameters()))
-    # a LoRA run's base layer norms, before any strategy shards them: what the update's size is measured against
-    norms = base_norms(model, modules) if lora.rank and env.is_main else None
+    norms = add_adapters(model, lora, initial, resume_from, env.is_main) if lora.rank else None
     precision = mixed_precision(t.mixed_precision, cfg.model.family)  # auto: bf16 on a GPU that has it
     held = hold_frozen_base(model, lora, precision, t.strategy) if lora.rank else None
     if held:
