@@ -39,9 +39,13 @@ def read_adapter_file(path: str | Path, family: str, prefix: str,
     that gave the file), the file and the fix."""
     from dit.models.lora import METADATA_KEY
 
-    with safe_open(str(path), framework="pt") as f:
-        raw_meta = (f.metadata() or {}).get(METADATA_KEY)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get(METADATA_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error type: a pickle (.pt / .ckpt), a torn download, not a file
+        raise ConfigError(f"{key} {path}: not a readable .safetensors file ({type(e).__name__}: {e}); LoRA files are "
+                          "read as safetensors only (no pickles): convert it, or download the .safetensors") from None
     dora = [k for k in tensors if "dora_scale" in k or "lora_magnitude_vector" in k]
     if dora:
         raise ConfigError(f"{key} {path}: a DoRA adapter ({dora[0]}); dit applies plain LoRA (W + scale B A), which "

@@ -185,6 +185,10 @@ def test_foreign_lora_files_that_cannot_apply_are_refused_by_name(release: Path,
     with pytest.raises(ConfigError, match=r"diffusers' wan LoRA converter \(WanLoraLoaderMixin\) cannot read it "
                                           r"\(KeyError"):
         with_lora(base, config, musubi_file(tmp_path / "half.safetensors", half), 1.0)
+    pickle = tmp_path / "old.ckpt"
+    torch.save({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 24)}, pickle)
+    with pytest.raises(ConfigError, match=r"old.ckpt: not a readable .safetensors file"):
+        with_lora(base, config, pickle, 1.0)
     other = tmp_path / "other.safetensors"
     save_file({"unet.down.0.weight": torch.zeros(2, 2)}, str(other))
     with pytest.raises(ConfigError, match=r"tensors are not LoRA weights dit can merge \(unet.down.0.weight"):
