@@ -79,7 +79,7 @@ def cmd_to_diffusers(args: argparse.Namespace) -> None:
 def cmd_lora_merge(args: argparse.Namespace) -> None:
     from dit.merge import merge_lora_run
 
-    print(merge_lora_run(args.run, args.out, scale=args.scale))
+    print(merge_lora_run(args.run, args.out, scale=args.scale, lora=args.lora))
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run", help="a LoRA run (its newest checkpoint) or a LoRA checkpoint directory")
     q.add_argument("--out", required=True, help="the new checkpoint directory (must not exist)")
     q.add_argument("--scale", type=float, default=1.0, help="scale of the adapter's update")
+    q.add_argument("--lora", default=None, metavar="FILE_OR_RUN", help="merge this adapter into RUN instead (any "
+                   "checkpoint; a LoRA file of ours, diffusers', ComfyUI's, musubi-tuner's or kohya's layout, or a "
+                   "LoRA run), at --scale")
     q.set_defaults(fn=cmd_lora_merge)
     q = lora_sub.add_parser("export", help="the adapter in another tool's layout (comfyui: Wan models' original "
                             "module names under diffusion_model., lora_down / lora_up / alpha)")

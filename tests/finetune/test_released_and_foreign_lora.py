@@ -293,6 +293,19 @@ def test_a_lora_run_starts_from_a_comfyui_adapter_and_resumes_on_its_modules(rel
     assert load_file(list_checkpoints(run)[-1] / LORA_FILE).keys() == saved.keys()
 
     comfy = comfyui_file(tmp_path / "comfy.safetensors", tensors)
+    # `dit lora merge RUN --lora FILE`: a plain checkpoint of the run with the file's adapter merged in, at --scale
+    merged = tmp_path / "merged"
+    dit(["lora", "merge", str(run), "--lora", str(comfy), "--scale", "0.5", "--out", str(merged)])
+    assert "lora" not in json.loads((merged / "config.json").read_text())
+    with torch.no_grad():
+        got = load_pipeline(merged, text=NoText(TEXT)).model(x, t, text, mask)
+        want = load_pipeline(run, text=NoText(TEXT), lora=comfy, lora_scale=0.5).model(x, t, text, mask)
+        plain_run = load_pipeline(run, text=NoText(TEXT)).model(x, t, text, mask)
+    assert (want - plain_run).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit) as e:
+        dit(["lora", "merge", str(run), "--lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "m2")])
+    assert e.value.code == 2 and not (tmp_path / "m2").exists()
     biased = comfyui_file(tmp_path / "biased.safetensors", original_tensors(rank={"self_attn": 4, "cross_attn": 4,
                                                                                    "ffn": 4}))
     mixed = comfyui_file(tmp_path / "mixed.safetensors", original_tensors(bias=False))
