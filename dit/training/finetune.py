@@ -181,10 +181,11 @@ def write_adapter(ckpt: Path, ema_weights: dict[str, torch.Tensor], cfg: Config,
     write_lora_file(ckpt / LORA_FILE, adapter, family=cfg.model.family, rank=lora.rank, alpha=alpha,
                     modules=modules, dropout=lora.dropout)
     record = {"rank": lora.rank, "alpha": alpha, "modules": modules, "base": base_record(cfg)}
-    if norms:
-        record["update"] = update_size(adapter, alpha / lora.rank, norms)
+    update = update_size(adapter, alpha / lora.rank, norms) if norms else None
+    if update is not None:  # (a diagnostic: a checkpoint is written with or without it)
+        record["update"] = update
         log.info("LoRA update in this checkpoint: |scale B A| / |W| median %.3g%%, max %.3g%% (%s)",
-                 100 * record["update"]["median"], 100 * record["update"]["max"], record["update"]["max_module"])
+                 100 * update["median"], 100 * update["max"], update["max_module"])
     return record
 
 
@@ -197,10 +198,11 @@ def base_norms(model: nn.Module, modules: list[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def update_size(adapter: dict[str, torch.Tensor], scale: float, norms: dict[str, float]) -> dict[str, Any]:
+def update_size(adapter: dict[str, torch.Tensor], scale: float, norms: dict[str, float]) -> dict[str, Any] | None:
     """How much the adapter changes its layers: |scale B A|_F / |W|_F per module (from r x r products, no d x d
-    matrix: |B A|_F^2 = tr(B^T B A A^T)), as its median, its max and the module of the max. Near 0 after training:
-    an adapter that has no visible effect (raise train.lr or train.lora.alpha)."""
+    matrix: |B A|_F^2 = tr(B^T B A A^T)), as its median, its max and the module of the max (None when no module of
+    ``norms`` is in ``adapter``). Near 0 after training: an adapter with no visible effect (raise train.lr or
+    train.lora.alpha)."""
     rel = {}
     for m, w in norms.items():
         a, b = adapter.get(f"{m}.lora_A.weight"), adapter.get(f"{m}.lora_B.weight")
@@ -208,6 +210,8 @@ def update_size(adapter: dict[str, torch.Tensor], scale: float, norms: dict[str,
             continue
         a, b = a.double(), b.double()
         rel[m] = scale * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt()) / max(w, 1e-30)
+    if not rel:
+        return None
     values = sorted(rel.values())
     top = max(rel, key=rel.__getitem__)
     return {"median": values[(len(values) - 1) // 2], "max": rel[top], "max_module": top}
