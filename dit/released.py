@@ -16,6 +16,8 @@ from dit.config import Config
 def check_release(cfg: Config) -> None:
     """Before any weights load: a pretrained family with its transformer and VAE folders (the text encoder's are
     checked by text_width)."""
+    from dit.models.vae import check_vae_source
+
     m = cfg.model
     if m.family == "dit":
         raise ConfigError("dit sample --config samples a released model from its diffusers folders: set model.family "
@@ -23,12 +25,7 @@ def check_release(cfg: Config) -> None:
     if not m.pretrained:
         raise ConfigError(f"model.pretrained is not set: give the {m.family} transformer folder, e.g. "
                           f"model.pretrained=/models/<release>-Diffusers/transformer")
-    if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
-        raise ConfigError("vae.checkpoint is not set: give the VAE the model was trained with (vae.family with "
-                          "vae.pretrained=DIR for a release's VAE folder)")
-    if cfg.vae.family != "ours" and not cfg.vae.pretrained:
-        raise ConfigError(f"vae.pretrained is not set: give the release's {cfg.vae.family} VAE folder, e.g. "
-                          f"vae.pretrained=/models/<release>-Diffusers/vae")
+    check_vae_source(cfg.vae)
 
 
 def release_config(cfg: Config) -> dict[str, Any]:

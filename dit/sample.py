@@ -293,9 +293,7 @@ def model_source(args: argparse.Namespace) -> tuple[Path | Config, dict[str, Any
     from dit.config import load_config
     from dit.released import release_config
 
-    if not Path(args.config).is_file():
-        raise ConfigError(f"--config {args.config!r} does not exist: give an experiment YAML (configs/*.yaml)")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # (a missing or broken YAML: ConfigError naming it)
     config = release_config(cfg)
     v = cfg.vae
     vae = {"family": v.family, "pretrained": v.pretrained} if v.family != "ours" else {}

@@ -429,6 +429,24 @@ def load_vae(directory: str | os.PathLike, map_location: str | torch.device = "c
     return vae.to(map_location).eval()
 
 
+# a download whose vae/ a vae.family names (error hints)
+VAE_DOWNLOADS = {"cogvideox": "CogVideoX-2b", "hunyuan": "HunyuanVideo", "hunyuan15": "HunyuanVideo-1.5-480p_t2v",
+                 "ltx": "LTX-Video", "flux": "FLUX.1-dev",
+                 "sd3": "stable-diffusion-3.5-large"}
+
+
+def check_vae_source(vae_cfg: VAEConfig) -> None:
+    """Before any work: the experiment names its VAE's weights (vae.checkpoint for ours, vae.pretrained for a
+    family's folder); ConfigError naming the key and the fix."""
+    if vae_cfg.family == "ours" and not vae_cfg.checkpoint:
+        raise ConfigError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
+                          "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan vae.pretrained=DIR)")
+    if vae_cfg.family != "ours" and not vae_cfg.pretrained:
+        download = VAE_DOWNLOADS.get(vae_cfg.family, "Wan2.1-T2V-1.3B-Diffusers")
+        raise ConfigError(f"vae.pretrained is not set: vae.family={vae_cfg.family} trains on a local diffusers VAE "
+                          f"folder, e.g. vae.pretrained=/models/{download}/vae")
+
+
 def load_vae_from_config(vae_cfg: VAEConfig) -> CausalVAE | PretrainedVAE:
     """The experiment's frozen VAE, in eval mode: ours from vae.checkpoint, or vae.family's from vae.pretrained."""
     if vae_cfg.family == "ours":

@@ -51,7 +51,7 @@ from dit.models.families import build_denoiser, check_fit, meta_model_config
 from dit.models.image_encoder import build_image_encoder, image_encoder_width
 from dit.models.lora import is_lora_key
 from dit.models.text import build_text_encoder, text_device, text_width
-from dit.models.vae import CausalVAE, encoder_digest, export_vae, load_vae_from_config
+from dit.models.vae import CausalVAE, check_vae_source, encoder_digest, export_vae, load_vae_from_config
 from dit.pipeline import Pipeline, schedule_from_config
 from dit.training.batch import RandomStreams, draw_batch, micro_loss
 from dit.training.checkpoint import (
@@ -84,21 +84,10 @@ from dit.training.validation import Validator, prepare_validation
 log = logging.getLogger("dit.train")
 
 
-# a download whose vae/ a vae.family names (error hints)
-VAE_DOWNLOADS = {"cogvideox": "CogVideoX-2b", "hunyuan": "HunyuanVideo", "hunyuan15": "HunyuanVideo-1.5-480p_t2v",
-                 "ltx": "LTX-Video", "flux": "FLUX.1-dev",
-                 "sd3": "stable-diffusion-3.5-large"}
-
 
 def check_inputs(cfg: Config) -> None:
     t = cfg.train
-    if cfg.vae.family == "ours" and not cfg.vae.checkpoint:
-        raise ConfigError("vae.checkpoint is not set: train a VAE first (`dit train-vae --config ...`) and pass "
-                          "vae.checkpoint=RUN_DIR/vae, or use a pretrained one (vae.family=wan vae.pretrained=DIR)")
-    if cfg.vae.family != "ours" and not cfg.vae.pretrained:
-        download = VAE_DOWNLOADS.get(cfg.vae.family, "Wan2.1-T2V-1.3B-Diffusers")
-        raise ConfigError(f"vae.pretrained is not set: vae.family={cfg.vae.family} trains on a local diffusers VAE "
-                          f"folder, e.g. vae.pretrained=/models/{download}/vae")
+    check_vae_source(cfg.vae)
     if cfg.model.family != "dit":  # the transformer takes the VAE's channels and the text width: from configs alone
         check_fit(cfg.model, cfg.vae.geometry()[0], text_width(cfg.text))
     check_image_condition(cfg)

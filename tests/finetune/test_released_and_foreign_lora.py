@@ -221,7 +221,7 @@ def test_dit_sample_config_runs_a_release_with_a_comfyui_lora_and_refuses_what_i
     for argv, message in (
             (["--config", str(release / "wan.yaml"), f"vae.pretrained={release / 'vae'}"],
              "model.pretrained is not set: give the wan transformer folder"),
-            (["--config", str(tmp_path / "missing.yaml")], "does not exist: give an experiment YAML"),
+            (["--config", str(tmp_path / "missing.yaml")], "missing.yaml' does not exist"),
             (["--checkpoint", str(tmp_path), f"model.pretrained={release / 'transformer'}"],
              "key=value overrides go with --config")):
         with pytest.raises(SystemExit) as e:
